@@ -1,0 +1,50 @@
+//! Coordinates of the real servers that `scripts/test-env.sh` starts.
+//!
+//! A test that needs one of them and does not find it fails with a message
+//! naming the command to run; it never skips.
+
+use std::path::PathBuf;
+
+const HOW_TO_START: &str = "run every test with `scripts/test.sh`, or start the servers \
+     with `scripts/test-env.sh install && scripts/test-env.sh start .test-env && \
+     source .test-env/env`";
+
+fn required(var: &str) -> String {
+    match std::env::var(var) {
+        Ok(value) if !value.is_empty() => value,
+        _ => panic!("{var} is not set, and this test needs the real server it names: {HOW_TO_START}"),
+    }
+}
+
+/// `mongodb://` URI of the MongoDB-wire server (SecantusDB).
+pub fn mongodb_uri() -> String {
+    required("PARLEY_TEST_MONGODB_URI")
+}
+
+/// `redis://` URL of the Redis server.
+pub fn redis_url() -> String {
+    required("PARLEY_TEST_REDIS_URL")
+}
+
+/// Kubeconfig of the test kube-apiserver. A variable of its own, never
+/// `KUBECONFIG`, so that tests cannot touch a developer's real cluster.
+pub fn kubeconfig_path() -> PathBuf {
+    PathBuf::from(required("PARLEY_TEST_KUBECONFIG"))
+}
+
+/// A name unique to this test run, for databases, namespaces and key prefixes,
+/// so tests sharing one server never see each other's data.
+pub fn unique_name(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    format!(
+        "{prefix}-{}-{}-{}",
+        std::process::id(),
+        nanos,
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}

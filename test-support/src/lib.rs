@@ -1,0 +1,6 @@
+//! Test-only support code shared by the workspace's test suites: the real test
+//! servers' coordinates and in-process stand-ins for upstream services.
+//!
+//! This crate is never a dependency of a shipped binary.
+
+pub mod env;
