@@ -74,7 +74,7 @@ build_kube_apiserver() {
     rm -f src/vendor/github.com/modern-go/reflect2/go.mod
     ln -s "$work/src" gopath/src/k8s.io/kubernetes
     cd gopath/src/k8s.io/kubernetes
-    GOPATH="$work/gopath" GOCACHE="$work/gocache" CGO_ENABLED=0 GOPROXY=off GOFLAGS=-mod=vendor \
+    GOPATH="$work/gopath" GOCACHE="$work/gocache" CGO_ENABLED=0 GOPROXY=off \
       make WHAT=cmd/kube-apiserver GOLDFLAGS="-s -w" >"$work/build.log" 2>&1 \
       || { tail -50 "$work/build.log" >&2; exit 1; }
     as_root mkdir -p "$(dirname "$KUBE_APISERVER")"

@@ -12,7 +12,9 @@ const HOW_TO_START: &str = "run every test with `scripts/test.sh`, or start the 
 fn required(var: &str) -> String {
     match std::env::var(var) {
         Ok(value) if !value.is_empty() => value,
-        _ => panic!("{var} is not set, and this test needs the real server it names: {HOW_TO_START}"),
+        _ => {
+            panic!("{var} is not set, and this test needs the real server it names: {HOW_TO_START}")
+        }
     }
 }
 
