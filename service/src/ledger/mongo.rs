@@ -271,20 +271,20 @@ impl MongoLedger {
     /// that order, which is the order a record moves in, so it cannot be
     /// missed in transit.
     async fn replay_close(&self, request_id: &str) -> Result<Closed, LedgerError> {
-        if let Some(account) = self
+        let queued_in = self
             .accounts
             .find_one(doc! { "outbox._id": request_id })
-            .await?
+            .await?;
+        if let Some(account) = queued_in
+            && let Some(queued) = account.outbox.iter().find(|r| r.request_id == request_id)
         {
-            if let Some(queued) = account.outbox.iter().find(|r| r.request_id == request_id) {
-                let record = queued.to_record()?;
-                self.flush(&record).await?;
-                return Ok(Closed {
-                    record,
-                    replayed: true,
-                    balance: account.balance()?,
-                });
-            }
+            let record = queued.to_record()?;
+            self.flush(&record).await?;
+            return Ok(Closed {
+                record,
+                replayed: true,
+                balance: account.balance()?,
+            });
         }
         let Some(stored) = self.usage.find_one(doc! { "_id": request_id }).await? else {
             return Err(LedgerError::HoldNotFound {
