@@ -1,0 +1,142 @@
+//! The credits ledger: every request is paid for, exactly once.
+//!
+//! # Flow
+//!
+//! 1. Price the request's worst case ([`Pricing::worst_case`]: input tokens
+//!    plus the target's max output) and [`Ledger::hold`] it. The hold fails
+//!    with [`LedgerError::InsufficientCredits`] when the balance minus open
+//!    holds is short.
+//! 2. While the reply runs: [`Ledger::reprice`] when falling back to another
+//!    target, [`Ledger::renew`] to extend the lease, [`Ledger::record_progress`]
+//!    so a crash leaves something to charge.
+//! 3. [`Ledger::settle`] with the actual usage (charges `min(cost, held)`,
+//!    records the excess as overage, releases the rest), or
+//!    [`Ledger::release`] when it failed before any output.
+//! 4. [`Ledger::reap`], run periodically on every replica, closes holds whose
+//!    lease expired (their replica died): charged from the recorded progress,
+//!    or released and reported when there is none.
+//!
+//! A hold is "open" while it exists; it becomes "settled" or "released" by
+//! being replaced by the request's one [`UsageRecord`] (its `outcome` says
+//! which). Closing is exactly once per request id: repeating `settle` or
+//! `release`, in any order, returns the first outcome and charges nothing
+//! more. Every error is an `Err`; nothing here defaults to allow.
+//!
+//! # Stores
+//!
+//! [`EmbeddedLedger`] (redb) runs each operation in one serializable write
+//! transaction, so it is atomic and crash-safe by construction.
+//!
+//! [`MongoLedger`] uses no multi-document transactions (real MongoDB needs a
+//! replica set for them). Each user's account is one document holding the
+//! balance, the `held` and `available` counters, the open holds and an outbox
+//! of usage records not yet copied to the usage collection. Every money
+//! movement is one conditional single-document update, so it is atomic:
+//! - hold: `$inc` held / `$inc` available by −amount and `$push` the hold,
+//!   only if `available >= amount` and no hold with that id is there;
+//! - settle/release: `$pull` the hold, `$inc` the counters, and `$push` the
+//!   usage record to the outbox, only if the hold (with the amount read) is
+//!   still there — so two closers can never both charge;
+//! - then the record is inserted into the usage collection (its `_id` is the
+//!   request id, so a repeat is a no-op) and `$pull`ed from the outbox.
+//!
+//! A crash between those two steps leaves the record in the outbox: the
+//! charge and its record were written together, and `reap` (or a repeated
+//! settle) finishes the copy. A repeated settle finds the hold gone and
+//! returns the record from the outbox, or failing that from the usage
+//! collection: the record enters the outbox in the same write that removes
+//! the hold and leaves it only after it is in the collection, so one of the
+//! two always has it.
+//!
+//! Request ids must be globally unique (the service mints UUIDs); a reused
+//! id is refused when it is detected, never merged into another request.
+
+mod embedded;
+mod error;
+mod model;
+mod money;
+mod mongo;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+pub use embedded::EmbeddedLedger;
+pub use error::LedgerError;
+pub use model::{
+    Balance, Closed, Hold, HoldRequest, MAX_PAGE_SIZE, Page, Progress, ReapReport, ReplyOutcome,
+    Settlement, UsageOutcome, UsageRecord,
+};
+pub use money::{Credits, MICROS_PER_CREDIT, Pricing};
+pub use mongo::MongoLedger;
+
+/// Settings shared by both stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LedgerSettings {
+    /// Balance of an account the first time its user is seen.
+    pub initial_balance: Credits,
+}
+
+/// The credits ledger. Object-safe: the service holds an `Arc<dyn Ledger>`.
+#[async_trait]
+pub trait Ledger: Send + Sync {
+    /// Reserves `request.amount` for a request. Idempotent by request id: a
+    /// repeat returns the open hold unchanged; a repeat after the hold was
+    /// closed fails with [`LedgerError::HoldClosed`].
+    async fn hold(&self, request: HoldRequest) -> Result<Hold, LedgerError>;
+
+    /// Changes an open hold's amount (fallback to a differently priced
+    /// target). Growing it needs the difference to be available.
+    async fn reprice(&self, request_id: &str, amount: Credits) -> Result<Hold, LedgerError>;
+
+    /// Extends an open hold's lease to `lease` from now.
+    async fn renew(&self, request_id: &str, lease: Duration) -> Result<Hold, LedgerError>;
+
+    /// Records the usage so far of an open hold's request, for the reaper.
+    async fn record_progress(
+        &self,
+        request_id: &str,
+        progress: Progress,
+    ) -> Result<(), LedgerError>;
+
+    /// Charges the actual cost (at most the hold), releases the rest and
+    /// writes the request's usage record, exactly once.
+    async fn settle(&self, settlement: Settlement) -> Result<Closed, LedgerError>;
+
+    /// Releases a hold without charging (failure before any output), exactly
+    /// once; after a settle it changes nothing and returns the settlement.
+    async fn release(&self, request_id: &str) -> Result<Closed, LedgerError>;
+
+    /// A user's balance; an unknown user has the initial balance.
+    async fn balance(&self, user: &str) -> Result<Balance, LedgerError>;
+
+    /// Adds credits to a user's balance (admin).
+    async fn grant(&self, user: &str, amount: Credits) -> Result<Balance, LedgerError>;
+
+    /// A user's usage records, newest first.
+    async fn usage(&self, user: &str, page: Page) -> Result<Vec<UsageRecord>, LedgerError>;
+
+    /// Closes holds whose lease ended before `now`. Safe to run on every
+    /// replica at once: each hold is closed by exactly one reaper.
+    async fn reap(&self, now: DateTime<Utc>) -> Result<ReapReport, LedgerError>;
+}
+
+/// Logs the holds a reap pass released without any recorded usage.
+fn log_reap_report(report: &ReapReport) {
+    for record in &report.released_without_usage {
+        tracing::warn!(
+            request_id = %record.request_id,
+            user = %record.user,
+            held = %record.held,
+            "hold expired without any recorded usage; released"
+        );
+    }
+    if !report.settled.is_empty() || report.completed_settlements > 0 {
+        tracing::info!(
+            settled = report.settled.len(),
+            completed_settlements = report.completed_settlements,
+            "reaped expired holds"
+        );
+    }
+}
