@@ -1,1 +1,60 @@
-//! placeholder
+//! Parley's custom resources (`ChatDeployment`, `ModelRoute`, group
+//! `parley.dev/v1alpha1`) and the routes file shared by the operator, which
+//! writes it, and the service, which hot-reloads it.
+
+mod chat_deployment;
+mod credits;
+mod model_route;
+mod routes_file;
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
+
+pub use chat_deployment::{
+    AccountingMode, AccountingSpec, AuthSpec, AutoscalingSpec, BedrockProvider, ChatDeployment,
+    ChatDeploymentSpec, ChatDeploymentStatus, EmbeddedStorage, MongodbStorage, ObservationSpec,
+    OpenAiProvider, ProvidersSpec, RateLimitsSpec, RedisSpec, ReplicasSpec, ResolvedRoute,
+    SecretKeyRef, SecretRef, Storage, StorageSpec,
+};
+pub use credits::{Credits, CreditsParseError, MICROS_PER_CREDIT};
+pub use model_route::{
+    FallbackCondition, ModelRoute, ModelRouteSpec, ModelRouteStatus, Pricing, Provider, Role,
+    RouteTarget,
+};
+pub use routes_file::{
+    ALIAS_MAX_LEN, IMPLICIT_DEFAULT_ROUTE, MAX_OUTPUT_TOKENS_LIMIT, ProblemKind,
+    ROUTES_CONFIGMAP_KEY, RouteProblem, RouteProblems, RoutesFile, TIMEOUT_SECONDS_LIMIT,
+};
+
+/// Errors of this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid routes file: {0}")]
+    RoutesYaml(#[source] serde_yaml::Error),
+    #[error("cannot render CRD {name} as YAML: {source}")]
+    CrdYaml {
+        name: String,
+        #[source]
+        source: serde_yaml::Error,
+    },
+}
+
+/// Every CRD this crate defines.
+pub fn crds() -> Vec<CustomResourceDefinition> {
+    vec![ChatDeployment::crd(), ModelRoute::crd()]
+}
+
+/// [`crds`] as one multi-document YAML stream: exactly what `crdgen` prints
+/// and what `crds/generated/crds.yaml` holds.
+pub fn crds_yaml() -> Result<String, Error> {
+    let mut out = String::new();
+    for crd in crds() {
+        let document = serde_yaml::to_string(&crd).map_err(|source| Error::CrdYaml {
+            name: crd.metadata.name.clone().unwrap_or_default(),
+            source,
+        })?;
+        out.push_str("---\n");
+        out.push_str(&document);
+    }
+    Ok(out)
+}

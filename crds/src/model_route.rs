@@ -1,0 +1,206 @@
+//! `ModelRoute`: a named, ordered fallback chain of model targets.
+//!
+//! Its spec is also one entry of the routes file (see [`crate::RoutesFile`]),
+//! so unknown fields are rejected: a typo in a hand-written routes file is an
+//! error, not a silently ignored setting.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::credits::Credits;
+
+/// A named fallback chain of model targets that clients ask for by `alias`.
+// Each `printcolumn(...)` repeats the same keys, which clippy mistakes for duplicates.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[kube(
+    group = "parley.dev",
+    version = "v1alpha1",
+    kind = "ModelRoute",
+    namespaced,
+    status = "ModelRouteStatus",
+    derive = "PartialEq",
+    shortname = "mroute",
+    shortname = "mr",
+    category = "parley",
+    doc = "A named, ordered fallback chain of LLM targets with per-target prices.",
+    printcolumn(name = "Alias", type_ = "string", json_path = ".spec.alias"),
+    printcolumn(
+        name = "Primary",
+        type_ = "string",
+        json_path = ".spec.targets[0].model",
+        description = "Model tried first"
+    ),
+    printcolumn(
+        name = "Accepted",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Accepted\")].reason"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ModelRouteSpec {
+    /// What clients ask for (`route` or `modelId`), e.g. `default`, `fast`.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$")
+    )]
+    pub alias: String,
+    /// Roles allowed to use this route; defaults to every role.
+    #[serde(default = "Role::all")]
+    #[schemars(length(min = 1))]
+    pub allowed_roles: Vec<Role>,
+    /// Provider error classes that move on to the next target. Fallback only
+    /// happens before the first byte reaches the client.
+    #[serde(default = "FallbackCondition::defaults")]
+    pub fallback_on: Vec<FallbackCondition>,
+    /// When the caller cannot afford the first target, use the first later
+    /// target they can afford instead of answering 402.
+    #[serde(default)]
+    pub downgrade_when_unaffordable: bool,
+    /// Targets, tried in order.
+    #[schemars(length(min = 1, max = 16))]
+    pub targets: Vec<RouteTarget>,
+}
+
+/// One model behind a route.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteTarget {
+    pub provider: Provider,
+    /// Provider model id, e.g. `amazon.nova-micro-v1:0`.
+    #[schemars(length(min = 1, max = 256))]
+    pub model: String,
+    pub pricing: Pricing,
+    /// Upper bound on generated tokens; also what a request is held for.
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub max_output_tokens: u32,
+    /// Seconds before an unanswered request counts as `timeout`.
+    #[serde(default = "default_timeout_seconds")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub timeout_seconds: u32,
+}
+
+fn default_timeout_seconds() -> u32 {
+    60
+}
+
+/// Credits charged per 1000 tokens.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Pricing {
+    pub input_per_1k: Credits,
+    pub output_per_1k: Credits,
+}
+
+impl Pricing {
+    /// Exact price of a request, rounded up to the next micro-credit so that
+    /// rounding never undercharges.
+    pub fn cost(&self, input_tokens: u64, output_tokens: u64) -> Credits {
+        let per_1k_micros = i128::from(input_tokens) * i128::from(self.input_per_1k.micros())
+            + i128::from(output_tokens) * i128::from(self.output_per_1k.micros());
+        let micros = (per_1k_micros + 999).div_euclid(1000);
+        Credits::from_micros(i64::try_from(micros).unwrap_or(i64::MAX))
+    }
+}
+
+/// Which provider implementation serves a target.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Provider {
+    /// AWS Bedrock Converse API.
+    Bedrock,
+    /// Any OpenAI-compatible server.
+    Openai,
+    /// Deterministic built-in model.
+    Simulated,
+}
+
+impl Provider {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Bedrock => "bedrock",
+            Provider::Openai => "openai",
+            Provider::Simulated => "simulated",
+        }
+    }
+}
+
+/// Provider error classes that may trigger fallback to the next target.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum FallbackCondition {
+    Throttled,
+    Unavailable,
+    Timeout,
+    ContextWindow,
+    Auth,
+}
+
+impl FallbackCondition {
+    fn defaults() -> Vec<Self> {
+        vec![Self::Throttled, Self::Unavailable, Self::Timeout]
+    }
+}
+
+/// A caller's role, from the JWT `role` claim.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Role {
+    User,
+    Supervisor,
+    Admin,
+}
+
+impl Role {
+    pub fn all() -> Vec<Self> {
+        vec![Self::User, Self::Supervisor, Self::Admin]
+    }
+}
+
+/// Observed state of a ModelRoute.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelRouteStatus {
+    /// The `metadata.generation` the conditions describe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Accepted`: whether the route is valid and may be compiled into routes files.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cost_is_exact_and_rounds_up() {
+        let pricing = Pricing {
+            input_per_1k: Credits::from_whole(1),
+            output_per_1k: Credits::parse_decimal("0.3").unwrap(),
+        };
+        // 1500 input tokens at 1/1k = 1.5; 10 output tokens at 0.3/1k = 0.003
+        assert_eq!(
+            pricing.cost(1500, 10),
+            Credits::parse_decimal("1.503").unwrap()
+        );
+        let tiny = Pricing {
+            input_per_1k: Credits::from_micros(1),
+            output_per_1k: Credits::ZERO,
+        };
+        assert_eq!(tiny.cost(1, 0), Credits::from_micros(1));
+        assert_eq!(tiny.cost(0, 0), Credits::ZERO);
+    }
+}

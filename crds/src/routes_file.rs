@@ -1,0 +1,410 @@
+//! The routes file: the one document the operator writes (ConfigMap key
+//! `routes.yaml`) and the service reads (`PARLEY_ROUTES_FILE`), and the
+//! validation both sides run before they accept routes.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+use crate::model_route::{ModelRouteSpec, Provider};
+
+/// Key of the routes document in the operator's `<name>-routes` ConfigMap.
+pub const ROUTES_CONFIGMAP_KEY: &str = "routes.yaml";
+/// Alias a client gets when it names no route and the file names no default.
+pub const IMPLICIT_DEFAULT_ROUTE: &str = "default";
+/// Bounds shared by the CRD schema and [`ModelRouteSpec::validate`].
+pub const MAX_OUTPUT_TOKENS_LIMIT: u32 = 1_000_000;
+pub const TIMEOUT_SECONDS_LIMIT: u32 = 3600;
+pub const ALIAS_MAX_LEN: usize = 63;
+
+/// Every route a chat service offers.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RoutesFile {
+    /// Alias used when a request names no route; unset means `default`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_route: Option<String>,
+    pub routes: Vec<ModelRouteSpec>,
+}
+
+impl RoutesFile {
+    /// Parses a routes document, rejecting unknown fields. Parsing does not
+    /// validate: call [`RoutesFile::validate`] before using the routes.
+    pub fn from_yaml(text: &str) -> Result<Self, Error> {
+        serde_yaml::from_str(text).map_err(Error::RoutesYaml)
+    }
+
+    pub fn to_yaml(&self) -> Result<String, Error> {
+        serde_yaml::to_string(self).map_err(Error::RoutesYaml)
+    }
+
+    /// The alias requests without a route get.
+    pub fn default_alias(&self) -> &str {
+        self.default_route
+            .as_deref()
+            .unwrap_or(IMPLICIT_DEFAULT_ROUTE)
+    }
+
+    pub fn route(&self, alias: &str) -> Option<&ModelRouteSpec> {
+        self.routes.iter().find(|route| route.alias == alias)
+    }
+
+    /// Checks every route and the file as a whole, reporting every problem.
+    pub fn validate(&self) -> Result<(), RouteProblems> {
+        let mut problems = Vec::new();
+        let mut first_index_of_alias: HashMap<&str, usize> = HashMap::new();
+        for (index, route) in self.routes.iter().enumerate() {
+            let path = format!("routes[{index}]");
+            route.collect_problems(&path, &mut problems);
+            if let Some(first) = first_index_of_alias.insert(&route.alias, index) {
+                first_index_of_alias.insert(&route.alias, first);
+                problems.push(RouteProblem::new(
+                    format!("{path}.alias"),
+                    ProblemKind::DuplicateAlias,
+                    format!("alias `{}` is already used by routes[{first}]", route.alias),
+                ));
+            }
+        }
+        if let Some(default) = &self.default_route
+            && !first_index_of_alias.contains_key(default.as_str())
+        {
+            problems.push(RouteProblem::new(
+                "defaultRoute".to_owned(),
+                ProblemKind::UnknownDefaultRoute,
+                format!("default route `{default}` is not one of the routes"),
+            ));
+        }
+        RouteProblems::result(problems)
+    }
+}
+
+impl ModelRouteSpec {
+    /// Checks this route on its own (alias uniqueness needs the other routes:
+    /// see [`RoutesFile::validate`]).
+    pub fn validate(&self) -> Result<(), RouteProblems> {
+        let mut problems = Vec::new();
+        self.collect_problems("spec", &mut problems);
+        RouteProblems::result(problems)
+    }
+
+    /// Providers this route's targets use.
+    pub fn providers(&self) -> impl Iterator<Item = Provider> + '_ {
+        self.targets.iter().map(|target| target.provider)
+    }
+
+    fn collect_problems(&self, path: &str, problems: &mut Vec<RouteProblem>) {
+        let mut push = |field: String, kind, message: String| {
+            problems.push(RouteProblem::new(field, kind, message));
+        };
+        if !is_valid_alias(&self.alias) {
+            push(
+                format!("{path}.alias"),
+                ProblemKind::InvalidAlias,
+                format!(
+                    "alias `{}` must be 1-{ALIAS_MAX_LEN} lowercase letters, digits, `.`, `_` \
+                     or `-`, starting and ending with a letter or digit",
+                    self.alias
+                ),
+            );
+        }
+        if self.allowed_roles.is_empty() {
+            push(
+                format!("{path}.allowedRoles"),
+                ProblemKind::NoAllowedRoles,
+                "allowedRoles is empty, so nobody could use the route; omit it to allow every role"
+                    .to_owned(),
+            );
+        }
+        if self.targets.is_empty() {
+            push(
+                format!("{path}.targets"),
+                ProblemKind::EmptyChain,
+                "the route has no targets; list at least one".to_owned(),
+            );
+        }
+        let mut seen_targets = HashSet::new();
+        for (index, target) in self.targets.iter().enumerate() {
+            let target_path = format!("{path}.targets[{index}]");
+            if target.model.trim().is_empty() {
+                push(
+                    format!("{target_path}.model"),
+                    ProblemKind::EmptyModel,
+                    "model id is empty".to_owned(),
+                );
+            } else if !seen_targets.insert((target.provider, target.model.as_str())) {
+                push(
+                    target_path.clone(),
+                    ProblemKind::DuplicateTarget,
+                    format!(
+                        "{} model `{}` appears twice in the chain",
+                        target.provider.as_str(),
+                        target.model
+                    ),
+                );
+            }
+            for (field, price) in [
+                ("inputPer1k", target.pricing.input_per_1k),
+                ("outputPer1k", target.pricing.output_per_1k),
+            ] {
+                if price.is_negative() {
+                    push(
+                        format!("{target_path}.pricing.{field}"),
+                        ProblemKind::NegativePrice,
+                        format!("price {price} is negative"),
+                    );
+                }
+            }
+            if target.max_output_tokens == 0 || target.max_output_tokens > MAX_OUTPUT_TOKENS_LIMIT {
+                push(
+                    format!("{target_path}.maxOutputTokens"),
+                    ProblemKind::LimitOutOfRange,
+                    format!(
+                        "maxOutputTokens {} must be between 1 and {MAX_OUTPUT_TOKENS_LIMIT}",
+                        target.max_output_tokens
+                    ),
+                );
+            }
+            if target.timeout_seconds == 0 || target.timeout_seconds > TIMEOUT_SECONDS_LIMIT {
+                push(
+                    format!("{target_path}.timeoutSeconds"),
+                    ProblemKind::LimitOutOfRange,
+                    format!(
+                        "timeoutSeconds {} must be between 1 and {TIMEOUT_SECONDS_LIMIT}",
+                        target.timeout_seconds
+                    ),
+                );
+            }
+        }
+    }
+}
+
+fn is_valid_alias(alias: &str) -> bool {
+    let bytes = alias.as_bytes();
+    let inner_ok = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(b);
+    let edge_ok = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    alias.len() <= ALIAS_MAX_LEN
+        && edge_ok(bytes.first())
+        && edge_ok(bytes.last())
+        && bytes.iter().all(inner_ok)
+}
+
+/// What is wrong with a route; [`ProblemKind::reason`] is the condition reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProblemKind {
+    EmptyChain,
+    InvalidAlias,
+    NoAllowedRoles,
+    EmptyModel,
+    DuplicateTarget,
+    NegativePrice,
+    LimitOutOfRange,
+    DuplicateAlias,
+    UnknownDefaultRoute,
+}
+
+impl ProblemKind {
+    /// CamelCase reason for Kubernetes conditions and events.
+    pub fn reason(self) -> &'static str {
+        match self {
+            ProblemKind::EmptyChain => "EmptyChain",
+            ProblemKind::InvalidAlias => "InvalidAlias",
+            ProblemKind::NoAllowedRoles => "NoAllowedRoles",
+            ProblemKind::EmptyModel => "EmptyModel",
+            ProblemKind::DuplicateTarget => "DuplicateTarget",
+            ProblemKind::NegativePrice => "NegativePrice",
+            ProblemKind::LimitOutOfRange => "LimitOutOfRange",
+            ProblemKind::DuplicateAlias => "DuplicateAlias",
+            ProblemKind::UnknownDefaultRoute => "UnknownDefaultRoute",
+        }
+    }
+}
+
+/// One problem, located by a field path such as `routes[1].targets[0].model`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteProblem {
+    pub path: String,
+    pub kind: ProblemKind,
+    pub message: String,
+}
+
+impl RouteProblem {
+    pub fn new(path: String, kind: ProblemKind, message: String) -> Self {
+        Self {
+            path,
+            kind,
+            message,
+        }
+    }
+}
+
+impl fmt::Display for RouteProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Every problem found in a route or routes file (never empty).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteProblems(pub Vec<RouteProblem>);
+
+impl RouteProblems {
+    fn result(problems: Vec<RouteProblem>) -> Result<(), Self> {
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Self(problems))
+        }
+    }
+
+    /// The reason of the first problem, for a condition's `reason`.
+    pub fn reason(&self) -> &'static str {
+        self.0
+            .first()
+            .map_or("Invalid", |problem| problem.kind.reason())
+    }
+}
+
+impl fmt::Display for RouteProblems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (index, problem) in self.0.iter().enumerate() {
+            if index > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for RouteProblems {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONTRACT_EXAMPLE: &str = r#"
+routes:
+  - alias: default
+    allowedRoles: [user, supervisor, admin]
+    fallbackOn: [throttled, unavailable, timeout]
+    downgradeWhenUnaffordable: false
+    targets:
+      - provider: bedrock
+        model: amazon.nova-micro-v1:0
+        pricing: {inputPer1k: 1, outputPer1k: 4}
+        maxOutputTokens: 1024
+        timeoutSeconds: 60
+"#;
+
+    #[test]
+    fn parses_the_interface_contract_example() {
+        let file = RoutesFile::from_yaml(CONTRACT_EXAMPLE).unwrap();
+        file.validate().unwrap();
+        let route = file.route("default").unwrap();
+        assert_eq!(route.targets[0].provider, Provider::Bedrock);
+        assert_eq!(route.targets[0].pricing.output_per_1k.micros(), 4_000_000);
+        assert_eq!(file.default_alias(), "default");
+        let again = RoutesFile::from_yaml(&file.to_yaml().unwrap()).unwrap();
+        assert_eq!(again, file);
+    }
+
+    #[test]
+    fn optional_fields_take_documented_defaults() {
+        let file = RoutesFile::from_yaml(
+            "routes:\n- alias: fast\n  targets:\n  - {provider: simulated, model: sim, \
+             pricing: {inputPer1k: 0.5, outputPer1k: 1}, maxOutputTokens: 10}\n",
+        )
+        .unwrap();
+        let route = &file.routes[0];
+        assert_eq!(route.allowed_roles.len(), 3);
+        assert_eq!(route.fallback_on.len(), 3);
+        assert!(!route.downgrade_when_unaffordable);
+        assert_eq!(route.targets[0].timeout_seconds, 60);
+    }
+
+    #[test]
+    fn rejects_unknown_fields_and_providers() {
+        let typo = CONTRACT_EXAMPLE.replace("fallbackOn", "fallbackOnn");
+        let err = RoutesFile::from_yaml(&typo).unwrap_err().to_string();
+        assert!(err.contains("fallbackOnn"), "{err}");
+        let typo = CONTRACT_EXAMPLE.replace("maxOutputTokens", "maxTokens");
+        assert!(RoutesFile::from_yaml(&typo).is_err());
+        let provider = CONTRACT_EXAMPLE.replace("provider: bedrock", "provider: gemini");
+        let err = RoutesFile::from_yaml(&provider).unwrap_err().to_string();
+        assert!(err.contains("gemini"), "{err}");
+    }
+
+    #[test]
+    fn validate_reports_every_problem_with_its_path() {
+        let text = r#"
+defaultRoute: missing
+routes:
+  - alias: default
+    allowedRoles: []
+    targets: []
+  - alias: default
+    targets:
+      - {provider: openai, model: m, pricing: {inputPer1k: -1, outputPer1k: 0}, maxOutputTokens: 0}
+      - {provider: openai, model: m, pricing: {inputPer1k: 1, outputPer1k: -0.5}, maxOutputTokens: 5, timeoutSeconds: 0}
+      - {provider: simulated, model: " ", pricing: {inputPer1k: 1, outputPer1k: 1}, maxOutputTokens: 5}
+  - alias: Bad_Alias
+    targets:
+      - {provider: simulated, model: s, pricing: {inputPer1k: 1, outputPer1k: 1}, maxOutputTokens: 2000000}
+"#;
+        let problems = RoutesFile::from_yaml(text).unwrap().validate().unwrap_err();
+        let found: Vec<(&str, ProblemKind)> = problems
+            .0
+            .iter()
+            .map(|problem| (problem.path.as_str(), problem.kind))
+            .collect();
+        assert_eq!(
+            found,
+            vec![
+                ("routes[0].allowedRoles", ProblemKind::NoAllowedRoles),
+                ("routes[0].targets", ProblemKind::EmptyChain),
+                (
+                    "routes[1].targets[0].pricing.inputPer1k",
+                    ProblemKind::NegativePrice
+                ),
+                (
+                    "routes[1].targets[0].maxOutputTokens",
+                    ProblemKind::LimitOutOfRange
+                ),
+                ("routes[1].targets[1]", ProblemKind::DuplicateTarget),
+                (
+                    "routes[1].targets[1].pricing.outputPer1k",
+                    ProblemKind::NegativePrice
+                ),
+                (
+                    "routes[1].targets[1].timeoutSeconds",
+                    ProblemKind::LimitOutOfRange
+                ),
+                ("routes[1].targets[2].model", ProblemKind::EmptyModel),
+                ("routes[1].alias", ProblemKind::DuplicateAlias),
+                ("routes[2].alias", ProblemKind::InvalidAlias),
+                (
+                    "routes[2].targets[0].maxOutputTokens",
+                    ProblemKind::LimitOutOfRange
+                ),
+                ("defaultRoute", ProblemKind::UnknownDefaultRoute),
+            ]
+        );
+        assert_eq!(problems.reason(), "NoAllowedRoles");
+        let message = problems.to_string();
+        assert!(message.contains("routes[1].targets[0].pricing.inputPer1k: price -1 is negative"));
+        assert!(message.contains("alias `default` is already used by routes[0]"));
+    }
+
+    #[test]
+    fn alias_rules() {
+        for good in ["default", "fast", "a", "gpt-4.1", "x_y", "0"] {
+            assert!(is_valid_alias(good), "{good}");
+        }
+        let too_long = "a".repeat(ALIAS_MAX_LEN + 1);
+        for bad in ["", "-a", "a-", "A", "a b", too_long.as_str()] {
+            assert!(!is_valid_alias(bad), "{bad}");
+        }
+    }
+}
