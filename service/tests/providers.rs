@@ -221,11 +221,12 @@ async fn bedrock_stall_times_out_within_the_request_timeout() {
         .await
         .unwrap();
 
+    // The idle timeout counts from the delta's arrival, which is after this.
+    let started = Instant::now();
     assert_eq!(
         stream.next().await.unwrap().unwrap(),
         ProviderEvent::Delta("first".into())
     );
-    let started = Instant::now();
     let error = stream.next().await.unwrap().unwrap_err();
     let waited = started.elapsed();
     assert_eq!(error.kind, ProviderErrorKind::Timeout);
@@ -427,11 +428,12 @@ async fn openai_stall_times_out_within_the_request_timeout() {
         .await
         .unwrap();
 
+    // The idle timeout counts from the delta's arrival, which is after this.
+    let started = Instant::now();
     assert_eq!(
         stream.next().await.unwrap().unwrap(),
         ProviderEvent::Delta("first".into())
     );
-    let started = Instant::now();
     let error = stream.next().await.unwrap().unwrap_err();
     let waited = started.elapsed();
     assert_eq!(error.kind, ProviderErrorKind::Timeout);
