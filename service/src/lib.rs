@@ -1,3 +1,4 @@
 //! placeholder
 
 pub mod ledger;
+pub mod providers;

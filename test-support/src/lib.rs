@@ -3,4 +3,8 @@
 //!
 //! This crate is never a dependency of a shipped binary.
 
+pub mod bedrock;
 pub mod env;
+pub mod openai;
+pub mod script;
+mod serve;

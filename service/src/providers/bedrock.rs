@@ -1,0 +1,301 @@
+//! Amazon Bedrock through the Converse API: one request shape for every model
+//! family, so no per-family prompt bodies.
+
+use async_trait::async_trait;
+use aws_config::{BehaviorVersion, SdkConfig};
+use aws_sdk_bedrockruntime::Client;
+use aws_sdk_bedrockruntime::config::StalledStreamProtectionConfig;
+use aws_sdk_bedrockruntime::config::retry::RetryConfig;
+use aws_sdk_bedrockruntime::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_bedrockruntime::primitives::event_stream::EventReceiver;
+use aws_sdk_bedrockruntime::types::error::ConverseStreamOutputError;
+use aws_sdk_bedrockruntime::types::{
+    ContentBlock, ContentBlockDelta, ConversationRole, ConverseOutput, ConverseStreamOutput,
+    InferenceConfiguration, Message, StopReason as BedrockStopReason, SystemContentBlock,
+    TokenUsage,
+};
+use futures::StreamExt;
+
+use super::{
+    ChatTurn, Completion, CompletionRequest, Provider, ProviderError, ProviderErrorKind,
+    ProviderEvent, ProviderStream, Role, StopReason, TokenDeadline, Usage, mentions_context_window,
+    tokens,
+};
+
+pub struct BedrockProvider {
+    client: Client,
+}
+
+impl BedrockProvider {
+    /// Region and credentials from the standard AWS chain (environment,
+    /// profile, web identity for IRSA, container and instance metadata).
+    pub async fn from_environment(endpoint_url: Option<&str>) -> Self {
+        let sdk_config = aws_config::defaults(BehaviorVersion::latest()).load().await;
+        Self::new(&sdk_config, endpoint_url)
+    }
+
+    /// A provider on the given AWS configuration; `endpoint_url` replaces
+    /// the regional Bedrock Runtime endpoint (tests, VPC endpoints).
+    pub fn new(sdk_config: &SdkConfig, endpoint_url: Option<&str>) -> Self {
+        let mut config = aws_sdk_bedrockruntime::config::Builder::from(sdk_config)
+            // The route's fallback chain decides what happens after a
+            // failure; SDK retries would spend the target's time budget.
+            .retry_config(RetryConfig::disabled())
+            // The request's own timeout bounds stalls, per target.
+            .stalled_stream_protection(StalledStreamProtectionConfig::disabled());
+        if let Some(endpoint_url) = endpoint_url {
+            config = config.endpoint_url(endpoint_url);
+        }
+        Self {
+            client: Client::from_conf(config.build()),
+        }
+    }
+}
+
+/// The Converse form of the conversation: system prompts apart, the other
+/// turns as messages.
+fn conversation(
+    turns: Vec<ChatTurn>,
+) -> Result<(Vec<SystemContentBlock>, Vec<Message>), ProviderError> {
+    let mut system = Vec::new();
+    let mut messages = Vec::with_capacity(turns.len());
+    for turn in turns {
+        let role = match turn.role {
+            Role::System => {
+                system.push(SystemContentBlock::Text(turn.text));
+                continue;
+            }
+            Role::User => ConversationRole::User,
+            Role::Assistant => ConversationRole::Assistant,
+        };
+        let message = Message::builder()
+            .role(role)
+            .content(ContentBlock::Text(turn.text))
+            .build()
+            .map_err(|e| ProviderError::new(ProviderErrorKind::InvalidRequest, e.to_string()))?;
+        messages.push(message);
+    }
+    Ok((system, messages))
+}
+
+fn inference_config(max_output_tokens: u32) -> InferenceConfiguration {
+    InferenceConfiguration::builder()
+        .max_tokens(i32::try_from(max_output_tokens).unwrap_or(i32::MAX))
+        .build()
+}
+
+fn system_prompts(system: Vec<SystemContentBlock>) -> Option<Vec<SystemContentBlock>> {
+    (!system.is_empty()).then_some(system)
+}
+
+#[async_trait]
+impl Provider for BedrockProvider {
+    async fn stream(&self, request: CompletionRequest) -> Result<ProviderStream, ProviderError> {
+        let deadline = TokenDeadline::start(request.timeout);
+        let (system, messages) = conversation(request.turns)?;
+        let call = self
+            .client
+            .converse_stream()
+            .model_id(request.model)
+            .set_system(system_prompts(system))
+            .set_messages(Some(messages))
+            .inference_config(inference_config(request.max_output_tokens))
+            .send();
+        let output = deadline
+            .bound(call)
+            .await?
+            .map_err(|e| classify(e, |e| e.code()))?;
+        let reply = Reply {
+            events: output.stream,
+            deadline,
+            stop_reason: None,
+            usage: None,
+            ending: Vec::new(),
+            done: false,
+        };
+        Ok(futures::stream::unfold(reply, |mut reply| async move {
+            let item = reply.next().await?;
+            Some((item, reply))
+        })
+        .boxed())
+    }
+
+    async fn complete(&self, request: CompletionRequest) -> Result<Completion, ProviderError> {
+        let deadline = TokenDeadline::start(request.timeout);
+        let (system, messages) = conversation(request.turns)?;
+        let call = self
+            .client
+            .converse()
+            .model_id(request.model)
+            .set_system(system_prompts(system))
+            .set_messages(Some(messages))
+            .inference_config(inference_config(request.max_output_tokens))
+            .send();
+        let output = deadline
+            .bound(call)
+            .await?
+            .map_err(|e| classify(e, |e| e.code()))?;
+        let text = match output.output {
+            Some(ConverseOutput::Message(message)) => message
+                .content
+                .into_iter()
+                .filter_map(|block| match block {
+                    ContentBlock::Text(text) => Some(text),
+                    _ => None,
+                })
+                .collect(),
+            _ => String::new(),
+        };
+        Ok(Completion {
+            text,
+            usage: output.usage.as_ref().map(usage),
+            stop_reason: stop_reason(&output.stop_reason),
+        })
+    }
+}
+
+/// A ConverseStream reply being read.
+struct Reply {
+    events: EventReceiver<ConverseStreamOutput, ConverseStreamOutputError>,
+    deadline: TokenDeadline,
+    stop_reason: Option<StopReason>,
+    usage: Option<Usage>,
+    /// The final events, last one first, once the upstream stream ended.
+    ending: Vec<ProviderEvent>,
+    done: bool,
+}
+
+impl Reply {
+    async fn next(&mut self) -> Option<Result<ProviderEvent, ProviderError>> {
+        if let Some(event) = self.ending.pop() {
+            return Some(Ok(event));
+        }
+        if self.done {
+            return None;
+        }
+        loop {
+            let received = match self.deadline.bound(self.events.recv()).await {
+                Ok(received) => received,
+                Err(timeout) => return self.fail(timeout),
+            };
+            match received {
+                Err(error) => return self.fail(classify(error, stream_error_code)),
+                Ok(None) => return self.end(),
+                Ok(Some(ConverseStreamOutput::ContentBlockDelta(delta))) => {
+                    if let Some(ContentBlockDelta::Text(text)) = delta.delta
+                        && !text.is_empty()
+                    {
+                        self.deadline.token_arrived();
+                        return Some(Ok(ProviderEvent::Delta(text)));
+                    }
+                }
+                Ok(Some(ConverseStreamOutput::MessageStop(stop))) => {
+                    self.stop_reason = Some(stop_reason(&stop.stop_reason));
+                }
+                Ok(Some(ConverseStreamOutput::Metadata(metadata))) => {
+                    self.usage = metadata.usage.as_ref().map(usage);
+                }
+                // Message and block boundaries carry nothing for a text reply.
+                Ok(Some(_)) => {}
+            }
+        }
+    }
+
+    fn fail(&mut self, error: ProviderError) -> Option<Result<ProviderEvent, ProviderError>> {
+        self.done = true;
+        Some(Err(error))
+    }
+
+    fn end(&mut self) -> Option<Result<ProviderEvent, ProviderError>> {
+        self.done = true;
+        let Some(stop_reason) = self.stop_reason.take() else {
+            return Some(Err(ProviderError::new(
+                ProviderErrorKind::Unavailable,
+                "the Bedrock stream ended before messageStop",
+            )));
+        };
+        self.ending.push(ProviderEvent::Finished { stop_reason });
+        if let Some(usage) = self.usage.take() {
+            self.ending.push(ProviderEvent::Usage(usage));
+        }
+        self.ending.pop().map(Ok)
+    }
+}
+
+fn usage(usage: &TokenUsage) -> Usage {
+    Usage {
+        input_tokens: tokens(usage.input_tokens),
+        output_tokens: tokens(usage.output_tokens),
+    }
+}
+
+fn stop_reason(reason: &BedrockStopReason) -> StopReason {
+    match reason {
+        BedrockStopReason::EndTurn => StopReason::EndTurn,
+        BedrockStopReason::MaxTokens => StopReason::MaxTokens,
+        BedrockStopReason::StopSequence => StopReason::StopSequence,
+        BedrockStopReason::ContentFiltered | BedrockStopReason::GuardrailIntervened => {
+            StopReason::ContentFiltered
+        }
+        other => StopReason::Other(other.as_str().to_owned()),
+    }
+}
+
+/// Exceptions inside an event stream carry their type only in the frame's
+/// `:exception-type` header, which the SDK turns into the variant, not into
+/// the error code; this names them like their HTTP counterparts.
+fn stream_error_code(error: &ConverseStreamOutputError) -> Option<&str> {
+    match error {
+        ConverseStreamOutputError::ThrottlingException(_) => Some("ThrottlingException"),
+        ConverseStreamOutputError::ServiceUnavailableException(_) => {
+            Some("ServiceUnavailableException")
+        }
+        ConverseStreamOutputError::InternalServerException(_) => Some("InternalServerException"),
+        ConverseStreamOutputError::ModelStreamErrorException(_) => {
+            Some("ModelStreamErrorException")
+        }
+        ConverseStreamOutputError::ValidationException(_) => Some("ValidationException"),
+        other => other.code(),
+    }
+}
+
+fn classify<E, R>(error: SdkError<E, R>, code_of: impl FnOnce(&E) -> Option<&str>) -> ProviderError
+where
+    E: std::error::Error + ProvideErrorMetadata + Send + Sync + 'static,
+    R: std::fmt::Debug,
+{
+    let kind = match &error {
+        SdkError::ServiceError(context) => {
+            let service_error = context.err();
+            let message = service_error.message().unwrap_or_default();
+            classify_code(code_of(service_error), message)
+        }
+        SdkError::TimeoutError(_) => ProviderErrorKind::Timeout,
+        SdkError::DispatchFailure(failure) if failure.is_timeout() => ProviderErrorKind::Timeout,
+        // Connection failures and broken or malformed responses.
+        SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => ProviderErrorKind::Unavailable,
+        _ => ProviderErrorKind::Other,
+    };
+    ProviderError::new(kind, DisplayErrorContext(&error).to_string())
+}
+
+fn classify_code(code: Option<&str>, message: &str) -> ProviderErrorKind {
+    match code.unwrap_or_default() {
+        "ThrottlingException" | "ServiceQuotaExceededException" => ProviderErrorKind::Throttled,
+        "ServiceUnavailableException"
+        | "InternalServerException"
+        | "ModelNotReadyException"
+        | "ModelErrorException"
+        | "ModelStreamErrorException" => ProviderErrorKind::Unavailable,
+        "ModelTimeoutException" => ProviderErrorKind::Timeout,
+        "ValidationException" if mentions_context_window(message) => {
+            ProviderErrorKind::ContextWindow
+        }
+        "ValidationException" | "ResourceNotFoundException" => ProviderErrorKind::InvalidRequest,
+        "AccessDeniedException"
+        | "UnrecognizedClientException"
+        | "ExpiredTokenException"
+        | "InvalidSignatureException" => ProviderErrorKind::Auth,
+        _ => ProviderErrorKind::Other,
+    }
+}

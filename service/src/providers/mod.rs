@@ -1,0 +1,277 @@
+//! LLM providers behind one trait: a stream of text deltas, then usage and
+//! the stop reason; failures classified so that a route can decide whether to
+//! fall back to its next target.
+//!
+//! Every provider stream is a plain future-driven stream without background
+//! tasks: dropping it drops the upstream request.
+
+pub mod bedrock;
+pub mod openai;
+pub mod simulated;
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use futures::{Future, StreamExt};
+use tokio::time::Instant;
+
+pub use bedrock::BedrockProvider;
+pub use openai::OpenAiProvider;
+pub use simulated::{SimulatedProvider, SimulatedSettings};
+
+/// Who said a turn of the conversation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+/// One turn of the conversation sent to the model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChatTurn {
+    pub role: Role,
+    pub text: String,
+}
+
+impl ChatTurn {
+    pub fn new(role: Role, text: impl Into<String>) -> Self {
+        Self {
+            role,
+            text: text.into(),
+        }
+    }
+}
+
+/// One request to one target of a route.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompletionRequest {
+    /// The provider's model id, e.g. `amazon.nova-micro-v1:0`.
+    pub model: String,
+    pub turns: Vec<ChatTurn>,
+    pub max_output_tokens: u32,
+    /// The target's timeout: bounds the time to the first token and every
+    /// gap between tokens (for `complete`, the whole call).
+    pub timeout: Duration,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub input_tokens: u32,
+    pub output_tokens: u32,
+}
+
+/// Why the model stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    EndTurn,
+    MaxTokens,
+    StopSequence,
+    ContentFiltered,
+    /// A provider-specific reason, as the provider names it.
+    Other(String),
+}
+
+/// One item of a provider stream. A successful stream is deltas, then
+/// `Usage` when the provider reported it, then `Finished`, always last.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProviderEvent {
+    Delta(String),
+    Usage(Usage),
+    Finished { stop_reason: StopReason },
+}
+
+/// A whole reply from `complete`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Completion {
+    pub text: String,
+    /// `None` when the provider did not report usage.
+    pub usage: Option<Usage>,
+    pub stop_reason: StopReason,
+}
+
+/// How a provider call failed; drives the route's fallback decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ProviderErrorKind {
+    Throttled,
+    Unavailable,
+    Timeout,
+    InvalidRequest,
+    ContextWindow,
+    Auth,
+    Other,
+}
+
+impl ProviderErrorKind {
+    /// The stable name used in routes files (`fallbackOn`) and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Throttled => "throttled",
+            Self::Unavailable => "unavailable",
+            Self::Timeout => "timeout",
+            Self::InvalidRequest => "invalid_request",
+            Self::ContextWindow => "context_window",
+            Self::Auth => "auth",
+            Self::Other => "other",
+        }
+    }
+}
+
+impl fmt::Display for ProviderErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct ProviderError {
+    pub kind: ProviderErrorKind,
+    pub message: String,
+}
+
+impl ProviderError {
+    pub fn new(kind: ProviderErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    fn timed_out(timeout: Duration) -> Self {
+        Self::new(
+            ProviderErrorKind::Timeout,
+            format!("no output from the model within {timeout:?}"),
+        )
+    }
+}
+
+pub type ProviderStream = BoxStream<'static, Result<ProviderEvent, ProviderError>>;
+
+#[async_trait]
+pub trait Provider: Send + Sync {
+    /// Starts a streamed reply. Errors before the stream exists (rejections,
+    /// connection failures) come from this call; later ones as stream items,
+    /// after which the stream ends.
+    async fn stream(&self, request: CompletionRequest) -> Result<ProviderStream, ProviderError>;
+
+    /// A whole reply in one call.
+    async fn complete(&self, request: CompletionRequest) -> Result<Completion, ProviderError>;
+}
+
+/// Collects a provider stream into a [`Completion`].
+pub async fn collect(mut stream: ProviderStream) -> Result<Completion, ProviderError> {
+    let mut text = String::new();
+    let mut usage = None;
+    while let Some(event) = stream.next().await {
+        match event? {
+            ProviderEvent::Delta(delta) => text.push_str(&delta),
+            ProviderEvent::Usage(reported) => usage = Some(reported),
+            ProviderEvent::Finished { stop_reason } => {
+                return Ok(Completion {
+                    text,
+                    usage,
+                    stop_reason,
+                });
+            }
+        }
+    }
+    Err(ProviderError::new(
+        ProviderErrorKind::Unavailable,
+        "the reply stream ended before it finished",
+    ))
+}
+
+/// The deadline for the next token: the first one within `timeout` of the
+/// start, every later one within `timeout` of the previous one.
+struct TokenDeadline {
+    timeout: Duration,
+    at: Instant,
+}
+
+impl TokenDeadline {
+    fn start(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            at: Instant::now() + timeout,
+        }
+    }
+
+    /// A token arrived: the next one has `timeout` from now.
+    fn token_arrived(&mut self) {
+        self.at = Instant::now() + self.timeout;
+    }
+
+    async fn bound<F: Future>(&self, work: F) -> Result<F::Output, ProviderError> {
+        tokio::time::timeout_at(self.at, work)
+            .await
+            .map_err(|_| ProviderError::timed_out(self.timeout))
+    }
+}
+
+/// Whether an upstream error message says the input exceeds the model's
+/// context window (providers signal it only in prose or in a code).
+fn mentions_context_window(message: &str) -> bool {
+    let message = message.to_ascii_lowercase();
+    [
+        "context length",
+        "context_length",
+        "context window",
+        "maximum context",
+        "too long",
+        "too many input tokens",
+        "too many tokens",
+    ]
+    .iter()
+    .any(|wording| message.contains(wording))
+}
+
+/// Whole-token counts from the SDKs' signed counters (never negative in
+/// practice; a negative one counts as zero).
+fn tokens(count: i32) -> u32 {
+    u32::try_from(count).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn context_window_wording_is_recognised() {
+        assert!(mentions_context_window(
+            "Input is too long for requested model."
+        ));
+        assert!(mentions_context_window(
+            "This model's maximum context length is 4096 tokens"
+        ));
+        assert!(!mentions_context_window("Malformed input request"));
+    }
+
+    #[tokio::test]
+    async fn collect_needs_a_finished_event() {
+        let events = vec![Ok(ProviderEvent::Delta("partial".into()))];
+        let error = collect(futures::stream::iter(events).boxed())
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind, ProviderErrorKind::Unavailable);
+
+        let events = vec![
+            Ok(ProviderEvent::Delta("a".into())),
+            Ok(ProviderEvent::Delta("b".into())),
+            Ok(ProviderEvent::Usage(Usage {
+                input_tokens: 1,
+                output_tokens: 2,
+            })),
+            Ok(ProviderEvent::Finished {
+                stop_reason: StopReason::EndTurn,
+            }),
+        ];
+        let completion = collect(futures::stream::iter(events).boxed())
+            .await
+            .unwrap();
+        assert_eq!(completion.text, "ab");
+        assert_eq!(completion.usage.map(|u| u.output_tokens), Some(2));
+    }
+}

@@ -1,0 +1,397 @@
+//! Any OpenAI-compatible `/chat/completions` server (vLLM, Ollama, llama.cpp
+//! server, OpenAI itself).
+
+use std::pin::Pin;
+
+use async_trait::async_trait;
+use eventsource_stream::{EventStream, Eventsource};
+use futures::{Stream, StreamExt};
+use reqwest::StatusCode;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Completion, CompletionRequest, Provider, ProviderError, ProviderErrorKind, ProviderEvent,
+    ProviderStream, Role, StopReason, TokenDeadline, Usage, mentions_context_window,
+};
+
+pub struct OpenAiProvider {
+    client: reqwest::Client,
+    completions_url: String,
+    api_key: Option<String>,
+}
+
+impl OpenAiProvider {
+    /// `base_url` as OpenAI clients take it, including the API version
+    /// (`http://localhost:8000/v1`); `api_key` is sent as a bearer token.
+    pub fn new(base_url: &str, api_key: Option<String>) -> Result<Self, ProviderError> {
+        let client = reqwest::Client::builder()
+            // Deltas are small writes; do not let Nagle hold them back.
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| ProviderError::new(ProviderErrorKind::Other, e.to_string()))?;
+        Ok(Self {
+            client,
+            completions_url: format!("{}/chat/completions", base_url.trim_end_matches('/')),
+            api_key,
+        })
+    }
+
+    async fn send(&self, body: &ChatRequest<'_>) -> Result<reqwest::Response, ProviderError> {
+        let mut request = self.client.post(&self.completions_url).json(body);
+        if let Some(api_key) = &self.api_key {
+            request = request.bearer_auth(api_key);
+        }
+        let response = request.send().await.map_err(transport_error)?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status();
+        let body = response.bytes().await.unwrap_or_default();
+        Err(rejection(status, &body))
+    }
+}
+
+#[derive(Serialize)]
+struct ChatRequest<'a> {
+    model: &'a str,
+    messages: Vec<WireMessage<'a>>,
+    max_tokens: u32,
+    stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Serialize)]
+struct WireMessage<'a> {
+    role: &'static str,
+    content: &'a str,
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
+impl<'a> ChatRequest<'a> {
+    fn new(request: &'a CompletionRequest, stream: bool) -> Self {
+        let messages = request
+            .turns
+            .iter()
+            .map(|turn| WireMessage {
+                role: match turn.role {
+                    Role::System => "system",
+                    Role::User => "user",
+                    Role::Assistant => "assistant",
+                },
+                content: &turn.text,
+            })
+            .collect();
+        Self {
+            model: &request.model,
+            messages,
+            max_tokens: request.max_output_tokens,
+            stream,
+            stream_options: stream.then_some(StreamOptions {
+                include_usage: true,
+            }),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct WireUsage {
+    prompt_tokens: u32,
+    completion_tokens: u32,
+}
+
+impl From<WireUsage> for Usage {
+    fn from(usage: WireUsage) -> Self {
+        Self {
+            input_tokens: usage.prompt_tokens,
+            output_tokens: usage.completion_tokens,
+        }
+    }
+}
+
+/// An error object; servers differ in what they fill in (`code` is a string
+/// at OpenAI, a number at llama.cpp).
+#[derive(Default, Deserialize)]
+struct WireError {
+    #[serde(default)]
+    message: String,
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+    #[serde(default)]
+    code: Option<serde_json::Value>,
+}
+
+impl WireError {
+    fn code(&self) -> &str {
+        self.code
+            .as_ref()
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+    }
+
+    fn is_throttling(&self) -> bool {
+        let kind = self.kind.as_deref().unwrap_or_default();
+        matches!(self.code(), "rate_limit_exceeded" | "insufficient_quota")
+            || matches!(kind, "requests" | "tokens" | "rate_limit_error")
+    }
+
+    fn is_context_window(&self) -> bool {
+        self.code() == "context_length_exceeded" || mentions_context_window(&self.message)
+    }
+}
+
+/// `{"error": {...}}` as OpenAI sends it, or the error fields at top level
+/// as some compatible servers do.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ErrorBody {
+    Wrapped { error: WireError },
+    Flat(WireError),
+}
+
+fn rejection(status: StatusCode, body: &[u8]) -> ProviderError {
+    let error = match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(ErrorBody::Wrapped { error } | ErrorBody::Flat(error)) => error,
+        Err(_) => WireError {
+            message: String::from_utf8_lossy(body).into_owned(),
+            ..WireError::default()
+        },
+    };
+    let kind = match status {
+        StatusCode::TOO_MANY_REQUESTS => ProviderErrorKind::Throttled,
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => ProviderErrorKind::Auth,
+        StatusCode::REQUEST_TIMEOUT | StatusCode::GATEWAY_TIMEOUT => ProviderErrorKind::Timeout,
+        _ if error.is_context_window() => ProviderErrorKind::ContextWindow,
+        status if status.is_server_error() => ProviderErrorKind::Unavailable,
+        status if status.is_client_error() => ProviderErrorKind::InvalidRequest,
+        _ => ProviderErrorKind::Other,
+    };
+    ProviderError::new(kind, format!("HTTP {status}: {}", error.message))
+}
+
+fn transport_error(error: reqwest::Error) -> ProviderError {
+    let kind = if error.is_timeout() {
+        ProviderErrorKind::Timeout
+    } else {
+        ProviderErrorKind::Unavailable
+    };
+    ProviderError::new(kind, error.to_string())
+}
+
+fn finish_reason(reason: &str) -> StopReason {
+    match reason {
+        "stop" => StopReason::EndTurn,
+        "length" => StopReason::MaxTokens,
+        "content_filter" => StopReason::ContentFiltered,
+        other => StopReason::Other(other.to_owned()),
+    }
+}
+
+#[derive(Deserialize)]
+struct Chunk {
+    #[serde(default)]
+    choices: Vec<ChunkChoice>,
+    #[serde(default)]
+    usage: Option<WireUsage>,
+    #[serde(default)]
+    error: Option<WireError>,
+}
+
+#[derive(Deserialize)]
+struct ChunkChoice {
+    #[serde(default)]
+    delta: Option<ChunkDelta>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ChunkDelta {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ChatResponse {
+    choices: Vec<ResponseChoice>,
+    #[serde(default)]
+    usage: Option<WireUsage>,
+}
+
+#[derive(Deserialize)]
+struct ResponseChoice {
+    message: ResponseMessage,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ResponseMessage {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+#[async_trait]
+impl Provider for OpenAiProvider {
+    async fn stream(&self, request: CompletionRequest) -> Result<ProviderStream, ProviderError> {
+        let deadline = TokenDeadline::start(request.timeout);
+        let response = deadline
+            .bound(self.send(&ChatRequest::new(&request, true)))
+            .await??;
+        let body: ResponseBody = Box::pin(response.bytes_stream());
+        let events = body.eventsource();
+        let reply = Reply {
+            events,
+            deadline,
+            stop_reason: None,
+            usage: None,
+            ending: Vec::new(),
+            done: false,
+        };
+        Ok(futures::stream::unfold(reply, |mut reply| async move {
+            let item = reply.next().await?;
+            Some((item, reply))
+        })
+        .boxed())
+    }
+
+    async fn complete(&self, request: CompletionRequest) -> Result<Completion, ProviderError> {
+        let deadline = TokenDeadline::start(request.timeout);
+        let call = async {
+            let response = self.send(&ChatRequest::new(&request, false)).await?;
+            response
+                .json::<ChatResponse>()
+                .await
+                .map_err(transport_error)
+        };
+        let response = deadline.bound(call).await??;
+        let Some(choice) = response.choices.into_iter().next() else {
+            return Err(ProviderError::new(
+                ProviderErrorKind::Other,
+                "the completion has no choices",
+            ));
+        };
+        Ok(Completion {
+            text: choice.message.content.unwrap_or_default(),
+            usage: response.usage.map(Usage::from),
+            // A server that omits it has nothing else to report.
+            stop_reason: choice
+                .finish_reason
+                .as_deref()
+                .map_or(StopReason::EndTurn, finish_reason),
+        })
+    }
+}
+
+type ResponseBody = Pin<Box<dyn Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>;
+type SseEvents = EventStream<ResponseBody>;
+
+/// A streamed chat completion being read.
+struct Reply {
+    events: SseEvents,
+    deadline: TokenDeadline,
+    stop_reason: Option<StopReason>,
+    usage: Option<Usage>,
+    /// The final events, last one first, once the reply ended.
+    ending: Vec<ProviderEvent>,
+    done: bool,
+}
+
+impl Reply {
+    async fn next(&mut self) -> Option<Result<ProviderEvent, ProviderError>> {
+        if let Some(event) = self.ending.pop() {
+            return Some(Ok(event));
+        }
+        if self.done {
+            return None;
+        }
+        loop {
+            let received = match self.deadline.bound(self.events.next()).await {
+                Ok(received) => received,
+                Err(timeout) => return self.fail(timeout),
+            };
+            let event = match received {
+                // Some servers close without `[DONE]` after the finish reason.
+                None if self.stop_reason.is_some() => return self.end(),
+                None => {
+                    return self.fail(ProviderError::new(
+                        ProviderErrorKind::Unavailable,
+                        "the stream ended before the reply finished",
+                    ));
+                }
+                Some(Err(error)) => return self.fail(sse_error(error)),
+                Some(Ok(event)) => event,
+            };
+            if event.data == "[DONE]" {
+                return self.end();
+            }
+            let chunk: Chunk = match serde_json::from_str(&event.data) {
+                Ok(chunk) => chunk,
+                Err(e) => {
+                    return self.fail(ProviderError::new(
+                        ProviderErrorKind::Other,
+                        format!("unreadable stream chunk: {e}"),
+                    ));
+                }
+            };
+            if let Some(error) = chunk.error {
+                return self.fail(stream_error(&error));
+            }
+            if let Some(usage) = chunk.usage {
+                self.usage = Some(usage.into());
+            }
+            let Some(choice) = chunk.choices.into_iter().next() else {
+                continue;
+            };
+            if let Some(reason) = choice.finish_reason {
+                self.stop_reason = Some(finish_reason(&reason));
+            }
+            if let Some(text) = choice.delta.and_then(|d| d.content)
+                && !text.is_empty()
+            {
+                self.deadline.token_arrived();
+                return Some(Ok(ProviderEvent::Delta(text)));
+            }
+        }
+    }
+
+    fn fail(&mut self, error: ProviderError) -> Option<Result<ProviderEvent, ProviderError>> {
+        self.done = true;
+        Some(Err(error))
+    }
+
+    fn end(&mut self) -> Option<Result<ProviderEvent, ProviderError>> {
+        self.done = true;
+        // A server that sends `[DONE]` without a finish reason has nothing
+        // else to report: it ended its turn.
+        let stop_reason = self.stop_reason.take().unwrap_or(StopReason::EndTurn);
+        self.ending.push(ProviderEvent::Finished { stop_reason });
+        if let Some(usage) = self.usage.take() {
+            self.ending.push(ProviderEvent::Usage(usage));
+        }
+        self.ending.pop().map(Ok)
+    }
+}
+
+fn sse_error(error: eventsource_stream::EventStreamError<reqwest::Error>) -> ProviderError {
+    match error {
+        eventsource_stream::EventStreamError::Transport(error) => transport_error(error),
+        other => ProviderError::new(ProviderErrorKind::Other, other.to_string()),
+    }
+}
+
+/// An `error` object inside an already started stream.
+fn stream_error(error: &WireError) -> ProviderError {
+    let kind = if error.is_throttling() {
+        ProviderErrorKind::Throttled
+    } else if error.is_context_window() {
+        ProviderErrorKind::ContextWindow
+    } else {
+        ProviderErrorKind::Unavailable
+    };
+    ProviderError::new(kind, error.message.clone())
+}
