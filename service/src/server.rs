@@ -101,7 +101,11 @@ pub async fn serve_listener(
             max_message_chars: config.max_message_chars,
         },
     };
-    if let Some(Hs256Secret { bytes, source: SecretSource::DevFile { .. } }) = &secret {
+    if let Some(Hs256Secret {
+        bytes,
+        source: SecretSource::DevFile { .. },
+    }) = &secret
+    {
         announce_dev_token(&config, address, bytes)?;
     }
 

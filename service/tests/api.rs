@@ -565,7 +565,7 @@ async fn random_requests_never_get_a_server_error() {
     let app = TestApp::new().await;
     let alice = alice();
     let existing = create_session(&app.router, &alice, json!({"initialMessage": "seed"})).await;
-    let mut rng = StdRng::seed_from_u64(0x5eed_0f_9a71e7);
+    let mut rng = StdRng::seed_from_u64(0x5eed_0f9a_71e7);
     let methods = ["GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS"];
     for round in 0..600 {
         let id = match rng.random_range(0..5) {

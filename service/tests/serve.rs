@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 struct RunningServer {
     address: SocketAddr,
@@ -186,31 +187,51 @@ async fn embedded_sessions_and_the_dev_secret_survive_a_restart() {
 }
 
 /// Forwards TCP connections to `target` until stopped; stopping closes them all.
-async fn start_proxy(target: String) -> (SocketAddr, CancellationToken) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let stop = CancellationToken::new();
-    let stopped = stop.clone();
-    tokio::spawn(async move {
-        loop {
-            let (mut inbound, _) = tokio::select! {
-                () = stopped.cancelled() => return,
-                accepted = listener.accept() => accepted.unwrap(),
-            };
-            let target = target.clone();
-            let stopped = stopped.clone();
-            tokio::spawn(async move {
-                let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
-                    return;
+struct Proxy {
+    address: SocketAddr,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Proxy {
+    async fn start(target: String) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let (stopped, connections) = (stop.clone(), tasks.clone());
+        tasks.spawn(async move {
+            loop {
+                let (mut inbound, _) = tokio::select! {
+                    () = stopped.cancelled() => return,
+                    accepted = listener.accept() => accepted.unwrap(),
                 };
-                tokio::select! {
-                    () = stopped.cancelled() => {}
-                    _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                }
-            });
+                let target = target.clone();
+                let stopped = stopped.clone();
+                connections.spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        () = stopped.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    }
+                });
+            }
+        });
+        Self {
+            address,
+            stop,
+            tasks,
         }
-    });
-    (address, stop)
+    }
+
+    /// Returns once the listener and every forwarded connection are closed.
+    async fn stop(&self) {
+        self.stop.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
 }
 
 /// Host and port of a `mongodb://host:port/...` URI.
@@ -223,9 +244,12 @@ fn host_port(uri: &str) -> String {
 #[tokio::test]
 async fn a_store_outage_answers_503_store_unavailable() {
     let real = parley_test_support::env::mongodb_uri();
-    let (proxy, stop_proxy) = start_proxy(host_port(&real)).await;
+    let proxy = Proxy::start(host_port(&real)).await;
     let database = parley_test_support::env::unique_name("parley-outage").replace('-', "_");
-    let uri = format!("mongodb://{proxy}/?serverSelectionTimeoutMS=300&connectTimeoutMS=300");
+    let uri = format!(
+        "mongodb://{}/?directConnection=true&serverSelectionTimeoutMS=300&connectTimeoutMS=300",
+        proxy.address
+    );
     let dir = tempfile::tempdir().unwrap();
     let config = config(
         dir.path(),
@@ -252,7 +276,7 @@ async fn a_store_outage_answers_503_store_unavailable() {
     .await;
     assert_eq!(status, StatusCode::CREATED);
 
-    stop_proxy.cancel();
+    proxy.stop().await;
     let ready = reqwest::get(server.url("/ready")).await.unwrap();
     assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(

@@ -264,7 +264,8 @@ fn bson_time(timestamp: DateTime<Utc>) -> bson::DateTime {
 
 /// BSON dates span more than chrono's range; out-of-range ones clamp.
 fn utc(timestamp: bson::DateTime) -> DateTime<Utc> {
-    DateTime::from_timestamp_millis(timestamp.timestamp_millis()).unwrap_or(DateTime::<Utc>::MAX_UTC)
+    DateTime::from_timestamp_millis(timestamp.timestamp_millis())
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 /// BSON has no unsigned integers; counts beyond i64 saturate.
