@@ -18,4 +18,6 @@ scripts/test-env.sh start "$env_dir"
 # shellcheck disable=SC1091
 source "$env_dir/env"
 
+# The end-to-end tests start the real binaries.
+cargo build --workspace --bins
 cargo nextest run --workspace --no-fail-fast "$@"

@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdout, Command};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
 
 /// Upper bound for a process to report that it listens; a bound, not a wait.
 const STARTUP_LIMIT: Duration = Duration::from_secs(60);
@@ -25,10 +26,23 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// A running binary whose JSON log lines on stdout the test can read.
+/// A running binary whose output lines (stdout and stderr, where the JSON
+/// logs go) the test can read in order of arrival.
 pub struct Process {
     child: Child,
-    lines: Lines<BufReader<ChildStdout>>,
+    lines: mpsc::UnboundedReceiver<String>,
+}
+
+fn forward_lines(output: impl AsyncRead + Unpin + Send + 'static, to: mpsc::UnboundedSender<String>) {
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(output).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            eprintln!("  | {line}");
+            if to.send(line).is_err() {
+                break;
+            }
+        }
+    });
 }
 
 impl Process {
@@ -44,20 +58,22 @@ impl Process {
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .kill_on_drop(true);
         for (key, value) in envs {
             command.env(key, value);
         }
         let mut child = command.spawn().unwrap();
-        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let (sender, lines) = mpsc::unbounded_channel();
+        forward_lines(child.stdout.take().unwrap(), sender.clone());
+        forward_lines(child.stderr.take().unwrap(), sender);
         Process { child, lines }
     }
 
-    /// Reads stdout until a line contains `needle`, and returns that line.
+    /// Reads output until a line contains `needle`, and returns that line.
     pub async fn wait_for_line(&mut self, needle: &str) -> String {
         let read = async {
-            while let Some(line) = self.lines.next_line().await.unwrap() {
+            while let Some(line) = self.lines.recv().await {
                 if line.contains(needle) {
                     return line;
                 }
@@ -70,7 +86,7 @@ impl Process {
     }
 
     /// Sends SIGTERM and returns the exit status once the process has ended.
-    pub async fn terminate(mut self) -> std::process::ExitStatus {
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
         let pid = self.child.id().unwrap();
         let status = Command::new("kill")
             .args(["-TERM", &pid.to_string()])
@@ -78,9 +94,15 @@ impl Process {
             .await
             .unwrap();
         assert!(status.success(), "kill -TERM {pid} failed");
-        // Drain stdout so the child never blocks on a full pipe while stopping.
-        let drain = async { while let Ok(Some(_)) = self.lines.next_line().await {} };
-        let (_, status) = tokio::join!(drain, self.child.wait());
-        status.unwrap()
+        tokio::time::timeout(STARTUP_LIMIT, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("process {pid} did not stop within {STARTUP_LIMIT:?} of SIGTERM"))
+            .unwrap()
     }
+}
+
+/// The `address` field of a JSON log line such as `{"fields":{"message":"serving","address":"…"}}`.
+pub fn logged_address(line: &str) -> String {
+    let log: serde_json::Value = serde_json::from_str(line).unwrap();
+    log["fields"]["address"].as_str().unwrap().to_owned()
 }
