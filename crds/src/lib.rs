@@ -31,6 +31,12 @@ pub use routes_file::{
 pub enum Error {
     #[error("invalid routes file: {0}")]
     RoutesYaml(#[source] serde_yaml::Error),
+    #[error("cannot render CRD {name} as JSON: {source}")]
+    CrdJson {
+        name: String,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("cannot render CRD {name} as YAML: {source}")]
     CrdYaml {
         name: String,
@@ -49,10 +55,16 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
 pub fn crds_yaml() -> Result<String, Error> {
     let mut out = String::new();
     for crd in crds() {
-        let document = serde_yaml::to_string(&crd).map_err(|source| Error::CrdYaml {
-            name: crd.metadata.name.clone().unwrap_or_default(),
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        // Sorted keys keep the output identical whether or not another crate in
+        // the build turns on serde_json's `preserve_order`.
+        let mut value = serde_json::to_value(&crd).map_err(|source| Error::CrdJson {
+            name: name.clone(),
             source,
         })?;
+        value.sort_all_objects();
+        let document =
+            serde_yaml::to_string(&value).map_err(|source| Error::CrdYaml { name, source })?;
         out.push_str("---\n");
         out.push_str(&document);
     }

@@ -33,7 +33,10 @@ pub struct Process {
     lines: mpsc::UnboundedReceiver<String>,
 }
 
-fn forward_lines(output: impl AsyncRead + Unpin + Send + 'static, to: mpsc::UnboundedSender<String>) {
+fn forward_lines(
+    output: impl AsyncRead + Unpin + Send + 'static,
+    to: mpsc::UnboundedSender<String>,
+) {
     tokio::spawn(async move {
         let mut lines = BufReader::new(output).lines();
         while let Ok(Some(line)) = lines.next_line().await {
@@ -96,7 +99,9 @@ impl Process {
         assert!(status.success(), "kill -TERM {pid} failed");
         tokio::time::timeout(STARTUP_LIMIT, self.child.wait())
             .await
-            .unwrap_or_else(|_| panic!("process {pid} did not stop within {STARTUP_LIMIT:?} of SIGTERM"))
+            .unwrap_or_else(|_| {
+                panic!("process {pid} did not stop within {STARTUP_LIMIT:?} of SIGTERM")
+            })
             .unwrap()
     }
 }

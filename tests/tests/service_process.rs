@@ -24,7 +24,10 @@ async fn start_service(data_dir: &std::path::Path, extra: &[(&str, String)]) -> 
 
 async fn stop(service: &mut Service) {
     let status = service.process.terminate().await;
-    assert!(status.success(), "parley-service exited with {status} after SIGTERM");
+    assert!(
+        status.success(),
+        "parley-service exited with {status} after SIGTERM"
+    );
 }
 
 #[tokio::test]
@@ -44,8 +47,22 @@ async fn local_mode_serves_prints_a_working_dev_token_and_stops_on_sigterm() {
     let base = format!("http://{}", logged_address(&serving));
     let http = reqwest::Client::new();
 
-    assert_eq!(http.get(format!("{base}/health")).send().await.unwrap().status(), 200);
-    assert_eq!(http.get(format!("{base}/ready")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        http.get(format!("{base}/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        http.get(format!("{base}/ready"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 
     let created = http
         .post(format!("{base}/api/chat/sessions"))
@@ -56,32 +73,55 @@ async fn local_mode_serves_prints_a_working_dev_token_and_stops_on_sigterm() {
         .unwrap();
     assert_eq!(created.status(), 201);
 
-    let unauthenticated = http.get(format!("{base}/api/chat/sessions")).send().await.unwrap();
+    let unauthenticated = http
+        .get(format!("{base}/api/chat/sessions"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(unauthenticated.status(), 401);
 
-    let metrics = http.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(
         metrics.contains("route=\"/api/chat/sessions\""),
         "request durations are labelled by the matched route:\n{metrics}"
     );
 
     let status = process.terminate().await;
-    assert!(status.success(), "parley-service exited with {status} after SIGTERM");
+    assert!(
+        status.success(),
+        "parley-service exited with {status} after SIGTERM"
+    );
 }
 
 #[tokio::test]
 async fn minted_tokens_work_and_the_embedded_store_survives_a_restart() {
     let data_dir = tempfile::tempdir().unwrap();
-    let secret = ("PARLEY_JWT_SECRET", "e2e-secret-of-enough-length-0123456789".to_owned());
+    let secret = (
+        "PARLEY_JWT_SECRET",
+        "e2e-secret-of-enough-length-0123456789".to_owned(),
+    );
 
     let minted = tokio::process::Command::new(parley_e2e::binary("parley-service"))
-        .args(["token", "--sub", "alice", "--role", "user", "--cohort", "c1", "--ttl", "1h"])
+        .args([
+            "token", "--sub", "alice", "--role", "user", "--cohort", "c1", "--ttl", "1h",
+        ])
         .env_clear()
         .env(secret.0, &secret.1)
         .output()
         .await
         .unwrap();
-    assert!(minted.status.success(), "token: {}", String::from_utf8_lossy(&minted.stderr));
+    assert!(
+        minted.status.success(),
+        "token: {}",
+        String::from_utf8_lossy(&minted.stderr)
+    );
     let token = String::from_utf8(minted.stdout).unwrap().trim().to_owned();
 
     let http = reqwest::Client::new();
