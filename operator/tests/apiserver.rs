@@ -313,6 +313,46 @@ async fn route_edits_change_only_the_configmap_and_bad_routes_are_reported() {
         "{}",
         routes_valid.message
     );
+    // A price finer than a micro-credit passes the schema; the operator
+    // rejects that route alone and keeps reading the others.
+    let finer = json!({"apiVersion": "parley.dev/v1alpha1", "kind": "ModelRoute",
+        "metadata": {"name": "finer", "labels": {"parley.dev/chat": "demo"}},
+        "spec": {"alias": "finer", "targets": [{"provider": "simulated", "model": "sim",
+            "pricing": {"inputPer1k": 0.0000001, "outputPer1k": 1}, "maxOutputTokens": 16}]}});
+    routes
+        .patch(
+            "finer",
+            &PatchParams::apply("parley-operator-test"),
+            &Patch::Apply(&finer),
+        )
+        .await
+        .unwrap();
+    let rejected = wait_for(&routes, "finer", |route: Option<&ModelRoute>| {
+        route
+            .and_then(|r| r.status.as_ref())
+            .is_some_and(|s| !s.conditions.is_empty())
+    })
+    .await;
+    let accepted = &rejected.status.unwrap().conditions[0];
+    assert_eq!(
+        (accepted.status.as_str(), accepted.reason.as_str()),
+        ("False", "TooPrecise")
+    );
+    let chat = wait_for(&chats, "demo", |chat: Option<&ChatDeployment>| {
+        chat.and_then(|c| condition(c, "RoutesValid"))
+            .is_some_and(|c| c.message.contains("ModelRoute finer"))
+    })
+    .await;
+    let aliases: Vec<&str> = chat
+        .status
+        .as_ref()
+        .unwrap()
+        .routes
+        .iter()
+        .map(|r| r.alias.as_str())
+        .collect();
+    assert_eq!(aliases, ["default", "extra", "fast"]);
+
     let original = routes.get("fast").await.unwrap();
     let condition = &original.status.unwrap().conditions[0];
     assert_eq!(
