@@ -26,6 +26,7 @@ pub async fn run(args: Args, client: Client, shutdown: CancellationToken) -> Res
     let server = tokio::spawn(crate::http::serve(listener, app, shutdown.clone()));
     let settings = Settings {
         namespace: args.namespace,
+        instance: Some(args.identity.clone()),
         ..Settings::default()
     };
     let controllers = if args.leader_election {
@@ -33,15 +34,22 @@ pub async fn run(args: Args, client: Client, shutdown: CancellationToken) -> Res
             namespace: args.lease_namespace,
             identity: args.identity,
         };
-        leader::run_as_leader(client.clone(), election, shutdown.clone(), |leading| {
-            controller::run(
-                client.clone(),
-                settings.clone(),
-                metrics.clone(),
-                ready.clone(),
-                leading,
-            )
-        })
+        let standby_ready = ready.clone();
+        leader::run_as_leader(
+            client.clone(),
+            election,
+            shutdown.clone(),
+            standby_ready,
+            |leading| {
+                controller::run(
+                    client.clone(),
+                    settings.clone(),
+                    metrics.clone(),
+                    ready.clone(),
+                    leading,
+                )
+            },
+        )
         .await
     } else {
         controller::run(client, settings, metrics, ready, shutdown.clone()).await

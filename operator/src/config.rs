@@ -20,7 +20,7 @@ pub struct Args {
     /// Namespace of the leader Lease (normally the operator's own).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     pub lease_namespace: String,
-    /// This replica's identity in the Lease.
+    /// This replica's identity in the Lease and in published events.
     #[arg(long, env = "POD_NAME", default_value = "parley-operator")]
     pub identity: String,
 }

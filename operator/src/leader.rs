@@ -2,6 +2,8 @@
 //! several operator replicas reconciles at a time.
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -28,10 +30,16 @@ pub struct Election {
 /// Runs `work` while this replica holds the Lease; when leadership is lost
 /// the token given to `work` is cancelled and election starts again. Returns
 /// once `shutdown` is cancelled and `work` has ended.
+///
+/// `standby_ready` is set while this replica takes part in the election
+/// without leading: a standby replica is healthy, and a rolling update of the
+/// operator must not wait for it to become leader (which it cannot until the
+/// old leader goes away).
 pub async fn run_as_leader<W, F>(
     client: Client,
     election: Election,
     shutdown: CancellationToken,
+    standby_ready: Arc<AtomicBool>,
     work: W,
 ) -> Result<(), Error>
 where
@@ -45,8 +53,17 @@ where
             () = shutdown.cancelled() => break,
             _ = tick.tick() => {}
         }
-        if !try_hold(&leases, &election.identity).await? {
-            continue;
+        match try_hold(&leases, &election.identity).await {
+            Ok(true) => {}
+            Ok(false) => {
+                standby_ready.store(true, Ordering::SeqCst);
+                continue;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot reach the leader Lease; retrying");
+                standby_ready.store(false, Ordering::SeqCst);
+                continue;
+            }
         }
         tracing::info!(identity = %election.identity, "became leader");
         let leading = shutdown.child_token();

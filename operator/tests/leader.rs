@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use common::cluster;
@@ -29,10 +31,12 @@ fn candidate(
         namespace: namespace.to_owned(),
         identity: identity.to_owned(),
     };
+    let standby_ready = Arc::new(AtomicBool::new(false));
     let task = tokio::spawn(run_as_leader(
         client,
         election,
         shutdown.clone(),
+        standby_ready,
         move |leading| {
             let log = log.clone();
             async move {

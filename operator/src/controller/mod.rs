@@ -41,7 +41,7 @@ impl Context {
     ) -> Self {
         let reporter = Reporter {
             controller: FIELD_MANAGER.to_owned(),
-            instance: std::env::var("POD_NAME").ok(),
+            instance: settings.instance.clone(),
         };
         Self {
             recorder: Recorder::new(client.clone(), reporter),
@@ -144,6 +144,8 @@ pub type Reconciled = tokio::sync::watch::Sender<BTreeMap<String, u64>>;
 pub struct Settings {
     /// Watch only this namespace.
     pub namespace: Option<String>,
+    /// This replica's name in the events it publishes.
+    pub instance: Option<String>,
     pub reconciled: Arc<Reconciled>,
 }
 
@@ -164,7 +166,7 @@ fn count_reconciled<K: Resource>(
 const CRD_POLL_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Waits for the CRDs, then runs both controllers until `shutdown`. `ready`
-/// is true while the controllers run.
+/// is set once the controllers run and cleared when they stop.
 pub async fn run(
     client: Client,
     settings: Settings,
