@@ -262,8 +262,12 @@ async fn a_failed_apply_is_an_error_counted_by_kind() {
         .await
         .unwrap_err();
     assert_eq!(error.kind(), "api_server");
-    let action = chat_deployment::error_policy(Arc::new(chat), &error, context.clone());
-    assert_eq!(action, Action::requeue(Duration::from_secs(10)));
+    // Retries of the same object back off exponentially from the kind's base.
+    let chat = Arc::new(chat);
+    for seconds in [10, 20, 40] {
+        let action = chat_deployment::error_policy(chat.clone(), &error, context.clone());
+        assert_eq!(action, Action::requeue(Duration::from_secs(seconds)));
+    }
     let failures = metrics
         .reconcile_failures
         .get_or_create(&parley_operator::metrics::FailureLabels {
@@ -277,6 +281,29 @@ async fn a_failed_apply_is_an_error_counted_by_kind() {
     assert!(
         !lines(&recorded).contains(&CHAT_STATUS.to_owned()),
         "no status after a failure"
+    );
+}
+
+#[test]
+fn backoff_doubles_up_to_a_cap_and_resets() {
+    let backoff = parley_operator::controller::Backoff::default();
+    let base = Duration::from_secs(10);
+    let delays: Vec<u64> = (0..7)
+        .map(|_| backoff.next_delay("a", base).as_secs())
+        .collect();
+    assert_eq!(delays, [10, 20, 40, 80, 160, 300, 300]);
+    assert_eq!(
+        backoff.next_delay("b", base).as_secs(),
+        10,
+        "counted per object"
+    );
+    backoff.reset("a");
+    assert_eq!(backoff.next_delay("a", base).as_secs(), 10);
+    let slow = Duration::from_secs(600);
+    assert_eq!(
+        backoff.next_delay("c", slow),
+        slow,
+        "a longer base is not cut"
     );
 }
 

@@ -86,7 +86,7 @@ pub async fn run(context: Arc<Context>, shutdown: CancellationToken) {
 }
 
 /// Retry delay by error kind.
-pub fn error_policy(chat: Arc<ChatDeployment>, error: &Error, _: Arc<Context>) -> Action {
+pub fn error_policy(chat: Arc<ChatDeployment>, error: &Error, context: Arc<Context>) -> Action {
     tracing::warn!(
         name = %chat.name_any(),
         namespace = ?chat.namespace(),
@@ -94,13 +94,13 @@ pub fn error_policy(chat: Arc<ChatDeployment>, error: &Error, _: Arc<Context>) -
         %error,
         "reconcile failed"
     );
-    Action::requeue(error.retry_after())
+    Action::requeue(context.retry_delay(CONTROLLER, &*chat, error))
 }
 
 pub async fn reconcile(chat: Arc<ChatDeployment>, context: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     let result = reconcile_inner(&chat, &context).await;
-    context.record_outcome(CONTROLLER, started, &result.as_ref().map(|_| ()));
+    context.record_outcome(CONTROLLER, &*chat, started, &result.as_ref().map(|_| ()));
     result
 }
 

@@ -4,9 +4,10 @@ pub mod chat_deployment;
 pub mod model_route;
 
 use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::fmt::Debug;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::NamespaceResourceScope;
@@ -21,6 +22,40 @@ use crate::Error;
 use crate::build::{Capabilities, FIELD_MANAGER};
 use crate::metrics::{ControllerLabels, FailureLabels, Metrics};
 
+/// Consecutive failures per object: retries back off exponentially from the
+/// error kind's base delay, and a success starts over.
+#[derive(Debug, Default)]
+pub struct Backoff {
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+/// Retries of one object never wait longer than this (unless the base does).
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
+
+impl Backoff {
+    /// Counts a failure of `key` and returns how long to wait before retrying.
+    pub fn next_delay(&self, key: &str, base: Duration) -> Duration {
+        let mut failures = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = failures.entry(key.to_owned()).or_default();
+        *count = count.saturating_add(1);
+        let doublings = (*count - 1).min(10);
+        base.saturating_mul(1 << doublings)
+            .min(MAX_RETRY_DELAY.max(base))
+    }
+
+    pub fn reset(&self, key: &str) {
+        self.failures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(key);
+    }
+}
+
+/// Identifies an object in logs, backoff and [`Reconciled`].
+fn object_key(controller: &str, namespace: Option<&str>, name: &str) -> String {
+    format!("{controller}/{}/{name}", namespace.unwrap_or_default())
+}
+
 /// What every reconciliation shares.
 pub struct Context {
     pub client: Client,
@@ -30,6 +65,7 @@ pub struct Context {
     /// Watch only this namespace; `None` watches the whole cluster.
     pub namespace: Option<String>,
     pub reconciled: Arc<Reconciled>,
+    pub backoff: Backoff,
 }
 
 impl Context {
@@ -50,6 +86,7 @@ impl Context {
             metrics,
             namespace: settings.namespace,
             reconciled: settings.reconciled,
+            backoff: Backoff::default(),
         }
     }
 
@@ -64,9 +101,11 @@ impl Context {
         }
     }
 
-    fn record_outcome(
+    /// Records metrics and backoff state of one reconciliation of `object`.
+    fn record_outcome<K: Resource>(
         &self,
         controller: &'static str,
+        object: &K,
         started: Instant,
         result: &Result<(), &Error>,
     ) {
@@ -74,15 +113,30 @@ impl Context {
             .reconcile_duration
             .get_or_create(&ControllerLabels { controller })
             .observe(started.elapsed().as_secs_f64());
-        if let Err(error) = result {
-            self.metrics
-                .reconcile_failures
-                .get_or_create(&FailureLabels {
+        match result {
+            Ok(()) => {
+                let namespace = object.meta().namespace.as_deref();
+                self.backoff
+                    .reset(&object_key(controller, namespace, &object.name_any()));
+            }
+            Err(error) => {
+                let labels = FailureLabels {
                     controller,
                     reason: error.kind(),
-                })
-                .inc();
+                };
+                self.metrics.reconcile_failures.get_or_create(&labels).inc();
+            }
         }
+    }
+
+    /// The retry delay after `error` on `object`, backing off by kind and count.
+    fn retry_delay<K: Resource>(&self, controller: &str, object: &K, error: &Error) -> Duration {
+        let key = object_key(
+            controller,
+            object.meta().namespace.as_deref(),
+            &object.name_any(),
+        );
+        self.backoff.next_delay(&key, error.retry_after())
     }
 
     /// Publishes an event; a failure to do so is logged, never fatal.
@@ -155,11 +209,7 @@ fn count_reconciled<K: Resource>(
     controller: &str,
     object: &kube::runtime::reflector::ObjectRef<K>,
 ) {
-    let key = format!(
-        "{controller}/{}/{}",
-        object.namespace.as_deref().unwrap_or_default(),
-        object.name
-    );
+    let key = object_key(controller, object.namespace.as_deref(), &object.name);
     reconciled.send_modify(|counts| *counts.entry(key).or_default() += 1);
 }
 

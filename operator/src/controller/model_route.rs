@@ -65,7 +65,7 @@ pub async fn run(context: Arc<Context>, shutdown: CancellationToken) {
         .await;
 }
 
-pub fn error_policy(route: Arc<ModelRoute>, error: &Error, _: Arc<Context>) -> Action {
+pub fn error_policy(route: Arc<ModelRoute>, error: &Error, context: Arc<Context>) -> Action {
     tracing::warn!(
         name = %route.name_any(),
         namespace = ?route.namespace(),
@@ -73,13 +73,13 @@ pub fn error_policy(route: Arc<ModelRoute>, error: &Error, _: Arc<Context>) -> A
         %error,
         "reconcile failed"
     );
-    Action::requeue(error.retry_after())
+    Action::requeue(context.retry_delay(CONTROLLER, &*route, error))
 }
 
 pub async fn reconcile(route: Arc<ModelRoute>, context: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     let result = reconcile_inner(&route, &context).await;
-    context.record_outcome(CONTROLLER, started, &result.as_ref().map(|_| ()));
+    context.record_outcome(CONTROLLER, &*route, started, &result.as_ref().map(|_| ()));
     result
 }
 
