@@ -53,6 +53,14 @@ pub async fn run(context: Arc<Context>, shutdown: CancellationToken) {
     if context.capabilities.policy_v1 {
         controller = controller.owns(context.scoped::<PodDisruptionBudget>(), children.clone());
     }
+    if context.capabilities.service_monitor {
+        let monitors = build::service_monitor_resource();
+        let api: Api<DynamicObject> = match &context.namespace {
+            Some(namespace) => Api::namespaced_with(context.client.clone(), namespace, &monitors),
+            None => Api::all_with(context.client.clone(), &monitors),
+        };
+        controller = controller.owns_with(api, monitors, children.clone());
+    }
     // A route change re-reconciles every ChatDeployment of its namespace:
     // matching against the new labels alone would miss a route that just
     // stopped being selected.
