@@ -4,7 +4,8 @@
 //! credit) in an `i64`, never as floating point, so that summing and
 //! multiplying prices is exact. On the wire (CRDs, routes file) an amount is a
 //! plain JSON/YAML number such as `1`, `4` or `0.25` with at most six decimal
-//! places; a finer amount is a parse error rather than a silently rounded price.
+//! places. A finer amount still parses (rounded up, marked inexact) so that one
+//! bad ModelRoute cannot break reading all of them; validation then rejects it.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -17,25 +18,38 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub const MICROS_PER_CREDIT: i64 = 1_000_000;
 const DECIMAL_PLACES: usize = 6;
 
-/// An amount of credits, exact to one micro-credit. May be negative only so
-/// that validation can report a negative price instead of failing to parse it.
+/// Largest amount the CRD schema admits, far inside the `i64` range.
+pub const MAX_WHOLE_CREDITS: i64 = 1_000_000_000;
+
+/// An amount of credits, exact to one micro-credit. May be negative or
+/// inexact only so that validation can report such a price instead of
+/// failing to parse it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Credits {
     micros: i64,
+    /// The written amount had more than six decimal places.
+    inexact: bool,
 }
 
 impl Credits {
-    pub const ZERO: Credits = Credits { micros: 0 };
+    pub const ZERO: Credits = Credits::from_micros(0);
 
     pub const fn from_micros(micros: i64) -> Self {
-        Self { micros }
+        Self {
+            micros,
+            inexact: false,
+        }
     }
 
     /// Whole credits, saturating at the representable range.
     pub const fn from_whole(credits: i64) -> Self {
-        Self {
-            micros: credits.saturating_mul(MICROS_PER_CREDIT),
-        }
+        Self::from_micros(credits.saturating_mul(MICROS_PER_CREDIT))
+    }
+
+    /// False when the written amount was finer than a micro-credit (and
+    /// was rounded away from zero).
+    pub const fn is_exact(self) -> bool {
+        !self.inexact
     }
 
     pub const fn micros(self) -> i64 {
@@ -46,8 +60,9 @@ impl Credits {
         self.micros < 0
     }
 
-    /// Parses a decimal literal such as `12`, `-3`, `0.25` (at most six
-    /// decimal places, no exponent).
+    /// Parses a decimal literal such as `12`, `-3`, `0.25` (no exponent).
+    /// More than six decimal places round away from zero and mark the
+    /// amount inexact.
     pub fn parse_decimal(text: &str) -> Result<Self, CreditsParseError> {
         let invalid = || CreditsParseError::NotADecimal(text.to_owned());
         let (negative, digits) = match text.strip_prefix('-') {
@@ -62,9 +77,8 @@ impl Credits {
             return Err(invalid());
         }
         let fraction = fraction.trim_end_matches('0');
-        if fraction.len() > DECIMAL_PLACES {
-            return Err(CreditsParseError::TooPrecise(text.to_owned()));
-        }
+        let (fraction, excess) = fraction.split_at(fraction.len().min(DECIMAL_PLACES));
+        let inexact = !excess.is_empty();
         let whole: i64 = whole
             .parse()
             .map_err(|_| CreditsParseError::OutOfRange(text.to_owned()))?;
@@ -75,10 +89,11 @@ impl Credits {
         }
         let micros = whole
             .checked_mul(MICROS_PER_CREDIT)
-            .and_then(|m| m.checked_add(fraction_micros))
+            .and_then(|m| m.checked_add(fraction_micros + i64::from(inexact)))
             .ok_or_else(|| CreditsParseError::OutOfRange(text.to_owned()))?;
         Ok(Self {
             micros: if negative { -micros } else { micros },
+            inexact,
         })
     }
 }
@@ -103,8 +118,6 @@ impl fmt::Display for Credits {
 pub enum CreditsParseError {
     #[error("`{0}` is not a decimal number")]
     NotADecimal(String),
-    #[error("`{0}` has more than six decimal places (credits are exact to a millionth)")]
-    TooPrecise(String),
     #[error("`{0}` is out of range for a credit amount")]
     OutOfRange(String),
 }
@@ -175,6 +188,7 @@ impl JsonSchema for Credits {
         json_schema!({
             "type": "number",
             "minimum": 0,
+            "maximum": MAX_WHOLE_CREDITS,
             "description": "Credits, exact to six decimal places (e.g. 1, 4, 0.25)."
         })
     }
@@ -194,10 +208,9 @@ mod tests {
             Credits::parse_decimal("3.100000").unwrap().micros(),
             3_100_000
         );
-        assert!(matches!(
-            Credits::parse_decimal("0.0000001"),
-            Err(CreditsParseError::TooPrecise(_))
-        ));
+        let finer = Credits::parse_decimal("0.0000001").unwrap();
+        assert_eq!((finer.micros(), finer.is_exact()), (1, false));
+        assert!(Credits::parse_decimal("0.25").unwrap().is_exact());
         assert!(Credits::parse_decimal("1e3").is_err());
         assert!(Credits::parse_decimal(".5").is_err());
         assert!(Credits::parse_decimal("99999999999999999").is_err());
@@ -223,8 +236,8 @@ mod tests {
                 .trim(),
             "0.25"
         );
-        let err = serde_yaml::from_str::<Credits>("0.0000001").unwrap_err();
-        assert!(err.to_string().contains("six decimal places"), "{err}");
+        let finer: Credits = serde_yaml::from_str("1.0000001").unwrap();
+        assert_eq!((finer.micros(), finer.is_exact()), (1_000_001, false));
         assert!(serde_yaml::from_str::<Credits>(".nan").is_err());
         assert!(serde_yaml::from_str::<Credits>("\"1\"").is_err());
     }

@@ -155,6 +155,15 @@ impl ModelRouteSpec {
                         format!("price {price} is negative"),
                     );
                 }
+                if !price.is_exact() {
+                    push(
+                        format!("{target_path}.pricing.{field}"),
+                        ProblemKind::TooPrecise,
+                        "price has more than six decimal places; credits are exact to a \
+                         millionth"
+                            .to_owned(),
+                    );
+                }
             }
             if target.max_output_tokens == 0 || target.max_output_tokens > MAX_OUTPUT_TOKENS_LIMIT {
                 push(
@@ -199,6 +208,7 @@ pub enum ProblemKind {
     EmptyModel,
     DuplicateTarget,
     NegativePrice,
+    TooPrecise,
     LimitOutOfRange,
     DuplicateAlias,
     UnknownDefaultRoute,
@@ -214,6 +224,7 @@ impl ProblemKind {
             ProblemKind::EmptyModel => "EmptyModel",
             ProblemKind::DuplicateTarget => "DuplicateTarget",
             ProblemKind::NegativePrice => "NegativePrice",
+            ProblemKind::TooPrecise => "TooPrecise",
             ProblemKind::LimitOutOfRange => "LimitOutOfRange",
             ProblemKind::DuplicateAlias => "DuplicateAlias",
             ProblemKind::UnknownDefaultRoute => "UnknownDefaultRoute",
@@ -348,7 +359,7 @@ routes:
     targets:
       - {provider: openai, model: m, pricing: {inputPer1k: -1, outputPer1k: 0}, maxOutputTokens: 0}
       - {provider: openai, model: m, pricing: {inputPer1k: 1, outputPer1k: -0.5}, maxOutputTokens: 5, timeoutSeconds: 0}
-      - {provider: simulated, model: " ", pricing: {inputPer1k: 1, outputPer1k: 1}, maxOutputTokens: 5}
+      - {provider: simulated, model: " ", pricing: {inputPer1k: 0.0000005, outputPer1k: 1}, maxOutputTokens: 5}
   - alias: Bad_Alias
     targets:
       - {provider: simulated, model: s, pricing: {inputPer1k: 1, outputPer1k: 1}, maxOutputTokens: 2000000}
@@ -382,6 +393,10 @@ routes:
                     ProblemKind::LimitOutOfRange
                 ),
                 ("routes[1].targets[2].model", ProblemKind::EmptyModel),
+                (
+                    "routes[1].targets[2].pricing.inputPer1k",
+                    ProblemKind::TooPrecise
+                ),
                 ("routes[1].alias", ProblemKind::DuplicateAlias),
                 ("routes[2].alias", ProblemKind::InvalidAlias),
                 (

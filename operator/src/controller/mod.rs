@@ -1,0 +1,263 @@
+//! The controllers and the code that talks to the API server.
+
+pub mod chat_deployment;
+pub mod model_route;
+
+use std::collections::BTreeMap;
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::NamespaceResourceScope;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+
+use crate::Error;
+use crate::build::{Capabilities, FIELD_MANAGER};
+use crate::metrics::{ControllerLabels, FailureLabels, Metrics};
+
+/// Consecutive failures per object: retries back off exponentially from the
+/// error kind's base delay, and a success starts over.
+#[derive(Debug, Default)]
+pub struct Backoff {
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+/// Retries of one object never wait longer than this (unless the base does).
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
+
+impl Backoff {
+    /// Counts a failure of `key` and returns how long to wait before retrying.
+    pub fn next_delay(&self, key: &str, base: Duration) -> Duration {
+        let mut failures = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = failures.entry(key.to_owned()).or_default();
+        *count = count.saturating_add(1);
+        let doublings = (*count - 1).min(10);
+        base.saturating_mul(1 << doublings)
+            .min(MAX_RETRY_DELAY.max(base))
+    }
+
+    pub fn reset(&self, key: &str) {
+        self.failures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(key);
+    }
+}
+
+/// Identifies an object in logs, backoff and [`Reconciled`].
+fn object_key(controller: &str, namespace: Option<&str>, name: &str) -> String {
+    format!("{controller}/{}/{name}", namespace.unwrap_or_default())
+}
+
+/// What every reconciliation shares.
+pub struct Context {
+    pub client: Client,
+    pub capabilities: Capabilities,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Recorder,
+    /// Watch only this namespace; `None` watches the whole cluster.
+    pub namespace: Option<String>,
+    pub reconciled: Arc<Reconciled>,
+    pub backoff: Backoff,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        capabilities: Capabilities,
+        metrics: Arc<Metrics>,
+        settings: Settings,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.to_owned(),
+            instance: settings.instance.clone(),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            capabilities,
+            metrics,
+            namespace: settings.namespace,
+            reconciled: settings.reconciled,
+            backoff: Backoff::default(),
+        }
+    }
+
+    /// An Api over the watched scope.
+    fn scoped<K>(&self) -> Api<K>
+    where
+        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>,
+    {
+        match &self.namespace {
+            Some(namespace) => Api::namespaced(self.client.clone(), namespace),
+            None => Api::all(self.client.clone()),
+        }
+    }
+
+    /// Records metrics and backoff state of one reconciliation of `object`.
+    fn record_outcome<K: Resource>(
+        &self,
+        controller: &'static str,
+        object: &K,
+        started: Instant,
+        result: &Result<(), &Error>,
+    ) {
+        self.metrics
+            .reconcile_duration
+            .get_or_create(&ControllerLabels { controller })
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(()) => {
+                let namespace = object.meta().namespace.as_deref();
+                self.backoff
+                    .reset(&object_key(controller, namespace, &object.name_any()));
+            }
+            Err(error) => {
+                let labels = FailureLabels {
+                    controller,
+                    reason: error.kind(),
+                };
+                self.metrics.reconcile_failures.get_or_create(&labels).inc();
+            }
+        }
+    }
+
+    /// The retry delay after `error` on `object`, backing off by kind and count.
+    fn retry_delay<K: Resource>(&self, controller: &str, object: &K, error: &Error) -> Duration {
+        let key = object_key(
+            controller,
+            object.meta().namespace.as_deref(),
+            &object.name_any(),
+        );
+        self.backoff.next_delay(&key, error.retry_after())
+    }
+
+    /// Publishes an event; a failure to do so is logged, never fatal.
+    async fn publish<K: Resource<DynamicType = ()>>(
+        &self,
+        object: &K,
+        warning: bool,
+        reason: &str,
+        note: String,
+    ) {
+        let event = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.to_owned(),
+            note: Some(note),
+            action: "Reconcile".to_owned(),
+            secondary: None,
+        };
+        if let Err(error) = self.recorder.publish(&event, &object.object_ref(&())).await {
+            tracing::warn!(%error, reason, "could not publish event");
+        }
+    }
+}
+
+/// Server-side applies `object` as the operator's field manager.
+pub async fn apply<K>(client: &Client, object: &K) -> Result<K, Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + Debug
+        + Serialize
+        + DeserializeOwned,
+{
+    let namespace = object
+        .meta()
+        .namespace
+        .as_deref()
+        .ok_or(Error::MissingNamespace)?;
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    let applied = api
+        .patch(
+            &object.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(object),
+        )
+        .await?;
+    Ok(applied)
+}
+
+/// Completed reconciliations per object (`controller/namespace/name` to a
+/// count), for whoever embeds the controllers and must know a pass is done.
+pub type Reconciled = tokio::sync::watch::Sender<BTreeMap<String, u64>>;
+
+/// Settings of [`run`].
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    /// Watch only this namespace.
+    pub namespace: Option<String>,
+    /// This replica's name in the events it publishes.
+    pub instance: Option<String>,
+    pub reconciled: Arc<Reconciled>,
+}
+
+/// Counts a successful reconciliation of `object`.
+fn count_reconciled<K: Resource>(
+    reconciled: &Reconciled,
+    controller: &str,
+    object: &kube::runtime::reflector::ObjectRef<K>,
+) {
+    let key = object_key(controller, object.namespace.as_deref(), &object.name);
+    reconciled.send_modify(|counts| *counts.entry(key).or_default() += 1);
+}
+
+const CRD_POLL_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Waits for the CRDs, then runs both controllers until `shutdown`. `ready`
+/// is set once the controllers run and cleared when they stop.
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let mut poll = tokio::time::interval(CRD_POLL_INTERVAL);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            _ = poll.tick() => {}
+        }
+        let missing = crate::discovery::missing_crds(&client).await?;
+        metrics
+            .missing_crds
+            .set(i64::try_from(missing).unwrap_or(i64::MAX));
+        if missing == 0 {
+            break;
+        }
+        tracing::warn!(
+            missing,
+            "Parley CRDs are not installed yet; waiting for them"
+        );
+    }
+    let capabilities = crate::discovery::capabilities(&client).await?;
+    if !capabilities.autoscaling_v2 {
+        tracing::warn!(
+            "autoscaling/v2 is not served: ChatDeployments get no HorizontalPodAutoscaler"
+        );
+    }
+    if !capabilities.policy_v1 {
+        tracing::warn!("policy/v1 is not served: ChatDeployments get no PodDisruptionBudget");
+    }
+    tracing::info!(?capabilities, namespace = ?settings.namespace, "starting controllers");
+    let context = Arc::new(Context::new(client, capabilities, metrics, settings));
+    ready.store(true, Ordering::SeqCst);
+    tokio::join!(
+        chat_deployment::run(context.clone(), shutdown.clone()),
+        model_route::run(context, shutdown),
+    );
+    ready.store(false, Ordering::SeqCst);
+    Ok(())
+}
