@@ -230,7 +230,10 @@ pub async fn run(
             () = shutdown.cancelled() => return Ok(()),
             _ = poll.tick() => {}
         }
-        let missing = crate::discovery::missing_crds(&client).await?;
+        let missing = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            missing = crate::discovery::missing_crds(&client) => missing?,
+        };
         metrics
             .missing_crds
             .set(i64::try_from(missing).unwrap_or(i64::MAX));
@@ -242,7 +245,12 @@ pub async fn run(
             "Parley CRDs are not installed yet; waiting for them"
         );
     }
-    let capabilities = crate::discovery::capabilities(&client).await?;
+    // A shutdown during discovery must not start controllers that would then
+    // wait for their first watch before noticing it.
+    let capabilities = tokio::select! {
+        () = shutdown.cancelled() => return Ok(()),
+        capabilities = crate::discovery::capabilities(&client) => capabilities?,
+    };
     if !capabilities.autoscaling_v2 {
         tracing::warn!(
             "autoscaling/v2 is not served: ChatDeployments get no HorizontalPodAutoscaler"
