@@ -1,3 +1,17 @@
-//! placeholder
+//! Parley's chat service: `app(state)` is the HTTP API, `serve` runs it.
 
+pub mod auth;
+pub mod config;
+pub mod error;
 pub mod ledger;
+pub mod metrics;
+pub mod routes;
+pub mod server;
+pub mod state;
+pub mod store;
+pub mod telemetry;
+
+pub use error::Error;
+pub use routes::app;
+pub use server::serve;
+pub use state::AppState;

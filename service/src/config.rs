@@ -1,0 +1,231 @@
+//! Command line and environment configuration. Every setting is both a flag
+//! and a `PARLEY_*` variable; the names are part of the interface contract.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::auth::Role;
+use crate::error::Error;
+
+#[derive(Debug, Parser)]
+#[command(name = "parley-service", version, about = "Parley's chat service")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub config: Config,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the HTTP API (the default when no subcommand is given).
+    Serve,
+    /// Print a JWT signed with the configured HS256 secret.
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// The user id (`sub` claim).
+    #[arg(long, env = "PARLEY_TOKEN_SUB")]
+    pub sub: String,
+    /// user, supervisor or admin.
+    #[arg(long, env = "PARLEY_TOKEN_ROLE", default_value = "user")]
+    pub role: Role,
+    /// A cohort of the user (or supervised by the supervisor); repeatable.
+    #[arg(long = "cohort", env = "PARLEY_TOKEN_COHORTS", value_delimiter = ',')]
+    pub cohorts: Vec<String>,
+    /// Lifetime, e.g. `90s`, `30m`, `1h`, `7d`.
+    #[arg(long, env = "PARLEY_TOKEN_TTL", default_value = "1h", value_parser = parse_duration)]
+    pub ttl: Duration,
+}
+
+/// Settings shared by `serve` and `token` (both resolve the HS256 secret the same way).
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address of the API, `/health`, `/ready` and `/metrics`.
+    #[arg(
+        long,
+        env = "PARLEY_LISTEN",
+        default_value = "127.0.0.1:8080",
+        global = true
+    )]
+    pub listen: SocketAddr,
+    /// Directory of the embedded store and of the generated dev secret.
+    #[arg(
+        long,
+        env = "PARLEY_DATA_DIR",
+        default_value = "./parley-data",
+        global = true
+    )]
+    pub data_dir: PathBuf,
+    /// MongoDB URI; when set, MongoDB replaces the embedded store.
+    #[arg(
+        long,
+        env = "PARLEY_MONGODB_URI",
+        hide_env_values = true,
+        global = true
+    )]
+    pub mongodb_uri: Option<String>,
+    #[arg(
+        long,
+        env = "PARLEY_MONGODB_DATABASE",
+        default_value = "parley",
+        global = true
+    )]
+    pub mongodb_database: String,
+    /// HS256 shared secret. Unset in local mode: a dev secret is generated in the data dir.
+    #[arg(long, env = "PARLEY_JWT_SECRET", hide_env_values = true, global = true)]
+    pub jwt_secret: Option<String>,
+    /// JWKS URL of an OIDC issuer, for RS256/ES256 tokens.
+    #[arg(long, env = "PARLEY_JWKS_URL", global = true)]
+    pub jwks_url: Option<String>,
+    /// Required `iss` claim, when set.
+    #[arg(long, env = "PARLEY_JWT_ISSUER", global = true)]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` claim, when set.
+    #[arg(long, env = "PARLEY_JWT_AUDIENCE", global = true)]
+    pub jwt_audience: Option<String>,
+    /// Clock skew tolerated on `exp` and `nbf`.
+    #[arg(
+        long,
+        env = "PARLEY_JWT_LEEWAY_SECONDS",
+        default_value_t = 30,
+        global = true
+    )]
+    pub jwt_leeway_seconds: u64,
+    /// Minimum time between two JWKS fetches triggered by unknown key ids.
+    #[arg(
+        long,
+        env = "PARLEY_JWKS_MIN_REFRESH_SECONDS",
+        default_value_t = 30,
+        global = true
+    )]
+    pub jwks_min_refresh_seconds: u64,
+    /// Age after which cached JWKS keys are fetched again.
+    #[arg(
+        long,
+        env = "PARLEY_JWKS_MAX_AGE_SECONDS",
+        default_value_t = 3600,
+        global = true
+    )]
+    pub jwks_max_age_seconds: u64,
+    /// Largest accepted request body.
+    #[arg(long, env = "PARLEY_MAX_BODY_BYTES", default_value_t = 1024 * 1024, global = true)]
+    pub max_body_bytes: usize,
+    /// Longest accepted chat message, in characters.
+    #[arg(
+        long,
+        env = "PARLEY_MAX_MESSAGE_CHARS",
+        default_value_t = 32_000,
+        global = true
+    )]
+    pub max_message_chars: usize,
+    /// How long shutdown waits for open requests before closing them.
+    #[arg(
+        long,
+        env = "PARLEY_SHUTDOWN_DRAIN_SECONDS",
+        default_value_t = 30,
+        global = true
+    )]
+    pub shutdown_drain_seconds: u64,
+}
+
+impl Config {
+    /// Local mode: no external store and no external identity provider.
+    pub fn is_local(&self) -> bool {
+        self.mongodb_uri.is_none() && self.jwks_url.is_none()
+    }
+
+    /// The configuration that `Cli` would produce from these arguments, with
+    /// no environment variables consulted beyond clap's own.
+    pub fn from_args<I, T>(args: I) -> Result<Self, Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        Cli::try_parse_from(args)
+            .map(|cli| cli.config)
+            .map_err(|error| Error::Config(error.to_string()))
+    }
+}
+
+/// Parses `<number><unit>` with unit `s`, `m`, `h` or `d` (a bare number is seconds).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like 30m or 1h"))?;
+    let unit_seconds = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => {
+            return Err(format!(
+                "unknown unit `{unit}` in `{text}` (use s, m, h or d)"
+            ));
+        }
+    };
+    number
+        .checked_mul(unit_seconds)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("`{text}` is too long"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(604_800)));
+        assert!(parse_duration("1w").is_err());
+        assert!(parse_duration("h").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn serve_is_the_default_and_token_takes_global_flags() {
+        let cli = Cli::try_parse_from(["parley-service"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.config.listen.to_string(), "127.0.0.1:8080");
+
+        let cli = Cli::try_parse_from([
+            "parley-service",
+            "token",
+            "--sub",
+            "alice",
+            "--role",
+            "supervisor",
+            "--cohort",
+            "c1",
+            "--cohort",
+            "c2",
+            "--ttl",
+            "2h",
+            "--jwt-secret",
+            "s3cret",
+        ])
+        .unwrap();
+        let Some(Command::Token(args)) = cli.command else {
+            panic!("expected the token subcommand");
+        };
+        assert_eq!(args.sub, "alice");
+        assert_eq!(args.role, Role::Supervisor);
+        assert_eq!(args.cohorts, ["c1", "c2"]);
+        assert_eq!(args.ttl, Duration::from_secs(7200));
+        assert_eq!(cli.config.jwt_secret.as_deref(), Some("s3cret"));
+    }
+}

@@ -1,0 +1,148 @@
+//! The HTTP API. `app` builds the router and its OpenAPI document from the
+//! same handler annotations, so the document cannot drift from the routes.
+
+mod ops;
+mod sessions;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, Request};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{HeaderValue, StatusCode};
+use axum::routing::get;
+use axum::{Json, Router, middleware};
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use tower::ServiceBuilder;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tracing::Level;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::error::Error;
+use crate::metrics::track_requests;
+use crate::state::AppState;
+
+/// Where the OpenAPI document is served.
+pub const OPENAPI_PATH: &str = "/api/openapi.json";
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Parley chat API", description = "Metered, supervised LLM chat"),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "sessions", description = "Chat sessions and their messages"),
+        (name = "operations", description = "Liveness, readiness and metrics"),
+    )
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let scheme = HttpBuilder::new()
+            .scheme(HttpAuthScheme::Bearer)
+            .bearer_format("JWT")
+            .build();
+        openapi
+            .components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme("bearer", SecurityScheme::Http(scheme));
+    }
+}
+
+pub fn app(state: AppState) -> Router {
+    let (router, openapi) = OpenApiRouter::<AppState>::with_openapi(ApiDoc::openapi())
+        .routes(routes!(sessions::create_session, sessions::list_sessions))
+        .routes(routes!(sessions::get_session, sessions::delete_session))
+        .routes(routes!(sessions::list_messages))
+        .routes(routes!(ops::health))
+        .routes(routes!(ops::ready))
+        .routes(routes!(ops::metrics))
+        .split_for_parts();
+    let document = openapi_json(&openapi);
+    let http_stack = ServiceBuilder::new()
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|request: &Request| {
+                    let request_id = request
+                        .headers()
+                        .get("x-request-id")
+                        .and_then(|value| value.to_str().ok())
+                        .unwrap_or_default();
+                    tracing::info_span!(
+                        "request",
+                        method = %request.method(),
+                        path = %request.uri().path(),
+                        request_id,
+                    )
+                })
+                .on_response(DefaultOnResponse::new().level(Level::INFO)),
+        )
+        .layer(PropagateRequestIdLayer::x_request_id());
+    router
+        .route(
+            OPENAPI_PATH,
+            get(move || {
+                let document = document.clone();
+                async move {
+                    (
+                        [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+                        document,
+                    )
+                }
+            }),
+        )
+        .fallback(|| async { Error::EndpointNotFound })
+        .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
+        .layer(middleware::from_fn_with_state(
+            state.http_metrics.clone(),
+            track_requests,
+        ))
+        .layer(http_stack)
+        .with_state(state)
+}
+
+fn openapi_json(openapi: &utoipa::openapi::OpenApi) -> Bytes {
+    match openapi.to_json() {
+        Ok(json) => Bytes::from(json),
+        Err(error) => {
+            // Serializing a derived document cannot fail in practice; say so loudly if it does.
+            tracing::error!(%error, "serializing the OpenAPI document failed");
+            Bytes::from_static(b"{}")
+        }
+    }
+}
+
+/// A JSON body whose every rejection is an API error: bad syntax 400, wrong
+/// types or unknown fields 422, too large 413, not JSON 415.
+pub struct ApiJson<T>(pub T);
+
+impl<T> FromRequest<AppState> for ApiJson<T>
+where
+    T: DeserializeOwned,
+{
+    type Rejection = Error;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(request, state).await {
+            Ok(Json(value)) => Ok(Self(value)),
+            Err(JsonRejection::JsonDataError(error)) => Err(Error::InvalidBody(error.body_text())),
+            Err(JsonRejection::JsonSyntaxError(error)) => {
+                Err(Error::MalformedJson(error.body_text()))
+            }
+            Err(JsonRejection::MissingJsonContentType(_)) => Err(Error::UnsupportedMediaType),
+            Err(other) if other.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(Error::PayloadTooLarge {
+                    limit: state.limits.max_body_bytes,
+                })
+            }
+            Err(other) => Err(Error::MalformedJson(other.body_text())),
+        }
+    }
+}

@@ -1,0 +1,402 @@
+//! Chat session endpoints (seed-compatible paths and field names).
+
+use axum::Json;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::ApiJson;
+use crate::auth::Principal;
+use crate::auth::policy::{Access, Owner, may_access};
+use crate::error::{Error, ErrorBody};
+use crate::state::AppState;
+use crate::store::{
+    Message, MessageRole, NewSession, ObjectId, PageRequest, Session, SessionSummary, TokenTotals,
+};
+
+const DEFAULT_TITLE: &str = "New Chat";
+const DEFAULT_ROUTE: &str = "default";
+const MAX_TITLE_CHARS: usize = 200;
+const MAX_ROUTE_CHARS: usize = 128;
+const DEFAULT_PAGE_LIMIT: u32 = 20;
+const MAX_PAGE_LIMIT: u32 = 100;
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CreateSessionRequest {
+    /// Defaults to "New Chat".
+    #[schema(max_length = 200)]
+    title: Option<String>,
+    /// Model route alias; defaults to `default`.
+    route: Option<String>,
+    /// The seed API's name for `route`; when both are given they must agree.
+    model_id: Option<String>,
+    /// A first user message stored with the session.
+    initial_message: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// 1-based page number (default 1).
+    #[param(minimum = 1)]
+    page: Option<u32>,
+    /// Page size, 1 to 100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
+    limit: Option<u32>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TokenTotalsView {
+    input: u64,
+    output: u64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionSummaryView {
+    /// 24 hexadecimal characters.
+    session_id: String,
+    user_id: String,
+    title: String,
+    route: String,
+    /// Same as `route`, under the seed API's name.
+    model_id: String,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    token_totals: TokenTotalsView,
+    message_count: u64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MessageView {
+    id: String,
+    role: MessageRole,
+    content: String,
+    timestamp: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SessionView {
+    #[serde(flatten)]
+    summary: SessionSummaryView,
+    messages: Vec<MessageView>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Pagination {
+    total: u64,
+    page: u32,
+    limit: u32,
+    pages: u64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SessionListView {
+    /// Most recently updated first.
+    sessions: Vec<SessionSummaryView>,
+    pagination: Pagination,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MessagesView {
+    session_id: String,
+    messages: Vec<MessageView>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeletedView {
+    message: &'static str,
+    session_id: String,
+}
+
+#[utoipa::path(
+    post,
+    path = "/api/chat/sessions",
+    tag = "sessions",
+    request_body = CreateSessionRequest,
+    responses(
+        (status = 201, description = "Created", body = SessionView),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Not JSON", body = ErrorBody),
+        (status = 422, description = "Invalid fields", body = ErrorBody),
+        (status = 503, description = "Store unavailable", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn create_session(
+    State(state): State<AppState>,
+    caller: Principal,
+    ApiJson(request): ApiJson<CreateSessionRequest>,
+) -> Result<(StatusCode, Json<SessionView>), Error> {
+    let title = match request.title {
+        None => DEFAULT_TITLE.to_owned(),
+        Some(title) => validate_title(title)?,
+    };
+    let route = validate_route(request.route, request.model_id)?;
+    let messages = match request.initial_message {
+        None => Vec::new(),
+        Some(text) => {
+            validate_message(&text, state.limits.max_message_chars, "initialMessage")?;
+            vec![Message::new(MessageRole::User, text)]
+        }
+    };
+    let new = NewSession::new(caller.sub, caller.cohorts, title, route, messages);
+    let session = state.sessions.create(new).await?;
+    Ok((StatusCode::CREATED, Json(session_view(session))))
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/chat/sessions",
+    tag = "sessions",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "The caller's sessions", body = SessionListView),
+        (status = 400, description = "Malformed query", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 422, description = "Page or limit out of range", body = ErrorBody),
+        (status = 503, description = "Store unavailable", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn list_sessions(
+    State(state): State<AppState>,
+    caller: Principal,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<SessionListView>, Error> {
+    let Query(query) = query.map_err(|rejection| Error::InvalidQuery(rejection.body_text()))?;
+    let page = query.page.unwrap_or(1);
+    if page == 0 {
+        return Err(Error::Validation {
+            field: "page",
+            message: "must be at least 1".into(),
+        });
+    }
+    let limit = query.limit.unwrap_or(DEFAULT_PAGE_LIMIT);
+    if !(1..=MAX_PAGE_LIMIT).contains(&limit) {
+        return Err(Error::Validation {
+            field: "limit",
+            message: format!("must be between 1 and {MAX_PAGE_LIMIT}"),
+        });
+    }
+    let found = state
+        .sessions
+        .list(&caller.sub, PageRequest { page, limit })
+        .await?;
+    Ok(Json(SessionListView {
+        sessions: found.sessions.into_iter().map(summary_view).collect(),
+        pagination: Pagination {
+            total: found.total,
+            page,
+            limit,
+            pages: found.total.div_ceil(u64::from(limit)),
+        },
+    }))
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/chat/sessions/{id}",
+    tag = "sessions",
+    params(("id" = String, Path, description = "Session id, 24 hexadecimal characters")),
+    responses(
+        (status = 200, description = "The session with its messages", body = SessionView),
+        (status = 400, description = "Invalid session id", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 404, description = "No such session visible to the caller", body = ErrorBody),
+        (status = 503, description = "Store unavailable", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn get_session(
+    State(state): State<AppState>,
+    caller: Principal,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<SessionView>, Error> {
+    let session = readable_session(&state, &caller, session_id(id)?).await?;
+    Ok(Json(session_view(session)))
+}
+
+#[utoipa::path(
+    delete,
+    path = "/api/chat/sessions/{id}",
+    tag = "sessions",
+    params(("id" = String, Path, description = "Session id, 24 hexadecimal characters")),
+    responses(
+        (status = 200, description = "Deleted", body = DeletedView),
+        (status = 400, description = "Invalid session id", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 404, description = "No such session owned by the caller", body = ErrorBody),
+        (status = 503, description = "Store unavailable", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn delete_session(
+    State(state): State<AppState>,
+    caller: Principal,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<DeletedView>, Error> {
+    let id = session_id(id)?;
+    // Only owners modify (see auth::policy); the store's filter enforces it atomically.
+    state.sessions.delete(id, &caller.sub).await?;
+    Ok(Json(DeletedView {
+        message: "Chat session deleted",
+        session_id: id.to_hex(),
+    }))
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/chat/sessions/{id}/messages",
+    tag = "sessions",
+    params(("id" = String, Path, description = "Session id, 24 hexadecimal characters")),
+    responses(
+        (status = 200, description = "The session's messages, oldest first", body = MessagesView),
+        (status = 400, description = "Invalid session id", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 404, description = "No such session visible to the caller", body = ErrorBody),
+        (status = 503, description = "Store unavailable", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn list_messages(
+    State(state): State<AppState>,
+    caller: Principal,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<MessagesView>, Error> {
+    let session = readable_session(&state, &caller, session_id(id)?).await?;
+    Ok(Json(MessagesView {
+        session_id: session.summary.id.to_hex(),
+        messages: session.messages.into_iter().map(message_view).collect(),
+    }))
+}
+
+/// The session if `caller` may read it; "not found" otherwise, so ids of
+/// other users' sessions cannot be probed.
+async fn readable_session(
+    state: &AppState,
+    caller: &Principal,
+    id: ObjectId,
+) -> Result<Session, Error> {
+    let session = state.sessions.get(id).await?;
+    let owner = Owner {
+        user_id: &session.summary.user_id,
+        cohorts: &session.summary.user_cohorts,
+    };
+    if may_access(caller, owner, Access::Read) {
+        Ok(session)
+    } else {
+        Err(Error::SessionNotFound)
+    }
+}
+
+fn session_id(path: Result<Path<String>, PathRejection>) -> Result<ObjectId, Error> {
+    let Path(text) = path.map_err(|_| Error::InvalidSessionId)?;
+    if text.len() != 24 {
+        return Err(Error::InvalidSessionId);
+    }
+    ObjectId::parse_str(&text).map_err(|_| Error::InvalidSessionId)
+}
+
+fn validate_title(title: String) -> Result<String, Error> {
+    let trimmed = title.trim();
+    if trimmed.is_empty() {
+        return Err(Error::Validation {
+            field: "title",
+            message: "must not be blank".into(),
+        });
+    }
+    if trimmed.chars().count() > MAX_TITLE_CHARS {
+        return Err(Error::Validation {
+            field: "title",
+            message: format!("must be at most {MAX_TITLE_CHARS} characters"),
+        });
+    }
+    Ok(if trimmed.len() == title.len() {
+        title
+    } else {
+        trimmed.to_owned()
+    })
+}
+
+fn validate_route(route: Option<String>, model_id: Option<String>) -> Result<String, Error> {
+    let (field, value) = match (route, model_id) {
+        (None, None) => return Ok(DEFAULT_ROUTE.to_owned()),
+        (Some(route), None) => ("route", route),
+        (None, Some(model_id)) => ("modelId", model_id),
+        (Some(route), Some(model_id)) if route == model_id => ("route", route),
+        (Some(_), Some(_)) => {
+            return Err(Error::Validation {
+                field: "modelId",
+                message: "route and modelId name the same thing and must agree".into(),
+            });
+        }
+    };
+    let valid_char =
+        |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '/');
+    if value.is_empty() || value.len() > MAX_ROUTE_CHARS || !value.chars().all(valid_char) {
+        return Err(Error::Validation {
+            field,
+            message: format!(
+                "must be 1 to {MAX_ROUTE_CHARS} characters of letters, digits, and . _ - : /"
+            ),
+        });
+    }
+    Ok(value)
+}
+
+fn validate_message(text: &str, max_chars: usize, field: &'static str) -> Result<(), Error> {
+    if text.trim().is_empty() {
+        return Err(Error::Validation {
+            field,
+            message: "must not be blank".into(),
+        });
+    }
+    // Byte length bounds the char count from above, so most texts skip the count.
+    if text.len() > max_chars && text.chars().count() > max_chars {
+        return Err(Error::Validation {
+            field,
+            message: format!("must be at most {max_chars} characters"),
+        });
+    }
+    Ok(())
+}
+
+fn summary_view(summary: SessionSummary) -> SessionSummaryView {
+    let TokenTotals { input, output } = summary.token_totals;
+    SessionSummaryView {
+        session_id: summary.id.to_hex(),
+        user_id: summary.user_id,
+        model_id: summary.route.clone(),
+        route: summary.route,
+        title: summary.title,
+        created_at: summary.created_at,
+        updated_at: summary.updated_at,
+        token_totals: TokenTotalsView { input, output },
+        message_count: summary.message_count,
+    }
+}
+
+fn message_view(message: Message) -> MessageView {
+    MessageView {
+        id: message.id.to_hex(),
+        role: message.role,
+        content: message.content,
+        timestamp: message.timestamp,
+    }
+}
+
+fn session_view(session: Session) -> SessionView {
+    SessionView {
+        summary: summary_view(session.summary),
+        messages: session.messages.into_iter().map(message_view).collect(),
+    }
+}

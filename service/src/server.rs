@@ -1,0 +1,229 @@
+//! Process wiring shared by `main` and the end-to-end tests: build the state
+//! from the configuration, serve until cancelled, drain, return.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::serve::ListenerExt;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{
+    AuthSettings, Authenticator, Hs256Secret, Principal, Role, SecretSource, mint_token,
+    resolve_hs256_secret,
+};
+use crate::config::{Config, TokenArgs};
+use crate::error::Error;
+use crate::metrics::HttpMetrics;
+use crate::routes::app;
+use crate::state::{AppState, Limits};
+use crate::store::{EmbeddedStore, MongoStore, SessionStore};
+
+/// File of the embedded database inside the data dir.
+pub const EMBEDDED_DB_FILE: &str = "parley.redb";
+const DEV_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// The selected storage backend; other stores (ledger, usage, audit) open
+/// on the same database.
+pub enum Backend {
+    Embedded(EmbeddedStore),
+    Mongo(MongoStore),
+}
+
+impl Backend {
+    pub async fn open(config: &Config) -> Result<Self, Error> {
+        match &config.mongodb_uri {
+            Some(uri) => {
+                let store = MongoStore::connect(uri, &config.mongodb_database).await?;
+                tracing::info!(database = %config.mongodb_database, "using the MongoDB store");
+                Ok(Self::Mongo(store))
+            }
+            None => {
+                let path = config.data_dir.join(EMBEDDED_DB_FILE);
+                let store = EmbeddedStore::open(&path).await?;
+                tracing::info!(path = %path.display(), "using the embedded store");
+                Ok(Self::Embedded(store))
+            }
+        }
+    }
+
+    /// Closes connections cleanly (MongoDB ends its server sessions).
+    pub async fn close(self) {
+        match self {
+            Self::Embedded(_) => {}
+            Self::Mongo(store) => store.database().client().clone().shutdown().await,
+        }
+    }
+
+    pub fn sessions(&self) -> Arc<dyn SessionStore> {
+        match self {
+            Self::Embedded(store) => Arc::new(store.clone()),
+            Self::Mongo(store) => Arc::new(store.clone()),
+        }
+    }
+}
+
+/// Binds `config.listen` and serves until `shutdown` is cancelled.
+pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|error| Error::io(format!("binding {}", config.listen), error))?;
+    serve_listener(listener, config, shutdown).await
+}
+
+/// Serves on an already bound listener (tests bind port 0 and read the address).
+pub async fn serve_listener(
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let address = listener
+        .local_addr()
+        .map_err(|error| Error::io("reading the listen address", error))?;
+    let secret = resolve_hs256_secret(&config).await?;
+    log_secret_source(secret.as_ref());
+    let backend = Backend::open(&config).await?;
+    let mut registry = Registry::default();
+    let http_metrics = HttpMetrics::register(&mut registry);
+    let auth = Authenticator::new(AuthSettings::from_config(
+        &config,
+        secret.as_ref().map(|secret| secret.bytes.clone()),
+    ))?;
+    let state = AppState {
+        sessions: backend.sessions(),
+        auth: Arc::new(auth),
+        registry: Arc::new(registry),
+        http_metrics,
+        limits: Limits {
+            max_body_bytes: config.max_body_bytes,
+            max_message_chars: config.max_message_chars,
+        },
+    };
+    if let Some(Hs256Secret {
+        bytes,
+        source: SecretSource::DevFile { .. },
+    }) = &secret
+    {
+        announce_dev_token(&config, address, bytes)?;
+    }
+
+    // Small SSE writes must leave at once, not wait for Nagle's algorithm.
+    let listener = listener.tap_io(|stream| {
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::warn!(%error, "setting TCP_NODELAY failed");
+        }
+    });
+    let server = axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .into_future();
+    tokio::pin!(server);
+    tracing::info!(%address, "serving");
+    tokio::select! {
+        result = &mut server => result.map_err(|error| Error::io("serving", error))?,
+        () = shutdown.cancelled() => {
+            let drain = Duration::from_secs(config.shutdown_drain_seconds);
+            tracing::info!(drain_seconds = drain.as_secs(), "shutting down; draining open requests");
+            match tokio::time::timeout(drain, &mut server).await {
+                Ok(result) => result.map_err(|error| Error::io("serving", error))?,
+                Err(_) => tracing::warn!("drain time is up; closing the remaining connections"),
+            }
+        }
+    }
+    backend.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Cancels `shutdown` on SIGTERM or SIGINT; returns early if it is cancelled otherwise.
+pub async fn cancel_on_signal(shutdown: CancellationToken) {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; only SIGINT stops the server");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = terminate => tracing::info!("SIGTERM received"),
+        result = tokio::signal::ctrl_c() => match result {
+            Ok(()) => tracing::info!("SIGINT received"),
+            Err(error) => tracing::warn!(%error, "cannot listen for SIGINT"),
+        },
+        () = shutdown.cancelled() => return,
+    }
+    shutdown.cancel();
+}
+
+/// The `token` subcommand: a token for the configured (or dev) HS256 secret.
+pub async fn mint_cli_token(config: &Config, args: &TokenArgs) -> Result<String, Error> {
+    let secret = resolve_hs256_secret(config).await?.ok_or_else(|| {
+        Error::Config("minting needs an HS256 secret: set PARLEY_JWT_SECRET".into())
+    })?;
+    let principal = Principal {
+        sub: args.sub.clone(),
+        role: args.role,
+        cohorts: args.cohorts.clone(),
+    };
+    mint_token(
+        &secret.bytes,
+        &principal,
+        args.ttl,
+        config.jwt_issuer.as_deref(),
+        config.jwt_audience.as_deref(),
+    )
+}
+
+fn log_secret_source(secret: Option<&Hs256Secret>) {
+    match secret.map(|secret| &secret.source) {
+        None => tracing::info!("HS256 tokens disabled; tokens are verified with the JWKS only"),
+        Some(SecretSource::Configured) => tracing::info!("HS256 secret from PARLEY_JWT_SECRET"),
+        Some(SecretSource::DevFile { path, created }) => tracing::warn!(
+            path = %path.display(),
+            created,
+            "local mode: using a generated dev HS256 secret; set PARLEY_JWT_SECRET in production"
+        ),
+    }
+}
+
+/// Local mode: print a ready-to-use token and a curl line creating a session.
+fn announce_dev_token(config: &Config, address: SocketAddr, secret: &[u8]) -> Result<(), Error> {
+    let dev = Principal {
+        sub: "dev".into(),
+        role: Role::User,
+        cohorts: Vec::new(),
+    };
+    let token = mint_token(
+        secret,
+        &dev,
+        DEV_TOKEN_TTL,
+        config.jwt_issuer.as_deref(),
+        config.jwt_audience.as_deref(),
+    )?;
+    let host = if address.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], address.port()))
+    } else {
+        address
+    };
+    let curl = format!(
+        "curl -s -X POST http://{host}/api/chat/sessions -H 'Authorization: Bearer {token}' \
+         -H 'Content-Type: application/json' -d '{{\"title\":\"Hello\"}}'"
+    );
+    tracing::info!(
+        user = "dev",
+        role = "user",
+        %curl,
+        "dev token (24 h) for local use; mint others with `parley-service token --sub NAME --role user|supervisor|admin --cohort C`"
+    );
+    println!("Dev token for user `dev` (role user, valid 24 h):\n{token}");
+    println!(
+        "Other users: parley-service token --sub NAME --role user|supervisor|admin --cohort C"
+    );
+    println!("Create a chat session:\n{curl}");
+    Ok(())
+}

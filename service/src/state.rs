@@ -1,0 +1,27 @@
+//! What every handler can reach. Trait objects, so tests and later features
+//! swap implementations without touching the handlers.
+
+use std::sync::Arc;
+
+use axum::extract::FromRef;
+use prometheus_client::registry::Registry;
+
+use crate::auth::Authenticator;
+use crate::metrics::HttpMetrics;
+use crate::store::SessionStore;
+
+#[derive(Clone, FromRef)]
+pub struct AppState {
+    pub sessions: Arc<dyn SessionStore>,
+    pub auth: Arc<Authenticator>,
+    /// Every metric of the process, encoded by `/metrics`.
+    pub registry: Arc<Registry>,
+    pub http_metrics: HttpMetrics,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_message_chars: usize,
+}

@@ -1,0 +1,418 @@
+//! The embedded store: one redb database file in the data dir.
+//!
+//! Why redb: pure Rust (no C toolchain, no cmake), ACID transactions with
+//! copy-on-write B-trees that survive a crash or kill mid-write, a single
+//! file, and actively maintained. Its write transactions are serialized, which
+//! makes a message append a plain read-check-write inside one transaction.
+//! redb is synchronous, so every operation runs on the blocking pool.
+//!
+//! Layout:
+//! - `chat_sessions`: id -> session record (JSON, without messages)
+//! - `chat_session_messages`: (id, sequence) -> message (JSON); appends never
+//!   rewrite earlier messages
+//! - `chat_sessions_by_user`: (user, updatedAt ms, id) -> (); newest first by
+//!   iterating backwards
+//! - `chat_session_counts`: user -> number of sessions, for pagination totals
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Message, MessageRole, NewSession, ObjectId, PageRequest, Session, SessionPage, SessionStore,
+    SessionSummary, TokenTotals, now,
+};
+use crate::error::Error;
+
+type Id = [u8; 12];
+
+const SESSIONS: TableDefinition<Id, &[u8]> = TableDefinition::new("chat_sessions");
+const MESSAGES: TableDefinition<(Id, u32), &[u8]> = TableDefinition::new("chat_session_messages");
+const BY_USER: TableDefinition<(&str, u64, Id), ()> = TableDefinition::new("chat_sessions_by_user");
+const USER_COUNTS: TableDefinition<&str, u64> = TableDefinition::new("chat_session_counts");
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SessionRecord {
+    user_id: String,
+    user_cohorts: Vec<String>,
+    title: String,
+    route: String,
+    created_at_ms: i64,
+    updated_at_ms: i64,
+    input_tokens: u64,
+    output_tokens: u64,
+    message_count: u32,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MessageRecord<'a> {
+    id: ObjectId,
+    role: MessageRole,
+    #[serde(borrow)]
+    content: std::borrow::Cow<'a, str>,
+    timestamp_ms: i64,
+}
+
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    database: Arc<Database>,
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) `path`, creating the tables.
+    pub async fn open(path: &Path) -> Result<Self, Error> {
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|error| Error::io(format!("creating {}", parent.display()), error))?;
+            }
+            let database = Database::create(&path).map_err(|error| {
+                Error::Store(format!(
+                    "opening embedded store {}: {error}",
+                    path.display()
+                ))
+            })?;
+            let transaction = database.begin_write().map_err(storage_error)?;
+            transaction.open_table(SESSIONS).map_err(storage_error)?;
+            transaction.open_table(MESSAGES).map_err(storage_error)?;
+            transaction.open_table(BY_USER).map_err(storage_error)?;
+            transaction.open_table(USER_COUNTS).map_err(storage_error)?;
+            transaction.commit().map_err(storage_error)?;
+            Ok(Self {
+                database: Arc::new(database),
+            })
+        })
+        .await
+        .map_err(|error| Error::Store(format!("embedded store task failed: {error}")))?
+    }
+
+    /// The database file, shared with other embedded stores (redb allows one
+    /// open handle per file).
+    pub fn database(&self) -> &Arc<Database> {
+        &self.database
+    }
+
+    async fn run<T, F>(&self, operation: F) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Database) -> Result<T, Error> + Send + 'static,
+    {
+        let database = Arc::clone(&self.database);
+        tokio::task::spawn_blocking(move || operation(&database))
+            .await
+            .map_err(|error| Error::Store(format!("embedded store task failed: {error}")))?
+    }
+}
+
+#[async_trait]
+impl SessionStore for EmbeddedStore {
+    async fn ping(&self) -> Result<(), Error> {
+        self.run(|database| {
+            let transaction = database.begin_read().map_err(storage_error)?;
+            transaction.open_table(SESSIONS).map_err(storage_error)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn create(&self, new: NewSession) -> Result<Session, Error> {
+        self.run(move |database| {
+            let session = Session::from(new);
+            let summary = &session.summary;
+            let id = summary.id.bytes();
+            let record = SessionRecord {
+                user_id: summary.user_id.clone(),
+                user_cohorts: summary.user_cohorts.clone(),
+                title: summary.title.clone(),
+                route: summary.route.clone(),
+                created_at_ms: summary.created_at.timestamp_millis(),
+                updated_at_ms: summary.updated_at.timestamp_millis(),
+                input_tokens: 0,
+                output_tokens: 0,
+                message_count: sequence(session.messages.len())?,
+            };
+            let transaction = database.begin_write().map_err(storage_error)?;
+            {
+                let mut sessions = transaction.open_table(SESSIONS).map_err(storage_error)?;
+                sessions
+                    .insert(id, encode(&record)?.as_slice())
+                    .map_err(storage_error)?;
+                let mut messages = transaction.open_table(MESSAGES).map_err(storage_error)?;
+                for (index, message) in session.messages.iter().enumerate() {
+                    let key = (id, sequence(index)?);
+                    messages
+                        .insert(key, encode(&message_record(message))?.as_slice())
+                        .map_err(storage_error)?;
+                }
+                let mut by_user = transaction.open_table(BY_USER).map_err(storage_error)?;
+                by_user
+                    .insert(
+                        (
+                            record.user_id.as_str(),
+                            millis_key(record.updated_at_ms),
+                            id,
+                        ),
+                        (),
+                    )
+                    .map_err(storage_error)?;
+                let mut counts = transaction.open_table(USER_COUNTS).map_err(storage_error)?;
+                let count = counts
+                    .get(record.user_id.as_str())
+                    .map_err(storage_error)?
+                    .map_or(0, |count| count.value());
+                counts
+                    .insert(record.user_id.as_str(), count + 1)
+                    .map_err(storage_error)?;
+            }
+            transaction.commit().map_err(storage_error)?;
+            Ok(session)
+        })
+        .await
+    }
+
+    async fn get(&self, id: ObjectId) -> Result<Session, Error> {
+        self.run(move |database| {
+            let transaction = database.begin_read().map_err(storage_error)?;
+            let sessions = transaction.open_table(SESSIONS).map_err(storage_error)?;
+            let record = sessions
+                .get(id.bytes())
+                .map_err(storage_error)?
+                .ok_or(Error::SessionNotFound)?;
+            let record: SessionRecord = decode(record.value())?;
+            let messages_table = transaction.open_table(MESSAGES).map_err(storage_error)?;
+            let messages = messages_table
+                .range((id.bytes(), 0)..=(id.bytes(), u32::MAX))
+                .map_err(storage_error)?
+                .map(|entry| {
+                    let (_, value) = entry.map_err(storage_error)?;
+                    let record: MessageRecord<'_> = decode(value.value())?;
+                    Ok(Message {
+                        id: record.id,
+                        role: record.role,
+                        content: record.content.into_owned(),
+                        timestamp: from_millis(record.timestamp_ms)?,
+                    })
+                })
+                .collect::<Result<Vec<_>, Error>>()?;
+            Ok(Session {
+                summary: summary(id, record)?,
+                messages,
+            })
+        })
+        .await
+    }
+
+    async fn list(&self, user_id: &str, page: PageRequest) -> Result<SessionPage, Error> {
+        let user_id = user_id.to_owned();
+        self.run(move |database| {
+            let transaction = database.begin_read().map_err(storage_error)?;
+            let total = transaction
+                .open_table(USER_COUNTS)
+                .map_err(storage_error)?
+                .get(user_id.as_str())
+                .map_err(storage_error)?
+                .map_or(0, |count| count.value());
+            let by_user = transaction.open_table(BY_USER).map_err(storage_error)?;
+            let sessions_table = transaction.open_table(SESSIONS).map_err(storage_error)?;
+            let offset = usize::try_from(page.offset()).unwrap_or(usize::MAX);
+            let sessions = by_user
+                .range((user_id.as_str(), 0, [0; 12])..=(user_id.as_str(), u64::MAX, [u8::MAX; 12]))
+                .map_err(storage_error)?
+                .rev()
+                .skip(offset)
+                .take(page.limit as usize)
+                .map(|entry| {
+                    let (key, _) = entry.map_err(storage_error)?;
+                    let id = ObjectId::from_bytes(key.value().2);
+                    let record = sessions_table
+                        .get(id.bytes())
+                        .map_err(storage_error)?
+                        .ok_or_else(|| Error::Store(format!("index names missing session {id}")))?;
+                    summary(id, decode(record.value())?)
+                })
+                .collect::<Result<Vec<_>, Error>>()?;
+            Ok(SessionPage { sessions, total })
+        })
+        .await
+    }
+
+    async fn delete(&self, id: ObjectId, user_id: &str) -> Result<(), Error> {
+        let user_id = user_id.to_owned();
+        self.run(move |database| {
+            let transaction = database.begin_write().map_err(storage_error)?;
+            {
+                let mut sessions = transaction.open_table(SESSIONS).map_err(storage_error)?;
+                let record = owned_record(&sessions, id, &user_id)?;
+                sessions.remove(id.bytes()).map_err(storage_error)?;
+                let mut messages = transaction.open_table(MESSAGES).map_err(storage_error)?;
+                messages
+                    .retain_in((id.bytes(), 0)..=(id.bytes(), u32::MAX), |_, _| false)
+                    .map_err(storage_error)?;
+                let mut by_user = transaction.open_table(BY_USER).map_err(storage_error)?;
+                by_user
+                    .remove((
+                        user_id.as_str(),
+                        millis_key(record.updated_at_ms),
+                        id.bytes(),
+                    ))
+                    .map_err(storage_error)?;
+                let mut counts = transaction.open_table(USER_COUNTS).map_err(storage_error)?;
+                let count = counts
+                    .get(user_id.as_str())
+                    .map_err(storage_error)?
+                    .map_or(0, |count| count.value());
+                if count <= 1 {
+                    counts.remove(user_id.as_str()).map_err(storage_error)?;
+                } else {
+                    counts
+                        .insert(user_id.as_str(), count - 1)
+                        .map_err(storage_error)?;
+                }
+            }
+            transaction.commit().map_err(storage_error)
+        })
+        .await
+    }
+
+    async fn append_messages(
+        &self,
+        id: ObjectId,
+        user_id: &str,
+        messages: &[Message],
+        tokens: TokenTotals,
+    ) -> Result<(), Error> {
+        let user_id = user_id.to_owned();
+        let encoded = messages
+            .iter()
+            .map(|message| encode(&message_record(message)))
+            .collect::<Result<Vec<_>, Error>>()?;
+        self.run(move |database| {
+            let transaction = database.begin_write().map_err(storage_error)?;
+            {
+                let mut sessions = transaction.open_table(SESSIONS).map_err(storage_error)?;
+                let mut record = owned_record(&sessions, id, &user_id)?;
+                let mut messages_table = transaction.open_table(MESSAGES).map_err(storage_error)?;
+                for message in &encoded {
+                    messages_table
+                        .insert((id.bytes(), record.message_count), message.as_slice())
+                        .map_err(storage_error)?;
+                    record.message_count = record
+                        .message_count
+                        .checked_add(1)
+                        .ok_or_else(|| Error::Store(format!("session {id} is full")))?;
+                }
+                let mut by_user = transaction.open_table(BY_USER).map_err(storage_error)?;
+                by_user
+                    .remove((
+                        user_id.as_str(),
+                        millis_key(record.updated_at_ms),
+                        id.bytes(),
+                    ))
+                    .map_err(storage_error)?;
+                record.updated_at_ms = now().timestamp_millis().max(record.updated_at_ms);
+                record.input_tokens = record.input_tokens.saturating_add(tokens.input);
+                record.output_tokens = record.output_tokens.saturating_add(tokens.output);
+                by_user
+                    .insert(
+                        (
+                            user_id.as_str(),
+                            millis_key(record.updated_at_ms),
+                            id.bytes(),
+                        ),
+                        (),
+                    )
+                    .map_err(storage_error)?;
+                sessions
+                    .insert(id.bytes(), encode(&record)?.as_slice())
+                    .map_err(storage_error)?;
+            }
+            transaction.commit().map_err(storage_error)
+        })
+        .await
+    }
+}
+
+/// The record of `user_id`'s session `id`; another user's session is "not found".
+fn owned_record(
+    sessions: &impl ReadableTable<Id, &'static [u8]>,
+    id: ObjectId,
+    user_id: &str,
+) -> Result<SessionRecord, Error> {
+    let value = sessions
+        .get(id.bytes())
+        .map_err(storage_error)?
+        .ok_or(Error::SessionNotFound)?;
+    let record: SessionRecord = decode(value.value())?;
+    if record.user_id == user_id {
+        Ok(record)
+    } else {
+        Err(Error::SessionNotFound)
+    }
+}
+
+fn message_record(message: &Message) -> MessageRecord<'_> {
+    MessageRecord {
+        id: message.id,
+        role: message.role,
+        content: std::borrow::Cow::Borrowed(&message.content),
+        timestamp_ms: message.timestamp.timestamp_millis(),
+    }
+}
+
+fn summary(id: ObjectId, record: SessionRecord) -> Result<SessionSummary, Error> {
+    Ok(SessionSummary {
+        id,
+        user_id: record.user_id,
+        user_cohorts: record.user_cohorts,
+        title: record.title,
+        route: record.route,
+        created_at: from_millis(record.created_at_ms)?,
+        updated_at: from_millis(record.updated_at_ms)?,
+        token_totals: TokenTotals {
+            input: record.input_tokens,
+            output: record.output_tokens,
+        },
+        message_count: u64::from(record.message_count),
+    })
+}
+
+fn sequence(index: usize) -> Result<u32, Error> {
+    u32::try_from(index).map_err(|_| Error::Store("too many messages in one session".into()))
+}
+
+/// Index key for a timestamp; timestamps before 1970 sort first.
+fn millis_key(millis: i64) -> u64 {
+    u64::try_from(millis).unwrap_or(0)
+}
+
+fn from_millis(millis: i64) -> Result<DateTime<Utc>, Error> {
+    DateTime::from_timestamp_millis(millis)
+        .ok_or_else(|| Error::Store(format!("timestamp {millis} out of range")))
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, Error> {
+    serde_json::to_vec(value).map_err(|error| Error::Store(format!("encoding a record: {error}")))
+}
+
+fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, Error> {
+    serde_json::from_slice(bytes)
+        .map_err(|error| Error::Store(format!("decoding a record: {error}")))
+}
+
+/// I/O failures are outages (503, retryable); anything else is an internal error.
+fn storage_error(error: impl Into<redb::Error>) -> Error {
+    match error.into() {
+        redb::Error::Io(error) => Error::StoreUnavailable(format!("embedded store I/O: {error}")),
+        redb::Error::PreviousIo | redb::Error::DatabaseClosed => {
+            Error::StoreUnavailable("embedded store closed after an I/O error".into())
+        }
+        other => Error::Store(format!("embedded store: {other}")),
+    }
+}

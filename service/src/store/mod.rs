@@ -1,0 +1,183 @@
+//! Chat session storage behind one trait, with two implementations that pass
+//! the same conformance suite: MongoDB (production) and an embedded redb
+//! database (local runs; the default when no MongoDB URI is configured).
+//!
+//! Session ids are MongoDB ObjectIds (24 hex characters) in both stores, so
+//! clients validating ids with `^[0-9a-fA-F]{24}$` work against either.
+
+mod embedded;
+mod mongo;
+
+use async_trait::async_trait;
+use chrono::{DateTime, SubsecRound, Utc};
+use serde::{Deserialize, Serialize};
+
+pub use embedded::EmbeddedStore;
+pub use mongo::MongoStore;
+pub use mongodb::bson::oid::ObjectId;
+
+use crate::error::Error;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageRole {
+    System,
+    User,
+    Assistant,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub id: ObjectId,
+    pub role: MessageRole,
+    pub content: String,
+    pub timestamp: DateTime<Utc>,
+}
+
+impl Message {
+    pub fn new(role: MessageRole, content: String) -> Self {
+        Self {
+            id: ObjectId::new(),
+            role,
+            content,
+            timestamp: now(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenTotals {
+    pub input: u64,
+    pub output: u64,
+}
+
+/// A session without its messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionSummary {
+    pub id: ObjectId,
+    pub user_id: String,
+    /// The owner's cohorts at creation, for supervisors' access.
+    pub user_cohorts: Vec<String>,
+    pub title: String,
+    /// The model route (alias) the client asked for.
+    pub route: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub token_totals: TokenTotals,
+    pub message_count: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub summary: SessionSummary,
+    pub messages: Vec<Message>,
+}
+
+/// A session about to be created; `Session::from` gives what the store will hold.
+#[derive(Debug, Clone)]
+pub struct NewSession {
+    pub id: ObjectId,
+    pub user_id: String,
+    pub user_cohorts: Vec<String>,
+    pub title: String,
+    pub route: String,
+    pub created_at: DateTime<Utc>,
+    pub messages: Vec<Message>,
+}
+
+impl NewSession {
+    pub fn new(
+        user_id: String,
+        user_cohorts: Vec<String>,
+        title: String,
+        route: String,
+        messages: Vec<Message>,
+    ) -> Self {
+        Self {
+            id: ObjectId::new(),
+            user_id,
+            user_cohorts,
+            title,
+            route,
+            created_at: now(),
+            messages,
+        }
+    }
+}
+
+impl From<NewSession> for Session {
+    fn from(new: NewSession) -> Self {
+        let updated_at = new
+            .messages
+            .iter()
+            .map(|m| m.timestamp)
+            .fold(new.created_at, DateTime::max);
+        Self {
+            summary: SessionSummary {
+                id: new.id,
+                user_id: new.user_id,
+                user_cohorts: new.user_cohorts,
+                title: new.title,
+                route: new.route,
+                created_at: new.created_at,
+                updated_at,
+                token_totals: TokenTotals::default(),
+                message_count: new.messages.len() as u64,
+            },
+            messages: new.messages,
+        }
+    }
+}
+
+/// One page of a user's sessions, 1-based.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRequest {
+    pub page: u32,
+    pub limit: u32,
+}
+
+impl PageRequest {
+    fn offset(self) -> u64 {
+        u64::from(self.page.saturating_sub(1)) * u64::from(self.limit)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionPage {
+    /// Most recently updated first.
+    pub sessions: Vec<SessionSummary>,
+    /// The user's sessions in all pages.
+    pub total: u64,
+}
+
+#[async_trait]
+pub trait SessionStore: Send + Sync {
+    /// Succeeds only when the store answers.
+    async fn ping(&self) -> Result<(), Error>;
+
+    async fn create(&self, session: NewSession) -> Result<Session, Error>;
+
+    /// Any user's session; callers apply `auth::policy`.
+    async fn get(&self, id: ObjectId) -> Result<Session, Error>;
+
+    /// `user_id`'s sessions, most recently updated first.
+    async fn list(&self, user_id: &str, page: PageRequest) -> Result<SessionPage, Error>;
+
+    /// Deletes `user_id`'s session `id`; `SessionNotFound` if there is none.
+    async fn delete(&self, id: ObjectId, user_id: &str) -> Result<(), Error>;
+
+    /// Appends `messages` to `user_id`'s session `id` and adds `tokens` to its
+    /// totals in one atomic step, so concurrent replies never lose an update.
+    async fn append_messages(
+        &self,
+        id: ObjectId,
+        user_id: &str,
+        messages: &[Message],
+        tokens: TokenTotals,
+    ) -> Result<(), Error>;
+}
+
+/// Now, at the millisecond precision both stores keep.
+pub fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(3)
+}

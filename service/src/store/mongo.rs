@@ -1,0 +1,286 @@
+//! The MongoDB store (collection `chat_sessions`, like the seed system).
+//!
+//! Every write is one filtered update or delete on `{_id, userId}`, so
+//! ownership is checked by the same atomic operation that changes the
+//! document; appends use `$push`/`$inc`/`$set` and never read-modify-write.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
+use mongodb::bson::{self, Document, doc};
+use mongodb::options::{ClientOptions, IndexOptions};
+use mongodb::{Client, Collection, Database, IndexModel};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Message, MessageRole, NewSession, ObjectId, PageRequest, Session, SessionPage, SessionStore,
+    SessionSummary, TokenTotals, now,
+};
+use crate::error::Error;
+
+const COLLECTION: &str = "chat_sessions";
+/// Unless the URI says otherwise, fail fast when the server is away, so that
+/// requests answer 503 instead of hanging for the driver's 30 s default.
+const DEFAULT_SERVER_SELECTION_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SessionDocument {
+    #[serde(rename = "_id")]
+    id: ObjectId,
+    user_id: String,
+    #[serde(default)]
+    user_cohorts: Vec<String>,
+    title: String,
+    route: String,
+    /// Absent when a query projects messages out.
+    #[serde(default)]
+    messages: Vec<MessageDocument>,
+    created_at: bson::DateTime,
+    updated_at: bson::DateTime,
+    #[serde(default)]
+    token_totals: TokenTotalsDocument,
+    #[serde(default)]
+    message_count: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct MessageDocument {
+    id: ObjectId,
+    role: MessageRole,
+    content: String,
+    timestamp: bson::DateTime,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct TokenTotalsDocument {
+    input: i64,
+    output: i64,
+}
+
+#[derive(Clone)]
+pub struct MongoStore {
+    database: Database,
+    sessions: Collection<SessionDocument>,
+}
+
+impl MongoStore {
+    /// Connects and creates the indexes.
+    pub async fn connect(uri: &str, database: &str) -> Result<Self, Error> {
+        let mut options = ClientOptions::parse(uri).await.map_err(mongo_error)?;
+        options
+            .app_name
+            .get_or_insert_with(|| "parley-service".to_owned());
+        options
+            .server_selection_timeout
+            .get_or_insert(DEFAULT_SERVER_SELECTION_TIMEOUT);
+        let client = Client::with_options(options).map_err(mongo_error)?;
+        let database = client.database(database);
+        let store = Self {
+            sessions: database.collection(COLLECTION),
+            database,
+        };
+        store.create_indexes().await?;
+        Ok(store)
+    }
+
+    /// The database, shared with other MongoDB-backed stores.
+    pub fn database(&self) -> &Database {
+        &self.database
+    }
+
+    async fn create_indexes(&self) -> Result<(), Error> {
+        let by_user = IndexModel::builder()
+            .keys(doc! { "userId": 1, "updatedAt": -1, "_id": -1 })
+            .options(
+                IndexOptions::builder()
+                    .name("userId_updatedAt".to_owned())
+                    .build(),
+            )
+            .build();
+        self.sessions
+            .create_index(by_user)
+            .await
+            .map_err(mongo_error)?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl SessionStore for MongoStore {
+    async fn ping(&self) -> Result<(), Error> {
+        self.database
+            .run_command(doc! { "ping": 1 })
+            .await
+            .map_err(mongo_error)?;
+        Ok(())
+    }
+
+    async fn create(&self, new: NewSession) -> Result<Session, Error> {
+        let session = Session::from(new);
+        let summary = &session.summary;
+        let document = SessionDocument {
+            id: summary.id,
+            user_id: summary.user_id.clone(),
+            user_cohorts: summary.user_cohorts.clone(),
+            title: summary.title.clone(),
+            route: summary.route.clone(),
+            messages: session.messages.iter().map(message_document).collect(),
+            created_at: bson_time(summary.created_at),
+            updated_at: bson_time(summary.updated_at),
+            token_totals: TokenTotalsDocument::default(),
+            message_count: count(summary.message_count),
+        };
+        self.sessions
+            .insert_one(document)
+            .await
+            .map_err(mongo_error)?;
+        Ok(session)
+    }
+
+    async fn get(&self, id: ObjectId) -> Result<Session, Error> {
+        let document = self
+            .sessions
+            .find_one(doc! { "_id": id })
+            .await
+            .map_err(mongo_error)?
+            .ok_or(Error::SessionNotFound)?;
+        Ok(session(document))
+    }
+
+    async fn list(&self, user_id: &str, page: PageRequest) -> Result<SessionPage, Error> {
+        let filter = doc! { "userId": user_id };
+        let total = self
+            .sessions
+            .count_documents(filter.clone())
+            .await
+            .map_err(mongo_error)?;
+        let sessions = self
+            .sessions
+            .find(filter)
+            .sort(doc! { "updatedAt": -1, "_id": -1 })
+            .skip(page.offset())
+            .limit(i64::from(page.limit))
+            .projection(doc! { "messages": 0 })
+            .await
+            .map_err(mongo_error)?
+            .map_ok(|document| session(document).summary)
+            .try_collect()
+            .await
+            .map_err(mongo_error)?;
+        Ok(SessionPage { sessions, total })
+    }
+
+    async fn delete(&self, id: ObjectId, user_id: &str) -> Result<(), Error> {
+        let result = self
+            .sessions
+            .delete_one(doc! { "_id": id, "userId": user_id })
+            .await
+            .map_err(mongo_error)?;
+        if result.deleted_count == 0 {
+            Err(Error::SessionNotFound)
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn append_messages(
+        &self,
+        id: ObjectId,
+        user_id: &str,
+        messages: &[Message],
+        tokens: TokenTotals,
+    ) -> Result<(), Error> {
+        let pushed = messages
+            .iter()
+            .map(|message| bson::to_bson(&message_document(message)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|error| Error::Store(format!("encoding messages: {error}")))?;
+        let update: Document = doc! {
+            "$push": { "messages": { "$each": pushed } },
+            "$inc": {
+                "messageCount": count(messages.len() as u64),
+                "tokenTotals.input": count(tokens.input),
+                "tokenTotals.output": count(tokens.output),
+            },
+            "$set": { "updatedAt": bson_time(now()) },
+        };
+        let result = self
+            .sessions
+            .update_one(doc! { "_id": id, "userId": user_id }, update)
+            .await
+            .map_err(mongo_error)?;
+        if result.matched_count == 0 {
+            Err(Error::SessionNotFound)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+fn message_document(message: &Message) -> MessageDocument {
+    MessageDocument {
+        id: message.id,
+        role: message.role,
+        content: message.content.clone(),
+        timestamp: bson_time(message.timestamp),
+    }
+}
+
+fn session(document: SessionDocument) -> Session {
+    Session {
+        summary: SessionSummary {
+            id: document.id,
+            user_id: document.user_id,
+            user_cohorts: document.user_cohorts,
+            title: document.title,
+            route: document.route,
+            created_at: utc(document.created_at),
+            updated_at: utc(document.updated_at),
+            token_totals: TokenTotals {
+                input: u64::try_from(document.token_totals.input).unwrap_or(0),
+                output: u64::try_from(document.token_totals.output).unwrap_or(0),
+            },
+            message_count: u64::try_from(document.message_count).unwrap_or(0),
+        },
+        messages: document
+            .messages
+            .into_iter()
+            .map(|message| Message {
+                id: message.id,
+                role: message.role,
+                content: message.content,
+                timestamp: utc(message.timestamp),
+            })
+            .collect(),
+    }
+}
+
+fn bson_time(timestamp: DateTime<Utc>) -> bson::DateTime {
+    bson::DateTime::from_millis(timestamp.timestamp_millis())
+}
+
+/// BSON dates span more than chrono's range; out-of-range ones clamp.
+fn utc(timestamp: bson::DateTime) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(timestamp.timestamp_millis())
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+/// BSON has no unsigned integers; counts beyond i64 saturate.
+fn count(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// Connection-level failures are outages (503, retryable); anything else is internal.
+fn mongo_error(error: mongodb::error::Error) -> Error {
+    use mongodb::error::ErrorKind;
+    match *error.kind {
+        ErrorKind::ServerSelection { .. }
+        | ErrorKind::Io(_)
+        | ErrorKind::ConnectionPoolCleared { .. }
+        | ErrorKind::DnsResolve { .. } => Error::StoreUnavailable(error.to_string()),
+        _ => Error::Store(error.to_string()),
+    }
+}

@@ -1,0 +1,136 @@
+//! Helpers shared by the service's integration tests.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use http_body_util::BodyExt;
+use parley_service::auth::{AuthSettings, Authenticator, Principal, Role, mint_token};
+use parley_service::metrics::HttpMetrics;
+use parley_service::state::{AppState, Limits};
+use parley_service::store::{EmbeddedStore, MongoStore, SessionStore};
+use prometheus_client::registry::Registry;
+use serde_json::Value;
+use tempfile::TempDir;
+use tower::ServiceExt;
+
+pub const SECRET: &[u8] = b"integration-test-secret";
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+pub const MAX_MESSAGE_CHARS: usize = 1000;
+
+pub fn hs256_authenticator() -> Authenticator {
+    Authenticator::new(AuthSettings {
+        hs256_secret: Some(SECRET.to_vec()),
+        jwks: None,
+        issuer: None,
+        audience: None,
+        leeway: Duration::from_secs(5),
+    })
+    .unwrap()
+}
+
+pub fn state(sessions: Arc<dyn SessionStore>) -> AppState {
+    let mut registry = Registry::default();
+    let http_metrics = HttpMetrics::register(&mut registry);
+    AppState {
+        sessions,
+        auth: Arc::new(hs256_authenticator()),
+        registry: Arc::new(registry),
+        http_metrics,
+        limits: Limits {
+            max_body_bytes: MAX_BODY_BYTES,
+            max_message_chars: MAX_MESSAGE_CHARS,
+        },
+    }
+}
+
+pub async fn embedded_store() -> (EmbeddedStore, TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(&dir.path().join("parley.redb"))
+        .await
+        .unwrap();
+    (store, dir)
+}
+
+/// A MongoDB store on a database of its own; call `drop_mongo` at the end.
+pub async fn mongo_store() -> MongoStore {
+    let uri = parley_test_support::env::mongodb_uri();
+    let database = parley_test_support::env::unique_name("parley-test").replace('-', "_");
+    MongoStore::connect(&uri, &database).await.unwrap()
+}
+
+pub async fn drop_mongo(store: MongoStore) {
+    store.database().drop().await.unwrap();
+    store.database().client().clone().shutdown().await;
+}
+
+/// The API on an embedded store in a temporary directory.
+pub struct TestApp {
+    pub router: Router,
+    pub store: EmbeddedStore,
+    _dir: TempDir,
+}
+
+impl TestApp {
+    pub async fn new() -> Self {
+        let (store, dir) = embedded_store().await;
+        let router = parley_service::app(state(Arc::new(store.clone())));
+        Self {
+            router,
+            store,
+            _dir: dir,
+        }
+    }
+
+    pub async fn send(&self, request: Request<Body>) -> (StatusCode, Value) {
+        send(&self.router, request).await
+    }
+}
+
+pub fn token(sub: &str, role: Role, cohorts: &[&str]) -> String {
+    let principal = Principal {
+        sub: sub.to_owned(),
+        role,
+        cohorts: cohorts.iter().map(|c| (*c).to_owned()).collect(),
+    };
+    mint_token(SECRET, &principal, Duration::from_secs(3600), None, None).unwrap()
+}
+
+pub fn request(method: &str, uri: &str, token: Option<&str>, body: Option<Value>) -> Request<Body> {
+    let mut builder = Request::builder().method(method).uri(uri);
+    if let Some(token) = token {
+        builder = builder.header(header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    match body {
+        Some(body) => builder
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap(),
+        None => builder.body(Body::empty()).unwrap(),
+    }
+}
+
+/// Status and JSON body (`Value::Null` when the body is not JSON).
+pub async fn send(router: &Router, request: Request<Body>) -> (StatusCode, Value) {
+    let response = router.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+/// Creates a session as `token`'s user and returns its id.
+pub async fn create_session(router: &Router, token: &str, body: Value) -> String {
+    let (status, json) = send(
+        router,
+        request("POST", "/api/chat/sessions", Some(token), Some(body)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{json}");
+    json["sessionId"].as_str().unwrap().to_owned()
+}

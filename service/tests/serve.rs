@@ -1,0 +1,312 @@
+//! The real server in-process: `serve_listener` on a loopback port, talked to
+//! over TCP; restarts on the same data dir; a store outage.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use parley_service::auth::Role;
+use parley_service::config::{Config, TokenArgs};
+use parley_service::server::{mint_cli_token, serve_listener};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+struct RunningServer {
+    address: SocketAddr,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), parley_service::Error>>,
+}
+
+impl RunningServer {
+    async fn start(config: Config) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(serve_listener(listener, config, shutdown.clone()));
+        let server = Self {
+            address,
+            shutdown,
+            task,
+        };
+        server.wait_until_serving().await;
+        server
+    }
+
+    /// The listener is bound before `serve_listener` runs, so connections
+    /// queue until the app is up; the first answer says it serves.
+    async fn wait_until_serving(&self) {
+        let response = reqwest::get(self.url("/health")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.address)
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+fn config(data_dir: &Path, extra: &[&str]) -> Config {
+    let data_dir = data_dir.to_str().unwrap();
+    let mut args = vec![
+        "parley-service",
+        "--data-dir",
+        data_dir,
+        "--shutdown-drain-seconds",
+        "5",
+    ];
+    args.extend_from_slice(extra);
+    Config::from_args(args).unwrap()
+}
+
+async fn cli_token(config: &Config, sub: &str) -> String {
+    let args = TokenArgs {
+        sub: sub.into(),
+        role: Role::User,
+        cohorts: vec!["c1".into()],
+        ttl: Duration::from_secs(600),
+    };
+    mint_cli_token(config, &args).await.unwrap()
+}
+
+async fn call(
+    method: reqwest::Method,
+    url: String,
+    token: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let client = reqwest::Client::new();
+    let mut builder = client.request(method, url).bearer_auth(token);
+    if let Some(body) = body {
+        builder = builder.json(&body);
+    }
+    let response = builder.send().await.unwrap();
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn serves_health_and_metrics_by_route_template_then_shuts_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), &["--jwt-secret", "serve-test-secret"]);
+    let token = cli_token(&config, "alice").await;
+    let server = RunningServer::start(config).await;
+
+    let (status, created) = call(
+        reqwest::Method::POST,
+        server.url("/api/chat/sessions"),
+        &token,
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let id = created["sessionId"].as_str().unwrap();
+    let (status, _) = call(
+        reqwest::Method::GET,
+        server.url(&format!("/api/chat/sessions/{id}")),
+        &token,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = call(
+        reqwest::Method::GET,
+        server.url("/no/such/path"),
+        &token,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let response = reqwest::get(server.url("/metrics")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    let metrics = response.text().await.unwrap();
+    let has = |needle: &str| {
+        metrics.lines().any(|line| {
+            line.starts_with("http_request_duration_seconds_count") && line.contains(needle)
+        })
+    };
+    assert!(has(r#"route="/api/chat/sessions/{id}""#), "{metrics}");
+    assert!(
+        has(r#"method="POST",route="/api/chat/sessions",status="201""#),
+        "{metrics}"
+    );
+    assert!(has(r#"route="unmatched",status="404""#), "{metrics}");
+    assert!(
+        !metrics.contains(id),
+        "a session id leaked into metric labels"
+    );
+
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn embedded_sessions_and_the_dev_secret_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    // Local mode: no secret configured, so a dev secret is generated in the data dir.
+    let first = RunningServer::start(config(dir.path(), &[])).await;
+    let token = cli_token(&config(dir.path(), &[]), "alice").await;
+    let (status, created) = call(
+        reqwest::Method::POST,
+        first.url("/api/chat/sessions"),
+        &token,
+        Some(json!({"title": "keep me", "initialMessage": "still here?"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    first.stop().await;
+
+    let second = RunningServer::start(config(dir.path(), &[])).await;
+    let id = created["sessionId"].as_str().unwrap();
+    let (status, fetched) = call(
+        reqwest::Method::GET,
+        second.url(&format!("/api/chat/sessions/{id}")),
+        &token,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{fetched}");
+    assert_eq!(fetched, created);
+    second.stop().await;
+}
+
+/// Forwards TCP connections to `target` until stopped; stopping closes them all.
+struct Proxy {
+    address: SocketAddr,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Proxy {
+    async fn start(target: String) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let (stopped, connections) = (stop.clone(), tasks.clone());
+        tasks.spawn(async move {
+            loop {
+                let (mut inbound, _) = tokio::select! {
+                    () = stopped.cancelled() => return,
+                    accepted = listener.accept() => accepted.unwrap(),
+                };
+                let target = target.clone();
+                let stopped = stopped.clone();
+                connections.spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        () = stopped.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    }
+                });
+            }
+        });
+        Self {
+            address,
+            stop,
+            tasks,
+        }
+    }
+
+    /// Returns once the listener and every forwarded connection are closed.
+    async fn stop(&self) {
+        self.stop.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+/// Host and port of a `mongodb://host:port/...` URI.
+fn host_port(uri: &str) -> String {
+    let rest = uri.strip_prefix("mongodb://").unwrap();
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, hosts)| hosts);
+    rest.split(['/', '?']).next().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn a_store_outage_answers_503_store_unavailable() {
+    let real = parley_test_support::env::mongodb_uri();
+    let proxy = Proxy::start(host_port(&real)).await;
+    let database = parley_test_support::env::unique_name("parley-outage").replace('-', "_");
+    let uri = format!(
+        "mongodb://{}/?directConnection=true&serverSelectionTimeoutMS=300&connectTimeoutMS=300",
+        proxy.address
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(
+        dir.path(),
+        &[
+            "--jwt-secret",
+            "outage",
+            "--mongodb-uri",
+            &uri,
+            "--mongodb-database",
+            &database,
+        ],
+    );
+    let token = cli_token(&config, "alice").await;
+    let server = RunningServer::start(config).await;
+
+    let ready = reqwest::get(server.url("/ready")).await.unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+    let (status, created) = call(
+        reqwest::Method::POST,
+        server.url("/api/chat/sessions"),
+        &token,
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+
+    proxy.stop().await;
+    let ready = reqwest::get(server.url("/ready")).await.unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        ready.json::<Value>().await.unwrap()["code"],
+        "STORE_UNAVAILABLE"
+    );
+    let id = created["sessionId"].as_str().unwrap();
+    for (method, path) in [
+        (reqwest::Method::GET, format!("/api/chat/sessions/{id}")),
+        (reqwest::Method::GET, "/api/chat/sessions".to_owned()),
+        (reqwest::Method::POST, "/api/chat/sessions".to_owned()),
+        (reqwest::Method::DELETE, format!("/api/chat/sessions/{id}")),
+    ] {
+        let body = (method == reqwest::Method::POST).then(|| json!({}));
+        let (status, error) = call(method.clone(), server.url(&path), &token, body).await;
+        assert_eq!(
+            status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{method} {path}: {error}"
+        );
+        assert_eq!(error["code"], "STORE_UNAVAILABLE");
+        assert!(
+            !error["message"].as_str().unwrap().contains("127.0.0.1"),
+            "internal detail leaked: {error}"
+        );
+    }
+    server.stop().await;
+
+    let cleanup = parley_service::store::MongoStore::connect(&real, &database)
+        .await
+        .unwrap();
+    common::drop_mongo(cleanup).await;
+}

@@ -1,0 +1,356 @@
+//! One conformance suite for every `SessionStore`: each case runs against the
+//! embedded store and against the real MongoDB-wire server.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use parley_service::Error;
+use parley_service::store::{
+    Message, MessageRole, NewSession, ObjectId, PageRequest, SessionStore, TokenTotals, now,
+};
+
+macro_rules! conformance {
+    ($($case:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let (store, _dir) = crate::common::embedded_store().await;
+                    crate::$case(std::sync::Arc::new(store)).await;
+                }
+            )*
+        }
+        mod mongo {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let store = crate::common::mongo_store().await;
+                    crate::$case(std::sync::Arc::new(store.clone())).await;
+                    crate::common::drop_mongo(store).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    ping_answers,
+    create_then_get_round_trips,
+    unknown_session_is_not_found,
+    list_is_newest_first_paginated_and_per_user,
+    delete_removes_only_the_owners_session,
+    append_adds_messages_and_tokens,
+    append_to_another_users_session_is_not_found,
+    concurrent_appends_lose_nothing,
+    text_survives_byte_for_byte,
+);
+
+fn new_session(user: &str, title: &str, messages: Vec<Message>) -> NewSession {
+    NewSession::new(
+        user.into(),
+        vec!["c1".into()],
+        title.into(),
+        "default".into(),
+        messages,
+    )
+}
+
+/// Waits until the millisecond clock moves, so timestamps compare strictly.
+async fn next_millisecond() {
+    let start = now();
+    while now() <= start {
+        tokio::task::yield_now().await;
+    }
+}
+
+async fn ping_answers(store: Arc<dyn SessionStore>) {
+    store.ping().await.unwrap();
+}
+
+async fn create_then_get_round_trips(store: Arc<dyn SessionStore>) {
+    let first = Message::new(MessageRole::User, "hello".into());
+    let created = store
+        .create(new_session("alice", "Greetings", vec![first.clone()]))
+        .await
+        .unwrap();
+    assert_eq!(created.summary.user_id, "alice");
+    assert_eq!(created.summary.user_cohorts, ["c1"]);
+    assert_eq!(created.summary.title, "Greetings");
+    assert_eq!(created.summary.route, "default");
+    assert_eq!(created.summary.message_count, 1);
+    assert_eq!(created.summary.token_totals, TokenTotals::default());
+    assert_eq!(created.messages, [first]);
+
+    let fetched = store.get(created.summary.id).await.unwrap();
+    assert_eq!(fetched, created);
+}
+
+async fn unknown_session_is_not_found(store: Arc<dyn SessionStore>) {
+    let missing = ObjectId::new();
+    assert!(matches!(
+        store.get(missing).await,
+        Err(Error::SessionNotFound)
+    ));
+    assert!(matches!(
+        store.delete(missing, "alice").await,
+        Err(Error::SessionNotFound)
+    ));
+    let appended = store
+        .append_messages(missing, "alice", &[], TokenTotals::default())
+        .await;
+    assert!(matches!(appended, Err(Error::SessionNotFound)));
+}
+
+async fn list_is_newest_first_paginated_and_per_user(store: Arc<dyn SessionStore>) {
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        ids.push(
+            store
+                .create(new_session("alice", &format!("s{n}"), vec![]))
+                .await
+                .unwrap()
+                .summary
+                .id,
+        );
+        next_millisecond().await;
+    }
+    store
+        .create(new_session("bob", "not alice's", vec![]))
+        .await
+        .unwrap();
+    // Touching the oldest session makes it the most recent.
+    store
+        .append_messages(
+            ids[0],
+            "alice",
+            &[Message::new(MessageRole::User, "up".into())],
+            TokenTotals::default(),
+        )
+        .await
+        .unwrap();
+
+    let titles = |page: u32, limit: u32| {
+        let store = Arc::clone(&store);
+        async move {
+            let found = store
+                .list("alice", PageRequest { page, limit })
+                .await
+                .unwrap();
+            assert_eq!(found.total, 5);
+            assert!(found.sessions.iter().all(|s| s.user_id == "alice"));
+            found
+                .sessions
+                .into_iter()
+                .map(|s| s.title)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(titles(1, 2).await, ["s0", "s4"]);
+    assert_eq!(titles(2, 2).await, ["s3", "s2"]);
+    assert_eq!(titles(3, 2).await, ["s1"]);
+    assert!(titles(4, 2).await.is_empty());
+    assert_eq!(titles(1, 100).await, ["s0", "s4", "s3", "s2", "s1"]);
+
+    let listed = store
+        .list("alice", PageRequest { page: 1, limit: 1 })
+        .await
+        .unwrap();
+    assert_eq!(listed.sessions[0].message_count, 1);
+    let nobody = store
+        .list("nobody", PageRequest { page: 1, limit: 10 })
+        .await
+        .unwrap();
+    assert_eq!(nobody.total, 0);
+    assert!(nobody.sessions.is_empty());
+}
+
+async fn delete_removes_only_the_owners_session(store: Arc<dyn SessionStore>) {
+    let message = Message::new(MessageRole::User, "bye".into());
+    let id = store
+        .create(new_session("alice", "doomed", vec![message]))
+        .await
+        .unwrap()
+        .summary
+        .id;
+    let kept = store
+        .create(new_session("alice", "kept", vec![]))
+        .await
+        .unwrap()
+        .summary
+        .id;
+
+    assert!(matches!(
+        store.delete(id, "mallory").await,
+        Err(Error::SessionNotFound)
+    ));
+    store.get(id).await.unwrap();
+
+    store.delete(id, "alice").await.unwrap();
+    assert!(matches!(store.get(id).await, Err(Error::SessionNotFound)));
+    assert!(matches!(
+        store.delete(id, "alice").await,
+        Err(Error::SessionNotFound)
+    ));
+    let listed = store
+        .list("alice", PageRequest { page: 1, limit: 10 })
+        .await
+        .unwrap();
+    assert_eq!(listed.total, 1);
+    assert_eq!(listed.sessions[0].id, kept);
+}
+
+async fn append_adds_messages_and_tokens(store: Arc<dyn SessionStore>) {
+    let created = store
+        .create(new_session("alice", "t", vec![]))
+        .await
+        .unwrap();
+    let id = created.summary.id;
+    next_millisecond().await;
+    let batch = [
+        Message::new(MessageRole::User, "question".into()),
+        Message::new(MessageRole::Assistant, "answer".into()),
+    ];
+    store
+        .append_messages(
+            id,
+            "alice",
+            &batch,
+            TokenTotals {
+                input: 12,
+                output: 34,
+            },
+        )
+        .await
+        .unwrap();
+    store
+        .append_messages(
+            id,
+            "alice",
+            &batch[1..],
+            TokenTotals {
+                input: 1,
+                output: 2,
+            },
+        )
+        .await
+        .unwrap();
+
+    let session = store.get(id).await.unwrap();
+    assert_eq!(
+        session.messages,
+        [batch[0].clone(), batch[1].clone(), batch[1].clone()]
+    );
+    assert_eq!(session.summary.message_count, 3);
+    assert_eq!(
+        session.summary.token_totals,
+        TokenTotals {
+            input: 13,
+            output: 36
+        }
+    );
+    assert_eq!(session.summary.created_at, created.summary.created_at);
+    assert!(session.summary.updated_at > created.summary.updated_at);
+}
+
+async fn append_to_another_users_session_is_not_found(store: Arc<dyn SessionStore>) {
+    let id = store
+        .create(new_session("alice", "mine", vec![]))
+        .await
+        .unwrap()
+        .summary
+        .id;
+    let intrusion = [Message::new(MessageRole::User, "hi from mallory".into())];
+    let result = store
+        .append_messages(
+            id,
+            "mallory",
+            &intrusion,
+            TokenTotals {
+                input: 5,
+                output: 5,
+            },
+        )
+        .await;
+    assert!(matches!(result, Err(Error::SessionNotFound)));
+    let session = store.get(id).await.unwrap();
+    assert!(session.messages.is_empty());
+    assert_eq!(session.summary.token_totals, TokenTotals::default());
+}
+
+async fn concurrent_appends_lose_nothing(store: Arc<dyn SessionStore>) {
+    const WRITERS: usize = 16;
+    let id = store
+        .create(new_session("alice", "busy", vec![]))
+        .await
+        .unwrap()
+        .summary
+        .id;
+    let mut tasks = tokio::task::JoinSet::new();
+    for writer in 0..WRITERS {
+        let store = Arc::clone(&store);
+        tasks.spawn(async move {
+            let pair = [
+                Message::new(MessageRole::User, format!("q{writer}")),
+                Message::new(MessageRole::Assistant, format!("a{writer}")),
+            ];
+            store
+                .append_messages(
+                    id,
+                    "alice",
+                    &pair,
+                    TokenTotals {
+                        input: 1,
+                        output: 2,
+                    },
+                )
+                .await
+                .unwrap();
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        joined.unwrap();
+    }
+    let session = store.get(id).await.unwrap();
+    assert_eq!(session.summary.message_count, 2 * WRITERS as u64);
+    assert_eq!(session.messages.len(), 2 * WRITERS);
+    assert_eq!(
+        session.summary.token_totals,
+        TokenTotals {
+            input: WRITERS as u64,
+            output: 2 * WRITERS as u64
+        }
+    );
+    // Each batch lands whole: every question is directly followed by its answer.
+    let mut writers = HashSet::new();
+    for pair in session.messages.chunks(2) {
+        let writer = pair[0].content.strip_prefix('q').unwrap();
+        assert_eq!(pair[1].content, format!("a{writer}"));
+        assert!(writers.insert(writer.to_owned()));
+    }
+    assert_eq!(writers.len(), WRITERS);
+}
+
+async fn text_survives_byte_for_byte(store: Arc<dyn SessionStore>) {
+    let text =
+        "line\nbreak \\ backslash \"quotes\" 🦀 emoji \u{0} nul ünïcödé\r\n$set {\"$inc\":1}";
+    let title = "$where: 1 — ☃";
+    let created = store
+        .create(new_session(
+            "ali.ce$",
+            title,
+            vec![Message::new(MessageRole::User, text.into())],
+        ))
+        .await
+        .unwrap();
+    let session = store.get(created.summary.id).await.unwrap();
+    assert_eq!(session.messages[0].content, text);
+    assert_eq!(session.summary.title, title);
+    let listed = store
+        .list("ali.ce$", PageRequest { page: 1, limit: 5 })
+        .await
+        .unwrap();
+    assert_eq!(listed.total, 1);
+}
