@@ -136,11 +136,11 @@ impl RateLimiter for LocalRateLimiter {
         let shards = Arc::clone(&self.shards);
         let index = self.shard_index(user);
         let user = user.to_owned();
-        Ok(StreamGuard::new(move || {
+        Ok(StreamGuard::new(Box::pin(async move {
             if let Some(counters) = lock(&shards[index]).get_mut(&user) {
                 counters.streams = counters.streams.saturating_sub(1);
             }
-        }))
+        })))
     }
 
     async fn charge_tokens(&self, user: &str, tokens: u64) -> Result<(), Error> {

@@ -22,6 +22,7 @@ use async_trait::async_trait;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use futures::future::BoxFuture;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -66,16 +67,18 @@ pub trait RateLimiter: Send + Sync {
     async fn charge_tokens(&self, user: &str, tokens: u64) -> Result<(), Error>;
 }
 
-/// A concurrent-stream slot; dropping it frees the slot.
+/// A concurrent-stream slot. [`StreamGuard::release`] frees it and returns
+/// when it is free; dropping the guard frees it too (in the background when
+/// that needs I/O), so a slot is never leaked by an early return or a panic.
 #[must_use = "the stream slot is freed when the guard drops"]
 pub struct StreamGuard {
-    release: Option<Box<dyn FnOnce() + Send + Sync>>,
+    release: Option<BoxFuture<'static, ()>>,
 }
 
 impl StreamGuard {
-    fn new(release: impl FnOnce() + Send + Sync + 'static) -> Self {
+    fn new(release: BoxFuture<'static, ()>) -> Self {
         StreamGuard {
-            release: Some(Box::new(release)),
+            release: Some(release),
         }
     }
 
@@ -83,12 +86,31 @@ impl StreamGuard {
     fn unlimited() -> Self {
         StreamGuard { release: None }
     }
+
+    /// Frees the slot; returns once another stream may take it.
+    pub async fn release(mut self) {
+        if let Some(release) = self.release.take() {
+            release.await;
+        }
+    }
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        if let Some(release) = self.release.take() {
-            release();
+        let Some(mut release) = self.release.take() else {
+            return;
+        };
+        // In-process releases finish on the first poll, without a task.
+        let waker = futures::task::noop_waker();
+        let mut context = std::task::Context::from_waker(&waker);
+        if release.as_mut().poll(&mut context).is_ready() {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(release);
+            }
+            Err(_) => tracing::warn!("no runtime to free a stream slot; it expires by itself"),
         }
     }
 }

@@ -176,21 +176,14 @@ impl RateLimiter for RedisRateLimiter {
         }
         let mut connection = self.connection.clone();
         let release = self.release.clone();
-        Ok(StreamGuard::new(move || {
-            // Drop cannot await: the release runs as a task. If it fails, the
-            // slot expires with STREAM_SLOT_TTL.
-            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-                tracing::warn!(%key, "no runtime to release a stream slot; it expires by itself");
-                return;
-            };
-            runtime.spawn(async move {
-                let released: Result<i64, RedisError> =
-                    release.key(&key).invoke_async(&mut connection).await;
-                if let Err(error) = released {
-                    tracing::warn!(%key, %error, "releasing a stream slot failed; it expires by itself");
-                }
-            });
-        }))
+        Ok(StreamGuard::new(Box::pin(async move {
+            let released: Result<i64, RedisError> =
+                release.key(&key).invoke_async(&mut connection).await;
+            if let Err(error) = released {
+                // The slot expires with STREAM_SLOT_TTL.
+                tracing::warn!(%key, %error, "freeing a stream slot failed; it expires by itself");
+            }
+        })))
     }
 
     async fn charge_tokens(&self, user: &str, tokens: u64) -> Result<(), Error> {

@@ -10,11 +10,11 @@ use axum::http::{Request, StatusCode, header};
 use http_body_util::BodyExt;
 use parley_service::accounting::{AccountingMetrics, LocalAccounting, PriceBook};
 use parley_service::auth::{AuthSettings, Authenticator, Principal, Role, mint_token};
-use parley_service::ledger::{Credits, EmbeddedLedger, LedgerSettings};
+use parley_service::ledger::{Credits, EmbeddedLedger, Ledger, LedgerSettings};
 use parley_service::metrics::HttpMetrics;
 use parley_service::ratelimit::{LocalRateLimiter, RateLimitMetrics, RateLimits};
 use parley_service::state::{AppState, Limits};
-use parley_service::store::{EmbeddedStore, MongoStore};
+use parley_service::store::{EmbeddedStore, MongoStore, SessionStore};
 use prometheus_client::registry::Registry;
 use serde_json::Value;
 use tempfile::TempDir;
@@ -38,21 +38,25 @@ pub fn hs256_authenticator() -> Authenticator {
 /// Credits a new account starts with in test apps.
 pub const INITIAL_CREDITS: Credits = Credits::from_micros(10_000_000);
 
+pub const LEDGER_SETTINGS: LedgerSettings = LedgerSettings {
+    initial_balance: INITIAL_CREDITS,
+};
+
 /// The API state on `store`, with the built-in ledger on its database and no
 /// rate limits.
 pub async fn state(store: &EmbeddedStore) -> AppState {
+    let ledger = EmbeddedLedger::new(Arc::clone(store.database()), LEDGER_SETTINGS)
+        .await
+        .unwrap();
+    state_with(Arc::new(store.clone()), Arc::new(ledger))
+}
+
+/// The API state on these stores, with no rate limits.
+pub fn state_with(sessions: Arc<dyn SessionStore>, ledger: Arc<dyn Ledger>) -> AppState {
     let mut registry = Registry::default();
     let http_metrics = HttpMetrics::register(&mut registry);
-    let ledger = EmbeddedLedger::new(
-        Arc::clone(store.database()),
-        LedgerSettings {
-            initial_balance: INITIAL_CREDITS,
-        },
-    )
-    .await
-    .unwrap();
     let accounting = LocalAccounting::new(
-        Arc::new(ledger),
+        ledger,
         Arc::new(PriceBook::builtin()),
         Duration::from_secs(600),
         AccountingMetrics::register(&mut registry),
@@ -64,7 +68,7 @@ pub async fn state(store: &EmbeddedStore) -> AppState {
     };
     let rate_limiter = LocalRateLimiter::new(limits, RateLimitMetrics::register(&mut registry));
     AppState {
-        sessions: Arc::new(store.clone()),
+        sessions,
         accounting: Arc::new(accounting),
         rate_limiter: Arc::new(rate_limiter),
         auth: Arc::new(hs256_authenticator()),
