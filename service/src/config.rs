@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::auth::Role;
 use crate::error::Error;
+use crate::ledger::Credits;
 
 #[derive(Debug, Parser)]
 #[command(name = "parley-service", version, about = "Parley's chat service")]
@@ -132,6 +133,73 @@ pub struct Config {
         global = true
     )]
     pub shutdown_drain_seconds: u64,
+    /// Balance of a new account, in decimal credits (exact to the µcredit).
+    #[arg(long, env = "PARLEY_INITIAL_CREDITS", default_value = "0", value_parser = parse_credits, global = true)]
+    pub initial_credits: Credits,
+    /// How long a hold opened through the accounting API stays open before
+    /// the reaper may close it.
+    #[arg(
+        long,
+        env = "PARLEY_HOLD_LEASE_SECONDS",
+        default_value_t = 600,
+        global = true
+    )]
+    pub hold_lease_seconds: u64,
+    /// Interval of the reaper that closes holds whose lease expired.
+    #[arg(
+        long,
+        env = "PARLEY_REAPER_INTERVAL_SECONDS",
+        default_value_t = 30,
+        global = true
+    )]
+    pub reaper_interval_seconds: u64,
+    /// Accounting server to use instead of the built-in ledger (`external`
+    /// mode): its seed-compatible accounting API, called with the caller's token.
+    #[arg(long, env = "PARLEY_ACCOUNTING_URL", global = true)]
+    pub accounting_url: Option<String>,
+    /// Timeout of one call to the external accounting server.
+    #[arg(
+        long,
+        env = "PARLEY_ACCOUNTING_TIMEOUT_SECONDS",
+        default_value_t = 10,
+        global = true
+    )]
+    pub accounting_timeout_seconds: u64,
+    /// Redis URL; when set, rate limits are shared by every replica.
+    #[arg(long, env = "PARLEY_REDIS_URL", hide_env_values = true, global = true)]
+    pub redis_url: Option<String>,
+    /// API requests per user per minute (0: unlimited).
+    #[arg(
+        long,
+        env = "PARLEY_RATE_REQUESTS_PER_MINUTE",
+        default_value_t = 120,
+        global = true
+    )]
+    pub rate_requests_per_minute: u64,
+    /// Model tokens per user per minute (0: unlimited).
+    #[arg(
+        long,
+        env = "PARLEY_RATE_TOKENS_PER_MINUTE",
+        default_value_t = 200_000,
+        global = true
+    )]
+    pub rate_tokens_per_minute: u64,
+    /// Concurrent reply streams per user (0: unlimited).
+    #[arg(
+        long,
+        env = "PARLEY_MAX_CONCURRENT_STREAMS",
+        default_value_t = 4,
+        global = true
+    )]
+    pub max_concurrent_streams: u64,
+    /// Prefix of the rate-limit keys in Redis (replicas of one deployment share it).
+    #[arg(
+        long,
+        env = "PARLEY_RATE_LIMIT_KEY_PREFIX",
+        default_value = "parley:ratelimit",
+        global = true
+    )]
+    pub rate_limit_key_prefix: String,
 }
 
 impl Config {
@@ -151,6 +219,11 @@ impl Config {
             .map(|cli| cli.config)
             .map_err(|error| Error::Config(error.to_string()))
     }
+}
+
+/// Parses decimal credits exactly (`2`, `0.25`; at most six decimals).
+pub fn parse_credits(text: &str) -> Result<Credits, String> {
+    Credits::parse_decimal(text.trim()).map_err(|error| error.to_string())
 }
 
 /// Parses `<number><unit>` with unit `s`, `m`, `h` or `d` (a bare number is seconds).

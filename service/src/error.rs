@@ -2,11 +2,17 @@
 //! to one HTTP status and one stable code, and answers `{"code","message"}`.
 //! Internal details (store errors, I/O) are logged, never returned.
 
+use std::time::Duration;
+
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::header::RETRY_AFTER;
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
+
+use crate::accounting::contract::decimal_credits;
+use crate::ledger::{Credits, LedgerError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -45,6 +51,29 @@ pub enum Error {
     Store(String),
     #[error("configuration error: {0}")]
     Config(String),
+    /// A body of the accounting API with missing, unknown or mistyped fields.
+    #[error("{message}")]
+    InvalidFields {
+        message: String,
+        fields: Vec<String>,
+    },
+    #[error("unknown model `{model}`")]
+    UnknownModel { model: String, allowed: Vec<String> },
+    #[error("forbidden: {0}")]
+    Forbidden(&'static str),
+    #[error("no streaming session {0} is open or closed for this account")]
+    StreamingSessionNotFound(String),
+    #[error("accounting service unavailable: {0}")]
+    AccountingUnavailable(String),
+    #[error("{limit} rate limit exceeded; retry in {} s", retry_after.as_secs())]
+    RateLimited {
+        limit: &'static str,
+        retry_after: Duration,
+    },
+    #[error("rate limiter unavailable: {0}")]
+    RateLimiterUnavailable(String),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -63,6 +92,34 @@ pub struct ErrorBody {
     /// The offending field, for validation errors.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<&'static str>,
+    /// The offending fields of an `INVALID_FIELDS` body.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fields: Option<Vec<String>>,
+    /// The model ids and aliases accepted, for `UNKNOWN_MODEL`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed: Option<Vec<String>>,
+    /// `INSUFFICIENT_CREDITS`: the account's balance, in credits.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        with = "decimal_credits::option"
+    )]
+    #[schema(value_type = Option<f64>)]
+    pub balance: Option<Credits>,
+    /// `INSUFFICIENT_CREDITS`: balance minus open holds, in credits.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        with = "decimal_credits::option"
+    )]
+    #[schema(value_type = Option<f64>)]
+    pub available: Option<Credits>,
+    /// `INSUFFICIENT_CREDITS`: the price of the request, in credits.
+    #[serde(
+        rename = "requiredCredits",
+        skip_serializing_if = "Option::is_none",
+        with = "decimal_credits::option"
+    )]
+    #[schema(value_type = Option<f64>)]
+    pub required_credits: Option<Credits>,
 }
 
 impl Error {
@@ -75,6 +132,14 @@ impl Error {
 
     pub fn status(&self) -> StatusCode {
         match self {
+            Self::Ledger(error) => ledger_status(error),
+            Self::InvalidFields { .. } | Self::UnknownModel { .. } => StatusCode::BAD_REQUEST,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::StreamingSessionNotFound(_) => StatusCode::NOT_FOUND,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::AccountingUnavailable(_) | Self::RateLimiterUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::MissingToken | Self::InvalidToken(_) => StatusCode::UNAUTHORIZED,
             Self::SessionNotFound | Self::EndpointNotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -91,6 +156,14 @@ impl Error {
 
     pub fn code(&self) -> &'static str {
         match self {
+            Self::Ledger(error) => ledger_code(error),
+            Self::InvalidFields { .. } => "INVALID_FIELDS",
+            Self::UnknownModel { .. } => "UNKNOWN_MODEL",
+            Self::Forbidden(_) => "FORBIDDEN",
+            Self::StreamingSessionNotFound(_) => "STREAMING_SESSION_NOT_FOUND",
+            Self::AccountingUnavailable(_) => "ACCOUNTING_UNAVAILABLE",
+            Self::RateLimited { .. } => "RATE_LIMITED",
+            Self::RateLimiterUnavailable(_) => "RATE_LIMITER_UNAVAILABLE",
             Self::MissingToken => "MISSING_TOKEN",
             Self::InvalidToken(_) => "INVALID_TOKEN",
             Self::AuthUnavailable(_) => "AUTH_UNAVAILABLE",
@@ -116,7 +189,19 @@ impl Error {
             Self::AuthUnavailable(_) => "the identity provider is unavailable; retry later".into(),
             Self::StoreUnavailable(_) => "the session store is unavailable; retry later".into(),
             Self::Store(_) | Self::Config(_) | Self::Io { .. } => "internal error".into(),
-            Self::MissingToken
+            Self::AccountingUnavailable(_) => {
+                "the accounting service is unavailable; retry later".into()
+            }
+            Self::RateLimiterUnavailable(_) => {
+                "the rate limiter is unavailable; requests are refused until it is back".into()
+            }
+            Self::Ledger(error) => ledger_public_message(error),
+            Self::InvalidFields { .. }
+            | Self::UnknownModel { .. }
+            | Self::Forbidden(_)
+            | Self::StreamingSessionNotFound(_)
+            | Self::RateLimited { .. }
+            | Self::MissingToken
             | Self::InvalidToken(_)
             | Self::SessionNotFound
             | Self::EndpointNotFound
@@ -140,16 +225,97 @@ impl IntoResponse for Error {
         } else {
             tracing::debug!(code = self.code(), error = %self, "request rejected");
         }
-        let field = match &self {
-            Self::Validation { field, .. } => Some(*field),
-            _ => None,
-        };
-        let body = ErrorBody {
+        let mut body = ErrorBody {
             code: self.code(),
             message: self.public_message(),
-            field,
+            field: None,
+            fields: None,
+            allowed: None,
+            balance: None,
+            available: None,
+            required_credits: None,
         };
-        (status, Json(body)).into_response()
+        let mut retry_after = None;
+        match self {
+            Self::Validation { field, .. } => body.field = Some(field),
+            Self::InvalidFields { fields, .. } => body.fields = Some(fields),
+            Self::UnknownModel { allowed, .. } => body.allowed = Some(allowed),
+            Self::Ledger(LedgerError::InsufficientCredits {
+                balance,
+                available,
+                required,
+            }) => {
+                body.balance = Some(balance);
+                body.available = Some(available);
+                body.required_credits = Some(required);
+            }
+            Self::RateLimited {
+                retry_after: wait, ..
+            } => {
+                // Whole seconds, rounded up: retrying earlier would be refused again.
+                let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                retry_after = Some(HeaderValue::from(seconds.max(1)));
+            }
+            _ => {}
+        }
+        let mut response = (status, Json(body)).into_response();
+        if let Some(value) = retry_after {
+            response.headers_mut().insert(RETRY_AFTER, value);
+        }
+        response
+    }
+}
+
+/// Every ledger failure denies: client mistakes are 4xx, an unreachable or
+/// failing store is 503 (retryable), corruption is 500. None of them allows.
+fn ledger_status(error: &LedgerError) -> StatusCode {
+    match error {
+        LedgerError::InsufficientCredits { .. } => StatusCode::PAYMENT_REQUIRED,
+        LedgerError::HoldNotFound { .. } => StatusCode::NOT_FOUND,
+        LedgerError::HoldClosed { .. } | LedgerError::RequestIdConflict { .. } => {
+            StatusCode::CONFLICT
+        }
+        LedgerError::InvalidRequest(_)
+        | LedgerError::InvalidAmount(_)
+        | LedgerError::AmountOutOfRange => StatusCode::BAD_REQUEST,
+        LedgerError::Contention { .. }
+        | LedgerError::Mongo(_)
+        | LedgerError::Embedded(_)
+        | LedgerError::Task(_) => StatusCode::SERVICE_UNAVAILABLE,
+        LedgerError::Corrupt(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+fn ledger_code(error: &LedgerError) -> &'static str {
+    match error {
+        LedgerError::InsufficientCredits { .. } => "INSUFFICIENT_CREDITS",
+        LedgerError::HoldNotFound { .. } => "STREAMING_SESSION_NOT_FOUND",
+        LedgerError::HoldClosed { .. } => "STREAMING_SESSION_CLOSED",
+        LedgerError::RequestIdConflict { .. } => "STREAMING_SESSION_CONFLICT",
+        LedgerError::InvalidRequest(_) => "INVALID_LEDGER_REQUEST",
+        LedgerError::InvalidAmount(_) | LedgerError::AmountOutOfRange => "INVALID_AMOUNT",
+        LedgerError::Contention { .. } => "LEDGER_BUSY",
+        LedgerError::Mongo(_) | LedgerError::Embedded(_) | LedgerError::Task(_) => {
+            "LEDGER_UNAVAILABLE"
+        }
+        LedgerError::Corrupt(_) => "INTERNAL",
+    }
+}
+
+fn ledger_public_message(error: &LedgerError) -> String {
+    match error {
+        LedgerError::Mongo(_) | LedgerError::Embedded(_) | LedgerError::Task(_) => {
+            "the credits ledger is unavailable; retry later".into()
+        }
+        LedgerError::Contention { .. } => "the account is busy; retry".into(),
+        LedgerError::Corrupt(_) => "internal error".into(),
+        LedgerError::InsufficientCredits { .. }
+        | LedgerError::HoldNotFound { .. }
+        | LedgerError::HoldClosed { .. }
+        | LedgerError::RequestIdConflict { .. }
+        | LedgerError::InvalidRequest(_)
+        | LedgerError::InvalidAmount(_)
+        | LedgerError::AmountOutOfRange => error.to_string(),
     }
 }
 

@@ -1,11 +1,13 @@
 //! Parley's chat service: `app(state)` is the HTTP API, `serve` runs it.
 
+pub mod accounting;
 pub mod auth;
 pub mod config;
 pub mod error;
 pub mod ledger;
 pub mod metrics;
 pub mod providers;
+pub mod ratelimit;
 pub mod routes;
 pub mod server;
 pub mod state;

@@ -9,14 +9,22 @@ use axum::serve::ListenerExt;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use crate::accounting::{
+    Accounting, AccountingMetrics, ExternalAccounting, LocalAccounting, PriceBook, reaper,
+};
 use crate::auth::{
     AuthSettings, Authenticator, Hs256Secret, Principal, Role, SecretSource, mint_token,
     resolve_hs256_secret,
 };
 use crate::config::{Config, TokenArgs};
 use crate::error::Error;
+use crate::ledger::{EmbeddedLedger, Ledger, LedgerSettings, MongoLedger};
 use crate::metrics::HttpMetrics;
+use crate::ratelimit::{
+    LocalRateLimiter, RateLimitMetrics, RateLimiter, RateLimits, RedisRateLimiter,
+};
 use crate::routes::app;
 use crate::state::{AppState, Limits};
 use crate::store::{EmbeddedStore, MongoStore, SessionStore};
@@ -57,6 +65,21 @@ impl Backend {
         }
     }
 
+    /// The credits ledger on the same database (MongoDB: indexes created).
+    pub async fn ledger(&self, settings: LedgerSettings) -> Result<Arc<dyn Ledger>, Error> {
+        match self {
+            Self::Embedded(store) => {
+                let ledger = EmbeddedLedger::new(Arc::clone(store.database()), settings).await?;
+                Ok(Arc::new(ledger))
+            }
+            Self::Mongo(store) => {
+                let ledger = MongoLedger::new(store.database(), settings);
+                ledger.create_indexes().await?;
+                Ok(Arc::new(ledger))
+            }
+        }
+    }
+
     pub fn sessions(&self) -> Arc<dyn SessionStore> {
         match self {
             Self::Embedded(store) => Arc::new(store.clone()),
@@ -91,6 +114,39 @@ pub async fn serve_listener(
         &config,
         secret.as_ref().map(|secret| secret.bytes.clone()),
     ))?;
+    let rate_limiter = rate_limiter(&config, RateLimitMetrics::register(&mut registry)).await?;
+    let accounting_metrics = AccountingMetrics::register(&mut registry);
+    let background = TaskTracker::new();
+    let background_stop = shutdown.child_token();
+    let accounting: Arc<dyn Accounting> = match &config.accounting_url {
+        Some(url) => {
+            tracing::info!(%url, "external accounting: credits are kept by another service");
+            Arc::new(ExternalAccounting::new(
+                url,
+                Duration::from_secs(config.accounting_timeout_seconds),
+                accounting_metrics,
+            )?)
+        }
+        None => {
+            let ledger = backend
+                .ledger(LedgerSettings {
+                    initial_balance: config.initial_credits,
+                })
+                .await?;
+            background.spawn(reaper::run(
+                Arc::clone(&ledger),
+                accounting_metrics.clone(),
+                Duration::from_secs(config.reaper_interval_seconds.max(1)),
+                background_stop.clone(),
+            ));
+            Arc::new(LocalAccounting::new(
+                ledger,
+                Arc::new(PriceBook::builtin()),
+                Duration::from_secs(config.hold_lease_seconds),
+                accounting_metrics,
+            ))
+        }
+    };
     let state = AppState {
         sessions: backend.sessions(),
         auth: Arc::new(auth),
@@ -100,6 +156,8 @@ pub async fn serve_listener(
             max_body_bytes: config.max_body_bytes,
             max_message_chars: config.max_message_chars,
         },
+        accounting,
+        rate_limiter,
     };
     if let Some(Hs256Secret {
         bytes,
@@ -120,20 +178,52 @@ pub async fn serve_listener(
         .into_future();
     tokio::pin!(server);
     tracing::info!(%address, "serving");
-    tokio::select! {
-        result = &mut server => result.map_err(|error| Error::io("serving", error))?,
+    let served = tokio::select! {
+        result = &mut server => result,
         () = shutdown.cancelled() => {
             let drain = Duration::from_secs(config.shutdown_drain_seconds);
             tracing::info!(drain_seconds = drain.as_secs(), "shutting down; draining open requests");
             match tokio::time::timeout(drain, &mut server).await {
-                Ok(result) => result.map_err(|error| Error::io("serving", error))?,
-                Err(_) => tracing::warn!("drain time is up; closing the remaining connections"),
+                Ok(result) => result,
+                Err(_) => {
+                    tracing::warn!("drain time is up; closing the remaining connections");
+                    Ok(())
+                }
             }
         }
-    }
+    };
+    // Also when the server stopped by itself (an I/O error).
+    background_stop.cancel();
+    background.close();
+    background.wait().await;
     backend.close().await;
+    served.map_err(|error| Error::io("serving", error))?;
     tracing::info!("stopped");
     Ok(())
+}
+
+async fn rate_limiter(
+    config: &Config,
+    metrics: RateLimitMetrics,
+) -> Result<Arc<dyn RateLimiter>, Error> {
+    let limits = RateLimits {
+        requests_per_minute: config.rate_requests_per_minute,
+        tokens_per_minute: config.rate_tokens_per_minute,
+        concurrent_streams: config.max_concurrent_streams,
+    };
+    match &config.redis_url {
+        Some(url) => {
+            let limiter =
+                RedisRateLimiter::connect(url, &config.rate_limit_key_prefix, limits, metrics)
+                    .await?;
+            tracing::info!(?limits, "rate limits shared through Redis");
+            Ok(Arc::new(limiter))
+        }
+        None => {
+            tracing::info!(?limits, "rate limits kept in this process");
+            Ok(Arc::new(LocalRateLimiter::new(limits, metrics)))
+        }
+    }
 }
 
 /// Cancels `shutdown` on SIGTERM or SIGINT; returns early if it is cancelled otherwise.

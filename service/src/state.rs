@@ -6,8 +6,10 @@ use std::sync::Arc;
 use axum::extract::FromRef;
 use prometheus_client::registry::Registry;
 
+use crate::accounting::Accounting;
 use crate::auth::Authenticator;
 use crate::metrics::HttpMetrics;
+use crate::ratelimit::RateLimiter;
 use crate::store::SessionStore;
 
 #[derive(Clone, FromRef)]
@@ -18,6 +20,9 @@ pub struct AppState {
     pub registry: Arc<Registry>,
     pub http_metrics: HttpMetrics,
     pub limits: Limits,
+    /// The built-in ledger or the external accounting service.
+    pub accounting: Arc<dyn Accounting>,
+    pub rate_limiter: Arc<dyn RateLimiter>,
 }
 
 #[derive(Debug, Clone, Copy)]

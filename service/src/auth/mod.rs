@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{FromRef, FromRequestParts};
+use axum::http::HeaderMap;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use jsonwebtoken::errors::ErrorKind;
@@ -307,25 +308,30 @@ where
     type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let header = parts
-            .headers
-            .get(AUTHORIZATION)
-            .ok_or(Error::MissingToken)?;
-        let value = header
-            .to_str()
-            .map_err(|_| Error::InvalidToken("malformed Authorization"))?;
-        let (scheme, token) = value.split_once(' ').ok_or(Error::InvalidToken(
-            "expected `Authorization: Bearer <token>`",
-        ))?;
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return Err(Error::InvalidToken(
-                "expected `Authorization: Bearer <token>`",
-            ));
+        // Set by middleware that already verified this request's token (rate limiting).
+        if let Some(principal) = parts.extensions.get::<Principal>() {
+            return Ok(principal.clone());
         }
-        Arc::<Authenticator>::from_ref(state)
-            .verify(token.trim())
-            .await
+        let token = bearer_token(&parts.headers)?;
+        Arc::<Authenticator>::from_ref(state).verify(token).await
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` header.
+pub fn bearer_token(headers: &HeaderMap) -> Result<&str, Error> {
+    let header = headers.get(AUTHORIZATION).ok_or(Error::MissingToken)?;
+    let value = header
+        .to_str()
+        .map_err(|_| Error::InvalidToken("malformed Authorization"))?;
+    let (scheme, token) = value.split_once(' ').ok_or(Error::InvalidToken(
+        "expected `Authorization: Bearer <token>`",
+    ))?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(Error::InvalidToken(
+            "expected `Authorization: Bearer <token>`",
+        ));
+    }
+    Ok(token.trim())
 }
 
 #[cfg(test)]

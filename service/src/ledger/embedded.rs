@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use redb::{ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction};
+use redb::{
+    ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, TableDefinition,
+    WriteTransaction,
+};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -249,6 +252,16 @@ impl Ledger for EmbeddedLedger {
             let accounts = txn.open_table(ACCOUNTS).map_err(redb::Error::from)?;
             let account = account_or_initial(&accounts, &user, &settings)?;
             Balance::new(account.balance, account.held)
+        })
+        .await?
+    }
+
+    async fn open_holds(&self) -> Result<u64, LedgerError> {
+        let db = Arc::clone(&self.db);
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_read().map_err(redb::Error::from)?;
+            let holds = txn.open_table(HOLDS).map_err(redb::Error::from)?;
+            Ok(holds.len().map_err(redb::Error::from)?)
         })
         .await?
     }

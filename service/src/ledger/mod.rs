@@ -120,6 +120,9 @@ pub trait Ledger: Send + Sync {
     /// Closes holds whose lease ended before `now`. Safe to run on every
     /// replica at once: each hold is closed by exactly one reaper.
     async fn reap(&self, now: DateTime<Utc>) -> Result<ReapReport, LedgerError>;
+
+    /// How many holds are open across all accounts (for the holds gauge).
+    async fn open_holds(&self) -> Result<u64, LedgerError>;
 }
 
 /// Logs the holds a reap pass released without any recorded usage.

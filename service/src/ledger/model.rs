@@ -86,7 +86,7 @@ pub struct Settlement {
 }
 
 /// How a request's hold was closed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum UsageOutcome {
     Completed,

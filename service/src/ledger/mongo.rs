@@ -523,6 +523,28 @@ impl Ledger for MongoLedger {
         }
     }
 
+    async fn open_holds(&self) -> Result<u64, LedgerError> {
+        let pipeline = [
+            doc! { "$match": { "holds.0": { "$exists": true } } },
+            doc! { "$project": { "count": { "$size": "$holds" } } },
+            doc! { "$group": { "_id": null, "count": { "$sum": "$count" } } },
+        ];
+        let mut cursor = self.accounts.aggregate(pipeline).await?;
+        let Some(total) = cursor.try_next().await? else {
+            return Ok(0);
+        };
+        let count = match total.get("count") {
+            Some(bson::Bson::Int32(count)) => i64::from(*count),
+            Some(bson::Bson::Int64(count)) => *count,
+            other => {
+                return Err(LedgerError::Corrupt(format!(
+                    "open hold count is {other:?}"
+                )));
+            }
+        };
+        u64::try_from(count).map_err(|_| LedgerError::Corrupt("negative hold count".into()))
+    }
+
     async fn grant(&self, user: &str, amount: Credits) -> Result<Balance, LedgerError> {
         validate_id(user)?;
         let amount = to_i64(amount)?;

@@ -1,6 +1,7 @@
 //! The HTTP API. `app` builds the router and its OpenAPI document from the
 //! same handler annotations, so the document cannot drift from the routes.
 
+mod accounting;
 mod ops;
 mod sessions;
 
@@ -23,6 +24,7 @@ use utoipa_axum::routes;
 
 use crate::error::Error;
 use crate::metrics::track_requests;
+use crate::ratelimit::limit_requests;
 use crate::state::AppState;
 
 /// Where the OpenAPI document is served.
@@ -34,6 +36,7 @@ pub const OPENAPI_PATH: &str = "/api/openapi.json";
     modifiers(&BearerAuth),
     tags(
         (name = "sessions", description = "Chat sessions and their messages"),
+        (name = "credits", description = "Seed-compatible accounting: prices, checks, holds, balances"),
         (name = "operations", description = "Liveness, readiness and metrics"),
     )
 )]
@@ -59,6 +62,14 @@ pub fn app(state: AppState) -> Router {
         .routes(routes!(sessions::create_session, sessions::list_sessions))
         .routes(routes!(sessions::get_session, sessions::delete_session))
         .routes(routes!(sessions::list_messages))
+        .routes(routes!(accounting::calculate))
+        .routes(routes!(accounting::check))
+        .routes(routes!(accounting::initialize))
+        .routes(routes!(accounting::finalize))
+        .routes(routes!(accounting::abort))
+        .routes(routes!(accounting::balance))
+        .routes(routes!(accounting::usage))
+        .routes(routes!(accounting::grant))
         .routes(routes!(ops::health))
         .routes(routes!(ops::ready))
         .routes(routes!(ops::metrics))
@@ -99,6 +110,10 @@ pub fn app(state: AppState) -> Router {
         )
         .fallback(|| async { Error::EndpointNotFound })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            limit_requests,
+        ))
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
         .layer(middleware::from_fn_with_state(
             state.http_metrics.clone(),

@@ -8,8 +8,11 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use http_body_util::BodyExt;
+use parley_service::accounting::{AccountingMetrics, LocalAccounting, PriceBook};
 use parley_service::auth::{AuthSettings, Authenticator, Principal, Role, mint_token};
+use parley_service::ledger::{Credits, EmbeddedLedger, Ledger, LedgerSettings};
 use parley_service::metrics::HttpMetrics;
+use parley_service::ratelimit::{LocalRateLimiter, RateLimitMetrics, RateLimits};
 use parley_service::state::{AppState, Limits};
 use parley_service::store::{EmbeddedStore, MongoStore, SessionStore};
 use prometheus_client::registry::Registry;
@@ -32,11 +35,42 @@ pub fn hs256_authenticator() -> Authenticator {
     .unwrap()
 }
 
-pub fn state(sessions: Arc<dyn SessionStore>) -> AppState {
+/// Credits a new account starts with in test apps.
+pub const INITIAL_CREDITS: Credits = Credits::from_micros(10_000_000);
+
+pub const LEDGER_SETTINGS: LedgerSettings = LedgerSettings {
+    initial_balance: INITIAL_CREDITS,
+};
+
+/// The API state on `store`, with the built-in ledger on its database and no
+/// rate limits.
+pub async fn state(store: &EmbeddedStore) -> AppState {
+    let ledger = EmbeddedLedger::new(Arc::clone(store.database()), LEDGER_SETTINGS)
+        .await
+        .unwrap();
+    state_with(Arc::new(store.clone()), Arc::new(ledger))
+}
+
+/// The API state on these stores, with no rate limits.
+pub fn state_with(sessions: Arc<dyn SessionStore>, ledger: Arc<dyn Ledger>) -> AppState {
     let mut registry = Registry::default();
     let http_metrics = HttpMetrics::register(&mut registry);
+    let accounting = LocalAccounting::new(
+        ledger,
+        Arc::new(PriceBook::builtin()),
+        Duration::from_secs(600),
+        AccountingMetrics::register(&mut registry),
+    );
+    let limits = RateLimits {
+        requests_per_minute: 0,
+        tokens_per_minute: 0,
+        concurrent_streams: 0,
+    };
+    let rate_limiter = LocalRateLimiter::new(limits, RateLimitMetrics::register(&mut registry));
     AppState {
         sessions,
+        accounting: Arc::new(accounting),
+        rate_limiter: Arc::new(rate_limiter),
         auth: Arc::new(hs256_authenticator()),
         registry: Arc::new(registry),
         http_metrics,
@@ -77,7 +111,7 @@ pub struct TestApp {
 impl TestApp {
     pub async fn new() -> Self {
         let (store, dir) = embedded_store().await;
-        let router = parley_service::app(state(Arc::new(store.clone())));
+        let router = parley_service::app(state(&store).await);
         Self {
             router,
             store,

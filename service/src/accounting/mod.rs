@@ -1,0 +1,510 @@
+//! Accounting: the seed-compatible credits API over the ledger.
+//!
+//! [`Accounting`] is the one interface the HTTP handlers (and the reply path)
+//! use. Two implementations:
+//! - [`LocalAccounting`]: the built-in ledger of this deployment's store;
+//! - [`ExternalAccounting`]: another Parley's accounting API
+//!   (`PARLEY_ACCOUNTING_URL`), called over the same [`contract`] with the
+//!   caller's own bearer token.
+//!
+//! Every failure is an `Err` that denies the request; nothing defaults to allow.
+//!
+//! # Who may call what
+//!
+//! A user operates on their own account only (`userId`, when given, must be
+//! their own `sub`); admins on any account; grants are admin-only. There is
+//! no separate service identity: a Parley in external mode forwards the end
+//! user's token, so the accounting server applies exactly these rules to the
+//! end user (both must trust the same token issuer). Back-office jobs use an
+//! admin token.
+
+pub mod contract;
+mod external;
+mod metrics;
+mod price_book;
+pub mod reaper;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+
+use crate::auth::{Principal, Role, bearer_token};
+use crate::error::Error;
+use crate::ledger::{
+    Closed, Credits, HoldRequest, Ledger, LedgerError, MAX_PAGE_SIZE, Page, Progress, ReplyOutcome,
+    Settlement,
+};
+use crate::state::AppState;
+use contract::{
+    AbortRequest, AccountQuery, BalanceResponse, CalculateRequest, CalculateResponse, CheckRequest,
+    CheckResponse, FinalizeRequest, GrantRequest, InitializeRequest, InitializeResponse,
+    SettlementResponse, UsageResponse,
+};
+pub use external::ExternalAccounting;
+pub use metrics::AccountingMetrics;
+pub use price_book::{DEFAULT_ROUTE, PriceBook, RoutePrice, SIMULATED_MODEL};
+
+/// Longest `sessionId` of the streaming-session endpoints.
+const MAX_SESSION_ID_BYTES: usize = 128;
+/// Longest request id the ledger accepts.
+const MAX_REQUEST_ID_BYTES: usize = 256;
+const DEFAULT_USAGE_LIMIT: u32 = 50;
+
+/// The authenticated caller and the token it presented (forwarded as is in
+/// external mode).
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub principal: Principal,
+    pub token: String,
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Error> {
+        let token = bearer_token(&parts.headers)?.to_owned();
+        let principal = Principal::from_request_parts(parts, state).await?;
+        Ok(Caller { principal, token })
+    }
+}
+
+/// The accounting operations, at the level of the seed contract.
+#[async_trait]
+pub trait Accounting: Send + Sync {
+    async fn calculate(
+        &self,
+        caller: &Caller,
+        request: CalculateRequest,
+    ) -> Result<CalculateResponse, Error>;
+    async fn check(&self, caller: &Caller, request: CheckRequest) -> Result<CheckResponse, Error>;
+    /// Holds the worst case of a reply; 402 when the account cannot cover it.
+    async fn initialize(
+        &self,
+        caller: &Caller,
+        request: InitializeRequest,
+    ) -> Result<InitializeResponse, Error>;
+    /// Charges a reply exactly once, whatever the order or number of calls.
+    async fn finalize(
+        &self,
+        caller: &Caller,
+        request: FinalizeRequest,
+    ) -> Result<SettlementResponse, Error>;
+    async fn abort(
+        &self,
+        caller: &Caller,
+        request: AbortRequest,
+    ) -> Result<SettlementResponse, Error>;
+    async fn balance(&self, caller: &Caller, query: AccountQuery)
+    -> Result<BalanceResponse, Error>;
+    async fn usage(&self, caller: &Caller, query: AccountQuery) -> Result<UsageResponse, Error>;
+    async fn grant(&self, caller: &Caller, request: GrantRequest)
+    -> Result<BalanceResponse, Error>;
+}
+
+/// The account `caller` acts on: `requested` if allowed, else its own.
+fn account_of(caller: &Caller, requested: Option<String>) -> Result<String, Error> {
+    let principal = &caller.principal;
+    match requested {
+        None => Ok(principal.sub.clone()),
+        Some(user) if user == principal.sub || principal.role == Role::Admin => Ok(user),
+        Some(_) => Err(Error::Forbidden(
+            "users may only use their own credits account",
+        )),
+    }
+}
+
+/// The ledger request id of a streaming session: the account is part of the
+/// key, so one user can never address another user's hold, and the length
+/// prefix keeps `(user, session)` pairs from colliding.
+fn hold_key(user: &str, session_id: &str) -> Result<String, Error> {
+    if session_id.is_empty() || session_id.len() > MAX_SESSION_ID_BYTES {
+        return Err(Error::Validation {
+            field: "sessionId",
+            message: format!("must be 1 to {MAX_SESSION_ID_BYTES} bytes"),
+        });
+    }
+    let key = format!("acct:{}:{user}:{session_id}", user.len());
+    if key.len() > MAX_REQUEST_ID_BYTES {
+        return Err(Error::Validation {
+            field: "sessionId",
+            message: "too long for this account's user id".into(),
+        });
+    }
+    Ok(key)
+}
+
+/// Estimated tokens of a text: one per four characters, rounded up.
+fn estimate_tokens(text: &str) -> u64 {
+    (text.chars().count() as u64).div_ceil(4)
+}
+
+/// How a streaming session ends.
+#[derive(Debug, Clone, Copy)]
+enum Ending {
+    /// Nothing was generated: release the whole hold.
+    Release,
+    /// Charge the recorded input and `output_tokens`.
+    Settle {
+        outcome: ReplyOutcome,
+        output_tokens: u64,
+    },
+}
+
+/// The built-in ledger.
+pub struct LocalAccounting {
+    ledger: Arc<dyn Ledger>,
+    prices: Arc<PriceBook>,
+    /// Lease of holds opened by `initialize`.
+    lease: Duration,
+    metrics: AccountingMetrics,
+}
+
+impl LocalAccounting {
+    pub fn new(
+        ledger: Arc<dyn Ledger>,
+        prices: Arc<PriceBook>,
+        lease: Duration,
+        metrics: AccountingMetrics,
+    ) -> Self {
+        LocalAccounting {
+            ledger,
+            prices,
+            lease,
+            metrics,
+        }
+    }
+
+    async fn close(
+        &self,
+        caller: &Caller,
+        session_id: String,
+        user_id: Option<String>,
+        ending: Ending,
+    ) -> Result<SettlementResponse, Error> {
+        let user = account_of(caller, user_id)?;
+        let request_id = hold_key(&user, &session_id)?;
+        let closed = match ending {
+            Ending::Release => self.ledger.release(&request_id).await,
+            Ending::Settle {
+                outcome,
+                output_tokens,
+            } => self.settle(&request_id, outcome, output_tokens).await,
+        };
+        let closed = closed.map_err(|error| match error {
+            LedgerError::HoldNotFound { .. } => Error::StreamingSessionNotFound(session_id.clone()),
+            other => Error::Ledger(other),
+        })?;
+        if !closed.replayed {
+            self.metrics.charged(&closed.record);
+        }
+        Ok(SettlementResponse::from_closed(session_id, closed))
+    }
+
+    async fn check_balance(
+        &self,
+        caller: &Caller,
+        request: CheckRequest,
+    ) -> Result<CheckResponse, Error> {
+        let user = account_of(caller, Some(request.user_id))?;
+        if let Some(model) = &request.model_id {
+            self.prices.lookup(model)?;
+        }
+        let balance = self.ledger.balance(&user).await?;
+        Ok(CheckResponse {
+            user_id: user,
+            sufficient: balance.available >= request.required_credits,
+            required_credits: request.required_credits,
+            balance: balance.into(),
+        })
+    }
+
+    async fn hold(
+        &self,
+        caller: &Caller,
+        request: InitializeRequest,
+    ) -> Result<InitializeResponse, Error> {
+        let user = account_of(caller, request.user_id)?;
+        let request_id = hold_key(&user, &request.session_id)?;
+        let route = Arc::clone(self.prices.lookup(&request.model_id)?);
+        let amount = route.worst_case(request.estimated_tokens)?;
+        let hold = self
+            .ledger
+            .hold(HoldRequest {
+                request_id: request_id.clone(),
+                user: user.clone(),
+                session_id: request.session_id.clone(),
+                route: route.alias.clone(),
+                model: route.model.clone(),
+                amount,
+                lease: self.lease,
+            })
+            .await?;
+        // The caller sends the prompt right after this answer, so its input is
+        // spent: recorded as progress, it is what the reaper charges if the
+        // caller never comes back.
+        let progress = Progress {
+            model: route.model.clone(),
+            input_tokens: request.estimated_tokens,
+            output_tokens: 0,
+            cost: route.pricing.price(request.estimated_tokens, 0)?,
+        };
+        if let Err(error) = self.ledger.record_progress(&request_id, progress).await {
+            // Do not leave a hold the caller was told failed; if this fails
+            // too, the reaper releases it when the lease ends.
+            if let Err(release_error) = self.ledger.release(&request_id).await {
+                tracing::warn!(%request_id, error = %release_error, "releasing a half-initialized hold failed");
+            }
+            return Err(error.into());
+        }
+        Ok(InitializeResponse {
+            session_id: request.session_id,
+            user_id: user,
+            model_id: hold.model,
+            route: hold.route,
+            allocated_credits: hold.amount,
+            lease_expires_at: hold.lease_expires_at,
+        })
+    }
+
+    async fn settle(
+        &self,
+        request_id: &str,
+        outcome: ReplyOutcome,
+        output_tokens: u64,
+    ) -> Result<Closed, LedgerError> {
+        // Renewing reads the open hold (its model and recorded input) and
+        // keeps the reaper off it while it is being settled.
+        let hold = match self.ledger.renew(request_id, self.lease).await {
+            Ok(hold) => hold,
+            // Already closed: releasing changes nothing and returns the record.
+            Err(LedgerError::HoldClosed { .. }) => return self.ledger.release(request_id).await,
+            Err(other) => return Err(other),
+        };
+        let input_tokens = hold.progress.as_ref().map_or(0, |p| p.input_tokens);
+        let cost = match self.prices.lookup(&hold.route) {
+            Ok(route) => route.pricing.price(input_tokens, output_tokens)?,
+            Err(_) => {
+                // The route left the price book while the reply ran: charge
+                // the hold, the most the account agreed to pay.
+                tracing::warn!(request_id, route = %hold.route, "route of an open hold has no price any more; charging the hold");
+                hold.amount
+            }
+        };
+        self.ledger
+            .settle(Settlement {
+                request_id: request_id.to_owned(),
+                route: hold.route,
+                model: hold.model,
+                input_tokens,
+                output_tokens,
+                cost,
+                outcome,
+            })
+            .await
+    }
+}
+
+#[async_trait]
+impl Accounting for LocalAccounting {
+    async fn calculate(
+        &self,
+        _caller: &Caller,
+        request: CalculateRequest,
+    ) -> Result<CalculateResponse, Error> {
+        let route = self.prices.lookup(&request.model_id)?;
+        let input_tokens = match (request.tokens, &request.message) {
+            (Some(tokens), _) => tokens,
+            (None, Some(message)) => estimate_tokens(message),
+            (None, None) => 0,
+        };
+        Ok(CalculateResponse {
+            model_id: request.model_id,
+            tokens: input_tokens.saturating_add(route.max_output_tokens),
+            input_tokens,
+            max_output_tokens: route.max_output_tokens,
+            required_credits: route.worst_case(input_tokens)?,
+        })
+    }
+
+    async fn check(&self, caller: &Caller, request: CheckRequest) -> Result<CheckResponse, Error> {
+        let result = self.check_balance(caller, request).await;
+        self.metrics
+            .observe_check(&result, |answer: &CheckResponse| answer.sufficient);
+        result
+    }
+
+    async fn initialize(
+        &self,
+        caller: &Caller,
+        request: InitializeRequest,
+    ) -> Result<InitializeResponse, Error> {
+        let result = self.hold(caller, request).await;
+        self.metrics.observe_check(&result, |_| true);
+        result
+    }
+
+    async fn finalize(
+        &self,
+        caller: &Caller,
+        request: FinalizeRequest,
+    ) -> Result<SettlementResponse, Error> {
+        tracing::info!(
+            session_id = %request.session_id,
+            actual_tokens = request.actual_tokens,
+            success = request.success,
+            duration_ms = request.duration,
+            "finalizing a streaming session"
+        );
+        let ending = match (request.success, request.actual_tokens) {
+            (false, 0) => Ending::Release,
+            (success, output_tokens) => Ending::Settle {
+                outcome: if success {
+                    ReplyOutcome::Completed
+                } else {
+                    ReplyOutcome::Failed
+                },
+                output_tokens,
+            },
+        };
+        self.close(caller, request.session_id, request.user_id, ending)
+            .await
+    }
+
+    async fn abort(
+        &self,
+        caller: &Caller,
+        request: AbortRequest,
+    ) -> Result<SettlementResponse, Error> {
+        tracing::info!(
+            session_id = %request.session_id,
+            tokens_generated = request.tokens_generated,
+            reason = request.reason.as_deref(),
+            error = request.error.as_deref(),
+            "aborting a streaming session"
+        );
+        let ending = match request.tokens_generated {
+            0 => Ending::Release,
+            output_tokens => Ending::Settle {
+                outcome: if request.error.is_some() {
+                    ReplyOutcome::Failed
+                } else {
+                    ReplyOutcome::Cancelled
+                },
+                output_tokens,
+            },
+        };
+        self.close(caller, request.session_id, request.user_id, ending)
+            .await
+    }
+
+    async fn balance(
+        &self,
+        caller: &Caller,
+        query: AccountQuery,
+    ) -> Result<BalanceResponse, Error> {
+        let user = account_of(caller, query.user_id)?;
+        let balance = self.ledger.balance(&user).await?;
+        Ok(BalanceResponse {
+            user_id: user,
+            balance: balance.into(),
+        })
+    }
+
+    async fn usage(&self, caller: &Caller, query: AccountQuery) -> Result<UsageResponse, Error> {
+        let user = account_of(caller, query.user_id)?;
+        let page = query.page.unwrap_or(1);
+        let limit = query.limit.unwrap_or(DEFAULT_USAGE_LIMIT);
+        if page == 0 {
+            return Err(Error::Validation {
+                field: "page",
+                message: "must be at least 1".into(),
+            });
+        }
+        if !(1..=MAX_PAGE_SIZE).contains(&limit) {
+            return Err(Error::Validation {
+                field: "limit",
+                message: format!("must be between 1 and {MAX_PAGE_SIZE}"),
+            });
+        }
+        let records = self
+            .ledger
+            .usage(
+                &user,
+                Page {
+                    number: page - 1,
+                    size: limit,
+                },
+            )
+            .await?;
+        Ok(UsageResponse {
+            user_id: user,
+            page,
+            limit,
+            records: records.into_iter().map(Into::into).collect(),
+        })
+    }
+
+    async fn grant(
+        &self,
+        caller: &Caller,
+        request: GrantRequest,
+    ) -> Result<BalanceResponse, Error> {
+        if caller.principal.role != Role::Admin {
+            return Err(Error::Forbidden("only admins grant credits"));
+        }
+        if request.credits == Credits::ZERO {
+            return Err(Error::Validation {
+                field: "credits",
+                message: "must be more than zero".into(),
+            });
+        }
+        let balance = self.ledger.grant(&request.user_id, request.credits).await?;
+        tracing::info!(admin = %caller.principal.sub, user = %request.user_id, credits = %request.credits, "credits granted");
+        Ok(BalanceResponse {
+            user_id: request.user_id,
+            balance: balance.into(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller(sub: &str, role: Role) -> Caller {
+        Caller {
+            principal: Principal {
+                sub: sub.into(),
+                role,
+                cohorts: Vec::new(),
+            },
+            token: String::new(),
+        }
+    }
+
+    #[test]
+    fn users_act_on_their_own_account_and_admins_on_any() {
+        let alice = caller("alice", Role::User);
+        assert_eq!(account_of(&alice, None).unwrap(), "alice");
+        assert_eq!(account_of(&alice, Some("alice".into())).unwrap(), "alice");
+        assert!(matches!(
+            account_of(&alice, Some("bob".into())),
+            Err(Error::Forbidden(_))
+        ));
+        let supervisor = caller("sam", Role::Supervisor);
+        assert!(account_of(&supervisor, Some("bob".into())).is_err());
+        let admin = caller("root", Role::Admin);
+        assert_eq!(account_of(&admin, Some("bob".into())).unwrap(), "bob");
+    }
+
+    #[test]
+    fn hold_keys_never_collide_across_users() {
+        assert_ne!(hold_key("a:b", "c").unwrap(), hold_key("a", "b:c").unwrap());
+        assert!(hold_key("alice", "").is_err());
+        assert!(hold_key("alice", &"s".repeat(129)).is_err());
+        assert!(hold_key(&"u".repeat(200), &"s".repeat(100)).is_err());
+    }
+}

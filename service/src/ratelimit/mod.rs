@@ -1,0 +1,170 @@
+//! Per-user quotas: API requests per minute, model tokens per minute and
+//! concurrent reply streams.
+//!
+//! Windows are fixed, one minute long, and start at a user's first request
+//! (or first charged token) after the previous window ended — not at
+//! wall-clock minute boundaries, so a burst cannot straddle a boundary to get
+//! twice the limit. A refused request does not count.
+//!
+//! [`LocalRateLimiter`] keeps the counters in this process (a sharded map:
+//! no global lock, no lock held across an await). [`RedisRateLimiter`] keeps
+//! them in Redis, each decision one Lua script (atomic on the server), so the
+//! limits hold across replicas. If Redis cannot be reached the limiter fails
+//! closed: requests are refused with 503 `RATE_LIMITER_UNAVAILABLE` until it
+//! answers again.
+
+mod local;
+mod redis;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use futures::future::BoxFuture;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+pub use self::local::LocalRateLimiter;
+pub use self::redis::RedisRateLimiter;
+use crate::auth::bearer_token;
+use crate::error::Error;
+use crate::state::AppState;
+
+/// Length of a rate-limit window.
+pub const WINDOW: Duration = Duration::from_secs(60);
+
+/// Per-user limits of a deployment; 0 means unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimits {
+    pub requests_per_minute: u64,
+    pub tokens_per_minute: u64,
+    pub concurrent_streams: u64,
+}
+
+/// The limit a refusal names (`limit` label and `RATE_LIMITED` message).
+pub mod limit {
+    pub const REQUESTS: &str = "requests";
+    pub const TOKENS: &str = "tokens";
+    pub const STREAMS: &str = "streams";
+}
+
+#[async_trait]
+pub trait RateLimiter: Send + Sync {
+    /// Counts one API request of `user`. Refused when this minute's requests
+    /// are used up, or its token budget is spent.
+    async fn admit_request(&self, user: &str) -> Result<(), Error>;
+
+    /// Takes one of `user`'s concurrent-stream slots until the guard drops.
+    async fn acquire_stream(&self, user: &str) -> Result<StreamGuard, Error>;
+
+    /// Adds tokens a reply used. They always count (they were spent); the
+    /// answer is `RATE_LIMITED` once this minute's budget is exceeded, so the
+    /// reply path can stop generating.
+    async fn charge_tokens(&self, user: &str, tokens: u64) -> Result<(), Error>;
+}
+
+/// A concurrent-stream slot. [`StreamGuard::release`] frees it and returns
+/// when it is free; dropping the guard frees it too (in the background when
+/// that needs I/O), so a slot is never leaked by an early return or a panic.
+#[must_use = "the stream slot is freed when the guard drops"]
+pub struct StreamGuard {
+    release: Option<BoxFuture<'static, ()>>,
+}
+
+impl StreamGuard {
+    fn new(release: BoxFuture<'static, ()>) -> Self {
+        StreamGuard {
+            release: Some(release),
+        }
+    }
+
+    /// A slot that frees nothing (no stream limit configured).
+    fn unlimited() -> Self {
+        StreamGuard { release: None }
+    }
+
+    /// Frees the slot; returns once another stream may take it.
+    pub async fn release(mut self) {
+        if let Some(release) = self.release.take() {
+            release.await;
+        }
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let Some(mut release) = self.release.take() else {
+            return;
+        };
+        // In-process releases finish on the first poll, without a task.
+        let waker = futures::task::noop_waker();
+        let mut context = std::task::Context::from_waker(&waker);
+        if release.as_mut().poll(&mut context).is_ready() {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(release);
+            }
+            Err(_) => tracing::warn!("no runtime to free a stream slot; it expires by itself"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    limit: &'static str,
+}
+
+#[derive(Clone, Default)]
+pub struct RateLimitMetrics {
+    limited: Family<LimitLabels, Counter>,
+}
+
+impl RateLimitMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = RateLimitMetrics::default();
+        registry.register(
+            "parley_rate_limited",
+            "Requests refused by a per-user limit, by limit",
+            metrics.limited.clone(),
+        );
+        metrics
+    }
+
+    /// Counts a refusal and builds its error.
+    fn refuse(&self, limit: &'static str, retry_after: Duration) -> Error {
+        self.limited.get_or_create(&LimitLabels { limit }).inc();
+        Error::RateLimited { limit, retry_after }
+    }
+}
+
+/// Middleware applying the requests limit to authenticated `/api/` calls.
+/// The verified caller is left in the request's extensions, so the handler
+/// does not verify the token again; unauthenticated requests pass through
+/// to be refused by their handler.
+pub async fn limit_requests(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    if !request.uri().path().starts_with("/api/") {
+        return next.run(request).await;
+    }
+    let Ok(token) = bearer_token(request.headers()) else {
+        return next.run(request).await;
+    };
+    let principal = match state.auth.verify(token).await {
+        Ok(principal) => principal,
+        Err(error) => return error.into_response(),
+    };
+    if let Err(error) = state.rate_limiter.admit_request(&principal.sub).await {
+        return error.into_response();
+    }
+    request.extensions_mut().insert(principal);
+    next.run(request).await
+}
