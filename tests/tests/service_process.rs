@@ -125,7 +125,7 @@ async fn minted_tokens_work_and_the_embedded_store_survives_a_restart() {
     let token = String::from_utf8(minted.stdout).unwrap().trim().to_owned();
 
     let http = reqwest::Client::new();
-    let mut service = start_service(data_dir.path(), &[secret.clone()]).await;
+    let mut service = start_service(data_dir.path(), std::slice::from_ref(&secret)).await;
     let created: Value = http
         .post(format!("{}/api/chat/sessions", service.base))
         .bearer_auth(&token)
