@@ -8,6 +8,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::providers::ProviderErrorKind;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("no bearer token in the Authorization header")]
@@ -43,6 +45,19 @@ pub enum Error {
     StoreUnavailable(String),
     #[error("store error: {0}")]
     Store(String),
+    #[error("unknown model route `{requested}`")]
+    UnknownRoute {
+        requested: String,
+        allowed: Vec<String>,
+    },
+    #[error("this chat session already has a reply in progress")]
+    ReplyInProgress,
+    #[error("this chat session has no reply in progress")]
+    NoActiveReply,
+    #[error("the model failed: {0}")]
+    Upstream(crate::providers::ProviderError),
+    #[error("the service is shutting down")]
+    ShuttingDown,
     #[error("configuration error: {0}")]
     Config(String),
     #[error("{context}: {source}")]
@@ -63,6 +78,9 @@ pub struct ErrorBody {
     /// The offending field, for validation errors.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<&'static str>,
+    /// The routes the caller may use, when the requested one is unknown.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed: Option<Vec<String>>,
 }
 
 impl Error {
@@ -78,9 +96,14 @@ impl Error {
             Self::MissingToken | Self::InvalidToken(_) => StatusCode::UNAUTHORIZED,
             Self::SessionNotFound | Self::EndpointNotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::InvalidSessionId | Self::MalformedJson(_) | Self::InvalidQuery(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            Self::InvalidSessionId
+            | Self::MalformedJson(_)
+            | Self::InvalidQuery(_)
+            | Self::UnknownRoute { .. } => StatusCode::BAD_REQUEST,
+            Self::ReplyInProgress => StatusCode::CONFLICT,
+            Self::NoActiveReply => StatusCode::NOT_FOUND,
+            Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Upstream(error) => upstream_status(error.kind),
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::InvalidBody(_) | Self::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -105,6 +128,11 @@ impl Error {
             Self::Validation { .. } => "VALIDATION_FAILED",
             Self::PayloadTooLarge { .. } => "PAYLOAD_TOO_LARGE",
             Self::StoreUnavailable(_) => "STORE_UNAVAILABLE",
+            Self::UnknownRoute { .. } => "UNKNOWN_ROUTE",
+            Self::ReplyInProgress => "REPLY_IN_PROGRESS",
+            Self::NoActiveReply => "NO_ACTIVE_REPLY",
+            Self::ShuttingDown => "SHUTTING_DOWN",
+            Self::Upstream(error) => upstream_code(error.kind),
             Self::Store(_) | Self::Config(_) | Self::Io { .. } => "INTERNAL",
         }
     }
@@ -116,8 +144,17 @@ impl Error {
             Self::AuthUnavailable(_) => "the identity provider is unavailable; retry later".into(),
             Self::StoreUnavailable(_) => "the session store is unavailable; retry later".into(),
             Self::Store(_) | Self::Config(_) | Self::Io { .. } => "internal error".into(),
+            Self::UnknownRoute { requested, allowed } => format!(
+                "unknown model route `{requested}`; you may use: {}",
+                allowed.join(", ")
+            ),
+            // Upstream messages may carry provider internals; the code says enough.
+            Self::Upstream(error) => format!("the model failed ({})", error.kind),
             Self::MissingToken
             | Self::InvalidToken(_)
+            | Self::ReplyInProgress
+            | Self::NoActiveReply
+            | Self::ShuttingDown
             | Self::SessionNotFound
             | Self::EndpointNotFound
             | Self::MethodNotAllowed
@@ -148,8 +185,38 @@ impl IntoResponse for Error {
             code: self.code(),
             message: self.public_message(),
             field,
+            allowed: match &self {
+                Self::UnknownRoute { allowed, .. } => Some(allowed.clone()),
+                _ => None,
+            },
         };
         (status, Json(body)).into_response()
+    }
+}
+
+/// HTTP status of a reply that failed upstream before any output.
+fn upstream_status(kind: ProviderErrorKind) -> StatusCode {
+    match kind {
+        ProviderErrorKind::Throttled => StatusCode::TOO_MANY_REQUESTS,
+        ProviderErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ProviderErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        ProviderErrorKind::ContextWindow => StatusCode::UNPROCESSABLE_ENTITY,
+        ProviderErrorKind::InvalidRequest | ProviderErrorKind::Auth | ProviderErrorKind::Other => {
+            StatusCode::BAD_GATEWAY
+        }
+    }
+}
+
+/// Stable code of an upstream failure, in HTTP errors and SSE `error` events.
+pub fn upstream_code(kind: ProviderErrorKind) -> &'static str {
+    match kind {
+        ProviderErrorKind::Throttled => "MODEL_THROTTLED",
+        ProviderErrorKind::Unavailable => "MODEL_UNAVAILABLE",
+        ProviderErrorKind::Timeout => "MODEL_TIMEOUT",
+        ProviderErrorKind::ContextWindow => "CONTEXT_WINDOW_EXCEEDED",
+        ProviderErrorKind::InvalidRequest => "MODEL_REJECTED_REQUEST",
+        ProviderErrorKind::Auth => "MODEL_AUTH_FAILED",
+        ProviderErrorKind::Other => "MODEL_ERROR",
     }
 }
 

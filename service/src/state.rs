@@ -9,6 +9,7 @@ use prometheus_client::registry::Registry;
 use crate::auth::Authenticator;
 use crate::metrics::HttpMetrics;
 use crate::store::SessionStore;
+use crate::stream::Replies;
 
 #[derive(Clone, FromRef)]
 pub struct AppState {
@@ -18,6 +19,8 @@ pub struct AppState {
     pub registry: Arc<Registry>,
     pub http_metrics: HttpMetrics,
     pub limits: Limits,
+    /// Routes, providers and the stream hub.
+    pub replies: Arc<Replies>,
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -2,6 +2,7 @@
 //! same handler annotations, so the document cannot drift from the routes.
 
 mod ops;
+mod replies;
 mod sessions;
 
 use axum::extract::rejection::JsonRejection;
@@ -34,6 +35,7 @@ pub const OPENAPI_PATH: &str = "/api/openapi.json";
     modifiers(&BearerAuth),
     tags(
         (name = "sessions", description = "Chat sessions and their messages"),
+        (name = "replies", description = "Model replies, whole or streamed, and the models offered"),
         (name = "operations", description = "Liveness, readiness and metrics"),
     )
 )]
@@ -58,7 +60,9 @@ pub fn app(state: AppState) -> Router {
     let (router, openapi) = OpenApiRouter::<AppState>::with_openapi(ApiDoc::openapi())
         .routes(routes!(sessions::create_session, sessions::list_sessions))
         .routes(routes!(sessions::get_session, sessions::delete_session))
-        .routes(routes!(sessions::list_messages))
+        .routes(routes!(sessions::list_messages, replies::send_message))
+        .routes(routes!(replies::stream_reply, replies::reattach))
+        .routes(routes!(replies::list_models))
         .routes(routes!(ops::health))
         .routes(routes!(ops::ready))
         .routes(routes!(ops::metrics))

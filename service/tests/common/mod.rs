@@ -10,8 +10,11 @@ use axum::http::{Request, StatusCode, header};
 use http_body_util::BodyExt;
 use parley_service::auth::{AuthSettings, Authenticator, Principal, Role, mint_token};
 use parley_service::metrics::HttpMetrics;
+use parley_service::model_routes::{ProviderRegistry, Routes};
+use parley_service::providers::{SimulatedProvider, SimulatedSettings};
 use parley_service::state::{AppState, Limits};
 use parley_service::store::{EmbeddedStore, MongoStore, SessionStore};
+use parley_service::stream::{Replies, ReplySettings};
 use prometheus_client::registry::Registry;
 use serde_json::Value;
 use tempfile::TempDir;
@@ -34,8 +37,36 @@ pub fn hs256_authenticator() -> Authenticator {
 
 pub fn state(sessions: Arc<dyn SessionStore>) -> AppState {
     let mut registry = Registry::default();
+    let replies = builtin_replies(&mut registry);
+    state_with(sessions, registry, replies)
+}
+
+/// The built-in routes on an unpaced simulated model.
+pub fn builtin_replies(registry: &mut Registry) -> Replies {
+    let simulated = SimulatedProvider::new(SimulatedSettings {
+        first_token_latency: Duration::ZERO,
+        tokens_per_second: None,
+        reply_tokens: None,
+    });
+    Replies::new(
+        Routes::builtin(),
+        ProviderRegistry::new(Arc::new(simulated), None, None),
+        ReplySettings {
+            grace: Duration::from_secs(30),
+            ping: Duration::from_secs(15),
+        },
+        registry,
+    )
+}
+
+pub fn state_with(
+    sessions: Arc<dyn SessionStore>,
+    mut registry: Registry,
+    replies: Replies,
+) -> AppState {
     let http_metrics = HttpMetrics::register(&mut registry);
     AppState {
+        replies: Arc::new(replies),
         sessions,
         auth: Arc::new(hs256_authenticator()),
         registry: Arc::new(registry),
