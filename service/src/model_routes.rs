@@ -174,7 +174,9 @@ pub async fn watch_routes_file(
     interval: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut last_seen = file_fingerprint(&path).await;
+    // The first poll applies the file as found, so a change between the
+    // start-up load and this task's start is not missed.
+    let mut last_seen: Option<Option<Fingerprint>> = None;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -183,7 +185,7 @@ pub async fn watch_routes_file(
             _ = ticker.tick() => {}
         }
         let seen = file_fingerprint(&path).await;
-        if seen == last_seen {
+        if last_seen.as_ref() == Some(&seen) {
             continue;
         }
         match &seen {
@@ -195,12 +197,14 @@ pub async fn watch_routes_file(
                 tracing::error!(path = %path.display(), "routes file unreadable; keeping the last good routes");
             }
         }
-        last_seen = seen;
+        last_seen = Some(seen);
     }
 }
 
 /// Modification time, content hash and content of the file, `None` when unreadable.
-async fn file_fingerprint(path: &PathBuf) -> Option<(Option<SystemTime>, u64, String)> {
+type Fingerprint = (Option<SystemTime>, u64, String);
+
+async fn file_fingerprint(path: &PathBuf) -> Option<Fingerprint> {
     let text = tokio::fs::read_to_string(path).await.ok()?;
     let modified = tokio::fs::metadata(path)
         .await
