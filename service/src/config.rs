@@ -200,6 +200,86 @@ pub struct Config {
         global = true
     )]
     pub rate_limit_key_prefix: String,
+    #[command(flatten)]
+    pub replies: ReplyConfig,
+}
+
+/// Model routes, providers and streamed replies.
+#[derive(Debug, Clone, Args)]
+pub struct ReplyConfig {
+    /// Routes file (YAML); unset: one `default` route on the simulated model.
+    #[arg(long, env = "PARLEY_ROUTES_FILE", global = true)]
+    pub routes_file: Option<PathBuf>,
+    /// How often the routes file is checked for changes.
+    #[arg(
+        long,
+        env = "PARLEY_ROUTES_POLL_MILLIS",
+        default_value_t = 1000,
+        global = true
+    )]
+    pub routes_poll_millis: u64,
+    /// Bedrock Runtime endpoint override; region and credentials come from the standard AWS chain.
+    #[arg(long, env = "PARLEY_BEDROCK_ENDPOINT_URL", global = true)]
+    pub bedrock_endpoint_url: Option<String>,
+    /// Base URL of an OpenAI-compatible server (e.g. `http://vllm:8000/v1`); unset: no openai targets.
+    #[arg(long, env = "PARLEY_OPENAI_BASE_URL", global = true)]
+    pub openai_base_url: Option<String>,
+    #[arg(
+        long,
+        env = "PARLEY_OPENAI_API_KEY",
+        hide_env_values = true,
+        global = true
+    )]
+    pub openai_api_key: Option<String>,
+    /// Simulated model: time to the first token.
+    #[arg(
+        long,
+        env = "PARLEY_SIMULATED_FIRST_TOKEN_MILLIS",
+        default_value_t = 200,
+        global = true
+    )]
+    pub simulated_first_token_millis: u64,
+    /// Simulated model: tokens per second after the first (0: unpaced).
+    #[arg(
+        long,
+        env = "PARLEY_SIMULATED_TOKENS_PER_SECOND",
+        default_value_t = 50,
+        global = true
+    )]
+    pub simulated_tokens_per_second: u32,
+    /// Simulated model: reply length in tokens (0: echo the prompt once).
+    #[arg(
+        long,
+        env = "PARLEY_SIMULATED_REPLY_TOKENS",
+        default_value_t = 0,
+        global = true
+    )]
+    pub simulated_reply_tokens: u32,
+    /// How long a reply keeps generating after its client disconnected, so it can re-attach.
+    #[arg(
+        long,
+        env = "PARLEY_REPLY_GRACE_SECONDS",
+        default_value_t = 30,
+        global = true
+    )]
+    pub reply_grace_seconds: u64,
+    /// Interval of `: ping` comments on idle SSE streams.
+    #[arg(
+        long,
+        env = "PARLEY_SSE_PING_SECONDS",
+        default_value_t = 15,
+        global = true
+    )]
+    pub sse_ping_seconds: u64,
+    /// After SIGTERM, how long replies may finish before they end with `SHUTTING_DOWN`
+    /// (keep it below PARLEY_SHUTDOWN_DRAIN_SECONDS).
+    #[arg(
+        long,
+        env = "PARLEY_STREAM_DRAIN_SECONDS",
+        default_value_t = 20,
+        global = true
+    )]
+    pub stream_drain_seconds: u64,
 }
 
 impl Config {

@@ -13,6 +13,7 @@ use utoipa::ToSchema;
 
 use crate::accounting::contract::decimal_credits;
 use crate::ledger::{Credits, LedgerError};
+use crate::providers::ProviderErrorKind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -49,6 +50,19 @@ pub enum Error {
     StoreUnavailable(String),
     #[error("store error: {0}")]
     Store(String),
+    #[error("unknown model route `{requested}`")]
+    UnknownRoute {
+        requested: String,
+        allowed: Vec<String>,
+    },
+    #[error("this chat session already has a reply in progress")]
+    ReplyInProgress,
+    #[error("this chat session has no reply in progress")]
+    NoActiveReply,
+    #[error("the model failed: {0}")]
+    Upstream(crate::providers::ProviderError),
+    #[error("the service is shutting down")]
+    ShuttingDown,
     #[error("configuration error: {0}")]
     Config(String),
     /// A body of the accounting API with missing, unknown or mistyped fields.
@@ -95,7 +109,8 @@ pub struct ErrorBody {
     /// The offending fields of an `INVALID_FIELDS` body.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fields: Option<Vec<String>>,
-    /// The model ids and aliases accepted, for `UNKNOWN_MODEL`.
+    /// What may be asked for instead: model ids and aliases for `UNKNOWN_MODEL`,
+    /// the caller's routes for `UNKNOWN_ROUTE`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allowed: Option<Vec<String>>,
     /// `INSUFFICIENT_CREDITS`: the account's balance, in credits.
@@ -143,9 +158,14 @@ impl Error {
             Self::MissingToken | Self::InvalidToken(_) => StatusCode::UNAUTHORIZED,
             Self::SessionNotFound | Self::EndpointNotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::InvalidSessionId | Self::MalformedJson(_) | Self::InvalidQuery(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            Self::InvalidSessionId
+            | Self::MalformedJson(_)
+            | Self::InvalidQuery(_)
+            | Self::UnknownRoute { .. } => StatusCode::BAD_REQUEST,
+            Self::ReplyInProgress => StatusCode::CONFLICT,
+            Self::NoActiveReply => StatusCode::NOT_FOUND,
+            Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Upstream(error) => upstream_status(error.kind),
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::InvalidBody(_) | Self::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -178,6 +198,11 @@ impl Error {
             Self::Validation { .. } => "VALIDATION_FAILED",
             Self::PayloadTooLarge { .. } => "PAYLOAD_TOO_LARGE",
             Self::StoreUnavailable(_) => "STORE_UNAVAILABLE",
+            Self::UnknownRoute { .. } => "UNKNOWN_ROUTE",
+            Self::ReplyInProgress => "REPLY_IN_PROGRESS",
+            Self::NoActiveReply => "NO_ACTIVE_REPLY",
+            Self::ShuttingDown => "SHUTTING_DOWN",
+            Self::Upstream(error) => upstream_code(error.kind),
             Self::Store(_) | Self::Config(_) | Self::Io { .. } => "INTERNAL",
         }
     }
@@ -196,6 +221,12 @@ impl Error {
                 "the rate limiter is unavailable; requests are refused until it is back".into()
             }
             Self::Ledger(error) => ledger_public_message(error),
+            Self::UnknownRoute { requested, allowed } => format!(
+                "unknown model route `{requested}`; you may use: {}",
+                allowed.join(", ")
+            ),
+            // Upstream messages may carry provider internals; the code says enough.
+            Self::Upstream(error) => format!("the model failed ({})", error.kind),
             Self::InvalidFields { .. }
             | Self::UnknownModel { .. }
             | Self::Forbidden(_)
@@ -203,6 +234,9 @@ impl Error {
             | Self::RateLimited { .. }
             | Self::MissingToken
             | Self::InvalidToken(_)
+            | Self::ReplyInProgress
+            | Self::NoActiveReply
+            | Self::ShuttingDown
             | Self::SessionNotFound
             | Self::EndpointNotFound
             | Self::MethodNotAllowed
@@ -240,6 +274,7 @@ impl IntoResponse for Error {
             Self::Validation { field, .. } => body.field = Some(field),
             Self::InvalidFields { fields, .. } => body.fields = Some(fields),
             Self::UnknownModel { allowed, .. } => body.allowed = Some(allowed),
+            Self::UnknownRoute { allowed, .. } => body.allowed = Some(allowed),
             Self::Ledger(LedgerError::InsufficientCredits {
                 balance,
                 available,
@@ -316,6 +351,32 @@ fn ledger_public_message(error: &LedgerError) -> String {
         | LedgerError::InvalidRequest(_)
         | LedgerError::InvalidAmount(_)
         | LedgerError::AmountOutOfRange => error.to_string(),
+    }
+}
+
+/// HTTP status of a reply that failed upstream before any output.
+fn upstream_status(kind: ProviderErrorKind) -> StatusCode {
+    match kind {
+        ProviderErrorKind::Throttled => StatusCode::TOO_MANY_REQUESTS,
+        ProviderErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ProviderErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        ProviderErrorKind::ContextWindow => StatusCode::UNPROCESSABLE_ENTITY,
+        ProviderErrorKind::InvalidRequest | ProviderErrorKind::Auth | ProviderErrorKind::Other => {
+            StatusCode::BAD_GATEWAY
+        }
+    }
+}
+
+/// Stable code of an upstream failure, in HTTP errors and SSE `error` events.
+pub fn upstream_code(kind: ProviderErrorKind) -> &'static str {
+    match kind {
+        ProviderErrorKind::Throttled => "MODEL_THROTTLED",
+        ProviderErrorKind::Unavailable => "MODEL_UNAVAILABLE",
+        ProviderErrorKind::Timeout => "MODEL_TIMEOUT",
+        ProviderErrorKind::ContextWindow => "CONTEXT_WINDOW_EXCEEDED",
+        ProviderErrorKind::InvalidRequest => "MODEL_REJECTED_REQUEST",
+        ProviderErrorKind::Auth => "MODEL_AUTH_FAILED",
+        ProviderErrorKind::Other => "MODEL_ERROR",
     }
 }
 

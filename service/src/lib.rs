@@ -6,12 +6,14 @@ pub mod config;
 pub mod error;
 pub mod ledger;
 pub mod metrics;
+pub mod model_routes;
 pub mod providers;
 pub mod ratelimit;
 pub mod routes;
 pub mod server;
 pub mod state;
 pub mod store;
+pub mod stream;
 pub mod telemetry;
 
 pub use error::Error;

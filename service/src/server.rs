@@ -22,12 +22,14 @@ use crate::config::{Config, TokenArgs};
 use crate::error::Error;
 use crate::ledger::{EmbeddedLedger, Ledger, LedgerSettings, MongoLedger};
 use crate::metrics::HttpMetrics;
+use crate::model_routes::watch_routes_file;
 use crate::ratelimit::{
     LocalRateLimiter, RateLimitMetrics, RateLimiter, RateLimits, RedisRateLimiter,
 };
 use crate::routes::app;
 use crate::state::{AppState, Limits};
 use crate::store::{EmbeddedStore, MongoStore, SessionStore};
+use crate::stream::Replies;
 
 /// File of the embedded database inside the data dir.
 pub const EMBEDDED_DB_FILE: &str = "parley.redb";
@@ -110,6 +112,15 @@ pub async fn serve_listener(
     let backend = Backend::open(&config).await?;
     let mut registry = Registry::default();
     let http_metrics = HttpMetrics::register(&mut registry);
+    let replies = Arc::new(Replies::from_config(&config.replies, &mut registry).await?);
+    if let Some(path) = &config.replies.routes_file {
+        tokio::spawn(watch_routes_file(
+            Arc::clone(&replies.routes),
+            path.clone(),
+            Duration::from_millis(config.replies.routes_poll_millis.max(10)),
+            shutdown.clone(),
+        ));
+    }
     let auth = Authenticator::new(AuthSettings::from_config(
         &config,
         secret.as_ref().map(|secret| secret.bytes.clone()),
@@ -158,6 +169,7 @@ pub async fn serve_listener(
         },
         accounting,
         rate_limiter,
+        replies: Arc::clone(&replies),
     };
     if let Some(Hs256Secret {
         bytes,
@@ -183,13 +195,31 @@ pub async fn serve_listener(
         () = shutdown.cancelled() => {
             let drain = Duration::from_secs(config.shutdown_drain_seconds);
             tracing::info!(drain_seconds = drain.as_secs(), "shutting down; draining open requests");
-            match tokio::time::timeout(drain, &mut server).await {
+            // Replies get the stream drain to finish; then they end with
+            // SHUTTING_DOWN (keeping what they generated) so their
+            // connections can close within the request drain.
+            let stream_drain = Duration::from_secs(config.replies.stream_drain_seconds);
+            let end_replies = async {
+                tokio::time::sleep(stream_drain).await;
+                tracing::info!(active = replies.hub.active(), "stream drain is over; ending the remaining replies");
+                replies.shutdown.cancel();
+                std::future::pending::<()>().await;
+            };
+            let drained = tokio::time::timeout(drain, async {
+                tokio::select! {
+                    result = &mut server => result,
+                    () = end_replies => Ok(()),
+                }
+            });
+            let result = match drained.await {
                 Ok(result) => result,
                 Err(_) => {
                     tracing::warn!("drain time is up; closing the remaining connections");
                     Ok(())
                 }
-            }
+            };
+            replies.shutdown.cancel();
+            result
         }
     };
     // Also when the server stopped by itself (an I/O error).

@@ -11,6 +11,7 @@ use crate::auth::Authenticator;
 use crate::metrics::HttpMetrics;
 use crate::ratelimit::RateLimiter;
 use crate::store::SessionStore;
+use crate::stream::Replies;
 
 #[derive(Clone, FromRef)]
 pub struct AppState {
@@ -23,6 +24,8 @@ pub struct AppState {
     /// The built-in ledger or the external accounting service.
     pub accounting: Arc<dyn Accounting>,
     pub rate_limiter: Arc<dyn RateLimiter>,
+    /// Routes, providers and the stream hub.
+    pub replies: Arc<Replies>,
 }
 
 #[derive(Debug, Clone, Copy)]

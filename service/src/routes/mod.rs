@@ -3,6 +3,7 @@
 
 mod accounting;
 mod ops;
+mod replies;
 mod sessions;
 
 use axum::extract::rejection::JsonRejection;
@@ -37,6 +38,7 @@ pub const OPENAPI_PATH: &str = "/api/openapi.json";
     tags(
         (name = "sessions", description = "Chat sessions and their messages"),
         (name = "credits", description = "Seed-compatible accounting: prices, checks, holds, balances"),
+        (name = "replies", description = "Model replies, whole or streamed, and the models offered"),
         (name = "operations", description = "Liveness, readiness and metrics"),
     )
 )]
@@ -70,6 +72,9 @@ pub fn app(state: AppState) -> Router {
         .routes(routes!(accounting::balance))
         .routes(routes!(accounting::usage))
         .routes(routes!(accounting::grant))
+        .routes(routes!(sessions::list_messages, replies::send_message))
+        .routes(routes!(replies::stream_reply, replies::reattach))
+        .routes(routes!(replies::list_models))
         .routes(routes!(ops::health))
         .routes(routes!(ops::ready))
         .routes(routes!(ops::metrics))

@@ -77,6 +77,9 @@ pub struct MessageView {
     role: MessageRole,
     content: String,
     timestamp: DateTime<Utc>,
+    /// Present (true) on a reply cut short after some output.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    incomplete: bool,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -298,7 +301,7 @@ async fn readable_session(
     }
 }
 
-fn session_id(path: Result<Path<String>, PathRejection>) -> Result<ObjectId, Error> {
+pub(super) fn session_id(path: Result<Path<String>, PathRejection>) -> Result<ObjectId, Error> {
     let Path(text) = path.map_err(|_| Error::InvalidSessionId)?;
     if text.len() != 24 {
         return Err(Error::InvalidSessionId);
@@ -353,7 +356,11 @@ fn validate_route(route: Option<String>, model_id: Option<String>) -> Result<Str
     Ok(value)
 }
 
-fn validate_message(text: &str, max_chars: usize, field: &'static str) -> Result<(), Error> {
+pub(super) fn validate_message(
+    text: &str,
+    max_chars: usize,
+    field: &'static str,
+) -> Result<(), Error> {
     if text.trim().is_empty() {
         return Err(Error::Validation {
             field,
@@ -391,6 +398,7 @@ fn message_view(message: Message) -> MessageView {
         role: message.role,
         content: message.content,
         timestamp: message.timestamp,
+        incomplete: message.incomplete,
     }
 }
 

@@ -57,6 +57,8 @@ struct MessageRecord<'a> {
     #[serde(borrow)]
     content: std::borrow::Cow<'a, str>,
     timestamp_ms: i64,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    incomplete: bool,
 }
 
 #[derive(Clone)]
@@ -198,6 +200,7 @@ impl SessionStore for EmbeddedStore {
                         role: record.role,
                         content: record.content.into_owned(),
                         timestamp: from_millis(record.timestamp_ms)?,
+                        incomplete: record.incomplete,
                     })
                 })
                 .collect::<Result<Vec<_>, Error>>()?;
@@ -363,6 +366,7 @@ fn message_record(message: &Message) -> MessageRecord<'_> {
         role: message.role,
         content: std::borrow::Cow::Borrowed(&message.content),
         timestamp_ms: message.timestamp.timestamp_millis(),
+        incomplete: message.incomplete,
     }
 }
 

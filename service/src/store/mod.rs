@@ -32,6 +32,8 @@ pub struct Message {
     pub role: MessageRole,
     pub content: String,
     pub timestamp: DateTime<Utc>,
+    /// A reply cut short (upstream error, cancellation) after some output.
+    pub incomplete: bool,
 }
 
 impl Message {
@@ -41,6 +43,7 @@ impl Message {
             role,
             content,
             timestamp: now(),
+            incomplete: false,
         }
     }
 }

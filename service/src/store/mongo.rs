@@ -52,6 +52,8 @@ struct MessageDocument {
     role: MessageRole,
     content: String,
     timestamp: bson::DateTime,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    incomplete: bool,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -226,6 +228,7 @@ fn message_document(message: &Message) -> MessageDocument {
         role: message.role,
         content: message.content.clone(),
         timestamp: bson_time(message.timestamp),
+        incomplete: message.incomplete,
     }
 }
 
@@ -253,6 +256,7 @@ fn session(document: SessionDocument) -> Session {
                 role: message.role,
                 content: message.content,
                 timestamp: utc(message.timestamp),
+                incomplete: message.incomplete,
             })
             .collect(),
     }

@@ -12,9 +12,12 @@ use parley_service::accounting::{AccountingMetrics, LocalAccounting, PriceBook};
 use parley_service::auth::{AuthSettings, Authenticator, Principal, Role, mint_token};
 use parley_service::ledger::{Credits, EmbeddedLedger, Ledger, LedgerSettings};
 use parley_service::metrics::HttpMetrics;
+use parley_service::model_routes::{ProviderRegistry, Routes};
+use parley_service::providers::{SimulatedProvider, SimulatedSettings};
 use parley_service::ratelimit::{LocalRateLimiter, RateLimitMetrics, RateLimits};
 use parley_service::state::{AppState, Limits};
 use parley_service::store::{EmbeddedStore, MongoStore, SessionStore};
+use parley_service::stream::{Replies, ReplySettings};
 use prometheus_client::registry::Registry;
 use serde_json::Value;
 use tempfile::TempDir;
@@ -45,15 +48,49 @@ pub const LEDGER_SETTINGS: LedgerSettings = LedgerSettings {
 /// The API state on `store`, with the built-in ledger on its database and no
 /// rate limits.
 pub async fn state(store: &EmbeddedStore) -> AppState {
+    state_with(Arc::new(store.clone()), embedded_ledger(store).await)
+}
+
+/// The built-in ledger on the embedded store's database.
+pub async fn embedded_ledger(store: &EmbeddedStore) -> Arc<dyn Ledger> {
     let ledger = EmbeddedLedger::new(Arc::clone(store.database()), LEDGER_SETTINGS)
         .await
         .unwrap();
-    state_with(Arc::new(store.clone()), Arc::new(ledger))
+    Arc::new(ledger)
 }
 
 /// The API state on these stores, with no rate limits.
 pub fn state_with(sessions: Arc<dyn SessionStore>, ledger: Arc<dyn Ledger>) -> AppState {
     let mut registry = Registry::default();
+    let replies = builtin_replies(&mut registry);
+    state_with_replies(sessions, ledger, registry, replies)
+}
+
+/// The built-in routes on an unpaced simulated model.
+pub fn builtin_replies(registry: &mut Registry) -> Replies {
+    let simulated = SimulatedProvider::new(SimulatedSettings {
+        first_token_latency: Duration::ZERO,
+        tokens_per_second: None,
+        reply_tokens: None,
+    });
+    Replies::new(
+        Routes::builtin(),
+        ProviderRegistry::new(Arc::new(simulated), None, None),
+        ReplySettings {
+            grace: Duration::from_secs(30),
+            ping: Duration::from_secs(15),
+        },
+        registry,
+    )
+}
+
+/// The API state on these stores with the given replies, with no rate limits.
+pub fn state_with_replies(
+    sessions: Arc<dyn SessionStore>,
+    ledger: Arc<dyn Ledger>,
+    mut registry: Registry,
+    replies: Replies,
+) -> AppState {
     let http_metrics = HttpMetrics::register(&mut registry);
     let accounting = LocalAccounting::new(
         ledger,
@@ -68,6 +105,7 @@ pub fn state_with(sessions: Arc<dyn SessionStore>, ledger: Arc<dyn Ledger>) -> A
     };
     let rate_limiter = LocalRateLimiter::new(limits, RateLimitMetrics::register(&mut registry));
     AppState {
+        replies: Arc::new(replies),
         sessions,
         accounting: Arc::new(accounting),
         rate_limiter: Arc::new(rate_limiter),

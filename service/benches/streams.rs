@@ -1,0 +1,311 @@
+//! Streamed replies through the real service binary over loopback HTTP,
+//! against the simulated model.
+//! Run: `cargo bench -p parley-service --bench streams` (optionally
+//! `PARLEY_BENCH_STREAMS=1000,10000`). For each N it prints:
+//! - time to first token (TTFT) p50/p99 through the service and calling the
+//!   simulated provider directly at the same concurrency, and the difference;
+//! - completed replies per second with N concurrent streams;
+//! - the server's RSS per open stream with N streams open at once.
+//!
+//! The server runs as a child process, so its RSS is its own.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+use parley_service::auth::{Principal, Role, mint_token};
+use parley_service::providers::{
+    ChatTurn, CompletionRequest, Provider, ProviderEvent, Role as TurnRole, SimulatedProvider,
+    SimulatedSettings,
+};
+use tokio::process::{Child, Command};
+use tokio::sync::Semaphore;
+
+const SECRET: &str = "bench-secret";
+const FIRST_TOKEN_MILLIS: u64 = 20;
+/// Fast replies for throughput: 20 tokens, unpaced after the first.
+const FAST_REPLY_TOKENS: u32 = 20;
+/// Slow replies to hold streams open: 1 token/s for a minute.
+const SLOW_REPLY_TOKENS: u32 = 60;
+const SETUP_CONCURRENCY: usize = 64;
+
+#[tokio::main]
+async fn main() {
+    let counts: Vec<usize> = std::env::var("PARLEY_BENCH_STREAMS")
+        .unwrap_or_else(|_| "1000,10000".into())
+        .split(',')
+        .map(|n| n.trim().parse().unwrap())
+        .collect();
+    let token = mint_token(
+        SECRET.as_bytes(),
+        &Principal {
+            sub: "bench".into(),
+            role: Role::User,
+            cohorts: Vec::new(),
+        },
+        Duration::from_secs(3600),
+        None,
+        None,
+    )
+    .unwrap();
+    let client = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(usize::MAX)
+        .build()
+        .unwrap();
+    for n in counts {
+        println!("--- {n} concurrent streams");
+        let fast = Server::start(0, FAST_REPLY_TOKENS).await;
+        let direct = direct_ttft(n, FAST_REPLY_TOKENS).await;
+        let sessions = fast.sessions(&client, &token, n).await;
+        let started = Instant::now();
+        let through = run_streams(fast.base.clone(), &client, &token, sessions, None).await;
+        let elapsed = started.elapsed();
+        report_ttft("direct (provider)", &direct);
+        report_ttft("through the service", &through);
+        println!(
+            "added TTFT: p50 {:.2} ms, p99 {:.2} ms",
+            (percentile(&through, 0.50) - percentile(&direct, 0.50)) * 1e3,
+            (percentile(&through, 0.99) - percentile(&direct, 0.99)) * 1e3,
+        );
+        println!(
+            "completed replies/s: {:.0} ({n} replies of {FAST_REPLY_TOKENS} tokens in {:.2} s)",
+            n as f64 / elapsed.as_secs_f64(),
+            elapsed.as_secs_f64()
+        );
+        fast.stop().await;
+
+        let slow = Server::start(1, SLOW_REPLY_TOKENS).await;
+        let sessions = slow.sessions(&client, &token, n).await;
+        let idle_rss = slow.rss_bytes();
+        let all_open = Arc::new(tokio::sync::Barrier::new(n + 1));
+        let streams = run_streams(
+            slow.base.clone(),
+            &client,
+            &token,
+            sessions,
+            Some(Arc::clone(&all_open)),
+        );
+        tokio::pin!(streams);
+        tokio::select! {
+            _ = &mut streams => panic!("streams ended before all were open"),
+            _ = all_open.wait() => {}
+        }
+        let open_rss = slow.rss_bytes();
+        println!(
+            "server RSS: {:.1} MiB idle, {:.1} MiB with {n} open streams: {:.1} KiB per open stream",
+            idle_rss as f64 / 1048576.0,
+            open_rss as f64 / 1048576.0,
+            open_rss.saturating_sub(idle_rss) as f64 / 1024.0 / n as f64
+        );
+        slow.stop().await;
+    }
+}
+
+struct Server {
+    child: Child,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    async fn start(tokens_per_second: u32, reply_tokens: u32) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(env!("CARGO_BIN_EXE_parley-service"))
+            .env("PARLEY_LISTEN", format!("127.0.0.1:{port}"))
+            .env("PARLEY_DATA_DIR", dir.path())
+            .env("PARLEY_JWT_SECRET", SECRET)
+            .env(
+                "PARLEY_SIMULATED_FIRST_TOKEN_MILLIS",
+                FIRST_TOKEN_MILLIS.to_string(),
+            )
+            .env(
+                "PARLEY_SIMULATED_TOKENS_PER_SECOND",
+                tokens_per_second.to_string(),
+            )
+            .env("PARLEY_SIMULATED_REPLY_TOKENS", reply_tokens.to_string())
+            .env("PARLEY_REPLY_GRACE_SECONDS", "0")
+            .env("PARLEY_SHUTDOWN_DRAIN_SECONDS", "2")
+            .env("PARLEY_STREAM_DRAIN_SECONDS", "0")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let server = Self {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while reqwest::get(format!("{}/health", server.base))
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "the server did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        server
+    }
+
+    async fn sessions(&self, client: &reqwest::Client, token: &str, n: usize) -> Vec<String> {
+        let permits = Arc::new(Semaphore::new(SETUP_CONCURRENCY));
+        let tasks: Vec<_> = (0..n)
+            .map(|_| {
+                let (client, token, permits) =
+                    (client.clone(), token.to_owned(), Arc::clone(&permits));
+                let url = format!("{}/api/chat/sessions", self.base);
+                tokio::spawn(async move {
+                    let _permit = permits.acquire().await.unwrap();
+                    let body: serde_json::Value = client
+                        .post(url)
+                        .bearer_auth(token)
+                        .json(&serde_json::json!({}))
+                        .send()
+                        .await
+                        .unwrap()
+                        .json()
+                        .await
+                        .unwrap();
+                    body["sessionId"].as_str().unwrap().to_owned()
+                })
+            })
+            .collect();
+        let mut ids = Vec::with_capacity(n);
+        for task in tasks {
+            ids.push(task.await.unwrap());
+        }
+        ids
+    }
+
+    fn rss_bytes(&self) -> u64 {
+        let pid = self.child.id().unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap()
+            .parse()
+            .unwrap();
+        kib * 1024
+    }
+
+    async fn stop(mut self) {
+        self.child.start_kill().unwrap();
+        self.child.wait().await.unwrap();
+    }
+}
+
+/// Streams one reply per session concurrently; TTFT (request to first chunk)
+/// of each. With `all_open`, each stream waits there after its first chunk
+/// and then is dropped (the client disconnects).
+async fn run_streams(
+    base: String,
+    client: &reqwest::Client,
+    token: &str,
+    sessions: Vec<String>,
+    all_open: Option<Arc<tokio::sync::Barrier>>,
+) -> Vec<f64> {
+    let tasks: Vec<_> = sessions
+        .into_iter()
+        .map(|session| {
+            let (client, token, all_open) = (client.clone(), token.to_owned(), all_open.clone());
+            let url = format!("{base}/api/chat/sessions/{session}/stream");
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let response = client
+                    .post(url)
+                    .bearer_auth(token)
+                    .json(&serde_json::json!({"message": "one two three four five"}))
+                    .send()
+                    .await
+                    .unwrap();
+                let mut events = response.bytes_stream().eventsource();
+                let mut first_token = None;
+                while let Some(event) = events.next().await {
+                    let event = event.unwrap();
+                    match event.event.as_str() {
+                        "chunk" if first_token.is_none() => {
+                            first_token = Some(started.elapsed().as_secs_f64());
+                            if let Some(all_open) = &all_open {
+                                all_open.wait().await;
+                                break;
+                            }
+                        }
+                        "complete" => break,
+                        "error" => panic!("reply failed: {}", event.data),
+                        _ => {}
+                    }
+                }
+                first_token.unwrap()
+            })
+        })
+        .collect();
+    let mut ttft = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        ttft.push(task.await.unwrap());
+    }
+    ttft
+}
+
+/// TTFT of the simulated provider itself, N streams at once.
+async fn direct_ttft(n: usize, reply_tokens: u32) -> Vec<f64> {
+    let provider = Arc::new(SimulatedProvider::new(SimulatedSettings {
+        first_token_latency: Duration::from_millis(FIRST_TOKEN_MILLIS),
+        tokens_per_second: None,
+        reply_tokens: Some(reply_tokens),
+    }));
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let provider = Arc::clone(&provider);
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let mut stream = provider
+                    .stream(CompletionRequest {
+                        model: "sim".into(),
+                        turns: vec![ChatTurn::new(TurnRole::User, "one two three four five")],
+                        max_output_tokens: 1024,
+                        timeout: Duration::from_secs(60),
+                    })
+                    .await
+                    .unwrap();
+                while let Some(event) = stream.next().await {
+                    if let ProviderEvent::Delta(_) = event.unwrap() {
+                        return started.elapsed().as_secs_f64();
+                    }
+                }
+                panic!("no delta")
+            })
+        })
+        .collect();
+    let mut ttft = Vec::with_capacity(n);
+    for task in tasks {
+        ttft.push(task.await.unwrap());
+    }
+    ttft
+}
+
+fn percentile(samples: &[f64], q: f64) -> f64 {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let index = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[index]
+}
+
+fn report_ttft(name: &str, samples: &[f64]) {
+    println!(
+        "TTFT {name}: p50 {:.2} ms, p99 {:.2} ms",
+        percentile(samples, 0.50) * 1e3,
+        percentile(samples, 0.99) * 1e3
+    );
+}

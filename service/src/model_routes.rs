@@ -1,0 +1,329 @@
+//! Model routes: an immutable, validated snapshot swapped atomically on
+//! reload, and the providers that serve their targets.
+//!
+//! A request takes an `Arc` of the current snapshot once, so a reply keeps
+//! the route it started with however often the file changes meanwhile.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use parley_crds::{ModelRouteSpec, Pricing, Provider as ProviderKind, RouteTarget, RoutesFile};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+use tokio::sync::OnceCell;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Role;
+use crate::error::Error;
+use crate::providers::{BedrockProvider, Provider, ProviderError, ProviderErrorKind};
+
+/// The model of the built-in `default` route used when no routes file is set.
+pub const BUILTIN_SIMULATED_MODEL: &str = "parley-simulated";
+const BUILTIN_MAX_OUTPUT_TOKENS: u32 = 1024;
+const BUILTIN_TIMEOUT_SECONDS: u32 = 60;
+
+/// One validated routes document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Routes {
+    file: RoutesFile,
+}
+
+impl Routes {
+    /// One `default` route on the simulated model, free of charge.
+    pub fn builtin() -> Self {
+        let free = parley_crds::Credits::ZERO;
+        Self {
+            file: RoutesFile {
+                default_route: None,
+                routes: vec![ModelRouteSpec {
+                    alias: parley_crds::IMPLICIT_DEFAULT_ROUTE.to_owned(),
+                    allowed_roles: parley_crds::Role::all(),
+                    fallback_on: Vec::new(),
+                    downgrade_when_unaffordable: false,
+                    targets: vec![RouteTarget {
+                        provider: ProviderKind::Simulated,
+                        model: BUILTIN_SIMULATED_MODEL.to_owned(),
+                        pricing: Pricing {
+                            input_per_1k: free,
+                            output_per_1k: free,
+                        },
+                        max_output_tokens: BUILTIN_MAX_OUTPUT_TOKENS,
+                        timeout_seconds: BUILTIN_TIMEOUT_SECONDS,
+                    }],
+                }],
+            },
+        }
+    }
+
+    /// Parses and validates a routes document; every problem is reported.
+    pub fn from_yaml(text: &str) -> Result<Self, Error> {
+        let file = RoutesFile::from_yaml(text)
+            .map_err(|error| Error::Config(format!("routes file: {error}")))?;
+        file.validate()
+            .map_err(|problems| Error::Config(format!("routes file: {problems}")))?;
+        Ok(Self { file })
+    }
+
+    pub fn default_alias(&self) -> &str {
+        self.file.default_alias()
+    }
+
+    /// Routes `role` may use, in file order.
+    pub fn usable_by(&self, role: Role) -> impl Iterator<Item = &ModelRouteSpec> {
+        let role = crd_role(role);
+        self.file
+            .routes
+            .iter()
+            .filter(move |route| route.allowed_roles.contains(&role))
+    }
+
+    /// The route `alias` (the default one when `None`) if `role` may use it;
+    /// otherwise `UnknownRoute` listing the aliases the role may use, so a
+    /// forbidden route looks exactly like a missing one.
+    pub fn resolve(&self, alias: Option<&str>, role: Role) -> Result<&ModelRouteSpec, Error> {
+        let alias = alias.unwrap_or_else(|| self.default_alias());
+        self.usable_by(role)
+            .find(|route| route.alias == alias)
+            .ok_or_else(|| Error::UnknownRoute {
+                requested: alias.to_owned(),
+                allowed: self
+                    .usable_by(role)
+                    .map(|route| route.alias.clone())
+                    .collect(),
+            })
+    }
+}
+
+fn crd_role(role: Role) -> parley_crds::Role {
+    match role {
+        Role::User => parley_crds::Role::User,
+        Role::Supervisor => parley_crds::Role::Supervisor,
+        Role::Admin => parley_crds::Role::Admin,
+    }
+}
+
+/// The current routes; readers never block, reloads swap the whole snapshot.
+pub struct RoutesCell {
+    current: ArcSwap<Routes>,
+    reload_failures: Counter,
+}
+
+impl RoutesCell {
+    pub fn new(initial: Routes, registry: &mut Registry) -> Self {
+        let reload_failures = Counter::default();
+        registry.register(
+            "parley_routes_reload_failures",
+            "Routes reloads rejected (the last good routes stay in use)",
+            reload_failures.clone(),
+        );
+        Self {
+            current: ArcSwap::from_pointee(initial),
+            reload_failures,
+        }
+    }
+
+    pub fn snapshot(&self) -> Arc<Routes> {
+        self.current.load_full()
+    }
+
+    /// Replaces the routes with `text` when it is valid; otherwise logs,
+    /// counts the failure and keeps the current routes.
+    pub fn reload_from_yaml(&self, text: &str, origin: &str) -> bool {
+        match Routes::from_yaml(text) {
+            Ok(routes) => {
+                let aliases: Vec<&str> = routes
+                    .file
+                    .routes
+                    .iter()
+                    .map(|r| r.alias.as_str())
+                    .collect();
+                tracing::info!(%origin, ?aliases, "routes reloaded");
+                self.current.store(Arc::new(routes));
+                true
+            }
+            Err(error) => {
+                self.reload_failures.inc();
+                tracing::error!(%origin, %error, "routes reload rejected; keeping the last good routes");
+                false
+            }
+        }
+    }
+}
+
+/// Reads the routes file at start: a bad file at start is a configuration error.
+pub async fn load_routes_file(path: Option<&PathBuf>) -> Result<Routes, Error> {
+    let Some(path) = path else {
+        return Ok(Routes::builtin());
+    };
+    let text = tokio::fs::read_to_string(path)
+        .await
+        .map_err(|error| Error::io(format!("reading routes file {}", path.display()), error))?;
+    Routes::from_yaml(&text)
+}
+
+/// Polls `path` every `interval` and reloads when its modification time or
+/// content changes, until `shutdown`. Polling (not inotify) because
+/// ConfigMap volumes swap a symlink, which inotify watches miss.
+pub async fn watch_routes_file(
+    cell: Arc<RoutesCell>,
+    path: PathBuf,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    // The first poll applies the file as found, so a change between the
+    // start-up load and this task's start is not missed.
+    let mut last_seen: Option<Option<Fingerprint>> = None;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let seen = file_fingerprint(&path).await;
+        if last_seen.as_ref() == Some(&seen) {
+            continue;
+        }
+        match &seen {
+            Some((_, _, text)) => {
+                cell.reload_from_yaml(text, &path.display().to_string());
+            }
+            None => {
+                cell.reload_failures.inc();
+                tracing::error!(path = %path.display(), "routes file unreadable; keeping the last good routes");
+            }
+        }
+        last_seen = Some(seen);
+    }
+}
+
+/// Modification time, content hash and content of the file, `None` when unreadable.
+type Fingerprint = (Option<SystemTime>, u64, String);
+
+async fn file_fingerprint(path: &PathBuf) -> Option<Fingerprint> {
+    let text = tokio::fs::read_to_string(path).await.ok()?;
+    let modified = tokio::fs::metadata(path)
+        .await
+        .ok()
+        .and_then(|m| m.modified().ok());
+    let mut hasher = DefaultHasher::new();
+    text.hash(&mut hasher);
+    Some((modified, hasher.finish(), text))
+}
+
+/// One provider per kind; the model comes with each request.
+pub struct ProviderRegistry {
+    simulated: Arc<dyn Provider>,
+    openai: Option<Arc<dyn Provider>>,
+    /// Built on first use: loading the AWS chain may query instance
+    /// metadata, which a service without Bedrock targets never needs.
+    bedrock: OnceCell<Arc<dyn Provider>>,
+    bedrock_endpoint_url: Option<String>,
+}
+
+impl ProviderRegistry {
+    pub fn new(
+        simulated: Arc<dyn Provider>,
+        openai: Option<Arc<dyn Provider>>,
+        bedrock_endpoint_url: Option<String>,
+    ) -> Self {
+        Self {
+            simulated,
+            openai,
+            bedrock: OnceCell::new(),
+            bedrock_endpoint_url,
+        }
+    }
+
+    /// Uses `provider` for Bedrock targets instead of the AWS chain.
+    pub fn with_bedrock(mut self, provider: Arc<dyn Provider>) -> Self {
+        self.bedrock = OnceCell::new_with(Some(provider));
+        self
+    }
+
+    /// The provider serving `target`; a kind without configuration counts as
+    /// unavailable, so the route falls back past it.
+    pub async fn for_target(
+        &self,
+        target: &RouteTarget,
+    ) -> Result<Arc<dyn Provider>, ProviderError> {
+        match target.provider {
+            ProviderKind::Simulated => Ok(Arc::clone(&self.simulated)),
+            ProviderKind::Openai => self.openai.clone().ok_or_else(|| {
+                ProviderError::new(
+                    ProviderErrorKind::Unavailable,
+                    "no OpenAI-compatible server is configured (PARLEY_OPENAI_BASE_URL)",
+                )
+            }),
+            ProviderKind::Bedrock => Ok(Arc::clone(
+                self.bedrock
+                    .get_or_init(|| async {
+                        let provider =
+                            BedrockProvider::from_environment(self.bedrock_endpoint_url.as_deref())
+                                .await;
+                        Arc::new(provider) as Arc<dyn Provider>
+                    })
+                    .await,
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TWO_ROUTES: &str = "
+routes:
+  - alias: default
+    targets:
+      - provider: simulated
+        model: sim
+        pricing: {inputPer1k: 1, outputPer1k: 2}
+        maxOutputTokens: 100
+  - alias: staff
+    allowedRoles: [admin]
+    targets:
+      - provider: openai
+        model: big
+        pricing: {inputPer1k: 3, outputPer1k: 4}
+        maxOutputTokens: 100
+";
+
+    #[test]
+    fn unknown_and_forbidden_routes_list_the_allowed_ones() {
+        let routes = Routes::from_yaml(TWO_ROUTES).unwrap();
+        assert_eq!(routes.resolve(None, Role::User).unwrap().alias, "default");
+        assert_eq!(
+            routes.resolve(Some("staff"), Role::Admin).unwrap().alias,
+            "staff"
+        );
+        for alias in ["staff", "nope"] {
+            match routes.resolve(Some(alias), Role::User) {
+                Err(Error::UnknownRoute { requested, allowed }) => {
+                    assert_eq!(requested, alias);
+                    assert_eq!(allowed, ["default"]);
+                }
+                other => panic!("expected UnknownRoute, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn invalid_reloads_keep_the_last_good_routes() {
+        let mut registry = Registry::default();
+        let cell = RoutesCell::new(Routes::builtin(), &mut registry);
+        let held = cell.snapshot();
+        assert!(!cell.reload_from_yaml("routes: [{alias: x, targets: []}]", "test"));
+        assert_eq!(*cell.snapshot(), Routes::builtin());
+        assert_eq!(cell.reload_failures.get(), 1);
+        assert!(cell.reload_from_yaml(TWO_ROUTES, "test"));
+        assert_eq!(cell.snapshot().usable_by(Role::Admin).count(), 2);
+        // A reply that took the old snapshot keeps it.
+        assert_eq!(*held, Routes::builtin());
+    }
+}

@@ -1,0 +1,332 @@
+//! Replies: whole (`POST …/messages`), streamed (`POST …/stream`, the
+//! response is the SSE stream) and re-attached (`GET …/stream` with
+//! `Last-Event-ID`), plus the models a caller may use.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use parley_crds::Credits;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::ApiJson;
+use super::sessions::{session_id, validate_message};
+use crate::auth::Principal;
+use crate::error::{Error, ErrorBody};
+use crate::providers::{ChatTurn, Role as TurnRole};
+use crate::state::AppState;
+use crate::store::{Message, MessageRole, ObjectId};
+use crate::stream::reply::{self, ReplyRequest};
+use crate::stream::{FinishedReply, ReplyStream};
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SendMessageRequest {
+    /// The user's message.
+    message: String,
+    /// Model route alias for this reply; defaults to the session's route.
+    route: Option<String>,
+    /// The seed API's name for `route`; when both are given they must agree.
+    model_id: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageView {
+    input_tokens: u32,
+    output_tokens: u32,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplyView {
+    session_id: String,
+    message_id: String,
+    role: MessageRole,
+    content: String,
+    timestamp: DateTime<Utc>,
+    usage: UsageView,
+    model: String,
+    route: String,
+    fallback_applied: bool,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PriceView {
+    /// Credits per 1000 input tokens.
+    #[schema(value_type = String)]
+    input_per_1k: Credits,
+    /// Credits per 1000 output tokens.
+    #[schema(value_type = String)]
+    output_per_1k: Credits,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelView {
+    /// What to pass as `route` / `modelId`.
+    alias: String,
+    /// The first target's model.
+    model: String,
+    provider: &'static str,
+    /// Price of the first target (fallbacks may cost more or less).
+    pricing: PriceView,
+    max_output_tokens: u32,
+    is_default: bool,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelsView {
+    models: Vec<ModelView>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/models",
+    tag = "replies",
+    responses(
+        (status = 200, description = "Routes the caller may use, with prices", body = ModelsView),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn list_models(State(state): State<AppState>, caller: Principal) -> Json<ModelsView> {
+    let routes = state.replies.routes.snapshot();
+    let default_alias = routes.default_alias();
+    let models = routes
+        .usable_by(caller.role)
+        .filter_map(|route| {
+            let first = route.targets.first()?;
+            Some(ModelView {
+                alias: route.alias.clone(),
+                model: first.model.clone(),
+                provider: first.provider.as_str(),
+                pricing: PriceView {
+                    input_per_1k: first.pricing.input_per_1k,
+                    output_per_1k: first.pricing.output_per_1k,
+                },
+                max_output_tokens: first.max_output_tokens,
+                is_default: route.alias == default_alias,
+            })
+        })
+        .collect();
+    Json(ModelsView { models })
+}
+
+#[utoipa::path(
+    post,
+    path = "/api/chat/sessions/{id}/messages",
+    tag = "replies",
+    params(("id" = String, Path, description = "Session id, 24 hexadecimal characters")),
+    request_body = SendMessageRequest,
+    responses(
+        (status = 200, description = "The whole reply, stored with the message", body = ReplyView),
+        (status = 400, description = "Invalid id or unknown route (with the allowed list)", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 404, description = "No such session owned by the caller", body = ErrorBody),
+        (status = 409, description = "A reply is already in progress", body = ErrorBody),
+        (status = 422, description = "Invalid fields", body = ErrorBody),
+        (status = 429, description = "Every target was throttled", body = ErrorBody),
+        (status = 502, description = "The model failed", body = ErrorBody),
+        (status = 503, description = "Model or store unavailable, or shutting down", body = ErrorBody),
+        (status = 504, description = "The model timed out", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn send_message(
+    State(state): State<AppState>,
+    caller: Principal,
+    id: Result<Path<String>, PathRejection>,
+    ApiJson(request): ApiJson<SendMessageRequest>,
+) -> Result<Json<ReplyView>, Error> {
+    let id = session_id(id)?;
+    let (_, task) = start_reply(&state, &caller, id, request).await?;
+    let finished = task
+        .await
+        .map_err(|error| Error::Store(format!("the reply task failed: {error}")))??;
+    Ok(Json(reply_view(id, finished)))
+}
+
+#[utoipa::path(
+    post,
+    path = "/api/chat/sessions/{id}/stream",
+    tag = "replies",
+    params(("id" = String, Path, description = "Session id, 24 hexadecimal characters")),
+    request_body = SendMessageRequest,
+    responses(
+        (status = 200, description = "SSE: `model`, `chunk`…, then `complete` or `error`; every event has an `id`", content_type = "text/event-stream"),
+        (status = 400, description = "Invalid id or unknown route (with the allowed list)", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 404, description = "No such session owned by the caller", body = ErrorBody),
+        (status = 409, description = "A reply is already in progress", body = ErrorBody),
+        (status = 422, description = "Invalid fields", body = ErrorBody),
+        (status = 503, description = "Store unavailable or shutting down", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn stream_reply(
+    State(state): State<AppState>,
+    caller: Principal,
+    id: Result<Path<String>, PathRejection>,
+    ApiJson(request): ApiJson<SendMessageRequest>,
+) -> Result<Response, Error> {
+    let id = session_id(id)?;
+    let (reply, _task) = start_reply(&state, &caller, id, request).await?;
+    Ok(sse_response(&state, &reply, 0))
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/chat/sessions/{id}/stream",
+    tag = "replies",
+    params(
+        ("id" = String, Path, description = "Session id, 24 hexadecimal characters"),
+        ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event id"),
+    ),
+    responses(
+        (status = 200, description = "SSE: the events after `Last-Event-ID`, then the live ones", content_type = "text/event-stream"),
+        (status = 400, description = "Invalid session id", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 404, description = "No reply of the caller in progress for this session", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn reattach(
+    State(state): State<AppState>,
+    caller: Principal,
+    id: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, Error> {
+    let id = session_id(id)?;
+    let after = match headers.get("last-event-id") {
+        None => 0,
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|text| text.trim().parse::<u64>().ok())
+            .ok_or_else(|| Error::Validation {
+                field: "Last-Event-ID",
+                message: "must be an event id from this stream".into(),
+            })?,
+    };
+    let reply = state
+        .replies
+        .hub
+        .get(id)
+        .filter(|reply| reply.owner == caller.sub)
+        .ok_or(Error::NoActiveReply)?;
+    Ok(sse_response(&state, &reply, after))
+}
+
+/// Validates, resolves the route, registers the reply in the hub and starts
+/// generating it.
+async fn start_reply(
+    state: &AppState,
+    caller: &Principal,
+    id: ObjectId,
+    request: SendMessageRequest,
+) -> Result<
+    (
+        Arc<ReplyStream>,
+        tokio::task::JoinHandle<Result<FinishedReply, Error>>,
+    ),
+    Error,
+> {
+    let replies = &state.replies;
+    if replies.shutdown.is_cancelled() {
+        return Err(Error::ShuttingDown);
+    }
+    validate_message(&request.message, state.limits.max_message_chars, "message")?;
+    let requested = match (request.route, request.model_id) {
+        (Some(route), Some(model_id)) if route != model_id => {
+            return Err(Error::Validation {
+                field: "modelId",
+                message: "route and modelId name the same thing and must agree".into(),
+            });
+        }
+        (route, model_id) => route.or(model_id),
+    };
+    let session = state.sessions.get(id).await?;
+    // Only owners add to a session; anyone else learns nothing about it.
+    if session.summary.user_id != caller.sub {
+        return Err(Error::SessionNotFound);
+    }
+    let routes = replies.routes.snapshot();
+    let alias = requested.as_deref().unwrap_or(&session.summary.route);
+    let route = routes.resolve(Some(alias), caller.role)?.clone();
+    let user_message = Message::new(MessageRole::User, request.message);
+    let mut turns: Vec<ChatTurn> = session
+        .messages
+        .into_iter()
+        .map(|message| ChatTurn {
+            role: turn_role(message.role),
+            text: message.content,
+        })
+        .collect();
+    turns.push(ChatTurn::new(TurnRole::User, user_message.content.clone()));
+    let reply = replies.hub.begin(id, &caller.sub, replies.settings.grace)?;
+    let task = reply::spawn(
+        Arc::clone(replies),
+        Arc::clone(&state.sessions),
+        Arc::clone(&reply),
+        ReplyRequest {
+            session_id: id,
+            user_id: caller.sub.clone(),
+            route,
+            turns,
+            user_message,
+        },
+    );
+    Ok((reply, task))
+}
+
+fn sse_response(state: &AppState, reply: &Arc<ReplyStream>, after: u64) -> Response {
+    let frames = reply.subscribe(after, true, state.replies.settings.ping);
+    (
+        StatusCode::OK,
+        [
+            (CONTENT_TYPE, HeaderValue::from_static("text/event-stream")),
+            (CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+            // nginx and similar proxies must pass events through unbuffered.
+            (
+                axum::http::HeaderName::from_static("x-accel-buffering"),
+                HeaderValue::from_static("no"),
+            ),
+        ],
+        Body::from_stream(frames),
+    )
+        .into_response()
+}
+
+fn turn_role(role: MessageRole) -> TurnRole {
+    match role {
+        MessageRole::System => TurnRole::System,
+        MessageRole::User => TurnRole::User,
+        MessageRole::Assistant => TurnRole::Assistant,
+    }
+}
+
+fn reply_view(session: ObjectId, finished: FinishedReply) -> ReplyView {
+    ReplyView {
+        session_id: session.to_hex(),
+        message_id: finished.message.id.to_hex(),
+        role: finished.message.role,
+        content: finished.message.content,
+        timestamp: finished.message.timestamp,
+        usage: UsageView {
+            input_tokens: finished.usage.input_tokens,
+            output_tokens: finished.usage.output_tokens,
+        },
+        model: finished.model,
+        route: finished.route,
+        fallback_applied: finished.fallback_applied,
+    }
+}

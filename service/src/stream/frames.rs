@@ -1,0 +1,146 @@
+//! SSE frames of a reply. Each event is serialized once into a `Bytes`
+//! frame that every subscriber shares.
+//!
+//! A frame is `id: N`, `event: NAME` and a single `data:` line of JSON.
+//! JSON escapes every control character (CR and LF included), so whatever the
+//! model writes, the data cannot end its line or frame early.
+
+use std::io::Write;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Serialize;
+
+/// A comment that keeps idle connections (and proxies) open.
+pub const PING: &[u8] = b": ping\n\n";
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelData<'a> {
+    pub model: &'a str,
+    pub route: &'a str,
+    pub fallback_applied: bool,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChunkData<'a> {
+    pub text: &'a str,
+    /// Tokens in this chunk (one per provider delta).
+    pub tokens: u32,
+    pub total_tokens: u32,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageData {
+    pub input_tokens: u32,
+    pub output_tokens: u32,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CompleteData<'a> {
+    pub usage: UsageData,
+    pub message_id: &'a str,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ErrorData<'a> {
+    pub code: &'a str,
+    pub message: &'a str,
+}
+
+/// One SSE frame: `id`, `event` and the JSON `data` of one event.
+pub fn frame<T: Serialize>(id: u64, event: &str, data: &T) -> Bytes {
+    let mut buffer = BytesMut::with_capacity(64).writer();
+    // Writing to memory cannot fail, and serializing these plain structs
+    // cannot either; a failure would leave a truncated frame, so say so.
+    let written = write!(buffer, "id: {id}\nevent: {event}\ndata: ")
+        .map_err(serde_json::Error::io)
+        .and_then(|()| serde_json::to_writer(&mut buffer, data))
+        .and_then(|()| buffer.write_all(b"\n\n").map_err(serde_json::Error::io));
+    if let Err(error) = written {
+        tracing::error!(%error, event, "serializing an SSE event failed");
+    }
+    buffer.into_inner().freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use eventsource_stream::Eventsource;
+    use futures::StreamExt;
+
+    /// Text that broke the old server: line breaks of every kind, escaped
+    /// newlines, quotes, an SSE field name, emoji and CJK.
+    const TORTURE: &str = "line\nnext\r\nwin\rmac \\n not a newline \"quoted\" data: fake\n\nevent: x\nid: 9\n😀👍🏽 中文字 end";
+
+    /// Every split of the text into two deltas at a char boundary, streamed as
+    /// frames cut at every byte position, reassembles to exactly the text.
+    #[tokio::test]
+    async fn torture_text_survives_every_split() {
+        let boundaries: Vec<usize> = (0..=TORTURE.len())
+            .filter(|&i| TORTURE.is_char_boundary(i))
+            .collect();
+        for &split in &boundaries {
+            let (first, second) = TORTURE.split_at(split);
+            let mut wire = Vec::new();
+            for (index, delta) in [first, second].into_iter().enumerate() {
+                let data = ChunkData {
+                    text: delta,
+                    tokens: 1,
+                    total_tokens: 1,
+                };
+                wire.extend_from_slice(&frame(index as u64 + 1, "chunk", &data));
+                wire.extend_from_slice(PING);
+            }
+            // Deliver the wire bytes cut at every byte position (splitting
+            // UTF-8 sequences and CRLF pairs too).
+            for cut in 0..=wire.len() {
+                let pieces = vec![
+                    Ok::<_, std::convert::Infallible>(Bytes::copy_from_slice(&wire[..cut])),
+                    Ok(Bytes::copy_from_slice(&wire[cut..])),
+                ];
+                let events: Vec<_> = futures::stream::iter(pieces)
+                    .eventsource()
+                    .collect::<Vec<_>>()
+                    .await;
+                let mut text = String::new();
+                let mut ids = Vec::new();
+                for event in events {
+                    let event = event.unwrap();
+                    assert_eq!(event.event, "chunk");
+                    ids.push(event.id);
+                    let data: serde_json::Value = serde_json::from_str(&event.data).unwrap();
+                    text.push_str(data["text"].as_str().unwrap());
+                }
+                assert_eq!(text, TORTURE, "delta split at {split}, wire cut at {cut}");
+                assert_eq!(ids, ["1", "2"]);
+            }
+        }
+    }
+
+    /// One frame delivered byte by byte is still one event with the exact text.
+    #[tokio::test]
+    async fn a_frame_split_at_every_byte_is_one_event() {
+        let data = ChunkData {
+            text: TORTURE,
+            tokens: 1,
+            total_tokens: 1,
+        };
+        let wire = frame(7, "chunk", &data);
+        let pieces: Vec<_> = wire
+            .iter()
+            .map(|byte| Ok::<_, std::convert::Infallible>(Bytes::copy_from_slice(&[*byte])))
+            .collect();
+        let events: Vec<_> = futures::stream::iter(pieces)
+            .eventsource()
+            .collect::<Vec<_>>()
+            .await;
+        assert_eq!(events.len(), 1);
+        let event = events.into_iter().next().unwrap().unwrap();
+        assert_eq!(event.id, "7");
+        let data: serde_json::Value = serde_json::from_str(&event.data).unwrap();
+        assert_eq!(data["text"], TORTURE);
+    }
+}

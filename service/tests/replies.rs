@@ -1,0 +1,696 @@
+//! Replies end to end over real HTTP on loopback: the service with its
+//! providers driving the Bedrock stand-in through the real AWS SDK and the
+//! OpenAI stand-in, read with a standards-following SSE parser.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_credential_types::Credentials;
+use aws_credential_types::provider::SharedCredentialsProvider;
+use eventsource_stream::{Event, Eventsource};
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use parley_service::auth::Role;
+use parley_service::model_routes::{ProviderRegistry, Routes, watch_routes_file};
+use parley_service::providers::{
+    BedrockProvider, OpenAiProvider, SimulatedProvider, SimulatedSettings,
+};
+use parley_service::stream::{Replies, ReplySettings};
+use parley_test_support::bedrock::BedrockStandIn;
+use parley_test_support::openai::OpenAiStandIn;
+use parley_test_support::script::{Fault, Rejection, Script, StreamFailure};
+use prometheus_client::registry::Registry;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// Upper bound for anything that should happen promptly; never a wait.
+const PROMPTLY: Duration = Duration::from_secs(15);
+
+const PRIMARY: &str = "anthropic.claude-3-haiku-20240307-v1:0";
+const SECONDARY: &str = "amazon.nova-micro-v1:0";
+const OPENAI_MODEL: &str = "smollm2-135m";
+
+/// Text that broke the old server's SSE handling.
+const AWKWARD: [&str; 7] = [
+    "line\nbreak",
+    "\r\n",
+    "back\\slash \\n",
+    " \"quoted\"",
+    " data: fake\n\nevent: x",
+    " 😀",
+    " 中文",
+];
+
+fn routes_yaml(primary_timeout: u32) -> String {
+    format!(
+        "
+routes:
+  - alias: default
+    fallbackOn: [throttled, unavailable, timeout]
+    targets:
+      - provider: bedrock
+        model: {PRIMARY}
+        pricing: {{inputPer1k: 1, outputPer1k: 2}}
+        maxOutputTokens: 256
+        timeoutSeconds: {primary_timeout}
+      - provider: bedrock
+        model: {SECONDARY}
+        pricing: {{inputPer1k: 1, outputPer1k: 2}}
+        maxOutputTokens: 256
+  - alias: open
+    targets:
+      - provider: openai
+        model: {OPENAI_MODEL}
+        pricing: {{inputPer1k: 1, outputPer1k: 1}}
+        maxOutputTokens: 256
+  - alias: staff
+    allowedRoles: [admin]
+    targets:
+      - provider: simulated
+        model: sim
+        pricing: {{inputPer1k: 0, outputPer1k: 0}}
+        maxOutputTokens: 64
+"
+    )
+}
+
+struct Harness {
+    address: SocketAddr,
+    bedrock: BedrockStandIn,
+    openai: OpenAiStandIn,
+    replies: Arc<Replies>,
+    shutdown: CancellationToken,
+    client: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl Harness {
+    async fn start(grace: Duration, primary_timeout: u32) -> Self {
+        let bedrock = BedrockStandIn::start().await.unwrap();
+        let openai = OpenAiStandIn::start().await.unwrap();
+        let credentials = Credentials::new("AKIDSTANDIN", "secret", None, None, "test");
+        let sdk_config = SdkConfig::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .credentials_provider(SharedCredentialsProvider::new(credentials))
+            .build();
+        let simulated = SimulatedProvider::new(SimulatedSettings {
+            first_token_latency: Duration::ZERO,
+            tokens_per_second: None,
+            reply_tokens: None,
+        });
+        let openai_provider =
+            OpenAiProvider::new(&openai.base_url(), Some("sk-standin".into())).unwrap();
+        let providers =
+            ProviderRegistry::new(Arc::new(simulated), Some(Arc::new(openai_provider)), None)
+                .with_bedrock(Arc::new(BedrockProvider::new(
+                    &sdk_config,
+                    Some(&bedrock.base_url()),
+                )));
+        let mut registry = Registry::default();
+        let replies = Replies::new(
+            Routes::from_yaml(&routes_yaml(primary_timeout)).unwrap(),
+            providers,
+            ReplySettings {
+                grace,
+                ping: Duration::from_secs(15),
+            },
+            &mut registry,
+        );
+        let (store, dir) = common::embedded_store().await;
+        let ledger = common::embedded_ledger(&store).await;
+        let state = common::state_with_replies(Arc::new(store.clone()), ledger, registry, replies);
+        let replies = Arc::clone(&state.replies);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let app = parley_service::app(state);
+        let until = shutdown.clone().cancelled_owned();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(until)
+                .await
+                .unwrap();
+        });
+        Self {
+            address,
+            bedrock,
+            openai,
+            replies,
+            shutdown,
+            client: reqwest::Client::new(),
+            _dir: dir,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.address)
+    }
+
+    async fn session(&self, token: &str) -> String {
+        let response = self
+            .client
+            .post(self.url("/api/chat/sessions"))
+            .bearer_auth(token)
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED);
+        let body: Value = response.json().await.unwrap();
+        body["sessionId"].as_str().unwrap().to_owned()
+    }
+
+    /// Starts a streamed reply; the response head, then its SSE events.
+    async fn stream(&self, token: &str, session: &str, body: Value) -> BoxStream<'static, Event> {
+        let response = self
+            .client
+            .post(self.url(&format!("/api/chat/sessions/{session}/stream")))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_sse_headers(&response);
+        events(response)
+    }
+
+    async fn stored(&self, session: &str, token: &str) -> Value {
+        let response = self
+            .client
+            .get(self.url(&format!("/api/chat/sessions/{session}")))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        response.json().await.unwrap()
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+fn assert_sse_headers(response: &reqwest::Response) {
+    let header = |name: &str| response.headers()[name].to_str().unwrap().to_owned();
+    assert_eq!(header("content-type"), "text/event-stream");
+    assert_eq!(header("cache-control"), "no-cache");
+    assert_eq!(header("x-accel-buffering"), "no");
+}
+
+fn events(response: reqwest::Response) -> BoxStream<'static, Event> {
+    response
+        .bytes_stream()
+        .eventsource()
+        .map(|event| event.unwrap())
+        .boxed()
+}
+
+/// Every event until the stream ends.
+async fn drain(events: BoxStream<'static, Event>) -> Vec<Event> {
+    tokio::time::timeout(PROMPTLY, events.collect())
+        .await
+        .expect("the stream did not end")
+}
+
+async fn next(events: &mut BoxStream<'static, Event>) -> Event {
+    tokio::time::timeout(PROMPTLY, events.next())
+        .await
+        .expect("no event")
+        .expect("stream ended")
+}
+
+fn data(event: &Event) -> Value {
+    serde_json::from_str(&event.data).unwrap()
+}
+
+fn chunk_text(events: &[Event]) -> String {
+    events
+        .iter()
+        .filter(|e| e.event == "chunk")
+        .map(|e| data(e)["text"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn ids(events: &[Event]) -> Vec<u64> {
+    events.iter().map(|e| e.id.parse().unwrap()).collect()
+}
+
+fn user() -> String {
+    common::token("alice", Role::User, &["c1"])
+}
+
+#[tokio::test]
+async fn a_streamed_reply_arrives_whole_and_is_stored() {
+    let harness = Harness::start(Duration::from_secs(30), 30).await;
+    harness
+        .bedrock
+        .set_script(PRIMARY, Script::reply(AWKWARD).with_usage(11, 7));
+    let token = user();
+    let session = harness.session(&token).await;
+    let events = drain(
+        harness
+            .stream(
+                &token,
+                &session,
+                json!({"message": "Say something awkward"}),
+            )
+            .await,
+    )
+    .await;
+    let names: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(names[0], "model");
+    assert_eq!(*names.last().unwrap(), "complete");
+    assert_eq!(ids(&events), (1..=events.len() as u64).collect::<Vec<_>>());
+    let model = data(&events[0]);
+    assert_eq!(model["model"], PRIMARY);
+    assert_eq!(model["route"], "default");
+    assert_eq!(model["fallbackApplied"], false);
+    assert_eq!(chunk_text(&events), AWKWARD.concat());
+    let complete = data(events.last().unwrap());
+    assert_eq!(
+        complete["usage"],
+        json!({"inputTokens": 11, "outputTokens": 7})
+    );
+
+    let stored = harness.stored(&session, &token).await;
+    let messages = stored["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 2);
+    assert_eq!(messages[0]["content"], "Say something awkward");
+    assert_eq!(messages[1]["content"], AWKWARD.concat());
+    assert_eq!(messages[1]["id"], complete["messageId"]);
+    assert!(messages[1].get("incomplete").is_none());
+    assert_eq!(stored["tokenTotals"], json!({"input": 11, "output": 7}));
+}
+
+#[tokio::test]
+async fn throttling_on_the_first_target_falls_back_to_the_second() {
+    let harness = Harness::start(Duration::from_secs(30), 30).await;
+    harness
+        .bedrock
+        .set_script(PRIMARY, Script::rejected(Rejection::Throttled));
+    harness
+        .bedrock
+        .set_script(SECONDARY, Script::reply(["from ", "the second"]));
+    let token = user();
+    let session = harness.session(&token).await;
+    let events = drain(
+        harness
+            .stream(&token, &session, json!({"message": "hi"}))
+            .await,
+    )
+    .await;
+    let model = data(&events[0]);
+    assert_eq!(model["model"], SECONDARY);
+    assert_eq!(model["fallbackApplied"], true);
+    assert_eq!(chunk_text(&events), "from the second");
+    assert_eq!(events.last().unwrap().event, "complete");
+    let models: Vec<String> = harness
+        .bedrock
+        .calls()
+        .into_iter()
+        .map(|c| c.model)
+        .collect();
+    assert_eq!(models, [PRIMARY, SECONDARY]);
+
+    let metrics = harness
+        .client
+        .get(harness.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "parley_fallbacks_total{{from=\"{PRIMARY}\",to=\"{SECONDARY}\",reason=\"throttled\"}} 1"
+        )),
+        "{metrics}"
+    );
+    assert!(metrics.contains("parley_streams_total{route=\"default\","));
+}
+
+#[tokio::test]
+async fn a_stall_times_out_and_falls_back() {
+    let harness = Harness::start(Duration::from_secs(30), 1).await;
+    harness.bedrock.set_script(
+        PRIMARY,
+        Script::reply(["never"]).with_fault(Fault::Stall { after_deltas: 0 }),
+    );
+    harness
+        .bedrock
+        .set_script(SECONDARY, Script::reply(["rescued"]));
+    let token = user();
+    let session = harness.session(&token).await;
+    let events = drain(
+        harness
+            .stream(&token, &session, json!({"message": "hi"}))
+            .await,
+    )
+    .await;
+    assert_eq!(data(&events[0])["model"], SECONDARY);
+    assert_eq!(data(&events[0])["fallbackApplied"], true);
+    assert_eq!(chunk_text(&events), "rescued");
+    // The stalled upstream request was abandoned, not left open.
+    tokio::time::timeout(PROMPTLY, harness.bedrock.wait_for_dropped_streams(1))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_mid_stream_exception_ends_with_an_error_and_keeps_the_partial_reply() {
+    let harness = Harness::start(Duration::from_secs(30), 30).await;
+    harness.bedrock.set_script(
+        PRIMARY,
+        Script::reply(["partial ", "reply ", "lost"]).with_fault(Fault::StreamError {
+            after_deltas: 2,
+            failure: StreamFailure::ModelStreamError,
+        }),
+    );
+    let token = user();
+    let session = harness.session(&token).await;
+    let events = drain(
+        harness
+            .stream(&token, &session, json!({"message": "hi"}))
+            .await,
+    )
+    .await;
+    assert_eq!(chunk_text(&events), "partial reply ");
+    let last = events.last().unwrap();
+    assert_eq!(last.event, "error");
+    assert!(data(last)["code"].as_str().unwrap().starts_with("MODEL_"));
+    // No fallback after output: the second target was never called.
+    assert_eq!(harness.bedrock.calls().len(), 1);
+
+    let stored = harness.stored(&session, &token).await;
+    let messages = stored["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 2);
+    assert_eq!(messages[1]["content"], "partial reply ");
+    assert_eq!(messages[1]["incomplete"], true);
+}
+
+#[tokio::test]
+async fn the_openai_provider_serves_a_route() {
+    let harness = Harness::start(Duration::from_secs(30), 30).await;
+    harness
+        .openai
+        .set_script(OPENAI_MODEL, Script::reply(AWKWARD));
+    let token = user();
+    let session = harness.session(&token).await;
+    let events = drain(
+        harness
+            .stream(&token, &session, json!({"message": "hi", "route": "open"}))
+            .await,
+    )
+    .await;
+    assert_eq!(data(&events[0])["model"], OPENAI_MODEL);
+    assert_eq!(chunk_text(&events), AWKWARD.concat());
+    assert_eq!(events.last().unwrap().event, "complete");
+}
+
+#[tokio::test]
+async fn whole_replies_unknown_routes_models_and_one_reply_at_a_time() {
+    let harness = Harness::start(Duration::from_secs(30), 30).await;
+    harness.bedrock.set_script(
+        PRIMARY,
+        Script::reply(["slow"]).with_fault(Fault::Stall { after_deltas: 1 }),
+    );
+    harness
+        .bedrock
+        .push_script(PRIMARY, Script::reply(["whole ", "reply"]).with_usage(3, 2));
+    let token = user();
+    let session = harness.session(&token).await;
+
+    // Non-streaming: the whole reply with its usage.
+    let response = harness
+        .client
+        .post(harness.url(&format!("/api/chat/sessions/{session}/messages")))
+        .bearer_auth(&token)
+        .json(&json!({"message": "hello"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let reply: Value = response.json().await.unwrap();
+    assert_eq!(reply["content"], "whole reply");
+    assert_eq!(reply["usage"], json!({"inputTokens": 3, "outputTokens": 2}));
+    assert_eq!(reply["model"], PRIMARY);
+
+    // Unknown (or forbidden) route: 400 with the routes the caller may use.
+    for route in ["nope", "staff"] {
+        let response = harness
+            .client
+            .post(harness.url(&format!("/api/chat/sessions/{session}/messages")))
+            .bearer_auth(&token)
+            .json(&json!({"message": "hello", "modelId": route}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["code"], "UNKNOWN_ROUTE");
+        assert_eq!(body["allowed"], json!(["default", "open"]));
+    }
+
+    // Models by role, with prices.
+    let models = |token: String| {
+        let request = harness
+            .client
+            .get(harness.url("/api/models"))
+            .bearer_auth(token);
+        async move {
+            let body: Value = request.send().await.unwrap().json().await.unwrap();
+            body["models"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["alias"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(models(token.clone()).await, ["default", "open"]);
+    assert_eq!(
+        models(common::token("root", Role::Admin, &[])).await,
+        ["default", "open", "staff"]
+    );
+
+    // One reply per session: a second one while the first streams is 409.
+    let mut first = harness
+        .stream(&token, &session, json!({"message": "take your time"}))
+        .await;
+    assert_eq!(next(&mut first).await.event, "model");
+    let response = harness
+        .client
+        .post(harness.url(&format!("/api/chat/sessions/{session}/messages")))
+        .bearer_auth(&token)
+        .json(&json!({"message": "me too"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CONFLICT);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "REPLY_IN_PROGRESS");
+}
+
+#[tokio::test]
+async fn reattaching_with_last_event_id_has_no_gap_and_no_duplicate() {
+    let harness = Harness::start(Duration::from_secs(30), 30).await;
+    let deltas: Vec<String> = (0..40).map(|i| format!("w{i} ")).collect();
+    harness.bedrock.set_script(
+        PRIMARY,
+        Script::reply(deltas.clone()).with_delta_delay(Duration::from_millis(5)),
+    );
+    let token = user();
+    let session = harness.session(&token).await;
+    let mut first = harness
+        .stream(&token, &session, json!({"message": "count"}))
+        .await;
+    let mut seen = vec![
+        next(&mut first).await,
+        next(&mut first).await,
+        next(&mut first).await,
+    ];
+    drop(first);
+    let last_id = seen.last().unwrap().id.clone();
+
+    let response = harness
+        .client
+        .get(harness.url(&format!("/api/chat/sessions/{session}/stream")))
+        .bearer_auth(&token)
+        .header("Last-Event-ID", &last_id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_sse_headers(&response);
+    seen.extend(drain(events(response)).await);
+    assert_eq!(ids(&seen), (1..=seen.len() as u64).collect::<Vec<_>>());
+    assert_eq!(chunk_text(&seen), deltas.concat());
+    assert_eq!(seen.last().unwrap().event, "complete");
+
+    // Someone else cannot attach to it.
+    let response = harness
+        .client
+        .get(harness.url(&format!("/api/chat/sessions/{session}/stream")))
+        .bearer_auth(common::token("mallory", Role::User, &["c1"]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn a_disconnected_reply_is_cancelled_upstream_after_the_grace_period() {
+    let grace = Duration::from_millis(300);
+    let harness = Harness::start(grace, 30).await;
+    harness.bedrock.set_script(
+        PRIMARY,
+        Script::reply(["kept ", "never"]).with_fault(Fault::Stall { after_deltas: 1 }),
+    );
+    let token = user();
+    let session = harness.session(&token).await;
+    let mut stream = harness
+        .stream(&token, &session, json!({"message": "hi"}))
+        .await;
+    assert_eq!(next(&mut stream).await.event, "model");
+    assert_eq!(next(&mut stream).await.event, "chunk");
+    let left = tokio::time::Instant::now();
+    drop(stream);
+
+    tokio::time::timeout(PROMPTLY, harness.bedrock.wait_for_dropped_streams(1))
+        .await
+        .unwrap();
+    assert!(left.elapsed() >= grace, "cancelled before the grace period");
+
+    // The finished reply lingers: its replay ends with the cancellation,
+    // after which the partial reply is stored.
+    let response = harness
+        .client
+        .get(harness.url(&format!("/api/chat/sessions/{session}/stream")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    let replay = drain(events(response)).await;
+    assert_eq!(chunk_text(&replay), "kept ");
+    assert_eq!(data(replay.last().unwrap())["code"], "CANCELLED");
+    let stored = harness.stored(&session, &token).await;
+    assert_eq!(stored["messages"][1]["content"], "kept ");
+    assert_eq!(stored["messages"][1]["incomplete"], true);
+}
+
+#[tokio::test]
+async fn shutdown_ends_running_replies_with_shutting_down() {
+    let harness = Harness::start(Duration::from_secs(30), 30).await;
+    harness.bedrock.set_script(
+        PRIMARY,
+        Script::reply(["before ", "never"]).with_fault(Fault::Stall { after_deltas: 1 }),
+    );
+    let token = user();
+    let session = harness.session(&token).await;
+    let mut stream = harness
+        .stream(&token, &session, json!({"message": "hi"}))
+        .await;
+    assert_eq!(next(&mut stream).await.event, "model");
+    assert_eq!(next(&mut stream).await.event, "chunk");
+    harness.replies.shutdown.cancel();
+    let rest = drain(stream).await;
+    assert_eq!(data(rest.last().unwrap())["code"], "SHUTTING_DOWN");
+    let stored = harness.stored(&session, &token).await;
+    assert_eq!(stored["messages"][1]["content"], "before ");
+    assert_eq!(stored["messages"][1]["incomplete"], true);
+}
+
+#[tokio::test]
+async fn a_changed_routes_file_is_used_by_the_next_request_and_a_bad_one_is_ignored() {
+    let harness = Harness::start(Duration::from_secs(30), 30).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("routes.yaml");
+    std::fs::write(&path, routes_yaml(30)).unwrap();
+    tokio::spawn(watch_routes_file(
+        Arc::clone(&harness.replies.routes),
+        path.clone(),
+        Duration::from_millis(20),
+        harness.shutdown.clone(),
+    ));
+    let token = user();
+    let aliases = || async {
+        let body: Value = harness
+            .client
+            .get(harness.url("/api/models"))
+            .bearer_auth(user())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        body["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["alias"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let changed = routes_yaml(30).replace("alias: open", "alias: fresh");
+    std::fs::write(&path, &changed).unwrap();
+    wait_until(|| async { aliases().await == ["default", "fresh"] }).await;
+    // The next request uses the new chain.
+    harness
+        .openai
+        .set_script(OPENAI_MODEL, Script::reply(["new"]));
+    let session = harness.session(&token).await;
+    let events = drain(
+        harness
+            .stream(&token, &session, json!({"message": "hi", "route": "fresh"}))
+            .await,
+    )
+    .await;
+    assert_eq!(chunk_text(&events), "new");
+
+    std::fs::write(&path, "routes: [{alias: broken, targets: []}]").unwrap();
+    let failures = || async {
+        harness
+            .client
+            .get(harness.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+            .contains("parley_routes_reload_failures_total 1")
+    };
+    wait_until(failures).await;
+    assert_eq!(aliases().await, ["default", "fresh"]);
+}
+
+/// Re-checks `condition` on each tick until it holds (bounded by PROMPTLY).
+async fn wait_until<F, Fut>(condition: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    tokio::time::timeout(PROMPTLY, async {
+        loop {
+            tick.tick().await;
+            if condition().await {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the condition never held");
+}
