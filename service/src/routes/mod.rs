@@ -63,7 +63,6 @@ pub fn app(state: AppState) -> Router {
     let (router, openapi) = OpenApiRouter::<AppState>::with_openapi(ApiDoc::openapi())
         .routes(routes!(sessions::create_session, sessions::list_sessions))
         .routes(routes!(sessions::get_session, sessions::delete_session))
-        .routes(routes!(sessions::list_messages))
         .routes(routes!(accounting::calculate))
         .routes(routes!(accounting::check))
         .routes(routes!(accounting::initialize))
