@@ -19,11 +19,11 @@ use parley_service::ratelimit::{
     LocalRateLimiter, RateLimitMetrics, RateLimiter, RateLimits, RedisRateLimiter,
 };
 use parley_service::server::serve_listener;
+use parley_test_support::proxy::{TcpProxy, host_port};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 const SEED_MESSAGE: &str = "What are the three primary colors?";
 
@@ -640,9 +640,16 @@ async fn redis_stream_slots_and_token_budget() {
 
 #[tokio::test]
 async fn redis_down_fails_closed_with_503() {
-    let proxy = Proxy::start(host_port(&parley_test_support::env::redis_url()), None).await;
+    let proxy = TcpProxy::start(
+        host_port(&parley_test_support::env::redis_url())
+            .unwrap()
+            .to_owned(),
+        None,
+    )
+    .await
+    .unwrap();
     let limiter = RedisRateLimiter::connect(
-        &format!("redis://{}", proxy.address),
+        &format!("redis://{}", proxy.address()),
         &parley_test_support::env::unique_name("parley-limits"),
         STREAM_LIMITS,
         RateLimitMetrics::default(),
@@ -737,71 +744,16 @@ struct Answer {
     retry_after: Option<String>,
 }
 
-/// Forwards TCP connections to `target` until stopped; stopping closes them all.
-struct Proxy {
-    address: SocketAddr,
-    stop: CancellationToken,
-    tasks: TaskTracker,
-}
-
-impl Proxy {
-    /// Listens on `address` (the same port again after a stop) or a new port.
-    async fn start(target: String, address: Option<SocketAddr>) -> Self {
-        let listener = TcpListener::bind(address.unwrap_or(([127, 0, 0, 1], 0).into()))
-            .await
-            .unwrap();
-        let address = listener.local_addr().unwrap();
-        let stop = CancellationToken::new();
-        let tasks = TaskTracker::new();
-        let (stopped, connections) = (stop.clone(), tasks.clone());
-        tasks.spawn(async move {
-            loop {
-                let (mut inbound, _) = tokio::select! {
-                    () = stopped.cancelled() => return,
-                    accepted = listener.accept() => accepted.unwrap(),
-                };
-                let target = target.clone();
-                let stopped = stopped.clone();
-                connections.spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        () = stopped.cancelled() => {}
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                    }
-                });
-            }
-        });
-        Self {
-            address,
-            stop,
-            tasks,
-        }
-    }
-
-    async fn stop(&self) {
-        self.stop.cancel();
-        self.tasks.close();
-        self.tasks.wait().await;
-    }
-}
-
-/// Host and port of a `scheme://[user@]host:port/...` URL.
-fn host_port(url: &str) -> String {
-    let rest = url.split_once("://").unwrap().1;
-    let rest = rest.rsplit_once('@').map_or(rest, |(_, hosts)| hosts);
-    rest.split(['/', '?']).next().unwrap().to_owned()
-}
-
 #[tokio::test]
 async fn a_ledger_outage_is_503_and_recovers_without_a_restart() {
     let real = parley_test_support::env::mongodb_uri();
-    let proxy = Proxy::start(host_port(&real), None).await;
+    let proxy = TcpProxy::start(host_port(&real).unwrap().to_owned(), None)
+        .await
+        .unwrap();
     let database = parley_test_support::env::unique_name("parley-ledger-outage").replace('-', "_");
     let uri = format!(
         "mongodb://{}/?directConnection=true&serverSelectionTimeoutMS=300&connectTimeoutMS=300&heartbeatFrequencyMS=500",
-        proxy.address
+        proxy.address()
     );
     let dir = tempfile::tempdir().unwrap();
     let server = RunningServer::start(
@@ -850,7 +802,9 @@ async fn a_ledger_outage_is_503_and_recovers_without_a_restart() {
     }
 
     // The same port again: the driver reconnects by itself.
-    let proxy = Proxy::start(host_port(&real), Some(proxy.address)).await;
+    let proxy = TcpProxy::start(host_port(&real).unwrap().to_owned(), Some(proxy.address()))
+        .await
+        .unwrap();
     let mut answer = server
         .call(
             "POST",

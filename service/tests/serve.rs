@@ -11,12 +11,12 @@ use std::time::Duration;
 use parley_service::auth::Role;
 use parley_service::config::{Config, TokenArgs};
 use parley_service::server::{mint_cli_token, serve_listener};
+use parley_test_support::proxy::{TcpProxy, host_port};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 struct RunningServer {
     address: SocketAddr,
@@ -186,69 +186,16 @@ async fn embedded_sessions_and_the_dev_secret_survive_a_restart() {
     second.stop().await;
 }
 
-/// Forwards TCP connections to `target` until stopped; stopping closes them all.
-struct Proxy {
-    address: SocketAddr,
-    stop: CancellationToken,
-    tasks: TaskTracker,
-}
-
-impl Proxy {
-    async fn start(target: String) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let stop = CancellationToken::new();
-        let tasks = TaskTracker::new();
-        let (stopped, connections) = (stop.clone(), tasks.clone());
-        tasks.spawn(async move {
-            loop {
-                let (mut inbound, _) = tokio::select! {
-                    () = stopped.cancelled() => return,
-                    accepted = listener.accept() => accepted.unwrap(),
-                };
-                let target = target.clone();
-                let stopped = stopped.clone();
-                connections.spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        () = stopped.cancelled() => {}
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                    }
-                });
-            }
-        });
-        Self {
-            address,
-            stop,
-            tasks,
-        }
-    }
-
-    /// Returns once the listener and every forwarded connection are closed.
-    async fn stop(&self) {
-        self.stop.cancel();
-        self.tasks.close();
-        self.tasks.wait().await;
-    }
-}
-
-/// Host and port of a `mongodb://host:port/...` URI.
-fn host_port(uri: &str) -> String {
-    let rest = uri.strip_prefix("mongodb://").unwrap();
-    let rest = rest.rsplit_once('@').map_or(rest, |(_, hosts)| hosts);
-    rest.split(['/', '?']).next().unwrap().to_owned()
-}
-
 #[tokio::test]
 async fn a_store_outage_answers_503_store_unavailable() {
     let real = parley_test_support::env::mongodb_uri();
-    let proxy = Proxy::start(host_port(&real)).await;
+    let proxy = TcpProxy::start(host_port(&real).unwrap().to_owned(), None)
+        .await
+        .unwrap();
     let database = parley_test_support::env::unique_name("parley-outage").replace('-', "_");
     let uri = format!(
         "mongodb://{}/?directConnection=true&serverSelectionTimeoutMS=300&connectTimeoutMS=300",
-        proxy.address
+        proxy.address()
     );
     let dir = tempfile::tempdir().unwrap();
     let config = config(

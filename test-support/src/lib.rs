@@ -6,5 +6,6 @@
 pub mod bedrock;
 pub mod env;
 pub mod openai;
+pub mod proxy;
 pub mod script;
 mod serve;
