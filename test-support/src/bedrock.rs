@@ -7,7 +7,6 @@
 //! is scripted per model id ([`Script`]).
 
 use std::io;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use aws_smithy_eventstream::frame::write_message_to;
@@ -22,15 +21,22 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::script::{
-    Fault, RecordedCall, Rejection, Script, ScriptedUsage, Scripts, Stop, StreamCounts,
-    StreamFailure, count_words,
+    Fault, RecordedCall, Rejection, Script, ScriptedUsage, Scripts, Stop, StreamFailure,
+    count_words,
 };
-use crate::serve::{Performance, Server, WireFormat, streamed_body};
+use crate::serve::{Performance, Server, StandIn, WireFormat, streamed_body};
 
 /// A running Bedrock Runtime stand-in; dropping it stops the server.
 pub struct BedrockStandIn {
-    server: Server,
-    scripts: Scripts,
+    stand_in: StandIn,
+}
+
+impl std::ops::Deref for BedrockStandIn {
+    type Target = StandIn;
+
+    fn deref(&self) -> &StandIn {
+        &self.stand_in
+    }
 }
 
 #[derive(Clone)]
@@ -58,53 +64,14 @@ impl BedrockStandIn {
             .route("/model/{model_id}/converse-stream", post(converse_stream))
             .with_state(state);
         let server = Server::start(router, shutdown).await?;
-        Ok(Self { server, scripts })
+        Ok(Self {
+            stand_in: StandIn { server, scripts },
+        })
     }
 
     /// `http://127.0.0.1:PORT`, the SDK's `endpoint_url`.
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.server.addr)
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.server.addr
-    }
-
-    /// Stops the server; stalled streams end.
-    pub fn shutdown(&self) {
-        self.server.shutdown.cancel();
-    }
-
-    /// Answers every call to `model` with `script` (after queued ones).
-    pub fn set_script(&self, model: &str, script: Script) {
-        self.scripts.set(model, script);
-    }
-
-    /// Answers the next call to `model` with `script`, once.
-    pub fn push_script(&self, model: &str, script: Script) {
-        self.scripts.push(model, script);
-    }
-
-    /// Every call received so far, in order.
-    pub fn calls(&self) -> Vec<RecordedCall> {
-        self.scripts.calls()
-    }
-
-    pub fn stream_counts(&self) -> StreamCounts {
-        self.scripts.stream_counts()
-    }
-
-    /// Waits until at least `n` streams were left by their clients before
-    /// their end.
-    pub async fn wait_for_dropped_streams(&self, n: usize) {
-        self.scripts
-            .wait_for_streams(|c| c.dropped_by_client >= n)
-            .await;
-    }
-
-    /// Waits until at least `n` streams ran to their scripted end.
-    pub async fn wait_for_finished_streams(&self, n: usize) {
-        self.scripts.wait_for_streams(|c| c.finished >= n).await;
+        format!("http://{}", self.addr())
     }
 }
 

@@ -9,3 +9,5 @@ pub mod openai;
 pub mod proxy;
 pub mod script;
 mod serve;
+
+pub use serve::StandIn;

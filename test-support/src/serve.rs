@@ -12,7 +12,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::script::{Fault, Script, ScriptedUsage, Scripts, Stop, StreamEnd, StreamFailure};
+use crate::script::{
+    Fault, RecordedCall, Script, ScriptedUsage, Scripts, Stop, StreamCounts, StreamEnd,
+    StreamFailure,
+};
 
 /// A running loopback HTTP server; dropping it shuts the server down.
 pub(crate) struct Server {
@@ -40,6 +43,56 @@ impl Server {
             _stop_on_drop: shutdown.clone().drop_guard(),
             shutdown,
         })
+    }
+}
+
+/// The handle both stand-ins share: their server and their scripts. The
+/// stand-ins dereference to it for scripting and observing calls.
+pub struct StandIn {
+    pub(crate) server: Server,
+    pub(crate) scripts: Scripts,
+}
+
+impl StandIn {
+    pub fn addr(&self) -> SocketAddr {
+        self.server.addr
+    }
+
+    /// Stops the server; stalled streams end.
+    pub fn shutdown(&self) {
+        self.server.shutdown.cancel();
+    }
+
+    /// Answers every call to `model` with `script` (after queued ones).
+    pub fn set_script(&self, model: &str, script: Script) {
+        self.scripts.set(model, script);
+    }
+
+    /// Answers the next call to `model` with `script`, once.
+    pub fn push_script(&self, model: &str, script: Script) {
+        self.scripts.push(model, script);
+    }
+
+    /// Every call received so far, in order.
+    pub fn calls(&self) -> Vec<RecordedCall> {
+        self.scripts.calls()
+    }
+
+    pub fn stream_counts(&self) -> StreamCounts {
+        self.scripts.stream_counts()
+    }
+
+    /// Waits until at least `n` streams were left by their clients before
+    /// their end.
+    pub async fn wait_for_dropped_streams(&self, n: usize) {
+        self.scripts
+            .wait_for_streams(|c| c.dropped_by_client >= n)
+            .await;
+    }
+
+    /// Waits until at least `n` streams ran to their scripted end.
+    pub async fn wait_for_finished_streams(&self, n: usize) {
+        self.scripts.wait_for_streams(|c| c.finished >= n).await;
     }
 }
 
