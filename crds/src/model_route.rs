@@ -105,13 +105,18 @@ pub struct Pricing {
 }
 
 impl Pricing {
-    /// Exact price of a request, rounded up to the next micro-credit so that
-    /// rounding never undercharges.
-    pub fn cost(&self, input_tokens: u64, output_tokens: u64) -> Credits {
-        let per_1k_micros = i128::from(input_tokens) * i128::from(self.input_per_1k.micros())
-            + i128::from(output_tokens) * i128::from(self.output_per_1k.micros());
-        let micros = (per_1k_micros + 999).div_euclid(1000);
-        Credits::from_micros(i64::try_from(micros).unwrap_or(i64::MAX))
+    /// Exact price of a request: the sum is rounded up once to the next
+    /// micro-credit, so rounding never undercharges and two fractional parts
+    /// never both round up. `None` when it does not fit a credit amount.
+    /// This is the one pricing rule: holds, charges and quotes all use it.
+    pub fn cost(&self, input_tokens: u64, output_tokens: u64) -> Option<Credits> {
+        let per_1k_micros = i128::from(input_tokens)
+            .checked_mul(i128::from(self.input_per_1k.micros()))?
+            .checked_add(
+                i128::from(output_tokens).checked_mul(i128::from(self.output_per_1k.micros()))?,
+            )?;
+        let micros = per_1k_micros.checked_add(999)?.div_euclid(1000);
+        i64::try_from(micros).ok().map(Credits::from_micros)
     }
 }
 
@@ -194,13 +199,24 @@ mod tests {
         // 1500 input tokens at 1/1k = 1.5; 10 output tokens at 0.3/1k = 0.003
         assert_eq!(
             pricing.cost(1500, 10),
-            Credits::parse_decimal("1.503").unwrap()
+            Some(Credits::parse_decimal("1.503").unwrap())
         );
         let tiny = Pricing {
             input_per_1k: Credits::from_micros(1),
             output_per_1k: Credits::ZERO,
         };
-        assert_eq!(tiny.cost(1, 0), Credits::from_micros(1));
-        assert_eq!(tiny.cost(0, 0), Credits::ZERO);
+        assert_eq!(tiny.cost(1, 0), Some(Credits::from_micros(1)));
+        assert_eq!(tiny.cost(0, 0), Some(Credits::ZERO));
+        // 0.001 + 0.001 µcredits: rounded up once to 1, not twice to 2.
+        let fine = Pricing {
+            input_per_1k: Credits::from_micros(1),
+            output_per_1k: Credits::from_micros(1),
+        };
+        assert_eq!(fine.cost(1, 1), Some(Credits::from_micros(1)));
+        let huge = Pricing {
+            input_per_1k: Credits::from_micros(i64::MAX),
+            output_per_1k: Credits::from_micros(i64::MAX),
+        };
+        assert_eq!(huge.cost(u64::MAX, u64::MAX), None);
     }
 }

@@ -38,6 +38,7 @@ async fn hold_and_settle(ledger: &dyn Ledger, user: &str, request_id: String) {
         output_tokens: 200,
         cost: Credits::from_micros(3_000),
         outcome: ReplyOutcome::Completed,
+        estimated: false,
     };
     ledger.settle(settlement).await.unwrap();
 }

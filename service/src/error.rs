@@ -174,6 +174,11 @@ impl Error {
         }
     }
 
+    /// A dependency did not answer (503): worth retrying later.
+    pub fn is_unavailable(&self) -> bool {
+        self.status() == StatusCode::SERVICE_UNAVAILABLE
+    }
+
     pub fn code(&self) -> &'static str {
         match self {
             Self::Ledger(error) => ledger_code(error),

@@ -17,6 +17,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 
+use crate::accounting::PriceBook;
 use crate::auth::Role;
 use crate::error::Error;
 use crate::providers::{BedrockProvider, Provider, ProviderError, ProviderErrorKind};
@@ -26,18 +27,19 @@ pub const BUILTIN_SIMULATED_MODEL: &str = "parley-simulated";
 const BUILTIN_MAX_OUTPUT_TOKENS: u32 = 1024;
 const BUILTIN_TIMEOUT_SECONDS: u32 = 60;
 
-/// One validated routes document.
+/// One validated routes document and the prices of its targets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Routes {
     file: RoutesFile,
+    prices: PriceBook,
 }
 
 impl Routes {
-    /// One `default` route on the simulated model, free of charge.
+    /// One `default` route on the simulated model, priced like a small real
+    /// model (1 credit per 1k input tokens, 2 per 1k output tokens) so the
+    /// quick start meters replies exactly as a deployment does.
     pub fn builtin() -> Self {
-        let free = parley_crds::Credits::ZERO;
-        Self {
-            file: RoutesFile {
+        Self::new(RoutesFile {
                 default_route: None,
                 routes: vec![ModelRouteSpec {
                     alias: parley_crds::IMPLICIT_DEFAULT_ROUTE.to_owned(),
@@ -48,15 +50,23 @@ impl Routes {
                         provider: ProviderKind::Simulated,
                         model: BUILTIN_SIMULATED_MODEL.to_owned(),
                         pricing: Pricing {
-                            input_per_1k: free,
-                            output_per_1k: free,
+                            input_per_1k: parley_crds::Credits::from_whole(1),
+                            output_per_1k: parley_crds::Credits::from_whole(2),
                         },
                         max_output_tokens: BUILTIN_MAX_OUTPUT_TOKENS,
                         timeout_seconds: BUILTIN_TIMEOUT_SECONDS,
                     }],
                 }],
-            },
-        }
+        })
+    }
+
+    fn new(file: RoutesFile) -> Self {
+        let prices = PriceBook::new(&file.routes);
+        Self { file, prices }
+    }
+
+    pub fn prices(&self) -> &PriceBook {
+        &self.prices
     }
 
     /// Parses and validates a routes document; every problem is reported.
@@ -65,7 +75,7 @@ impl Routes {
             .map_err(|error| Error::Config(format!("routes file: {error}")))?;
         file.validate()
             .map_err(|problems| Error::Config(format!("routes file: {problems}")))?;
-        Ok(Self { file })
+        Ok(Self::new(file))
     }
 
     pub fn default_alias(&self) -> &str {

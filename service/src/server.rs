@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::accounting::{
-    Accounting, AccountingMetrics, ExternalAccounting, LocalAccounting, PriceBook, reaper,
+    Accounting, AccountingMetrics, ExternalAccounting, LocalAccounting, reaper,
 };
 use crate::auth::{
     AuthSettings, Authenticator, Hs256Secret, Principal, Role, SecretSource, mint_token,
@@ -152,7 +152,7 @@ pub async fn serve_listener(
             ));
             Arc::new(LocalAccounting::new(
                 ledger,
-                Arc::new(PriceBook::builtin()),
+                Arc::clone(&replies.routes),
                 Duration::from_secs(config.hold_lease_seconds),
                 accounting_metrics,
             ))

@@ -64,7 +64,7 @@ async fn the_seeds_payloads_get_correct_answers() {
         router,
         "/api/credits/calculate",
         &alice,
-        json!({"modelId": "simulated", "tokens": 1000}),
+        json!({"modelId": "parley-simulated", "tokens": 1000}),
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -243,7 +243,7 @@ async fn missing_and_unknown_fields_are_named_and_never_allowed() {
     .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(body["code"], "UNKNOWN_MODEL");
-    assert_eq!(body["allowed"], json!(["default", "simulated"]));
+    assert_eq!(body["allowed"], json!(["default", "parley-simulated"]));
     let (status, _) = send(
         &app.router,
         request(
@@ -378,7 +378,7 @@ async fn insufficient_credits_is_402_with_balance_and_price_and_counted() {
     );
     // 5 input credits + 0.02 output.
     assert!(
-        text.contains(r#"parley_credits_charged_total{route="default",model="simulated"} 5.02"#),
+        text.contains(r#"parley_credits_charged_total{route="default",model="parley-simulated"} 5.02"#),
         "{text}"
     );
 }
@@ -916,7 +916,7 @@ async fn external_mode_lands_in_the_accounting_instance_and_fails_closed() {
         )
         .await;
     assert_eq!(answer.status, 400);
-    assert_eq!(answer.body["allowed"], json!(["default", "simulated"]));
+    assert_eq!(answer.body["allowed"], json!(["default", "parley-simulated"]));
     let answer = chat
         .call(
             "POST",
@@ -1032,7 +1032,7 @@ async fn the_reaper_counts_open_holds_and_stops_on_shutdown() {
                     user: user.into(),
                     session_id: "s".into(),
                     route: "default".into(),
-                    model: "simulated".into(),
+                    model: "parley-simulated".into(),
                     amount: Credits::from_micros(1),
                     lease: std::time::Duration::from_secs(600),
                 })

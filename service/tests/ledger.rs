@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use parley_service::ledger::{
     Credits, EmbeddedLedger, HoldRequest, Ledger, LedgerError, LedgerSettings, MongoLedger, Page,
-    Pricing, ReplyOutcome, Settlement,
+    ReplyOutcome, Settlement, price,
 };
 
 const INITIAL: Credits = Credits::from_micros(5_000_000);
@@ -37,6 +37,7 @@ fn settlement(request_id: &str, cost: Credits) -> Settlement {
         output_tokens: 80,
         cost,
         outcome: ReplyOutcome::Completed,
+        estimated: false,
     }
 }
 
@@ -727,35 +728,40 @@ mod suite {
 }
 
 #[test]
-fn prices_round_up_to_the_microcredit_once() {
+fn route_prices_convert_to_ledger_amounts_exactly() {
+    use parley_crds::{Credits as Price, Pricing};
     let pricing = Pricing {
-        input_per_1k: Credits::parse_decimal("1").unwrap(),
-        output_per_1k: Credits::parse_decimal("4").unwrap(),
+        input_per_1k: Price::parse_decimal("1").unwrap(),
+        output_per_1k: Price::parse_decimal("4").unwrap(),
     };
     assert_eq!(
-        pricing.price(1_000, 1_000).unwrap(),
+        price(&pricing, 1_000, 1_000).unwrap(),
         Credits::from_micros(5_000_000)
     );
-    assert_eq!(pricing.price(1, 0).unwrap(), Credits::from_micros(1_000));
-    let fine = Pricing {
-        input_per_1k: Credits::from_micros(1),
-        output_per_1k: Credits::from_micros(1),
-    };
-    // 0.001 + 0.001 µcredits: rounded up once to 1, not twice to 2.
-    assert_eq!(fine.price(1, 1).unwrap(), Credits::from_micros(1));
-    assert_eq!(fine.price(0, 0).unwrap(), Credits::ZERO);
+    assert_eq!(price(&pricing, 1, 0).unwrap(), Credits::from_micros(1_000));
     assert_eq!(
-        pricing.worst_case(1_009, 1_024).unwrap(),
+        price(&pricing, 1_009, 1_024).unwrap(),
         Credits::from_micros(5_105_000)
     );
     let huge = Pricing {
-        input_per_1k: Credits::from_micros(u64::MAX),
-        output_per_1k: Credits::from_micros(u64::MAX),
+        input_per_1k: Price::from_micros(i64::MAX),
+        output_per_1k: Price::from_micros(i64::MAX),
     };
     assert!(matches!(
-        huge.price(u64::MAX, u64::MAX),
+        price(&huge, u64::MAX, u64::MAX),
         Err(LedgerError::AmountOutOfRange)
     ));
+    // Validation refuses such routes; the ledger refuses them too.
+    let negative = Pricing {
+        input_per_1k: Price::from_micros(-1),
+        output_per_1k: Price::ZERO,
+    };
+    assert!(price(&negative, 1_000, 0).is_err());
+    let too_fine = Pricing {
+        input_per_1k: Price::parse_decimal("0.0000001").unwrap(),
+        output_per_1k: Price::ZERO,
+    };
+    assert!(Credits::try_from(too_fine.input_per_1k).is_err());
 }
 
 #[test]

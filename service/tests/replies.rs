@@ -16,6 +16,7 @@ use eventsource_stream::{Event, Eventsource};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use parley_service::auth::Role;
+use parley_service::ledger::{Ledger, MongoLedger};
 use parley_service::model_routes::{ProviderRegistry, Routes, watch_routes_file};
 use parley_service::providers::{
     BedrockProvider, OpenAiProvider, SimulatedProvider, SimulatedSettings,
@@ -61,7 +62,7 @@ routes:
         timeoutSeconds: {primary_timeout}
       - provider: bedrock
         model: {SECONDARY}
-        pricing: {{inputPer1k: 1, outputPer1k: 2}}
+        pricing: {{inputPer1k: 0.5, outputPer1k: 1}}
         maxOutputTokens: 256
   - alias: open
     targets:
@@ -75,6 +76,23 @@ routes:
       - provider: simulated
         model: sim
         pricing: {{inputPer1k: 0, outputPer1k: 0}}
+        maxOutputTokens: 64
+  - alias: dear
+    targets:
+      - provider: openai
+        model: {OPENAI_MODEL}
+        pricing: {{inputPer1k: 1000, outputPer1k: 1000}}
+        maxOutputTokens: 256
+  - alias: thrifty
+    downgradeWhenUnaffordable: true
+    targets:
+      - provider: openai
+        model: {OPENAI_MODEL}
+        pricing: {{inputPer1k: 1000, outputPer1k: 1000}}
+        maxOutputTokens: 256
+      - provider: simulated
+        model: sim-cheap
+        pricing: {{inputPer1k: 1, outputPer1k: 1}}
         maxOutputTokens: 64
 "
     )
@@ -92,6 +110,15 @@ struct Harness {
 
 impl Harness {
     async fn start(grace: Duration, primary_timeout: u32) -> Self {
+        Self::start_with_ledger(grace, primary_timeout, None).await
+    }
+
+    /// `ledger`: the credits ledger to use instead of the embedded one.
+    async fn start_with_ledger(
+        grace: Duration,
+        primary_timeout: u32,
+        ledger: Option<Arc<dyn Ledger>>,
+    ) -> Self {
         let bedrock = BedrockStandIn::start().await.unwrap();
         let openai = OpenAiStandIn::start().await.unwrap();
         let credentials = Credentials::new("AKIDSTANDIN", "secret", None, None, "test");
@@ -124,7 +151,10 @@ impl Harness {
             &mut registry,
         );
         let (store, dir) = common::embedded_store().await;
-        let ledger = common::embedded_ledger(&store).await;
+        let ledger = match ledger {
+            Some(ledger) => ledger,
+            None => common::embedded_ledger(&store).await,
+        };
         let state = common::state_with_replies(Arc::new(store.clone()), ledger, registry, replies);
         let replies = Arc::clone(&state.replies);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -460,7 +490,7 @@ async fn whole_replies_unknown_routes_models_and_one_reply_at_a_time() {
         assert_eq!(response.status(), StatusCode::BAD_REQUEST);
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["code"], "UNKNOWN_ROUTE");
-        assert_eq!(body["allowed"], json!(["default", "open"]));
+        assert_eq!(body["allowed"], json!(["default", "open", "dear", "thrifty"]));
     }
 
     // Models by role, with prices.
@@ -479,10 +509,13 @@ async fn whole_replies_unknown_routes_models_and_one_reply_at_a_time() {
                 .collect::<Vec<_>>()
         }
     };
-    assert_eq!(models(token.clone()).await, ["default", "open"]);
+    assert_eq!(
+        models(token.clone()).await,
+        ["default", "open", "dear", "thrifty"]
+    );
     assert_eq!(
         models(common::token("root", Role::Admin, &[])).await,
-        ["default", "open", "staff"]
+        ["default", "open", "staff", "dear", "thrifty"]
     );
 
     // One reply per session: a second one while the first streams is 409.
@@ -645,7 +678,8 @@ async fn a_changed_routes_file_is_used_by_the_next_request_and_a_bad_one_is_igno
     };
     let changed = routes_yaml(30).replace("alias: open", "alias: fresh");
     std::fs::write(&path, &changed).unwrap();
-    wait_until(|| async { aliases().await == ["default", "fresh"] }).await;
+    let now = ["default", "fresh", "dear", "thrifty"];
+    wait_until(|| async { aliases().await == now }).await;
     // The next request uses the new chain.
     harness
         .openai
@@ -673,7 +707,7 @@ async fn a_changed_routes_file_is_used_by_the_next_request_and_a_bad_one_is_igno
             .contains("parley_routes_reload_failures_total 1")
     };
     wait_until(failures).await;
-    assert_eq!(aliases().await, ["default", "fresh"]);
+    assert_eq!(aliases().await, now);
 }
 
 /// Re-checks `condition` on each tick until it holds (bounded by PROMPTLY).
@@ -693,4 +727,263 @@ where
     })
     .await
     .expect("the condition never held");
+}
+
+// ---------------------------------------------------------------------------
+// Credits: every reply is held before it runs and settled once.
+
+impl Harness {
+    async fn get_json(&self, path: &str, token: &str) -> Value {
+        let response = self
+            .client
+            .get(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+        response.json().await.unwrap()
+    }
+
+    async fn post(&self, path: &str, token: &str, body: Value) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+#[tokio::test]
+async fn a_fallback_is_charged_at_the_answering_targets_price_exactly_once() {
+    let harness = Harness::start(Duration::from_secs(30), 30).await;
+    harness
+        .bedrock
+        .set_script(PRIMARY, Script::rejected(Rejection::Throttled));
+    harness.bedrock.set_script(
+        SECONDARY,
+        Script::reply(["from ", "the second"]).with_usage(40, 2),
+    );
+    let token = user();
+    let session = harness.session(&token).await;
+    let events = drain(
+        harness
+            .stream(&token, &session, json!({"message": "hi"}))
+            .await,
+    )
+    .await;
+    assert_eq!(data(&events[0])["model"], SECONDARY);
+    let complete = data(events.last().unwrap());
+    // 40 input tokens at 0.5/1k plus 2 output tokens at 1/1k: the second
+    // target's price, not the first's (1 and 2).
+    assert_eq!(
+        complete["credits"],
+        json!({"charged": 0.022, "remaining": 9.978})
+    );
+
+    let usage = harness.get_json("/api/credits/usage", &token).await;
+    let records = usage["records"].as_array().unwrap();
+    assert_eq!(records.len(), 1, "{usage}");
+    let record = &records[0];
+    assert_eq!(record["modelId"], SECONDARY);
+    assert_eq!(record["route"], "default");
+    assert_eq!(record["outcome"], "completed");
+    assert_eq!(record["estimated"], false);
+    assert_eq!((record["inputTokens"].clone(), record["outputTokens"].clone()), (json!(40), json!(2)));
+    assert_eq!(record["charged"], json!(0.022));
+    // Re-priced on fallback: "hi" is estimated at 1 input token, plus the
+    // second target's 256 output tokens.
+    assert_eq!(record["held"], json!(0.2565));
+    assert!(
+        record["sessionId"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{session}/")),
+        "{record}"
+    );
+    let balance = harness.get_json("/api/credits/balance", &token).await;
+    assert_eq!(
+        balance,
+        json!({"userId": "alice", "balance": 9.978, "held": 0.0, "available": 9.978})
+    );
+}
+
+#[tokio::test]
+async fn a_whole_reply_carries_the_remaining_balance_and_a_cut_reply_is_estimated() {
+    let harness = Harness::start(Duration::from_secs(30), 30).await;
+    harness
+        .openai
+        .set_script(OPENAI_MODEL, Script::reply(["one", " two", " three"]).with_usage(5, 3));
+    let token = user();
+    let session = harness.session(&token).await;
+    let messages = format!("/api/chat/sessions/{session}/messages");
+    let response = harness
+        .post(&messages, &token, json!({"message": "count to three", "route": "open"}))
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let remaining = response.headers()["x-parley-credits-remaining"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body: Value = response.json().await.unwrap();
+    // 5 + 3 tokens at 1/1k.
+    assert_eq!(body["credits"], json!({"charged": 0.008, "remaining": 9.992}));
+    assert_eq!(remaining, "9.992");
+
+    // Cut off after two deltas, the provider never reports usage: the
+    // conversation is estimated (4 + 4 + 3 tokens: characters / 4, rounded
+    // up, per turn) and each delta counts one output token.
+    harness.openai.set_script(
+        OPENAI_MODEL,
+        Script::reply(["a", "b", "c"]).with_fault(Fault::Disconnect { after_deltas: 2 }),
+    );
+    let response = harness
+        .post(&messages, &token, json!({"message": "and again", "route": "open"}))
+        .await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let usage = harness.get_json("/api/credits/usage", &token).await;
+    let cut = &usage["records"][0];
+    assert_eq!(cut["outcome"], "failed", "{usage}");
+    assert_eq!(cut["estimated"], true);
+    assert_eq!(cut["outputTokens"], 2);
+    assert_eq!(cut["inputTokens"], 11);
+    assert_eq!(cut["charged"], json!(0.013));
+    assert_eq!(usage["records"][1]["estimated"], false);
+    let balance = harness.get_json("/api/credits/balance", &token).await;
+    assert_eq!(balance["balance"], json!(9.979));
+    assert_eq!(balance["held"], json!(0.0));
+}
+
+#[tokio::test]
+async fn an_unaffordable_reply_is_402_before_any_provider_call() {
+    let harness = Harness::start(Duration::from_secs(30), 30).await;
+    let token = user();
+    let session = harness.session(&token).await;
+    for endpoint in ["stream", "messages"] {
+        let response = harness
+            .post(
+                &format!("/api/chat/sessions/{session}/{endpoint}"),
+                &token,
+                json!({"message": "hi", "route": "dear"}),
+            )
+            .await;
+        assert_eq!(response.status(), StatusCode::PAYMENT_REQUIRED, "{endpoint}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["code"], "INSUFFICIENT_CREDITS");
+        // 1 input token at 1000/1k plus 256 output tokens at 1000/1k.
+        assert_eq!(body["requiredCredits"], json!(257.0), "{body}");
+        assert_eq!(body["available"], json!(10.0));
+        assert_eq!(body["balance"], json!(10.0));
+    }
+    assert!(harness.openai.calls().is_empty(), "the provider was called");
+    // The session is free again and nothing is held.
+    let balance = harness.get_json("/api/credits/balance", &token).await;
+    assert_eq!(balance["held"], json!(0.0));
+    let stored = harness.stored(&session, &token).await;
+    assert_eq!(stored["messages"], json!([]));
+    let metrics = harness
+        .client
+        .get(harness.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"parley_ledger_denials_total{reason="insufficient_credits"} 2"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn an_opted_in_route_downgrades_to_what_the_caller_can_afford_and_says_so() {
+    let harness = Harness::start(Duration::from_secs(30), 30).await;
+    let token = user();
+    let session = harness.session(&token).await;
+    let events = drain(
+        harness
+            .stream(
+                &token,
+                &session,
+                json!({"message": "cheap please", "route": "thrifty"}),
+            )
+            .await,
+    )
+    .await;
+    let model = data(&events[0]);
+    assert_eq!(model["model"], "sim-cheap");
+    assert_eq!(model["downgraded"], true);
+    assert_eq!(model["fallbackApplied"], false);
+    assert_eq!(chunk_text(&events), "cheap please");
+    // 3 estimated input tokens and 2 words out, at 1/1k each.
+    assert_eq!(
+        data(events.last().unwrap())["credits"],
+        json!({"charged": 0.005, "remaining": 9.995})
+    );
+    assert!(harness.openai.calls().is_empty());
+}
+
+#[tokio::test]
+async fn a_ledger_outage_refuses_replies_before_any_provider_call_and_recovers() {
+    let real = parley_test_support::env::mongodb_uri();
+    let proxy = parley_test_support::proxy::TcpProxy::start(
+        parley_test_support::proxy::host_port(&real).unwrap().to_owned(),
+        None,
+    )
+    .await
+    .unwrap();
+    let uri = format!(
+        "mongodb://{}/?directConnection=true&serverSelectionTimeoutMS=300&connectTimeoutMS=300&heartbeatFrequencyMS=500",
+        proxy.address()
+    );
+    let database = parley_test_support::env::unique_name("parley-reply-outage").replace('-', "_");
+    let client = mongodb::Client::with_uri_str(&uri).await.unwrap();
+    let ledger = MongoLedger::new(&client.database(&database), common::LEDGER_SETTINGS);
+    ledger.create_indexes().await.unwrap();
+    let harness =
+        Harness::start_with_ledger(Duration::from_secs(30), 30, Some(Arc::new(ledger))).await;
+    harness
+        .openai
+        .set_script(OPENAI_MODEL, Script::reply(["fine"]));
+    let token = user();
+    let session = harness.session(&token).await;
+    let path = format!("/api/chat/sessions/{session}/stream");
+    let body = json!({"message": "hi", "route": "open"});
+
+    proxy.stop().await;
+    for _ in 0..3 {
+        let response = harness.post(&path, &token, body.clone()).await;
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["code"], "LEDGER_UNAVAILABLE", "{error}");
+    }
+    assert!(harness.openai.calls().is_empty(), "the provider was called");
+
+    let proxy = parley_test_support::proxy::TcpProxy::start(
+        parley_test_support::proxy::host_port(&real).unwrap().to_owned(),
+        Some(proxy.address()),
+    )
+    .await
+    .unwrap();
+    // The driver finds the server again within a few heartbeats; no restart.
+    let mut status = StatusCode::SERVICE_UNAVAILABLE;
+    for _ in 0..40 {
+        let response = harness.post(&path, &token, body.clone()).await;
+        status = response.status();
+        if status == StatusCode::OK {
+            let events = drain(events(response)).await;
+            assert_eq!(chunk_text(&events), "fine");
+            assert!(data(events.last().unwrap())["credits"].is_object());
+            break;
+        }
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(harness.openai.calls().len(), 1);
+    proxy.stop().await;
+    let cleanup = mongodb::Client::with_uri_str(&real).await.unwrap();
+    cleanup.database(&database).drop().await.unwrap();
 }

@@ -165,6 +165,10 @@ pub struct CheckResponse {
 
 /// `POST /api/streaming-sessions/initialize`: hold the worst case of a reply
 /// (`estimatedTokens` of input plus the model's maximum output).
+///
+/// Calling it again for a session that is still open refreshes the hold:
+/// re-priced for `modelId` (a fallback; growing needs the difference to be
+/// available), lease renewed, and `tokensGenerated` recorded.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct InitializeRequest {
@@ -177,11 +181,19 @@ pub struct InitializeRequest {
     /// The account to charge; defaults to the caller's (admins may name any).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_id: Option<String>,
+    /// Extension: the route whose target `modelId` is, so a fallback target
+    /// is priced as that route lists it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
+    /// Extension, for a session already initialized: output tokens generated
+    /// so far, recorded so that a crashed caller is charged for them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_generated: Option<u64>,
 }
 
 impl ContractRequest for InitializeRequest {
     const REQUIRED: &'static [&'static str] = &["sessionId", "modelId", "estimatedTokens"];
-    const OPTIONAL: &'static [&'static str] = &["userId"];
+    const OPTIONAL: &'static [&'static str] = &["userId", "route", "tokensGenerated"];
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -201,8 +213,10 @@ pub struct InitializeResponse {
 }
 
 /// `POST /api/streaming-sessions/finalize`: charge the reply's actual usage.
+/// (Unknown fields are refused by [`ContractRequest::from_json`]; serde's
+/// own check cannot be combined with the flattened extension fields.)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct FinalizeRequest {
     pub session_id: String,
     /// Output tokens generated.
@@ -215,16 +229,40 @@ pub struct FinalizeRequest {
     /// The account of the hold; defaults to the caller's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_id: Option<String>,
+    #[serde(flatten)]
+    pub usage: UsageDetails,
 }
 
 impl ContractRequest for FinalizeRequest {
     const REQUIRED: &'static [&'static str] = &["sessionId", "actualTokens", "success"];
-    const OPTIONAL: &'static [&'static str] = &["duration", "userId"];
+    const OPTIONAL: &'static [&'static str] = &[
+        "duration",
+        "userId",
+        "modelId",
+        "inputTokens",
+        "usageEstimated",
+    ];
+}
+
+/// Extension fields of finalize and abort: what the reply really used.
+/// Seed clients send none of them; each defaults to what initialize recorded.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageDetails {
+    /// The model that answered (a fallback target of the hold's route).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_id: Option<String>,
+    /// Input tokens as the model counted them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_tokens: Option<u64>,
+    /// True when the counts are the caller's estimate, not the model's report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage_estimated: Option<bool>,
 }
 
 /// `POST /api/streaming-sessions/abort`: the reply ended early.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct AbortRequest {
     pub session_id: String,
     /// Output tokens generated before the end; 0 releases the whole hold.
@@ -237,11 +275,20 @@ pub struct AbortRequest {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_id: Option<String>,
+    #[serde(flatten)]
+    pub usage: UsageDetails,
 }
 
 impl ContractRequest for AbortRequest {
     const REQUIRED: &'static [&'static str] = &["sessionId", "tokensGenerated"];
-    const OPTIONAL: &'static [&'static str] = &["reason", "error", "userId"];
+    const OPTIONAL: &'static [&'static str] = &[
+        "reason",
+        "error",
+        "userId",
+        "modelId",
+        "inputTokens",
+        "usageEstimated",
+    ];
 }
 
 /// The answer of finalize and abort: the reply's one usage record. A repeat
@@ -512,13 +559,21 @@ mod tests {
             model_id: "m".into(),
             estimated_tokens: 1,
             user_id: Some("u".into()),
+            route: Some("r".into()),
+            tokens_generated: Some(1),
         });
+        let usage = UsageDetails {
+            model_id: Some("m".into()),
+            input_tokens: Some(1),
+            usage_estimated: Some(true),
+        };
         fields_match(&FinalizeRequest {
             session_id: "s".into(),
             actual_tokens: 1,
             success: true,
             duration: Some(1),
             user_id: Some("u".into()),
+            usage: usage.clone(),
         });
         fields_match(&AbortRequest {
             session_id: "s".into(),
@@ -526,6 +581,7 @@ mod tests {
             reason: Some("r".into()),
             error: Some("e".into()),
             user_id: Some("u".into()),
+            usage,
         });
         fields_match(&GrantRequest {
             user_id: "u".into(),

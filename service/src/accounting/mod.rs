@@ -33,6 +33,8 @@ use axum::http::request::Parts;
 
 use crate::auth::{Principal, Role, bearer_token};
 use crate::error::Error;
+use crate::model_routes::RoutesCell;
+use crate::providers::estimate_tokens;
 use crate::ledger::{
     Closed, Credits, HoldRequest, Ledger, LedgerError, MAX_PAGE_SIZE, Page, Progress, ReplyOutcome,
     Settlement,
@@ -41,11 +43,11 @@ use crate::state::AppState;
 use contract::{
     AbortRequest, AccountQuery, BalanceResponse, CalculateRequest, CalculateResponse, CheckRequest,
     CheckResponse, FinalizeRequest, GrantRequest, InitializeRequest, InitializeResponse,
-    SettlementResponse, UsageResponse,
+    SettlementResponse, UsageDetails, UsageResponse,
 };
 pub use external::ExternalAccounting;
 pub use metrics::AccountingMetrics;
-pub use price_book::{DEFAULT_ROUTE, PriceBook, RoutePrice, SIMULATED_MODEL};
+pub use price_book::{PriceBook, RoutePrice};
 
 /// Longest `sessionId` of the streaming-session endpoints.
 const MAX_SESSION_ID_BYTES: usize = 128;
@@ -136,27 +138,24 @@ fn hold_key(user: &str, session_id: &str) -> Result<String, Error> {
     Ok(key)
 }
 
-/// Estimated tokens of a text: one per four characters, rounded up.
-fn estimate_tokens(text: &str) -> u64 {
-    (text.chars().count() as u64).div_ceil(4)
-}
-
 /// How a streaming session ends.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Ending {
     /// Nothing was generated: release the whole hold.
     Release,
-    /// Charge the recorded input and `output_tokens`.
+    /// Charge `output_tokens` and the input (reported, else as recorded).
     Settle {
         outcome: ReplyOutcome,
         output_tokens: u64,
+        usage: UsageDetails,
     },
 }
 
 /// The built-in ledger.
 pub struct LocalAccounting {
     ledger: Arc<dyn Ledger>,
-    prices: Arc<PriceBook>,
+    /// Prices come from the current routes: what answers is what is charged.
+    routes: Arc<RoutesCell>,
     /// Lease of holds opened by `initialize`.
     lease: Duration,
     metrics: AccountingMetrics,
@@ -165,13 +164,13 @@ pub struct LocalAccounting {
 impl LocalAccounting {
     pub fn new(
         ledger: Arc<dyn Ledger>,
-        prices: Arc<PriceBook>,
+        routes: Arc<RoutesCell>,
         lease: Duration,
         metrics: AccountingMetrics,
     ) -> Self {
         LocalAccounting {
             ledger,
-            prices,
+            routes,
             lease,
             metrics,
         }
@@ -191,7 +190,11 @@ impl LocalAccounting {
             Ending::Settle {
                 outcome,
                 output_tokens,
-            } => self.settle(&request_id, outcome, output_tokens).await,
+                usage,
+            } => {
+                self.settle(&request_id, outcome, output_tokens, usage)
+                    .await
+            }
         };
         let closed = closed.map_err(|error| match error {
             LedgerError::HoldNotFound { .. } => Error::StreamingSessionNotFound(session_id.clone()),
@@ -210,7 +213,7 @@ impl LocalAccounting {
     ) -> Result<CheckResponse, Error> {
         let user = account_of(caller, Some(request.user_id))?;
         if let Some(model) = &request.model_id {
-            self.prices.lookup(model)?;
+            self.routes.snapshot().prices().lookup(model)?;
         }
         let balance = self.ledger.balance(&user).await?;
         Ok(CheckResponse {
@@ -228,9 +231,22 @@ impl LocalAccounting {
     ) -> Result<InitializeResponse, Error> {
         let user = account_of(caller, request.user_id)?;
         let request_id = hold_key(&user, &request.session_id)?;
-        let route = Arc::clone(self.prices.lookup(&request.model_id)?);
+        let routes = self.routes.snapshot();
+        let route = match &request.route {
+            Some(alias) => routes.prices().lookup_target(alias, &request.model_id)?,
+            None => routes.prices().lookup(&request.model_id)?,
+        };
         let amount = route.worst_case(request.estimated_tokens)?;
-        let hold = self
+        let output_tokens = request.tokens_generated.unwrap_or(0);
+        // Recorded as progress, this is what the reaper charges if the
+        // caller never comes back: the prompt is spent once the hold stands.
+        let progress = Progress {
+            model: route.model.clone(),
+            input_tokens: request.estimated_tokens,
+            output_tokens,
+            cost: route.cost(request.estimated_tokens, output_tokens)?,
+        };
+        let mut hold = self
             .ledger
             .hold(HoldRequest {
                 request_id: request_id.clone(),
@@ -242,16 +258,14 @@ impl LocalAccounting {
                 lease: self.lease,
             })
             .await?;
-        // The caller sends the prompt right after this answer, so its input is
-        // spent: recorded as progress, it is what the reaper charges if the
-        // caller never comes back.
-        let progress = Progress {
-            model: route.model.clone(),
-            input_tokens: request.estimated_tokens,
-            output_tokens: 0,
-            cost: route.pricing.price(request.estimated_tokens, 0)?,
-        };
-        if let Err(error) = self.ledger.record_progress(&request_id, progress).await {
+        // A new hold has no progress yet; one that has is being refreshed.
+        if hold.progress.is_some() {
+            if hold.amount != amount {
+                self.ledger.reprice(&request_id, amount).await?;
+            }
+            hold = self.ledger.renew(&request_id, self.lease).await?;
+            self.ledger.record_progress(&request_id, progress).await?;
+        } else if let Err(error) = self.ledger.record_progress(&request_id, progress).await {
             // Do not leave a hold the caller was told failed; if this fails
             // too, the reaper releases it when the lease ends.
             if let Err(release_error) = self.ledger.release(&request_id).await {
@@ -262,9 +276,9 @@ impl LocalAccounting {
         Ok(InitializeResponse {
             session_id: request.session_id,
             user_id: user,
-            model_id: hold.model,
-            route: hold.route,
-            allocated_credits: hold.amount,
+            model_id: route.model.clone(),
+            route: route.alias.clone(),
+            allocated_credits: amount,
             lease_expires_at: hold.lease_expires_at,
         })
     }
@@ -274,6 +288,7 @@ impl LocalAccounting {
         request_id: &str,
         outcome: ReplyOutcome,
         output_tokens: u64,
+        usage: UsageDetails,
     ) -> Result<Closed, LedgerError> {
         // Renewing reads the open hold (its model and recorded input) and
         // keeps the reaper off it while it is being settled.
@@ -283,13 +298,22 @@ impl LocalAccounting {
             Err(LedgerError::HoldClosed { .. }) => return self.ledger.release(request_id).await,
             Err(other) => return Err(other),
         };
-        let input_tokens = hold.progress.as_ref().map_or(0, |p| p.input_tokens);
-        let cost = match self.prices.lookup(&hold.route) {
-            Ok(route) => route.pricing.price(input_tokens, output_tokens)?,
+        let recorded = hold.progress.as_ref();
+        let model = usage
+            .model_id
+            .or_else(|| recorded.map(|p| p.model.clone()))
+            .unwrap_or_else(|| hold.model.clone());
+        let input_tokens = usage
+            .input_tokens
+            .or_else(|| recorded.map(|p| p.input_tokens))
+            .unwrap_or(0);
+        let routes = self.routes.snapshot();
+        let cost = match routes.prices().lookup_target(&hold.route, &model) {
+            Ok(target) => target.cost(input_tokens, output_tokens)?,
             Err(_) => {
-                // The route left the price book while the reply ran: charge
+                // The target left the routes while the reply ran: charge
                 // the hold, the most the account agreed to pay.
-                tracing::warn!(request_id, route = %hold.route, "route of an open hold has no price any more; charging the hold");
+                tracing::warn!(request_id, route = %hold.route, %model, "target of an open hold has no price any more; charging the hold");
                 hold.amount
             }
         };
@@ -297,11 +321,12 @@ impl LocalAccounting {
             .settle(Settlement {
                 request_id: request_id.to_owned(),
                 route: hold.route,
-                model: hold.model,
+                model,
                 input_tokens,
                 output_tokens,
                 cost,
                 outcome,
+                estimated: usage.usage_estimated.unwrap_or(false),
             })
             .await
     }
@@ -314,10 +339,11 @@ impl Accounting for LocalAccounting {
         _caller: &Caller,
         request: CalculateRequest,
     ) -> Result<CalculateResponse, Error> {
-        let route = self.prices.lookup(&request.model_id)?;
+        let routes = self.routes.snapshot();
+        let route = routes.prices().lookup(&request.model_id)?;
         let input_tokens = match (request.tokens, &request.message) {
             (Some(tokens), _) => tokens,
-            (None, Some(message)) => estimate_tokens(message),
+            (None, Some(message)) => u64::from(estimate_tokens(message)),
             (None, None) => 0,
         };
         Ok(CalculateResponse {
@@ -367,6 +393,7 @@ impl Accounting for LocalAccounting {
                     ReplyOutcome::Failed
                 },
                 output_tokens,
+                usage: request.usage,
             },
         };
         self.close(caller, request.session_id, request.user_id, ending)
@@ -394,6 +421,7 @@ impl Accounting for LocalAccounting {
                     ReplyOutcome::Cancelled
                 },
                 output_tokens,
+                usage: request.usage,
             },
         };
         self.close(caller, request.session_id, request.user_id, ending)

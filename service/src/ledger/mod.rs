@@ -2,8 +2,8 @@
 //!
 //! # Flow
 //!
-//! 1. Price the request's worst case ([`Pricing::worst_case`]: input tokens
-//!    plus the target's max output) and [`Ledger::hold`] it. The hold fails
+//! 1. Price the request's worst case ([`price`] of its input tokens plus
+//!    the target's max output) and [`Ledger::hold`] it. The hold fails
 //!    with [`LedgerError::InsufficientCredits`] when the balance minus open
 //!    holds is short.
 //! 2. While the reply runs: [`Ledger::reprice`] when falling back to another
@@ -68,7 +68,7 @@ pub use model::{
     Balance, Closed, Hold, HoldRequest, MAX_PAGE_SIZE, Page, Progress, ReapReport, ReplyOutcome,
     Settlement, UsageOutcome, UsageRecord,
 };
-pub use money::{Credits, MICROS_PER_CREDIT, Pricing};
+pub use money::{Credits, MICROS_PER_CREDIT, price};
 pub use mongo::MongoLedger;
 
 /// Settings shared by both stores.

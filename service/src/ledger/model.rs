@@ -83,6 +83,8 @@ pub struct Settlement {
     /// an underestimate is a pricing bug to surface, not a debt to collect).
     pub cost: Credits,
     pub outcome: ReplyOutcome,
+    /// The token counts are an estimate (the provider reported none).
+    pub estimated: bool,
 }
 
 /// How a request's hold was closed.
@@ -224,7 +226,7 @@ pub(crate) fn closing_record(
             s.output_tokens,
             s.cost,
             UsageOutcome::from(s.outcome),
-            false,
+            s.estimated,
         ),
         Closing::Release => (
             hold.route.as_str(),

@@ -4,13 +4,12 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use parley_crds::Pricing;
+
 use super::LedgerError;
 
 /// Micro-credits in one credit.
 pub const MICROS_PER_CREDIT: u64 = 1_000_000;
-
-/// Digits after the decimal point that a credit amount can carry (µcredits).
-const DECIMAL_PLACES: usize = 6;
 
 /// An amount of credits, counted in integer micro-credits (1 credit =
 /// 1_000_000 µcredits). Arithmetic is checked: an overflow is an error, never
@@ -60,26 +59,13 @@ impl Credits {
     }
 
     /// Parses a non-negative decimal number of credits such as `"2"`, `"0.25"`
-    /// or `"1.000001"`. More than six decimal places cannot be represented
-    /// exactly and are rejected rather than rounded.
+    /// or `"1.000001"` (the syntax of [`parley_crds::Credits`]). More than six
+    /// decimal places cannot be represented exactly and are rejected rather
+    /// than rounded.
     pub fn parse_decimal(text: &str) -> Result<Self, LedgerError> {
-        let invalid = || LedgerError::InvalidAmount(text.to_owned());
-        let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
-        let all_digits = |part: &str| part.bytes().all(|b| b.is_ascii_digit());
-        if whole.is_empty() || !all_digits(whole) || !all_digits(fraction) {
-            return Err(invalid());
-        }
-        let fraction = fraction.trim_end_matches('0');
-        if fraction.len() > DECIMAL_PLACES {
-            return Err(invalid());
-        }
-        let whole: u64 = whole.parse().map_err(|_| invalid())?;
-        let mut fraction_micros: u64 = 0;
-        for (place, digit) in fraction.bytes().enumerate() {
-            let weight = 10_u64.pow((DECIMAL_PLACES - 1 - place) as u32);
-            fraction_micros += u64::from(digit - b'0') * weight;
-        }
-        Credits::from_credits(whole)?.checked_add(Credits(fraction_micros))
+        parley_crds::Credits::parse_decimal(text)
+            .map_err(|_| LedgerError::InvalidAmount(text.to_owned()))
+            .and_then(Credits::try_from)
     }
 
     /// Converts a configured price such as `0.25` (a JSON number, hence a
@@ -91,6 +77,21 @@ impl Credits {
             return Err(LedgerError::InvalidAmount(credits.to_string()));
         }
         Credits::parse_decimal(&credits.to_string())
+    }
+}
+
+/// A price or amount of the routes (signed, possibly inexact so validation
+/// can report it) as a ledger amount: only exact, non-negative ones convert.
+impl TryFrom<parley_crds::Credits> for Credits {
+    type Error = LedgerError;
+
+    fn try_from(amount: parley_crds::Credits) -> Result<Self, LedgerError> {
+        if !amount.is_exact() {
+            return Err(LedgerError::InvalidAmount(amount.to_string()));
+        }
+        u64::try_from(amount.micros())
+            .map(Credits)
+            .map_err(|_| LedgerError::InvalidAmount(amount.to_string()))
     }
 }
 
@@ -107,36 +108,15 @@ impl fmt::Display for Credits {
     }
 }
 
-/// A route target's price: credits per 1,000 input tokens and per 1,000
-/// output tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Pricing {
-    pub input_per_1k: Credits,
-    pub output_per_1k: Credits,
-}
-
-impl Pricing {
-    /// The price of a request, rounded up to the next µcredit (the sum is
-    /// rounded once, so two fractional parts never both round up).
-    pub fn price(&self, input_tokens: u64, output_tokens: u64) -> Result<Credits, LedgerError> {
-        let input = u128::from(input_tokens) * u128::from(self.input_per_1k.micros());
-        let output = u128::from(output_tokens) * u128::from(self.output_per_1k.micros());
-        let per_1k = input
-            .checked_add(output)
-            .ok_or(LedgerError::AmountOutOfRange)?;
-        let micros = per_1k.div_ceil(1000);
-        u64::try_from(micros)
-            .map(Credits)
-            .map_err(|_| LedgerError::AmountOutOfRange)
-    }
-
-    /// What a request may cost at most: all its input plus the target's
-    /// maximum output. This is the amount to hold before calling the model.
-    pub fn worst_case(
-        &self,
-        input_tokens: u64,
-        max_output_tokens: u64,
-    ) -> Result<Credits, LedgerError> {
-        self.price(input_tokens, max_output_tokens)
-    }
+/// The price of a request in ledger credits, by the routes' one pricing
+/// rule ([`Pricing::cost`]).
+pub fn price(
+    pricing: &Pricing,
+    input_tokens: u64,
+    output_tokens: u64,
+) -> Result<Credits, LedgerError> {
+    pricing
+        .cost(input_tokens, output_tokens)
+        .ok_or(LedgerError::AmountOutOfRange)
+        .and_then(Credits::try_from)
 }

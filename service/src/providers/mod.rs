@@ -29,6 +29,22 @@ pub enum Role {
     Assistant,
 }
 
+/// Tokens of a text estimated before any model counted them: one per four
+/// characters, rounded up (close to real tokenizers on English prose). Holds
+/// are priced with it, and replies whose provider reported no usage are
+/// charged with it (marked estimated).
+pub fn estimate_tokens(text: &str) -> u32 {
+    u32::try_from(text.chars().count().div_ceil(4)).unwrap_or(u32::MAX)
+}
+
+/// Estimated input tokens of a conversation.
+pub fn estimate_input_tokens(turns: &[ChatTurn]) -> u32 {
+    turns
+        .iter()
+        .map(|turn| estimate_tokens(&turn.text))
+        .fold(0, u32::saturating_add)
+}
+
 /// One turn of the conversation sent to the model.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChatTurn {

@@ -1,6 +1,7 @@
 //! A deterministic built-in model: the default for local runs, demos and load
 //! tests. It answers by echoing the words of the last user turn at a
-//! configured pace, and counts one token per whitespace-separated word.
+//! configured pace: one output token per whitespace-separated word, input
+//! tokens as [`estimate_input_tokens`] counts them.
 
 use std::num::NonZeroU32;
 use std::ops::Range;
@@ -12,7 +13,7 @@ use tokio::time::Instant;
 
 use super::{
     Completion, CompletionRequest, Provider, ProviderError, ProviderEvent, ProviderStream, Role,
-    StopReason, Usage, collect,
+    StopReason, Usage, collect, estimate_input_tokens,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,11 +65,9 @@ struct Generation {
 impl Generation {
     fn new(settings: SimulatedSettings, request: CompletionRequest) -> Self {
         let started = Instant::now();
-        let input_tokens = request
-            .turns
-            .iter()
-            .map(|turn| count_tokens(&turn.text))
-            .fold(0u32, u32::saturating_add);
+        // Input is counted the way holds estimate it, so a simulated reply
+        // costs exactly what was priced.
+        let input_tokens = estimate_input_tokens(&request.turns);
         let last_user_text = request
             .turns
             .into_iter()

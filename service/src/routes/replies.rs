@@ -18,13 +18,20 @@ use utoipa::ToSchema;
 
 use super::ApiJson;
 use super::sessions::{session_id, validate_message};
+use crate::accounting::Caller;
+use crate::accounting::contract::decimal_credits;
 use crate::auth::Principal;
 use crate::error::{Error, ErrorBody};
-use crate::providers::{ChatTurn, Role as TurnRole};
+use crate::ledger::Credits as Amount;
+use crate::providers::{ChatTurn, Role as TurnRole, estimate_input_tokens};
 use crate::state::AppState;
 use crate::store::{Message, MessageRole, ObjectId};
+use crate::stream::billing::{Charge, ReplyBill};
 use crate::stream::reply::{self, ReplyRequest};
-use crate::stream::{FinishedReply, ReplyStream};
+use crate::stream::{FinishedReply, Paid, ReplyStream};
+
+/// Header of a whole (JSON) reply: the caller's available credits after it.
+pub const CREDITS_REMAINING_HEADER: &str = "x-parley-credits-remaining";
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -56,6 +63,20 @@ pub struct ReplyView {
     model: String,
     route: String,
     fallback_applied: bool,
+    /// What the reply cost; absent when its charge is not settled yet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    credits: Option<CreditsView>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreditsView {
+    #[serde(with = "decimal_credits")]
+    #[schema(value_type = f64)]
+    charged: Amount,
+    /// Available credits after this reply.
+    #[serde(with = "decimal_credits")]
+    #[schema(value_type = f64)]
+    remaining: Amount,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -128,31 +149,39 @@ pub async fn list_models(State(state): State<AppState>, caller: Principal) -> Js
     params(("id" = String, Path, description = "Session id, 24 hexadecimal characters")),
     request_body = SendMessageRequest,
     responses(
-        (status = 200, description = "The whole reply, stored with the message", body = ReplyView),
+        (status = 200, description = "The whole reply, stored with the message; header `x-parley-credits-remaining` has the available credits after it", body = ReplyView),
         (status = 400, description = "Invalid id or unknown route (with the allowed list)", body = ErrorBody),
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 402, description = "The caller cannot afford the reply's worst case (balance and price in the body)", body = ErrorBody),
         (status = 404, description = "No such session owned by the caller", body = ErrorBody),
         (status = 409, description = "A reply is already in progress", body = ErrorBody),
         (status = 422, description = "Invalid fields", body = ErrorBody),
-        (status = 429, description = "Every target was throttled", body = ErrorBody),
+        (status = 429, description = "A per-user limit was hit, or every target was throttled", body = ErrorBody),
         (status = 502, description = "The model failed", body = ErrorBody),
-        (status = 503, description = "Model or store unavailable, or shutting down", body = ErrorBody),
+        (status = 503, description = "Model, store, ledger or rate limiter unavailable, or shutting down", body = ErrorBody),
         (status = 504, description = "The model timed out", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
 pub async fn send_message(
     State(state): State<AppState>,
-    caller: Principal,
+    caller: Caller,
     id: Result<Path<String>, PathRejection>,
     ApiJson(request): ApiJson<SendMessageRequest>,
-) -> Result<Json<ReplyView>, Error> {
+) -> Result<Response, Error> {
     let id = session_id(id)?;
-    let (_, task) = start_reply(&state, &caller, id, request).await?;
+    let (_, task) = start_reply(&state, caller, id, request).await?;
     let finished = task
         .await
         .map_err(|error| Error::Store(format!("the reply task failed: {error}")))??;
-    Ok(Json(reply_view(id, finished)))
+    let remaining = finished.charge.map(|charge| charge.remaining);
+    let mut response = Json(reply_view(id, finished)).into_response();
+    if let Some(remaining) = remaining
+        && let Ok(value) = HeaderValue::from_str(&remaining.to_string())
+    {
+        response.headers_mut().insert(CREDITS_REMAINING_HEADER, value);
+    }
+    Ok(response)
 }
 
 #[utoipa::path(
@@ -162,24 +191,26 @@ pub async fn send_message(
     params(("id" = String, Path, description = "Session id, 24 hexadecimal characters")),
     request_body = SendMessageRequest,
     responses(
-        (status = 200, description = "SSE: `model`, `chunk`…, then `complete` or `error`; every event has an `id`", content_type = "text/event-stream"),
+        (status = 200, description = "SSE: `model`, `chunk`…, then `complete` (usage and credits charged/remaining) or `error`; every event has an `id`", content_type = "text/event-stream"),
         (status = 400, description = "Invalid id or unknown route (with the allowed list)", body = ErrorBody),
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 402, description = "The caller cannot afford the reply's worst case (balance and price in the body)", body = ErrorBody),
         (status = 404, description = "No such session owned by the caller", body = ErrorBody),
         (status = 409, description = "A reply is already in progress", body = ErrorBody),
         (status = 422, description = "Invalid fields", body = ErrorBody),
-        (status = 503, description = "Store unavailable or shutting down", body = ErrorBody),
+        (status = 429, description = "A per-user limit was hit", body = ErrorBody),
+        (status = 503, description = "Store, ledger or rate limiter unavailable, or shutting down", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
 pub async fn stream_reply(
     State(state): State<AppState>,
-    caller: Principal,
+    caller: Caller,
     id: Result<Path<String>, PathRejection>,
     ApiJson(request): ApiJson<SendMessageRequest>,
 ) -> Result<Response, Error> {
     let id = session_id(id)?;
-    let (reply, _task) = start_reply(&state, &caller, id, request).await?;
+    let (reply, _task) = start_reply(&state, caller, id, request).await?;
     Ok(sse_response(&state, &reply, 0))
 }
 
@@ -226,11 +257,12 @@ pub async fn reattach(
     Ok(sse_response(&state, &reply, after))
 }
 
-/// Validates, resolves the route, registers the reply in the hub and starts
-/// generating it.
+/// Validates, resolves the route, registers the reply in the hub, takes a
+/// stream slot and holds the worst case — every refusal is an error response
+/// before any provider is called — and starts generating.
 async fn start_reply(
     state: &AppState,
-    caller: &Principal,
+    caller: Caller,
     id: ObjectId,
     request: SendMessageRequest,
 ) -> Result<
@@ -255,13 +287,14 @@ async fn start_reply(
         (route, model_id) => route.or(model_id),
     };
     let session = state.sessions.get(id).await?;
+    let principal = &caller.principal;
     // Only owners add to a session; anyone else learns nothing about it.
-    if session.summary.user_id != caller.sub {
+    if session.summary.user_id != principal.sub {
         return Err(Error::SessionNotFound);
     }
     let routes = replies.routes.snapshot();
     let alias = requested.as_deref().unwrap_or(&session.summary.route);
-    let route = routes.resolve(Some(alias), caller.role)?.clone();
+    let route = routes.resolve(Some(alias), principal.role)?.clone();
     let user_message = Message::new(MessageRole::User, request.message);
     let mut turns: Vec<ChatTurn> = session
         .messages
@@ -272,20 +305,57 @@ async fn start_reply(
         })
         .collect();
     turns.push(ChatTurn::new(TurnRole::User, user_message.content.clone()));
-    let reply = replies.hub.begin(id, &caller.sub, replies.settings.grace)?;
+    let user_id = principal.sub.clone();
+    let reply = replies.hub.begin(id, &user_id, replies.settings.grace)?;
+    let input_tokens = u64::from(estimate_input_tokens(&turns));
+    let paid = match pay_upfront(state, caller, id, &route, input_tokens).await {
+        Ok(paid) => paid,
+        Err(error) => {
+            replies.hub.withdraw(id, &reply);
+            return Err(error);
+        }
+    };
     let task = reply::spawn(
         Arc::clone(replies),
         Arc::clone(&state.sessions),
         Arc::clone(&reply),
         ReplyRequest {
             session_id: id,
-            user_id: caller.sub.clone(),
+            user_id,
             route,
             turns,
             user_message,
         },
+        paid,
     );
     Ok((reply, task))
+}
+
+/// A stream slot of the user's, then the hold of the reply's worst case.
+async fn pay_upfront(
+    state: &AppState,
+    caller: Caller,
+    session: ObjectId,
+    route: &parley_crds::ModelRouteSpec,
+    input_tokens: u64,
+) -> Result<Paid, Error> {
+    let stream_slot = state
+        .rate_limiter
+        .acquire_stream(&caller.principal.sub)
+        .await?;
+    let opened = ReplyBill::open(
+        Arc::clone(&state.accounting),
+        caller,
+        &session.to_hex(),
+        route,
+        input_tokens,
+    )
+    .await?;
+    Ok(Paid {
+        opened,
+        stream_slot,
+        rate_limiter: Arc::clone(&state.rate_limiter),
+    })
 }
 
 fn sse_response(state: &AppState, reply: &Arc<ReplyStream>, after: u64) -> Response {
@@ -328,5 +398,9 @@ fn reply_view(session: ObjectId, finished: FinishedReply) -> ReplyView {
         model: finished.model,
         route: finished.route,
         fallback_applied: finished.fallback_applied,
+        credits: finished.charge.map(|Charge { charged, remaining }| CreditsView {
+            charged,
+            remaining,
+        }),
     }
 }

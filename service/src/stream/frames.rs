@@ -10,6 +10,9 @@ use std::io::Write;
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
 
+use crate::accounting::contract::decimal_credits;
+use crate::ledger::Credits;
+
 /// A comment that keeps idle connections (and proxies) open.
 pub const PING: &[u8] = b": ping\n\n";
 
@@ -19,6 +22,9 @@ pub struct ModelData<'a> {
     pub model: &'a str,
     pub route: &'a str,
     pub fallback_applied: bool,
+    /// The caller could not afford the route's first target; the route let
+    /// the reply fall to the strongest one they could.
+    pub downgraded: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -42,6 +48,19 @@ pub struct UsageData {
 pub struct CompleteData<'a> {
     pub usage: UsageData,
     pub message_id: &'a str,
+    /// Absent when the charge could not be settled yet (the hold's lease
+    /// settles it later).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credits: Option<CreditsData>,
+}
+
+/// What the reply cost and the account's available credits after it.
+#[derive(Debug, Serialize)]
+pub struct CreditsData {
+    #[serde(with = "decimal_credits")]
+    pub charged: Credits,
+    #[serde(with = "decimal_credits")]
+    pub remaining: Credits,
 }
 
 #[derive(Debug, Serialize)]

@@ -49,6 +49,19 @@ impl Hub {
         Ok(reply)
     }
 
+    /// Takes back a reply that never started (its hold was refused), so the
+    /// session is free again at once.
+    pub fn withdraw(&self, session: ObjectId, reply: &Arc<ReplyStream>) {
+        reply.finish();
+        let mut replies = lock(&self.replies);
+        if replies
+            .get(&session)
+            .is_some_and(|current| Arc::ptr_eq(current, reply))
+        {
+            replies.remove(&session);
+        }
+    }
+
     /// The session's current or just finished reply.
     pub fn get(&self, session: ObjectId) -> Option<Arc<ReplyStream>> {
         lock(&self.replies).get(&session).cloned()

@@ -1,6 +1,7 @@
 //! Streamed replies: SSE frames, the in-process stream hub, and the task
 //! that generates a reply independently of any client connection.
 
+pub mod billing;
 pub mod frames;
 pub mod hub;
 pub mod metrics;
@@ -13,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use hub::{Hub, ReplyStream};
 pub use metrics::ReplyMetrics;
-pub use reply::{FinishedReply, ReplyRequest};
+pub use reply::{FinishedReply, Paid, ReplyRequest};
 
 use crate::model_routes::{ProviderRegistry, RoutesCell};
 

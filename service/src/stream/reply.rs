@@ -1,26 +1,35 @@
 //! Generating one reply: try the route's targets in order until one produces
-//! output (fallback happens only before the first chunk), publish every
-//! event to the hub, accumulate the text from the typed deltas, and store
-//! the user message with the reply in one append.
+//! output (fallback happens only before the first chunk, re-pricing the
+//! hold), publish every event to the hub, accumulate the text from the typed
+//! deltas, store the user message with the reply in one append, and pay:
+//! settle what was used, or release the hold when nothing was produced.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::Utc;
 use futures::StreamExt;
 use parley_crds::{FallbackCondition, ModelRouteSpec, RouteTarget};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::Replies;
-use super::frames::{ChunkData, CompleteData, ErrorData, ModelData, UsageData, frame};
+use super::billing::{Charge, Ending, Opened, ReplyBill};
+use super::frames::{
+    ChunkData, CompleteData, CreditsData, ErrorData, ModelData, UsageData, frame,
+};
 use super::hub::ReplyStream;
 use super::metrics::{FallbackLabels, StreamLabels, TokenLabels};
 use crate::error::{Error, upstream_code};
-use crate::providers::simulated::count_tokens;
 use crate::providers::{
     ChatTurn, CompletionRequest, ProviderError, ProviderErrorKind, ProviderEvent, Usage,
+    estimate_input_tokens,
 };
+use crate::ratelimit::{RateLimiter, StreamGuard};
 use crate::store::{Message, MessageRole, ObjectId, SessionStore, TokenTotals};
+
+/// Renewal attempts after a failed one come at most this far apart.
+const RENEW_RETRY: Duration = Duration::from_secs(1);
 
 /// What a reply needs, all owned: the task outlives the request.
 pub struct ReplyRequest {
@@ -41,6 +50,16 @@ pub struct FinishedReply {
     pub model: String,
     pub route: String,
     pub fallback_applied: bool,
+    /// What it cost; `None` when settling failed (the reaper settles it).
+    pub charge: Option<Charge>,
+}
+
+/// What a reply task needs besides the request: the hold paid for before
+/// it started, and the user's stream slot, held until it ends.
+pub struct Paid {
+    pub opened: Opened,
+    pub stream_slot: StreamGuard,
+    pub rate_limiter: Arc<dyn RateLimiter>,
 }
 
 /// Starts generating in a task of its own, decoupled from any connection.
@@ -49,21 +68,32 @@ pub fn spawn(
     sessions: Arc<dyn SessionStore>,
     reply: Arc<ReplyStream>,
     request: ReplyRequest,
+    paid: Paid,
 ) -> JoinHandle<Result<FinishedReply, Error>> {
     tokio::spawn(async move {
         replies.metrics.active.inc();
         let session_id = request.session_id;
+        let Paid {
+            opened,
+            stream_slot,
+            rate_limiter,
+        } = paid;
         let mut generation = Generation {
             replies: &replies,
             sessions: sessions.as_ref(),
             reply: &reply,
             request: &request,
+            rate_limiter: rate_limiter.as_ref(),
+            bill: Some(opened.bill),
+            first_target: opened.first_target,
+            downgraded: opened.downgraded,
             next_id: 1,
             started: Instant::now(),
         };
         let result = generation.run().await;
         reply.finish();
         replies.metrics.active.dec();
+        stream_slot.release().await;
         replies
             .hub
             .retire(session_id, &reply, replies.settings.grace);
@@ -76,6 +106,11 @@ struct Generation<'a> {
     sessions: &'a dyn SessionStore,
     reply: &'a ReplyStream,
     request: &'a ReplyRequest,
+    rate_limiter: &'a dyn RateLimiter,
+    /// The reply's hold; taken when it is settled or released.
+    bill: Option<ReplyBill>,
+    first_target: usize,
+    downgraded: bool,
     next_id: u64,
     started: Instant,
 }
@@ -91,18 +126,34 @@ enum Attempt {
 enum Stop {
     Abandoned,
     ShuttingDown,
+    /// The hold could not be renewed before its lease ran out: going on
+    /// would generate tokens nobody holds credits for.
+    Unpaid(Error),
+}
+
+/// What a reply used, and whether the provider reported it.
+#[derive(Debug, Clone, Copy)]
+struct Used {
+    usage: Usage,
+    estimated: bool,
 }
 
 impl Generation<'_> {
     async fn run(&mut self) -> Result<FinishedReply, Error> {
         let route = &self.request.route;
-        for (index, target) in route.targets.iter().enumerate() {
-            match self.attempt(target, index > 0).await {
+        let mut index = self.first_target;
+        while let Some(target) = route.targets.get(index) {
+            let fallback_applied = index > self.first_target;
+            if fallback_applied && let Err(error) = self.reprice(target).await {
+                return self.unaffordable_fallback(target, error).await;
+            }
+            match self.attempt(target, fallback_applied).await {
                 Attempt::Done(result) => return result,
                 Attempt::FallBack(error) => {
-                    let next = &route.targets[index + 1];
+                    index += 1;
+                    let next = route.targets.get(index).map_or("", |next| next.model.as_str());
                     tracing::warn!(
-                        route = %route.alias, from = %target.model, to = %next.model,
+                        route = %route.alias, from = %target.model, to = %next,
                         %error, "falling back to the next target"
                     );
                     self.replies
@@ -110,7 +161,7 @@ impl Generation<'_> {
                         .fallbacks
                         .get_or_create(&FallbackLabels {
                             from: target.model.clone(),
-                            to: next.model.clone(),
+                            to: next.to_owned(),
                             reason: error.kind.as_str(),
                         })
                         .inc();
@@ -118,16 +169,44 @@ impl Generation<'_> {
             }
         }
         // `attempt` only falls back when a next target exists.
+        self.release("the route has no targets").await;
         Err(Error::Upstream(ProviderError::new(
             ProviderErrorKind::Unavailable,
             "the route has no targets",
         )))
     }
 
+    async fn reprice(&mut self, target: &RouteTarget) -> Result<(), Error> {
+        match self.bill.as_mut() {
+            Some(bill) => bill.reprice(target).await,
+            None => Ok(()),
+        }
+    }
+
+    /// The fallback target could not be held: the reply ends before any
+    /// output, releasing the hold.
+    async fn unaffordable_fallback(
+        &mut self,
+        target: &RouteTarget,
+        error: Error,
+    ) -> Result<FinishedReply, Error> {
+        tracing::warn!(route = %self.request.route.alias, model = %target.model, %error, "the fallback target could not be held");
+        self.release("the fallback target could not be held").await;
+        self.publish(
+            "error",
+            &ErrorData {
+                code: error.code(),
+                message: "the fallback model could not be paid for",
+            },
+        );
+        self.count(target, "unpaid");
+        Err(error)
+    }
+
     async fn attempt(&mut self, target: &RouteTarget, fallback_applied: bool) -> Attempt {
         let provider = match self.replies.providers.for_target(target).await {
             Ok(provider) => provider,
-            Err(error) => return self.failed_before_output(target, error),
+            Err(error) => return self.failed_before_output(target, error).await,
         };
         let request = CompletionRequest {
             model: target.model.clone(),
@@ -141,12 +220,14 @@ impl Generation<'_> {
         };
         let mut stream = match opened {
             Ok(stream) => stream,
-            Err(error) => return self.failed_before_output(target, error),
+            Err(error) => return self.failed_before_output(target, error).await,
         };
         let mut text = String::new();
         let mut deltas: u32 = 0;
         let mut usage = None;
         let mut announced = false;
+        let renewal = tokio::time::sleep_until(self.next_renewal(false));
+        tokio::pin!(renewal);
         loop {
             let item = tokio::select! {
                 item = stream.next() => item,
@@ -154,6 +235,17 @@ impl Generation<'_> {
                     // Dropping the stream drops the upstream request.
                     drop(stream);
                     return Attempt::Done(self.stopped(target, stop, &text, deltas, usage).await);
+                }
+                () = &mut renewal => {
+                    match self.renew(target, deltas).await {
+                        Ok(next) => renewal.as_mut().reset(next),
+                        Err(error) => {
+                            drop(stream);
+                            let stop = Stop::Unpaid(error);
+                            return Attempt::Done(self.stopped(target, stop, &text, deltas, usage).await);
+                        }
+                    }
+                    continue;
                 }
             };
             match item {
@@ -176,17 +268,14 @@ impl Generation<'_> {
                     if !announced {
                         self.announce(target, fallback_applied);
                     }
-                    let usage = self.usage(usage, deltas);
-                    return Attempt::Done(
-                        self.store(target, text, usage, false, fallback_applied, "completed")
-                            .await,
-                    );
+                    let used = self.used(usage, deltas);
+                    return Attempt::Done(self.complete(target, text, used, fallback_applied).await);
                 }
                 Some(Err(error)) if !announced => {
-                    return self.failed_before_output(target, error);
+                    return self.failed_before_output(target, error).await;
                 }
                 None if !announced => {
-                    return self.failed_before_output(target, ended_early());
+                    return self.failed_before_output(target, ended_early()).await;
                 }
                 Some(Err(error)) => {
                     return Attempt::Done(
@@ -203,6 +292,44 @@ impl Generation<'_> {
         }
     }
 
+    /// When to renew the hold next: a third of the way to the end of its
+    /// lease, so two renewals can fail before it lapses (sooner after a
+    /// failure).
+    fn next_renewal(&self, after_failure: bool) -> Instant {
+        let remaining = self
+            .bill
+            .as_ref()
+            .and_then(|bill| (bill.lease_expires_at() - Utc::now()).to_std().ok())
+            .unwrap_or_default();
+        let wait = if after_failure {
+            (remaining / 3).min(RENEW_RETRY)
+        } else {
+            remaining / 3
+        };
+        Instant::now() + wait
+    }
+
+    /// Renews the hold with the output so far; returns when to renew next,
+    /// or the error once the lease is about to lapse.
+    async fn renew(&mut self, target: &RouteTarget, deltas: u32) -> Result<Instant, Error> {
+        let Some(bill) = self.bill.as_mut() else {
+            return Ok(Instant::now() + Duration::from_secs(3600));
+        };
+        match bill.renew(target, u64::from(deltas)).await {
+            Ok(()) => Ok(self.next_renewal(false)),
+            Err(error) => {
+                let left = (bill.lease_expires_at() - Utc::now())
+                    .to_std()
+                    .unwrap_or_default();
+                if left <= RENEW_RETRY || !error.is_unavailable() {
+                    return Err(error);
+                }
+                tracing::warn!(%error, left_seconds = left.as_secs(), "renewing a reply's hold failed; retrying");
+                Ok(self.next_renewal(true))
+            }
+        }
+    }
+
     /// Resolves when the reply must stop: owner gone past the grace period,
     /// or the shutdown drain is over.
     async fn stop(&self) -> Stop {
@@ -212,7 +339,7 @@ impl Generation<'_> {
         }
     }
 
-    fn failed_before_output(&mut self, target: &RouteTarget, error: ProviderError) -> Attempt {
+    async fn failed_before_output(&mut self, target: &RouteTarget, error: ProviderError) -> Attempt {
         let is_last = self
             .request
             .route
@@ -223,6 +350,7 @@ impl Generation<'_> {
             return Attempt::FallBack(error);
         }
         tracing::warn!(route = %self.request.route.alias, model = %target.model, %error, "reply failed before any output");
+        self.release("the model failed before any output").await;
         self.publish(
             "error",
             &ErrorData {
@@ -243,8 +371,9 @@ impl Generation<'_> {
         usage: Option<Usage>,
     ) -> Result<FinishedReply, Error> {
         tracing::warn!(route = %self.request.route.alias, model = %target.model, %error, "reply interrupted after output");
-        let usage = self.usage(usage, deltas);
-        let stored = self.store_quietly(target, text, usage, "interrupted").await;
+        let used = self.used(usage, deltas);
+        let stored = self.store_partial(target, text, used, "interrupted").await;
+        self.pay(Ending::Failed, used).await;
         self.publish(
             "error",
             &ErrorData {
@@ -267,61 +396,115 @@ impl Generation<'_> {
         deltas: u32,
         usage: Option<Usage>,
     ) -> Result<FinishedReply, Error> {
-        let (outcome, error, code, message) = match stop {
+        let (outcome, error, message) = match stop {
             Stop::Abandoned => (
                 "abandoned",
                 Error::NoActiveReply,
-                "CANCELLED",
                 "the client left and did not come back",
             ),
             Stop::ShuttingDown => (
                 "shutdown",
                 Error::ShuttingDown,
-                "SHUTTING_DOWN",
                 "the service is shutting down; the partial reply was saved",
             ),
+            Stop::Unpaid(error) => (
+                "unpaid",
+                error,
+                "the credits for this reply could not be kept; the partial reply was saved",
+            ),
+        };
+        let code = match &error {
+            Error::NoActiveReply => "CANCELLED",
+            other => other.code(),
         };
         if deltas > 0 {
-            let usage = self.usage(usage, deltas);
+            let used = self.used(usage, deltas);
             // Best effort: the stop itself is what the caller hears about.
             let _ = self
-                .store_quietly(target, text.to_owned(), usage, outcome)
+                .store_partial(target, text.to_owned(), used, outcome)
                 .await;
+            self.pay(Ending::Cancelled, used).await;
         } else {
+            self.release("the reply stopped before any output").await;
             self.count(target, outcome);
         }
         self.publish("error", &ErrorData { code, message });
         Err(error)
     }
 
-    /// Stores a cut-short reply marked incomplete; a store failure is logged.
-    async fn store_quietly(
+    /// Stores a whole reply, pays for it and publishes `complete`.
+    async fn complete(
         &mut self,
         target: &RouteTarget,
         text: String,
-        usage: Usage,
-        outcome: &'static str,
+        used: Used,
+        fallback_applied: bool,
     ) -> Result<FinishedReply, Error> {
-        let stored = self.store(target, text, usage, true, false, outcome).await;
+        let message = Message::new(MessageRole::Assistant, text);
+        let stored = self.store(target, &message, used.usage, "completed").await;
+        // The tokens were generated whether or not the store took them.
+        let charge = self.pay(Ending::Completed, used).await;
+        if let Err(error) = stored {
+            self.publish(
+                "error",
+                &ErrorData {
+                    code: error.code(),
+                    message: "the reply could not be saved",
+                },
+            );
+            return Err(error);
+        }
+        let message_id = message.id.to_hex();
+        self.publish(
+            "complete",
+            &CompleteData {
+                usage: UsageData {
+                    input_tokens: used.usage.input_tokens,
+                    output_tokens: used.usage.output_tokens,
+                },
+                message_id: &message_id,
+                credits: charge.map(|charge| CreditsData {
+                    charged: charge.charged,
+                    remaining: charge.remaining,
+                }),
+            },
+        );
+        Ok(FinishedReply {
+            message,
+            usage: used.usage,
+            model: target.model.clone(),
+            route: self.request.route.alias.clone(),
+            fallback_applied,
+            charge,
+        })
+    }
+
+    /// Stores a cut-short reply marked incomplete; a store failure is logged.
+    async fn store_partial(
+        &mut self,
+        target: &RouteTarget,
+        text: String,
+        used: Used,
+        outcome: &'static str,
+    ) -> Result<(), Error> {
+        let mut message = Message::new(MessageRole::Assistant, text);
+        message.incomplete = true;
+        let stored = self.store(target, &message, used.usage, outcome).await;
         if let Err(error) = &stored {
             tracing::error!(%error, "storing a partial reply failed");
         }
         stored
     }
 
-    /// Appends the user message and the reply in one step, counts the
-    /// outcome and, for a whole reply, publishes `complete`.
+    /// Appends the user message and the reply in one step and counts the
+    /// outcome.
     async fn store(
         &mut self,
         target: &RouteTarget,
-        text: String,
+        message: &Message,
         usage: Usage,
-        incomplete: bool,
-        fallback_applied: bool,
         outcome: &'static str,
-    ) -> Result<FinishedReply, Error> {
-        let mut message = Message::new(MessageRole::Assistant, text);
-        message.incomplete = incomplete;
+    ) -> Result<(), Error> {
         let totals = TokenTotals {
             input: u64::from(usage.input_tokens),
             output: u64::from(usage.output_tokens),
@@ -337,38 +520,31 @@ impl Generation<'_> {
             .await;
         self.count(target, outcome);
         self.count_tokens(target, usage);
-        if let Err(error) = appended {
-            if !incomplete {
-                self.publish(
-                    "error",
-                    &ErrorData {
-                        code: error.code(),
-                        message: "the reply could not be saved",
-                    },
-                );
-            }
-            return Err(error);
+        appended
+    }
+
+    /// Settles the hold for what was used and counts the tokens against the
+    /// user's per-minute budget.
+    async fn pay(&mut self, ending: Ending, used: Used) -> Option<Charge> {
+        let tokens = u64::from(used.usage.input_tokens)
+            .saturating_add(u64::from(used.usage.output_tokens));
+        // Over budget only means the next request is refused by the limiter.
+        if let Err(error) = self
+            .rate_limiter
+            .charge_tokens(&self.request.user_id, tokens)
+            .await
+        {
+            tracing::debug!(%error, "this reply used up the user's token budget");
         }
-        if !incomplete {
-            let message_id = message.id.to_hex();
-            self.publish(
-                "complete",
-                &CompleteData {
-                    usage: UsageData {
-                        input_tokens: usage.input_tokens,
-                        output_tokens: usage.output_tokens,
-                    },
-                    message_id: &message_id,
-                },
-            );
+        let bill = self.bill.take()?;
+        bill.settle(ending, used.usage, used.estimated).await.ok()
+    }
+
+    /// Releases the hold: nothing was generated.
+    async fn release(&mut self, why: &str) {
+        if let Some(bill) = self.bill.take() {
+            bill.release(why).await;
         }
-        Ok(FinishedReply {
-            message,
-            usage,
-            model: target.model.clone(),
-            route: self.request.route.alias.clone(),
-            fallback_applied,
-        })
     }
 
     fn announce(&mut self, target: &RouteTarget, fallback_applied: bool) {
@@ -380,6 +556,7 @@ impl Generation<'_> {
             model: &target.model,
             route: &self.request.route.alias,
             fallback_applied,
+            downgraded: self.downgraded,
         };
         self.publish("model", &model);
     }
@@ -390,17 +567,21 @@ impl Generation<'_> {
     }
 
     /// Reported usage, or an estimate when the provider reported none
-    /// (input: words of the conversation; output: one token per delta).
-    fn usage(&self, reported: Option<Usage>, deltas: u32) -> Usage {
-        reported.unwrap_or_else(|| Usage {
-            input_tokens: self
-                .request
-                .turns
-                .iter()
-                .map(|turn| count_tokens(&turn.text))
-                .fold(0, u32::saturating_add),
-            output_tokens: deltas,
-        })
+    /// (input: estimated from the conversation; output: one token per delta).
+    fn used(&self, reported: Option<Usage>, deltas: u32) -> Used {
+        match reported {
+            Some(usage) => Used {
+                usage,
+                estimated: false,
+            },
+            None => Used {
+                usage: Usage {
+                    input_tokens: estimate_input_tokens(&self.request.turns),
+                    output_tokens: deltas,
+                },
+                estimated: true,
+            },
+        }
     }
 
     fn count(&self, target: &RouteTarget, outcome: &'static str) {

@@ -8,7 +8,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use http_body_util::BodyExt;
-use parley_service::accounting::{AccountingMetrics, LocalAccounting, PriceBook};
+use parley_service::accounting::{AccountingMetrics, LocalAccounting};
 use parley_service::auth::{AuthSettings, Authenticator, Principal, Role, mint_token};
 use parley_service::ledger::{Credits, EmbeddedLedger, Ledger, LedgerSettings};
 use parley_service::metrics::HttpMetrics;
@@ -92,9 +92,10 @@ pub fn state_with_replies(
     replies: Replies,
 ) -> AppState {
     let http_metrics = HttpMetrics::register(&mut registry);
+    let replies = Arc::new(replies);
     let accounting = LocalAccounting::new(
         ledger,
-        Arc::new(PriceBook::builtin()),
+        Arc::clone(&replies.routes),
         Duration::from_secs(600),
         AccountingMetrics::register(&mut registry),
     );
@@ -105,7 +106,7 @@ pub fn state_with_replies(
     };
     let rate_limiter = LocalRateLimiter::new(limits, RateLimitMetrics::register(&mut registry));
     AppState {
-        replies: Arc::new(replies),
+        replies,
         sessions,
         accounting: Arc::new(accounting),
         rate_limiter: Arc::new(rate_limiter),

@@ -1,0 +1,233 @@
+//! Paying for one reply through [`Accounting`] (the built-in ledger or an
+//! external accounting server, the same calls either way):
+//! hold the worst case before any provider is called, re-price on fallback,
+//! renew the lease (recording the output so far) while the reply runs, then
+//! settle what was used or release the hold — once, since settling consumes
+//! the bill.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use parley_crds::{ModelRouteSpec, RouteTarget};
+
+use crate::accounting::contract::{AbortRequest, FinalizeRequest, InitializeRequest, UsageDetails};
+use crate::accounting::{Accounting, Caller};
+use crate::error::Error;
+use crate::ledger::{Credits, LedgerError};
+use crate::providers::Usage;
+
+/// Delays between attempts to settle a finished reply: a settlement that
+/// still fails is left to the reaper, which charges the recorded progress.
+const SETTLE_RETRY_DELAYS: [Duration; 2] = [Duration::from_millis(100), Duration::from_millis(500)];
+
+/// The open hold of one reply.
+pub struct ReplyBill {
+    accounting: Arc<dyn Accounting>,
+    caller: Caller,
+    /// The hold's streaming-session id: the chat session's id and a UUID,
+    /// unique per reply and telling whose usage record it is.
+    request_id: String,
+    route: String,
+    /// The target the hold is priced for now.
+    model: String,
+    input_tokens: u64,
+    lease_expires_at: DateTime<Utc>,
+}
+
+/// Where a reply starts and what its hold was priced for.
+pub struct Opened {
+    pub bill: ReplyBill,
+    /// Index in the route's chain of the first target to try.
+    pub first_target: usize,
+    /// The caller could not afford the route's first target and the route
+    /// allowed falling to a cheaper one.
+    pub downgraded: bool,
+}
+
+/// How a reply that produced output ended, for its usage record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    Completed,
+    /// The model failed mid-reply.
+    Failed,
+    /// The client left, the service shut down, or the hold could not be kept.
+    Cancelled,
+}
+
+/// What a reply cost and what is left, for the `complete` event and the
+/// balance header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Charge {
+    pub charged: Credits,
+    pub remaining: Credits,
+}
+
+impl ReplyBill {
+    /// Holds the worst case of the route's first target, or — when the route
+    /// allows downgrading — of the first target in chain order the caller can
+    /// afford. Any refusal or failure is returned before a provider is called.
+    pub async fn open(
+        accounting: Arc<dyn Accounting>,
+        caller: Caller,
+        chat_session: &str,
+        route: &ModelRouteSpec,
+        input_tokens: u64,
+    ) -> Result<Opened, Error> {
+        let mut bill = ReplyBill {
+            accounting,
+            caller,
+            request_id: format!("{chat_session}/{}", uuid::Uuid::new_v4()),
+            route: route.alias.clone(),
+            model: String::new(),
+            input_tokens,
+            lease_expires_at: DateTime::<Utc>::MIN_UTC,
+        };
+        let mut first_refusal = None;
+        for (index, target) in route.targets.iter().enumerate() {
+            match bill.initialize(target, None).await {
+                Ok(()) => {
+                    return Ok(Opened {
+                        bill,
+                        first_target: index,
+                        downgraded: index > 0,
+                    });
+                }
+                Err(refusal @ Error::Ledger(LedgerError::InsufficientCredits { .. }))
+                    if route.downgrade_when_unaffordable =>
+                {
+                    // The price of the route asked for is what a 402 reports.
+                    first_refusal.get_or_insert(refusal);
+                }
+                Err(error) => return Err(first_refusal.unwrap_or(error)),
+            }
+        }
+        Err(first_refusal.unwrap_or_else(|| {
+            Error::Config(format!("route `{}` has no targets", route.alias))
+        }))
+    }
+
+    /// Re-prices the hold for a fallback target (a dearer one needs the
+    /// difference to be available).
+    pub async fn reprice(&mut self, target: &RouteTarget) -> Result<(), Error> {
+        self.initialize(target, None).await
+    }
+
+    /// Extends the lease and records `output_tokens` generated so far, so a
+    /// crash of this replica leaves them to be charged by the reaper.
+    pub async fn renew(&mut self, target: &RouteTarget, output_tokens: u64) -> Result<(), Error> {
+        self.initialize(target, Some(output_tokens)).await
+    }
+
+    /// When the hold lapses unless renewed.
+    pub fn lease_expires_at(&self) -> DateTime<Utc> {
+        self.lease_expires_at
+    }
+
+    async fn initialize(
+        &mut self,
+        target: &RouteTarget,
+        tokens_generated: Option<u64>,
+    ) -> Result<(), Error> {
+        let held = self
+            .accounting
+            .initialize(
+                &self.caller,
+                InitializeRequest {
+                    session_id: self.request_id.clone(),
+                    model_id: target.model.clone(),
+                    estimated_tokens: self.input_tokens,
+                    user_id: None,
+                    route: Some(self.route.clone()),
+                    tokens_generated,
+                },
+            )
+            .await?;
+        self.model = target.model.clone();
+        self.lease_expires_at = held.lease_expires_at;
+        Ok(())
+    }
+
+    /// Charges what the reply used (the provider's usage, else the estimate,
+    /// marked so) and releases the rest of the hold.
+    pub async fn settle(self, ending: Ending, usage: Usage, estimated: bool) -> Result<Charge, Error> {
+        let output_tokens = u64::from(usage.output_tokens);
+        let details = UsageDetails {
+            model_id: Some(self.model.clone()),
+            input_tokens: Some(u64::from(usage.input_tokens)),
+            usage_estimated: Some(estimated),
+        };
+        let mut delays = SETTLE_RETRY_DELAYS.iter();
+        loop {
+            let settled = match ending {
+                Ending::Completed | Ending::Failed => {
+                    self.accounting
+                        .finalize(
+                            &self.caller,
+                            FinalizeRequest {
+                                session_id: self.request_id.clone(),
+                                actual_tokens: output_tokens,
+                                success: ending == Ending::Completed,
+                                duration: None,
+                                user_id: None,
+                                usage: details.clone(),
+                            },
+                        )
+                        .await
+                }
+                Ending::Cancelled => {
+                    self.accounting
+                        .abort(
+                            &self.caller,
+                            AbortRequest {
+                                session_id: self.request_id.clone(),
+                                tokens_generated: output_tokens,
+                                reason: Some("the reply was cut short".into()),
+                                error: None,
+                                user_id: None,
+                                usage: details.clone(),
+                            },
+                        )
+                        .await
+                }
+            };
+            match (settled, delays.next()) {
+                (Ok(settled), _) => {
+                    return Ok(Charge {
+                        charged: settled.charged_credits,
+                        remaining: settled.balance.available,
+                    });
+                }
+                (Err(error), Some(delay)) if error.is_unavailable() => {
+                    tracing::warn!(request_id = %self.request_id, %error, "settling a reply failed; retrying");
+                    tokio::time::sleep(*delay).await;
+                }
+                (Err(error), _) => {
+                    tracing::error!(request_id = %self.request_id, %error, "settling a reply failed; the reaper charges its recorded progress when the lease ends");
+                    return Err(error);
+                }
+            }
+        }
+    }
+
+    /// Releases the whole hold: the reply failed before any output.
+    pub async fn release(self, why: &str) {
+        let released = self
+            .accounting
+            .abort(
+                &self.caller,
+                AbortRequest {
+                    session_id: self.request_id.clone(),
+                    tokens_generated: 0,
+                    reason: None,
+                    error: Some(why.to_owned()),
+                    user_id: None,
+                    usage: UsageDetails::default(),
+                },
+            )
+            .await;
+        if let Err(error) = released {
+            tracing::warn!(request_id = %self.request_id, %error, "releasing a hold failed; the reaper releases it when the lease ends");
+        }
+    }
+}
