@@ -134,8 +134,10 @@ pub struct Config {
     )]
     pub shutdown_drain_seconds: u64,
     /// Balance of a new account, in decimal credits (exact to the µcredit).
-    #[arg(long, env = "PARLEY_INITIAL_CREDITS", default_value = "0", value_parser = parse_credits, global = true)]
-    pub initial_credits: Credits,
+    /// Unset: 0, or 100 in local dev mode (generated dev secret) so the
+    /// quick start can reply.
+    #[arg(long, env = "PARLEY_INITIAL_CREDITS", value_parser = parse_credits, global = true)]
+    pub initial_credits: Option<Credits>,
     /// How long a hold opened through the accounting API stays open before
     /// the reaper may close it.
     #[arg(

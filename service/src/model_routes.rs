@@ -40,23 +40,23 @@ impl Routes {
     /// quick start meters replies exactly as a deployment does.
     pub fn builtin() -> Self {
         Self::new(RoutesFile {
-                default_route: None,
-                routes: vec![ModelRouteSpec {
-                    alias: parley_crds::IMPLICIT_DEFAULT_ROUTE.to_owned(),
-                    allowed_roles: parley_crds::Role::all(),
-                    fallback_on: Vec::new(),
-                    downgrade_when_unaffordable: false,
-                    targets: vec![RouteTarget {
-                        provider: ProviderKind::Simulated,
-                        model: BUILTIN_SIMULATED_MODEL.to_owned(),
-                        pricing: Pricing {
-                            input_per_1k: parley_crds::Credits::from_whole(1),
-                            output_per_1k: parley_crds::Credits::from_whole(2),
-                        },
-                        max_output_tokens: BUILTIN_MAX_OUTPUT_TOKENS,
-                        timeout_seconds: BUILTIN_TIMEOUT_SECONDS,
-                    }],
+            default_route: None,
+            routes: vec![ModelRouteSpec {
+                alias: parley_crds::IMPLICIT_DEFAULT_ROUTE.to_owned(),
+                allowed_roles: parley_crds::Role::all(),
+                fallback_on: Vec::new(),
+                downgrade_when_unaffordable: false,
+                targets: vec![RouteTarget {
+                    provider: ProviderKind::Simulated,
+                    model: BUILTIN_SIMULATED_MODEL.to_owned(),
+                    pricing: Pricing {
+                        input_per_1k: parley_crds::Credits::from_whole(1),
+                        output_per_1k: parley_crds::Credits::from_whole(2),
+                    },
+                    max_output_tokens: BUILTIN_MAX_OUTPUT_TOKENS,
+                    timeout_seconds: BUILTIN_TIMEOUT_SECONDS,
                 }],
+            }],
         })
     }
 

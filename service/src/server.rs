@@ -20,7 +20,9 @@ use crate::auth::{
 };
 use crate::config::{Config, TokenArgs};
 use crate::error::Error;
-use crate::ledger::{EmbeddedLedger, Ledger, LedgerSettings, MongoLedger};
+use crate::ledger::{
+    Credits, EmbeddedLedger, Ledger, LedgerSettings, MICROS_PER_CREDIT, MongoLedger,
+};
 use crate::metrics::HttpMetrics;
 use crate::model_routes::watch_routes_file;
 use crate::ratelimit::{
@@ -34,6 +36,8 @@ use crate::stream::Replies;
 /// File of the embedded database inside the data dir.
 pub const EMBEDDED_DB_FILE: &str = "parley.redb";
 const DEV_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Balance of a new account in local dev mode when none is configured.
+const DEV_INITIAL_CREDITS: Credits = Credits::from_micros(100 * MICROS_PER_CREDIT);
 
 /// The selected storage backend; other stores (ledger, usage, audit) open
 /// on the same database.
@@ -141,7 +145,7 @@ pub async fn serve_listener(
         None => {
             let ledger = backend
                 .ledger(LedgerSettings {
-                    initial_balance: config.initial_credits,
+                    initial_balance: initial_credits(&config, secret.as_ref()),
                 })
                 .await?;
             background.spawn(reaper::run(
@@ -312,6 +316,22 @@ fn log_secret_source(secret: Option<&Hs256Secret>) {
 }
 
 /// Local mode: print a ready-to-use token and a curl line creating a session.
+/// What a new account starts with: as configured; unset, nothing — except
+/// in local dev mode, where the dev user needs credits to try replies.
+fn initial_credits(config: &Config, secret: Option<&Hs256Secret>) -> Credits {
+    match (config.initial_credits, secret) {
+        (Some(credits), _) => credits,
+        (
+            None,
+            Some(Hs256Secret {
+                source: SecretSource::DevFile { .. },
+                ..
+            }),
+        ) => DEV_INITIAL_CREDITS,
+        (None, _) => Credits::ZERO,
+    }
+}
+
 fn announce_dev_token(config: &Config, address: SocketAddr, secret: &[u8]) -> Result<(), Error> {
     let dev = Principal {
         sub: "dev".into(),

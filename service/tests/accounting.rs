@@ -378,7 +378,9 @@ async fn insufficient_credits_is_402_with_balance_and_price_and_counted() {
     );
     // 5 input credits + 0.02 output.
     assert!(
-        text.contains(r#"parley_credits_charged_total{route="default",model="parley-simulated"} 5.02"#),
+        text.contains(
+            r#"parley_credits_charged_total{route="default",model="parley-simulated"} 5.02"#
+        ),
         "{text}"
     );
 }
@@ -916,7 +918,10 @@ async fn external_mode_lands_in_the_accounting_instance_and_fails_closed() {
         )
         .await;
     assert_eq!(answer.status, 400);
-    assert_eq!(answer.body["allowed"], json!(["default", "parley-simulated"]));
+    assert_eq!(
+        answer.body["allowed"],
+        json!(["default", "parley-simulated"])
+    );
     let answer = chat
         .call(
             "POST",
@@ -956,6 +961,84 @@ async fn external_mode_lands_in_the_accounting_instance_and_fails_closed() {
         metrics.contains(r#"parley_ledger_denials_total{reason="insufficient_credits"} 1"#),
         "{metrics}"
     );
+    chat.stop().await;
+}
+
+#[tokio::test]
+async fn external_mode_replies_are_held_and_settled_in_the_accounting_instance() {
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let accounting = RunningServer::start(dir_b.path(), &[]).await;
+    let chat = RunningServer::start(
+        dir_a.path(),
+        &[
+            "--accounting-url",
+            &accounting.url(""),
+            "--simulated-first-token-millis",
+            "0",
+            "--simulated-tokens-per-second",
+            "0",
+        ],
+    )
+    .await;
+    let alice = alice();
+    let session = chat
+        .call("POST", "/api/chat/sessions", &alice, Some(json!({})))
+        .await;
+    let session = session.body["sessionId"].as_str().unwrap().to_owned();
+    let reply = chat
+        .call(
+            "POST",
+            &format!("/api/chat/sessions/{session}/messages"),
+            &alice,
+            Some(json!({"message": "paid elsewhere"})),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    // "paid elsewhere": 4 tokens in at 1/1k, 2 words out at 2/1k.
+    assert_eq!(
+        reply.body["credits"],
+        json!({"charged": 0.008, "remaining": 9.992})
+    );
+    let on_b = accounting
+        .call("GET", "/api/credits/balance", &alice, None)
+        .await;
+    assert_eq!(
+        on_b.body,
+        json!({"userId": "alice", "balance": 9.992, "held": 0.0, "available": 9.992})
+    );
+    let usage = accounting
+        .call("GET", "/api/credits/usage", &alice, None)
+        .await;
+    let record = &usage.body["records"][0];
+    assert_eq!(record["outcome"], "completed", "{usage:?}");
+    assert!(
+        record["sessionId"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{session}/"))
+    );
+
+    // Without the accounting server nothing runs: 503 before the model.
+    accounting.stop().await;
+    let refused = chat
+        .call(
+            "POST",
+            &format!("/api/chat/sessions/{session}/stream"),
+            &alice,
+            Some(json!({"message": "and now?"})),
+        )
+        .await;
+    assert_eq!(refused.status, 503, "{refused:?}");
+    assert_eq!(refused.body["code"], "ACCOUNTING_UNAVAILABLE");
+    let stored = chat
+        .call(
+            "GET",
+            &format!("/api/chat/sessions/{session}"),
+            &alice,
+            None,
+        )
+        .await;
+    assert_eq!(stored.body["messages"].as_array().unwrap().len(), 2);
     chat.stop().await;
 }
 

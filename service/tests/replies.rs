@@ -490,7 +490,10 @@ async fn whole_replies_unknown_routes_models_and_one_reply_at_a_time() {
         assert_eq!(response.status(), StatusCode::BAD_REQUEST);
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["code"], "UNKNOWN_ROUTE");
-        assert_eq!(body["allowed"], json!(["default", "open", "dear", "thrifty"]));
+        assert_eq!(
+            body["allowed"],
+            json!(["default", "open", "dear", "thrifty"])
+        );
     }
 
     // Models by role, with prices.
@@ -791,7 +794,13 @@ async fn a_fallback_is_charged_at_the_answering_targets_price_exactly_once() {
     assert_eq!(record["route"], "default");
     assert_eq!(record["outcome"], "completed");
     assert_eq!(record["estimated"], false);
-    assert_eq!((record["inputTokens"].clone(), record["outputTokens"].clone()), (json!(40), json!(2)));
+    assert_eq!(
+        (
+            record["inputTokens"].clone(),
+            record["outputTokens"].clone()
+        ),
+        (json!(40), json!(2))
+    );
     assert_eq!(record["charged"], json!(0.022));
     // Re-priced on fallback: "hi" is estimated at 1 input token, plus the
     // second target's 256 output tokens.
@@ -813,14 +822,19 @@ async fn a_fallback_is_charged_at_the_answering_targets_price_exactly_once() {
 #[tokio::test]
 async fn a_whole_reply_carries_the_remaining_balance_and_a_cut_reply_is_estimated() {
     let harness = Harness::start(Duration::from_secs(30), 30).await;
-    harness
-        .openai
-        .set_script(OPENAI_MODEL, Script::reply(["one", " two", " three"]).with_usage(5, 3));
+    harness.openai.set_script(
+        OPENAI_MODEL,
+        Script::reply(["one", " two", " three"]).with_usage(5, 3),
+    );
     let token = user();
     let session = harness.session(&token).await;
     let messages = format!("/api/chat/sessions/{session}/messages");
     let response = harness
-        .post(&messages, &token, json!({"message": "count to three", "route": "open"}))
+        .post(
+            &messages,
+            &token,
+            json!({"message": "count to three", "route": "open"}),
+        )
         .await;
     assert_eq!(response.status(), StatusCode::OK);
     let remaining = response.headers()["x-parley-credits-remaining"]
@@ -829,7 +843,10 @@ async fn a_whole_reply_carries_the_remaining_balance_and_a_cut_reply_is_estimate
         .to_owned();
     let body: Value = response.json().await.unwrap();
     // 5 + 3 tokens at 1/1k.
-    assert_eq!(body["credits"], json!({"charged": 0.008, "remaining": 9.992}));
+    assert_eq!(
+        body["credits"],
+        json!({"charged": 0.008, "remaining": 9.992})
+    );
     assert_eq!(remaining, "9.992");
 
     // Cut off after two deltas, the provider never reports usage: the
@@ -840,7 +857,11 @@ async fn a_whole_reply_carries_the_remaining_balance_and_a_cut_reply_is_estimate
         Script::reply(["a", "b", "c"]).with_fault(Fault::Disconnect { after_deltas: 2 }),
     );
     let response = harness
-        .post(&messages, &token, json!({"message": "and again", "route": "open"}))
+        .post(
+            &messages,
+            &token,
+            json!({"message": "and again", "route": "open"}),
+        )
         .await;
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     let usage = harness.get_json("/api/credits/usage", &token).await;
@@ -869,7 +890,11 @@ async fn an_unaffordable_reply_is_402_before_any_provider_call() {
                 json!({"message": "hi", "route": "dear"}),
             )
             .await;
-        assert_eq!(response.status(), StatusCode::PAYMENT_REQUIRED, "{endpoint}");
+        assert_eq!(
+            response.status(),
+            StatusCode::PAYMENT_REQUIRED,
+            "{endpoint}"
+        );
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["code"], "INSUFFICIENT_CREDITS");
         // 1 input token at 1000/1k plus 256 output tokens at 1000/1k.
@@ -930,7 +955,9 @@ async fn an_opted_in_route_downgrades_to_what_the_caller_can_afford_and_says_so(
 async fn a_ledger_outage_refuses_replies_before_any_provider_call_and_recovers() {
     let real = parley_test_support::env::mongodb_uri();
     let proxy = parley_test_support::proxy::TcpProxy::start(
-        parley_test_support::proxy::host_port(&real).unwrap().to_owned(),
+        parley_test_support::proxy::host_port(&real)
+            .unwrap()
+            .to_owned(),
         None,
     )
     .await
@@ -963,7 +990,9 @@ async fn a_ledger_outage_refuses_replies_before_any_provider_call_and_recovers()
     assert!(harness.openai.calls().is_empty(), "the provider was called");
 
     let proxy = parley_test_support::proxy::TcpProxy::start(
-        parley_test_support::proxy::host_port(&real).unwrap().to_owned(),
+        parley_test_support::proxy::host_port(&real)
+            .unwrap()
+            .to_owned(),
         Some(proxy.address()),
     )
     .await
@@ -986,4 +1015,19 @@ async fn a_ledger_outage_refuses_replies_before_any_provider_call_and_recovers()
     proxy.stop().await;
     let cleanup = mongodb::Client::with_uri_str(&real).await.unwrap();
     cleanup.database(&database).drop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_new_session_takes_the_deployments_default_route() {
+    let harness = Harness::start(Duration::from_secs(30), 30).await;
+    let with_default = format!("{}defaultRoute: open\n", routes_yaml(30));
+    assert!(
+        harness
+            .replies
+            .routes
+            .reload_from_yaml(&with_default, "test")
+    );
+    let token = user();
+    let session = harness.session(&token).await;
+    assert_eq!(harness.stored(&session, &token).await["route"], "open");
 }

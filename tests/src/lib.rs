@@ -1,5 +1,5 @@
 //! Harness for black-box tests: starts Parley's real binaries as child
-//! processes and stops them the way Kubernetes does (SIGTERM).
+//! processes and stops them the way Kubernetes does (SIGTERM), or kills them.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
@@ -86,6 +86,12 @@ impl Process {
         tokio::time::timeout(STARTUP_LIMIT, read)
             .await
             .unwrap_or_else(|_| panic!("no line containing {needle:?} within {STARTUP_LIMIT:?}"))
+    }
+
+    /// Kills the process with SIGKILL, as a crashed node or an OOM kill
+    /// would: no shutdown code runs.
+    pub async fn kill(&mut self) {
+        self.child.kill().await.unwrap();
     }
 
     /// Sends SIGTERM and returns the exit status once the process has ended.

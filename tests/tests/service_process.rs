@@ -72,6 +72,25 @@ async fn local_mode_serves_prints_a_working_dev_token_and_stops_on_sigterm() {
         .await
         .unwrap();
     assert_eq!(created.status(), 201);
+    let session: Value = created.json().await.unwrap();
+    let session = session["sessionId"].as_str().unwrap();
+
+    // The dev user starts with credits, so the quick start can reply.
+    let reply = http
+        .post(format!("{base}/api/chat/sessions/{session}/messages"))
+        .bearer_auth(&token)
+        .json(&json!({ "message": "hello there" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 200);
+    let reply: Value = reply.json().await.unwrap();
+    assert_eq!(reply["content"], "hello there");
+    // 3 tokens in at 1/1k, 2 out at 2/1k, from the 100 a dev account starts with.
+    assert_eq!(
+        reply["credits"],
+        json!({"charged": 0.007, "remaining": 99.993})
+    );
 
     let unauthenticated = http
         .get(format!("{base}/api/chat/sessions"))

@@ -33,12 +33,12 @@ use axum::http::request::Parts;
 
 use crate::auth::{Principal, Role, bearer_token};
 use crate::error::Error;
-use crate::model_routes::RoutesCell;
-use crate::providers::estimate_tokens;
 use crate::ledger::{
     Closed, Credits, HoldRequest, Ledger, LedgerError, MAX_PAGE_SIZE, Page, Progress, ReplyOutcome,
     Settlement,
 };
+use crate::model_routes::RoutesCell;
+use crate::providers::estimate_tokens;
 use crate::state::AppState;
 use contract::{
     AbortRequest, AccountQuery, BalanceResponse, CalculateRequest, CalculateResponse, CheckRequest,

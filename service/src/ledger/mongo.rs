@@ -385,26 +385,10 @@ impl Ledger for MongoLedger {
         }
         let hold_doc = bson::to_bson(&HoldDoc::from_hold(&hold)?).map_err(corrupt)?;
         for _ in 0..MAX_ATTEMPTS {
-            let taken = self
-                .accounts
-                .find_one_and_update(
-                    doc! {
-                        "_id": &hold.user,
-                        "available": { "$gte": amount },
-                        "holds.requestId": { "$ne": request_id },
-                        "outbox._id": { "$ne": request_id },
-                        "recentlyClosed": { "$ne": request_id },
-                    },
-                    doc! {
-                        "$inc": { "held": amount, "available": -amount },
-                        "$push": { "holds": hold_doc.clone() },
-                    },
-                )
-                .await?;
-            if taken.is_some() {
-                return Ok(hold);
-            }
-            // Why did it not match? Read the account and decide.
+            // Read first: a refusal is then one read, not a failed update
+            // (far dearer on a large account document), and the refusal
+            // needs the amounts anyway. The update below stays conditional,
+            // so a change between the two is caught and retried.
             let Some(account) = self.accounts.find_one(doc! { "_id": &hold.user }).await? else {
                 self.ensure_account(&hold.user).await?;
                 continue;
@@ -427,7 +411,26 @@ impl Ledger for MongoLedger {
                     required: hold.amount,
                 });
             }
-            // Credits were freed between the update and the read: try again.
+            let taken = self
+                .accounts
+                .find_one_and_update(
+                    doc! {
+                        "_id": &hold.user,
+                        "available": { "$gte": amount },
+                        "holds.requestId": { "$ne": request_id },
+                        "outbox._id": { "$ne": request_id },
+                        "recentlyClosed": { "$ne": request_id },
+                    },
+                    doc! {
+                        "$inc": { "held": amount, "available": -amount },
+                        "$push": { "holds": hold_doc.clone() },
+                    },
+                )
+                .await?;
+            if taken.is_some() {
+                return Ok(hold);
+            }
+            // The account changed between the read and the update: read again.
         }
         Err(LedgerError::Contention {
             request_id: request_id.to_owned(),

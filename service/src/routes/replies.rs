@@ -179,7 +179,9 @@ pub async fn send_message(
     if let Some(remaining) = remaining
         && let Ok(value) = HeaderValue::from_str(&remaining.to_string())
     {
-        response.headers_mut().insert(CREDITS_REMAINING_HEADER, value);
+        response
+            .headers_mut()
+            .insert(CREDITS_REMAINING_HEADER, value);
     }
     Ok(response)
 }
@@ -398,9 +400,8 @@ fn reply_view(session: ObjectId, finished: FinishedReply) -> ReplyView {
         model: finished.model,
         route: finished.route,
         fallback_applied: finished.fallback_applied,
-        credits: finished.charge.map(|Charge { charged, remaining }| CreditsView {
-            charged,
-            remaining,
-        }),
+        credits: finished
+            .charge
+            .map(|Charge { charged, remaining }| CreditsView { charged, remaining }),
     }
 }

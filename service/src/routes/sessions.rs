@@ -18,7 +18,6 @@ use crate::store::{
 };
 
 const DEFAULT_TITLE: &str = "New Chat";
-const DEFAULT_ROUTE: &str = "default";
 const MAX_TITLE_CHARS: usize = 200;
 const MAX_ROUTE_CHARS: usize = 128;
 const DEFAULT_PAGE_LIMIT: u32 = 20;
@@ -143,7 +142,11 @@ pub async fn create_session(
         None => DEFAULT_TITLE.to_owned(),
         Some(title) => validate_title(title)?,
     };
-    let route = validate_route(request.route, request.model_id)?;
+    let route = match validate_route(request.route, request.model_id)? {
+        Some(route) => route,
+        // The deployment's default route when the session is created.
+        None => state.replies.routes.snapshot().default_alias().to_owned(),
+    };
     let messages = match request.initial_message {
         None => Vec::new(),
         Some(text) => {
@@ -330,9 +333,12 @@ fn validate_title(title: String) -> Result<String, Error> {
     })
 }
 
-fn validate_route(route: Option<String>, model_id: Option<String>) -> Result<String, Error> {
+fn validate_route(
+    route: Option<String>,
+    model_id: Option<String>,
+) -> Result<Option<String>, Error> {
     let (field, value) = match (route, model_id) {
-        (None, None) => return Ok(DEFAULT_ROUTE.to_owned()),
+        (None, None) => return Ok(None),
         (Some(route), None) => ("route", route),
         (None, Some(model_id)) => ("modelId", model_id),
         (Some(route), Some(model_id)) if route == model_id => ("route", route),
@@ -353,7 +359,7 @@ fn validate_route(route: Option<String>, model_id: Option<String>) -> Result<Str
             ),
         });
     }
-    Ok(value)
+    Ok(Some(value))
 }
 
 pub(super) fn validate_message(

@@ -102,9 +102,8 @@ impl ReplyBill {
                 Err(error) => return Err(first_refusal.unwrap_or(error)),
             }
         }
-        Err(first_refusal.unwrap_or_else(|| {
-            Error::Config(format!("route `{}` has no targets", route.alias))
-        }))
+        Err(first_refusal
+            .unwrap_or_else(|| Error::Config(format!("route `{}` has no targets", route.alias))))
     }
 
     /// Re-prices the hold for a fallback target (a dearer one needs the
@@ -150,7 +149,12 @@ impl ReplyBill {
 
     /// Charges what the reply used (the provider's usage, else the estimate,
     /// marked so) and releases the rest of the hold.
-    pub async fn settle(self, ending: Ending, usage: Usage, estimated: bool) -> Result<Charge, Error> {
+    pub async fn settle(
+        self,
+        ending: Ending,
+        usage: Usage,
+        estimated: bool,
+    ) -> Result<Charge, Error> {
         let output_tokens = u64::from(usage.output_tokens);
         let details = UsageDetails {
             model_id: Some(self.model.clone()),

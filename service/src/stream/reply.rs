@@ -15,9 +15,7 @@ use tokio::time::Instant;
 
 use super::Replies;
 use super::billing::{Charge, Ending, Opened, ReplyBill};
-use super::frames::{
-    ChunkData, CompleteData, CreditsData, ErrorData, ModelData, UsageData, frame,
-};
+use super::frames::{ChunkData, CompleteData, CreditsData, ErrorData, ModelData, UsageData, frame};
 use super::hub::ReplyStream;
 use super::metrics::{FallbackLabels, StreamLabels, TokenLabels};
 use crate::error::{Error, upstream_code};
@@ -30,6 +28,9 @@ use crate::store::{Message, MessageRole, ObjectId, SessionStore, TokenTotals};
 
 /// Renewal attempts after a failed one come at most this far apart.
 const RENEW_RETRY: Duration = Duration::from_secs(1);
+/// Longest time between renewals, whatever the lease: each renewal records
+/// the output so far, which is what the reaper charges if this replica dies.
+const MAX_RENEW_INTERVAL: Duration = Duration::from_secs(15);
 
 /// What a reply needs, all owned: the task outlives the request.
 pub struct ReplyRequest {
@@ -151,7 +152,10 @@ impl Generation<'_> {
                 Attempt::Done(result) => return result,
                 Attempt::FallBack(error) => {
                     index += 1;
-                    let next = route.targets.get(index).map_or("", |next| next.model.as_str());
+                    let next = route
+                        .targets
+                        .get(index)
+                        .map_or("", |next| next.model.as_str());
                     tracing::warn!(
                         route = %route.alias, from = %target.model, to = %next,
                         %error, "falling back to the next target"
@@ -269,7 +273,9 @@ impl Generation<'_> {
                         self.announce(target, fallback_applied);
                     }
                     let used = self.used(usage, deltas);
-                    return Attempt::Done(self.complete(target, text, used, fallback_applied).await);
+                    return Attempt::Done(
+                        self.complete(target, text, used, fallback_applied).await,
+                    );
                 }
                 Some(Err(error)) if !announced => {
                     return self.failed_before_output(target, error).await;
@@ -293,8 +299,8 @@ impl Generation<'_> {
     }
 
     /// When to renew the hold next: a third of the way to the end of its
-    /// lease, so two renewals can fail before it lapses (sooner after a
-    /// failure).
+    /// lease, so two renewals can fail before it lapses, and at least every
+    /// [`MAX_RENEW_INTERVAL`] (sooner after a failure).
     fn next_renewal(&self, after_failure: bool) -> Instant {
         let remaining = self
             .bill
@@ -304,7 +310,7 @@ impl Generation<'_> {
         let wait = if after_failure {
             (remaining / 3).min(RENEW_RETRY)
         } else {
-            remaining / 3
+            (remaining / 3).min(MAX_RENEW_INTERVAL)
         };
         Instant::now() + wait
     }
@@ -339,7 +345,11 @@ impl Generation<'_> {
         }
     }
 
-    async fn failed_before_output(&mut self, target: &RouteTarget, error: ProviderError) -> Attempt {
+    async fn failed_before_output(
+        &mut self,
+        target: &RouteTarget,
+        error: ProviderError,
+    ) -> Attempt {
         let is_last = self
             .request
             .route
@@ -526,8 +536,8 @@ impl Generation<'_> {
     /// Settles the hold for what was used and counts the tokens against the
     /// user's per-minute budget.
     async fn pay(&mut self, ending: Ending, used: Used) -> Option<Charge> {
-        let tokens = u64::from(used.usage.input_tokens)
-            .saturating_add(u64::from(used.usage.output_tokens));
+        let tokens =
+            u64::from(used.usage.input_tokens).saturating_add(u64::from(used.usage.output_tokens));
         // Over budget only means the next request is refused by the limiter.
         if let Err(error) = self
             .rate_limiter
