@@ -178,26 +178,17 @@ fn deployment_runs_the_service_safely() {
         term.pod_affinity_term.topology_key,
         "kubernetes.io/hostname"
     );
-    // The routes ConfigMap is mounted where PARLEY_ROUTES_FILE points.
-    let mount = container
-        .volume_mounts
-        .as_ref()
-        .unwrap()
-        .iter()
-        .find(|m| m.name == "routes")
-        .unwrap();
-    assert_eq!(
-        env_value(container, "PARLEY_ROUTES_FILE"),
-        format!("{}/routes.yaml", mount.mount_path)
-    );
-    let volume = pod
+    // Routes come from watching the ConfigMap, not from a mounted file: the
+    // service refuses both at once.
+    assert!(env(container, "PARLEY_ROUTES_FILE").is_none());
+    let volumes: Vec<&str> = pod
         .volumes
         .as_ref()
         .unwrap()
         .iter()
-        .find(|v| v.name == "routes")
-        .unwrap();
-    assert_eq!(volume.config_map.as_ref().unwrap().name, "demo-routes");
+        .map(|v| v.name.as_str())
+        .collect();
+    assert_eq!(volumes, ["data", "tmp"]);
     // With an autoscaler, the Deployment leaves the replica count to it.
     assert_eq!(desired.deployment.spec.as_ref().unwrap().replicas, None);
 }

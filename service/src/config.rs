@@ -207,9 +207,18 @@ pub struct Config {
 /// Model routes, providers and streamed replies.
 #[derive(Debug, Clone, Args)]
 pub struct ReplyConfig {
-    /// Routes file (YAML); unset: one `default` route on the simulated model.
+    /// Routes file (YAML), for local runs; unset (and no routes ConfigMap):
+    /// one `default` route on the simulated model.
     #[arg(long, env = "PARLEY_ROUTES_FILE", global = true)]
     pub routes_file: Option<PathBuf>,
+    /// Routes ConfigMap (key `routes.yaml`) watched through the Kubernetes API,
+    /// in a cluster; not together with PARLEY_ROUTES_FILE.
+    #[arg(long, env = "PARLEY_ROUTES_CONFIGMAP", global = true)]
+    pub routes_configmap: Option<String>,
+    /// Namespace of the routes ConfigMap; unset: the kube client's default
+    /// (in a pod: its own namespace).
+    #[arg(long, env = "POD_NAMESPACE", global = true)]
+    pub routes_configmap_namespace: Option<String>,
     /// How often the routes file is checked for changes.
     #[arg(
         long,
