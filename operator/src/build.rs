@@ -46,6 +46,10 @@ const SERVICE_UID: i64 = 65532;
 const PRE_STOP_SLEEP_SECONDS: i64 = 5;
 /// Shutdown margin beyond the longest stream: preStop plus settling and saving.
 const DRAIN_MARGIN_SECONDS: i64 = 30;
+/// Seconds the service's shutdown drain adds to its stream drain, for replies
+/// ended with `SHUTTING_DOWN` to be stored and their connections to close;
+/// with the preStop sleep it stays well inside [`DRAIN_MARGIN_SECONDS`].
+const SAVE_MARGIN_SECONDS: i64 = 15;
 
 /// What the API server offers, found by discovery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -350,6 +354,10 @@ fn environment(cx: &Context<'_>) -> Vec<EnvVar> {
         }
     }
     let limits = &spec.rate_limits;
+    // `observation.enabled` is not passed on: the service has no observation
+    // yet. `maxStreamDurationSeconds` is not a limit in the service yet; it
+    // sets how long shutdown lets replies finish (see `deployment`).
+    let stream_drain_seconds = spec.max_stream_duration_seconds;
     vars.extend([
         env(
             "PARLEY_RATE_LIMIT_REQUESTS_PER_MINUTE",
@@ -364,16 +372,16 @@ fn environment(cx: &Context<'_>) -> Vec<EnvVar> {
             limits.concurrent_streams.to_string(),
         ),
         env(
-            "PARLEY_OBSERVATION_ENABLED",
-            spec.observation.enabled.to_string(),
-        ),
-        env(
             "PARLEY_REATTACH_GRACE_SECONDS",
             spec.observation.reattach_grace_seconds.to_string(),
         ),
         env(
-            "PARLEY_MAX_STREAM_DURATION_SECONDS",
-            spec.max_stream_duration_seconds.to_string(),
+            "PARLEY_STREAM_DRAIN_SECONDS",
+            stream_drain_seconds.to_string(),
+        ),
+        env(
+            "PARLEY_SHUTDOWN_DRAIN_SECONDS",
+            (i64::from(stream_drain_seconds) + SAVE_MARGIN_SECONDS).to_string(),
         ),
     ]);
     vars

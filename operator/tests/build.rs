@@ -189,6 +189,10 @@ fn deployment_runs_the_service_safely() {
         .map(|v| v.name.as_str())
         .collect();
     assert_eq!(volumes, ["data", "tmp"]);
+    // Shutdown lets replies run for the longest stream, then stores them
+    // within the pod's grace period (330 s, of which the preStop sleep takes 5).
+    assert_eq!(env_value(container, "PARLEY_STREAM_DRAIN_SECONDS"), "300");
+    assert_eq!(env_value(container, "PARLEY_SHUTDOWN_DRAIN_SECONDS"), "315");
     // With an autoscaler, the Deployment leaves the replica count to it.
     assert_eq!(desired.deployment.spec.as_ref().unwrap().replicas, None);
 }
@@ -246,9 +250,22 @@ fn deployment_environment_follows_the_interface_contract() {
         ("parley-openai".into(), "api-key".into())
     );
     assert_eq!(
+        env_value(container, "PARLEY_RATE_LIMIT_REQUESTS_PER_MINUTE"),
+        "30"
+    );
+    assert_eq!(
+        env_value(container, "PARLEY_RATE_LIMIT_TOKENS_PER_MINUTE"),
+        "50000"
+    );
+    assert_eq!(
         env_value(container, "PARLEY_RATE_LIMIT_CONCURRENT_STREAMS"),
         "2"
     );
+    assert_eq!(env_value(container, "PARLEY_REATTACH_GRACE_SECONDS"), "30");
+    // Not acted on by the service yet, so not passed on (tests/tests/env_contract.rs
+    // checks that every variable set here is one the service reads).
+    assert!(env(container, "PARLEY_OBSERVATION_ENABLED").is_none());
+    assert!(env(container, "PARLEY_MAX_STREAM_DURATION_SECONDS").is_none());
     let annotations = desired
         .service_account
         .metadata

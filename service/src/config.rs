@@ -171,27 +171,27 @@ pub struct Config {
     /// API requests per user per minute (0: unlimited).
     #[arg(
         long,
-        env = "PARLEY_RATE_REQUESTS_PER_MINUTE",
+        env = "PARLEY_RATE_LIMIT_REQUESTS_PER_MINUTE",
         default_value_t = 120,
         global = true
     )]
-    pub rate_requests_per_minute: u64,
+    pub rate_limit_requests_per_minute: u64,
     /// Model tokens per user per minute (0: unlimited).
     #[arg(
         long,
-        env = "PARLEY_RATE_TOKENS_PER_MINUTE",
+        env = "PARLEY_RATE_LIMIT_TOKENS_PER_MINUTE",
         default_value_t = 200_000,
         global = true
     )]
-    pub rate_tokens_per_minute: u64,
+    pub rate_limit_tokens_per_minute: u64,
     /// Concurrent reply streams per user (0: unlimited).
     #[arg(
         long,
-        env = "PARLEY_MAX_CONCURRENT_STREAMS",
+        env = "PARLEY_RATE_LIMIT_CONCURRENT_STREAMS",
         default_value_t = 4,
         global = true
     )]
-    pub max_concurrent_streams: u64,
+    pub rate_limit_concurrent_streams: u64,
     /// Prefix of the rate-limit keys in Redis (replicas of one deployment share it).
     #[arg(
         long,
@@ -267,11 +267,11 @@ pub struct ReplyConfig {
     /// How long a reply keeps generating after its client disconnected, so it can re-attach.
     #[arg(
         long,
-        env = "PARLEY_REPLY_GRACE_SECONDS",
+        env = "PARLEY_REATTACH_GRACE_SECONDS",
         default_value_t = 30,
         global = true
     )]
-    pub reply_grace_seconds: u64,
+    pub reattach_grace_seconds: u64,
     /// Interval of `: ping` comments on idle SSE streams.
     #[arg(
         long,

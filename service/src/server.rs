@@ -236,9 +236,9 @@ async fn rate_limiter(
     metrics: RateLimitMetrics,
 ) -> Result<Arc<dyn RateLimiter>, Error> {
     let limits = RateLimits {
-        requests_per_minute: config.rate_requests_per_minute,
-        tokens_per_minute: config.rate_tokens_per_minute,
-        concurrent_streams: config.max_concurrent_streams,
+        requests_per_minute: config.rate_limit_requests_per_minute,
+        tokens_per_minute: config.rate_limit_tokens_per_minute,
+        concurrent_streams: config.rate_limit_concurrent_streams,
     };
     match &config.redis_url {
         Some(url) => {

@@ -72,7 +72,7 @@ impl Replies {
             routes,
             providers,
             ReplySettings {
-                grace: Duration::from_secs(config.reply_grace_seconds),
+                grace: Duration::from_secs(config.reattach_grace_seconds),
                 ping: Duration::from_secs(config.sse_ping_seconds.max(1)),
             },
             registry,
