@@ -91,6 +91,7 @@ pub struct ChatDeploymentSpec {
     #[serde(default)]
     pub observation: ObservationSpec,
     /// Longest a reply may stream; pods get this long (plus a margin) to drain on shutdown.
+    /// Not yet enforced on running replies: for now it sets only the shutdown drain.
     #[serde(default = "default_max_stream_duration_seconds")]
     #[schemars(range(min = 10, max = 86400))]
     pub max_stream_duration_seconds: u32,
@@ -362,6 +363,7 @@ impl Default for RateLimitsSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ObservationSpec {
+    /// Not acted on yet: the service has no observation yet.
     #[serde(default = "enabled_by_default")]
     pub enabled: bool,
     /// Seconds a reply keeps generating after its client disconnects, so it can re-attach.

@@ -9,19 +9,14 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::core::ApiResource;
 use kube::runtime::wait::{await_condition, conditions};
-use kube::{Client, Config, ResourceExt};
+use kube::{Client, ResourceExt};
 use parley_crds::{ChatDeployment, FallbackCondition, ModelRoute};
-use parley_test_support::env::{kubeconfig_path, unique_name};
+use parley_test_support::env::{kube_config, unique_name};
 
 async fn client() -> Client {
-    let kubeconfig = Kubeconfig::read_from(kubeconfig_path()).unwrap();
-    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .unwrap();
-    Client::try_from(config).unwrap()
+    Client::try_from(kube_config().await).unwrap()
 }
 
 fn example<T: serde::de::DeserializeOwned>(file: &str) -> T {

@@ -11,10 +11,10 @@ use k8s_openapi::api::autoscaling::v2::{
     MetricIdentifier, MetricSpec, MetricTarget, PodsMetricSource, ResourceMetricSource,
 };
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities as LinuxCapabilities, ConfigMap, ConfigMapVolumeSource, Container,
-    ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, Lifecycle,
-    LifecycleHandler, ObjectFieldSelector, PodAffinityTerm, PodAntiAffinity, PodSecurityContext,
-    PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector, SecurityContext, Service,
+    Affinity, Capabilities as LinuxCapabilities, ConfigMap, Container, ContainerPort,
+    EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, Lifecycle, LifecycleHandler,
+    ObjectFieldSelector, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector, SecurityContext, Service,
     ServiceAccount, ServicePort, ServiceSpec, SleepAction, Volume, VolumeMount,
     WeightedPodAffinityTerm,
 };
@@ -40,13 +40,16 @@ pub const INSTANCE_LABEL: &str = "app.kubernetes.io/instance";
 pub const NAME_LABEL: &str = "app.kubernetes.io/name";
 const APP_NAME: &str = "parley-service";
 const HTTP_PORT: i32 = 8080;
-const ROUTES_DIR: &str = "/etc/parley/routes";
 const DATA_DIR: &str = "/var/lib/parley";
 const SERVICE_UID: i64 = 65532;
 /// Seconds the preStop hook waits so endpoints drop the pod before SIGTERM.
 const PRE_STOP_SLEEP_SECONDS: i64 = 5;
 /// Shutdown margin beyond the longest stream: preStop plus settling and saving.
 const DRAIN_MARGIN_SECONDS: i64 = 30;
+/// Seconds the service's shutdown drain adds to its stream drain, for replies
+/// ended with `SHUTTING_DOWN` to be stored and their connections to close;
+/// with the preStop sleep it stays well inside [`DRAIN_MARGIN_SECONDS`].
+const SAVE_MARGIN_SECONDS: i64 = 15;
 
 /// What the API server offers, found by discovery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,7 +174,9 @@ fn service_account(cx: &Context<'_>) -> ServiceAccount {
     }
 }
 
-/// Lets the pods watch their own routes ConfigMap and nothing else.
+/// Lets the pods watch their own routes ConfigMap and nothing else: `get`
+/// at start, then `list` and `watch` with the field selector
+/// `metadata.name=<name>`, which RBAC matches against `resourceNames`.
 fn role(cx: &Context<'_>) -> Role {
     Role {
         metadata: cx.metadata(cx.name.clone()),
@@ -268,10 +273,8 @@ fn environment(cx: &Context<'_>) -> Vec<EnvVar> {
     let spec = cx.spec;
     let mut vars = vec![
         env("PARLEY_LISTEN", format!("0.0.0.0:{HTTP_PORT}")),
-        env(
-            "PARLEY_ROUTES_FILE",
-            format!("{ROUTES_DIR}/{ROUTES_CONFIGMAP_KEY}"),
-        ),
+        // Watched through the API (the Role below allows exactly this), so a
+        // route change reaches every pod in seconds without a restart.
         env("PARLEY_ROUTES_CONFIGMAP", routes_configmap_name(&cx.name)),
         EnvVar {
             name: "POD_NAMESPACE".to_owned(),
@@ -351,6 +354,10 @@ fn environment(cx: &Context<'_>) -> Vec<EnvVar> {
         }
     }
     let limits = &spec.rate_limits;
+    // `observation.enabled` is not passed on: the service has no observation
+    // yet. `maxStreamDurationSeconds` is not a limit in the service yet; it
+    // sets how long shutdown lets replies finish (see `deployment`).
+    let stream_drain_seconds = spec.max_stream_duration_seconds;
     vars.extend([
         env(
             "PARLEY_RATE_LIMIT_REQUESTS_PER_MINUTE",
@@ -365,16 +372,16 @@ fn environment(cx: &Context<'_>) -> Vec<EnvVar> {
             limits.concurrent_streams.to_string(),
         ),
         env(
-            "PARLEY_OBSERVATION_ENABLED",
-            spec.observation.enabled.to_string(),
-        ),
-        env(
             "PARLEY_REATTACH_GRACE_SECONDS",
             spec.observation.reattach_grace_seconds.to_string(),
         ),
         env(
-            "PARLEY_MAX_STREAM_DURATION_SECONDS",
-            spec.max_stream_duration_seconds.to_string(),
+            "PARLEY_STREAM_DRAIN_SECONDS",
+            stream_drain_seconds.to_string(),
+        ),
+        env(
+            "PARLEY_SHUTDOWN_DRAIN_SECONDS",
+            (i64::from(stream_drain_seconds) + SAVE_MARGIN_SECONDS).to_string(),
         ),
     ]);
     vars
@@ -403,19 +410,6 @@ fn volumes(cx: &Context<'_>) -> (Vec<Volume>, Vec<VolumeMount>) {
         .and_then(|e| e.size_limit.clone());
     let volumes = vec![
         Volume {
-            name: "routes".to_owned(),
-            config_map: Some(ConfigMapVolumeSource {
-                name: routes_configmap_name(&cx.name),
-                items: Some(vec![KeyToPath {
-                    key: ROUTES_CONFIGMAP_KEY.to_owned(),
-                    path: ROUTES_CONFIGMAP_KEY.to_owned(),
-                    mode: None,
-                }]),
-                ..ConfigMapVolumeSource::default()
-            }),
-            ..Volume::default()
-        },
-        Volume {
             name: "data".to_owned(),
             empty_dir: Some(EmptyDirVolumeSource {
                 size_limit: data_limit,
@@ -429,17 +423,12 @@ fn volumes(cx: &Context<'_>) -> (Vec<Volume>, Vec<VolumeMount>) {
             ..Volume::default()
         },
     ];
-    let mount = |name: &str, path: &str, read_only: bool| VolumeMount {
+    let mount = |name: &str, path: &str| VolumeMount {
         name: name.to_owned(),
         mount_path: path.to_owned(),
-        read_only: read_only.then_some(true),
         ..VolumeMount::default()
     };
-    let mounts = vec![
-        mount("routes", ROUTES_DIR, true),
-        mount("data", DATA_DIR, false),
-        mount("tmp", "/tmp", false),
-    ];
+    let mounts = vec![mount("data", DATA_DIR), mount("tmp", "/tmp")];
     (volumes, mounts)
 }
 

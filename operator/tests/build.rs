@@ -178,26 +178,21 @@ fn deployment_runs_the_service_safely() {
         term.pod_affinity_term.topology_key,
         "kubernetes.io/hostname"
     );
-    // The routes ConfigMap is mounted where PARLEY_ROUTES_FILE points.
-    let mount = container
-        .volume_mounts
-        .as_ref()
-        .unwrap()
-        .iter()
-        .find(|m| m.name == "routes")
-        .unwrap();
-    assert_eq!(
-        env_value(container, "PARLEY_ROUTES_FILE"),
-        format!("{}/routes.yaml", mount.mount_path)
-    );
-    let volume = pod
+    // Routes come from watching the ConfigMap, not from a mounted file: the
+    // service refuses both at once.
+    assert!(env(container, "PARLEY_ROUTES_FILE").is_none());
+    let volumes: Vec<&str> = pod
         .volumes
         .as_ref()
         .unwrap()
         .iter()
-        .find(|v| v.name == "routes")
-        .unwrap();
-    assert_eq!(volume.config_map.as_ref().unwrap().name, "demo-routes");
+        .map(|v| v.name.as_str())
+        .collect();
+    assert_eq!(volumes, ["data", "tmp"]);
+    // Shutdown lets replies run for the longest stream, then stores them
+    // within the pod's grace period (330 s, of which the preStop sleep takes 5).
+    assert_eq!(env_value(container, "PARLEY_STREAM_DRAIN_SECONDS"), "300");
+    assert_eq!(env_value(container, "PARLEY_SHUTDOWN_DRAIN_SECONDS"), "315");
     // With an autoscaler, the Deployment leaves the replica count to it.
     assert_eq!(desired.deployment.spec.as_ref().unwrap().replicas, None);
 }
@@ -255,9 +250,22 @@ fn deployment_environment_follows_the_interface_contract() {
         ("parley-openai".into(), "api-key".into())
     );
     assert_eq!(
+        env_value(container, "PARLEY_RATE_LIMIT_REQUESTS_PER_MINUTE"),
+        "30"
+    );
+    assert_eq!(
+        env_value(container, "PARLEY_RATE_LIMIT_TOKENS_PER_MINUTE"),
+        "50000"
+    );
+    assert_eq!(
         env_value(container, "PARLEY_RATE_LIMIT_CONCURRENT_STREAMS"),
         "2"
     );
+    assert_eq!(env_value(container, "PARLEY_REATTACH_GRACE_SECONDS"), "30");
+    // Not acted on by the service yet, so not passed on (tests/tests/env_contract.rs
+    // checks that every variable set here is one the service reads).
+    assert!(env(container, "PARLEY_OBSERVATION_ENABLED").is_none());
+    assert!(env(container, "PARLEY_MAX_STREAM_DURATION_SECONDS").is_none());
     let annotations = desired
         .service_account
         .metadata

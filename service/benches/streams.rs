@@ -132,7 +132,7 @@ impl Server {
                 tokens_per_second.to_string(),
             )
             .env("PARLEY_SIMULATED_REPLY_TOKENS", reply_tokens.to_string())
-            .env("PARLEY_REPLY_GRACE_SECONDS", "0")
+            .env("PARLEY_REATTACH_GRACE_SECONDS", "0")
             .env("PARLEY_SHUTDOWN_DRAIN_SECONDS", "2")
             .env("PARLEY_STREAM_DRAIN_SECONDS", "0")
             .env("RUST_LOG", "warn")

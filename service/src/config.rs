@@ -173,27 +173,27 @@ pub struct Config {
     /// API requests per user per minute (0: unlimited).
     #[arg(
         long,
-        env = "PARLEY_RATE_REQUESTS_PER_MINUTE",
+        env = "PARLEY_RATE_LIMIT_REQUESTS_PER_MINUTE",
         default_value_t = 120,
         global = true
     )]
-    pub rate_requests_per_minute: u64,
+    pub rate_limit_requests_per_minute: u64,
     /// Model tokens per user per minute (0: unlimited).
     #[arg(
         long,
-        env = "PARLEY_RATE_TOKENS_PER_MINUTE",
+        env = "PARLEY_RATE_LIMIT_TOKENS_PER_MINUTE",
         default_value_t = 200_000,
         global = true
     )]
-    pub rate_tokens_per_minute: u64,
+    pub rate_limit_tokens_per_minute: u64,
     /// Concurrent reply streams per user (0: unlimited).
     #[arg(
         long,
-        env = "PARLEY_MAX_CONCURRENT_STREAMS",
+        env = "PARLEY_RATE_LIMIT_CONCURRENT_STREAMS",
         default_value_t = 4,
         global = true
     )]
-    pub max_concurrent_streams: u64,
+    pub rate_limit_concurrent_streams: u64,
     /// Prefix of the rate-limit keys in Redis (replicas of one deployment share it).
     #[arg(
         long,
@@ -209,9 +209,18 @@ pub struct Config {
 /// Model routes, providers and streamed replies.
 #[derive(Debug, Clone, Args)]
 pub struct ReplyConfig {
-    /// Routes file (YAML); unset: one `default` route on the simulated model.
+    /// Routes file (YAML), for local runs; unset (and no routes ConfigMap):
+    /// one `default` route on the simulated model.
     #[arg(long, env = "PARLEY_ROUTES_FILE", global = true)]
     pub routes_file: Option<PathBuf>,
+    /// Routes ConfigMap (key `routes.yaml`) watched through the Kubernetes API,
+    /// in a cluster; not together with PARLEY_ROUTES_FILE.
+    #[arg(long, env = "PARLEY_ROUTES_CONFIGMAP", global = true)]
+    pub routes_configmap: Option<String>,
+    /// Namespace of the routes ConfigMap; unset: the kube client's default
+    /// (in a pod: its own namespace).
+    #[arg(long, env = "POD_NAMESPACE", global = true)]
+    pub routes_configmap_namespace: Option<String>,
     /// How often the routes file is checked for changes.
     #[arg(
         long,
@@ -260,11 +269,11 @@ pub struct ReplyConfig {
     /// How long a reply keeps generating after its client disconnected, so it can re-attach.
     #[arg(
         long,
-        env = "PARLEY_REPLY_GRACE_SECONDS",
+        env = "PARLEY_REATTACH_GRACE_SECONDS",
         default_value_t = 30,
         global = true
     )]
-    pub reply_grace_seconds: u64,
+    pub reattach_grace_seconds: u64,
     /// Interval of `: ping` comments on idle SSE streams.
     #[arg(
         long,

@@ -2,7 +2,7 @@
 //! reload, and the providers that serve their targets.
 //!
 //! A request takes an `Arc` of the current snapshot once, so a reply keeps
-//! the route it started with however often the file changes meanwhile.
+//! the route it started with however often the routes change meanwhile.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -19,10 +19,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::accounting::PriceBook;
 use crate::auth::Role;
+use crate::config::ReplyConfig;
 use crate::error::Error;
 use crate::providers::{BedrockProvider, Provider, ProviderError, ProviderErrorKind};
 
-/// The model of the built-in `default` route used when no routes file is set.
+mod configmap;
+
+pub use configmap::RoutesConfigMap;
+
+/// The model of the built-in `default` route used when no routes source is set.
 pub const BUILTIN_SIMULATED_MODEL: &str = "parley-simulated";
 const BUILTIN_MAX_OUTPUT_TOKENS: u32 = 1024;
 const BUILTIN_TIMEOUT_SECONDS: u32 = 60;
@@ -156,23 +161,79 @@ impl RoutesCell {
                 true
             }
             Err(error) => {
-                self.reload_failures.inc();
-                tracing::error!(%origin, %error, "routes reload rejected; keeping the last good routes");
+                self.reject(origin, &error);
                 false
             }
         }
     }
+
+    /// Counts and logs a routes version that could not be used.
+    fn reject(&self, origin: &str, reason: &dyn std::fmt::Display) {
+        self.reload_failures.inc();
+        tracing::error!(%origin, %reason, "routes reload rejected; keeping the last good routes");
+    }
 }
 
-/// Reads the routes file at start: a bad file at start is a configuration error.
-pub async fn load_routes_file(path: Option<&PathBuf>) -> Result<Routes, Error> {
-    let Some(path) = path else {
-        return Ok(Routes::builtin());
-    };
-    let text = tokio::fs::read_to_string(path)
-        .await
-        .map_err(|error| Error::io(format!("reading routes file {}", path.display()), error))?;
-    Routes::from_yaml(&text)
+/// Where the routes come from. The ConfigMap is for a cluster (the operator
+/// writes it), the file for local runs; setting both is a configuration
+/// error rather than a precedence rule to remember.
+pub enum RoutesSource {
+    /// One `default` route on the simulated model.
+    Builtin,
+    File(PathBuf),
+    ConfigMap(Box<RoutesConfigMap>),
+}
+
+impl RoutesSource {
+    /// The source `config` names; a ConfigMap gets a client from the standard
+    /// chain (in-cluster, or `KUBECONFIG`).
+    pub async fn from_config(config: &ReplyConfig) -> Result<Self, Error> {
+        match (&config.routes_file, &config.routes_configmap) {
+            (Some(_), Some(_)) => Err(Error::Config(
+                "PARLEY_ROUTES_FILE and PARLEY_ROUTES_CONFIGMAP are both set; set one: \
+                 the ConfigMap in a cluster, the file for local runs"
+                    .to_owned(),
+            )),
+            (Some(path), None) => Ok(Self::File(path.clone())),
+            (None, Some(name)) => {
+                let client = kube::Client::try_default().await.map_err(|error| {
+                    Error::Config(format!(
+                        "PARLEY_ROUTES_CONFIGMAP needs a kube client: {error}"
+                    ))
+                })?;
+                Ok(Self::ConfigMap(Box::new(RoutesConfigMap::new(
+                    client,
+                    config.routes_configmap_namespace.as_deref(),
+                    name,
+                ))))
+            }
+            (None, None) => Ok(Self::Builtin),
+        }
+    }
+
+    /// The routes at start: a bad or missing source at start is a
+    /// configuration error (later, a bad version is only rejected).
+    pub async fn load(&self) -> Result<Routes, Error> {
+        match self {
+            Self::Builtin => Ok(Routes::builtin()),
+            Self::File(path) => {
+                let text = tokio::fs::read_to_string(path).await.map_err(|error| {
+                    Error::io(format!("reading routes file {}", path.display()), error)
+                })?;
+                Routes::from_yaml(&text)
+            }
+            Self::ConfigMap(configmap) => configmap.load().await,
+        }
+    }
+
+    /// Keeps `cell` current until `shutdown` (the built-in routes never change).
+    pub async fn watch(self, cell: Arc<RoutesCell>, poll: Duration, shutdown: CancellationToken) {
+        match self {
+            Self::Builtin => {}
+            Self::File(path) => watch_routes_file(cell, path, poll, shutdown).await,
+            Self::ConfigMap(configmap) => configmap.watch(cell, shutdown).await,
+        }
+    }
 }
 
 /// Polls `path` every `interval` and reloads when its modification time or
@@ -202,10 +263,7 @@ pub async fn watch_routes_file(
             Some((_, _, text)) => {
                 cell.reload_from_yaml(text, &path.display().to_string());
             }
-            None => {
-                cell.reload_failures.inc();
-                tracing::error!(path = %path.display(), "routes file unreadable; keeping the last good routes");
-            }
+            None => cell.reject(&path.display().to_string(), &"routes file unreadable"),
         }
         last_seen = Some(seen);
     }
@@ -320,6 +378,23 @@ routes:
                 }
                 other => panic!("expected UnknownRoute, got {other:?}"),
             }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_routes_file_and_a_routes_configmap_together_are_refused() {
+        let config = crate::config::Config::from_args([
+            "parley-service",
+            "--routes-file",
+            "routes.yaml",
+            "--routes-configmap",
+            "demo-routes",
+        ])
+        .unwrap();
+        match RoutesSource::from_config(&config.replies).await {
+            Err(Error::Config(message)) => assert!(message.contains("both set"), "{message}"),
+            Err(other) => panic!("expected a configuration error, got {other:?}"),
+            Ok(_) => panic!("expected a configuration error"),
         }
     }
 

@@ -24,7 +24,7 @@ use crate::ledger::{
     Credits, EmbeddedLedger, Ledger, LedgerSettings, MICROS_PER_CREDIT, MongoLedger,
 };
 use crate::metrics::HttpMetrics;
-use crate::model_routes::watch_routes_file;
+use crate::model_routes::RoutesSource;
 use crate::ratelimit::{
     LocalRateLimiter, RateLimitMetrics, RateLimiter, RateLimits, RedisRateLimiter,
 };
@@ -116,23 +116,22 @@ pub async fn serve_listener(
     let backend = Backend::open(&config).await?;
     let mut registry = Registry::default();
     let http_metrics = HttpMetrics::register(&mut registry);
-    let replies = Arc::new(Replies::from_config(&config.replies, &mut registry).await?);
-    if let Some(path) = &config.replies.routes_file {
-        tokio::spawn(watch_routes_file(
-            Arc::clone(&replies.routes),
-            path.clone(),
-            Duration::from_millis(config.replies.routes_poll_millis.max(10)),
-            shutdown.clone(),
-        ));
-    }
+    let background = TaskTracker::new();
+    let background_stop = shutdown.child_token();
+    let routes_source = RoutesSource::from_config(&config.replies).await?;
+    let routes = routes_source.load().await?;
+    let replies = Arc::new(Replies::from_config(&config.replies, routes, &mut registry).await?);
+    background.spawn(routes_source.watch(
+        Arc::clone(&replies.routes),
+        Duration::from_millis(config.replies.routes_poll_millis.max(10)),
+        background_stop.clone(),
+    ));
     let auth = Authenticator::new(AuthSettings::from_config(
         &config,
         secret.as_ref().map(|secret| secret.bytes.clone()),
     ))?;
     let rate_limiter = rate_limiter(&config, RateLimitMetrics::register(&mut registry)).await?;
     let accounting_metrics = AccountingMetrics::register(&mut registry);
-    let background = TaskTracker::new();
-    let background_stop = shutdown.child_token();
     let accounting: Arc<dyn Accounting> = match &config.accounting_url {
         Some(url) => {
             tracing::info!(%url, "external accounting: credits are kept by another service");
@@ -241,9 +240,9 @@ async fn rate_limiter(
     metrics: RateLimitMetrics,
 ) -> Result<Arc<dyn RateLimiter>, Error> {
     let limits = RateLimits {
-        requests_per_minute: config.rate_requests_per_minute,
-        tokens_per_minute: config.rate_tokens_per_minute,
-        concurrent_streams: config.max_concurrent_streams,
+        requests_per_minute: config.rate_limit_requests_per_minute,
+        tokens_per_minute: config.rate_limit_tokens_per_minute,
+        concurrent_streams: config.rate_limit_concurrent_streams,
     };
     match &config.redis_url {
         Some(url) => {

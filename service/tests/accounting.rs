@@ -1051,7 +1051,7 @@ async fn redis_request_limits_hold_across_two_instances() {
         redis.as_str(),
         "--rate-limit-key-prefix",
         prefix.as_str(),
-        "--rate-requests-per-minute",
+        "--rate-limit-requests-per-minute",
         "5",
     ];
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());

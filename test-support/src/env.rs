@@ -34,6 +34,17 @@ pub fn kubeconfig_path() -> PathBuf {
     PathBuf::from(required("PARLEY_TEST_KUBECONFIG"))
 }
 
+/// Client configuration for the test kube-apiserver, with the kubeconfig's
+/// (cluster-admin) identity; set `auth_info.impersonate` to act as someone else.
+pub async fn kube_config() -> kube::Config {
+    let path = kubeconfig_path();
+    let kubeconfig = kube::config::Kubeconfig::read_from(&path)
+        .unwrap_or_else(|error| panic!("reading {}: {error}", path.display()));
+    kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
+        .await
+        .unwrap_or_else(|error| panic!("using {}: {error}", path.display()))
+}
+
 /// A name unique to this test run, for databases, namespaces and key prefixes,
 /// so tests sharing one server never see each other's data.
 pub fn unique_name(prefix: &str) -> String {

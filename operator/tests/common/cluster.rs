@@ -10,12 +10,11 @@ use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, RoleRef, Subject};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::wait::{Condition, await_condition, conditions};
-use kube::{Client, Config, Resource, ResourceExt};
+use kube::{Client, Resource, ResourceExt};
 use parley_operator::controller::{self, Reconciled, Settings};
 use parley_operator::metrics::Metrics;
-use parley_test_support::env::{kubeconfig_path, unique_name};
+use parley_test_support::env::{kube_config, unique_name};
 use prometheus_client::registry::Registry;
 use serde::de::DeserializeOwned;
 use tokio::task::JoinHandle;
@@ -23,16 +22,9 @@ use tokio_util::sync::CancellationToken;
 
 pub const WAIT: Duration = Duration::from_secs(60);
 
-async fn config() -> Config {
-    let kubeconfig = Kubeconfig::read_from(kubeconfig_path()).unwrap();
-    Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .unwrap()
-}
-
 /// A client with the kubeconfig's (cluster-admin) identity.
 pub async fn admin() -> Client {
-    Client::try_from(config().await).unwrap()
+    Client::try_from(kube_config().await).unwrap()
 }
 
 fn read(relative: &str) -> String {
@@ -89,7 +81,7 @@ pub async fn operator_client(admin: &Client) -> Client {
         .create(&PostParams::default(), &binding)
         .await
         .unwrap();
-    let mut config = config().await;
+    let mut config = kube_config().await;
     config.auth_info.impersonate = Some(user);
     Client::try_from(config).unwrap()
 }

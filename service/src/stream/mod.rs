@@ -39,15 +39,15 @@ pub struct ReplySettings {
 }
 
 impl Replies {
-    /// Routes from the routes file (or the built-in one) and providers from
-    /// the environment, with their metrics on `registry`.
+    /// `routes` (as loaded from their source) and providers from the
+    /// environment, with their metrics on `registry`.
     pub async fn from_config(
         config: &crate::config::ReplyConfig,
+        routes: crate::model_routes::Routes,
         registry: &mut prometheus_client::registry::Registry,
     ) -> Result<Self, crate::error::Error> {
         use crate::providers::{OpenAiProvider, Provider, SimulatedProvider, SimulatedSettings};
 
-        let routes = crate::model_routes::load_routes_file(config.routes_file.as_ref()).await?;
         let simulated = SimulatedProvider::new(SimulatedSettings {
             first_token_latency: Duration::from_millis(config.simulated_first_token_millis),
             tokens_per_second: std::num::NonZeroU32::new(config.simulated_tokens_per_second),
@@ -73,7 +73,7 @@ impl Replies {
             routes,
             providers,
             ReplySettings {
-                grace: Duration::from_secs(config.reply_grace_seconds),
+                grace: Duration::from_secs(config.reattach_grace_seconds),
                 ping: Duration::from_secs(config.sse_ping_seconds.max(1)),
             },
             registry,
