@@ -1,7 +1,9 @@
 //! Streamed replies through the real service binary over loopback HTTP,
-//! against the simulated model.
+//! against the simulated model, with everything a deployment does on: every
+//! reply held and settled in the credits ledger and stored in the embedded
+//! store, each stream a user of its own under the default rate limits.
 //! Run: `cargo bench -p parley-service --bench streams` (optionally
-//! `PARLEY_BENCH_STREAMS=1000,10000`). For each N it prints:
+//! `PARLEY_BENCH_STREAMS=10,1000,10000`). For each N it prints:
 //! - time to first token (TTFT) p50/p99 through the service and calling the
 //!   simulated provider directly at the same concurrency, and the difference;
 //! - completed replies per second with N concurrent streams;
@@ -35,22 +37,10 @@ const SETUP_CONCURRENCY: usize = 64;
 #[tokio::main]
 async fn main() {
     let counts: Vec<usize> = std::env::var("PARLEY_BENCH_STREAMS")
-        .unwrap_or_else(|_| "1000,10000".into())
+        .unwrap_or_else(|_| "10,1000,10000".into())
         .split(',')
         .map(|n| n.trim().parse().unwrap())
         .collect();
-    let token = mint_token(
-        SECRET.as_bytes(),
-        &Principal {
-            sub: "bench".into(),
-            role: Role::User,
-            cohorts: Vec::new(),
-        },
-        Duration::from_secs(3600),
-        None,
-        None,
-    )
-    .unwrap();
     let client = reqwest::Client::builder()
         .tcp_nodelay(true)
         .pool_max_idle_per_host(usize::MAX)
@@ -60,9 +50,9 @@ async fn main() {
         println!("--- {n} concurrent streams");
         let fast = Server::start(0, FAST_REPLY_TOKENS).await;
         let direct = direct_ttft(n, FAST_REPLY_TOKENS).await;
-        let sessions = fast.sessions(&client, &token, n).await;
+        let sessions = fast.sessions(&client, n).await;
         let started = Instant::now();
-        let through = run_streams(fast.base.clone(), &client, &token, sessions, None).await;
+        let through = run_streams(fast.base.clone(), &client, sessions, None).await;
         let elapsed = started.elapsed();
         report_ttft("direct (provider)", &direct);
         report_ttft("through the service", &through);
@@ -79,13 +69,12 @@ async fn main() {
         fast.stop().await;
 
         let slow = Server::start(1, SLOW_REPLY_TOKENS).await;
-        let sessions = slow.sessions(&client, &token, n).await;
+        let sessions = slow.sessions(&client, n).await;
         let idle_rss = slow.rss_bytes();
         let all_open = Arc::new(tokio::sync::Barrier::new(n + 1));
         let streams = run_streams(
             slow.base.clone(),
             &client,
-            &token,
             sessions,
             Some(Arc::clone(&all_open)),
         );
@@ -123,6 +112,7 @@ impl Server {
             .env("PARLEY_LISTEN", format!("127.0.0.1:{port}"))
             .env("PARLEY_DATA_DIR", dir.path())
             .env("PARLEY_JWT_SECRET", SECRET)
+            .env("PARLEY_INITIAL_CREDITS", "1000")
             .env(
                 "PARLEY_SIMULATED_FIRST_TOKEN_MILLIS",
                 FIRST_TOKEN_MILLIS.to_string(),
@@ -157,18 +147,19 @@ impl Server {
         server
     }
 
-    async fn sessions(&self, client: &reqwest::Client, token: &str, n: usize) -> Vec<String> {
+    /// One session for each of `n` users: (token, session id).
+    async fn sessions(&self, client: &reqwest::Client, n: usize) -> Vec<(String, String)> {
         let permits = Arc::new(Semaphore::new(SETUP_CONCURRENCY));
         let tasks: Vec<_> = (0..n)
-            .map(|_| {
+            .map(|user| {
                 let (client, token, permits) =
-                    (client.clone(), token.to_owned(), Arc::clone(&permits));
+                    (client.clone(), user_token(user), Arc::clone(&permits));
                 let url = format!("{}/api/chat/sessions", self.base);
                 tokio::spawn(async move {
                     let _permit = permits.acquire().await.unwrap();
                     let body: serde_json::Value = client
                         .post(url)
-                        .bearer_auth(token)
+                        .bearer_auth(&token)
                         .json(&serde_json::json!({}))
                         .send()
                         .await
@@ -176,7 +167,7 @@ impl Server {
                         .json()
                         .await
                         .unwrap();
-                    body["sessionId"].as_str().unwrap().to_owned()
+                    (token, body["sessionId"].as_str().unwrap().to_owned())
                 })
             })
             .collect();
@@ -212,14 +203,13 @@ impl Server {
 async fn run_streams(
     base: String,
     client: &reqwest::Client,
-    token: &str,
-    sessions: Vec<String>,
+    sessions: Vec<(String, String)>,
     all_open: Option<Arc<tokio::sync::Barrier>>,
 ) -> Vec<f64> {
     let tasks: Vec<_> = sessions
         .into_iter()
-        .map(|session| {
-            let (client, token, all_open) = (client.clone(), token.to_owned(), all_open.clone());
+        .map(|(token, session)| {
+            let (client, all_open) = (client.clone(), all_open.clone());
             let url = format!("{base}/api/chat/sessions/{session}/stream");
             tokio::spawn(async move {
                 let started = Instant::now();
@@ -230,6 +220,10 @@ async fn run_streams(
                     .send()
                     .await
                     .unwrap();
+                let status = response.status();
+                if status != reqwest::StatusCode::OK {
+                    panic!("reply refused: {status} {}", response.text().await.unwrap());
+                }
                 let mut events = response.bytes_stream().eventsource();
                 let mut first_token = None;
                 while let Some(event) = events.next().await {
@@ -256,6 +250,21 @@ async fn run_streams(
         ttft.push(task.await.unwrap());
     }
     ttft
+}
+
+fn user_token(user: usize) -> String {
+    mint_token(
+        SECRET.as_bytes(),
+        &Principal {
+            sub: format!("bench-{user}"),
+            role: Role::User,
+            cohorts: Vec::new(),
+        },
+        Duration::from_secs(3600),
+        None,
+        None,
+    )
+    .unwrap()
 }
 
 /// TTFT of the simulated provider itself, N streams at once.
