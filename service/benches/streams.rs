@@ -34,11 +34,7 @@ const SETUP_CONCURRENCY: usize = 64;
 
 #[tokio::main]
 async fn main() {
-    let counts: Vec<usize> = std::env::var("PARLEY_BENCH_STREAMS")
-        .unwrap_or_else(|_| "1000,10000".into())
-        .split(',')
-        .map(|n| n.trim().parse().unwrap())
-        .collect();
+    let counts = parley_test_support::bench::numbers("PARLEY_BENCH_STREAMS", &[1000, 10000]);
     let token = mint_token(
         SECRET.as_bytes(),
         &Principal {
