@@ -10,6 +10,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parley_service::embedded_db::EmbeddedDb;
 use parley_service::ledger::{
     Credits, EmbeddedLedger, HoldRequest, Ledger, LedgerSettings, MongoLedger, ReplyOutcome,
     Settlement,
@@ -109,7 +110,11 @@ async fn run_tasks(
 async fn main() {
     if bench::store_selected("embedded") {
         let dir = tempfile::tempdir().unwrap();
-        let db = Arc::new(redb::Database::create(dir.path().join("bench.redb")).unwrap());
+        let db = Arc::new(
+            EmbeddedDb::open(&dir.path().join("bench.redb"))
+                .await
+                .unwrap(),
+        );
         run(
             "embedded",
             Arc::new(EmbeddedLedger::new(db, SETTINGS).await.unwrap()),
