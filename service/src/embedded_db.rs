@@ -412,7 +412,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_writes_share_commits_and_are_all_answered() {
+    async fn concurrent_writes_are_answered_and_a_failed_one_rolls_back_alone() {
         let db = EmbeddedDb::new(
             Database::builder()
                 .create_with_backend(InMemoryBackend::new())
@@ -445,6 +445,25 @@ mod tests {
             db.durable.borrow().through,
             db.newest_commit.load(Ordering::SeqCst)
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_operation_fails_alone_and_the_writer_goes_on() {
+        let db = EmbeddedDb::new(
+            Database::builder()
+                .create_with_backend(InMemoryBackend::new())
+                .unwrap(),
+        )
+        .unwrap();
+        let panicking = db.write(|transaction| -> Result<(), redb::Error> {
+            insert(1)(transaction)?;
+            panic!("an operation's bug");
+        });
+        let (panicked, written) = tokio::join!(panicking, db.write(insert(2)));
+        assert!(matches!(panicked, Err(redb::Error::TransactionPoisoned)));
+        written.unwrap();
+        assert_eq!(db.read(get(1)).await.unwrap(), None);
+        assert_eq!(db.read(get(2)).await.unwrap(), Some(2));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
