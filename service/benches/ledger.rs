@@ -1,19 +1,22 @@
-//! Hold + settle throughput of both ledger stores, sequential and with 32
-//! concurrent tasks. Run: `cargo bench -p parley-service --bench ledger`
-//! (MongoDB from the test environment: `source .test-env/env`).
+//! Hold + settle throughput of both ledger stores at several concurrencies:
+//! N tasks each on its own account, then N tasks on one shared account.
+//! Run: `cargo bench -p parley-service --bench ledger` (MongoDB from the test
+//! environment: `source .test-env/env`). Knobs: `PARLEY_BENCH_CONCURRENCY`
+//! (default `1,32,256`), `PARLEY_BENCH_FLOWS` (flows per run, default 4000),
+//! `PARLEY_BENCH_STORES` (default `embedded,mongodb`). A flow is two ledger
+//! writes (hold, settle); each is acknowledged only once durable.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parley_service::embedded_db::EmbeddedDb;
 use parley_service::ledger::{
     Credits, EmbeddedLedger, HoldRequest, Ledger, LedgerSettings, MongoLedger, ReplyOutcome,
     Settlement,
 };
+use parley_test_support::bench;
 
-const FLOWS: usize = 2_000;
-const CONCURRENCY: usize = 32;
-const PER_TASK: usize = FLOWS / CONCURRENCY;
 const SETTINGS: LedgerSettings = LedgerSettings {
     initial_balance: Credits::from_micros(1_000_000_000_000),
 };
@@ -44,81 +47,84 @@ async fn hold_and_settle(ledger: &dyn Ledger, user: &str, request_id: String) {
 }
 
 async fn run(store: &str, ledger: Arc<dyn Ledger>) {
-    let started = Instant::now();
-    for i in 0..FLOWS {
-        hold_and_settle(ledger.as_ref(), "bench-sequential", format!("seq-{i}")).await;
-    }
-    report(store, "sequential", FLOWS, started.elapsed());
-
-    // Each task is its own user, as concurrent requests usually are.
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..CONCURRENCY)
-        .map(|task| {
-            let ledger = Arc::clone(&ledger);
-            tokio::spawn(async move {
-                let user = format!("bench-user-{task}");
-                for i in 0..PER_TASK {
-                    hold_and_settle(ledger.as_ref(), &user, format!("par-{task}-{i}")).await;
-                }
-            })
+    let flows = bench::numbers("PARLEY_BENCH_FLOWS", &[4_000])[0];
+    for concurrency in bench::numbers("PARLEY_BENCH_CONCURRENCY", &[1, 32, 256]) {
+        // Each task is its own user, as concurrent requests usually are.
+        run_tasks(store, &ledger, concurrency, flows, |task| {
+            format!("bench-user-{task}")
         })
-        .collect();
-    for task in tasks {
-        task.await.unwrap();
-    }
-    report(
-        store,
-        "32 tasks, 32 users",
-        PER_TASK * CONCURRENCY,
-        started.elapsed(),
-    );
-
-    // All tasks on one account: every operation contends for one balance.
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..CONCURRENCY)
-        .map(|task| {
-            let ledger = Arc::clone(&ledger);
-            tokio::spawn(async move {
-                for i in 0..PER_TASK {
-                    hold_and_settle(
-                        ledger.as_ref(),
-                        "bench-shared",
-                        format!("shared-{task}-{i}"),
-                    )
-                    .await;
-                }
+        .await;
+        if concurrency > 1 {
+            // All tasks on one account: every operation contends for one balance.
+            run_tasks(store, &ledger, concurrency, flows, |_| {
+                "bench-shared".to_owned()
             })
-        })
-        .collect();
-    for task in tasks {
-        task.await.unwrap();
+            .await;
+        }
     }
-    report(
-        store,
-        "32 tasks, 1 user",
-        PER_TASK * CONCURRENCY,
-        started.elapsed(),
-    );
 }
 
-fn report(store: &str, mode: &str, flows: usize, elapsed: Duration) {
+/// `concurrency` tasks share `flows` flows; `user` names each task's account.
+async fn run_tasks(
+    store: &str,
+    ledger: &Arc<dyn Ledger>,
+    concurrency: usize,
+    flows: usize,
+    user: impl Fn(usize) -> String,
+) {
+    let per_task = (flows / concurrency).max(1);
+    let users: Vec<String> = (0..concurrency).map(&user).collect();
+    let accounts = if users.windows(2).any(|pair| pair[0] != pair[1]) {
+        format!("{concurrency} users")
+    } else {
+        "1 user".to_owned()
+    };
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let started = Instant::now();
+    let tasks: Vec<_> = users
+        .into_iter()
+        .enumerate()
+        .map(|(task, user)| {
+            let ledger = Arc::clone(ledger);
+            let run = run.clone();
+            tokio::spawn(async move {
+                for i in 0..per_task {
+                    hold_and_settle(ledger.as_ref(), &user, format!("{run}-{task}-{i}")).await;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    let done = per_task * concurrency;
     println!(
-        "{store:>8} {mode:<20} {flows} hold+settle in {:>7.3}s = {:>8.0} flows/s",
+        "{store:>8} {concurrency:>4} tasks, {accounts:<10} {done} hold+settle in {:>7.3}s = {:>7.0} flows/s = {:>7.0} writes/s",
         elapsed.as_secs_f64(),
-        flows as f64 / elapsed.as_secs_f64()
+        done as f64 / elapsed.as_secs_f64(),
+        2.0 * done as f64 / elapsed.as_secs_f64(),
     );
 }
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = Arc::new(redb::Database::create(dir.path().join("bench.redb")).unwrap());
-    run(
-        "embedded",
-        Arc::new(EmbeddedLedger::new(db, SETTINGS).await.unwrap()),
-    )
-    .await;
-
+    if bench::store_selected("embedded") {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(
+            EmbeddedDb::open(&dir.path().join("bench.redb"))
+                .await
+                .unwrap(),
+        );
+        run(
+            "embedded",
+            Arc::new(EmbeddedLedger::new(db, SETTINGS).await.unwrap()),
+        )
+        .await;
+    }
+    if !bench::store_selected("mongodb") {
+        return;
+    }
     let client = mongodb::Client::with_uri_str(parley_test_support::env::mongodb_uri())
         .await
         .unwrap();

@@ -36,11 +36,7 @@ const SETUP_CONCURRENCY: usize = 64;
 
 #[tokio::main]
 async fn main() {
-    let counts: Vec<usize> = std::env::var("PARLEY_BENCH_STREAMS")
-        .unwrap_or_else(|_| "10,1000,10000".into())
-        .split(',')
-        .map(|n| n.trim().parse().unwrap())
-        .collect();
+    let counts = parley_test_support::bench::numbers("PARLEY_BENCH_STREAMS", &[10, 1000, 10000]);
     let client = reqwest::Client::builder()
         .tcp_nodelay(true)
         .pool_max_idle_per_host(usize::MAX)

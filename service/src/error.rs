@@ -318,10 +318,9 @@ fn ledger_status(error: &LedgerError) -> StatusCode {
         LedgerError::InvalidRequest(_)
         | LedgerError::InvalidAmount(_)
         | LedgerError::AmountOutOfRange => StatusCode::BAD_REQUEST,
-        LedgerError::Contention { .. }
-        | LedgerError::Mongo(_)
-        | LedgerError::Embedded(_)
-        | LedgerError::Task(_) => StatusCode::SERVICE_UNAVAILABLE,
+        LedgerError::Contention { .. } | LedgerError::Mongo(_) | LedgerError::Embedded(_) => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         LedgerError::Corrupt(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -335,16 +334,14 @@ fn ledger_code(error: &LedgerError) -> &'static str {
         LedgerError::InvalidRequest(_) => "INVALID_LEDGER_REQUEST",
         LedgerError::InvalidAmount(_) | LedgerError::AmountOutOfRange => "INVALID_AMOUNT",
         LedgerError::Contention { .. } => "LEDGER_BUSY",
-        LedgerError::Mongo(_) | LedgerError::Embedded(_) | LedgerError::Task(_) => {
-            "LEDGER_UNAVAILABLE"
-        }
+        LedgerError::Mongo(_) | LedgerError::Embedded(_) => "LEDGER_UNAVAILABLE",
         LedgerError::Corrupt(_) => "INTERNAL",
     }
 }
 
 fn ledger_public_message(error: &LedgerError) -> String {
     match error {
-        LedgerError::Mongo(_) | LedgerError::Embedded(_) | LedgerError::Task(_) => {
+        LedgerError::Mongo(_) | LedgerError::Embedded(_) => {
             "the credits ledger is unavailable; retry later".into()
         }
         LedgerError::Contention { .. } => "the account is busy; retry".into(),

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use parley_service::embedded_db::EmbeddedDb;
 use parley_service::ledger::{
     Credits, EmbeddedLedger, HoldRequest, Ledger, LedgerError, LedgerSettings, MongoLedger, Page,
     ReplyOutcome, Settlement, price,
@@ -50,7 +51,11 @@ struct EmbeddedStore {
 impl EmbeddedStore {
     async fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let db = Arc::new(redb::Database::create(dir.path().join("parley.redb")).unwrap());
+        let db = Arc::new(
+            EmbeddedDb::open(&dir.path().join("parley.redb"))
+                .await
+                .unwrap(),
+        );
         let ledger = EmbeddedLedger::new(db, SETTINGS).await.unwrap();
         EmbeddedStore {
             ledger: Arc::new(ledger),
@@ -811,7 +816,7 @@ async fn embedded_ledger_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("parley.redb");
     {
-        let db = Arc::new(redb::Database::create(&path).unwrap());
+        let db = Arc::new(EmbeddedDb::open(&path).await.unwrap());
         let ledger = EmbeddedLedger::new(db, SETTINGS).await.unwrap();
         ledger
             .grant("quinn", Credits::from_micros(1_000_000))
@@ -822,7 +827,7 @@ async fn embedded_ledger_survives_a_restart() {
             .await
             .unwrap();
     }
-    let db = Arc::new(redb::Database::create(&path).unwrap());
+    let db = Arc::new(EmbeddedDb::open(&path).await.unwrap());
     let ledger = EmbeddedLedger::new(db, SETTINGS).await.unwrap();
     let balance = ledger.balance("quinn").await.unwrap();
     assert_eq!(

@@ -1,17 +1,17 @@
 //! The ledger in an embedded redb database. Each operation is one write
-//! transaction (redb serializes writers), run on the blocking pool.
+//! transaction (redb serializes writers), run through [`EmbeddedDb`] and
+//! answered once durable.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use redb::{
-    ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, TableDefinition,
-    WriteTransaction,
-};
+use redb::{ReadableTable, ReadableTableMetadata, Table, TableDefinition, WriteTransaction};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+
+use crate::embedded_db::EmbeddedDb;
 
 use super::model::{Closing, closing_record, lease_end, new_hold, now_millis, validate_id};
 use super::{
@@ -38,16 +38,13 @@ struct AccountRow {
 /// The credits ledger on redb, sharing the service's database file.
 #[derive(Clone)]
 pub struct EmbeddedLedger {
-    db: Arc<redb::Database>,
+    db: Arc<EmbeddedDb>,
     settings: LedgerSettings,
 }
 
 impl EmbeddedLedger {
     /// Creates the ledger's tables if they are missing.
-    pub async fn new(
-        db: Arc<redb::Database>,
-        settings: LedgerSettings,
-    ) -> Result<Self, LedgerError> {
+    pub async fn new(db: Arc<EmbeddedDb>, settings: LedgerSettings) -> Result<Self, LedgerError> {
         let ledger = EmbeddedLedger { db, settings };
         ledger
             .write(|txn, _| {
@@ -61,22 +58,15 @@ impl EmbeddedLedger {
         Ok(ledger)
     }
 
-    /// Runs `operation` in one write transaction on the blocking pool and
-    /// commits it only when it succeeds.
+    /// Runs `operation` in one write transaction and commits it only when it
+    /// succeeds; answers once the commit is durable.
     async fn write<T, F>(&self, operation: F) -> Result<T, LedgerError>
     where
         T: Send + 'static,
         F: FnOnce(&WriteTransaction, &LedgerSettings) -> Result<T, LedgerError> + Send + 'static,
     {
-        let db = Arc::clone(&self.db);
         let settings = self.settings;
-        tokio::task::spawn_blocking(move || {
-            let txn = db.begin_write().map_err(redb::Error::from)?;
-            let value = operation(&txn, &settings)?;
-            txn.commit().map_err(redb::Error::from)?;
-            Ok(value)
-        })
-        .await?
+        self.db.write(move |txn| operation(txn, &settings)).await
     }
 
     async fn close(&self, request_id: &str, closing: OwnedClosing) -> Result<Closed, LedgerError> {
@@ -244,26 +234,24 @@ impl Ledger for EmbeddedLedger {
 
     async fn balance(&self, user: &str) -> Result<Balance, LedgerError> {
         validate_id(user)?;
-        let db = Arc::clone(&self.db);
         let user = user.to_owned();
         let settings = self.settings;
-        tokio::task::spawn_blocking(move || {
-            let txn = db.begin_read().map_err(redb::Error::from)?;
-            let accounts = txn.open_table(ACCOUNTS).map_err(redb::Error::from)?;
-            let account = account_or_initial(&accounts, &user, &settings)?;
-            Balance::new(account.balance, account.held)
-        })
-        .await?
+        self.db
+            .read(move |txn| {
+                let accounts = txn.open_table(ACCOUNTS).map_err(redb::Error::from)?;
+                let account = account_or_initial(&accounts, &user, &settings)?;
+                Balance::new(account.balance, account.held)
+            })
+            .await
     }
 
     async fn open_holds(&self) -> Result<u64, LedgerError> {
-        let db = Arc::clone(&self.db);
-        tokio::task::spawn_blocking(move || {
-            let txn = db.begin_read().map_err(redb::Error::from)?;
-            let holds = txn.open_table(HOLDS).map_err(redb::Error::from)?;
-            Ok(holds.len().map_err(redb::Error::from)?)
-        })
-        .await?
+        self.db
+            .read(|txn| {
+                let holds = txn.open_table(HOLDS).map_err(redb::Error::from)?;
+                Ok(holds.len().map_err(redb::Error::from)?)
+            })
+            .await
     }
 
     async fn grant(&self, user: &str, amount: Credits) -> Result<Balance, LedgerError> {
@@ -284,30 +272,31 @@ impl Ledger for EmbeddedLedger {
         let (skip, limit) = page.skip_and_limit()?;
         let skip =
             usize::try_from(skip).map_err(|_| LedgerError::InvalidRequest("page out of range"))?;
-        let db = Arc::clone(&self.db);
         let user = user.to_owned();
-        tokio::task::spawn_blocking(move || {
-            let txn = db.begin_read().map_err(redb::Error::from)?;
-            let by_user = txn.open_table(USAGE_BY_USER).map_err(redb::Error::from)?;
-            let usage = txn.open_table(USAGE).map_err(redb::Error::from)?;
-            let mut records = Vec::with_capacity(limit as usize);
-            let entries = by_user
-                .range((user.as_str(), i64::MIN, "")..)
-                .map_err(redb::Error::from)?;
-            for entry in entries.skip(skip) {
-                let (key, _) = entry.map_err(redb::Error::from)?;
-                let (owner, _, request_id) = key.value();
-                if owner != user || records.len() >= limit as usize {
-                    break;
+        self.db
+            .read(move |txn| {
+                let by_user = txn.open_table(USAGE_BY_USER).map_err(redb::Error::from)?;
+                let usage = txn.open_table(USAGE).map_err(redb::Error::from)?;
+                let mut records = Vec::with_capacity(limit as usize);
+                let entries = by_user
+                    .range((user.as_str(), i64::MIN, "")..)
+                    .map_err(redb::Error::from)?;
+                for entry in entries.skip(skip) {
+                    let (key, _) = entry.map_err(redb::Error::from)?;
+                    let (owner, _, request_id) = key.value();
+                    if owner != user || records.len() >= limit as usize {
+                        break;
+                    }
+                    let record = get_json::<UsageRecord>(&usage, request_id)?.ok_or_else(|| {
+                        LedgerError::Corrupt(format!(
+                            "usage index names missing record {request_id}"
+                        ))
+                    })?;
+                    records.push(record);
                 }
-                let record = get_json::<UsageRecord>(&usage, request_id)?.ok_or_else(|| {
-                    LedgerError::Corrupt(format!("usage index names missing record {request_id}"))
-                })?;
-                records.push(record);
-            }
-            Ok(records)
-        })
-        .await?
+                Ok(records)
+            })
+            .await
     }
 
     async fn reap(&self, now: DateTime<Utc>) -> Result<ReapReport, LedgerError> {

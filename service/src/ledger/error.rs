@@ -30,6 +30,4 @@ pub enum LedgerError {
     Mongo(#[from] mongodb::error::Error),
     #[error("embedded ledger store: {0}")]
     Embedded(#[from] redb::Error),
-    #[error("embedded ledger task failed: {0}")]
-    Task(#[from] tokio::task::JoinError),
 }

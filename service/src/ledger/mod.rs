@@ -25,7 +25,8 @@
 //! # Stores
 //!
 //! [`EmbeddedLedger`] (redb) runs each operation in one serializable write
-//! transaction, so it is atomic and crash-safe by construction.
+//! transaction, answered once durable (group commit, see
+//! [`crate::embedded_db`]), so it is atomic and crash-safe by construction.
 //!
 //! [`MongoLedger`] uses no multi-document transactions (real MongoDB needs a
 //! replica set for them). Each user's account is one document holding the

@@ -4,7 +4,8 @@
 //! copy-on-write B-trees that survive a crash or kill mid-write, a single
 //! file, and actively maintained. Its write transactions are serialized, which
 //! makes a message append a plain read-check-write inside one transaction.
-//! redb is synchronous, so every operation runs on the blocking pool.
+//! Operations run through [`EmbeddedDb`]: reads on the blocking pool, writes
+//! on its writer thread, each in one transaction, answered once durable.
 //!
 //! Layout:
 //! - `chat_sessions`: id -> session record (JSON, without messages)
@@ -19,13 +20,14 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::{
     Message, MessageRole, NewSession, ObjectId, PageRequest, Session, SessionPage, SessionStore,
     SessionSummary, TokenTotals, now,
 };
+use crate::embedded_db::EmbeddedDb;
 use crate::error::Error;
 
 type Id = [u8; 12];
@@ -63,94 +65,77 @@ struct MessageRecord<'a> {
 
 #[derive(Clone)]
 pub struct EmbeddedStore {
-    database: Arc<Database>,
+    database: Arc<EmbeddedDb>,
 }
 
 impl EmbeddedStore {
     /// Opens (or creates) `path`, creating the tables.
     pub async fn open(path: &Path) -> Result<Self, Error> {
-        let path = path.to_owned();
-        tokio::task::spawn_blocking(move || {
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(|error| Error::io(format!("creating {}", parent.display()), error))?;
-            }
-            let database = Database::create(&path).map_err(|error| {
-                Error::Store(format!(
-                    "opening embedded store {}: {error}",
-                    path.display()
-                ))
-            })?;
-            let transaction = database.begin_write().map_err(storage_error)?;
-            transaction.open_table(SESSIONS).map_err(storage_error)?;
-            transaction.open_table(MESSAGES).map_err(storage_error)?;
-            transaction.open_table(BY_USER).map_err(storage_error)?;
-            transaction.open_table(USER_COUNTS).map_err(storage_error)?;
-            transaction.commit().map_err(storage_error)?;
-            Ok(Self {
-                database: Arc::new(database),
+        let database = EmbeddedDb::open(path).await?;
+        database
+            .write(|transaction| {
+                transaction.open_table(SESSIONS).map_err(storage_error)?;
+                transaction.open_table(MESSAGES).map_err(storage_error)?;
+                transaction.open_table(BY_USER).map_err(storage_error)?;
+                transaction.open_table(USER_COUNTS).map_err(storage_error)?;
+                Ok::<_, Error>(())
             })
+            .await?;
+        Ok(Self {
+            database: Arc::new(database),
         })
-        .await
-        .map_err(|error| Error::Store(format!("embedded store task failed: {error}")))?
     }
 
     /// The database file, shared with other embedded stores (redb allows one
     /// open handle per file).
-    pub fn database(&self) -> &Arc<Database> {
+    pub fn database(&self) -> &Arc<EmbeddedDb> {
         &self.database
-    }
-
-    async fn run<T, F>(&self, operation: F) -> Result<T, Error>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Database) -> Result<T, Error> + Send + 'static,
-    {
-        let database = Arc::clone(&self.database);
-        tokio::task::spawn_blocking(move || operation(&database))
-            .await
-            .map_err(|error| Error::Store(format!("embedded store task failed: {error}")))?
     }
 }
 
 #[async_trait]
 impl SessionStore for EmbeddedStore {
     async fn ping(&self) -> Result<(), Error> {
-        self.run(|database| {
-            let transaction = database.begin_read().map_err(storage_error)?;
-            transaction.open_table(SESSIONS).map_err(storage_error)?;
-            Ok(())
-        })
-        .await
+        self.database
+            .read(|transaction| {
+                transaction.open_table(SESSIONS).map_err(storage_error)?;
+                Ok(())
+            })
+            .await
     }
 
     async fn create(&self, new: NewSession) -> Result<Session, Error> {
-        self.run(move |database| {
-            let session = Session::from(new);
-            let summary = &session.summary;
-            let id = summary.id.bytes();
-            let record = SessionRecord {
-                user_id: summary.user_id.clone(),
-                user_cohorts: summary.user_cohorts.clone(),
-                title: summary.title.clone(),
-                route: summary.route.clone(),
-                created_at_ms: summary.created_at.timestamp_millis(),
-                updated_at_ms: summary.updated_at.timestamp_millis(),
-                input_tokens: 0,
-                output_tokens: 0,
-                message_count: sequence(session.messages.len())?,
-            };
-            let transaction = database.begin_write().map_err(storage_error)?;
-            {
+        // Encoded before the write: the writer thread runs writes one at a time.
+        let session = Session::from(new);
+        let summary = &session.summary;
+        let id = summary.id.bytes();
+        let record = SessionRecord {
+            user_id: summary.user_id.clone(),
+            user_cohorts: summary.user_cohorts.clone(),
+            title: summary.title.clone(),
+            route: summary.route.clone(),
+            created_at_ms: summary.created_at.timestamp_millis(),
+            updated_at_ms: summary.updated_at.timestamp_millis(),
+            input_tokens: 0,
+            output_tokens: 0,
+            message_count: sequence(session.messages.len())?,
+        };
+        let encoded_record = encode(&record)?;
+        let encoded_messages = session
+            .messages
+            .iter()
+            .map(|message| encode(&message_record(message)))
+            .collect::<Result<Vec<_>, Error>>()?;
+        self.database
+            .write(move |transaction| {
                 let mut sessions = transaction.open_table(SESSIONS).map_err(storage_error)?;
                 sessions
-                    .insert(id, encode(&record)?.as_slice())
+                    .insert(id, encoded_record.as_slice())
                     .map_err(storage_error)?;
                 let mut messages = transaction.open_table(MESSAGES).map_err(storage_error)?;
-                for (index, message) in session.messages.iter().enumerate() {
-                    let key = (id, sequence(index)?);
+                for (index, message) in encoded_messages.iter().enumerate() {
                     messages
-                        .insert(key, encode(&message_record(message))?.as_slice())
+                        .insert((id, sequence(index)?), message.as_slice())
                         .map_err(storage_error)?;
                 }
                 let mut by_user = transaction.open_table(BY_USER).map_err(storage_error)?;
@@ -172,85 +157,88 @@ impl SessionStore for EmbeddedStore {
                 counts
                     .insert(record.user_id.as_str(), count + 1)
                     .map_err(storage_error)?;
-            }
-            transaction.commit().map_err(storage_error)?;
-            Ok(session)
-        })
-        .await
+                Ok::<_, Error>(())
+            })
+            .await?;
+        Ok(session)
     }
 
     async fn get(&self, id: ObjectId) -> Result<Session, Error> {
-        self.run(move |database| {
-            let transaction = database.begin_read().map_err(storage_error)?;
-            let sessions = transaction.open_table(SESSIONS).map_err(storage_error)?;
-            let record = sessions
-                .get(id.bytes())
-                .map_err(storage_error)?
-                .ok_or(Error::SessionNotFound)?;
-            let record: SessionRecord = decode(record.value())?;
-            let messages_table = transaction.open_table(MESSAGES).map_err(storage_error)?;
-            let messages = messages_table
-                .range((id.bytes(), 0)..=(id.bytes(), u32::MAX))
-                .map_err(storage_error)?
-                .map(|entry| {
-                    let (_, value) = entry.map_err(storage_error)?;
-                    let record: MessageRecord<'_> = decode(value.value())?;
-                    Ok(Message {
-                        id: record.id,
-                        role: record.role,
-                        content: record.content.into_owned(),
-                        timestamp: from_millis(record.timestamp_ms)?,
-                        incomplete: record.incomplete,
+        self.database
+            .read(move |transaction| {
+                let sessions = transaction.open_table(SESSIONS).map_err(storage_error)?;
+                let record = sessions
+                    .get(id.bytes())
+                    .map_err(storage_error)?
+                    .ok_or(Error::SessionNotFound)?;
+                let record: SessionRecord = decode(record.value())?;
+                let messages_table = transaction.open_table(MESSAGES).map_err(storage_error)?;
+                let messages = messages_table
+                    .range((id.bytes(), 0)..=(id.bytes(), u32::MAX))
+                    .map_err(storage_error)?
+                    .map(|entry| {
+                        let (_, value) = entry.map_err(storage_error)?;
+                        let record: MessageRecord<'_> = decode(value.value())?;
+                        Ok(Message {
+                            id: record.id,
+                            role: record.role,
+                            content: record.content.into_owned(),
+                            timestamp: from_millis(record.timestamp_ms)?,
+                            incomplete: record.incomplete,
+                        })
                     })
+                    .collect::<Result<Vec<_>, Error>>()?;
+                Ok(Session {
+                    summary: summary(id, record)?,
+                    messages,
                 })
-                .collect::<Result<Vec<_>, Error>>()?;
-            Ok(Session {
-                summary: summary(id, record)?,
-                messages,
             })
-        })
-        .await
+            .await
     }
 
     async fn list(&self, user_id: &str, page: PageRequest) -> Result<SessionPage, Error> {
         let user_id = user_id.to_owned();
-        self.run(move |database| {
-            let transaction = database.begin_read().map_err(storage_error)?;
-            let total = transaction
-                .open_table(USER_COUNTS)
-                .map_err(storage_error)?
-                .get(user_id.as_str())
-                .map_err(storage_error)?
-                .map_or(0, |count| count.value());
-            let by_user = transaction.open_table(BY_USER).map_err(storage_error)?;
-            let sessions_table = transaction.open_table(SESSIONS).map_err(storage_error)?;
-            let offset = usize::try_from(page.offset()).unwrap_or(usize::MAX);
-            let sessions = by_user
-                .range((user_id.as_str(), 0, [0; 12])..=(user_id.as_str(), u64::MAX, [u8::MAX; 12]))
-                .map_err(storage_error)?
-                .rev()
-                .skip(offset)
-                .take(page.limit as usize)
-                .map(|entry| {
-                    let (key, _) = entry.map_err(storage_error)?;
-                    let id = ObjectId::from_bytes(key.value().2);
-                    let record = sessions_table
-                        .get(id.bytes())
-                        .map_err(storage_error)?
-                        .ok_or_else(|| Error::Store(format!("index names missing session {id}")))?;
-                    summary(id, decode(record.value())?)
-                })
-                .collect::<Result<Vec<_>, Error>>()?;
-            Ok(SessionPage { sessions, total })
-        })
-        .await
+        self.database
+            .read(move |transaction| {
+                let total = transaction
+                    .open_table(USER_COUNTS)
+                    .map_err(storage_error)?
+                    .get(user_id.as_str())
+                    .map_err(storage_error)?
+                    .map_or(0, |count| count.value());
+                let by_user = transaction.open_table(BY_USER).map_err(storage_error)?;
+                let sessions_table = transaction.open_table(SESSIONS).map_err(storage_error)?;
+                let offset = usize::try_from(page.offset()).unwrap_or(usize::MAX);
+                let sessions = by_user
+                    .range(
+                        (user_id.as_str(), 0, [0; 12])
+                            ..=(user_id.as_str(), u64::MAX, [u8::MAX; 12]),
+                    )
+                    .map_err(storage_error)?
+                    .rev()
+                    .skip(offset)
+                    .take(page.limit as usize)
+                    .map(|entry| {
+                        let (key, _) = entry.map_err(storage_error)?;
+                        let id = ObjectId::from_bytes(key.value().2);
+                        let record = sessions_table
+                            .get(id.bytes())
+                            .map_err(storage_error)?
+                            .ok_or_else(|| {
+                                Error::Store(format!("index names missing session {id}"))
+                            })?;
+                        summary(id, decode(record.value())?)
+                    })
+                    .collect::<Result<Vec<_>, Error>>()?;
+                Ok(SessionPage { sessions, total })
+            })
+            .await
     }
 
     async fn delete(&self, id: ObjectId, user_id: &str) -> Result<(), Error> {
         let user_id = user_id.to_owned();
-        self.run(move |database| {
-            let transaction = database.begin_write().map_err(storage_error)?;
-            {
+        self.database
+            .write(move |transaction| {
                 let mut sessions = transaction.open_table(SESSIONS).map_err(storage_error)?;
                 let record = owned_record(&sessions, id, &user_id)?;
                 sessions.remove(id.bytes()).map_err(storage_error)?;
@@ -278,10 +266,9 @@ impl SessionStore for EmbeddedStore {
                         .insert(user_id.as_str(), count - 1)
                         .map_err(storage_error)?;
                 }
-            }
-            transaction.commit().map_err(storage_error)
-        })
-        .await
+                Ok(())
+            })
+            .await
     }
 
     async fn append_messages(
@@ -296,9 +283,8 @@ impl SessionStore for EmbeddedStore {
             .iter()
             .map(|message| encode(&message_record(message)))
             .collect::<Result<Vec<_>, Error>>()?;
-        self.run(move |database| {
-            let transaction = database.begin_write().map_err(storage_error)?;
-            {
+        self.database
+            .write(move |transaction| {
                 let mut sessions = transaction.open_table(SESSIONS).map_err(storage_error)?;
                 let mut record = owned_record(&sessions, id, &user_id)?;
                 let mut messages_table = transaction.open_table(MESSAGES).map_err(storage_error)?;
@@ -335,10 +321,9 @@ impl SessionStore for EmbeddedStore {
                 sessions
                     .insert(id.bytes(), encode(&record)?.as_slice())
                     .map_err(storage_error)?;
-            }
-            transaction.commit().map_err(storage_error)
-        })
-        .await
+                Ok(())
+            })
+            .await
     }
 }
 
@@ -408,6 +393,12 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, Error> {
 fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, Error> {
     serde_json::from_slice(bytes)
         .map_err(|error| Error::Store(format!("decoding a record: {error}")))
+}
+
+impl From<redb::Error> for Error {
+    fn from(error: redb::Error) -> Self {
+        storage_error(error)
+    }
 }
 
 /// I/O failures are outages (503, retryable); anything else is an internal error.

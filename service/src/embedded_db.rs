@@ -1,0 +1,489 @@
+//! The embedded redb database, shared by the session store and the ledger,
+//! with group commit.
+//!
+//! redb serializes write transactions, and a durable commit holds the write
+//! lock through its fsync, so one durable commit per operation caps writes at
+//! one per fsync. Here each write operation still runs in a write transaction
+//! of its own (the same atomicity and isolation as before), but one writer
+//! thread runs the queued operations in turn and commits them with
+//! `Durability::None`, which publishes a commit in memory without writing it;
+//! the last operation of a batch commits with `Durability::Immediate`. That
+//! commit writes the newest root and flushes every buffered page before its
+//! fsync, so it makes all the batch's earlier commits durable too (redb
+//! documents `None` as "not persisted to disk unless followed by a commit with
+//! `Durability::Immediate`"). Only then is any operation of the batch
+//! answered. Operations arriving meanwhile form the next batch, so one fsync
+//! serves every operation that was waiting. The cost: between durable commits
+//! the batch's pages stay in redb's write buffer, and pages its commits free
+//! are reused only after the durable commit.
+//!
+//! Readers see non-durable commits, so a read waits, before it answers, for a
+//! durable commit covering every commit it could have seen: nothing answered,
+//! read or written, can be lost by a crash.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+
+use redb::{Database, Durability, ReadTransaction, ReadableDatabase, WriteTransaction};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::error::Error;
+
+/// Caps the operations sharing one durable commit, so that when they arrive
+/// faster than the writer runs them each still waits a bounded time.
+const MAX_BATCH: usize = 512;
+
+/// The database with its writer thread. Operations run on the blocking pool
+/// (reads) or the writer thread (writes), never on async workers.
+pub struct EmbeddedDb {
+    database: Arc<Database>,
+    operations: mpsc::UnboundedSender<Operation>,
+    /// The number of the newest commit begun; numbered before it becomes
+    /// visible, so a read transaction holds no commit above it.
+    newest_commit: Arc<AtomicU64>,
+    durable: watch::Receiver<Durable>,
+}
+
+impl EmbeddedDb {
+    /// Opens (or creates) the database file `path` and starts its writer.
+    pub async fn open(path: &Path) -> Result<Self, Error> {
+        let path = path.to_owned();
+        let database = tokio::task::spawn_blocking(move || {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|error| Error::io(format!("creating {}", parent.display()), error))?;
+            }
+            Database::create(&path).map_err(|error| {
+                Error::Store(format!(
+                    "opening embedded database {}: {error}",
+                    path.display()
+                ))
+            })
+        })
+        .await
+        .map_err(|error| {
+            Error::Store(format!("opening the embedded database failed: {error}"))
+        })??;
+        Self::new(database)
+    }
+
+    /// Starts the writer of `database`.
+    pub fn new(database: Database) -> Result<Self, Error> {
+        let database = Arc::new(database);
+        let (operations, queue) = mpsc::unbounded_channel();
+        let newest_commit = Arc::new(AtomicU64::new(0));
+        let (publish, durable) = watch::channel(Durable::default());
+        let writer = Writer {
+            // Weak, so that the file closes as soon as the last handle is
+            // dropped and can be opened again at once.
+            database: Arc::downgrade(&database),
+            newest_commit: Arc::clone(&newest_commit),
+            publish,
+        };
+        std::thread::Builder::new()
+            .name("redb-writer".into())
+            .spawn(move || writer.run(queue))
+            .map_err(|error| Error::io("starting the embedded database writer", error))?;
+        Ok(Self {
+            database,
+            operations,
+            newest_commit,
+            durable,
+        })
+    }
+
+    /// Runs `operation` in a write transaction of its own and commits it when
+    /// it succeeds; answers once the commit is durable. A failed operation's
+    /// transaction is rolled back.
+    pub async fn write<T, E, F>(&self, operation: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<redb::Error> + Send + 'static,
+        F: FnOnce(&WriteTransaction) -> Result<T, E> + Send + 'static,
+    {
+        let (answer, answered) = oneshot::channel();
+        let operation: Operation = Box::new(move |transaction| {
+            let result = transaction.map_err(E::from).and_then(operation);
+            Ran {
+                commit: result.is_ok(),
+                answer: Box::new(move |commit| {
+                    // A caller that stopped waiting leaves the effects in place,
+                    // as a finished transaction would.
+                    let _ = answer.send(commit.map_err(E::from).and(result));
+                }),
+            }
+        });
+        self.operations
+            .send(operation)
+            .map_err(|_| E::from(redb::Error::DatabaseClosed))?;
+        answered.await.map_err(|_| E::from(panicked()))?
+    }
+
+    /// Runs `operation` in a read transaction on the blocking pool; answers
+    /// once everything it could have seen is durable.
+    pub async fn read<T, E, F>(&self, operation: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<redb::Error> + Send + 'static,
+        F: FnOnce(&ReadTransaction) -> Result<T, E> + Send + 'static,
+    {
+        let database = Arc::clone(&self.database);
+        let newest_commit = Arc::clone(&self.newest_commit);
+        let (result, seen) = tokio::task::spawn_blocking(move || {
+            let transaction = database.begin_read().map_err(redb::Error::from)?;
+            // Loaded after the snapshot was taken: every commit in it was
+            // numbered before it became visible.
+            let seen = newest_commit.load(Ordering::SeqCst);
+            Ok::<_, E>((operation(&transaction), seen))
+        })
+        .await
+        .map_err(|_| E::from(panicked()))??;
+        self.durable_through(seen).await?;
+        result
+    }
+
+    /// Waits until commit `commit` and all before it are durable.
+    async fn durable_through(&self, commit: u64) -> Result<(), redb::Error> {
+        let mut durable = self.durable.clone();
+        let state = *durable
+            .wait_for(|state| state.through >= commit || state.failed_through >= commit)
+            .await
+            .map_err(|_| redb::Error::DatabaseClosed)?;
+        if state.through >= commit {
+            Ok(())
+        } else {
+            // The durable commit that would have covered it failed; redb
+            // refuses writes until the database is reopened.
+            Err(redb::Error::PreviousIo)
+        }
+    }
+}
+
+/// What a caller sees when its operation panicked; redb's own word for a
+/// transaction abandoned by a panic.
+fn panicked() -> redb::Error {
+    redb::Error::TransactionPoisoned
+}
+
+/// A queued write operation: runs in the transaction it is given (or learns
+/// why there is none) and says what to do next.
+type Operation = Box<dyn FnOnce(Result<&WriteTransaction, redb::Error>) -> Ran + Send>;
+
+/// An operation that ran: whether its transaction is to commit, and how to
+/// answer its caller with the fate of that commit.
+struct Ran {
+    commit: bool,
+    answer: Box<dyn FnOnce(Result<(), redb::Error>) + Send>,
+}
+
+/// How far commits are known durable, or known failed.
+#[derive(Debug, Default, Clone, Copy)]
+struct Durable {
+    through: u64,
+    failed_through: u64,
+}
+
+/// The fate of one operation's commit, settled when its batch ends.
+enum Fate {
+    /// Known now: it did not commit, or its commit failed, or it was the
+    /// durable commit itself.
+    Settled(Result<(), redb::Error>),
+    /// Committed without fsync: as durable as the batch's durable commit.
+    Batch,
+}
+
+struct Writer {
+    database: Weak<Database>,
+    newest_commit: Arc<AtomicU64>,
+    publish: watch::Sender<Durable>,
+}
+
+impl Writer {
+    /// Runs batches until every handle is gone.
+    fn run(self, mut queue: mpsc::UnboundedReceiver<Operation>) {
+        let mut numbered = 0;
+        while let Some(first) = queue.blocking_recv() {
+            // Without a handle nobody waits for the answers.
+            let Some(database) = self.database.upgrade() else {
+                continue;
+            };
+            let mut answers = Vec::new();
+            let mut unflushed = false;
+            let mut taken = 1;
+            let mut next = Some(first);
+            while let Some(operation) = next {
+                next = if taken < MAX_BATCH {
+                    queue.try_recv().ok()
+                } else {
+                    None
+                };
+                taken += 1;
+                let durable = next.is_none();
+                let Some((ran, fate)) = self.run_one(&database, operation, durable, &mut numbered)
+                else {
+                    continue;
+                };
+                match fate {
+                    Fate::Batch => unflushed = true,
+                    Fate::Settled(Ok(())) if ran.commit => unflushed = false,
+                    Fate::Settled(_) => {}
+                }
+                answers.push((ran, fate));
+            }
+            // The last operation did not commit durably (it failed, or its
+            // commit did): an empty durable commit covers the others.
+            let batch = if unflushed {
+                self.flush(&database, &mut numbered)
+            } else {
+                Ok(())
+            };
+            // Before answering: a caller that closes the database next must
+            // find the file closed.
+            drop(database);
+            for (ran, fate) in answers {
+                let commit = match fate {
+                    Fate::Settled(result) => result,
+                    Fate::Batch => match &batch {
+                        Ok(()) => Ok(()),
+                        Err(error) => Err(same_failure(error)),
+                    },
+                };
+                (ran.answer)(commit);
+            }
+        }
+    }
+
+    /// Runs one operation in its own transaction and commits it when it
+    /// succeeds, durably when `durable`. `None` when it panicked.
+    fn run_one(
+        &self,
+        database: &Database,
+        operation: Operation,
+        durable: bool,
+        numbered: &mut u64,
+    ) -> Option<(Ran, Fate)> {
+        let transaction =
+            database
+                .begin_write()
+                .map_err(redb::Error::from)
+                .and_then(|mut transaction| {
+                    if !durable {
+                        transaction.set_durability(Durability::None)?;
+                    }
+                    Ok(transaction)
+                });
+        let transaction = match transaction {
+            Ok(transaction) => transaction,
+            Err(error) => {
+                let ran = catch_unwind(AssertUnwindSafe(|| operation(Err(error)))).ok()?;
+                return Some((ran, Fate::Settled(Ok(()))));
+            }
+        };
+        // A panicking operation drops its answer, and its transaction rolls
+        // back as it is dropped.
+        let ran = catch_unwind(AssertUnwindSafe(|| operation(Ok(&transaction)))).ok()?;
+        if !ran.commit {
+            return Some((ran, Fate::Settled(Ok(()))));
+        }
+        let fate = match self.commit(transaction, durable, numbered) {
+            Ok(()) if !durable => Fate::Batch,
+            result => Fate::Settled(result),
+        };
+        Some((ran, fate))
+    }
+
+    /// An empty durable commit, making every commit before it durable.
+    fn flush(&self, database: &Database, numbered: &mut u64) -> Result<(), redb::Error> {
+        match database.begin_write() {
+            Ok(transaction) => self.commit(transaction, true, numbered),
+            Err(error) => {
+                self.failed(*numbered);
+                Err(error.into())
+            }
+        }
+    }
+
+    /// Commits `transaction` under the next number and publishes how far
+    /// commits are durable.
+    fn commit(
+        &self,
+        transaction: WriteTransaction,
+        durable: bool,
+        numbered: &mut u64,
+    ) -> Result<(), redb::Error> {
+        *numbered += 1;
+        let number = *numbered;
+        self.newest_commit.store(number, Ordering::SeqCst);
+        match transaction.commit() {
+            Ok(()) => {
+                if durable {
+                    self.publish.send_modify(|state| state.through = number);
+                }
+                Ok(())
+            }
+            Err(error) => {
+                self.failed(number);
+                Err(error.into())
+            }
+        }
+    }
+
+    /// Commits up to `number` may never become durable: readers that could
+    /// have seen them fail rather than wait.
+    fn failed(&self, number: u64) {
+        self.publish
+            .send_modify(|state| state.failed_through = state.failed_through.max(number));
+    }
+}
+
+/// The batch's durable-commit failure, for each operation it leaves
+/// undecided (redb errors cannot be cloned).
+fn same_failure(error: &redb::Error) -> redb::Error {
+    let kind = match error {
+        redb::Error::Io(error) => error.kind(),
+        _ => std::io::ErrorKind::Other,
+    };
+    redb::Error::Io(std::io::Error::new(
+        kind,
+        format!("durable commit failed: {error}"),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::sync::atomic::AtomicBool;
+
+    use futures::future::join_all;
+    use redb::backends::InMemoryBackend;
+    use redb::{StorageBackend, TableDefinition};
+
+    use super::*;
+
+    const NUMBERS: TableDefinition<u64, u64> = TableDefinition::new("numbers");
+
+    /// A disk whose fsync fails once `failing` is set.
+    #[derive(Debug)]
+    struct FailingDisk {
+        memory: InMemoryBackend,
+        failing: Arc<AtomicBool>,
+    }
+
+    impl StorageBackend for FailingDisk {
+        fn len(&self) -> Result<u64, io::Error> {
+            self.memory.len()
+        }
+
+        fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), io::Error> {
+            self.memory.read(offset, out)
+        }
+
+        fn set_len(&self, len: u64) -> Result<(), io::Error> {
+            self.memory.set_len(len)
+        }
+
+        fn sync_data(&self) -> Result<(), io::Error> {
+            if self.failing.load(Ordering::SeqCst) {
+                Err(io::Error::other("the disk failed"))
+            } else {
+                self.memory.sync_data()
+            }
+        }
+
+        fn write(&self, offset: u64, data: &[u8]) -> Result<(), io::Error> {
+            self.memory.write(offset, data)
+        }
+    }
+
+    fn insert(number: u64) -> impl FnOnce(&WriteTransaction) -> Result<(), redb::Error> {
+        move |transaction| {
+            transaction.open_table(NUMBERS)?.insert(number, number)?;
+            Ok(())
+        }
+    }
+
+    fn get(number: u64) -> impl FnOnce(&ReadTransaction) -> Result<Option<u64>, redb::Error> {
+        move |transaction| {
+            let table = transaction.open_table(NUMBERS)?;
+            Ok(table.get(number)?.map(|value| value.value()))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writes_are_answered_and_a_failed_one_rolls_back_alone() {
+        let db = EmbeddedDb::new(
+            Database::builder()
+                .create_with_backend(InMemoryBackend::new())
+                .unwrap(),
+        )
+        .unwrap();
+        let results = join_all((0..500).map(|number| db.write(insert(number)))).await;
+        assert!(results.iter().all(Result::is_ok));
+        // A failed operation rolls back alone; the others of its batch commit.
+        let results = join_all((500..600).map(|number| {
+            db.write(move |transaction| {
+                insert(number)(transaction)?;
+                if number % 2 == 0 {
+                    Ok(())
+                } else {
+                    Err(redb::Error::InvalidSavepoint)
+                }
+            })
+        }))
+        .await;
+        for (number, result) in (500..600).zip(results) {
+            assert_eq!(result.is_ok(), number % 2 == 0);
+        }
+        for number in 0..600 {
+            let expected = (number < 500 || number % 2 == 0).then_some(number);
+            assert_eq!(db.read(get(number)).await.unwrap(), expected);
+        }
+        // Once the writer is idle, every commit is durable.
+        assert_eq!(
+            db.durable.borrow().through,
+            db.newest_commit.load(Ordering::SeqCst)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_operation_fails_alone_and_the_writer_goes_on() {
+        let db = EmbeddedDb::new(
+            Database::builder()
+                .create_with_backend(InMemoryBackend::new())
+                .unwrap(),
+        )
+        .unwrap();
+        let panicking = db.write(|transaction| -> Result<(), redb::Error> {
+            insert(1)(transaction)?;
+            panic!("an operation's bug");
+        });
+        let (panicked, written) = tokio::join!(panicking, db.write(insert(2)));
+        assert!(matches!(panicked, Err(redb::Error::TransactionPoisoned)));
+        written.unwrap();
+        assert_eq!(db.read(get(1)).await.unwrap(), None);
+        assert_eq!(db.read(get(2)).await.unwrap(), Some(2));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_fsync_fails_its_whole_batch_and_the_reads_that_could_see_it() {
+        let failing = Arc::new(AtomicBool::new(false));
+        let disk = FailingDisk {
+            memory: InMemoryBackend::new(),
+            failing: Arc::clone(&failing),
+        };
+        let db = EmbeddedDb::new(Database::builder().create_with_backend(disk).unwrap()).unwrap();
+        db.write(insert(0)).await.unwrap();
+        failing.store(true, Ordering::SeqCst);
+        let results = join_all((1..=100).map(|number| db.write(insert(number)))).await;
+        for result in results {
+            assert!(
+                result.is_err(),
+                "a write was acknowledged though its fsync failed"
+            );
+        }
+        // A read could see the failed commits, so it fails rather than answer.
+        assert!(db.read(get(0)).await.is_err());
+    }
+}

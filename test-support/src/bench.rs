@@ -1,0 +1,30 @@
+//! Knobs of the benchmark programs, read from the environment.
+
+/// The comma-separated numbers in `var` (e.g. `PARLEY_BENCH_CONCURRENCY=1,32,256`),
+/// or `default` when it is unset.
+///
+/// # Panics
+/// When an entry is not a number: a benchmark must not silently run
+/// something other than what was asked.
+pub fn numbers(var: &str, default: &[usize]) -> Vec<usize> {
+    match std::env::var(var) {
+        Ok(list) => list
+            .split(',')
+            .map(|entry| {
+                entry
+                    .trim()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("{var}: {entry:?} is not a number"))
+            })
+            .collect(),
+        Err(_) => default.to_vec(),
+    }
+}
+
+/// Whether the store `name` is selected by `PARLEY_BENCH_STORES` (a
+/// comma-separated list, e.g. `embedded`); every store is when it is unset.
+pub fn store_selected(name: &str) -> bool {
+    std::env::var("PARLEY_BENCH_STORES").map_or(true, |stores| {
+        stores.split(',').any(|store| store.trim() == name)
+    })
+}
