@@ -61,6 +61,7 @@ fn settlement(request_id: &str) -> Settlement {
         output_tokens: 20,
         cost: Credits::from_micros(3_000),
         outcome: ReplyOutcome::Completed,
+        estimated: false,
     }
 }
 
