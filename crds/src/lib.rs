@@ -19,7 +19,7 @@ pub use chat_deployment::{
 pub use credits::{Credits, CreditsParseError, MICROS_PER_CREDIT};
 pub use model_route::{
     FallbackCondition, ModelRoute, ModelRouteSpec, ModelRouteStatus, Pricing, Provider, Role,
-    RouteTarget,
+    RouteLimits, RouteTarget,
 };
 pub use routes_file::{
     ALIAS_MAX_LEN, IMPLICIT_DEFAULT_ROUTE, MAX_OUTPUT_TOKENS_LIMIT, ProblemKind,

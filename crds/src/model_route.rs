@@ -72,6 +72,28 @@ pub struct ModelRouteSpec {
     /// Targets, tried in order.
     #[schemars(length(min = 1, max = 16))]
     pub targets: Vec<RouteTarget>,
+    /// Per-user limits on this route, on top of the deployment's per-user
+    /// limits; omitted means only the deployment's limits apply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<RouteLimits>,
+}
+
+/// What each user may do on one route. Every field defaults to 0, which
+/// means unlimited; a route's limits only narrow what the deployment allows.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteLimits {
+    /// Replies a user may start on this route per minute; 0: unlimited.
+    #[serde(default)]
+    pub requests_per_minute: u32,
+    /// Tokens (input and output) a user's replies on this route may use per
+    /// minute; once spent, new replies on the route are refused until the
+    /// minute ends. 0: unlimited.
+    #[serde(default)]
+    pub tokens_per_minute: u32,
+    /// Replies a user may have generating on this route at once; 0: unlimited.
+    #[serde(default)]
+    pub concurrent_streams: u32,
 }
 
 /// One model behind a route.

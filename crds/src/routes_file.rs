@@ -294,6 +294,7 @@ impl std::error::Error for RouteProblems {}
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::RouteLimits;
 
     const CONTRACT_EXAMPLE: &str = r#"
 routes:
@@ -333,6 +334,34 @@ routes:
         assert_eq!(route.fallback_on.len(), 3);
         assert!(!route.downgrade_when_unaffordable);
         assert_eq!(route.targets[0].timeout_seconds, 60);
+        assert_eq!(route.limits, None);
+        // Written back without limits: files without them stay as they were.
+        assert!(!file.to_yaml().unwrap().contains("limits"));
+    }
+
+    #[test]
+    fn route_limits_default_each_field_to_unlimited() {
+        let file = RoutesFile::from_yaml(
+            "routes:\n- alias: fast\n  limits: {concurrentStreams: 2}\n  targets:\n  \
+             - {provider: simulated, model: sim, pricing: {inputPer1k: 0.5, outputPer1k: 1}, \
+             maxOutputTokens: 10}\n",
+        )
+        .unwrap();
+        file.validate().unwrap();
+        assert_eq!(
+            file.routes[0].limits,
+            Some(RouteLimits {
+                requests_per_minute: 0,
+                tokens_per_minute: 0,
+                concurrent_streams: 2,
+            })
+        );
+        let typo = file
+            .to_yaml()
+            .unwrap()
+            .replace("concurrentStreams", "streams");
+        let err = RoutesFile::from_yaml(&typo).unwrap_err().to_string();
+        assert!(err.contains("unknown field `streams`"), "{err}");
     }
 
     #[test]

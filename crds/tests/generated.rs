@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use parley_crds::{ChatDeployment, ModelRoute, RoutesFile, Storage};
+use parley_crds::{ChatDeployment, ModelRoute, RouteLimits, RoutesFile, Storage};
 use serde_json::Value;
 
 fn crate_path(relative: &str) -> PathBuf {
@@ -103,6 +103,14 @@ fn examples_are_valid_against_the_schema_and_the_types() {
         typed.spec.validate().unwrap();
         specs.push(typed.spec);
     }
+    assert_eq!(
+        specs[1].limits,
+        Some(RouteLimits {
+            requests_per_minute: 30,
+            tokens_per_minute: 0,
+            concurrent_streams: 2,
+        })
+    );
     let providers: Vec<&str> = specs[0].providers().map(|p| p.as_str()).collect();
     assert_eq!(providers, ["bedrock", "openai", "simulated"]);
     RoutesFile {

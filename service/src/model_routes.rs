@@ -51,6 +51,7 @@ impl Routes {
                 allowed_roles: parley_crds::Role::all(),
                 fallback_on: Vec::new(),
                 downgrade_when_unaffordable: false,
+                limits: None,
                 targets: vec![RouteTarget {
                     provider: ProviderKind::Simulated,
                     model: BUILTIN_SIMULATED_MODEL.to_owned(),

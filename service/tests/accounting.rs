@@ -1,6 +1,7 @@
 //! The accounting API over HTTP: the seeds' payloads, field-level errors,
 //! exactly-once charging on both stores, outages, external mode against a
-//! second instance, and per-user rate limits (in-process and through Redis).
+//! second instance, and per-user rate limits, deployment-wide and per route
+//! (in-process and through Redis).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -16,7 +17,7 @@ use parley_service::auth::Role;
 use parley_service::config::Config;
 use parley_service::ledger::{Ledger, MongoLedger};
 use parley_service::ratelimit::{
-    LocalRateLimiter, RateLimitMetrics, RateLimiter, RateLimits, RedisRateLimiter,
+    LocalRateLimiter, RateLimitMetrics, RateLimiter, RateLimits, RedisRateLimiter, Scope,
 };
 use parley_service::server::serve_listener;
 use parley_test_support::proxy::{TcpProxy, host_port};
@@ -569,35 +570,42 @@ async fn in_process_request_limits_are_per_user_with_retry_after() {
 
 /// The stream-slot and token rules every limiter shares.
 async fn streams_and_tokens(limiter: &dyn RateLimiter, user: &str) {
-    let first = limiter.acquire_stream(user).await.unwrap();
-    let second = limiter.acquire_stream(user).await.unwrap();
-    let refused = limiter.acquire_stream(user).await.err().unwrap();
+    let first = limiter.acquire_stream(Scope::User(user)).await.unwrap();
+    let second = limiter.acquire_stream(Scope::User(user)).await.unwrap();
+    let refused = limiter
+        .acquire_stream(Scope::User(user))
+        .await
+        .err()
+        .unwrap();
     assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
     assert!(
         limiter
-            .acquire_stream(&format!("{user}-other"))
+            .acquire_stream(Scope::User(&format!("{user}-other")))
             .await
             .is_ok()
     );
     second.release().await;
-    let third = limiter.acquire_stream(user).await.unwrap();
+    let third = limiter.acquire_stream(Scope::User(user)).await.unwrap();
     drop(first);
     drop(third);
     // Dropped guards free their slots too (in the background for Redis):
     // both slots come back, and a third is still refused.
     let mut held = Vec::new();
     while held.len() < 2 {
-        if let Ok(guard) = limiter.acquire_stream(user).await {
+        if let Ok(guard) = limiter.acquire_stream(Scope::User(user)).await {
             held.push(guard);
         } else {
             tokio::task::yield_now().await;
         }
     }
-    assert!(limiter.acquire_stream(user).await.is_err());
+    assert!(limiter.acquire_stream(Scope::User(user)).await.is_err());
 
-    limiter.admit_request(user).await.unwrap();
-    limiter.charge_tokens(user, 60).await.unwrap();
-    let over = limiter.charge_tokens(user, 50).await.unwrap_err();
+    limiter.admit_request(Scope::User(user)).await.unwrap();
+    limiter.charge_tokens(Scope::User(user), 60).await.unwrap();
+    let over = limiter
+        .charge_tokens(Scope::User(user), 50)
+        .await
+        .unwrap_err();
     assert!(matches!(
         over,
         parley_service::Error::RateLimited {
@@ -605,7 +613,7 @@ async fn streams_and_tokens(limiter: &dyn RateLimiter, user: &str) {
             ..
         }
     ));
-    let refused = limiter.admit_request(user).await.unwrap_err();
+    let refused = limiter.admit_request(Scope::User(user)).await.unwrap_err();
     assert!(matches!(
         refused,
         parley_service::Error::RateLimited {
@@ -640,6 +648,153 @@ async fn redis_stream_slots_and_token_budget() {
     streams_and_tokens(&limiter, "alice").await;
 }
 
+/// The user-wide limits of the route-scope tests: a route count that leaked
+/// into them would show.
+const DEPLOYMENT_LIMITS: RateLimits = RateLimits {
+    requests_per_minute: 2,
+    tokens_per_minute: 100,
+    concurrent_streams: 1,
+};
+
+fn on_route<'a>(user: &'a str, route: &'a str) -> Scope<'a> {
+    Scope::Route {
+        user,
+        route,
+        limits: RateLimits {
+            requests_per_minute: 1,
+            tokens_per_minute: 50,
+            concurrent_streams: 1,
+        },
+    }
+}
+
+/// The limit that refused `result`.
+fn refused_limit<T>(result: Result<T, parley_service::Error>) -> &'static str {
+    match result {
+        Err(parley_service::Error::RateLimited { limit, .. }) => limit,
+        Err(other) => panic!("refused for another reason: {other}"),
+        Ok(_) => panic!("admitted"),
+    }
+}
+
+/// Route scopes count apart per route and per user, never in the user's
+/// deployment scope, and no user id names a route scope's counters.
+async fn route_scopes(limiter: &dyn RateLimiter) {
+    let fast = limiter
+        .acquire_stream(on_route("alice", "fast"))
+        .await
+        .unwrap();
+    assert_eq!(
+        refused_limit(limiter.acquire_stream(on_route("alice", "fast")).await),
+        "streams"
+    );
+    let mut held = vec![
+        limiter
+            .acquire_stream(on_route("alice", "smart"))
+            .await
+            .unwrap(),
+        limiter
+            .acquire_stream(on_route("bob", "fast"))
+            .await
+            .unwrap(),
+        // A user named like alice's scope on `fast` has counters of its own.
+        limiter
+            .acquire_stream(Scope::User("route:4:fast:alice"))
+            .await
+            .unwrap(),
+        // Were the alias not length-prefixed, these two would share a key.
+        limiter.acquire_stream(on_route("b:c", "a")).await.unwrap(),
+        limiter.acquire_stream(on_route("c", "a:b")).await.unwrap(),
+        // Alice's one deployment-wide slot is still free.
+        limiter.acquire_stream(Scope::User("alice")).await.unwrap(),
+    ];
+    assert_eq!(
+        refused_limit(limiter.acquire_stream(Scope::User("alice")).await),
+        "streams"
+    );
+    held.push(fast);
+    for guard in held {
+        guard.release().await;
+    }
+    limiter
+        .acquire_stream(on_route("alice", "fast"))
+        .await
+        .unwrap()
+        .release()
+        .await;
+
+    limiter
+        .admit_request(on_route("alice", "fast"))
+        .await
+        .unwrap();
+    assert_eq!(
+        refused_limit(limiter.admit_request(on_route("alice", "fast")).await),
+        "requests"
+    );
+    limiter
+        .admit_request(on_route("alice", "smart"))
+        .await
+        .unwrap();
+    limiter
+        .admit_request(on_route("bob", "fast"))
+        .await
+        .unwrap();
+    // Both of alice's deployment-wide requests are left.
+    for _ in 0..2 {
+        limiter.admit_request(Scope::User("alice")).await.unwrap();
+    }
+    assert_eq!(
+        refused_limit(limiter.admit_request(Scope::User("alice")).await),
+        "requests"
+    );
+
+    // A spent route budget refuses requests on that route, and only there.
+    limiter
+        .charge_tokens(on_route("bob", "smart"), 50)
+        .await
+        .unwrap();
+    assert_eq!(
+        refused_limit(limiter.charge_tokens(on_route("bob", "smart"), 1).await),
+        "tokens"
+    );
+    assert_eq!(
+        refused_limit(limiter.admit_request(on_route("bob", "smart")).await),
+        "tokens"
+    );
+    limiter
+        .admit_request(on_route("bob", "other"))
+        .await
+        .unwrap();
+    // Bob's deployment budget saw none of the 51 route tokens.
+    limiter
+        .charge_tokens(Scope::User("bob"), 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        refused_limit(limiter.charge_tokens(Scope::User("bob"), 1).await),
+        "tokens"
+    );
+}
+
+#[tokio::test]
+async fn in_process_route_scopes_are_separate() {
+    let limiter = LocalRateLimiter::new(DEPLOYMENT_LIMITS, RateLimitMetrics::default());
+    route_scopes(&limiter).await;
+}
+
+#[tokio::test]
+async fn redis_route_scopes_are_separate() {
+    let limiter = RedisRateLimiter::connect(
+        &parley_test_support::env::redis_url(),
+        &parley_test_support::env::unique_name("parley-limits"),
+        DEPLOYMENT_LIMITS,
+        RateLimitMetrics::default(),
+    )
+    .await
+    .unwrap();
+    route_scopes(&limiter).await;
+}
+
 #[tokio::test]
 async fn redis_down_fails_closed_with_503() {
     let proxy = TcpProxy::start(
@@ -658,13 +813,21 @@ async fn redis_down_fails_closed_with_503() {
     )
     .await
     .unwrap();
-    limiter.admit_request("alice").await.unwrap();
+    limiter.admit_request(Scope::User("alice")).await.unwrap();
     proxy.stop().await;
-    let error = limiter.admit_request("alice").await.unwrap_err();
+    let error = limiter
+        .admit_request(Scope::User("alice"))
+        .await
+        .unwrap_err();
     assert_eq!(error.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(error.code(), "RATE_LIMITER_UNAVAILABLE");
-    assert!(limiter.acquire_stream("alice").await.is_err());
-    assert!(limiter.charge_tokens("alice", 1).await.is_err());
+    assert!(limiter.acquire_stream(Scope::User("alice")).await.is_err());
+    assert!(
+        limiter
+            .charge_tokens(Scope::User("alice"), 1)
+            .await
+            .is_err()
+    );
 }
 
 // ---------------------------------------------------------------------------

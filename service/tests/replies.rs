@@ -36,6 +36,8 @@ const PROMPTLY: Duration = Duration::from_secs(15);
 const PRIMARY: &str = "anthropic.claude-3-haiku-20240307-v1:0";
 const SECONDARY: &str = "amazon.nova-micro-v1:0";
 const OPENAI_MODEL: &str = "smollm2-135m";
+/// The model behind the `metered` route, which allows one stream per user.
+const METERED_MODEL: &str = "amazon.titan-text-lite-v1";
 
 /// Text that broke the old server's SSE handling.
 const AWKWARD: [&str; 7] = [
@@ -93,6 +95,20 @@ routes:
       - provider: simulated
         model: sim-cheap
         pricing: {{inputPer1k: 1, outputPer1k: 1}}
+        maxOutputTokens: 64
+  - alias: metered
+    limits: {{concurrentStreams: 1}}
+    targets:
+      - provider: bedrock
+        model: {METERED_MODEL}
+        pricing: {{inputPer1k: 0, outputPer1k: 0}}
+        maxOutputTokens: 64
+  - alias: rationed
+    limits: {{requestsPerMinute: 1}}
+    targets:
+      - provider: simulated
+        model: sim-rationed
+        pricing: {{inputPer1k: 0, outputPer1k: 0}}
         maxOutputTokens: 64
 "
     )
@@ -492,7 +508,7 @@ async fn whole_replies_unknown_routes_models_and_one_reply_at_a_time() {
         assert_eq!(body["code"], "UNKNOWN_ROUTE");
         assert_eq!(
             body["allowed"],
-            json!(["default", "open", "dear", "thrifty"])
+            json!(["default", "open", "dear", "thrifty", "metered", "rationed"])
         );
     }
 
@@ -514,11 +530,13 @@ async fn whole_replies_unknown_routes_models_and_one_reply_at_a_time() {
     };
     assert_eq!(
         models(token.clone()).await,
-        ["default", "open", "dear", "thrifty"]
+        ["default", "open", "dear", "thrifty", "metered", "rationed"]
     );
     assert_eq!(
         models(common::token("root", Role::Admin, &[])).await,
-        ["default", "open", "staff", "dear", "thrifty"]
+        [
+            "default", "open", "staff", "dear", "thrifty", "metered", "rationed"
+        ]
     );
 
     // One reply per session: a second one while the first streams is 409.
@@ -681,7 +699,7 @@ async fn a_changed_routes_file_is_used_by_the_next_request_and_a_bad_one_is_igno
     };
     let changed = routes_yaml(30).replace("alias: open", "alias: fresh");
     std::fs::write(&path, &changed).unwrap();
-    let now = ["default", "fresh", "dear", "thrifty"];
+    let now = ["default", "fresh", "dear", "thrifty", "metered", "rationed"];
     wait_until(|| async { aliases().await == now }).await;
     // The next request uses the new chain.
     harness
@@ -1030,4 +1048,97 @@ async fn a_new_session_takes_the_deployments_default_route() {
     let token = user();
     let session = harness.session(&token).await;
     assert_eq!(harness.stored(&session, &token).await["route"], "open");
+}
+
+// ---------------------------------------------------------------------------
+// Route limits: per user and route, on top of the deployment's.
+
+/// A 429 `RATE_LIMITED` naming `limit`, with a Retry-After within a window.
+async fn assert_rate_limited(response: reqwest::Response, limit: &str) {
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "RATE_LIMITED");
+    assert!(
+        body["message"].as_str().unwrap().starts_with(limit),
+        "{body}"
+    );
+}
+
+/// A whole reply on `route`.
+async fn whole(harness: &Harness, token: &str, session: &str, route: &str) -> reqwest::Response {
+    harness
+        .post(
+            &format!("/api/chat/sessions/{session}/messages"),
+            token,
+            json!({"message": "hi", "route": route}),
+        )
+        .await
+}
+
+#[tokio::test]
+async fn route_limits_refuse_further_replies_on_that_route_for_that_user_only() {
+    let harness = Harness::start(Duration::from_secs(30), 30).await;
+    harness
+        .bedrock
+        .set_script(METERED_MODEL, Script::reply(["metered"]));
+    harness.bedrock.push_script(
+        METERED_MODEL,
+        Script::reply(["slow"]).with_fault(Fault::Stall { after_deltas: 1 }),
+    );
+    harness
+        .bedrock
+        .set_script(PRIMARY, Script::reply(["unmetered"]));
+    let (alice, bob) = (user(), common::token("bob", Role::User, &["c1"]));
+    let (first, second) = (harness.session(&alice).await, harness.session(&alice).await);
+    let bobs = harness.session(&bob).await;
+
+    // Alice's one stream on `metered` stays open, so her next reply there
+    // is refused on either endpoint before any provider call.
+    let mut open = harness
+        .stream(&alice, &first, json!({"message": "hi", "route": "metered"}))
+        .await;
+    assert_eq!(next(&mut open).await.event, "model");
+    for endpoint in ["stream", "messages"] {
+        let response = harness
+            .post(
+                &format!("/api/chat/sessions/{second}/{endpoint}"),
+                &alice,
+                json!({"message": "hi", "route": "metered"}),
+            )
+            .await;
+        assert_rate_limited(response, "streams").await;
+    }
+    assert_eq!(harness.bedrock.calls().len(), 1);
+    // Another route still answers her, and Bob has a slot of his own.
+    let response = whole(&harness, &alice, &second, "default").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let reply: Value = response.json().await.unwrap();
+    assert_eq!(reply["content"], "unmetered");
+    let response = whole(&harness, &bob, &bobs, "metered").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let reply: Value = response.json().await.unwrap();
+    assert_eq!(reply["content"], "metered");
+
+    // `rationed` allows one reply a minute to each user.
+    assert_eq!(
+        whole(&harness, &alice, &second, "rationed").await.status(),
+        StatusCode::OK
+    );
+    assert_rate_limited(
+        whole(&harness, &alice, &second, "rationed").await,
+        "requests",
+    )
+    .await;
+    assert_eq!(
+        whole(&harness, &bob, &bobs, "rationed").await.status(),
+        StatusCode::OK
+    );
+    let stored = harness.stored(&second, &alice).await;
+    assert_eq!(stored["messages"].as_array().unwrap().len(), 4);
 }

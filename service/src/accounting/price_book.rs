@@ -134,6 +134,7 @@ mod tests {
             allowed_roles: parley_crds::Role::all(),
             fallback_on: Vec::new(),
             downgrade_when_unaffordable: false,
+            limits: None,
             targets,
         }
     }

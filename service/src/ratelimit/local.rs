@@ -1,4 +1,4 @@
-//! In-process limits: counters in a map split into shards by user, each
+//! In-process limits: counters in a map split into shards by scope key, each
 //! shard behind its own short-held mutex.
 
 use std::collections::HashMap;
@@ -9,15 +9,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
-use super::{RateLimitMetrics, RateLimiter, RateLimits, StreamGuard, WINDOW, limit};
+use super::{Quota, RateLimitMetrics, RateLimiter, RateLimits, Scope, StreamGuard, WINDOW, limit};
 use crate::error::Error;
 
 const SHARDS: usize = 64;
-/// A shard this large drops its idle users when it next grows.
+/// A shard this large drops its idle scopes when it next grows.
 const SHARD_PRUNE_AT: usize = 4096;
 
 #[derive(Debug, Default)]
-struct UserCounters {
+struct Counters {
     /// Start of the current window; `None` before the first request.
     window_start: Option<Instant>,
     requests: u64,
@@ -25,7 +25,7 @@ struct UserCounters {
     streams: u64,
 }
 
-impl UserCounters {
+impl Counters {
     /// Starts a new window when the current one has ended.
     fn roll(&mut self, now: Instant) {
         if self
@@ -52,7 +52,7 @@ impl UserCounters {
     }
 }
 
-type Shard = Mutex<HashMap<String, UserCounters>>;
+type Shard = Mutex<HashMap<String, Counters>>;
 
 #[derive(Clone)]
 pub struct LocalRateLimiter {
@@ -73,27 +73,27 @@ impl LocalRateLimiter {
         }
     }
 
-    fn shard_index(&self, user: &str) -> usize {
+    fn shard_index(&self, key: &str) -> usize {
         // The modulo keeps the value below SHARDS, so the cast cannot truncate.
-        (self.hasher.hash_one(user) % SHARDS as u64) as usize
+        (self.hasher.hash_one(key) % SHARDS as u64) as usize
     }
 
-    /// Runs `update` on `user`'s counters under its shard's lock (never
-    /// across an await).
-    fn with_user<T>(&self, user: &str, update: impl FnOnce(&mut UserCounters, Instant) -> T) -> T {
+    /// Runs `update` on the counters under `key` under its shard's lock
+    /// (never across an await).
+    fn with_counters<T>(&self, key: &str, update: impl FnOnce(&mut Counters, Instant) -> T) -> T {
         let now = Instant::now();
-        let mut shard = lock(&self.shards[self.shard_index(user)]);
-        if let Some(counters) = shard.get_mut(user) {
+        let mut shard = lock(&self.shards[self.shard_index(key)]);
+        if let Some(counters) = shard.get_mut(key) {
             return update(counters, now);
         }
         if shard.len() >= SHARD_PRUNE_AT {
             shard.retain(|_, counters| !counters.idle(now));
         }
-        update(shard.entry(user.to_owned()).or_default(), now)
+        update(shard.entry(key.to_owned()).or_default(), now)
     }
 }
 
-fn lock(shard: &Shard) -> MutexGuard<'_, HashMap<String, UserCounters>> {
+fn lock(shard: &Shard) -> MutexGuard<'_, HashMap<String, Counters>> {
     // Counters stay consistent even if a holder panicked: every update is a
     // few integer writes.
     shard.lock().unwrap_or_else(PoisonError::into_inner)
@@ -101,9 +101,12 @@ fn lock(shard: &Shard) -> MutexGuard<'_, HashMap<String, UserCounters>> {
 
 #[async_trait]
 impl RateLimiter for LocalRateLimiter {
-    async fn admit_request(&self, user: &str) -> Result<(), Error> {
-        let limits = self.limits;
-        self.with_user(user, |counters, now| {
+    async fn admit_request(&self, scope: Scope<'_>) -> Result<(), Error> {
+        let Quota { key, limits } = scope.quota(self.limits);
+        if limits.requests_per_minute == 0 && limits.tokens_per_minute == 0 {
+            return Ok(());
+        }
+        self.with_counters(&key, |counters, now| {
             counters.roll(now);
             if limits.tokens_per_minute > 0 && counters.tokens >= limits.tokens_per_minute {
                 return Err(self
@@ -120,12 +123,13 @@ impl RateLimiter for LocalRateLimiter {
         })
     }
 
-    async fn acquire_stream(&self, user: &str) -> Result<StreamGuard, Error> {
-        let max = self.limits.concurrent_streams;
+    async fn acquire_stream(&self, scope: Scope<'_>) -> Result<StreamGuard, Error> {
+        let Quota { key, limits } = scope.quota(self.limits);
+        let max = limits.concurrent_streams;
         if max == 0 {
             return Ok(StreamGuard::unlimited());
         }
-        self.with_user(user, |counters, _| {
+        self.with_counters(&key, |counters, _| {
             if counters.streams >= max {
                 // No window to wait for: a slot frees when a stream ends.
                 return Err(self.metrics.refuse(limit::STREAMS, Duration::from_secs(1)));
@@ -134,18 +138,18 @@ impl RateLimiter for LocalRateLimiter {
             Ok(())
         })?;
         let shards = Arc::clone(&self.shards);
-        let index = self.shard_index(user);
-        let user = user.to_owned();
+        let index = self.shard_index(&key);
         Ok(StreamGuard::new(Box::pin(async move {
-            if let Some(counters) = lock(&shards[index]).get_mut(&user) {
+            if let Some(counters) = lock(&shards[index]).get_mut(&key) {
                 counters.streams = counters.streams.saturating_sub(1);
             }
         })))
     }
 
-    async fn charge_tokens(&self, user: &str, tokens: u64) -> Result<(), Error> {
-        let budget = self.limits.tokens_per_minute;
-        self.with_user(user, |counters, now| {
+    async fn charge_tokens(&self, scope: Scope<'_>, tokens: u64) -> Result<(), Error> {
+        let Quota { key, limits } = scope.quota(self.limits);
+        let budget = limits.tokens_per_minute;
+        self.with_counters(&key, |counters, now| {
             counters.roll(now);
             counters.tokens = counters.tokens.saturating_add(tokens);
             if budget > 0 && counters.tokens > budget {

@@ -1,5 +1,8 @@
 //! Per-user quotas: API requests per minute, model tokens per minute and
-//! concurrent reply streams.
+//! concurrent reply streams, counted in two kinds of [`Scope`]: a user across
+//! the deployment (every API request, under the deployment's limits) and a
+//! user on one route (the replies on a route that sets `limits`, under that
+//! route's limits). A reply on such a route counts in both.
 //!
 //! Windows are fixed, one minute long, and start at a user's first request
 //! (or first charged token) after the previous window ended — not at
@@ -45,6 +48,66 @@ pub struct RateLimits {
     pub concurrent_streams: u64,
 }
 
+impl From<parley_crds::RouteLimits> for RateLimits {
+    fn from(limits: parley_crds::RouteLimits) -> Self {
+        RateLimits {
+            requests_per_minute: limits.requests_per_minute.into(),
+            tokens_per_minute: limits.tokens_per_minute.into(),
+            concurrent_streams: limits.concurrent_streams.into(),
+        }
+    }
+}
+
+/// Whose counters a decision uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope<'a> {
+    /// A user across the deployment, under the deployment's limits.
+    User(&'a str),
+    /// A user on one route, under that route's limits.
+    Route {
+        user: &'a str,
+        route: &'a str,
+        limits: RateLimits,
+    },
+}
+
+impl<'a> Scope<'a> {
+    /// `user`'s scope on `route`; `None` when the route sets no limits.
+    pub fn on_route(user: &'a str, route: &'a parley_crds::ModelRouteSpec) -> Option<Self> {
+        route.limits.map(|limits| Scope::Route {
+            user,
+            route: &route.alias,
+            limits: limits.into(),
+        })
+    }
+
+    /// The scope's counter key and limits. Keys start with the kind of
+    /// scope, and a route key gives the alias's length, so no user id (any
+    /// string) can name another user's or another route's counters.
+    fn quota(self, deployment: RateLimits) -> Quota {
+        match self {
+            Scope::User(user) => Quota {
+                key: format!("user:{user}"),
+                limits: deployment,
+            },
+            Scope::Route {
+                user,
+                route,
+                limits,
+            } => Quota {
+                key: format!("route:{}:{route}:{user}", route.len()),
+                limits,
+            },
+        }
+    }
+}
+
+/// A scope resolved for an implementation: which counters, which limits.
+struct Quota {
+    key: String,
+    limits: RateLimits,
+}
+
 /// The limit a refusal names (`limit` label and `RATE_LIMITED` message).
 pub mod limit {
     pub const REQUESTS: &str = "requests";
@@ -54,17 +117,17 @@ pub mod limit {
 
 #[async_trait]
 pub trait RateLimiter: Send + Sync {
-    /// Counts one API request of `user`. Refused when this minute's requests
+    /// Counts one request in `scope`. Refused when this minute's requests
     /// are used up, or its token budget is spent.
-    async fn admit_request(&self, user: &str) -> Result<(), Error>;
+    async fn admit_request(&self, scope: Scope<'_>) -> Result<(), Error>;
 
-    /// Takes one of `user`'s concurrent-stream slots until the guard drops.
-    async fn acquire_stream(&self, user: &str) -> Result<StreamGuard, Error>;
+    /// Takes one of `scope`'s concurrent-stream slots until the guard drops.
+    async fn acquire_stream(&self, scope: Scope<'_>) -> Result<StreamGuard, Error>;
 
-    /// Adds tokens a reply used. They always count (they were spent); the
-    /// answer is `RATE_LIMITED` once this minute's budget is exceeded, so the
-    /// reply path can stop generating.
-    async fn charge_tokens(&self, user: &str, tokens: u64) -> Result<(), Error>;
+    /// Adds tokens a reply used in `scope`. They always count (they were
+    /// spent); the answer is `RATE_LIMITED` once this minute's budget is
+    /// exceeded, so the reply path can stop generating.
+    async fn charge_tokens(&self, scope: Scope<'_>, tokens: u64) -> Result<(), Error>;
 }
 
 /// A concurrent-stream slot. [`StreamGuard::release`] frees it and returns
@@ -85,6 +148,18 @@ impl StreamGuard {
     /// A slot that frees nothing (no stream limit configured).
     fn unlimited() -> Self {
         StreamGuard { release: None }
+    }
+
+    /// One guard for both slots: releasing or dropping it frees both.
+    pub fn and(mut self, mut other: StreamGuard) -> StreamGuard {
+        match (self.release.take(), other.release.take()) {
+            (None, None) => StreamGuard::unlimited(),
+            (Some(release), None) | (None, Some(release)) => StreamGuard::new(release),
+            (Some(first), Some(second)) => StreamGuard::new(Box::pin(async move {
+                first.await;
+                second.await;
+            })),
+        }
     }
 
     /// Frees the slot; returns once another stream may take it.
@@ -162,7 +237,11 @@ pub async fn limit_requests(
         Ok(principal) => principal,
         Err(error) => return error.into_response(),
     };
-    if let Err(error) = state.rate_limiter.admit_request(&principal.sub).await {
+    if let Err(error) = state
+        .rate_limiter
+        .admit_request(Scope::User(&principal.sub))
+        .await
+    {
         return error.into_response();
     }
     request.extensions_mut().insert(principal);

@@ -8,11 +8,11 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Script};
 
-use super::{RateLimitMetrics, RateLimiter, RateLimits, StreamGuard, WINDOW, limit};
+use super::{Quota, RateLimitMetrics, RateLimiter, RateLimits, Scope, StreamGuard, WINDOW, limit};
 use crate::error::Error;
 
 /// A replica that dies with open streams leaks its slots; they vanish this
-/// long after the user's last stream started.
+/// long after the scope's last stream started.
 const STREAM_SLOT_TTL: Duration = Duration::from_secs(15 * 60);
 /// Redis answers in well under a millisecond; a slow answer is an outage.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -116,8 +116,9 @@ impl RedisRateLimiter {
         })
     }
 
-    fn key(&self, user: &str, counter: &str) -> String {
-        format!("{}:{counter}:{user}", self.key_prefix)
+    /// The Redis key of one of `quota`'s counters.
+    fn key(&self, quota: &Quota, counter: &str) -> String {
+        format!("{}:{counter}:{}", self.key_prefix, quota.key)
     }
 }
 
@@ -136,16 +137,17 @@ fn wait(pttl_ms: i64) -> Duration {
 
 #[async_trait]
 impl RateLimiter for RedisRateLimiter {
-    async fn admit_request(&self, user: &str) -> Result<(), Error> {
-        if self.limits.requests_per_minute == 0 && self.limits.tokens_per_minute == 0 {
+    async fn admit_request(&self, scope: Scope<'_>) -> Result<(), Error> {
+        let quota = scope.quota(self.limits);
+        if quota.limits.requests_per_minute == 0 && quota.limits.tokens_per_minute == 0 {
             return Ok(());
         }
         let (verdict, pttl): (i64, i64) = self
             .admit
-            .key(self.key(user, "requests"))
-            .key(self.key(user, "tokens"))
-            .arg(self.limits.requests_per_minute)
-            .arg(self.limits.tokens_per_minute)
+            .key(self.key(&quota, "requests"))
+            .key(self.key(&quota, "tokens"))
+            .arg(quota.limits.requests_per_minute)
+            .arg(quota.limits.tokens_per_minute)
             .arg(millis(WINDOW))
             .invoke_async(&mut self.connection.clone())
             .await
@@ -157,12 +159,13 @@ impl RateLimiter for RedisRateLimiter {
         }
     }
 
-    async fn acquire_stream(&self, user: &str) -> Result<StreamGuard, Error> {
-        let max = self.limits.concurrent_streams;
+    async fn acquire_stream(&self, scope: Scope<'_>) -> Result<StreamGuard, Error> {
+        let quota = scope.quota(self.limits);
+        let max = quota.limits.concurrent_streams;
         if max == 0 {
             return Ok(StreamGuard::unlimited());
         }
-        let key = self.key(user, "streams");
+        let key = self.key(&quota, "streams");
         let taken: i64 = self
             .acquire
             .key(&key)
@@ -186,15 +189,16 @@ impl RateLimiter for RedisRateLimiter {
         })))
     }
 
-    async fn charge_tokens(&self, user: &str, tokens: u64) -> Result<(), Error> {
+    async fn charge_tokens(&self, scope: Scope<'_>, tokens: u64) -> Result<(), Error> {
         if tokens == 0 {
             return Ok(());
         }
+        let quota = scope.quota(self.limits);
         let (verdict, pttl): (i64, i64) = self
             .charge
-            .key(self.key(user, "tokens"))
+            .key(self.key(&quota, "tokens"))
             .arg(tokens)
-            .arg(self.limits.tokens_per_minute)
+            .arg(quota.limits.tokens_per_minute)
             .arg(millis(WINDOW))
             .invoke_async(&mut self.connection.clone())
             .await

@@ -24,6 +24,7 @@ use crate::auth::Principal;
 use crate::error::{Error, ErrorBody};
 use crate::ledger::Credits as Amount;
 use crate::providers::{ChatTurn, Role as TurnRole, estimate_input_tokens};
+use crate::ratelimit::Scope;
 use crate::state::AppState;
 use crate::store::{Message, MessageRole, ObjectId};
 use crate::stream::billing::{Charge, ReplyBill};
@@ -333,7 +334,8 @@ async fn start_reply(
     Ok((reply, task))
 }
 
-/// A stream slot of the user's, then the hold of the reply's worst case.
+/// A stream slot of the user's, and when the route sets limits a slot and a
+/// request on the route, then the hold of the reply's worst case.
 async fn pay_upfront(
     state: &AppState,
     caller: Caller,
@@ -341,10 +343,14 @@ async fn pay_upfront(
     route: &parley_crds::ModelRouteSpec,
     input_tokens: u64,
 ) -> Result<Paid, Error> {
-    let stream_slot = state
-        .rate_limiter
-        .acquire_stream(&caller.principal.sub)
-        .await?;
+    let limiter = &state.rate_limiter;
+    let user = caller.principal.sub.as_str();
+    let mut stream_slot = limiter.acquire_stream(Scope::User(user)).await?;
+    if let Some(on_route) = Scope::on_route(user, route) {
+        stream_slot = stream_slot.and(limiter.acquire_stream(on_route).await?);
+        // Counted last, so a reply refused a slot does not use up a request.
+        limiter.admit_request(on_route).await?;
+    }
     let opened = ReplyBill::open(
         Arc::clone(&state.accounting),
         caller,

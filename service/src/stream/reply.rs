@@ -23,7 +23,7 @@ use crate::providers::{
     ChatTurn, CompletionRequest, ProviderError, ProviderErrorKind, ProviderEvent, Usage,
     estimate_input_tokens,
 };
-use crate::ratelimit::{RateLimiter, StreamGuard};
+use crate::ratelimit::{RateLimiter, Scope, StreamGuard};
 use crate::store::{Message, MessageRole, ObjectId, SessionStore, TokenTotals};
 
 /// Renewal attempts after a failed one come at most this far apart.
@@ -56,7 +56,8 @@ pub struct FinishedReply {
 }
 
 /// What a reply task needs besides the request: the hold paid for before
-/// it started, and the user's stream slot, held until it ends.
+/// it started, and the user's stream slots (the route's too, when it sets
+/// limits), held until it ends.
 pub struct Paid {
     pub opened: Opened,
     pub stream_slot: StreamGuard,
@@ -534,17 +535,17 @@ impl Generation<'_> {
     }
 
     /// Settles the hold for what was used and counts the tokens against the
-    /// user's per-minute budget.
+    /// user's per-minute budgets: the deployment's, and the route's if it has one.
     async fn pay(&mut self, ending: Ending, used: Used) -> Option<Charge> {
         let tokens =
             u64::from(used.usage.input_tokens).saturating_add(u64::from(used.usage.output_tokens));
-        // Over budget only means the next request is refused by the limiter.
-        if let Err(error) = self
-            .rate_limiter
-            .charge_tokens(&self.request.user_id, tokens)
-            .await
-        {
-            tracing::debug!(%error, "this reply used up the user's token budget");
+        let user = self.request.user_id.as_str();
+        let on_route = Scope::on_route(user, &self.request.route);
+        for scope in std::iter::once(Scope::User(user)).chain(on_route) {
+            // Over budget only means the next request is refused by the limiter.
+            if let Err(error) = self.rate_limiter.charge_tokens(scope, tokens).await {
+                tracing::debug!(%error, ?scope, "this reply used up a token budget");
+            }
         }
         let bill = self.bill.take()?;
         bill.settle(ending, used.usage, used.estimated).await.ok()
