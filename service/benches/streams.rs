@@ -75,9 +75,12 @@ async fn main() {
             Some(Arc::clone(&all_open)),
         );
         tokio::pin!(streams);
+        // Biased: once everyone is at the barrier the streams end too, and
+        // an unbiased select could pick that branch.
         tokio::select! {
-            _ = &mut streams => panic!("streams ended before all were open"),
+            biased;
             _ = all_open.wait() => {}
+            _ = &mut streams => panic!("streams ended before all were open"),
         }
         let open_rss = slow.rss_bytes();
         println!(
