@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use parley_service::embedded_db::EmbeddedDb;
 use parley_service::ledger::{
-    Credits, EmbeddedLedger, HoldRequest, Ledger, LedgerSettings, MongoLedger, ReplyOutcome,
-    Settlement,
+    Credits, EmbeddedLedger, Hold, HoldRequest, Ledger, LedgerSettings, MongoLedger, Progress,
+    ReplyOutcome, Settlement,
 };
 use parley_test_support::bench;
 
@@ -21,7 +21,8 @@ const SETTINGS: LedgerSettings = LedgerSettings {
     initial_balance: Credits::from_micros(1_000_000_000_000),
 };
 
-/// One request's ledger work: hold its worst case, settle its actual cost.
+/// One reply's ledger work: hold its worst case with the prompt as progress,
+/// settle its actual cost.
 async fn hold_and_settle(ledger: &dyn Ledger, user: &str, request_id: String) {
     let hold = HoldRequest {
         request_id: request_id.clone(),
@@ -31,19 +32,26 @@ async fn hold_and_settle(ledger: &dyn Ledger, user: &str, request_id: String) {
         model: "simulated".to_owned(),
         amount: Credits::from_micros(5_000),
         lease: Duration::from_secs(60),
+        progress: Some(Progress {
+            model: "simulated".to_owned(),
+            input_tokens: 100,
+            output_tokens: 0,
+            cost: Credits::from_micros(100),
+        }),
     };
     ledger.hold(hold).await.unwrap();
-    let settlement = Settlement {
-        request_id,
-        route: "default".to_owned(),
-        model: "simulated".to_owned(),
-        input_tokens: 100,
-        output_tokens: 200,
-        cost: Credits::from_micros(3_000),
-        outcome: ReplyOutcome::Completed,
-        estimated: false,
-    };
-    ledger.settle(settlement).await.unwrap();
+    let settlement = Box::new(|_: &Hold| {
+        Ok(Settlement {
+            route: "default".to_owned(),
+            model: "simulated".to_owned(),
+            input_tokens: 100,
+            output_tokens: 200,
+            cost: Credits::from_micros(3_000),
+            outcome: ReplyOutcome::Completed,
+            estimated: false,
+        })
+    });
+    ledger.settle(&request_id, settlement).await.unwrap();
 }
 
 async fn run(store: &str, ledger: Arc<dyn Ledger>) {

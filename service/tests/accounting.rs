@@ -1281,6 +1281,7 @@ async fn the_reaper_counts_open_holds_and_stops_on_shutdown() {
                     model: "parley-simulated".into(),
                     amount: Credits::from_micros(1),
                     lease: std::time::Duration::from_secs(600),
+                    progress: None,
                 })
                 .await
                 .unwrap();

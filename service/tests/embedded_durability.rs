@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use parley_service::ledger::{
-    Credits, EmbeddedLedger, HoldRequest, Ledger, LedgerSettings, Page, ReplyOutcome, Settlement,
+    Credits, EmbeddedLedger, HoldRequest, Ledger, LedgerSettings, Page, PriceSettlement,
+    ReplyOutcome, Settlement,
 };
 use parley_service::store::{
     EmbeddedStore, Message, MessageRole, NewSession, ObjectId, SessionStore, TokenTotals,
@@ -49,20 +50,22 @@ fn hold_request(request_id: &str, user: &str) -> HoldRequest {
         model: "simulated".to_owned(),
         amount: Credits::from_micros(5_000),
         lease: Duration::from_secs(3600),
+        progress: None,
     }
 }
 
-fn settlement(request_id: &str) -> Settlement {
-    Settlement {
-        request_id: request_id.to_owned(),
-        route: "default".to_owned(),
-        model: "simulated".to_owned(),
-        input_tokens: 10,
-        output_tokens: 20,
-        cost: Credits::from_micros(3_000),
-        outcome: ReplyOutcome::Completed,
-        estimated: false,
-    }
+fn settlement() -> PriceSettlement {
+    Box::new(|_| {
+        Ok(Settlement {
+            route: "default".to_owned(),
+            model: "simulated".to_owned(),
+            input_tokens: 10,
+            output_tokens: 20,
+            cost: Credits::from_micros(3_000),
+            outcome: ReplyOutcome::Completed,
+            estimated: false,
+        })
+    })
 }
 
 /// What the child acknowledged, read from its output.
@@ -170,7 +173,7 @@ async fn verify(dir: &Path, acknowledged: &Acknowledged) {
     join_all(acknowledged.settled.iter().map(|request_id| {
         let ledger = &ledger;
         async move {
-            let closed = ledger.settle(settlement(request_id)).await.unwrap();
+            let closed = ledger.settle(request_id, settlement()).await.unwrap();
             assert!(closed.replayed, "settlement {request_id} lost");
         }
     }))
@@ -241,7 +244,7 @@ async fn write_until_killed() {
                         .await
                         .unwrap();
                     println!("ack-append {id} {content}");
-                    ledger.settle(settlement(&request_id)).await.unwrap();
+                    ledger.settle(&request_id, settlement()).await.unwrap();
                     println!("ack-settle {request_id}");
                 }
             })

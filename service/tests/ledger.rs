@@ -8,7 +8,7 @@ use std::time::Duration;
 use parley_service::embedded_db::EmbeddedDb;
 use parley_service::ledger::{
     Credits, EmbeddedLedger, HoldRequest, Ledger, LedgerError, LedgerSettings, MongoLedger, Page,
-    ReplyOutcome, Settlement, price,
+    PriceSettlement, Progress, ReplyOutcome, Settlement, price,
 };
 
 const INITIAL: Credits = Credits::from_micros(5_000_000);
@@ -26,19 +26,31 @@ fn hold_request(request_id: &str, user: &str, amount: Credits) -> HoldRequest {
         model: "simulated".to_owned(),
         amount,
         lease: LEASE,
+        progress: None,
     }
 }
 
-fn settlement(request_id: &str, cost: Credits) -> Settlement {
-    Settlement {
-        request_id: request_id.to_owned(),
-        route: "default".to_owned(),
-        model: "simulated-fallback".to_owned(),
-        input_tokens: 120,
-        output_tokens: 80,
+/// A settlement of a fixed cost, whatever the hold.
+fn settlement(cost: Credits) -> PriceSettlement {
+    Box::new(move |_| {
+        Ok(Settlement {
+            route: "default".to_owned(),
+            model: "simulated-fallback".to_owned(),
+            input_tokens: 120,
+            output_tokens: 80,
+            cost,
+            outcome: ReplyOutcome::Completed,
+            estimated: false,
+        })
+    })
+}
+
+fn progress(output_tokens: u64, cost: Credits) -> Progress {
+    Progress {
+        model: "simulated".to_owned(),
+        input_tokens: 100,
+        output_tokens,
         cost,
-        outcome: ReplyOutcome::Completed,
-        estimated: false,
     }
 }
 
@@ -125,8 +137,10 @@ conformance!(
     settle_then_release_keeps_the_settlement,
     concurrent_closes_of_one_hold_charge_once,
     settle_charges_at_most_the_hold_and_records_overage,
-    reprice_needs_the_difference_available,
-    renew_moves_the_lease_past_the_reaper,
+    holding_again_reprices_and_growth_needs_the_difference,
+    holding_again_moves_the_lease_past_the_reaper,
+    holding_again_records_progress_that_only_grows,
+    settle_prices_from_the_open_hold,
     reaper_settles_from_recorded_progress_once,
     reaper_releases_and_reports_holds_without_usage,
     concurrent_reapers_close_each_hold_once,
@@ -144,11 +158,11 @@ mod suite {
     use chrono::Utc;
     use futures::future::join_all;
     use parley_service::ledger::{
-        Credits, Ledger, LedgerError, Page, Progress, UsageOutcome, UsageRecord,
+        Credits, Ledger, LedgerError, Page, Settlement, UsageOutcome, UsageRecord,
     };
     use tokio::sync::Barrier;
 
-    use super::{INITIAL, LEASE, hold_request, settlement};
+    use super::{INITIAL, hold_request, progress, settlement};
 
     fn credits(micros: u64) -> Credits {
         Credits::from_micros(micros)
@@ -230,7 +244,7 @@ mod suite {
                     Ok(_) => {
                         // Some replies cost less than the hold, some more.
                         let cost = credits(worst_case.micros() / 3 + (i as u64 % 7) * 400_000);
-                        let closed = ledger.settle(settlement(&request_id, cost)).await.unwrap();
+                        let closed = ledger.settle(&request_id, settlement(cost)).await.unwrap();
                         assert!(!closed.replayed);
                         assert_eq!(closed.record.charged, cost.min(worst_case));
                         Ok(closed.record.charged)
@@ -280,7 +294,12 @@ mod suite {
             .hold(hold_request("r1", "dave", credits(1_000_000)))
             .await
             .unwrap();
-        assert_eq!(first, again);
+        // The same hold, its lease renewed from now.
+        assert_eq!(
+            (&again.request_id, again.amount, again.created_at),
+            (&first.request_id, first.amount, first.created_at)
+        );
+        assert!(again.lease_expires_at >= first.lease_expires_at);
         let concurrent =
             join_all((0..8).map(|_| ledger.hold(hold_request("r2", "dave", credits(500_000)))))
                 .await;
@@ -293,7 +312,7 @@ mod suite {
         assert_eq!(balance.held, credits(1_500_000));
 
         ledger
-            .settle(settlement("r1", credits(300_000)))
+            .settle("r1", settlement(credits(300_000)))
             .await
             .unwrap();
         let reopened = ledger
@@ -312,14 +331,14 @@ mod suite {
             .await
             .unwrap();
         let first = ledger
-            .settle(settlement("r1", credits(750_000)))
+            .settle("r1", settlement(credits(750_000)))
             .await
             .unwrap();
         assert!(!first.replayed);
         assert_eq!(first.balance.balance, credits(4_250_000));
         assert_eq!(first.balance.held, Credits::ZERO);
         let second = ledger
-            .settle(settlement("r1", credits(1_900_000)))
+            .settle("r1", settlement(credits(1_900_000)))
             .await
             .unwrap();
         assert!(second.replayed);
@@ -342,7 +361,7 @@ mod suite {
         assert_eq!(released.record.charged, Credits::ZERO);
         assert_eq!(released.balance.available, INITIAL);
         let settled = ledger
-            .settle(settlement("r1", credits(750_000)))
+            .settle("r1", settlement(credits(750_000)))
             .await
             .unwrap();
         assert!(settled.replayed);
@@ -360,7 +379,7 @@ mod suite {
             .await
             .unwrap();
         let settled = ledger
-            .settle(settlement("r1", credits(600_000)))
+            .settle("r1", settlement(credits(600_000)))
             .await
             .unwrap();
         let released = ledger.release("r1").await.unwrap();
@@ -385,7 +404,7 @@ mod suite {
                     ledger.release("r1").await
                 } else {
                     ledger
-                        .settle(settlement("r1", credits(1_000_000 + i * 1_000)))
+                        .settle("r1", settlement(credits(1_000_000 + i * 1_000)))
                         .await
                 }
             })
@@ -414,7 +433,7 @@ mod suite {
             .await
             .unwrap();
         let closed = ledger
-            .settle(settlement("r1", credits(1_400_001)))
+            .settle("r1", settlement(credits(1_400_001)))
             .await
             .unwrap();
         let record = &closed.record;
@@ -437,7 +456,7 @@ mod suite {
         assert_eq!(closed.balance.balance, credits(4_000_000));
     }
 
-    pub async fn reprice_needs_the_difference_available(ledger: Arc<dyn Ledger>) {
+    pub async fn holding_again_reprices_and_growth_needs_the_difference(ledger: Arc<dyn Ledger>) {
         ledger
             .hold(hold_request("r1", "jade", credits(2_000_000)))
             .await
@@ -446,9 +465,16 @@ mod suite {
             .hold(hold_request("r2", "jade", credits(2_000_000)))
             .await
             .unwrap();
-        let grown = ledger.reprice("r1", credits(2_500_000)).await.unwrap();
-        assert_eq!(grown.amount, credits(2_500_000));
-        let too_much = ledger.reprice("r1", credits(3_500_001)).await;
+        let mut fallback = hold_request("r1", "jade", credits(2_500_000));
+        fallback.model = "simulated-fallback".to_owned();
+        let grown = ledger.hold(fallback).await.unwrap();
+        assert_eq!(
+            (grown.amount, grown.model.as_str()),
+            (credits(2_500_000), "simulated-fallback")
+        );
+        let too_much = ledger
+            .hold(hold_request("r1", "jade", credits(3_500_001)))
+            .await;
         match too_much {
             Err(LedgerError::InsufficientCredits {
                 balance,
@@ -462,14 +488,17 @@ mod suite {
             }
             other => panic!("expected InsufficientCredits, got {other:?}"),
         }
-        let shrunk = ledger.reprice("r1", credits(1_000_000)).await.unwrap();
+        let shrunk = ledger
+            .hold(hold_request("r1", "jade", credits(1_000_000)))
+            .await
+            .unwrap();
         assert_eq!(shrunk.amount, credits(1_000_000));
         assert_eq!(
             ledger.balance("jade").await.unwrap().held,
             credits(3_000_000)
         );
         let closed = ledger
-            .settle(settlement("r1", credits(1_200_000)))
+            .settle("r1", settlement(credits(1_200_000)))
             .await
             .unwrap();
         assert_eq!(
@@ -478,14 +507,12 @@ mod suite {
         );
     }
 
-    pub async fn renew_moves_the_lease_past_the_reaper(ledger: Arc<dyn Ledger>) {
+    pub async fn holding_again_moves_the_lease_past_the_reaper(ledger: Arc<dyn Ledger>) {
         let mut request = hold_request("r1", "kira", credits(1_000_000));
         request.lease = Duration::from_secs(1);
-        let hold = ledger.hold(request).await.unwrap();
-        let renewed = ledger
-            .renew("r1", Duration::from_secs(3_600))
-            .await
-            .unwrap();
+        let hold = ledger.hold(request.clone()).await.unwrap();
+        request.lease = Duration::from_secs(3_600);
+        let renewed = ledger.hold(request.clone()).await.unwrap();
         assert!(renewed.lease_expires_at > hold.lease_expires_at);
         // Past the first lease, before the renewed one: nothing to reap.
         let report = ledger
@@ -499,25 +526,96 @@ mod suite {
         );
         let report = ledger.reap(renewed.lease_expires_at).await.unwrap();
         assert_eq!(report.released_without_usage.len(), 1);
-        let late = ledger.renew("r1", LEASE).await;
+        let late = ledger.hold(request).await;
         assert!(
             matches!(late, Err(LedgerError::HoldClosed { .. })),
             "{late:?}"
         );
     }
 
-    pub async fn reaper_settles_from_recorded_progress_once(ledger: Arc<dyn Ledger>) {
-        ledger
-            .hold(hold_request("r1", "liam", credits(2_000_000)))
+    pub async fn holding_again_records_progress_that_only_grows(ledger: Arc<dyn Ledger>) {
+        let mut request = hold_request("r1", "lena", credits(2_000_000));
+        request.progress = Some(progress(0, credits(100_000)));
+        let opened = ledger.hold(request.clone()).await.unwrap();
+        assert_eq!(opened.progress, request.progress);
+        request.progress = Some(progress(30, credits(250_000)));
+        ledger.hold(request.clone()).await.unwrap();
+        // A late retry of an earlier refresh does not take output back.
+        request.progress = Some(progress(10, credits(150_000)));
+        let kept = ledger.hold(request.clone()).await.unwrap();
+        assert_eq!(kept.progress, Some(progress(30, credits(250_000))));
+        // Held again without news: the recorded progress stays.
+        request.progress = None;
+        let unchanged = ledger.hold(request).await.unwrap();
+        assert_eq!(unchanged.progress, Some(progress(30, credits(250_000))));
+        assert_eq!(
+            ledger.balance("lena").await.unwrap().held,
+            credits(2_000_000)
+        );
+    }
+
+    pub async fn settle_prices_from_the_open_hold(ledger: Arc<dyn Ledger>) {
+        let mut request = hold_request("r1", "milo", credits(2_000_000));
+        request.route = "tutor".to_owned();
+        request.progress = Some(progress(12, credits(50_000)));
+        ledger.hold(request).await.unwrap();
+        let closed = ledger
+            .settle(
+                "r1",
+                Box::new(|hold| {
+                    let recorded = hold.progress.clone().unwrap();
+                    Ok(Settlement {
+                        route: hold.route.clone(),
+                        model: recorded.model,
+                        input_tokens: recorded.input_tokens,
+                        output_tokens: 20,
+                        cost: credits(hold.amount.micros() / 4),
+                        outcome: parley_service::ledger::ReplyOutcome::Completed,
+                        estimated: true,
+                    })
+                }),
+            )
             .await
             .unwrap();
-        let progress = Progress {
-            model: "simulated".to_owned(),
-            input_tokens: 100,
-            output_tokens: 40,
-            cost: credits(321_000),
-        };
-        ledger.record_progress("r1", progress).await.unwrap();
+        let record = &closed.record;
+        assert_eq!(
+            (
+                record.route.as_str(),
+                record.model.as_str(),
+                record.input_tokens
+            ),
+            ("tutor", "simulated", 100)
+        );
+        assert_eq!((record.charged, record.estimated), (credits(500_000), true));
+        // Once closed, the price is not worked out again.
+        let replayed = ledger
+            .settle("r1", Box::new(|_| panic!("priced a closed hold")))
+            .await
+            .unwrap();
+        assert!(replayed.replayed);
+        // A refusal to price leaves the hold open.
+        ledger
+            .hold(hold_request("r2", "milo", credits(1_000_000)))
+            .await
+            .unwrap();
+        let refused = ledger
+            .settle("r2", Box::new(|_| Err(LedgerError::AmountOutOfRange)))
+            .await;
+        assert!(
+            matches!(refused, Err(LedgerError::AmountOutOfRange)),
+            "{refused:?}"
+        );
+        assert_eq!(
+            ledger.balance("milo").await.unwrap().held,
+            credits(1_000_000)
+        );
+    }
+
+    pub async fn reaper_settles_from_recorded_progress_once(ledger: Arc<dyn Ledger>) {
+        let mut request = hold_request("r1", "liam", credits(2_000_000));
+        ledger.hold(request.clone()).await.unwrap();
+        request.progress = Some(progress(40, credits(321_000)));
+        ledger.hold(request).await.unwrap();
         let later = Utc::now() + chrono::Duration::hours(1);
         let report = ledger.reap(later).await.unwrap();
         assert_eq!(report.settled.len(), 1);
@@ -531,7 +629,7 @@ mod suite {
         assert_eq!(ledger.reap(later).await.unwrap(), Default::default());
         // The replica comes back and settles: the reaped outcome stands.
         let late = ledger
-            .settle(settlement("r1", credits(900_000)))
+            .settle("r1", settlement(credits(900_000)))
             .await
             .unwrap();
         assert!(late.replayed);
@@ -548,14 +646,9 @@ mod suite {
             .hold(hold_request("r1", "mona", credits(2_000_000)))
             .await
             .unwrap();
-        ledger
-            .hold(hold_request("live", "mona", credits(1_000_000)))
-            .await
-            .unwrap();
-        ledger
-            .renew("live", Duration::from_secs(7_200))
-            .await
-            .unwrap();
+        let mut live = hold_request("live", "mona", credits(1_000_000));
+        live.lease = Duration::from_secs(7_200);
+        ledger.hold(live).await.unwrap();
         let report = ledger
             .reap(Utc::now() + chrono::Duration::hours(1))
             .await
@@ -579,19 +672,11 @@ mod suite {
         for i in 0..HOLDS {
             let request_id = format!("r{i}");
             let user = format!("user{}", i % 3);
-            ledger
-                .hold(hold_request(&request_id, &user, credits(200_000)))
-                .await
-                .unwrap();
+            let mut request = hold_request(&request_id, &user, credits(200_000));
             if i % 2 == 0 {
-                let progress = Progress {
-                    model: "simulated".to_owned(),
-                    input_tokens: 10,
-                    output_tokens: i,
-                    cost: credits(1_000 * (i + 1)),
-                };
-                ledger.record_progress(&request_id, progress).await.unwrap();
+                request.progress = Some(progress(i, credits(1_000 * (i + 1))));
             }
+            ledger.hold(request).await.unwrap();
         }
         let later = Utc::now() + chrono::Duration::hours(1);
         let reapers = (0..4).map(|_| {
@@ -680,18 +765,9 @@ mod suite {
             matches!(result, Err(LedgerError::HoldNotFound { .. }))
         }
         assert!(not_found(
-            ledger.settle(settlement("nope", credits(1))).await
+            ledger.settle("nope", settlement(credits(1))).await
         ));
         assert!(not_found(ledger.release("nope").await));
-        assert!(not_found(ledger.renew("nope", LEASE).await));
-        assert!(not_found(ledger.reprice("nope", credits(1)).await));
-        let progress = Progress {
-            model: "m".to_owned(),
-            input_tokens: 1,
-            output_tokens: 1,
-            cost: credits(1),
-        };
-        assert!(not_found(ledger.record_progress("nope", progress).await));
         let empty = ledger.hold(hold_request("", "olga", credits(1))).await;
         assert!(
             matches!(empty, Err(LedgerError::InvalidRequest(_))),
@@ -712,7 +788,7 @@ mod suite {
                 .await
                 .unwrap();
             ledger
-                .settle(settlement(&request_id, credits(10_000)))
+                .settle(&request_id, settlement(credits(10_000)))
                 .await
                 .unwrap();
         }
@@ -864,14 +940,10 @@ async fn unreachable_mongodb_fails_every_operation() {
     ));
     assert!(store_error(
         ledger
-            .settle(settlement("r1", Credits::from_micros(1)))
+            .settle("r1", settlement(Credits::from_micros(1)))
             .await
     ));
     assert!(store_error(ledger.release("r1").await));
-    assert!(store_error(ledger.renew("r1", LEASE).await));
-    assert!(store_error(
-        ledger.reprice("r1", Credits::from_micros(2)).await
-    ));
     assert!(store_error(ledger.balance("rex").await));
     assert!(store_error(
         ledger.grant("rex", Credits::from_micros(1)).await

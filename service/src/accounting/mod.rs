@@ -34,8 +34,8 @@ use axum::http::request::Parts;
 use crate::auth::{Principal, Role, bearer_token};
 use crate::error::Error;
 use crate::ledger::{
-    Closed, Credits, HoldRequest, Ledger, LedgerError, MAX_PAGE_SIZE, Page, Progress, ReplyOutcome,
-    Settlement,
+    Closed, Credits, Hold, HoldRequest, Ledger, LedgerError, MAX_PAGE_SIZE, Page, Progress,
+    ReplyOutcome, Settlement,
 };
 use crate::model_routes::RoutesCell;
 use crate::providers::estimate_tokens;
@@ -246,33 +246,21 @@ impl LocalAccounting {
             output_tokens,
             cost: route.cost(request.estimated_tokens, output_tokens)?,
         };
-        let mut hold = self
+        // Held again (a fallback re-prices, a renewal brings the output so
+        // far), the same call refreshes the open hold in one write.
+        let hold = self
             .ledger
             .hold(HoldRequest {
-                request_id: request_id.clone(),
+                request_id,
                 user: user.clone(),
                 session_id: request.session_id.clone(),
                 route: route.alias.clone(),
                 model: route.model.clone(),
                 amount,
                 lease: self.lease,
+                progress: Some(progress),
             })
             .await?;
-        // A new hold has no progress yet; one that has is being refreshed.
-        if hold.progress.is_some() {
-            if hold.amount != amount {
-                self.ledger.reprice(&request_id, amount).await?;
-            }
-            hold = self.ledger.renew(&request_id, self.lease).await?;
-            self.ledger.record_progress(&request_id, progress).await?;
-        } else if let Err(error) = self.ledger.record_progress(&request_id, progress).await {
-            // Do not leave a hold the caller was told failed; if this fails
-            // too, the reaper releases it when the lease ends.
-            if let Err(release_error) = self.ledger.release(&request_id).await {
-                tracing::warn!(%request_id, error = %release_error, "releasing a half-initialized hold failed");
-            }
-            return Err(error.into());
-        }
         Ok(InitializeResponse {
             session_id: request.session_id,
             user_id: user,
@@ -290,45 +278,41 @@ impl LocalAccounting {
         output_tokens: u64,
         usage: UsageDetails,
     ) -> Result<Closed, LedgerError> {
-        // Renewing reads the open hold (its model and recorded input) and
-        // keeps the reaper off it while it is being settled.
-        let hold = match self.ledger.renew(request_id, self.lease).await {
-            Ok(hold) => hold,
-            // Already closed: releasing changes nothing and returns the record.
-            Err(LedgerError::HoldClosed { .. }) => return self.ledger.release(request_id).await,
-            Err(other) => return Err(other),
-        };
-        let recorded = hold.progress.as_ref();
-        let model = usage
-            .model_id
-            .or_else(|| recorded.map(|p| p.model.clone()))
-            .unwrap_or_else(|| hold.model.clone());
-        let input_tokens = usage
-            .input_tokens
-            .or_else(|| recorded.map(|p| p.input_tokens))
-            .unwrap_or(0);
         let routes = self.routes.snapshot();
-        let cost = match routes.prices().lookup_target(&hold.route, &model) {
-            Ok(target) => target.cost(input_tokens, output_tokens)?,
-            Err(_) => {
-                // The target left the routes while the reply ran: charge
-                // the hold, the most the account agreed to pay.
-                tracing::warn!(request_id, route = %hold.route, %model, "target of an open hold has no price any more; charging the hold");
-                hold.amount
-            }
-        };
-        self.ledger
-            .settle(Settlement {
-                request_id: request_id.to_owned(),
-                route: hold.route,
+        let estimated = usage.usage_estimated.unwrap_or(false);
+        // Priced from the open hold inside the write that closes it: its
+        // route, and its recorded target and input for what was not reported.
+        let price = move |hold: &Hold| {
+            let recorded = hold.progress.as_ref();
+            let model = usage
+                .model_id
+                .clone()
+                .or_else(|| recorded.map(|p| p.model.clone()))
+                .unwrap_or_else(|| hold.model.clone());
+            let input_tokens = usage
+                .input_tokens
+                .or_else(|| recorded.map(|p| p.input_tokens))
+                .unwrap_or(0);
+            let cost = match routes.prices().lookup_target(&hold.route, &model) {
+                Ok(target) => target.cost(input_tokens, output_tokens)?,
+                Err(_) => {
+                    // The target left the routes while the reply ran: charge
+                    // the hold, the most the account agreed to pay.
+                    tracing::warn!(request_id = %hold.request_id, route = %hold.route, %model, "target of an open hold has no price any more; charging the hold");
+                    hold.amount
+                }
+            };
+            Ok(Settlement {
+                route: hold.route.clone(),
                 model,
                 input_tokens,
                 output_tokens,
                 cost,
                 outcome,
-                estimated: usage.usage_estimated.unwrap_or(false),
+                estimated,
             })
-            .await
+        };
+        self.ledger.settle(request_id, Box::new(price)).await
     }
 }
 

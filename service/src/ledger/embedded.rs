@@ -3,7 +3,6 @@
 //! answered once durable.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -13,10 +12,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::embedded_db::EmbeddedDb;
 
-use super::model::{Closing, closing_record, lease_end, new_hold, now_millis, validate_id};
+use super::model::{
+    CloseRequest, Closing, closing_record, new_hold, now_millis, refresh_hold, validate_id,
+};
 use super::{
     Balance, Closed, Credits, Hold, HoldRequest, Ledger, LedgerError, LedgerSettings, Page,
-    Progress, ReapReport, Settlement, UsageOutcome, UsageRecord, log_reap_report,
+    PriceSettlement, ReapReport, UsageOutcome, UsageRecord, log_reap_report,
 };
 
 /// user → [`AccountRow`] (JSON).
@@ -69,7 +70,7 @@ impl EmbeddedLedger {
         self.db.write(move |txn| operation(txn, &settings)).await
     }
 
-    async fn close(&self, request_id: &str, closing: OwnedClosing) -> Result<Closed, LedgerError> {
+    async fn close(&self, request_id: &str, closing: CloseRequest) -> Result<Closed, LedgerError> {
         validate_id(request_id)?;
         let request_id = request_id.to_owned();
         self.write(move |txn, settings| {
@@ -87,11 +88,7 @@ impl EmbeddedLedger {
                     replayed: true,
                 });
             };
-            let closing = match &closing {
-                OwnedClosing::Settle(settlement) => Closing::Settle(settlement),
-                OwnedClosing::Release => Closing::Release,
-            };
-            let record = closing_record(&hold, &closing, now_millis());
+            let record = closing.record(&hold, now_millis())?;
             let mut by_user = txn.open_table(USAGE_BY_USER).map_err(redb::Error::from)?;
             let account = close_hold(
                 &mut holds,
@@ -110,49 +107,27 @@ impl EmbeddedLedger {
         })
         .await
     }
-
-    /// Applies `change` to an open hold and saves it.
-    async fn update_hold<F>(&self, request_id: &str, change: F) -> Result<Hold, LedgerError>
-    where
-        F: FnOnce(&mut Hold, &mut AccountRow) -> Result<(), LedgerError> + Send + 'static,
-    {
-        validate_id(request_id)?;
-        let request_id = request_id.to_owned();
-        self.write(move |txn, settings| {
-            let mut holds = txn.open_table(HOLDS).map_err(redb::Error::from)?;
-            let mut accounts = txn.open_table(ACCOUNTS).map_err(redb::Error::from)?;
-            let Some(mut hold) = get_json::<Hold>(&holds, &request_id)? else {
-                let usage = txn.open_table(USAGE).map_err(redb::Error::from)?;
-                return Err(closed_or_missing(&usage, request_id)?);
-            };
-            let mut account = account_or_initial(&accounts, &hold.user, settings)?;
-            change(&mut hold, &mut account)?;
-            put_json(&mut holds, &request_id, &hold)?;
-            put_json(&mut accounts, &hold.user, &account)?;
-            Ok(hold)
-        })
-        .await
-    }
-}
-
-enum OwnedClosing {
-    Settle(Settlement),
-    Release,
 }
 
 #[async_trait]
 impl Ledger for EmbeddedLedger {
     async fn hold(&self, request: HoldRequest) -> Result<Hold, LedgerError> {
-        let hold = new_hold(&request, now_millis())?;
+        let now = now_millis();
+        let hold = new_hold(&request, now)?;
         self.write(move |txn, settings| {
             let mut holds = txn.open_table(HOLDS).map_err(redb::Error::from)?;
-            if let Some(existing) = get_json::<Hold>(&holds, &hold.request_id)? {
-                if existing.user != hold.user {
-                    return Err(LedgerError::RequestIdConflict {
-                        request_id: hold.request_id,
-                    });
-                }
-                return Ok(existing);
+            let mut accounts = txn.open_table(ACCOUNTS).map_err(redb::Error::from)?;
+            let mut account = account_or_initial(&accounts, &hold.user, settings)?;
+            let balance = Balance::new(account.balance, account.held)?;
+            if let Some(mut open) = get_json::<Hold>(&holds, &hold.request_id)? {
+                let previous = refresh_hold(&mut open, &request, balance, now)?;
+                account.held = account
+                    .held
+                    .checked_sub(previous)?
+                    .checked_add(open.amount)?;
+                put_json(&mut accounts, &open.user, &account)?;
+                put_json(&mut holds, &open.request_id, &open)?;
+                return Ok(open);
             }
             let usage = txn.open_table(USAGE).map_err(redb::Error::from)?;
             if usage
@@ -164,9 +139,6 @@ impl Ledger for EmbeddedLedger {
                     request_id: hold.request_id,
                 });
             }
-            let mut accounts = txn.open_table(ACCOUNTS).map_err(redb::Error::from)?;
-            let mut account = account_or_initial(&accounts, &hold.user, settings)?;
-            let balance = Balance::new(account.balance, account.held)?;
             if balance.available < hold.amount {
                 return Err(LedgerError::InsufficientCredits {
                     balance: balance.balance,
@@ -182,54 +154,16 @@ impl Ledger for EmbeddedLedger {
         .await
     }
 
-    async fn reprice(&self, request_id: &str, amount: Credits) -> Result<Hold, LedgerError> {
-        self.update_hold(request_id, move |hold, account| {
-            let balance = Balance::new(account.balance, account.held)?;
-            let extra = amount.saturating_sub(hold.amount);
-            if extra > balance.available {
-                return Err(LedgerError::InsufficientCredits {
-                    balance: balance.balance,
-                    available: balance.available,
-                    required: extra,
-                });
-            }
-            account.held = account.held.checked_sub(hold.amount)?.checked_add(amount)?;
-            hold.amount = amount;
-            Ok(())
-        })
-        .await
-    }
-
-    async fn renew(&self, request_id: &str, lease: Duration) -> Result<Hold, LedgerError> {
-        let lease_expires_at = lease_end(now_millis(), lease)?;
-        self.update_hold(request_id, move |hold, _| {
-            hold.lease_expires_at = lease_expires_at;
-            Ok(())
-        })
-        .await
-    }
-
-    async fn record_progress(
+    async fn settle(
         &self,
         request_id: &str,
-        progress: Progress,
-    ) -> Result<(), LedgerError> {
-        self.update_hold(request_id, move |hold, _| {
-            hold.progress = Some(progress);
-            Ok(())
-        })
-        .await?;
-        Ok(())
-    }
-
-    async fn settle(&self, settlement: Settlement) -> Result<Closed, LedgerError> {
-        let request_id = settlement.request_id.clone();
-        self.close(&request_id, OwnedClosing::Settle(settlement))
-            .await
+        price: PriceSettlement,
+    ) -> Result<Closed, LedgerError> {
+        self.close(request_id, CloseRequest::Settle(price)).await
     }
 
     async fn release(&self, request_id: &str) -> Result<Closed, LedgerError> {
-        self.close(request_id, OwnedClosing::Release).await
+        self.close(request_id, CloseRequest::Release).await
     }
 
     async fn balance(&self, user: &str) -> Result<Balance, LedgerError> {
@@ -372,21 +306,6 @@ fn close_hold(
         )
         .map_err(redb::Error::from)?;
     Ok(account)
-}
-
-fn closed_or_missing(
-    usage: &impl ReadableTable<&'static str, &'static [u8]>,
-    request_id: String,
-) -> Result<LedgerError, LedgerError> {
-    if usage
-        .get(request_id.as_str())
-        .map_err(redb::Error::from)?
-        .is_some()
-    {
-        Ok(LedgerError::HoldClosed { request_id })
-    } else {
-        Ok(LedgerError::HoldNotFound { request_id })
-    }
 }
 
 fn account_or_initial(

@@ -3,15 +3,17 @@
 //! # Flow
 //!
 //! 1. Price the request's worst case ([`price`] of its input tokens plus
-//!    the target's max output) and [`Ledger::hold`] it. The hold fails
+//!    the target's max output) and [`Ledger::hold`] it, with the progress
+//!    the reaper charges if the replica dies (the prompt). The hold fails
 //!    with [`LedgerError::InsufficientCredits`] when the balance minus open
 //!    holds is short.
-//! 2. While the reply runs: [`Ledger::reprice`] when falling back to another
-//!    target, [`Ledger::renew`] to extend the lease, [`Ledger::record_progress`]
-//!    so a crash leaves something to charge.
-//! 3. [`Ledger::settle`] with the actual usage (charges `min(cost, held)`,
-//!    records the excess as overage, releases the rest), or
-//!    [`Ledger::release`] when it failed before any output.
+//! 2. While the reply runs, [`Ledger::hold`] again under the same request
+//!    id: re-priced for a fallback target, the lease extended, the output so
+//!    far recorded — one write.
+//! 3. [`Ledger::settle`] with the actual usage, priced from the open hold in
+//!    the same write (charges `min(cost, held)`, records the excess as
+//!    overage, releases the rest), or [`Ledger::release`] when it failed
+//!    before any output.
 //! 4. [`Ledger::reap`], run periodically on every replica, closes holds whose
 //!    lease expired (their replica died): charged from the recorded progress,
 //!    or released and reported when there is none.
@@ -34,7 +36,9 @@
 //! of usage records not yet copied to the usage collection. Every money
 //! movement is one conditional single-document update, so it is atomic:
 //! - hold: `$inc` held / `$inc` available by −amount and `$push` the hold,
-//!   only if `available >= amount` and no hold with that id is there;
+//!   only if `available >= amount` and no hold with that id is there; held
+//!   again, the hold's fields are `$set` and the counters moved by the
+//!   difference, only if the hold still has the amount read;
 //! - settle/release: `$pull` the hold, `$inc` the counters, and `$push` the
 //!   usage record to the outbox, only if the hold (with the amount read) is
 //!   still there — so two closers can never both charge;
@@ -58,16 +62,14 @@ mod model;
 mod money;
 mod mongo;
 
-use std::time::Duration;
-
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 pub use embedded::EmbeddedLedger;
 pub use error::LedgerError;
 pub use model::{
-    Balance, Closed, Hold, HoldRequest, MAX_PAGE_SIZE, Page, Progress, ReapReport, ReplyOutcome,
-    Settlement, UsageOutcome, UsageRecord,
+    Balance, Closed, Hold, HoldRequest, MAX_PAGE_SIZE, Page, PriceSettlement, Progress, ReapReport,
+    ReplyOutcome, Settlement, UsageOutcome, UsageRecord,
 };
 pub use money::{Credits, MICROS_PER_CREDIT, price};
 pub use mongo::MongoLedger;
@@ -82,28 +84,19 @@ pub struct LedgerSettings {
 /// The credits ledger. Object-safe: the service holds an `Arc<dyn Ledger>`.
 #[async_trait]
 pub trait Ledger: Send + Sync {
-    /// Reserves `request.amount` for a request. Idempotent by request id: a
-    /// repeat returns the open hold unchanged; a repeat after the hold was
-    /// closed fails with [`LedgerError::HoldClosed`].
+    /// Reserves `request.amount` for a request. Held again while open, the
+    /// hold takes the request's amount (growing needs the difference to be
+    /// available), route, target, lease from now and progress, so a repeat
+    /// is idempotent; a repeat after the hold was closed fails with
+    /// [`LedgerError::HoldClosed`].
     async fn hold(&self, request: HoldRequest) -> Result<Hold, LedgerError>;
 
-    /// Changes an open hold's amount (fallback to a differently priced
-    /// target). Growing it needs the difference to be available.
-    async fn reprice(&self, request_id: &str, amount: Credits) -> Result<Hold, LedgerError>;
-
-    /// Extends an open hold's lease to `lease` from now.
-    async fn renew(&self, request_id: &str, lease: Duration) -> Result<Hold, LedgerError>;
-
-    /// Records the usage so far of an open hold's request, for the reaper.
-    async fn record_progress(
-        &self,
-        request_id: &str,
-        progress: Progress,
-    ) -> Result<(), LedgerError>;
-
     /// Charges the actual cost (at most the hold), releases the rest and
-    /// writes the request's usage record, exactly once.
-    async fn settle(&self, settlement: Settlement) -> Result<Closed, LedgerError>;
+    /// writes the request's usage record, exactly once. `price` works the
+    /// settlement out from the open hold; after the hold closed, the first
+    /// outcome is returned and `price` is not called.
+    async fn settle(&self, request_id: &str, price: PriceSettlement)
+    -> Result<Closed, LedgerError>;
 
     /// Releases a hold without charging (failure before any output), exactly
     /// once; after a settle it changes nothing and returns the settlement.

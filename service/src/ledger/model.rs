@@ -14,7 +14,8 @@ const MAX_ID_LEN: usize = 256;
 /// Most usage records one page may return.
 pub const MAX_PAGE_SIZE: u32 = 500;
 
-/// Reserve credits for one request before it runs.
+/// Reserve credits for one request before it runs, or refresh the hold of
+/// one that runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HoldRequest {
     /// Unique per request (the service mints it); the idempotency key of
@@ -22,12 +23,17 @@ pub struct HoldRequest {
     pub request_id: String,
     pub user: String,
     pub session_id: String,
+    /// The route and target the amount is priced for (a fallback changes
+    /// them).
     pub route: String,
     pub model: String,
-    /// The request's worst case: input tokens plus the target's max output.
+    /// The worst case: input tokens plus the target's max output.
     pub amount: Credits,
-    /// How long the hold stays open without a `renew`.
+    /// The hold stays open this long from now unless held again.
     pub lease: Duration,
+    /// The usage so far, for the reaper. Recorded progress only grows: a
+    /// repeat reporting less output (a late retry) keeps what was recorded.
+    pub progress: Option<Progress>,
 }
 
 /// An open hold: credits reserved for a running request.
@@ -71,7 +77,6 @@ pub enum ReplyOutcome {
 /// The end of a request that ran: what it used and what it costs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settlement {
-    pub request_id: String,
     /// Route and model that actually answered (a fallback may differ from
     /// the hold's).
     pub route: String,
@@ -86,6 +91,12 @@ pub struct Settlement {
     /// The token counts are an estimate (the provider reported none).
     pub estimated: bool,
 }
+
+/// Works out a request's settlement from its open hold, inside the write
+/// that closes it: the hold's route, model and recorded progress stand in
+/// for what the caller did not report, without a separate read or renew.
+/// The MongoDB store may call it again when the hold changed meanwhile.
+pub type PriceSettlement = Box<dyn Fn(&Hold) -> Result<Settlement, LedgerError> + Send + Sync>;
 
 /// How a request's hold was closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -277,6 +288,28 @@ pub(crate) fn closing_record(
     }
 }
 
+/// How the service closes a hold.
+pub(crate) enum CloseRequest {
+    Settle(PriceSettlement),
+    Release,
+}
+
+impl CloseRequest {
+    /// The usage record that closes `hold`.
+    pub(crate) fn record(
+        &self,
+        hold: &Hold,
+        now: DateTime<Utc>,
+    ) -> Result<UsageRecord, LedgerError> {
+        Ok(match self {
+            CloseRequest::Settle(price) => {
+                closing_record(hold, &Closing::Settle(&price(hold)?), now)
+            }
+            CloseRequest::Release => closing_record(hold, &Closing::Release, now),
+        })
+    }
+}
+
 /// Builds the hold a request asks for, leased from `now`.
 pub(crate) fn new_hold(request: &HoldRequest, now: DateTime<Utc>) -> Result<Hold, LedgerError> {
     validate_id(&request.request_id)?;
@@ -290,8 +323,47 @@ pub(crate) fn new_hold(request: &HoldRequest, now: DateTime<Utc>) -> Result<Hold
         amount: request.amount,
         lease_expires_at: lease_end(now, request.lease)?,
         created_at: now,
-        progress: None,
+        progress: request.progress.clone(),
     })
+}
+
+/// Applies a repeated hold request to the open hold it names: the new
+/// amount, route, target and lease, and the progress when it brings more.
+/// Growing the amount needs the difference to be `available`. Returns the
+/// amount the hold had.
+pub(crate) fn refresh_hold(
+    hold: &mut Hold,
+    request: &HoldRequest,
+    balance: Balance,
+    now: DateTime<Utc>,
+) -> Result<Credits, LedgerError> {
+    if hold.user != request.user {
+        return Err(LedgerError::RequestIdConflict {
+            request_id: request.request_id.clone(),
+        });
+    }
+    let extra = request.amount.saturating_sub(hold.amount);
+    if extra > balance.available {
+        return Err(LedgerError::InsufficientCredits {
+            balance: balance.balance,
+            available: balance.available,
+            required: extra,
+        });
+    }
+    let previous = hold.amount;
+    hold.amount = request.amount;
+    hold.route.clone_from(&request.route);
+    hold.model.clone_from(&request.model);
+    hold.lease_expires_at = lease_end(now, request.lease)?;
+    if let Some(progress) = &request.progress
+        && hold
+            .progress
+            .as_ref()
+            .is_none_or(|recorded| progress.output_tokens >= recorded.output_tokens)
+    {
+        hold.progress = Some(progress.clone());
+    }
+    Ok(previous)
 }
 
 pub(crate) fn lease_end(now: DateTime<Utc>, lease: Duration) -> Result<DateTime<Utc>, LedgerError> {

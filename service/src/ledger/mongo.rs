@@ -1,8 +1,6 @@
 //! The ledger in MongoDB, with single-document atomic updates only (see the
 //! module docs of `ledger` for the crash-consistency argument).
 
-use std::time::Duration;
-
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
@@ -12,10 +10,12 @@ use mongodb::options::{IndexOptions, ReturnDocument};
 use mongodb::{Collection, Database, IndexModel};
 use serde::{Deserialize, Serialize};
 
-use super::model::{Closing, closing_record, lease_end, new_hold, now_millis, validate_id};
+use super::model::{
+    CloseRequest, Closing, closing_record, new_hold, now_millis, refresh_hold, validate_id,
+};
 use super::{
     Balance, Closed, Credits, Hold, HoldRequest, Ledger, LedgerError, LedgerSettings, Page,
-    Progress, ReapReport, Settlement, UsageOutcome, UsageRecord, log_reap_report,
+    PriceSettlement, Progress, ReapReport, UsageOutcome, UsageRecord, log_reap_report,
 };
 
 const ACCOUNTS: &str = "ledger_accounts";
@@ -169,55 +169,51 @@ impl MongoLedger {
             .await?)
     }
 
-    /// The error for an operation on a hold that is not open.
-    async fn closed_or_missing(&self, request_id: &str) -> Result<LedgerError, LedgerError> {
-        let in_outbox = self
-            .accounts
-            .find_one(doc! { "outbox._id": request_id })
-            .await?;
-        let closed = in_outbox.is_some()
-            || self
-                .usage
-                .find_one(doc! { "_id": request_id })
-                .await?
-                .is_some();
-        let request_id = request_id.to_owned();
-        Ok(if closed {
-            LedgerError::HoldClosed { request_id }
-        } else {
-            LedgerError::HoldNotFound { request_id }
-        })
-    }
-
-    /// Sets `fields` (paths under the hold) on an open hold and returns it.
-    async fn set_on_hold(&self, request_id: &str, fields: Document) -> Result<Hold, LedgerError> {
-        validate_id(request_id)?;
-        let set: Document = fields
-            .into_iter()
-            .map(|(path, value)| (format!("holds.$[hold].{path}"), value))
-            .collect();
+    /// Applies a repeated hold request to `hold`, open in `account` as read:
+    /// one conditional update, which matches only while the hold still has
+    /// the amount read (and the account the difference, when it grows).
+    /// `None` when something changed meanwhile.
+    async fn refresh(
+        &self,
+        account: &AccountDoc,
+        mut hold: Hold,
+        request: &HoldRequest,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Hold>, LedgerError> {
+        let previous = to_i64(refresh_hold(&mut hold, request, account.balance()?, now)?)?;
+        let extra = to_i64(hold.amount)? - previous;
+        let mut filter = doc! {
+            "_id": &account.user,
+            "holds": { "$elemMatch": { "requestId": &hold.request_id, "amount": previous } },
+        };
+        if extra > 0 {
+            filter.insert("available", doc! { "$gte": extra });
+        }
+        let hold_doc = bson::to_bson(&HoldDoc::from_hold(&hold)?).map_err(corrupt)?;
         let updated = self
             .accounts
-            .find_one_and_update(doc! { "holds.requestId": request_id }, doc! { "$set": set })
-            .array_filters([doc! { "hold.requestId": request_id }])
-            .return_document(ReturnDocument::After)
+            .update_one(
+                filter,
+                doc! {
+                    "$inc": { "held": extra, "available": -extra },
+                    "$set": { "holds.$[hold]": hold_doc },
+                },
+            )
+            .array_filters([doc! { "hold.requestId": &hold.request_id }])
             .await?;
-        match updated {
-            Some(account) => find_hold(&account, request_id)?.to_hold(),
-            None => Err(self.closed_or_missing(request_id).await?),
-        }
+        Ok((updated.matched_count == 1).then_some(hold))
     }
 
     /// Closes the open hold `request_id`: charges, releases the rest and
     /// records its usage, exactly once.
-    async fn close(&self, request_id: &str, closing: Closing<'_>) -> Result<Closed, LedgerError> {
+    async fn close(&self, request_id: &str, closing: CloseRequest) -> Result<Closed, LedgerError> {
         validate_id(request_id)?;
         for _ in 0..MAX_ATTEMPTS {
             let Some(account) = self.account_with_hold(request_id).await? else {
                 return self.replay_close(request_id).await;
             };
             let hold = find_hold(&account, request_id)?.to_hold()?;
-            let record = closing_record(&hold, &closing, now_millis());
+            let record = closing.record(&hold, now_millis())?;
             if let Some(after) = self.close_hold(&hold, None, &record).await? {
                 self.flush(&record).await?;
                 return Ok(Closed {
@@ -226,7 +222,7 @@ impl MongoLedger {
                     balance: after.balance()?,
                 });
             }
-            // The hold changed (reprice) or was closed meanwhile: look again.
+            // The hold was re-priced or closed meanwhile: look again.
         }
         Err(LedgerError::Contention {
             request_id: request_id.to_owned(),
@@ -368,33 +364,29 @@ impl MongoLedger {
 #[async_trait]
 impl Ledger for MongoLedger {
     async fn hold(&self, request: HoldRequest) -> Result<Hold, LedgerError> {
-        let hold = new_hold(&request, now_millis())?;
+        let now = now_millis();
+        let hold = new_hold(&request, now)?;
         let amount = to_i64(hold.amount)?;
         let request_id = hold.request_id.as_str();
-        // A request closed long ago: its record is in the usage collection.
-        // (One closed since is refused by the update's filter.)
-        if self
-            .usage
-            .find_one(doc! { "_id": request_id })
-            .await?
-            .is_some()
-        {
-            return Err(LedgerError::HoldClosed {
-                request_id: request_id.to_owned(),
-            });
-        }
         let hold_doc = bson::to_bson(&HoldDoc::from_hold(&hold)?).map_err(corrupt)?;
+        let mut closed_long_ago_checked = false;
         for _ in 0..MAX_ATTEMPTS {
             // Read first: a refusal is then one read, not a failed update
             // (far dearer on a large account document), and the refusal
-            // needs the amounts anyway. The update below stays conditional,
+            // needs the amounts anyway. The updates below stay conditional,
             // so a change between the two is caught and retried.
             let Some(account) = self.accounts.find_one(doc! { "_id": &hold.user }).await? else {
                 self.ensure_account(&hold.user).await?;
                 continue;
             };
-            if let Some(existing) = account.holds.iter().find(|h| h.request_id == request_id) {
-                return existing.to_hold();
+            if let Some(open) = account.holds.iter().find(|h| h.request_id == request_id) {
+                match self
+                    .refresh(&account, open.to_hold()?, &request, now)
+                    .await?
+                {
+                    Some(refreshed) => return Ok(refreshed),
+                    None => continue,
+                }
             }
             if account.outbox.iter().any(|r| r.request_id == request_id)
                 || account.recently_closed.iter().any(|id| id == request_id)
@@ -410,6 +402,21 @@ impl Ledger for MongoLedger {
                     available: balance.available,
                     required: hold.amount,
                 });
+            }
+            // A request closed long ago: its record is in the usage
+            // collection. (One closed since is refused by the filter below.)
+            if !closed_long_ago_checked {
+                if self
+                    .usage
+                    .find_one(doc! { "_id": request_id })
+                    .await?
+                    .is_some()
+                {
+                    return Err(LedgerError::HoldClosed {
+                        request_id: request_id.to_owned(),
+                    });
+                }
+                closed_long_ago_checked = true;
             }
             let taken = self
                 .accounts
@@ -437,85 +444,16 @@ impl Ledger for MongoLedger {
         })
     }
 
-    async fn reprice(&self, request_id: &str, amount: Credits) -> Result<Hold, LedgerError> {
-        validate_id(request_id)?;
-        let new_amount = to_i64(amount)?;
-        for _ in 0..MAX_ATTEMPTS {
-            let Some(account) = self.account_with_hold(request_id).await? else {
-                return Err(self.closed_or_missing(request_id).await?);
-            };
-            let old_amount = find_hold(&account, request_id)?.amount;
-            let extra = new_amount - old_amount;
-            let mut filter = doc! {
-                "_id": &account.user,
-                "holds": { "$elemMatch": { "requestId": request_id, "amount": old_amount } },
-            };
-            if extra > 0 {
-                filter.insert("available", doc! { "$gte": extra });
-            }
-            let updated = self
-                .accounts
-                .find_one_and_update(
-                    filter,
-                    doc! {
-                        "$inc": { "held": extra, "available": -extra },
-                        "$set": { "holds.$[hold].amount": new_amount },
-                    },
-                )
-                .array_filters([doc! { "hold.requestId": request_id }])
-                .return_document(ReturnDocument::After)
-                .await?;
-            if let Some(after) = updated {
-                return find_hold(&after, request_id)?.to_hold();
-            }
-            let balance = account.balance()?;
-            if extra > 0 && balance.available < from_i64(extra)? {
-                // Confirm on fresh data that the shortfall is real.
-                if let Some(fresh) = self.account_with_hold(request_id).await? {
-                    let fresh_balance = fresh.balance()?;
-                    let unchanged = find_hold(&fresh, request_id)?.amount == old_amount;
-                    if unchanged && fresh_balance.available < from_i64(extra)? {
-                        return Err(LedgerError::InsufficientCredits {
-                            balance: fresh_balance.balance,
-                            available: fresh_balance.available,
-                            required: from_i64(extra)?,
-                        });
-                    }
-                }
-            }
-        }
-        Err(LedgerError::Contention {
-            request_id: request_id.to_owned(),
-        })
-    }
-
-    async fn renew(&self, request_id: &str, lease: Duration) -> Result<Hold, LedgerError> {
-        let lease_expires_at = lease_end(now_millis(), lease)?;
-        self.set_on_hold(
-            request_id,
-            doc! { "leaseExpiresAt": to_bson_time(lease_expires_at) },
-        )
-        .await
-    }
-
-    async fn record_progress(
+    async fn settle(
         &self,
         request_id: &str,
-        progress: Progress,
-    ) -> Result<(), LedgerError> {
-        let progress = bson::to_bson(&ProgressDoc::from_progress(&progress)?).map_err(corrupt)?;
-        self.set_on_hold(request_id, doc! { "progress": progress })
-            .await?;
-        Ok(())
-    }
-
-    async fn settle(&self, settlement: Settlement) -> Result<Closed, LedgerError> {
-        self.close(&settlement.request_id, Closing::Settle(&settlement))
-            .await
+        price: PriceSettlement,
+    ) -> Result<Closed, LedgerError> {
+        self.close(request_id, CloseRequest::Settle(price)).await
     }
 
     async fn release(&self, request_id: &str) -> Result<Closed, LedgerError> {
-        self.close(request_id, Closing::Release).await
+        self.close(request_id, CloseRequest::Release).await
     }
 
     async fn balance(&self, user: &str) -> Result<Balance, LedgerError> {
