@@ -11,15 +11,19 @@
 //! commit writes the newest root and flushes every buffered page before its
 //! fsync, so it makes all the batch's earlier commits durable too (redb
 //! documents `None` as "not persisted to disk unless followed by a commit with
-//! `Durability::Immediate`"). Only then is any operation of the batch
-//! answered. Operations arriving meanwhile form the next batch, so one fsync
+//! `Durability::Immediate`"). Each operation is answered with the number of
+//! its commit, and the writer publishes how far commits are durable; `write`
+//! waits for that. Operations arriving meanwhile form the next batch, so one fsync
 //! serves every operation that was waiting. The cost: between durable commits
 //! the batch's pages stay in redb's write buffer, and pages its commits free
 //! are reused only after the durable commit.
 //!
 //! Readers see non-durable commits, so a read waits, before it answers, for a
 //! durable commit covering every commit it could have seen: nothing answered,
-//! read or written, can be lost by a crash.
+//! read or written, can be lost by a crash. [`EmbeddedDb::write_applied`] and
+//! [`EmbeddedDb::read_applied`] answer at once instead, with a
+//! [`PendingDurability`] the caller waits on before it shows anything that
+//! rests on them (a reply calls its model meanwhile).
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
@@ -103,6 +107,20 @@ impl EmbeddedDb {
         E: From<redb::Error> + Send + 'static,
         F: FnOnce(&WriteTransaction) -> Result<T, E> + Send + 'static,
     {
+        let (value, pending) = self.write_applied(operation).await?;
+        pending.wait::<E>().await?;
+        Ok(value)
+    }
+
+    /// [`EmbeddedDb::write`], answered once the commit is applied: later
+    /// operations see it, and the answer says when it is durable. For work
+    /// that can overlap the fsync but must not expose its result before it.
+    pub async fn write_applied<T, E, F>(&self, operation: F) -> Result<(T, PendingDurability), E>
+    where
+        T: Send + 'static,
+        E: From<redb::Error> + Send + 'static,
+        F: FnOnce(&WriteTransaction) -> Result<T, E> + Send + 'static,
+    {
         let (answer, answered) = oneshot::channel();
         let operation: Operation = Box::new(move |transaction| {
             let result = transaction.map_err(E::from).and_then(operation);
@@ -111,19 +129,41 @@ impl EmbeddedDb {
                 answer: Box::new(move |commit| {
                     // A caller that stopped waiting leaves the effects in place,
                     // as a finished transaction would.
-                    let _ = answer.send(commit.map_err(E::from).and(result));
+                    let _ = answer.send((result, commit));
                 }),
             }
         });
         self.operations
             .send(operation)
             .map_err(|_| E::from(redb::Error::DatabaseClosed))?;
-        answered.await.map_err(|_| E::from(panicked()))?
+        let (result, commit) = answered.await.map_err(|_| E::from(panicked()))?;
+        let pending = self.pending(commit?);
+        match result {
+            Ok(value) => Ok((value, pending)),
+            // A refusal may rest on commits it saw that are not durable yet.
+            Err(error) => {
+                pending.wait::<E>().await?;
+                Err(error)
+            }
+        }
     }
 
     /// Runs `operation` in a read transaction on the blocking pool; answers
     /// once everything it could have seen is durable.
     pub async fn read<T, E, F>(&self, operation: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<redb::Error> + Send + 'static,
+        F: FnOnce(&ReadTransaction) -> Result<T, E> + Send + 'static,
+    {
+        let (value, pending) = self.read_applied(operation).await?;
+        pending.wait::<E>().await?;
+        Ok(value)
+    }
+
+    /// [`EmbeddedDb::read`], answered at once: it may have seen commits that
+    /// are not durable yet, and the answer says when they are.
+    pub async fn read_applied<T, E, F>(&self, operation: F) -> Result<(T, PendingDurability), E>
     where
         T: Send + 'static,
         E: From<redb::Error> + Send + 'static,
@@ -140,13 +180,50 @@ impl EmbeddedDb {
         })
         .await
         .map_err(|_| E::from(panicked()))??;
-        self.durable_through(seen).await?;
-        result
+        let pending = self.pending(seen);
+        match result {
+            Ok(value) => Ok((value, pending)),
+            Err(error) => {
+                pending.wait::<E>().await?;
+                Err(error)
+            }
+        }
     }
 
-    /// Waits until commit `commit` and all before it are durable.
-    async fn durable_through(&self, commit: u64) -> Result<(), redb::Error> {
-        let mut durable = self.durable.clone();
+    fn pending(&self, commit: u64) -> PendingDurability {
+        PendingDurability(Some((self.durable.clone(), commit)))
+    }
+}
+
+/// Effects that are applied (later operations see them) but perhaps not yet
+/// durable. Whatever depends on them must not be shown to anyone before
+/// [`PendingDurability::wait`] succeeds: a crash before then loses them.
+#[must_use = "applied effects must be waited on before anything depending on them is shown"]
+pub struct PendingDurability(Option<(watch::Receiver<Durable>, u64)>);
+
+impl PendingDurability {
+    /// Nothing pending: a store that answers only once durable.
+    pub fn none() -> Self {
+        PendingDurability(None)
+    }
+
+    /// Pending until both are durable.
+    pub fn and(self, other: Self) -> Self {
+        match (self.0, other.0) {
+            (Some((durable, mine)), Some((_, theirs))) => {
+                PendingDurability(Some((durable, mine.max(theirs))))
+            }
+            (mine, theirs) => PendingDurability(mine.or(theirs)),
+        }
+    }
+
+    /// Waits until the effects are durable; fails when the durable commit
+    /// that would have covered them failed (redb then refuses writes until
+    /// the database is reopened).
+    pub async fn wait<E: From<redb::Error>>(self) -> Result<(), E> {
+        let Some((mut durable, commit)) = self.0 else {
+            return Ok(());
+        };
         let state = *durable
             .wait_for(|state| state.through >= commit || state.failed_through >= commit)
             .await
@@ -154,9 +231,7 @@ impl EmbeddedDb {
         if state.through >= commit {
             Ok(())
         } else {
-            // The durable commit that would have covered it failed; redb
-            // refuses writes until the database is reopened.
-            Err(redb::Error::PreviousIo)
+            Err(redb::Error::PreviousIo.into())
         }
     }
 }
@@ -172,26 +247,18 @@ fn panicked() -> redb::Error {
 type Operation = Box<dyn FnOnce(Result<&WriteTransaction, redb::Error>) -> Ran + Send>;
 
 /// An operation that ran: whether its transaction is to commit, and how to
-/// answer its caller with the fate of that commit.
+/// answer its caller with the number of that commit (of the newest one it
+/// saw, when it rolled back) or why the commit failed.
 struct Ran {
     commit: bool,
-    answer: Box<dyn FnOnce(Result<(), redb::Error>) + Send>,
+    answer: Box<dyn FnOnce(Result<u64, redb::Error>) + Send>,
 }
 
 /// How far commits are known durable, or known failed.
 #[derive(Debug, Default, Clone, Copy)]
-struct Durable {
+pub struct Durable {
     through: u64,
     failed_through: u64,
-}
-
-/// The fate of one operation's commit, settled when its batch ends.
-enum Fate {
-    /// Known now: it did not commit, or its commit failed, or it was the
-    /// durable commit itself.
-    Settled(Result<(), redb::Error>),
-    /// Committed without fsync: as durable as the batch's durable commit.
-    Batch,
 }
 
 struct Writer {
@@ -209,8 +276,7 @@ impl Writer {
             let Some(database) = self.database.upgrade() else {
                 continue;
             };
-            let mut answers = Vec::new();
-            let mut unflushed = false;
+            let mut batch = Batch::default();
             let mut taken = 1;
             let mut next = Some(first);
             while let Some(operation) = next {
@@ -221,49 +287,33 @@ impl Writer {
                 };
                 taken += 1;
                 let durable = next.is_none();
-                let Some((ran, fate)) = self.run_one(&database, operation, durable, &mut numbered)
-                else {
-                    continue;
-                };
-                match fate {
-                    Fate::Batch => unflushed = true,
-                    Fate::Settled(Ok(())) if ran.commit => unflushed = false,
-                    Fate::Settled(_) => {}
-                }
-                answers.push((ran, fate));
+                self.run_one(&database, operation, durable, &mut numbered, &mut batch);
             }
             // The last operation did not commit durably (it failed, or its
             // commit did): an empty durable commit covers the others.
-            let batch = if unflushed {
-                self.flush(&database, &mut numbered)
-            } else {
-                Ok(())
-            };
-            // Before answering: a caller that closes the database next must
-            // find the file closed.
-            drop(database);
-            for (ran, fate) in answers {
-                let commit = match fate {
-                    Fate::Settled(result) => result,
-                    Fate::Batch => match &batch {
-                        Ok(()) => Ok(()),
-                        Err(error) => Err(same_failure(error)),
-                    },
-                };
-                (ran.answer)(commit);
+            if batch.unflushed {
+                self.flush(&database, &mut numbered, &mut batch);
             }
+            // Before publishing: a caller that closes the database once its
+            // write is durable must find the file closed.
+            drop(database);
+            self.publish.send_modify(|state| {
+                state.through = state.through.max(batch.durable_through);
+                state.failed_through = state.failed_through.max(batch.failed_through);
+            });
         }
     }
 
-    /// Runs one operation in its own transaction and commits it when it
-    /// succeeds, durably when `durable`. `None` when it panicked.
+    /// Runs one operation in its own transaction, commits it when it
+    /// succeeds (durably when `durable`) and answers its caller.
     fn run_one(
         &self,
         database: &Database,
         operation: Operation,
         durable: bool,
         numbered: &mut u64,
-    ) -> Option<(Ran, Fate)> {
+        batch: &mut Batch,
+    ) {
         let transaction =
             database
                 .begin_write()
@@ -277,78 +327,74 @@ impl Writer {
         let transaction = match transaction {
             Ok(transaction) => transaction,
             Err(error) => {
-                let ran = catch_unwind(AssertUnwindSafe(|| operation(Err(error)))).ok()?;
-                return Some((ran, Fate::Settled(Ok(()))));
+                // The operation fails with the error; nothing to commit.
+                if let Ok(ran) = catch_unwind(AssertUnwindSafe(|| operation(Err(error)))) {
+                    (ran.answer)(Ok(*numbered));
+                }
+                return;
             }
         };
         // A panicking operation drops its answer, and its transaction rolls
         // back as it is dropped.
-        let ran = catch_unwind(AssertUnwindSafe(|| operation(Ok(&transaction)))).ok()?;
-        if !ran.commit {
-            return Some((ran, Fate::Settled(Ok(()))));
-        }
-        let fate = match self.commit(transaction, durable, numbered) {
-            Ok(()) if !durable => Fate::Batch,
-            result => Fate::Settled(result),
+        let Ok(ran) = catch_unwind(AssertUnwindSafe(|| operation(Ok(&transaction)))) else {
+            return;
         };
-        Some((ran, fate))
+        if !ran.commit {
+            // Rolled back: its failure is its answer.
+            (ran.answer)(Ok(*numbered));
+            return;
+        }
+        (ran.answer)(self.commit(transaction, durable, numbered, batch));
     }
 
     /// An empty durable commit, making every commit before it durable.
-    fn flush(&self, database: &Database, numbered: &mut u64) -> Result<(), redb::Error> {
+    fn flush(&self, database: &Database, numbered: &mut u64, batch: &mut Batch) {
         match database.begin_write() {
-            Ok(transaction) => self.commit(transaction, true, numbered),
-            Err(error) => {
-                self.failed(*numbered);
-                Err(error.into())
+            Ok(transaction) => {
+                // A failure is recorded in the batch for every waiter.
+                let _ = self.commit(transaction, true, numbered, batch);
             }
+            Err(_) => batch.failed_through = *numbered,
         }
     }
 
-    /// Commits `transaction` under the next number and publishes how far
-    /// commits are durable.
+    /// Commits `transaction` under the next number and records in `batch`
+    /// how far commits are durable, or failed.
     fn commit(
         &self,
         transaction: WriteTransaction,
         durable: bool,
         numbered: &mut u64,
-    ) -> Result<(), redb::Error> {
+        batch: &mut Batch,
+    ) -> Result<u64, redb::Error> {
         *numbered += 1;
         let number = *numbered;
         self.newest_commit.store(number, Ordering::SeqCst);
         match transaction.commit() {
-            Ok(()) => {
-                if durable {
-                    self.publish.send_modify(|state| state.through = number);
-                }
-                Ok(())
+            Ok(()) if durable => {
+                batch.durable_through = number;
+                batch.unflushed = false;
             }
+            Ok(()) => batch.unflushed = true,
             Err(error) => {
-                self.failed(number);
-                Err(error.into())
+                batch.failed_through = number;
+                // redb refuses writes after a failed commit; later ones of
+                // the batch fail too and are recorded the same way.
+                batch.unflushed = false;
+                return Err(error.into());
             }
         }
-    }
-
-    /// Commits up to `number` may never become durable: readers that could
-    /// have seen them fail rather than wait.
-    fn failed(&self, number: u64) {
-        self.publish
-            .send_modify(|state| state.failed_through = state.failed_through.max(number));
+        Ok(number)
     }
 }
 
-/// The batch's durable-commit failure, for each operation it leaves
-/// undecided (redb errors cannot be cloned).
-fn same_failure(error: &redb::Error) -> redb::Error {
-    let kind = match error {
-        redb::Error::Io(error) => error.kind(),
-        _ => std::io::ErrorKind::Other,
-    };
-    redb::Error::Io(std::io::Error::new(
-        kind,
-        format!("durable commit failed: {error}"),
-    ))
+/// What one batch of commits came to.
+#[derive(Default)]
+struct Batch {
+    /// A commit since the last durable one is not durable yet.
+    unflushed: bool,
+    durable_through: u64,
+    failed_through: u64,
 }
 
 #[cfg(test)]
@@ -464,6 +510,38 @@ mod tests {
         written.unwrap();
         assert_eq!(db.read(get(1)).await.unwrap(), None);
         assert_eq!(db.read(get(2)).await.unwrap(), Some(2));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn applied_writes_are_seen_at_once_and_durable_only_after_their_fsync() {
+        let failing = Arc::new(AtomicBool::new(false));
+        let disk = FailingDisk {
+            memory: InMemoryBackend::new(),
+            failing: Arc::clone(&failing),
+        };
+        let db = EmbeddedDb::new(Database::builder().create_with_backend(disk).unwrap()).unwrap();
+        let (_, written) = db.write_applied(insert(1)).await.unwrap();
+        let (seen, read) = db.read_applied(get(1)).await.unwrap();
+        assert_eq!(seen, Some(1));
+        written
+            .and(read)
+            .and(PendingDurability::none())
+            .wait::<redb::Error>()
+            .await
+            .unwrap();
+        // Once fsync fails, no applied write is ever confirmed durable.
+        failing.store(true, Ordering::SeqCst);
+        let confirmed = join_all((2..=200).map(|number| {
+            let db = &db;
+            async move {
+                match db.write_applied(insert(number)).await {
+                    Ok(((), pending)) => pending.wait::<redb::Error>().await.is_ok(),
+                    Err(_) => false,
+                }
+            }
+        }))
+        .await;
+        assert!(confirmed.iter().all(|durable| !durable));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

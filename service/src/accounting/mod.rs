@@ -32,6 +32,7 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 
 use crate::auth::{Principal, Role, bearer_token};
+use crate::embedded_db::PendingDurability;
 use crate::error::Error;
 use crate::ledger::{
     Closed, Credits, Hold, HoldRequest, Ledger, LedgerError, MAX_PAGE_SIZE, Page, Progress,
@@ -88,6 +89,20 @@ pub trait Accounting: Send + Sync {
         caller: &Caller,
         request: InitializeRequest,
     ) -> Result<InitializeResponse, Error>;
+    /// [`Accounting::initialize`], answered once the hold is applied but
+    /// perhaps before it is durable (see [`Ledger::hold_applied`]): the reply
+    /// may call its model meanwhile, and waits on the [`PendingDurability`]
+    /// before it shows the first token.
+    async fn initialize_applied(
+        &self,
+        caller: &Caller,
+        request: InitializeRequest,
+    ) -> Result<(InitializeResponse, PendingDurability), Error> {
+        Ok((
+            self.initialize(caller, request).await?,
+            PendingDurability::none(),
+        ))
+    }
     /// Charges a reply exactly once, whatever the order or number of calls.
     async fn finalize(
         &self,
@@ -228,7 +243,7 @@ impl LocalAccounting {
         &self,
         caller: &Caller,
         request: InitializeRequest,
-    ) -> Result<InitializeResponse, Error> {
+    ) -> Result<(InitializeResponse, PendingDurability), Error> {
         let user = account_of(caller, request.user_id)?;
         let request_id = hold_key(&user, &request.session_id)?;
         let routes = self.routes.snapshot();
@@ -248,9 +263,9 @@ impl LocalAccounting {
         };
         // Held again (a fallback re-prices, a renewal brings the output so
         // far), the same call refreshes the open hold in one write.
-        let hold = self
+        let (hold, pending) = self
             .ledger
-            .hold(HoldRequest {
+            .hold_applied(HoldRequest {
                 request_id,
                 user: user.clone(),
                 session_id: request.session_id.clone(),
@@ -261,14 +276,15 @@ impl LocalAccounting {
                 progress: Some(progress),
             })
             .await?;
-        Ok(InitializeResponse {
+        let response = InitializeResponse {
             session_id: request.session_id,
             user_id: user,
             model_id: route.model.clone(),
             route: route.alias.clone(),
             allocated_credits: amount,
             lease_expires_at: hold.lease_expires_at,
-        })
+        };
+        Ok((response, pending))
     }
 
     async fn settle(
@@ -351,6 +367,16 @@ impl Accounting for LocalAccounting {
         caller: &Caller,
         request: InitializeRequest,
     ) -> Result<InitializeResponse, Error> {
+        let (response, pending) = self.initialize_applied(caller, request).await?;
+        pending.wait::<Error>().await?;
+        Ok(response)
+    }
+
+    async fn initialize_applied(
+        &self,
+        caller: &Caller,
+        request: InitializeRequest,
+    ) -> Result<(InitializeResponse, PendingDurability), Error> {
         let result = self.hold(caller, request).await;
         self.metrics.observe_check(&result, |_| true);
         result

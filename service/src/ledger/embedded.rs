@@ -10,7 +10,7 @@ use redb::{ReadableTable, ReadableTableMetadata, Table, TableDefinition, WriteTr
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::embedded_db::EmbeddedDb;
+use crate::embedded_db::{EmbeddedDb, PendingDurability};
 
 use super::model::{
     CloseRequest, Closing, closing_record, new_hold, now_millis, refresh_hold, validate_id,
@@ -112,46 +112,58 @@ impl EmbeddedLedger {
 #[async_trait]
 impl Ledger for EmbeddedLedger {
     async fn hold(&self, request: HoldRequest) -> Result<Hold, LedgerError> {
+        let (hold, pending) = self.hold_applied(request).await?;
+        pending.wait::<LedgerError>().await?;
+        Ok(hold)
+    }
+
+    async fn hold_applied(
+        &self,
+        request: HoldRequest,
+    ) -> Result<(Hold, PendingDurability), LedgerError> {
         let now = now_millis();
         let hold = new_hold(&request, now)?;
-        self.write(move |txn, settings| {
-            let mut holds = txn.open_table(HOLDS).map_err(redb::Error::from)?;
-            let mut accounts = txn.open_table(ACCOUNTS).map_err(redb::Error::from)?;
-            let mut account = account_or_initial(&accounts, &hold.user, settings)?;
-            let balance = Balance::new(account.balance, account.held)?;
-            if let Some(mut open) = get_json::<Hold>(&holds, &hold.request_id)? {
-                let previous = refresh_hold(&mut open, &request, balance, now)?;
-                account.held = account
-                    .held
-                    .checked_sub(previous)?
-                    .checked_add(open.amount)?;
-                put_json(&mut accounts, &open.user, &account)?;
-                put_json(&mut holds, &open.request_id, &open)?;
-                return Ok(open);
-            }
-            let usage = txn.open_table(USAGE).map_err(redb::Error::from)?;
-            if usage
-                .get(hold.request_id.as_str())
-                .map_err(redb::Error::from)?
-                .is_some()
-            {
-                return Err(LedgerError::HoldClosed {
-                    request_id: hold.request_id,
-                });
-            }
-            if balance.available < hold.amount {
-                return Err(LedgerError::InsufficientCredits {
-                    balance: balance.balance,
-                    available: balance.available,
-                    required: hold.amount,
-                });
-            }
-            account.held = account.held.checked_add(hold.amount)?;
-            put_json(&mut accounts, &hold.user, &account)?;
-            put_json(&mut holds, &hold.request_id, &hold)?;
-            Ok(hold)
-        })
-        .await
+        let settings = self.settings;
+        self.db
+            .write_applied(move |txn| {
+                let settings = &settings;
+                let mut holds = txn.open_table(HOLDS).map_err(redb::Error::from)?;
+                let mut accounts = txn.open_table(ACCOUNTS).map_err(redb::Error::from)?;
+                let mut account = account_or_initial(&accounts, &hold.user, settings)?;
+                let balance = Balance::new(account.balance, account.held)?;
+                if let Some(mut open) = get_json::<Hold>(&holds, &hold.request_id)? {
+                    let previous = refresh_hold(&mut open, &request, balance, now)?;
+                    account.held = account
+                        .held
+                        .checked_sub(previous)?
+                        .checked_add(open.amount)?;
+                    put_json(&mut accounts, &open.user, &account)?;
+                    put_json(&mut holds, &open.request_id, &open)?;
+                    return Ok(open);
+                }
+                let usage = txn.open_table(USAGE).map_err(redb::Error::from)?;
+                if usage
+                    .get(hold.request_id.as_str())
+                    .map_err(redb::Error::from)?
+                    .is_some()
+                {
+                    return Err(LedgerError::HoldClosed {
+                        request_id: hold.request_id,
+                    });
+                }
+                if balance.available < hold.amount {
+                    return Err(LedgerError::InsufficientCredits {
+                        balance: balance.balance,
+                        available: balance.available,
+                        required: hold.amount,
+                    });
+                }
+                account.held = account.held.checked_add(hold.amount)?;
+                put_json(&mut accounts, &hold.user, &account)?;
+                put_json(&mut holds, &hold.request_id, &hold)?;
+                Ok(hold)
+            })
+            .await
     }
 
     async fn settle(

@@ -66,6 +66,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 pub use embedded::EmbeddedLedger;
+
+use crate::embedded_db::PendingDurability;
 pub use error::LedgerError;
 pub use model::{
     Balance, Closed, Hold, HoldRequest, MAX_PAGE_SIZE, Page, PriceSettlement, Progress, ReapReport,
@@ -90,6 +92,17 @@ pub trait Ledger: Send + Sync {
     /// is idempotent; a repeat after the hold was closed fails with
     /// [`LedgerError::HoldClosed`].
     async fn hold(&self, request: HoldRequest) -> Result<Hold, LedgerError>;
+
+    /// [`Ledger::hold`], answered once the hold is applied (later
+    /// operations see it) but perhaps before it is durable: the caller may
+    /// start the work it pays for, and waits on the [`PendingDurability`]
+    /// before showing any of that work's output.
+    async fn hold_applied(
+        &self,
+        request: HoldRequest,
+    ) -> Result<(Hold, PendingDurability), LedgerError> {
+        Ok((self.hold(request).await?, PendingDurability::none()))
+    }
 
     /// Charges the actual cost (at most the hold), releases the rest and
     /// writes the request's usage record, exactly once. `price` works the

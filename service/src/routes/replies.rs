@@ -289,7 +289,8 @@ async fn start_reply(
         }
         (route, model_id) => route.or(model_id),
     };
-    let session = state.sessions.get(id).await?;
+    // Waited on before the reply's first event, overlapping the model call.
+    let (session, read) = state.sessions.get_applied(id).await?;
     let principal = &caller.principal;
     // Only owners add to a session; anyone else learns nothing about it.
     if session.summary.user_id != principal.sub {
@@ -329,6 +330,7 @@ async fn start_reply(
             turns,
             user_message,
         },
+        read,
         paid,
     );
     Ok((reply, task))

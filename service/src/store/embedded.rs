@@ -27,7 +27,7 @@ use super::{
     Message, MessageRole, NewSession, ObjectId, PageRequest, Session, SessionPage, SessionStore,
     SessionSummary, TokenTotals, now,
 };
-use crate::embedded_db::EmbeddedDb;
+use crate::embedded_db::{EmbeddedDb, PendingDurability};
 use crate::error::Error;
 
 type Id = [u8; 12];
@@ -164,8 +164,14 @@ impl SessionStore for EmbeddedStore {
     }
 
     async fn get(&self, id: ObjectId) -> Result<Session, Error> {
+        let (session, pending) = self.get_applied(id).await?;
+        pending.wait::<Error>().await?;
+        Ok(session)
+    }
+
+    async fn get_applied(&self, id: ObjectId) -> Result<(Session, PendingDurability), Error> {
         self.database
-            .read(move |transaction| {
+            .read_applied(move |transaction| {
                 let sessions = transaction.open_table(SESSIONS).map_err(storage_error)?;
                 let record = sessions
                     .get(id.bytes())

@@ -16,6 +16,7 @@ pub use embedded::EmbeddedStore;
 pub use mongo::MongoStore;
 pub use mongodb::bson::oid::ObjectId;
 
+use crate::embedded_db::PendingDurability;
 use crate::error::Error;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -162,6 +163,13 @@ pub trait SessionStore: Send + Sync {
 
     /// Any user's session; callers apply `auth::policy`.
     async fn get(&self, id: ObjectId) -> Result<Session, Error>;
+
+    /// [`SessionStore::get`] without waiting until what it read is durable
+    /// (the embedded store commits in groups): the caller waits on the
+    /// answer's [`PendingDurability`] before it shows anything resting on it.
+    async fn get_applied(&self, id: ObjectId) -> Result<(Session, PendingDurability), Error> {
+        Ok((self.get(id).await?, PendingDurability::none()))
+    }
 
     /// `user_id`'s sessions, most recently updated first.
     async fn list(&self, user_id: &str, page: PageRequest) -> Result<SessionPage, Error>;

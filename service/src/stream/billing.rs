@@ -11,8 +11,11 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use parley_crds::{ModelRouteSpec, RouteTarget};
 
-use crate::accounting::contract::{AbortRequest, FinalizeRequest, InitializeRequest, UsageDetails};
+use crate::accounting::contract::{
+    AbortRequest, FinalizeRequest, InitializeRequest, InitializeResponse, UsageDetails,
+};
 use crate::accounting::{Accounting, Caller};
+use crate::embedded_db::PendingDurability;
 use crate::error::Error;
 use crate::ledger::{Credits, LedgerError};
 use crate::providers::Usage;
@@ -38,6 +41,8 @@ pub struct ReplyBill {
 /// Where a reply starts and what its hold was priced for.
 pub struct Opened {
     pub bill: ReplyBill,
+    /// The hold is applied; the reply waits on this before its first token.
+    pub pending: PendingDurability,
     /// Index in the route's chain of the first target to try.
     pub first_target: usize,
     /// The caller could not afford the route's first target and the route
@@ -85,10 +90,16 @@ impl ReplyBill {
         };
         let mut first_refusal = None;
         for (index, target) in route.targets.iter().enumerate() {
-            match bill.initialize(target, None).await {
-                Ok(()) => {
+            let held = bill
+                .accounting
+                .initialize_applied(&bill.caller, bill.initialize_request(target, None))
+                .await;
+            match held {
+                Ok((held, pending)) => {
+                    bill.held(target, &held);
                     return Ok(Opened {
                         bill,
+                        pending,
                         first_target: index,
                         downgraded: index > 0,
                     });
@@ -118,9 +129,11 @@ impl ReplyBill {
         self.initialize(target, Some(output_tokens)).await
     }
 
-    /// When the hold lapses unless renewed.
-    pub fn lease_expires_at(&self) -> DateTime<Utc> {
-        self.lease_expires_at
+    /// How long until the hold lapses unless renewed (zero once it has).
+    pub fn lease_left(&self) -> Duration {
+        (self.lease_expires_at - Utc::now())
+            .to_std()
+            .unwrap_or_default()
     }
 
     async fn initialize(
@@ -128,23 +141,31 @@ impl ReplyBill {
         target: &RouteTarget,
         tokens_generated: Option<u64>,
     ) -> Result<(), Error> {
-        let held = self
-            .accounting
-            .initialize(
-                &self.caller,
-                InitializeRequest {
-                    session_id: self.request_id.clone(),
-                    model_id: target.model.clone(),
-                    estimated_tokens: self.input_tokens,
-                    user_id: None,
-                    route: Some(self.route.clone()),
-                    tokens_generated,
-                },
-            )
-            .await?;
-        self.model = target.model.clone();
-        self.lease_expires_at = held.lease_expires_at;
+        let request = self.initialize_request(target, tokens_generated);
+        let held = self.accounting.initialize(&self.caller, request).await?;
+        self.held(target, &held);
         Ok(())
+    }
+
+    fn initialize_request(
+        &self,
+        target: &RouteTarget,
+        tokens_generated: Option<u64>,
+    ) -> InitializeRequest {
+        InitializeRequest {
+            session_id: self.request_id.clone(),
+            model_id: target.model.clone(),
+            estimated_tokens: self.input_tokens,
+            user_id: None,
+            route: Some(self.route.clone()),
+            tokens_generated,
+        }
+    }
+
+    /// The hold is now priced for `target`.
+    fn held(&mut self, target: &RouteTarget, held: &InitializeResponse) {
+        self.model.clone_from(&target.model);
+        self.lease_expires_at = held.lease_expires_at;
     }
 
     /// Charges what the reply used (the provider's usage, else the estimate,

@@ -7,7 +7,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
 use futures::StreamExt;
 use parley_crds::{FallbackCondition, ModelRouteSpec, RouteTarget};
 use tokio::task::JoinHandle;
@@ -18,6 +17,7 @@ use super::billing::{Charge, Ending, Opened, ReplyBill};
 use super::frames::{ChunkData, CompleteData, CreditsData, ErrorData, ModelData, UsageData, frame};
 use super::hub::ReplyStream;
 use super::metrics::{FallbackLabels, StreamLabels, TokenLabels};
+use crate::embedded_db::PendingDurability;
 use crate::error::{Error, upstream_code};
 use crate::providers::{
     ChatTurn, CompletionRequest, ProviderError, ProviderErrorKind, ProviderEvent, Usage,
@@ -65,11 +65,15 @@ pub struct Paid {
 }
 
 /// Starts generating in a task of its own, decoupled from any connection.
+/// The session as read (`read`) and the hold may rest on commits not yet
+/// durable: both are waited on before the first event is shown, so the model
+/// call overlaps the fsync.
 pub fn spawn(
     replies: Arc<Replies>,
     sessions: Arc<dyn SessionStore>,
     reply: Arc<ReplyStream>,
     request: ReplyRequest,
+    read: PendingDurability,
     paid: Paid,
 ) -> JoinHandle<Result<FinishedReply, Error>> {
     tokio::spawn(async move {
@@ -87,6 +91,7 @@ pub fn spawn(
             request: &request,
             rate_limiter: rate_limiter.as_ref(),
             bill: Some(opened.bill),
+            unconfirmed: Some(read.and(opened.pending)),
             first_target: opened.first_target,
             downgraded: opened.downgraded,
             next_id: 1,
@@ -111,6 +116,9 @@ struct Generation<'a> {
     rate_limiter: &'a dyn RateLimiter,
     /// The reply's hold; taken when it is settled or released.
     bill: Option<ReplyBill>,
+    /// What the reply rests on (its session read, its hold) until it is
+    /// known durable; taken before the first event is shown.
+    unconfirmed: Option<PendingDurability>,
     first_target: usize,
     downgraded: bool,
     next_id: u64,
@@ -256,7 +264,11 @@ impl Generation<'_> {
             match item {
                 Some(Ok(ProviderEvent::Delta(delta))) => {
                     if !announced {
-                        self.announce(target, fallback_applied);
+                        if let Err(error) = self.announce(target, fallback_applied).await {
+                            drop(stream);
+                            let stop = Stop::Unpaid(error);
+                            return Attempt::Done(self.stopped(target, stop, "", 0, None).await);
+                        }
                         announced = true;
                     }
                     deltas = deltas.saturating_add(1);
@@ -270,8 +282,10 @@ impl Generation<'_> {
                 }
                 Some(Ok(ProviderEvent::Usage(reported))) => usage = Some(reported),
                 Some(Ok(ProviderEvent::Finished { .. })) => {
-                    if !announced {
-                        self.announce(target, fallback_applied);
+                    if !announced && let Err(error) = self.announce(target, fallback_applied).await
+                    {
+                        let stop = Stop::Unpaid(error);
+                        return Attempt::Done(self.stopped(target, stop, "", 0, None).await);
                     }
                     let used = self.used(usage, deltas);
                     return Attempt::Done(
@@ -306,7 +320,7 @@ impl Generation<'_> {
         let remaining = self
             .bill
             .as_ref()
-            .and_then(|bill| (bill.lease_expires_at() - Utc::now()).to_std().ok())
+            .map(ReplyBill::lease_left)
             .unwrap_or_default();
         let wait = if after_failure {
             (remaining / 3).min(RENEW_RETRY)
@@ -325,9 +339,7 @@ impl Generation<'_> {
         match bill.renew(target, u64::from(deltas)).await {
             Ok(()) => Ok(self.next_renewal(false)),
             Err(error) => {
-                let left = (bill.lease_expires_at() - Utc::now())
-                    .to_std()
-                    .unwrap_or_default();
+                let left = bill.lease_left();
                 if left <= RENEW_RETRY || !error.is_unavailable() {
                     return Err(error);
                 }
@@ -383,8 +395,9 @@ impl Generation<'_> {
     ) -> Result<FinishedReply, Error> {
         tracing::warn!(route = %self.request.route.alias, model = %target.model, %error, "reply interrupted after output");
         let used = self.used(usage, deltas);
-        let stored = self.store_partial(target, text, used, "interrupted").await;
-        self.pay(Ending::Failed, used).await;
+        let stored = self
+            .store_partial(target, text, used, "interrupted", Ending::Failed)
+            .await;
         self.publish(
             "error",
             &ErrorData {
@@ -432,9 +445,8 @@ impl Generation<'_> {
             let used = self.used(usage, deltas);
             // Best effort: the stop itself is what the caller hears about.
             let _ = self
-                .store_partial(target, text.to_owned(), used, outcome)
+                .store_partial(target, text.to_owned(), used, outcome, Ending::Cancelled)
                 .await;
-            self.pay(Ending::Cancelled, used).await;
         } else {
             self.release("the reply stopped before any output").await;
             self.count(target, outcome);
@@ -452,9 +464,10 @@ impl Generation<'_> {
         fallback_applied: bool,
     ) -> Result<FinishedReply, Error> {
         let message = Message::new(MessageRole::Assistant, text);
-        let stored = self.store(target, &message, used.usage, "completed").await;
         // The tokens were generated whether or not the store took them.
-        let charge = self.pay(Ending::Completed, used).await;
+        let (stored, charge) = self
+            .store_and_pay(target, &message, used, "completed", Ending::Completed)
+            .await;
         if let Err(error) = stored {
             self.publish(
                 "error",
@@ -490,27 +503,49 @@ impl Generation<'_> {
         })
     }
 
-    /// Stores a cut-short reply marked incomplete; a store failure is logged.
+    /// Stores a cut-short reply marked incomplete and pays for it; a store
+    /// failure is logged.
     async fn store_partial(
         &mut self,
         target: &RouteTarget,
         text: String,
         used: Used,
         outcome: &'static str,
+        ending: Ending,
     ) -> Result<(), Error> {
         let mut message = Message::new(MessageRole::Assistant, text);
         message.incomplete = true;
-        let stored = self.store(target, &message, used.usage, outcome).await;
+        let (stored, _) = self
+            .store_and_pay(target, &message, used, outcome, ending)
+            .await;
         if let Err(error) = &stored {
             tracing::error!(%error, "storing a partial reply failed");
         }
         stored
     }
 
+    /// Stores the reply and pays for it at the same time, so that their
+    /// commits can share one fsync.
+    async fn store_and_pay(
+        &mut self,
+        target: &RouteTarget,
+        message: &Message,
+        used: Used,
+        outcome: &'static str,
+        ending: Ending,
+    ) -> (Result<(), Error>, Option<Charge>) {
+        let bill = self.bill.take();
+        let this = &*self;
+        tokio::join!(
+            this.store(target, message, used.usage, outcome),
+            this.pay(bill, ending, used)
+        )
+    }
+
     /// Appends the user message and the reply in one step and counts the
     /// outcome.
     async fn store(
-        &mut self,
+        &self,
         target: &RouteTarget,
         message: &Message,
         usage: Usage,
@@ -536,7 +571,7 @@ impl Generation<'_> {
 
     /// Settles the hold for what was used and counts the tokens against the
     /// user's per-minute budgets: the deployment's, and the route's if it has one.
-    async fn pay(&mut self, ending: Ending, used: Used) -> Option<Charge> {
+    async fn pay(&self, bill: Option<ReplyBill>, ending: Ending, used: Used) -> Option<Charge> {
         let tokens =
             u64::from(used.usage.input_tokens).saturating_add(u64::from(used.usage.output_tokens));
         let user = self.request.user_id.as_str();
@@ -547,8 +582,7 @@ impl Generation<'_> {
                 tracing::debug!(%error, ?scope, "this reply used up a token budget");
             }
         }
-        let bill = self.bill.take()?;
-        bill.settle(ending, used.usage, used.estimated).await.ok()
+        bill?.settle(ending, used.usage, used.estimated).await.ok()
     }
 
     /// Releases the hold: nothing was generated.
@@ -558,7 +592,16 @@ impl Generation<'_> {
         }
     }
 
-    fn announce(&mut self, target: &RouteTarget, fallback_applied: bool) {
+    /// Shows the `model` event, once what the reply rests on (its session
+    /// read, its hold) is durable: nothing is shown that a crash could undo.
+    async fn announce(
+        &mut self,
+        target: &RouteTarget,
+        fallback_applied: bool,
+    ) -> Result<(), Error> {
+        if let Some(unconfirmed) = self.unconfirmed.take() {
+            unconfirmed.wait::<Error>().await?;
+        }
         self.replies
             .metrics
             .time_to_first_token
@@ -570,6 +613,7 @@ impl Generation<'_> {
             downgraded: self.downgraded,
         };
         self.publish("model", &model);
+        Ok(())
     }
 
     fn publish<T: serde::Serialize>(&mut self, event: &str, data: &T) {
