@@ -521,6 +521,14 @@ async fn openapi_document_lists_every_endpoint() {
         ("/api/chat/sessions/{id}", "get"),
         ("/api/chat/sessions/{id}", "delete"),
         ("/api/chat/sessions/{id}/messages", "get"),
+        ("/api/credits/calculate", "post"),
+        ("/api/credits/check", "post"),
+        ("/api/streaming-sessions/initialize", "post"),
+        ("/api/streaming-sessions/finalize", "post"),
+        ("/api/streaming-sessions/abort", "post"),
+        ("/api/credits/balance", "get"),
+        ("/api/credits/usage", "get"),
+        ("/api/admin/credits/grant", "post"),
         ("/health", "get"),
         ("/ready", "get"),
         ("/metrics", "get"),
@@ -532,6 +540,28 @@ async fn openapi_document_lists_every_endpoint() {
     }
     assert!(document["components"]["securitySchemes"]["bearer"].is_object());
     assert!(document["components"]["schemas"]["CreateSessionRequest"].is_object());
+    let finalize = &paths["/api/streaming-sessions/finalize"]["post"];
+    assert_eq!(
+        finalize["requestBody"]["content"]["application/json"]["schema"]["$ref"],
+        "#/components/schemas/FinalizeRequest"
+    );
+    assert_eq!(
+        finalize["responses"]["200"]["content"]["application/json"]["schema"]["$ref"],
+        "#/components/schemas/SettlementResponse"
+    );
+    let statuses: Vec<&str> = finalize["responses"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(statuses, ["200", "400", "401", "403", "404", "429", "503"]);
+    assert!(document["components"]["schemas"]["SettlementResponse"].is_object());
+    assert!(document["components"]["schemas"]["UsageView"].is_object());
+    assert_eq!(
+        paths["/api/credits/usage"]["get"]["parameters"][1]["name"],
+        "page"
+    );
 }
 
 #[tokio::test]

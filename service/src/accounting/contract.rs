@@ -10,10 +10,12 @@
 //! six decimals is rejected, never rounded.
 
 use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::{IntoParams, ToSchema};
 
+use super::{Accounting, Caller};
 use crate::error::Error;
 use crate::ledger::{Balance, Closed, Credits, UsageOutcome, UsageRecord};
 
@@ -29,11 +31,20 @@ pub mod paths {
     pub const GRANT: &str = "/api/admin/credits/grant";
 }
 
-/// A request body of the contract: its fields, for field-level errors.
-pub trait ContractRequest: serde::de::DeserializeOwned {
+/// A request body of the contract: its fields (for field-level errors), its
+/// answer, and the [`Accounting`] operation that answers it.
+pub trait ContractRequest: serde::de::DeserializeOwned + Send + 'static {
+    type Response: Serialize + Send + 'static;
+
     /// Fields that must be present and not null.
     const REQUIRED: &'static [&'static str];
     const OPTIONAL: &'static [&'static str];
+
+    fn answer<'a>(
+        self,
+        accounting: &'a dyn Accounting,
+        caller: &'a Caller,
+    ) -> BoxFuture<'a, Result<Self::Response, Error>>;
 
     /// Parses a JSON object, naming every missing or unknown field.
     fn from_json(value: Value) -> Result<Self, Error> {
@@ -114,8 +125,18 @@ pub struct CalculateRequest {
 }
 
 impl ContractRequest for CalculateRequest {
+    type Response = CalculateResponse;
+
     const REQUIRED: &'static [&'static str] = &["modelId"];
     const OPTIONAL: &'static [&'static str] = &["tokens", "message"];
+
+    fn answer<'a>(
+        self,
+        accounting: &'a dyn Accounting,
+        caller: &'a Caller,
+    ) -> BoxFuture<'a, Result<CalculateResponse, Error>> {
+        accounting.calculate(caller, self)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -145,8 +166,18 @@ pub struct CheckRequest {
 }
 
 impl ContractRequest for CheckRequest {
+    type Response = CheckResponse;
+
     const REQUIRED: &'static [&'static str] = &["userId", "requiredCredits"];
     const OPTIONAL: &'static [&'static str] = &["modelId"];
+
+    fn answer<'a>(
+        self,
+        accounting: &'a dyn Accounting,
+        caller: &'a Caller,
+    ) -> BoxFuture<'a, Result<CheckResponse, Error>> {
+        accounting.check(caller, self)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -192,8 +223,18 @@ pub struct InitializeRequest {
 }
 
 impl ContractRequest for InitializeRequest {
+    type Response = InitializeResponse;
+
     const REQUIRED: &'static [&'static str] = &["sessionId", "modelId", "estimatedTokens"];
     const OPTIONAL: &'static [&'static str] = &["userId", "route", "tokensGenerated"];
+
+    fn answer<'a>(
+        self,
+        accounting: &'a dyn Accounting,
+        caller: &'a Caller,
+    ) -> BoxFuture<'a, Result<InitializeResponse, Error>> {
+        accounting.initialize(caller, self)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -234,6 +275,8 @@ pub struct FinalizeRequest {
 }
 
 impl ContractRequest for FinalizeRequest {
+    type Response = SettlementResponse;
+
     const REQUIRED: &'static [&'static str] = &["sessionId", "actualTokens", "success"];
     const OPTIONAL: &'static [&'static str] = &[
         "duration",
@@ -242,6 +285,14 @@ impl ContractRequest for FinalizeRequest {
         "inputTokens",
         "usageEstimated",
     ];
+
+    fn answer<'a>(
+        self,
+        accounting: &'a dyn Accounting,
+        caller: &'a Caller,
+    ) -> BoxFuture<'a, Result<SettlementResponse, Error>> {
+        accounting.finalize(caller, self)
+    }
 }
 
 /// Extension fields of finalize and abort: what the reply really used.
@@ -280,6 +331,8 @@ pub struct AbortRequest {
 }
 
 impl ContractRequest for AbortRequest {
+    type Response = SettlementResponse;
+
     const REQUIRED: &'static [&'static str] = &["sessionId", "tokensGenerated"];
     const OPTIONAL: &'static [&'static str] = &[
         "reason",
@@ -289,6 +342,14 @@ impl ContractRequest for AbortRequest {
         "inputTokens",
         "usageEstimated",
     ];
+
+    fn answer<'a>(
+        self,
+        accounting: &'a dyn Accounting,
+        caller: &'a Caller,
+    ) -> BoxFuture<'a, Result<SettlementResponse, Error>> {
+        accounting.abort(caller, self)
+    }
 }
 
 /// The answer of finalize and abort: the reply's one usage record. A repeat
@@ -396,6 +457,36 @@ pub struct UsageResponse {
     pub records: Vec<UsageView>,
 }
 
+/// The answer of a `GET` on an account ([`AccountQuery`]): each report is
+/// read by one [`Accounting`] operation.
+pub trait AccountReport: Serialize + Send + Sized + 'static {
+    fn read<'a>(
+        accounting: &'a dyn Accounting,
+        caller: &'a Caller,
+        query: AccountQuery,
+    ) -> BoxFuture<'a, Result<Self, Error>>;
+}
+
+impl AccountReport for BalanceResponse {
+    fn read<'a>(
+        accounting: &'a dyn Accounting,
+        caller: &'a Caller,
+        query: AccountQuery,
+    ) -> BoxFuture<'a, Result<Self, Error>> {
+        accounting.balance(caller, query)
+    }
+}
+
+impl AccountReport for UsageResponse {
+    fn read<'a>(
+        accounting: &'a dyn Accounting,
+        caller: &'a Caller,
+        query: AccountQuery,
+    ) -> BoxFuture<'a, Result<Self, Error>> {
+        accounting.usage(caller, query)
+    }
+}
+
 /// One request's usage record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -455,8 +546,18 @@ pub struct GrantRequest {
 }
 
 impl ContractRequest for GrantRequest {
+    type Response = BalanceResponse;
+
     const REQUIRED: &'static [&'static str] = &["userId", "credits"];
     const OPTIONAL: &'static [&'static str] = &[];
+
+    fn answer<'a>(
+        self,
+        accounting: &'a dyn Accounting,
+        caller: &'a Caller,
+    ) -> BoxFuture<'a, Result<BalanceResponse, Error>> {
+        accounting.grant(caller, self)
+    }
 }
 
 /// An error answer as the client reads it (the server writes

@@ -14,12 +14,11 @@ use aws_sdk_bedrockruntime::types::{
     InferenceConfiguration, Message, StopReason as BedrockStopReason, SystemContentBlock,
     TokenUsage,
 };
-use futures::StreamExt;
 
+use super::reply::{ReplySource, ReplyStep, reply_stream};
 use super::{
     ChatTurn, Completion, CompletionRequest, Provider, ProviderError, ProviderErrorKind,
-    ProviderEvent, ProviderStream, Role, StopReason, TokenDeadline, Usage, mentions_context_window,
-    tokens,
+    ProviderStream, Role, StopReason, TokenDeadline, Usage, mentions_context_window, tokens,
 };
 
 pub struct BedrockProvider {
@@ -105,19 +104,12 @@ impl Provider for BedrockProvider {
             .bound(call)
             .await?
             .map_err(|e| classify(e, |e| e.code()))?;
-        let reply = Reply {
+        let reply = ConverseReply {
             events: output.stream,
-            deadline,
             stop_reason: None,
             usage: None,
-            ending: Vec::new(),
-            done: false,
         };
-        Ok(futures::stream::unfold(reply, |mut reply| async move {
-            let item = reply.next().await?;
-            Some((item, reply))
-        })
-        .boxed())
+        Ok(reply_stream(reply, deadline))
     }
 
     async fn complete(&self, request: CompletionRequest) -> Result<Completion, ProviderError> {
@@ -155,70 +147,41 @@ impl Provider for BedrockProvider {
 }
 
 /// A ConverseStream reply being read.
-struct Reply {
+struct ConverseReply {
     events: EventReceiver<ConverseStreamOutput, ConverseStreamOutputError>,
-    deadline: TokenDeadline,
     stop_reason: Option<StopReason>,
     usage: Option<Usage>,
-    /// The final events, last one first, once the upstream stream ended.
-    ending: Vec<ProviderEvent>,
-    done: bool,
 }
 
-impl Reply {
-    async fn next(&mut self) -> Option<Result<ProviderEvent, ProviderError>> {
-        if let Some(event) = self.ending.pop() {
-            return Some(Ok(event));
-        }
-        if self.done {
-            return None;
-        }
-        loop {
-            let received = match self.deadline.bound(self.events.recv()).await {
-                Ok(received) => received,
-                Err(timeout) => return self.fail(timeout),
-            };
-            match received {
-                Err(error) => return self.fail(classify(error, stream_error_code)),
-                Ok(None) => return self.end(),
-                Ok(Some(ConverseStreamOutput::ContentBlockDelta(delta))) => {
-                    if let Some(ContentBlockDelta::Text(text)) = delta.delta
-                        && !text.is_empty()
-                    {
-                        self.deadline.token_arrived();
-                        return Some(Ok(ProviderEvent::Delta(text)));
-                    }
-                }
-                Ok(Some(ConverseStreamOutput::MessageStop(stop))) => {
-                    self.stop_reason = Some(stop_reason(&stop.stop_reason));
-                }
-                Ok(Some(ConverseStreamOutput::Metadata(metadata))) => {
-                    self.usage = metadata.usage.as_ref().map(usage);
-                }
-                // Message and block boundaries carry nothing for a text reply.
-                Ok(Some(_)) => {}
+impl ReplySource for ConverseReply {
+    async fn step(&mut self) -> ReplyStep {
+        match self.events.recv().await {
+            Err(error) => ReplyStep::Failed(classify(error, stream_error_code)),
+            Ok(None) => match self.stop_reason.take() {
+                Some(stop_reason) => ReplyStep::Finished {
+                    stop_reason,
+                    usage: self.usage.take(),
+                },
+                None => ReplyStep::Failed(ProviderError::new(
+                    ProviderErrorKind::Unavailable,
+                    "the Bedrock stream ended before messageStop",
+                )),
+            },
+            Ok(Some(ConverseStreamOutput::ContentBlockDelta(delta))) => match delta.delta {
+                Some(ContentBlockDelta::Text(text)) if !text.is_empty() => ReplyStep::Delta(text),
+                _ => ReplyStep::Nothing,
+            },
+            Ok(Some(ConverseStreamOutput::MessageStop(stop))) => {
+                self.stop_reason = Some(stop_reason(&stop.stop_reason));
+                ReplyStep::Nothing
             }
+            Ok(Some(ConverseStreamOutput::Metadata(metadata))) => {
+                self.usage = metadata.usage.as_ref().map(usage);
+                ReplyStep::Nothing
+            }
+            // Message and block boundaries carry nothing for a text reply.
+            Ok(Some(_)) => ReplyStep::Nothing,
         }
-    }
-
-    fn fail(&mut self, error: ProviderError) -> Option<Result<ProviderEvent, ProviderError>> {
-        self.done = true;
-        Some(Err(error))
-    }
-
-    fn end(&mut self) -> Option<Result<ProviderEvent, ProviderError>> {
-        self.done = true;
-        let Some(stop_reason) = self.stop_reason.take() else {
-            return Some(Err(ProviderError::new(
-                ProviderErrorKind::Unavailable,
-                "the Bedrock stream ended before messageStop",
-            )));
-        };
-        self.ending.push(ProviderEvent::Finished { stop_reason });
-        if let Some(usage) = self.usage.take() {
-            self.ending.push(ProviderEvent::Usage(usage));
-        }
-        self.ending.pop().map(Ok)
     }
 }
 

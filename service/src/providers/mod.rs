@@ -7,6 +7,7 @@
 
 pub mod bedrock;
 pub mod openai;
+mod reply;
 pub mod simulated;
 
 use std::fmt;

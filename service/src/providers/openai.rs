@@ -9,9 +9,10 @@ use futures::{Stream, StreamExt};
 use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 
+use super::reply::{ReplySource, ReplyStep, reply_stream};
 use super::{
-    Completion, CompletionRequest, Provider, ProviderError, ProviderErrorKind, ProviderEvent,
-    ProviderStream, Role, StopReason, TokenDeadline, Usage, mentions_context_window,
+    Completion, CompletionRequest, Provider, ProviderError, ProviderErrorKind, ProviderStream,
+    Role, StopReason, TokenDeadline, Usage, mentions_context_window,
 };
 
 pub struct OpenAiProvider {
@@ -243,20 +244,12 @@ impl Provider for OpenAiProvider {
             .bound(self.send(&ChatRequest::new(&request, true)))
             .await??;
         let body: ResponseBody = Box::pin(response.bytes_stream());
-        let events = body.eventsource();
-        let reply = Reply {
-            events,
-            deadline,
+        let reply = ChatReply {
+            events: body.eventsource(),
             stop_reason: None,
             usage: None,
-            ending: Vec::new(),
-            done: false,
         };
-        Ok(futures::stream::unfold(reply, |mut reply| async move {
-            let item = reply.next().await?;
-            Some((item, reply))
-        })
-        .boxed())
+        Ok(reply_stream(reply, deadline))
     }
 
     async fn complete(&self, request: CompletionRequest) -> Result<Completion, ProviderError> {
@@ -291,89 +284,65 @@ type ResponseBody = Pin<Box<dyn Stream<Item = reqwest::Result<bytes::Bytes>> + S
 type SseEvents = EventStream<ResponseBody>;
 
 /// A streamed chat completion being read.
-struct Reply {
+struct ChatReply {
     events: SseEvents,
-    deadline: TokenDeadline,
     stop_reason: Option<StopReason>,
     usage: Option<Usage>,
-    /// The final events, last one first, once the reply ended.
-    ending: Vec<ProviderEvent>,
-    done: bool,
 }
 
-impl Reply {
-    async fn next(&mut self) -> Option<Result<ProviderEvent, ProviderError>> {
-        if let Some(event) = self.ending.pop() {
-            return Some(Ok(event));
-        }
-        if self.done {
-            return None;
-        }
-        loop {
-            let received = match self.deadline.bound(self.events.next()).await {
-                Ok(received) => received,
-                Err(timeout) => return self.fail(timeout),
-            };
-            let event = match received {
-                // Some servers close without `[DONE]` after the finish reason.
-                None if self.stop_reason.is_some() => return self.end(),
-                None => {
-                    return self.fail(ProviderError::new(
-                        ProviderErrorKind::Unavailable,
-                        "the stream ended before the reply finished",
-                    ));
-                }
-                Some(Err(error)) => return self.fail(sse_error(error)),
-                Some(Ok(event)) => event,
-            };
-            if event.data == "[DONE]" {
-                return self.end();
-            }
-            let chunk: Chunk = match serde_json::from_str(&event.data) {
-                Ok(chunk) => chunk,
-                Err(e) => {
-                    return self.fail(ProviderError::new(
-                        ProviderErrorKind::Other,
-                        format!("unreadable stream chunk: {e}"),
-                    ));
-                }
-            };
-            if let Some(error) = chunk.error {
-                return self.fail(stream_error(&error));
-            }
-            if let Some(usage) = chunk.usage {
-                self.usage = Some(usage.into());
-            }
-            let Some(choice) = chunk.choices.into_iter().next() else {
-                continue;
-            };
-            if let Some(reason) = choice.finish_reason {
-                self.stop_reason = Some(finish_reason(&reason));
-            }
-            if let Some(text) = choice.delta.and_then(|d| d.content)
-                && !text.is_empty()
-            {
-                self.deadline.token_arrived();
-                return Some(Ok(ProviderEvent::Delta(text)));
-            }
+impl ChatReply {
+    fn finished(&mut self) -> ReplyStep {
+        ReplyStep::Finished {
+            // A server that sends `[DONE]` without a finish reason has
+            // nothing else to report: it ended its turn.
+            stop_reason: self.stop_reason.take().unwrap_or(StopReason::EndTurn),
+            usage: self.usage.take(),
         }
     }
+}
 
-    fn fail(&mut self, error: ProviderError) -> Option<Result<ProviderEvent, ProviderError>> {
-        self.done = true;
-        Some(Err(error))
-    }
-
-    fn end(&mut self) -> Option<Result<ProviderEvent, ProviderError>> {
-        self.done = true;
-        // A server that sends `[DONE]` without a finish reason has nothing
-        // else to report: it ended its turn.
-        let stop_reason = self.stop_reason.take().unwrap_or(StopReason::EndTurn);
-        self.ending.push(ProviderEvent::Finished { stop_reason });
-        if let Some(usage) = self.usage.take() {
-            self.ending.push(ProviderEvent::Usage(usage));
+impl ReplySource for ChatReply {
+    async fn step(&mut self) -> ReplyStep {
+        let event = match self.events.next().await {
+            // Some servers close without `[DONE]` after the finish reason.
+            None if self.stop_reason.is_some() => return self.finished(),
+            None => {
+                return ReplyStep::Failed(ProviderError::new(
+                    ProviderErrorKind::Unavailable,
+                    "the stream ended before the reply finished",
+                ));
+            }
+            Some(Err(error)) => return ReplyStep::Failed(sse_error(error)),
+            Some(Ok(event)) => event,
+        };
+        if event.data == "[DONE]" {
+            return self.finished();
         }
-        self.ending.pop().map(Ok)
+        let chunk: Chunk = match serde_json::from_str(&event.data) {
+            Ok(chunk) => chunk,
+            Err(e) => {
+                return ReplyStep::Failed(ProviderError::new(
+                    ProviderErrorKind::Other,
+                    format!("unreadable stream chunk: {e}"),
+                ));
+            }
+        };
+        if let Some(error) = chunk.error {
+            return ReplyStep::Failed(stream_error(&error));
+        }
+        if let Some(usage) = chunk.usage {
+            self.usage = Some(usage.into());
+        }
+        let Some(choice) = chunk.choices.into_iter().next() else {
+            return ReplyStep::Nothing;
+        };
+        if let Some(reason) = choice.finish_reason {
+            self.stop_reason = Some(finish_reason(&reason));
+        }
+        match choice.delta.and_then(|d| d.content) {
+            Some(text) if !text.is_empty() => ReplyStep::Delta(text),
+            _ => ReplyStep::Nothing,
+        }
     }
 }
 

@@ -1,21 +1,125 @@
 //! The accounting API (seed-compatible paths and field names). Bodies are the
 //! types of [`crate::accounting::contract`]; the work is the configured
 //! [`crate::accounting::Accounting`] (built-in ledger or external service).
+//!
+//! Every endpoint is one generic handler: a `POST` answers its body with the
+//! operation of the body's [`ContractRequest`] type, a `GET` reads the
+//! [`AccountReport`] it names. Its OpenAPI operation is built from the same
+//! types and the [`Answers`] table below.
 
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{FromRequest, Query, Request, State};
+use axum::routing::{self, MethodRouter};
 use serde_json::Value;
+use utoipa::openapi::path::{HttpMethod, OperationBuilder, ParameterIn, Paths};
+use utoipa::openapi::request_body::RequestBodyBuilder;
+use utoipa::openapi::security::SecurityRequirement;
+use utoipa::openapi::{Content, Ref, RefOr, Required, ResponseBuilder, Schema};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouter};
 
 use super::ApiJson;
 use crate::accounting::Caller;
 use crate::accounting::contract::{
-    AbortRequest, AccountQuery, BalanceResponse, CalculateRequest, CalculateResponse, CheckRequest,
-    CheckResponse, ContractRequest, FinalizeRequest, GrantRequest, InitializeRequest,
-    InitializeResponse, SettlementResponse, UsageResponse,
+    AbortRequest, AccountQuery, AccountReport, BalanceResponse, CalculateRequest, CheckRequest,
+    ContractRequest, FinalizeRequest, GrantRequest, InitializeRequest, UsageResponse, paths,
 };
 use crate::error::{Error, ErrorBody};
 use crate::state::AppState;
+
+/// The accounting endpoints, documented.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(post::<CalculateRequest>(paths::CALCULATE, &CALCULATE))
+        .routes(post::<CheckRequest>(paths::CHECK, &CHECK))
+        .routes(post::<InitializeRequest>(paths::INITIALIZE, &INITIALIZE))
+        .routes(post::<FinalizeRequest>(paths::FINALIZE, &FINALIZE))
+        .routes(post::<AbortRequest>(paths::ABORT, &ABORT))
+        .routes(get::<BalanceResponse>(paths::BALANCE, &BALANCE))
+        .routes(get::<UsageResponse>(paths::USAGE, &USAGE))
+        .routes(post::<GrantRequest>(paths::GRANT, &GRANT))
+}
+
+/// What the OpenAPI document says an endpoint answers: its 200 and the error
+/// statuses of its own. Every endpoint also answers [`UNAUTHORIZED`] and
+/// [`RATE_LIMITED`].
+struct Answers {
+    ok: &'static str,
+    errors: &'static [(u16, &'static str)],
+}
+
+const UNAUTHORIZED: (u16, &str) = (401, "Missing or invalid token");
+/// The rate limiter stands in front of every `/api/` path.
+const RATE_LIMITED: (u16, &str) = (429, "Rate limited");
+const FOREIGN_ACCOUNT: (u16, &str) = (403, "Another user's account");
+const NO_SESSION: (u16, &str) = (404, "`STREAMING_SESSION_NOT_FOUND`");
+const INVALID_FIELDS: (u16, &str) = (400, "`INVALID_FIELDS`");
+const UNAVAILABLE: (u16, &str) = (503, "Ledger or accounting unavailable");
+const UNAVAILABLE_DENIED: (u16, &str) = (503, "Ledger or accounting unavailable: denied");
+
+const CALCULATE: Answers = Answers {
+    ok: "Worst-case price",
+    errors: &[
+        (
+            400,
+            "`INVALID_FIELDS` or `UNKNOWN_MODEL` (with the allowed list)",
+        ),
+        (503, "Accounting unavailable"),
+    ],
+};
+
+const CHECK: Answers = Answers {
+    ok: "Whether the account can pay now (reserves nothing)",
+    errors: &[
+        (400, "`INVALID_FIELDS` naming missing or unknown fields"),
+        FOREIGN_ACCOUNT,
+        UNAVAILABLE_DENIED,
+    ],
+};
+
+const INITIALIZE: Answers = Answers {
+    ok: "Credits held for the reply",
+    errors: &[
+        (400, "`INVALID_FIELDS`, `UNKNOWN_MODEL`"),
+        (
+            402,
+            "`INSUFFICIENT_CREDITS` with balance, available and requiredCredits",
+        ),
+        FOREIGN_ACCOUNT,
+        (409, "This sessionId was already finalized or aborted"),
+        UNAVAILABLE_DENIED,
+    ],
+};
+
+const FINALIZE: Answers = Answers {
+    ok: "Charged once; a repeat answers the first record with replayed: true",
+    errors: &[INVALID_FIELDS, FOREIGN_ACCOUNT, NO_SESSION, UNAVAILABLE],
+};
+
+const ABORT: Answers = Answers {
+    ok: "Released (no tokens) or charged once for the tokens generated",
+    errors: &[INVALID_FIELDS, FOREIGN_ACCOUNT, NO_SESSION, UNAVAILABLE],
+};
+
+const BALANCE: Answers = Answers {
+    ok: "Balance, open holds and available credits",
+    errors: &[FOREIGN_ACCOUNT, UNAVAILABLE],
+};
+
+const USAGE: Answers = Answers {
+    ok: "Usage records, newest first",
+    errors: &[
+        FOREIGN_ACCOUNT,
+        (422, "page or limit out of range"),
+        UNAVAILABLE,
+    ],
+};
+
+const GRANT: Answers = Answers {
+    ok: "The account after the grant",
+    errors: &[INVALID_FIELDS, (403, "Not an admin"), UNAVAILABLE],
+};
 
 /// A contract request body; missing and unknown fields are named in a 400
 /// `INVALID_FIELDS` answer.
@@ -30,197 +134,103 @@ impl<T: ContractRequest> FromRequest<AppState> for ContractJson<T> {
     }
 }
 
-fn account_query(
-    query: Result<Query<AccountQuery>, QueryRejection>,
-) -> Result<AccountQuery, Error> {
-    query
-        .map(|Query(query)| query)
-        .map_err(|rejection| Error::InvalidQuery(rejection.body_text()))
-}
-
-#[utoipa::path(
-    post,
-    path = "/api/credits/calculate",
-    tag = "credits",
-    request_body = CalculateRequest,
-    responses(
-        (status = 200, description = "Worst-case price", body = CalculateResponse),
-        (status = 400, description = "`INVALID_FIELDS` or `UNKNOWN_MODEL` (with the allowed list)", body = ErrorBody),
-        (status = 401, description = "Missing or invalid token", body = ErrorBody),
-        (status = 429, description = "Rate limited", body = ErrorBody),
-        (status = 503, description = "Accounting unavailable", body = ErrorBody),
-    ),
-    security(("bearer" = []))
-)]
-pub async fn calculate(
+async fn answer<R: ContractRequest>(
     State(state): State<AppState>,
     caller: Caller,
-    ContractJson(request): ContractJson<CalculateRequest>,
-) -> Result<Json<CalculateResponse>, Error> {
-    state.accounting.calculate(&caller, request).await.map(Json)
-}
-
-#[utoipa::path(
-    post,
-    path = "/api/credits/check",
-    tag = "credits",
-    request_body = CheckRequest,
-    responses(
-        (status = 200, description = "Whether the account can pay now (reserves nothing)", body = CheckResponse),
-        (status = 400, description = "`INVALID_FIELDS` naming missing or unknown fields", body = ErrorBody),
-        (status = 401, description = "Missing or invalid token", body = ErrorBody),
-        (status = 403, description = "Another user's account", body = ErrorBody),
-        (status = 429, description = "Rate limited", body = ErrorBody),
-        (status = 503, description = "Ledger or accounting unavailable: denied", body = ErrorBody),
-    ),
-    security(("bearer" = []))
-)]
-pub async fn check(
-    State(state): State<AppState>,
-    caller: Caller,
-    ContractJson(request): ContractJson<CheckRequest>,
-) -> Result<Json<CheckResponse>, Error> {
-    state.accounting.check(&caller, request).await.map(Json)
-}
-
-#[utoipa::path(
-    post,
-    path = "/api/streaming-sessions/initialize",
-    tag = "credits",
-    request_body = InitializeRequest,
-    responses(
-        (status = 200, description = "Credits held for the reply", body = InitializeResponse),
-        (status = 400, description = "`INVALID_FIELDS`, `UNKNOWN_MODEL`", body = ErrorBody),
-        (status = 401, description = "Missing or invalid token", body = ErrorBody),
-        (status = 402, description = "`INSUFFICIENT_CREDITS` with balance, available and requiredCredits", body = ErrorBody),
-        (status = 403, description = "Another user's account", body = ErrorBody),
-        (status = 409, description = "This sessionId was already finalized or aborted", body = ErrorBody),
-        (status = 429, description = "Rate limited", body = ErrorBody),
-        (status = 503, description = "Ledger or accounting unavailable: denied", body = ErrorBody),
-    ),
-    security(("bearer" = []))
-)]
-pub async fn initialize(
-    State(state): State<AppState>,
-    caller: Caller,
-    ContractJson(request): ContractJson<InitializeRequest>,
-) -> Result<Json<InitializeResponse>, Error> {
-    state
-        .accounting
-        .initialize(&caller, request)
+    ContractJson(request): ContractJson<R>,
+) -> Result<Json<R::Response>, Error> {
+    request
+        .answer(state.accounting.as_ref(), &caller)
         .await
         .map(Json)
 }
 
-#[utoipa::path(
-    post,
-    path = "/api/streaming-sessions/finalize",
-    tag = "credits",
-    request_body = FinalizeRequest,
-    responses(
-        (status = 200, description = "Charged once; a repeat answers the first record with replayed: true", body = SettlementResponse),
-        (status = 400, description = "`INVALID_FIELDS`", body = ErrorBody),
-        (status = 401, description = "Missing or invalid token", body = ErrorBody),
-        (status = 403, description = "Another user's account", body = ErrorBody),
-        (status = 404, description = "`STREAMING_SESSION_NOT_FOUND`", body = ErrorBody),
-        (status = 503, description = "Ledger or accounting unavailable", body = ErrorBody),
-    ),
-    security(("bearer" = []))
-)]
-pub async fn finalize(
-    State(state): State<AppState>,
-    caller: Caller,
-    ContractJson(request): ContractJson<FinalizeRequest>,
-) -> Result<Json<SettlementResponse>, Error> {
-    state.accounting.finalize(&caller, request).await.map(Json)
-}
-
-#[utoipa::path(
-    post,
-    path = "/api/streaming-sessions/abort",
-    tag = "credits",
-    request_body = AbortRequest,
-    responses(
-        (status = 200, description = "Released (no tokens) or charged once for the tokens generated", body = SettlementResponse),
-        (status = 400, description = "`INVALID_FIELDS`", body = ErrorBody),
-        (status = 401, description = "Missing or invalid token", body = ErrorBody),
-        (status = 403, description = "Another user's account", body = ErrorBody),
-        (status = 404, description = "`STREAMING_SESSION_NOT_FOUND`", body = ErrorBody),
-        (status = 503, description = "Ledger or accounting unavailable", body = ErrorBody),
-    ),
-    security(("bearer" = []))
-)]
-pub async fn abort(
-    State(state): State<AppState>,
-    caller: Caller,
-    ContractJson(request): ContractJson<AbortRequest>,
-) -> Result<Json<SettlementResponse>, Error> {
-    state.accounting.abort(&caller, request).await.map(Json)
-}
-
-#[utoipa::path(
-    get,
-    path = "/api/credits/balance",
-    tag = "credits",
-    params(AccountQuery),
-    responses(
-        (status = 200, description = "Balance, open holds and available credits", body = BalanceResponse),
-        (status = 401, description = "Missing or invalid token", body = ErrorBody),
-        (status = 403, description = "Another user's account", body = ErrorBody),
-        (status = 503, description = "Ledger or accounting unavailable", body = ErrorBody),
-    ),
-    security(("bearer" = []))
-)]
-pub async fn balance(
+async fn report<R: AccountReport>(
     State(state): State<AppState>,
     caller: Caller,
     query: Result<Query<AccountQuery>, QueryRejection>,
-) -> Result<Json<BalanceResponse>, Error> {
-    let query = account_query(query)?;
-    state.accounting.balance(&caller, query).await.map(Json)
+) -> Result<Json<R>, Error> {
+    let Query(query) = query.map_err(|rejection| Error::InvalidQuery(rejection.body_text()))?;
+    R::read(state.accounting.as_ref(), &caller, query)
+        .await
+        .map(Json)
 }
 
-#[utoipa::path(
-    get,
-    path = "/api/credits/usage",
-    tag = "credits",
-    params(AccountQuery),
-    responses(
-        (status = 200, description = "Usage records, newest first", body = UsageResponse),
-        (status = 401, description = "Missing or invalid token", body = ErrorBody),
-        (status = 403, description = "Another user's account", body = ErrorBody),
-        (status = 422, description = "page or limit out of range", body = ErrorBody),
-        (status = 503, description = "Ledger or accounting unavailable", body = ErrorBody),
-    ),
-    security(("bearer" = []))
-)]
-pub async fn usage(
-    State(state): State<AppState>,
-    caller: Caller,
-    query: Result<Query<AccountQuery>, QueryRejection>,
-) -> Result<Json<UsageResponse>, Error> {
-    let query = account_query(query)?;
-    state.accounting.usage(&caller, query).await.map(Json)
+type Schemas = Vec<(String, RefOr<Schema>)>;
+
+const JSON: &str = "application/json";
+
+fn post<R>(path: &str, answers: &Answers) -> UtoipaMethodRouter<AppState>
+where
+    R: ContractRequest + ToSchema,
+    R::Response: ToSchema,
+{
+    let mut schemas = Schemas::new();
+    let body = RequestBodyBuilder::new()
+        .content(JSON, Content::new(Some(schema_ref::<R>(&mut schemas))))
+        .required(Some(Required::True))
+        .build();
+    let operation = OperationBuilder::new().request_body(Some(body));
+    let handler = routing::post(answer::<R>);
+    endpoint::<R::Response>(path, HttpMethod::Post, operation, answers, schemas, handler)
 }
 
-#[utoipa::path(
-    post,
-    path = "/api/admin/credits/grant",
-    tag = "credits",
-    request_body = GrantRequest,
-    responses(
-        (status = 200, description = "The account after the grant", body = BalanceResponse),
-        (status = 400, description = "`INVALID_FIELDS`", body = ErrorBody),
-        (status = 401, description = "Missing or invalid token", body = ErrorBody),
-        (status = 403, description = "Not an admin", body = ErrorBody),
-        (status = 503, description = "Ledger or accounting unavailable", body = ErrorBody),
-    ),
-    security(("bearer" = []))
-)]
-pub async fn grant(
-    State(state): State<AppState>,
-    caller: Caller,
-    ContractJson(request): ContractJson<GrantRequest>,
-) -> Result<Json<BalanceResponse>, Error> {
-    state.accounting.grant(&caller, request).await.map(Json)
+fn get<R: AccountReport + ToSchema>(path: &str, answers: &Answers) -> UtoipaMethodRouter<AppState> {
+    let parameters = AccountQuery::into_params(|| Some(ParameterIn::Query));
+    let operation = OperationBuilder::new().parameters(Some(parameters));
+    let handler = routing::get(report::<R>);
+    endpoint::<R>(
+        path,
+        HttpMethod::Get,
+        operation,
+        answers,
+        Schemas::new(),
+        handler,
+    )
+}
+
+/// The route of `path` and its operation: named after the path's last
+/// segment, in the `credits` tag, behind the bearer token, answering
+/// `Response` or an [`ErrorBody`].
+fn endpoint<Response: ToSchema>(
+    path: &str,
+    method: HttpMethod,
+    operation: OperationBuilder,
+    answers: &Answers,
+    mut schemas: Schemas,
+    handler: MethodRouter<AppState>,
+) -> UtoipaMethodRouter<AppState> {
+    let json_response = |description: &str, schema: Ref| {
+        ResponseBuilder::new()
+            .description(description)
+            .content(JSON, Content::new(Some(schema)))
+            .build()
+    };
+    let ok = json_response(answers.ok, schema_ref::<Response>(&mut schemas));
+    let mut operation = operation
+        .operation_id(path.rsplit('/').next())
+        .tag("credits")
+        .response("200", ok)
+        .security(SecurityRequirement::new("bearer", Vec::<String>::new()));
+    let error_body = schema_ref::<ErrorBody>(&mut schemas);
+    let mut errors: Vec<_> = [UNAUTHORIZED, RATE_LIMITED]
+        .iter()
+        .chain(answers.errors)
+        .collect();
+    errors.sort_by_key(|(status, _)| *status);
+    for (status, description) in errors {
+        let response = json_response(description, error_body.clone());
+        operation = operation.response(status.to_string(), response);
+    }
+    let mut paths = Paths::new();
+    paths.add_path_operation(path, vec![method], operation.build());
+    (schemas, paths, handler)
+}
+
+/// A reference to `T`'s component schema, which joins `schemas` with every
+/// schema it refers to.
+fn schema_ref<T: ToSchema>(schemas: &mut Schemas) -> Ref {
+    schemas.push((T::name().into_owned(), T::schema()));
+    T::schemas(schemas);
+    Ref::from_schema_name(T::name())
 }

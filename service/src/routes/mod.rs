@@ -1,5 +1,6 @@
-//! The HTTP API. `app` builds the router and its OpenAPI document from the
-//! same handler annotations, so the document cannot drift from the routes.
+//! The HTTP API. `app` builds the router and its OpenAPI document together
+//! (from the handlers' annotations; the accounting endpoints from their
+//! contract types), so the document cannot drift from the routes.
 
 mod accounting;
 mod ops;
@@ -63,14 +64,7 @@ pub fn app(state: AppState) -> Router {
     let (router, openapi) = OpenApiRouter::<AppState>::with_openapi(ApiDoc::openapi())
         .routes(routes!(sessions::create_session, sessions::list_sessions))
         .routes(routes!(sessions::get_session, sessions::delete_session))
-        .routes(routes!(accounting::calculate))
-        .routes(routes!(accounting::check))
-        .routes(routes!(accounting::initialize))
-        .routes(routes!(accounting::finalize))
-        .routes(routes!(accounting::abort))
-        .routes(routes!(accounting::balance))
-        .routes(routes!(accounting::usage))
-        .routes(routes!(accounting::grant))
+        .merge(accounting::routes())
         .routes(routes!(sessions::list_messages, replies::send_message))
         .routes(routes!(replies::stream_reply, replies::reattach))
         .routes(routes!(replies::list_models))
