@@ -3,10 +3,13 @@
 //! reply held and settled in the credits ledger and stored in the embedded
 //! store, each stream a user of its own under the default rate limits.
 //! Run: `cargo bench -p parley-service --bench streams` (optionally
-//! `PARLEY_BENCH_STREAMS=10,1000,10000`). For each N it prints:
+//! `PARLEY_BENCH_STREAMS=10,1000,10000`, and `PARLEY_BENCH_REPLIES`, default
+//! 2000: each of the N clients streams max(1, REPLIES / N) replies one after
+//! another, each in a new session, so that small N still gives enough
+//! samples). For each N it prints:
 //! - time to first token (TTFT) p50/p99 through the service and calling the
-//!   simulated provider directly at the same concurrency, and the difference;
-//! - completed replies per second with N concurrent streams;
+//!   simulated provider directly with the same clients, and the difference;
+//! - completed replies per second with N concurrent clients;
 //! - the server's RSS per open stream with N streams open at once.
 //!
 //! The server runs as a child process, so its RSS is its own.
@@ -37,18 +40,20 @@ const SETUP_CONCURRENCY: usize = 64;
 #[tokio::main]
 async fn main() {
     let counts = parley_test_support::bench::numbers("PARLEY_BENCH_STREAMS", &[10, 1000, 10000]);
+    let replies = parley_test_support::bench::numbers("PARLEY_BENCH_REPLIES", &[2000])[0];
     let client = reqwest::Client::builder()
         .tcp_nodelay(true)
         .pool_max_idle_per_host(usize::MAX)
         .build()
         .unwrap();
     for n in counts {
-        println!("--- {n} concurrent streams");
+        let rounds = (replies / n).max(1);
+        println!("--- {n} concurrent streams ({rounds} replies each)");
         let fast = Server::start(0, FAST_REPLY_TOKENS).await;
-        let direct = direct_ttft(n, FAST_REPLY_TOKENS).await;
-        let sessions = fast.sessions(&client, n).await;
+        let direct = direct_ttft(n, rounds, FAST_REPLY_TOKENS).await;
+        let clients = fast.sessions(&client, n, rounds).await;
         let started = Instant::now();
-        let through = run_streams(fast.base.clone(), &client, sessions, None).await;
+        let through = run_streams(fast.base.clone(), &client, clients, None).await;
         let elapsed = started.elapsed();
         report_ttft("direct (provider)", &direct);
         report_ttft("through the service", &through);
@@ -58,14 +63,15 @@ async fn main() {
             (percentile(&through, 0.99) - percentile(&direct, 0.99)) * 1e3,
         );
         println!(
-            "completed replies/s: {:.0} ({n} replies of {FAST_REPLY_TOKENS} tokens in {:.2} s)",
-            n as f64 / elapsed.as_secs_f64(),
+            "completed replies/s: {:.0} ({} replies of {FAST_REPLY_TOKENS} tokens in {:.2} s)",
+            through.len() as f64 / elapsed.as_secs_f64(),
+            through.len(),
             elapsed.as_secs_f64()
         );
         fast.stop().await;
 
         let slow = Server::start(1, SLOW_REPLY_TOKENS).await;
-        let sessions = slow.sessions(&client, n).await;
+        let sessions = slow.sessions(&client, n, 1).await;
         let idle_rss = slow.rss_bytes();
         let all_open = Arc::new(tokio::sync::Barrier::new(n + 1));
         let streams = run_streams(
@@ -146,13 +152,21 @@ impl Server {
         server
     }
 
-    /// One session for each of `n` users: (token, session id).
-    async fn sessions(&self, client: &reqwest::Client, n: usize) -> Vec<(String, String)> {
+    /// `rounds` sessions for each of `n` users: (token, session ids).
+    async fn sessions(
+        &self,
+        client: &reqwest::Client,
+        n: usize,
+        rounds: usize,
+    ) -> Vec<(String, Vec<String>)> {
         let permits = Arc::new(Semaphore::new(SETUP_CONCURRENCY));
-        let tasks: Vec<_> = (0..n)
-            .map(|user| {
-                let (client, token, permits) =
-                    (client.clone(), user_token(user), Arc::clone(&permits));
+        let tasks: Vec<_> = (0..n * rounds)
+            .map(|index| {
+                let (client, token, permits) = (
+                    client.clone(),
+                    user_token(index / rounds),
+                    Arc::clone(&permits),
+                );
                 let url = format!("{}/api/chat/sessions", self.base);
                 tokio::spawn(async move {
                     let _permit = permits.acquire().await.unwrap();
@@ -170,11 +184,15 @@ impl Server {
                 })
             })
             .collect();
-        let mut ids = Vec::with_capacity(n);
-        for task in tasks {
-            ids.push(task.await.unwrap());
+        let mut clients: Vec<(String, Vec<String>)> = Vec::with_capacity(n);
+        for (index, task) in tasks.into_iter().enumerate() {
+            let (token, session) = task.await.unwrap();
+            if index % rounds == 0 {
+                clients.push((token, Vec::with_capacity(rounds)));
+            }
+            clients.last_mut().unwrap().1.push(session);
         }
-        ids
+        clients
     }
 
     fn rss_bytes(&self) -> u64 {
@@ -196,59 +214,74 @@ impl Server {
     }
 }
 
-/// Streams one reply per session concurrently; TTFT (request to first chunk)
-/// of each. With `all_open`, each stream waits there after its first chunk
-/// and then is dropped (the client disconnects).
+/// Each client streams a reply in each of its sessions, one after another,
+/// all clients at once; the TTFT (request to first chunk) of every reply.
+/// With `all_open`, each stream waits there after its first chunk and then
+/// is dropped (the client disconnects).
 async fn run_streams(
     base: String,
     client: &reqwest::Client,
-    sessions: Vec<(String, String)>,
+    clients: Vec<(String, Vec<String>)>,
     all_open: Option<Arc<tokio::sync::Barrier>>,
 ) -> Vec<f64> {
-    let tasks: Vec<_> = sessions
+    let tasks: Vec<_> = clients
         .into_iter()
-        .map(|(token, session)| {
-            let (client, all_open) = (client.clone(), all_open.clone());
-            let url = format!("{base}/api/chat/sessions/{session}/stream");
+        .map(|(token, sessions)| {
+            let (client, base, all_open) = (client.clone(), base.clone(), all_open.clone());
             tokio::spawn(async move {
-                let started = Instant::now();
-                let response = client
-                    .post(url)
-                    .bearer_auth(token)
-                    .json(&serde_json::json!({"message": "one two three four five"}))
-                    .send()
-                    .await
-                    .unwrap();
-                let status = response.status();
-                if status != reqwest::StatusCode::OK {
-                    panic!("reply refused: {status} {}", response.text().await.unwrap());
+                let mut ttft = Vec::with_capacity(sessions.len());
+                for session in sessions {
+                    let url = format!("{base}/api/chat/sessions/{session}/stream");
+                    ttft.push(stream_one(&client, url, &token, all_open.as_deref()).await);
                 }
-                let mut events = response.bytes_stream().eventsource();
-                let mut first_token = None;
-                while let Some(event) = events.next().await {
-                    let event = event.unwrap();
-                    match event.event.as_str() {
-                        "chunk" if first_token.is_none() => {
-                            first_token = Some(started.elapsed().as_secs_f64());
-                            if let Some(all_open) = &all_open {
-                                all_open.wait().await;
-                                break;
-                            }
-                        }
-                        "complete" => break,
-                        "error" => panic!("reply failed: {}", event.data),
-                        _ => {}
-                    }
-                }
-                first_token.unwrap()
+                ttft
             })
         })
         .collect();
-    let mut ttft = Vec::with_capacity(tasks.len());
+    let mut ttft = Vec::new();
     for task in tasks {
-        ttft.push(task.await.unwrap());
+        ttft.extend(task.await.unwrap());
     }
     ttft
+}
+
+/// Streams one reply; its TTFT.
+async fn stream_one(
+    client: &reqwest::Client,
+    url: String,
+    token: &str,
+    all_open: Option<&tokio::sync::Barrier>,
+) -> f64 {
+    let started = Instant::now();
+    let response = client
+        .post(url)
+        .bearer_auth(token)
+        .json(&serde_json::json!({"message": "one two three four five"}))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    if status != reqwest::StatusCode::OK {
+        panic!("reply refused: {status} {}", response.text().await.unwrap());
+    }
+    let mut events = response.bytes_stream().eventsource();
+    let mut first_token = None;
+    while let Some(event) = events.next().await {
+        let event = event.unwrap();
+        match event.event.as_str() {
+            "chunk" if first_token.is_none() => {
+                first_token = Some(started.elapsed().as_secs_f64());
+                if let Some(all_open) = all_open {
+                    all_open.wait().await;
+                    break;
+                }
+            }
+            "complete" => break,
+            "error" => panic!("reply failed: {}", event.data),
+            _ => {}
+        }
+    }
+    first_token.unwrap()
 }
 
 fn user_token(user: usize) -> String {
@@ -266,8 +299,9 @@ fn user_token(user: usize) -> String {
     .unwrap()
 }
 
-/// TTFT of the simulated provider itself, N streams at once.
-async fn direct_ttft(n: usize, reply_tokens: u32) -> Vec<f64> {
+/// TTFT of the simulated provider itself: N clients at once, each streaming
+/// `rounds` replies one after another.
+async fn direct_ttft(n: usize, rounds: usize, reply_tokens: u32) -> Vec<f64> {
     let provider = Arc::new(SimulatedProvider::new(SimulatedSettings {
         first_token_latency: Duration::from_millis(FIRST_TOKEN_MILLIS),
         tokens_per_second: None,
@@ -277,28 +311,33 @@ async fn direct_ttft(n: usize, reply_tokens: u32) -> Vec<f64> {
         .map(|_| {
             let provider = Arc::clone(&provider);
             tokio::spawn(async move {
-                let started = Instant::now();
-                let mut stream = provider
-                    .stream(CompletionRequest {
-                        model: "sim".into(),
-                        turns: vec![ChatTurn::new(TurnRole::User, "one two three four five")],
-                        max_output_tokens: 1024,
-                        timeout: Duration::from_secs(60),
-                    })
-                    .await
-                    .unwrap();
-                while let Some(event) = stream.next().await {
-                    if let ProviderEvent::Delta(_) = event.unwrap() {
-                        return started.elapsed().as_secs_f64();
+                let mut ttft = Vec::with_capacity(rounds);
+                for _ in 0..rounds {
+                    let started = Instant::now();
+                    let mut stream = provider
+                        .stream(CompletionRequest {
+                            model: "sim".into(),
+                            turns: vec![ChatTurn::new(TurnRole::User, "one two three four five")],
+                            max_output_tokens: 1024,
+                            timeout: Duration::from_secs(60),
+                        })
+                        .await
+                        .unwrap();
+                    let mut first = None;
+                    while let Some(event) = stream.next().await {
+                        if let ProviderEvent::Delta(_) = event.unwrap() {
+                            first.get_or_insert(started.elapsed().as_secs_f64());
+                        }
                     }
+                    ttft.push(first.expect("no delta"));
                 }
-                panic!("no delta")
+                ttft
             })
         })
         .collect();
-    let mut ttft = Vec::with_capacity(n);
+    let mut ttft = Vec::with_capacity(n * rounds);
     for task in tasks {
-        ttft.push(task.await.unwrap());
+        ttft.extend(task.await.unwrap());
     }
     ttft
 }
