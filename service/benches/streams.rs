@@ -1,7 +1,9 @@
 //! Streamed replies through the real service binary over loopback HTTP,
 //! against the simulated model, with everything a deployment does on: every
 //! reply held and settled in the credits ledger and stored in the embedded
-//! store, each stream a user of its own under the default rate limits.
+//! store, each client a user of its own, its requests and tokens counted by
+//! the rate limiter (under limits high enough for hundreds of replies a
+//! minute).
 //! Run: `cargo bench -p parley-service --bench streams` (optionally
 //! `PARLEY_BENCH_STREAMS=10,1000,10000`, and `PARLEY_BENCH_REPLIES`, default
 //! 2000: each of the N clients streams max(1, REPLIES / N) replies one after
@@ -127,6 +129,10 @@ impl Server {
                 tokens_per_second.to_string(),
             )
             .env("PARLEY_SIMULATED_REPLY_TOKENS", reply_tokens.to_string())
+            // Limits stay on (every request is counted) but high enough
+            // for a client streaming hundreds of replies a minute.
+            .env("PARLEY_RATE_LIMIT_REQUESTS_PER_MINUTE", "1000000")
+            .env("PARLEY_RATE_LIMIT_TOKENS_PER_MINUTE", "100000000")
             .env("PARLEY_REATTACH_GRACE_SECONDS", "0")
             .env("PARLEY_SHUTDOWN_DRAIN_SECONDS", "2")
             .env("PARLEY_STREAM_DRAIN_SECONDS", "0")

@@ -2,6 +2,8 @@
 //! processes and stops them the way Kubernetes does (SIGTERM), or kills them.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod durability;
+
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
