@@ -3,12 +3,14 @@
 //! killed, printing each acknowledged write.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
+async fn main() -> ExitCode {
     let Some(dir) = std::env::args_os().nth(1).map(PathBuf::from) else {
         eprintln!("usage: durability-writer DIR");
-        return;
+        return ExitCode::FAILURE;
     };
     parley_e2e::durability::write_until_killed(&dir).await;
+    ExitCode::SUCCESS
 }
