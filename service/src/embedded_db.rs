@@ -6,14 +6,15 @@
 //! one per fsync. Here each write operation still runs in a write transaction
 //! of its own (the same atomicity and isolation as before), but one writer
 //! thread runs the queued operations in turn and commits them with
-//! `Durability::None`, which publishes a commit in memory without writing it;
-//! the last operation of a batch commits with `Durability::Immediate`. That
+//! `Durability::None`, which publishes a commit in memory without writing it,
+//! then ends the batch with an empty commit with `Durability::Immediate`. That
 //! commit writes the newest root and flushes every buffered page before its
-//! fsync, so it makes all the batch's earlier commits durable too (redb
-//! documents `None` as "not persisted to disk unless followed by a commit with
+//! fsync, so it makes all the batch's commits durable (redb documents `None`
+//! as "not persisted to disk unless followed by a commit with
 //! `Durability::Immediate`"). Each operation is answered with the number of
-//! its commit, and the writer publishes how far commits are durable; `write`
-//! waits for that. Operations arriving meanwhile form the next batch, so one fsync
+//! its commit as soon as it is applied, and the writer publishes how far
+//! commits are durable; `write` waits for that. Operations arriving meanwhile
+//! form the next batch, so one fsync
 //! serves every operation that was waiting. The cost: between durable commits
 //! the batch's pages stay in redb's write buffer, and pages its commits free
 //! are reused only after the durable commit.
@@ -286,11 +287,10 @@ impl Writer {
                     None
                 };
                 taken += 1;
-                let durable = next.is_none();
-                self.run_one(&database, operation, durable, &mut numbered, &mut batch);
+                self.run_one(&database, operation, &mut numbered, &mut batch);
             }
-            // The last operation did not commit durably (it failed, or its
-            // commit did): an empty durable commit covers the others.
+            // Every operation was answered as soon as it was applied; one
+            // empty durable commit makes the whole batch durable.
             if batch.unflushed {
                 self.flush(&database, &mut numbered, &mut batch);
             }
@@ -304,13 +304,12 @@ impl Writer {
         }
     }
 
-    /// Runs one operation in its own transaction, commits it when it
-    /// succeeds (durably when `durable`) and answers its caller.
+    /// Runs one operation in its own transaction, commits it without fsync
+    /// when it succeeds and answers its caller.
     fn run_one(
         &self,
         database: &Database,
         operation: Operation,
-        durable: bool,
         numbered: &mut u64,
         batch: &mut Batch,
     ) {
@@ -319,9 +318,7 @@ impl Writer {
                 .begin_write()
                 .map_err(redb::Error::from)
                 .and_then(|mut transaction| {
-                    if !durable {
-                        transaction.set_durability(Durability::None)?;
-                    }
+                    transaction.set_durability(Durability::None)?;
                     Ok(transaction)
                 });
         let transaction = match transaction {
@@ -344,7 +341,7 @@ impl Writer {
             (ran.answer)(Ok(*numbered));
             return;
         }
-        (ran.answer)(self.commit(transaction, durable, numbered, batch));
+        (ran.answer)(self.commit(transaction, false, numbered, batch));
     }
 
     /// An empty durable commit, making every commit before it durable.

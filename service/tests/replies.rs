@@ -16,11 +16,13 @@ use eventsource_stream::{Event, Eventsource};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use parley_service::auth::Role;
-use parley_service::ledger::{Ledger, MongoLedger};
+use parley_service::embedded_db::EmbeddedDb;
+use parley_service::ledger::{EmbeddedLedger, Ledger, MongoLedger};
 use parley_service::model_routes::{ProviderRegistry, Routes, watch_routes_file};
 use parley_service::providers::{
     BedrockProvider, OpenAiProvider, SimulatedProvider, SimulatedSettings,
 };
+use parley_service::store::EmbeddedStore;
 use parley_service::stream::{Replies, ReplySettings};
 use parley_test_support::bedrock::BedrockStandIn;
 use parley_test_support::openai::OpenAiStandIn;
@@ -135,6 +137,22 @@ impl Harness {
         primary_timeout: u32,
         ledger: Option<Arc<dyn Ledger>>,
     ) -> Self {
+        let (store, dir) = common::embedded_store().await;
+        let ledger = match ledger {
+            Some(ledger) => ledger,
+            None => common::embedded_ledger(&store).await,
+        };
+        Self::start_on(grace, primary_timeout, store, ledger, dir).await
+    }
+
+    /// On these stores; `dir` lives as long as the harness.
+    async fn start_on(
+        grace: Duration,
+        primary_timeout: u32,
+        store: EmbeddedStore,
+        ledger: Arc<dyn Ledger>,
+        dir: tempfile::TempDir,
+    ) -> Self {
         let bedrock = BedrockStandIn::start().await.unwrap();
         let openai = OpenAiStandIn::start().await.unwrap();
         let credentials = Credentials::new("AKIDSTANDIN", "secret", None, None, "test");
@@ -166,11 +184,6 @@ impl Harness {
             },
             &mut registry,
         );
-        let (store, dir) = common::embedded_store().await;
-        let ledger = match ledger {
-            Some(ledger) => ledger,
-            None => common::embedded_ledger(&store).await,
-        };
         let state = common::state_with_replies(Arc::new(store.clone()), ledger, registry, replies);
         let replies = Arc::clone(&state.replies);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1033,6 +1046,83 @@ async fn a_ledger_outage_refuses_replies_before_any_provider_call_and_recovers()
     proxy.stop().await;
     let cleanup = mongodb::Client::with_uri_str(&real).await.unwrap();
     cleanup.database(&database).drop().await.unwrap();
+}
+
+/// A disk whose fsync fails once `failing` is set.
+#[derive(Debug)]
+struct FailingDisk {
+    memory: redb::backends::InMemoryBackend,
+    failing: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl redb::StorageBackend for FailingDisk {
+    fn len(&self) -> std::io::Result<u64> {
+        self.memory.len()
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.memory.read(offset, out)
+    }
+
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.memory.set_len(len)
+    }
+
+    fn sync_data(&self) -> std::io::Result<()> {
+        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            Err(std::io::Error::other("the disk failed"))
+        } else {
+            self.memory.sync_data()
+        }
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.memory.write(offset, data)
+    }
+}
+
+/// The hold is answered once applied, so the model call overlaps its fsync;
+/// when that fsync fails, nothing the model wrote is shown.
+#[tokio::test]
+async fn a_reply_whose_hold_never_becomes_durable_shows_nothing_of_the_model() {
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let disk = FailingDisk {
+        memory: redb::backends::InMemoryBackend::new(),
+        failing: Arc::clone(&failing),
+    };
+    let database = redb::Database::builder().create_with_backend(disk).unwrap();
+    let db = Arc::new(EmbeddedDb::new(database).unwrap());
+    let store = EmbeddedStore::new(Arc::clone(&db)).await.unwrap();
+    let ledger = EmbeddedLedger::new(db, common::LEDGER_SETTINGS)
+        .await
+        .unwrap();
+    let harness = Harness::start_on(
+        Duration::from_secs(30),
+        30,
+        store,
+        Arc::new(ledger),
+        tempfile::tempdir().unwrap(),
+    )
+    .await;
+    harness
+        .openai
+        .set_script(OPENAI_MODEL, Script::reply(["never", "shown"]));
+    let token = user();
+    let session = harness.session(&token).await;
+
+    failing.store(true, std::sync::atomic::Ordering::SeqCst);
+    let events = drain(
+        harness
+            .stream(&token, &session, json!({"message": "hi", "route": "open"}))
+            .await,
+    )
+    .await;
+    // The hold was applied and the model called...
+    assert_eq!(harness.openai.calls().len(), 1);
+    // ...but the reply ended before showing anything it wrote.
+    let names: Vec<&str> = events.iter().map(|event| event.event.as_str()).collect();
+    assert_eq!(names, ["error"], "{events:?}");
+    assert_eq!(data(&events[0])["code"], "STORE_UNAVAILABLE");
 }
 
 #[tokio::test]

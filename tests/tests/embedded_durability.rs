@@ -160,4 +160,3 @@ async fn verify(dir: &Path, acknowledged: &Acknowledged) {
         );
     }
 }
-

@@ -71,7 +71,11 @@ pub struct EmbeddedStore {
 impl EmbeddedStore {
     /// Opens (or creates) `path`, creating the tables.
     pub async fn open(path: &Path) -> Result<Self, Error> {
-        let database = EmbeddedDb::open(path).await?;
+        Self::new(Arc::new(EmbeddedDb::open(path).await?)).await
+    }
+
+    /// The store in `database`, creating the tables.
+    pub async fn new(database: Arc<EmbeddedDb>) -> Result<Self, Error> {
         database
             .write(|transaction| {
                 transaction.open_table(SESSIONS).map_err(storage_error)?;
@@ -81,9 +85,7 @@ impl EmbeddedStore {
                 Ok::<_, Error>(())
             })
             .await?;
-        Ok(Self {
-            database: Arc::new(database),
-        })
+        Ok(Self { database })
     }
 
     /// The database file, shared with other embedded stores (redb allows one
