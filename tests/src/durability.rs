@@ -1,7 +1,7 @@
 //! The embedded database's durability test: a child process writes sessions,
 //! messages and ledger holds and settlements from many concurrent tasks and
 //! prints each write once it is acknowledged; the test SIGKILLs it and finds
-//! every acknowledged write in the file (`tests/embedded_durability.rs`).
+//! every acknowledged write in the file (`tests/tests/embedded_durability.rs`).
 
 use std::path::Path;
 use std::sync::Arc;

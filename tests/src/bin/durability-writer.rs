@@ -1,4 +1,4 @@
-//! The child process of `tests/embedded_durability.rs`: writes to the
+//! The child process of `tests/tests/embedded_durability.rs`: writes to the
 //! embedded database in the directory given as its argument until it is
 //! killed, printing each acknowledged write.
 
