@@ -138,15 +138,7 @@ impl EmbeddedDb {
             .send(operation)
             .map_err(|_| E::from(redb::Error::DatabaseClosed))?;
         let (result, commit) = answered.await.map_err(|_| E::from(panicked()))?;
-        let pending = self.pending(commit?);
-        match result {
-            Ok(value) => Ok((value, pending)),
-            // A refusal may rest on commits it saw that are not durable yet.
-            Err(error) => {
-                pending.wait::<E>().await?;
-                Err(error)
-            }
-        }
+        self.applied(result, commit?).await
     }
 
     /// Runs `operation` in a read transaction on the blocking pool; answers
@@ -181,7 +173,21 @@ impl EmbeddedDb {
         })
         .await
         .map_err(|_| E::from(panicked()))??;
-        let pending = self.pending(seen);
+        self.applied(result, seen).await
+    }
+
+    /// The answer of an operation that saw commits up to `commit`: its value
+    /// with what to wait on, or its error once those commits are durable (a
+    /// refusal may rest on them).
+    async fn applied<T, E>(
+        &self,
+        result: Result<T, E>,
+        commit: u64,
+    ) -> Result<(T, PendingDurability), E>
+    where
+        E: From<redb::Error>,
+    {
+        let pending = PendingDurability(Some((self.durable.clone(), commit)));
         match result {
             Ok(value) => Ok((value, pending)),
             Err(error) => {
@@ -189,10 +195,6 @@ impl EmbeddedDb {
                 Err(error)
             }
         }
-    }
-
-    fn pending(&self, commit: u64) -> PendingDurability {
-        PendingDurability(Some((self.durable.clone(), commit)))
     }
 }
 

@@ -151,13 +151,7 @@ impl Ledger for EmbeddedLedger {
                         request_id: hold.request_id,
                     });
                 }
-                if balance.available < hold.amount {
-                    return Err(LedgerError::InsufficientCredits {
-                        balance: balance.balance,
-                        available: balance.available,
-                        required: hold.amount,
-                    });
-                }
+                balance.cover(hold.amount)?;
                 account.held = account.held.checked_add(hold.amount)?;
                 put_json(&mut accounts, &hold.user, &account)?;
                 put_json(&mut holds, &hold.request_id, &hold)?;

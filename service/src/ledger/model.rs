@@ -182,6 +182,18 @@ impl Balance {
             available,
         })
     }
+
+    /// Refuses a hold of `required` more than is available.
+    pub(crate) fn cover(&self, required: Credits) -> Result<(), LedgerError> {
+        if required > self.available {
+            return Err(LedgerError::InsufficientCredits {
+                balance: self.balance,
+                available: self.available,
+                required,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// One page of a user's usage records, newest first.
@@ -342,14 +354,7 @@ pub(crate) fn refresh_hold(
             request_id: request.request_id.clone(),
         });
     }
-    let extra = request.amount.saturating_sub(hold.amount);
-    if extra > balance.available {
-        return Err(LedgerError::InsufficientCredits {
-            balance: balance.balance,
-            available: balance.available,
-            required: extra,
-        });
-    }
+    balance.cover(request.amount.saturating_sub(hold.amount))?;
     let previous = hold.amount;
     hold.amount = request.amount;
     hold.route.clone_from(&request.route);

@@ -395,14 +395,7 @@ impl Ledger for MongoLedger {
                     request_id: request_id.to_owned(),
                 });
             }
-            let balance = account.balance()?;
-            if balance.available < hold.amount {
-                return Err(LedgerError::InsufficientCredits {
-                    balance: balance.balance,
-                    available: balance.available,
-                    required: hold.amount,
-                });
-            }
+            account.balance()?.cover(hold.amount)?;
             // A request closed long ago: its record is in the usage
             // collection. (One closed since is refused by the filter below.)
             if !closed_long_ago_checked {
