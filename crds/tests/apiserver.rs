@@ -6,14 +6,13 @@
 use std::path::Path;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::ApiResource;
 use kube::runtime::wait::{await_condition, conditions};
 use kube::{Client, ResourceExt};
 use parley_crds::{ChatDeployment, FallbackCondition, ModelRoute};
-use parley_test_support::env::{kube_config, unique_name};
+use parley_test_support::env::{fresh_namespace, kube_config};
 
 async fn client() -> Client {
     Client::try_from(kube_config().await).unwrap()
@@ -50,27 +49,11 @@ async fn install_crds(client: &Client) {
     }
 }
 
-async fn fresh_namespace(client: &Client) -> String {
-    let name = unique_name("crds");
-    let namespace = Namespace {
-        metadata: kube::api::ObjectMeta {
-            name: Some(name.clone()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &namespace)
-        .await
-        .unwrap();
-    name
-}
-
 #[tokio::test]
 async fn examples_round_trip_through_the_apiserver() {
     let client = client().await;
     install_crds(&client).await;
-    let namespace = fresh_namespace(&client).await;
+    let namespace = fresh_namespace(&client, "crds").await;
 
     let chats: Api<ChatDeployment> = Api::namespaced(client.clone(), &namespace);
     let chat: ChatDeployment = example("chat-deployment.yaml");

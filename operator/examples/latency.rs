@@ -37,7 +37,7 @@ async fn main() {
     let operator_client = cluster::operator_client(&admin).await;
     let (mut apply_to_children, mut edit_to_configmap) = (Vec::new(), Vec::new());
     for round in 0..rounds {
-        let namespace = cluster::fresh_namespace(&admin).await;
+        let namespace = parley_test_support::env::fresh_namespace(&admin, "op").await;
         let operator = Operator::start(operator_client.clone(), &namespace);
         let routes: Api<ModelRoute> = Api::namespaced(admin.clone(), &namespace);
         for file in ["model-route-default.yaml", "model-route-fast.yaml"] {

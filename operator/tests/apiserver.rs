@@ -121,7 +121,7 @@ async fn versions(client: &Client, namespace: &str) -> BTreeMap<&'static str, St
 async fn children_are_owned_and_drift_is_repaired() {
     let admin = cluster::admin().await;
     cluster::install_crds(&admin).await;
-    let namespace = cluster::fresh_namespace(&admin).await;
+    let namespace = parley_test_support::env::fresh_namespace(&admin, "op").await;
     let operator_client = cluster::operator_client(&admin).await;
 
     // The test server predates autoscaling/v2 and policy/v1; discovery sees that.
@@ -238,7 +238,7 @@ async fn children_are_owned_and_drift_is_repaired() {
 async fn route_edits_change_only_the_configmap_and_bad_routes_are_reported() {
     let admin = cluster::admin().await;
     cluster::install_crds(&admin).await;
-    let namespace = cluster::fresh_namespace(&admin).await;
+    let namespace = parley_test_support::env::fresh_namespace(&admin, "op").await;
     let operator = Operator::start(cluster::operator_client(&admin).await, &namespace);
     create_examples(&admin, &namespace).await;
     let chats: Api<ChatDeployment> = Api::namespaced(admin.clone(), &namespace);
@@ -366,7 +366,7 @@ async fn route_edits_change_only_the_configmap_and_bad_routes_are_reported() {
 async fn a_restarted_operator_writes_nothing() {
     let admin = cluster::admin().await;
     cluster::install_crds(&admin).await;
-    let namespace = cluster::fresh_namespace(&admin).await;
+    let namespace = parley_test_support::env::fresh_namespace(&admin, "op").await;
     let operator_client = cluster::operator_client(&admin).await;
     let keys = [
         "chatdeployment/{ns}/demo",

@@ -60,7 +60,7 @@ async fn next(log: &mut mpsc::UnboundedReceiver<String>) -> String {
 #[tokio::test]
 async fn one_leader_at_a_time_and_handover_on_shutdown() {
     let admin = cluster::admin().await;
-    let namespace = cluster::fresh_namespace(&admin).await;
+    let namespace = parley_test_support::env::fresh_namespace(&admin, "op").await;
     let client = cluster::operator_client(&admin).await;
     let (log_tx, mut log) = mpsc::unbounded_channel();
 

@@ -8,13 +8,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{DeleteParams, ObjectMeta, PostParams};
 use kube::{Api, Client};
 use parley_service::Error;
 use parley_service::auth::Role;
 use parley_service::model_routes::{Routes, RoutesCell, RoutesConfigMap};
-use parley_test_support::env::{kube_config, unique_name};
+use parley_test_support::env::kube_config;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
@@ -39,19 +39,9 @@ async fn admin() -> Client {
 
 /// A fresh namespace, and the ConfigMap API in it.
 async fn fresh_namespace(client: &Client) -> (String, Api<ConfigMap>) {
-    let name = unique_name("routes");
-    let namespace = Namespace {
-        metadata: ObjectMeta {
-            name: Some(name.clone()),
-            ..ObjectMeta::default()
-        },
-        ..Namespace::default()
-    };
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &namespace)
-        .await
-        .unwrap();
-    (name.clone(), Api::namespaced(client.clone(), &name))
+    let name = parley_test_support::env::fresh_namespace(client, "routes").await;
+    let configmaps = Api::namespaced(client.clone(), &name);
+    (name, configmaps)
 }
 
 fn configmap(data: &[(&str, &str)]) -> ConfigMap {

@@ -45,6 +45,25 @@ pub async fn kube_config() -> kube::Config {
         .unwrap_or_else(|error| panic!("using {}: {error}", path.display()))
 }
 
+/// Creates a namespace of its own (named from `prefix`) on the test
+/// kube-apiserver; its name.
+pub async fn fresh_namespace(client: &kube::Client, prefix: &str) -> String {
+    use k8s_openapi::api::core::v1::Namespace;
+    let name = unique_name(prefix);
+    let namespace = Namespace {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.clone()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    kube::Api::<Namespace>::all(client.clone())
+        .create(&kube::api::PostParams::default(), &namespace)
+        .await
+        .unwrap_or_else(|error| panic!("creating namespace {name}: {error}"));
+    name
+}
+
 /// A name unique to this test run, for databases, namespaces and key prefixes,
 /// so tests sharing one server never see each other's data.
 pub fn unique_name(prefix: &str) -> String {

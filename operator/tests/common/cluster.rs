@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, RoleRef, Subject};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
@@ -84,22 +83,6 @@ pub async fn operator_client(admin: &Client) -> Client {
     let mut config = kube_config().await;
     config.auth_info.impersonate = Some(user);
     Client::try_from(config).unwrap()
-}
-
-pub async fn fresh_namespace(client: &Client) -> String {
-    let name = unique_name("op");
-    let namespace = Namespace {
-        metadata: ObjectMeta {
-            name: Some(name.clone()),
-            ..ObjectMeta::default()
-        },
-        ..Namespace::default()
-    };
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &namespace)
-        .await
-        .unwrap();
-    name
 }
 
 /// Waits (on a watch, bounded by [`WAIT`]) until `condition` holds for `name`.

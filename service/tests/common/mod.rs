@@ -207,3 +207,9 @@ pub async fn create_session(router: &Router, token: &str, body: Value) -> String
     assert_eq!(status, StatusCode::CREATED, "{json}");
     json["sessionId"].as_str().unwrap().to_owned()
 }
+
+/// Asserts a Retry-After header of 1 to 60 seconds: within one rate window.
+pub fn assert_retry_within_a_window(headers: &axum::http::HeaderMap) {
+    let retry_after: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+}
