@@ -4,6 +4,7 @@
 #   kube-apiserver + etcd  (kube-apiserver built from Debian's source package, cached)
 #   SecantusDB             (MongoDB wire protocol, from PyPI in a venv, cached)
 #   redis-server           (Debian package)
+#   Python test tools      (scripts/requirements-test.txt, pinned, in a cached venv)
 #
 #   scripts/test-env.sh install        idempotent; safe to re-run
 #   scripts/test-env.sh start DIR      start everything on free loopback ports; writes DIR/env
@@ -16,6 +17,8 @@ KUBE_ORIG_TARBALL="kubernetes_1.20.5+really1.20.2.orig.tar.gz"
 KUBE_APISERVER="$CACHE_DIR/kube-apiserver-1.20.2/kube-apiserver"
 SECANTUS_VERSION="0.7.0b3"
 SECANTUS_VENV="$CACHE_DIR/secantusdb-$SECANTUS_VERSION"
+SCRIPTS_DIR="$(cd "$(dirname "$0")" && pwd)"
+TOOLS_REQUIREMENTS="$SCRIPTS_DIR/requirements-test.txt"
 
 log() { printf '[test-env] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -96,9 +99,33 @@ install_secantus() {
   touch "$SECANTUS_VENV/.complete"
 }
 
+# The venv is keyed by the requirements file's content, so editing the file
+# builds a fresh one and an unchanged file reuses the cached one.
+tools_venv() {
+  echo "$CACHE_DIR/pytools-$(sha256sum "$TOOLS_REQUIREMENTS" | cut -c1-12)"
+}
+
+install_python_tools() {
+  local venv
+  venv=$(tools_venv)
+  [ -f "$venv/.complete" ] && return 0
+  log "installing the Python test tools into $venv"
+  as_root mkdir -p "$CACHE_DIR"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check -r "$TOOLS_REQUIREMENTS"
+  touch "$venv/.complete"
+}
+
 cmd_install() {
+  # Installs started at the same time (several worktrees, several sessions)
+  # wait for each other instead of building the same thing twice.
+  as_root mkdir -p "$CACHE_DIR"
+  exec 9>"$CACHE_DIR/.install.lock"
+  flock 9
   apt_install etcd-server etcd-client redis-server openssl python3-venv curl
   install_secantus
+  install_python_tools
   build_kube_apiserver
   log "installed"
 }
@@ -120,7 +147,8 @@ cmd_start() {
   local dir=${1:?usage: start DIR}
   mkdir -p "$dir"
   dir=$(cd "$dir" && pwd)
-  [ -x "$KUBE_APISERVER" ] && [ -f "$SECANTUS_VENV/.complete" ] && command -v redis-server >/dev/null \
+  [ -x "$KUBE_APISERVER" ] && [ -f "$SECANTUS_VENV/.complete" ] && [ -f "$(tools_venv)/.complete" ] \
+    && command -v redis-server >/dev/null \
     || die "servers are not installed: run scripts/test-env.sh install"
   [ -f "$dir/env" ] && die "$dir already has a running environment: stop it first"
 
@@ -186,6 +214,7 @@ EOF
 export PARLEY_TEST_KUBECONFIG=$dir/kubeconfig
 export PARLEY_TEST_MONGODB_URI=mongodb://127.0.0.1:$mongo_port
 export PARLEY_TEST_REDIS_URL=redis://127.0.0.1:$redis_port
+export PARLEY_TEST_PYTHON=$(tools_venv)/bin/python
 EOF
   log "ready: source $dir/env"
 }

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Runs every test of the workspace on a fresh Debian bookworm machine: installs
+# Runs every test of the project on a fresh Debian bookworm machine: installs
 # the real test servers (cached after the first run), starts them on free
-# loopback ports, runs the tests against them, and stops them again.
+# loopback ports, runs the workspace's tests and then every further suite
+# against them, and stops them. Every suite runs even when an earlier one
+# failed; the summary at the end says which failed, and how long each took.
 #   scripts/test.sh [extra cargo-nextest arguments]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +20,19 @@ scripts/test-env.sh start "$env_dir"
 # shellcheck disable=SC1091
 source "$env_dir/env"
 
+summary=()
+failed=0
+suite() { # name, command...
+  local name=$1 started=$SECONDS status=passed
+  shift
+  echo "=== suite $name"
+  "$@" || { status=FAILED; failed=1; }
+  summary+=("$(printf '%-10s %-7s %5ss' "$name" "$status" $((SECONDS - started)))")
+}
+
 # The end-to-end tests start the real binaries.
-cargo build --workspace --bins
-cargo nextest run --workspace --no-fail-fast "$@"
+suite rust bash -c 'cargo build --workspace --bins && cargo nextest run --workspace --no-fail-fast "$@"' _ "$@"
+
+echo "=== summary"
+printf '%s\n' "${summary[@]}"
+exit "$failed"
