@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::auth::Role;
 use crate::error::Error;
+use crate::identity::Role;
 use crate::ledger::Credits;
 
 #[derive(Debug, Parser)]

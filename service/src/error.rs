@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::accounting::contract::decimal_credits;
+use crate::ledger::decimal_credits;
 use crate::ledger::{Credits, LedgerError};
 use crate::providers::ProviderErrorKind;
 
@@ -88,6 +88,8 @@ pub enum Error {
     RateLimiterUnavailable(String),
     #[error(transparent)]
     Ledger(#[from] LedgerError),
+    #[error(transparent)]
+    EmbeddedDb(#[from] crate::embedded_db::OpenError),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -170,7 +172,9 @@ impl Error {
             Self::InvalidBody(_) | Self::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::AuthUnavailable(_) | Self::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Store(_) | Self::Config(_) | Self::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Store(_) | Self::Config(_) | Self::Io { .. } | Self::EmbeddedDb(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
 
@@ -208,7 +212,7 @@ impl Error {
             Self::NoActiveReply => "NO_ACTIVE_REPLY",
             Self::ShuttingDown => "SHUTTING_DOWN",
             Self::Upstream(error) => upstream_code(error.kind),
-            Self::Store(_) | Self::Config(_) | Self::Io { .. } => "INTERNAL",
+            Self::Store(_) | Self::Config(_) | Self::Io { .. } | Self::EmbeddedDb(_) => "INTERNAL",
         }
     }
 
@@ -218,7 +222,9 @@ impl Error {
         match self {
             Self::AuthUnavailable(_) => "the identity provider is unavailable; retry later".into(),
             Self::StoreUnavailable(_) => "the session store is unavailable; retry later".into(),
-            Self::Store(_) | Self::Config(_) | Self::Io { .. } => "internal error".into(),
+            Self::Store(_) | Self::Config(_) | Self::Io { .. } | Self::EmbeddedDb(_) => {
+                "internal error".into()
+            }
             Self::AccountingUnavailable(_) => {
                 "the accounting service is unavailable; retry later".into()
             }

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod config;
 pub mod embedded_db;
 pub mod error;
+pub mod identity;
 pub mod ledger;
 pub mod metrics;
 pub mod model_routes;

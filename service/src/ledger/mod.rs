@@ -73,7 +73,7 @@ pub use model::{
     Balance, Closed, Hold, HoldRequest, MAX_PAGE_SIZE, Page, PriceSettlement, Progress, ReapReport,
     ReplyOutcome, Settlement, UsageOutcome, UsageRecord,
 };
-pub use money::{Credits, MICROS_PER_CREDIT, price};
+pub use money::{Credits, MICROS_PER_CREDIT, decimal_credits, price};
 pub use mongo::MongoLedger;
 
 /// Settings shared by both stores.

@@ -8,9 +8,11 @@ mod replies;
 mod sessions;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, Request};
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router, middleware};
 use bytes::Bytes;
@@ -24,9 +26,10 @@ use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::auth::bearer_token;
 use crate::error::Error;
 use crate::metrics::track_requests;
-use crate::ratelimit::limit_requests;
+use crate::ratelimit::Scope;
 use crate::state::AppState;
 
 /// Where the OpenAPI document is served.
@@ -119,6 +122,36 @@ pub fn app(state: AppState) -> Router {
         ))
         .layer(http_stack)
         .with_state(state)
+}
+
+/// Middleware applying the requests limit to authenticated `/api/` calls.
+/// The verified caller is left in the request's extensions, so the handler
+/// does not verify the token again; unauthenticated requests pass through
+/// to be refused by their handler.
+async fn limit_requests(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    if !request.uri().path().starts_with("/api/") {
+        return next.run(request).await;
+    }
+    let Ok(token) = bearer_token(request.headers()) else {
+        return next.run(request).await;
+    };
+    let principal = match state.auth.verify(token).await {
+        Ok(principal) => principal,
+        Err(error) => return error.into_response(),
+    };
+    if let Err(error) = state
+        .rate_limiter
+        .admit_request(Scope::User(&principal.sub))
+        .await
+    {
+        return error.into_response();
+    }
+    request.extensions_mut().insert(principal);
+    next.run(request).await
 }
 
 fn openapi_json(openapi: &utoipa::openapi::OpenApi) -> Bytes {

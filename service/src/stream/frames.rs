@@ -10,8 +10,8 @@ use std::io::Write;
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
 
-use crate::accounting::contract::decimal_credits;
 use crate::ledger::Credits;
+use crate::ledger::decimal_credits;
 
 /// A comment that keeps idle connections (and proxies) open.
 pub const PING: &[u8] = b": ping\n\n";
