@@ -5,13 +5,19 @@
 //! Session ids are MongoDB ObjectIds (24 hex characters) in both stores, so
 //! clients validating ids with `^[0-9a-fA-F]{24}$` work against either.
 
+pub mod audit;
 mod embedded;
+mod embedded_audit;
 mod mongo;
+mod mongo_audit;
 
 use async_trait::async_trait;
 use chrono::{DateTime, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 
+pub use audit::{
+    AuditQuery, CohortScope, Observation, ObservationAudit, ObservationEnd, ObservationPage,
+};
 pub use embedded::EmbeddedStore;
 pub use mongo::MongoStore;
 pub use mongodb::bson::oid::ObjectId;

@@ -106,7 +106,7 @@ impl MongoStore {
             .create_index(by_user)
             .await
             .map_err(mongo_error)?;
-        Ok(())
+        super::mongo_audit::create_indexes(self).await
     }
 }
 
@@ -262,23 +262,23 @@ fn session(document: SessionDocument) -> Session {
     }
 }
 
-fn bson_time(timestamp: DateTime<Utc>) -> bson::DateTime {
+pub(super) fn bson_time(timestamp: DateTime<Utc>) -> bson::DateTime {
     bson::DateTime::from_millis(timestamp.timestamp_millis())
 }
 
 /// BSON dates span more than chrono's range; out-of-range ones clamp.
-fn utc(timestamp: bson::DateTime) -> DateTime<Utc> {
+pub(super) fn utc(timestamp: bson::DateTime) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(timestamp.timestamp_millis())
         .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 /// BSON has no unsigned integers; counts beyond i64 saturate.
-fn count(value: u64) -> i64 {
+pub(super) fn count(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 
 /// Connection-level failures are outages (503, retryable); anything else is internal.
-fn mongo_error(error: mongodb::error::Error) -> Error {
+pub(super) fn mongo_error(error: mongodb::error::Error) -> Error {
     use mongodb::error::ErrorKind;
     match *error.kind {
         ErrorKind::ServerSelection { .. }
