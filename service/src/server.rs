@@ -30,7 +30,7 @@ use crate::ratelimit::{
 };
 use crate::routes::app;
 use crate::state::{AppState, Limits};
-use crate::store::{EmbeddedStore, MongoStore, SessionStore};
+use crate::store::{EmbeddedStore, MongoStore, ObservationAudit, SessionStore};
 use crate::stream::Replies;
 
 /// File of the embedded database inside the data dir.
@@ -92,6 +92,13 @@ impl Backend {
             Self::Mongo(store) => Arc::new(store.clone()),
         }
     }
+
+    pub fn audit(&self) -> Arc<dyn ObservationAudit> {
+        match self {
+            Self::Embedded(store) => Arc::new(store.clone()),
+            Self::Mongo(store) => Arc::new(store.clone()),
+        }
+    }
 }
 
 /// Binds `config.listen` and serves until `shutdown` is cancelled.
@@ -120,7 +127,15 @@ pub async fn serve_listener(
     let background_stop = shutdown.child_token();
     let routes_source = RoutesSource::from_config(&config.replies).await?;
     let routes = routes_source.load().await?;
-    let replies = Arc::new(Replies::from_config(&config.replies, routes, &mut registry).await?);
+    let replies = Arc::new(
+        Replies::from_config(
+            &config.replies,
+            config.redis_url.as_deref(),
+            routes,
+            &mut registry,
+        )
+        .await?,
+    );
     background.spawn(routes_source.watch(
         Arc::clone(&replies.routes),
         Duration::from_millis(config.replies.routes_poll_millis.max(10)),
@@ -163,6 +178,7 @@ pub async fn serve_listener(
     };
     let state = AppState {
         sessions: backend.sessions(),
+        audit: backend.audit(),
         auth: Arc::new(auth),
         registry: Arc::new(registry),
         http_metrics,
@@ -229,6 +245,8 @@ pub async fn serve_listener(
     background_stop.cancel();
     background.close();
     background.wait().await;
+    // Mirrors, heartbeats, and the audit records of observers that just left.
+    replies.hub.close().await;
     backend.close().await;
     served.map_err(|error| Error::io("serving", error))?;
     tracing::info!("stopped");

@@ -10,12 +10,14 @@ use crate::accounting::Accounting;
 use crate::auth::Authenticator;
 use crate::metrics::HttpMetrics;
 use crate::ratelimit::RateLimiter;
-use crate::store::SessionStore;
+use crate::store::{ObservationAudit, SessionStore};
 use crate::stream::Replies;
 
 #[derive(Clone, FromRef)]
 pub struct AppState {
     pub sessions: Arc<dyn SessionStore>,
+    /// Who observed whose replies, in the same store as the sessions.
+    pub audit: Arc<dyn ObservationAudit>,
     pub auth: Arc<Authenticator>,
     /// Every metric of the process, encoded by `/metrics`.
     pub registry: Arc<Registry>,

@@ -52,7 +52,10 @@ async fn create_get_list_messages_delete() {
         ))
         .await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(fetched, created);
+    // A session is read back as created, and nobody has observed it yet.
+    let mut expected = created.clone();
+    expected["observedBy"] = serde_json::json!([]);
+    assert_eq!(fetched, expected);
 
     let (status, messages) = app
         .send(request(

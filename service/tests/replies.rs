@@ -180,7 +180,7 @@ impl Harness {
             providers,
             ReplySettings {
                 grace,
-                ping: Duration::from_secs(15),
+                ..ReplySettings::new()
             },
             &mut registry,
         );

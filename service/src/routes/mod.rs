@@ -3,14 +3,15 @@
 //! contract types), so the document cannot drift from the routes.
 
 mod accounting;
+mod observe;
 mod ops;
 mod replies;
 mod sessions;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
-use axum::http::header::CONTENT_TYPE;
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
+use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -43,6 +44,7 @@ pub const OPENAPI_PATH: &str = "/api/openapi.json";
         (name = "sessions", description = "Chat sessions and their messages"),
         (name = "credits", description = "Seed-compatible accounting: prices, checks, holds, balances"),
         (name = "replies", description = "Model replies, whole or streamed, and the models offered"),
+        (name = "observation", description = "Supervisors and admins watching replies live, and the audit of it"),
         (name = "operations", description = "Liveness, readiness and metrics"),
     )
 )]
@@ -71,6 +73,9 @@ pub fn app(state: AppState) -> Router {
         .routes(routes!(sessions::list_messages, replies::send_message))
         .routes(routes!(replies::stream_reply, replies::reattach))
         .routes(routes!(replies::list_models))
+        .routes(routes!(observe::observe_session))
+        .routes(routes!(observe::live))
+        .routes(routes!(observe::audit))
         .routes(routes!(ops::health))
         .routes(routes!(ops::ready))
         .routes(routes!(ops::metrics))
@@ -152,6 +157,26 @@ async fn limit_requests(
     }
     request.extensions_mut().insert(principal);
     next.run(request).await
+}
+
+/// An SSE response of `frames`.
+fn event_stream(
+    frames: impl futures::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static,
+) -> Response {
+    (
+        StatusCode::OK,
+        [
+            (CONTENT_TYPE, HeaderValue::from_static("text/event-stream")),
+            (CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+            // nginx and similar proxies must pass events through unbuffered.
+            (
+                HeaderName::from_static("x-accel-buffering"),
+                HeaderValue::from_static("no"),
+            ),
+        ],
+        axum::body::Body::from_stream(frames),
+    )
+        .into_response()
 }
 
 fn openapi_json(openapi: &utoipa::openapi::OpenApi) -> Bytes {

@@ -5,19 +5,17 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Body;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
-use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use parley_crds::Credits;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::ApiJson;
 use super::sessions::{session_id, validate_message};
+use super::{ApiJson, event_stream};
 use crate::accounting::Caller;
 use crate::auth::Principal;
 use crate::error::{Error, ErrorBody};
@@ -29,7 +27,7 @@ use crate::state::AppState;
 use crate::store::{Message, MessageRole, ObjectId};
 use crate::stream::billing::{Charge, ReplyBill};
 use crate::stream::reply::{self, ReplyRequest};
-use crate::stream::{FinishedReply, Paid, ReplyStream};
+use crate::stream::{FinishedReply, Paid, ReplyInfo, ReplyStream};
 
 /// Header of a whole (JSON) reply: the caller's available credits after it.
 pub const CREDITS_REMAINING_HEADER: &str = "x-parley-credits-remaining";
@@ -254,8 +252,9 @@ pub async fn reattach(
     let reply = state
         .replies
         .hub
-        .get(id)
-        .filter(|reply| reply.owner == caller.sub)
+        .latest(id)
+        .await?
+        .filter(|reply| reply.info.user_id == caller.sub)
         .ok_or(Error::NoActiveReply)?;
     Ok(sse_response(&state, &reply, after))
 }
@@ -310,12 +309,20 @@ async fn start_reply(
         .collect();
     turns.push(ChatTurn::new(TurnRole::User, user_message.content.clone()));
     let user_id = principal.sub.clone();
-    let reply = replies.hub.begin(id, &user_id, replies.settings.grace)?;
+    let reply = replies
+        .hub
+        .begin(ReplyInfo::new(
+            id,
+            user_id.clone(),
+            session.summary.user_cohorts,
+            route.alias.clone(),
+        ))
+        .await?;
     let input_tokens = u64::from(estimate_input_tokens(&turns));
     let paid = match pay_upfront(state, caller, id, &route, input_tokens).await {
         Ok(paid) => paid,
         Err(error) => {
-            replies.hub.withdraw(id, &reply);
+            replies.hub.withdraw(&reply).await;
             return Err(error);
         }
     };
@@ -369,21 +376,7 @@ async fn pay_upfront(
 }
 
 fn sse_response(state: &AppState, reply: &Arc<ReplyStream>, after: u64) -> Response {
-    let frames = reply.subscribe(after, true, state.replies.settings.ping);
-    (
-        StatusCode::OK,
-        [
-            (CONTENT_TYPE, HeaderValue::from_static("text/event-stream")),
-            (CACHE_CONTROL, HeaderValue::from_static("no-cache")),
-            // nginx and similar proxies must pass events through unbuffered.
-            (
-                axum::http::HeaderName::from_static("x-accel-buffering"),
-                HeaderValue::from_static("no"),
-            ),
-        ],
-        Body::from_stream(frames),
-    )
-        .into_response()
+    event_stream(reply.subscribe(after, true, state.replies.settings.ping))
 }
 
 fn turn_role(role: MessageRole) -> TurnRole {

@@ -16,7 +16,7 @@ use parley_service::model_routes::{ProviderRegistry, Routes};
 use parley_service::providers::{SimulatedProvider, SimulatedSettings};
 use parley_service::ratelimit::{LocalRateLimiter, RateLimitMetrics, RateLimits};
 use parley_service::state::{AppState, Limits};
-use parley_service::store::{EmbeddedStore, MongoStore, SessionStore};
+use parley_service::store::{EmbeddedStore, MongoStore, ObservationAudit, SessionStore};
 use parley_service::stream::{Replies, ReplySettings};
 use prometheus_client::registry::Registry;
 use serde_json::Value;
@@ -59,11 +59,16 @@ pub async fn embedded_ledger(store: &EmbeddedStore) -> Arc<dyn Ledger> {
     Arc::new(ledger)
 }
 
+/// A store of sessions and of the observation audit, as both backends are.
+pub trait TestStore: SessionStore + ObservationAudit + 'static {}
+
+impl<S: SessionStore + ObservationAudit + 'static> TestStore for S {}
+
 /// The API state on these stores, with no rate limits.
-pub fn state_with(sessions: Arc<dyn SessionStore>, ledger: Arc<dyn Ledger>) -> AppState {
+pub fn state_with<S: TestStore>(store: Arc<S>, ledger: Arc<dyn Ledger>) -> AppState {
     let mut registry = Registry::default();
     let replies = builtin_replies(&mut registry);
-    state_with_replies(sessions, ledger, registry, replies)
+    state_with_replies(store, ledger, registry, replies)
 }
 
 /// The built-in routes on an unpaced simulated model.
@@ -76,17 +81,14 @@ pub fn builtin_replies(registry: &mut Registry) -> Replies {
     Replies::new(
         Routes::builtin(),
         ProviderRegistry::new(Arc::new(simulated), None, None),
-        ReplySettings {
-            grace: Duration::from_secs(30),
-            ping: Duration::from_secs(15),
-        },
+        ReplySettings::new(),
         registry,
     )
 }
 
 /// The API state on these stores with the given replies, with no rate limits.
-pub fn state_with_replies(
-    sessions: Arc<dyn SessionStore>,
+pub fn state_with_replies<S: TestStore>(
+    store: Arc<S>,
     ledger: Arc<dyn Ledger>,
     mut registry: Registry,
     replies: Replies,
@@ -107,7 +109,8 @@ pub fn state_with_replies(
     let rate_limiter = LocalRateLimiter::new(limits, RateLimitMetrics::register(&mut registry));
     AppState {
         replies,
-        sessions,
+        sessions: Arc::clone(&store) as Arc<dyn SessionStore>,
+        audit: store,
         accounting: Arc::new(accounting),
         rate_limiter: Arc::new(rate_limiter),
         auth: Arc::new(hs256_authenticator()),
