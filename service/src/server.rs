@@ -212,6 +212,7 @@ pub async fn serve_listener(
     let served = tokio::select! {
         result = &mut server => result,
         () = shutdown.cancelled() => {
+            replies.draining.cancel();
             let drain = Duration::from_secs(config.shutdown_drain_seconds);
             tracing::info!(drain_seconds = drain.as_secs(), "shutting down; draining open requests");
             // Replies get the stream drain to finish; then they end with

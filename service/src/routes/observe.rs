@@ -212,6 +212,6 @@ fn context(state: &AppState) -> ObservationContext {
         hub: std::sync::Arc::clone(&state.replies.hub),
         audit: std::sync::Arc::clone(&state.audit),
         ping: state.replies.settings.ping,
-        shutdown: state.replies.shutdown.clone(),
+        shutdown: state.replies.draining.clone(),
     }
 }

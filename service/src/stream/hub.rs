@@ -550,9 +550,12 @@ impl ReplyStream {
         // appended everything, so no frame can be missed.
         let finished = self.is_finished();
         let log = lock(&self.log);
-        let start = (*next).min(log.frames.len());
-        into.extend(log.frames[start..].iter().cloned());
-        *next = log.frames.len();
+        // A mirror may not have caught up with the id a client resumes
+        // after: wait for the frames to reach it.
+        if let Some(unseen) = log.frames.get(*next..) {
+            into.extend(unseen.iter().cloned());
+            *next = log.frames.len();
+        }
         finished
     }
 
@@ -744,6 +747,22 @@ mod tests {
         assert_eq!(frames, [Bytes::from_static(b"3"), Bytes::from_static(b"4")]);
         // A finished reply no longer blocks a new one.
         assert!(hub.begin(info(session)).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn resuming_past_what_a_mirror_has_read_waits_for_it() {
+        let reply = Arc::new(ReplyStream::new(
+            Arc::new(info(ObjectId::new())),
+            LONG,
+            Origin::Mirror,
+        ));
+        let resumed = reply.subscribe(2, false, LONG);
+        for id in 1..=3 {
+            reply.publish(id, Bytes::from(format!("{id}")));
+        }
+        reply.close(Some("completed"));
+        let frames: Vec<_> = resumed.map(Result::unwrap).collect().await;
+        assert_eq!(frames, [Bytes::from_static(b"3")]);
     }
 
     #[tokio::test]

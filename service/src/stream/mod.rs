@@ -35,6 +35,9 @@ pub struct Replies {
     /// Cancelled when the stream drain after SIGTERM is over: replies still
     /// running end with `SHUTTING_DOWN` and keep what they generated.
     pub shutdown: CancellationToken,
+    /// Cancelled at SIGTERM, when the drain begins: observers and consoles
+    /// end at once (they reconnect to another replica), replies go on.
+    pub draining: CancellationToken,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -167,6 +170,7 @@ impl Replies {
             metrics: ReplyMetrics::register(registry),
             settings,
             shutdown: CancellationToken::new(),
+            draining: CancellationToken::new(),
         }
     }
 }

@@ -41,13 +41,13 @@ struct ObserveData<'a> {
     outcome: Option<&'a str>,
 }
 
-/// How a stream of observation events ends.
+/// What observation streams need.
 #[derive(Clone)]
 pub struct ObservationContext {
     pub hub: Arc<Hub>,
     pub audit: Arc<dyn ObservationAudit>,
     pub ping: Duration,
-    /// Cancelled when the service's stream drain is over.
+    /// Cancelled when the service begins to shut down.
     pub shutdown: CancellationToken,
 }
 
