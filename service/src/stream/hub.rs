@@ -185,7 +185,7 @@ impl Hub {
                 self.forget(&reply);
                 return Err(reserved.err().unwrap_or(Error::ReplyInProgress));
             }
-            *lock(&reply.relay) = Some(relay.writer(Arc::clone(&reply.info)));
+            *lock(&reply.relay) = Some(relay.writer(Arc::clone(&reply.info), &self.tasks));
         }
         Ok(reply)
     }

@@ -33,6 +33,7 @@ use redis::{AsyncConnectionConfig, RedisError, Script};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::frames::{ErrorData, frame};
 use super::hub::{Announcement, ReplyInfo, ReplyStream, lock};
@@ -201,10 +202,15 @@ impl Relay {
         Ok(taken.is_some())
     }
 
-    /// A writer for the reply this replica reserved.
-    pub(super) fn writer(self: &Arc<Self>, info: Arc<ReplyInfo>) -> RelayWriter {
+    /// A writer for the reply this replica reserved; its task is tracked by
+    /// `tasks`, so a stopping replica sends a reply's end before it exits.
+    pub(super) fn writer(
+        self: &Arc<Self>,
+        info: Arc<ReplyInfo>,
+        tasks: &TaskTracker,
+    ) -> RelayWriter {
         let (items, queue) = mpsc::unbounded_channel();
-        tokio::spawn(Arc::clone(self).write(Arc::clone(&info), queue));
+        tasks.spawn(Arc::clone(self).write(Arc::clone(&info), queue));
         RelayWriter {
             relay: Arc::clone(self),
             info,
