@@ -680,6 +680,51 @@ async fn shutdown_ends_running_replies_with_shutting_down() {
 }
 
 #[tokio::test]
+async fn a_draining_replica_is_not_ready_and_starts_no_reply_while_running_ones_go_on() {
+    let harness = Harness::start(Duration::from_secs(30), 30).await;
+    harness.bedrock.set_script(
+        PRIMARY,
+        Script::reply(["still ", "never"]).with_fault(Fault::Stall { after_deltas: 1 }),
+    );
+    let token = user();
+    let running = harness.session(&token).await;
+    let idle = harness.session(&token).await;
+    let mut stream = harness
+        .stream(&token, &running, json!({"message": "hi"}))
+        .await;
+    assert_eq!(next(&mut stream).await.event, "model");
+    assert_eq!(next(&mut stream).await.event, "chunk");
+    harness.replies.draining.cancel();
+
+    let ready = harness
+        .client
+        .get(harness.url("/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = ready.json().await.unwrap();
+    assert_eq!(body["code"], "SHUTTING_DOWN");
+    let refused = harness
+        .client
+        .post(harness.url(&format!("/api/chat/sessions/{idle}/stream")))
+        .bearer_auth(&token)
+        .json(&json!({"message": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["code"], "SHUTTING_DOWN");
+
+    // The running reply was not touched: it ends only when the drain is over.
+    harness.replies.shutdown.cancel();
+    let rest = drain(stream).await;
+    assert_eq!(rest.len(), 1, "{rest:?}");
+    assert_eq!(data(&rest[0])["code"], "SHUTTING_DOWN");
+}
+
+#[tokio::test]
 async fn a_changed_routes_file_is_used_by_the_next_request_and_a_bad_one_is_ignored() {
     let harness = Harness::start(Duration::from_secs(30), 30).await;
     let dir = tempfile::tempdir().unwrap();

@@ -275,7 +275,8 @@ async fn start_reply(
     Error,
 > {
     let replies = &state.replies;
-    if replies.shutdown.is_cancelled() {
+    // From SIGTERM on, running replies finish but no new one starts here.
+    if replies.draining.is_cancelled() {
         return Err(Error::ShuttingDown);
     }
     validate_message(&request.message, state.limits.max_message_chars, "message")?;

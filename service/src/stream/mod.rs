@@ -35,8 +35,9 @@ pub struct Replies {
     /// Cancelled when the stream drain after SIGTERM is over: replies still
     /// running end with `SHUTTING_DOWN` and keep what they generated.
     pub shutdown: CancellationToken,
-    /// Cancelled at SIGTERM, when the drain begins: observers and consoles
-    /// end at once (they reconnect to another replica), replies go on.
+    /// Cancelled at SIGTERM, when the drain begins: the replica is no longer
+    /// ready and starts no reply; observers and consoles end at once (they
+    /// reconnect to another replica); running replies go on.
     pub draining: CancellationToken,
 }
 
