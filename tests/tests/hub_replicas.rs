@@ -36,6 +36,11 @@ struct Replica {
 impl Replicas {
     /// Two replicas of one deployment: same store, Redis, key prefixes and secret.
     async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// [`Replicas::start`], with `overrides` of the environment.
+    async fn start_with(overrides: &[(&'static str, &str)]) -> Self {
         let database = env::unique_name("parley_hub").replace('-', "_");
         let prefix = env::unique_name("hub");
         let environment = vec![
@@ -55,6 +60,11 @@ impl Replicas {
             ("PARLEY_SIMULATED_TOKENS_PER_SECOND", "20".to_owned()),
             ("PARLEY_SIMULATED_REPLY_TOKENS", "60".to_owned()),
         ];
+        let mut environment = environment;
+        for (name, value) in overrides {
+            environment.retain(|(existing, _)| existing != name);
+            environment.push((*name, (*value).to_owned()));
+        }
         let (a, b) = tokio::join!(Replica::start(&environment), Replica::start(&environment));
         Self {
             a,
@@ -286,6 +296,37 @@ async fn observers_and_consoles_on_one_replica_follow_replies_on_the_other() {
     let mut observed = until(&mut late, &["observe"]).await;
     observed.extend(until(&mut late, &["observe"]).await);
     assert_eq!(reply_events(&observed), reply_events(&owned));
+}
+
+#[tokio::test]
+async fn a_fast_reply_ends_for_observers_elsewhere_even_without_a_reattach_grace() {
+    // Without a grace period nothing lingers for re-attaches, but the other
+    // replica's mirror, still reading, must find the reply's last events and
+    // its end rather than report it lost.
+    let replicas = Replicas::start_with(&[
+        ("PARLEY_REATTACH_GRACE_SECONDS", "0"),
+        ("PARLEY_SIMULATED_TOKENS_PER_SECOND", "0"),
+        ("PARLEY_SIMULATED_REPLY_TOKENS", "5000"),
+        // Unpaced, the whole reply is one burst: room for all of it.
+        ("PARLEY_OBSERVER_BUFFER_EVENTS", "8192"),
+    ])
+    .await;
+    let alice = token("alice", "user", "c1").await;
+    let sam = token("sam", "supervisor", "c1").await;
+    let session = replicas.session(&replicas.a, &alice).await;
+    let observe = format!("/api/chat/sessions/{session}/observe");
+    let mut observers = Vec::new();
+    for _ in 0..20 {
+        observers.push(replicas.sse(&replicas.b, &observe, &sam, None).await);
+    }
+    let mut owner = replicas.reply(&replicas.a, &alice, &session).await;
+    let owned = until(&mut owner, &["complete"]).await;
+    for mut observer in observers {
+        let mut observed = until(&mut observer, &["observe"]).await;
+        observed.extend(until(&mut observer, &["observe"]).await);
+        assert_eq!(data(observed.last().unwrap())["state"], "ended");
+        assert_eq!(reply_events(&observed), reply_events(&owned));
+    }
 }
 
 #[tokio::test]

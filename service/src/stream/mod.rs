@@ -24,6 +24,10 @@ use crate::model_routes::{ProviderRegistry, RoutesCell};
 
 /// How long a reply's events stay in Redis when replies have no time limit.
 const UNLIMITED_REPLY_KEPT: Duration = Duration::from_secs(24 * 3600);
+/// Least time an ended reply's events stay in Redis, whatever the re-attach
+/// grace: other replicas' mirrors still reading must find its last events
+/// and its end, or they would report it lost.
+const MIN_RELAY_LINGER: Duration = Duration::from_secs(60);
 
 /// Everything the reply endpoints need, as one field of `AppState`.
 pub struct Replies {
@@ -56,14 +60,15 @@ pub struct ReplySettings {
 }
 
 impl ReplySettings {
-    /// Local defaults: 30 s grace, 15 s pings, 5 min replies, observation on.
+    /// Local defaults: 30 s grace, 15 s pings, 5 min replies, observation on,
+    /// observers cut 1,024 events behind.
     pub fn new() -> Self {
         Self {
             grace: Duration::from_secs(30),
             ping: Duration::from_secs(15),
             max_duration: Some(Duration::from_secs(300)),
             observation: true,
-            observer_buffer: 256,
+            observer_buffer: 1024,
         }
     }
 }
@@ -123,7 +128,7 @@ impl Replies {
                     prefix: config.hub_key_prefix.clone(),
                     heartbeat: Duration::from_millis(config.hub_heartbeat_millis.max(10)),
                     max_events: config.hub_stream_max_events.max(1),
-                    linger: settings.grace,
+                    linger: settings.grace.max(MIN_RELAY_LINGER),
                     max_duration: settings.max_duration.unwrap_or(UNLIMITED_REPLY_KEPT),
                 };
                 let relay = Relay::connect(url, relay_settings, hub_metrics.clone()).await?;

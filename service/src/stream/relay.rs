@@ -12,10 +12,10 @@
 //! - `p:session:{id}:reply`   the session's lock: the running reply's id,
 //!   expiring when its replica stops renewing it (that replica died);
 //! - `p:session:{id}:latest`  the session's newest reply (JSON), kept for the
-//!   grace period after it ends, for re-attaches;
+//!   grace period (at least a minute) after it ends, for re-attaches;
 //! - `p:reply:{id}:events`    the reply's events: entries `N-0` {f: frame,
 //!   t: produced µs}, then `N-1` {end: outcome}; capped, and expiring the
-//!   grace period after the end;
+//!   grace period (at least a minute) after the end;
 //! - `p:reply:{id}:owner`     present while the reply's owner follows it on
 //!   a replica other than the generating one (keeps it from being abandoned);
 //! - `p:live`                 reply id -> reply (JSON), replies in flight;
@@ -45,8 +45,10 @@ use crate::store::ObjectId;
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// A lock not renewed for this many heartbeats means its replica is gone.
 const HEARTBEATS_TO_LOSE: u32 = 5;
-/// Events a mirror reads per call, and a writer sends per round trip.
-const BATCH: usize = 256;
+/// Events a mirror reads per call, and a writer sends per round trip. A
+/// mirror hands a whole batch to its observers at once: well below their
+/// queues (`PARLEY_OBSERVER_BUFFER_EVENTS`), so a burst alone cuts nobody.
+const BATCH: usize = 128;
 /// Outcomes a reply may end with (see `parley_streams_total`).
 const OUTCOMES: [&str; 8] = [
     "completed",
@@ -84,7 +86,8 @@ pub struct RelaySettings {
     pub heartbeat: Duration,
     /// Events kept per reply stream.
     pub max_events: usize,
-    /// How long a reply's events stay after it ended (the re-attach grace).
+    /// How long a reply's events stay after it ended: the re-attach grace,
+    /// and long enough for mirrors still reading to reach the end.
     pub linger: Duration,
     /// Longest a reply may run: its events expire this long after the start
     /// (plus the linger) even if its replica never ends it.
