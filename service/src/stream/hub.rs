@@ -145,9 +145,21 @@ impl ReplyStream {
         self.finished.is_cancelled()
     }
 
-    /// Resolves when the owner has been gone for the whole grace period.
+    /// Resolves when the owner has been gone for the whole grace period, or
+    /// stopped the reply.
     pub async fn abandoned(&self) {
         self.abandoned.cancelled().await;
+    }
+
+    /// The owner stops the reply: it ends as if abandoned, at once (what was
+    /// generated is kept and charged).
+    pub fn stop(&self) {
+        self.abandoned.cancel();
+    }
+
+    /// Resolves once the last event has been appended (the reply is stored).
+    pub async fn finished(&self) {
+        self.finished.cancelled().await;
     }
 
     /// The frames after event `after` (0: all), then every later one as it
