@@ -258,6 +258,17 @@ async fn a_store_outage_answers_503_store_unavailable() {
     common::drop_mongo(cleanup).await;
 }
 
+/// The `paths` of the server's OpenAPI document.
+async fn openapi_paths(server: &RunningServer) -> Value {
+    let document: Value = reqwest::get(server.url("/api/openapi.json"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    document["paths"].clone()
+}
+
 /// A request to the dev sign-in endpoint with optional Host and Origin headers.
 async fn dev_request(
     method: reqwest::Method,
@@ -367,13 +378,7 @@ async fn dev_sign_in_mints_working_tokens_in_local_mode_for_loopback_requests_on
     .await;
     assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
 
-    let document: Value = reqwest::get(server.url("/api/openapi.json"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert!(document["paths"]["/api/dev/token"]["post"].is_object());
+    assert!(openapi_paths(&server).await["/api/dev/token"]["post"].is_object());
     server.stop().await;
 }
 
@@ -412,13 +417,7 @@ async fn dev_sign_in_does_not_exist_with_a_configured_secret_or_off_loopback() {
             let body: Value = response.json().await.unwrap();
             assert_eq!(body["code"], "NOT_FOUND");
         }
-        let document: Value = reqwest::get(server.url("/api/openapi.json"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert!(document["paths"].get("/api/dev/token").is_none());
+        assert!(openapi_paths(server).await.get("/api/dev/token").is_none());
     }
     configured.stop().await;
     everywhere.stop().await;
