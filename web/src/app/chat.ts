@@ -60,7 +60,8 @@ class ChatPage {
     "Chats",
   );
   private readonly sidebar = h("nav", { id: "sidebar", class: "sidebar", "aria-labelledby": "chats-heading" });
-  private readonly title = h("h2", { id: "conversation-title", class: "conversation-title" });
+  /** Focused when a chat is opened, so a screen reader hears which. */
+  private readonly title = h("h2", { id: "conversation-title", class: "conversation-title", tabindex: -1 });
   private readonly titleActions = h("div", { class: "title-actions" });
   /** Scrolls by itself; focusable so a keyboard can scroll it. */
   private readonly messageList = h("ol", { class: "messages", "aria-labelledby": "conversation-title", tabindex: 0 });
@@ -152,7 +153,9 @@ class ChatPage {
     }
     await this.open(opening.sessionId, false);
     if (checkpoint !== null && checkpoint.sessionId === this.current?.sessionId) {
-      const stream = this.context.client.resumeReply(checkpoint.sessionId, checkpoint.lastEventId);
+      const stream = this.context.client.resumeReply(checkpoint.sessionId, checkpoint.lastEventId, {
+        signal: this.context.signal,
+      });
       await this.follow(stream, checkpoint);
     } else {
       this.checkpoints.clear();
@@ -236,17 +239,13 @@ class ChatPage {
     else url.searchParams.set(SESSION_PARAM, session.sessionId);
     history.replaceState(null, "", url);
     this.renderSessionList();
-    this.title.setAttribute("tabindex", "-1");
+    this.showHeader();
     if (session === null) {
-      this.title.textContent = "No chat open";
-      replaceChildren(this.titleActions);
       replaceChildren(this.messageList);
       this.emptyState.textContent = "Start a new chat, or just send a message.";
       this.emptyState.hidden = false;
-      document.title = "Parley";
       return;
     }
-    this.showTitle();
     replaceChildren(this.messageList, ...session.messages.map((message) => this.messageItem(message)));
     this.emptyState.textContent = "No messages yet. Say something below.";
     this.emptyState.hidden = session.messages.length > 0;
@@ -270,7 +269,7 @@ class ChatPage {
       cancel,
     );
     const restore = (): void => {
-      this.showTitle();
+      this.showHeader();
       this.titleActions.querySelector("button")?.focus();
     };
     cancel.addEventListener("click", restore);
@@ -297,14 +296,16 @@ class ChatPage {
     field.select();
   }
 
-  private showTitle(): void {
-    this.title.hidden = false;
-    this.showConversationHeader();
-  }
-
-  private showConversationHeader(): void {
+  /** The conversation's title and its Rename and Delete buttons. */
+  private showHeader(): void {
     const session = this.current;
-    if (session === null) return;
+    this.title.hidden = false;
+    if (session === null) {
+      this.title.textContent = "No chat open";
+      replaceChildren(this.titleActions);
+      document.title = "Parley";
+      return;
+    }
     this.title.textContent = session.title;
     document.title = `${session.title} · Parley`;
     const rename = h("button", { type: "button", class: "secondary" }, "Rename");
@@ -326,7 +327,7 @@ class ChatPage {
       cancel,
     );
     cancel.addEventListener("click", () => {
-      this.showConversationHeader();
+      this.showHeader();
       this.titleActions.querySelector("button")?.focus();
     });
     confirm.addEventListener("click", () => {
@@ -426,7 +427,11 @@ class ChatPage {
       if (session === null) return;
     }
     const route = this.routePicker.value || undefined;
-    const stream = this.context.client.streamReply(session.sessionId, { message, route });
+    const stream = this.context.client.streamReply(
+      session.sessionId,
+      { message, route },
+      { signal: this.context.signal },
+    );
     this.input.value = "";
     const checkpoint: ReplyCheckpoint = { sessionId: session.sessionId, message, lastEventId: 0, text: "" };
     const sent = await this.follow(stream, checkpoint);
@@ -452,6 +457,7 @@ class ChatPage {
       }
       return true;
     } catch (error) {
+      if (this.context.signal.aborted) return false; // signed out
       const started = checkpoint.lastEventId > 0;
       if (!started) {
         for (const element of live.elements) element.remove();
@@ -576,7 +582,8 @@ class ChatPage {
     button.addEventListener("click", () => {
       this.clearNotice();
       const checkpoint: ReplyCheckpoint = { sessionId: session.sessionId, message: "…", lastEventId: 0, text: "" };
-      void this.follow(this.context.client.resumeReply(session.sessionId, 0), checkpoint);
+      const stream = this.context.client.resumeReply(session.sessionId, 0, { signal: this.context.signal });
+      void this.follow(stream, checkpoint);
     });
     return button;
   }

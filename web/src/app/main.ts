@@ -1,6 +1,7 @@
 /** Entry point: sign-in, or the signed-in page at this path. */
 
 import "../styles/app.css";
+import { ReplyCheckpoints } from "../client/index.js";
 import { forgetIdentity, savedIdentity, type Identity } from "./auth.js";
 import { h, replaceChildren } from "./dom.js";
 import { PAGES } from "./pages.js";
@@ -11,6 +12,8 @@ const root = document.getElementById("app") as HTMLElement;
 
 function signOut(reason?: string): void {
   forgetIdentity();
+  // A reply being followed belongs to the one signing out.
+  new ReplyCheckpoints().clear();
   void renderSignIn(root, reason, show);
 }
 

@@ -165,8 +165,29 @@ function indentOf(line: string): number {
 
 const ESCAPABLE = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~";
 
+/**
+ * What an inline parse has learnt about its text: where no closer exists
+ * from some position on. Without it, text like `*a *a *a …` would make
+ * every opener search to the end (quadratic time, re-run on every frame of
+ * a streaming reply).
+ */
+interface Scan {
+  /** Delimiter (`*`, `**`, `_`, `__`) → a position from which it has no valid closer. */
+  noEmphasisCloser: Map<string, number>;
+  /** Backtick run length → a position from which no run of that length follows. */
+  noCodeCloser: Map<number, number>;
+}
+
+/** Longest link label and destination looked for (keeps bad input linear). */
+const MAX_LABEL = 1000;
+const MAX_DESTINATION = 2048;
+
 /** Inline content of one block. */
 export function parseInline(text: string): Inline[] {
+  return parseInlineScanned(text, { noEmphasisCloser: new Map(), noCodeCloser: new Map() });
+}
+
+function parseInlineScanned(text: string, scan: Scan): Inline[] {
   const out: Inline[] = [];
   let plain = "";
   const flush = (): void => {
@@ -191,7 +212,7 @@ export function parseInline(text: string): Inline[] {
     }
     if (char === "`") {
       const run = runLength(text, index, "`");
-      const close = findRun(text, index + run, "`", run);
+      const close = findCodeCloser(text, index + run, run, scan);
       if (close !== -1) {
         flush();
         let code = text.slice(index + run, close).replace(/\n/g, " ");
@@ -205,7 +226,7 @@ export function parseInline(text: string): Inline[] {
       continue;
     }
     if (char === "*" || char === "_") {
-      const emphasis = parseEmphasis(text, index);
+      const emphasis = parseEmphasis(text, index, scan);
       if (emphasis) {
         flush();
         out.push(emphasis.node);
@@ -269,18 +290,21 @@ function runLength(text: string, index: number, char: string): number {
   return end - index;
 }
 
-/** The index of the next run of exactly `length` `char`s at or after `from`. */
-function findRun(text: string, from: number, char: string, length: number): number {
-  let index = text.indexOf(char, from);
+/** The index of the next run of exactly `length` backticks at or after `from`. */
+function findCodeCloser(text: string, from: number, length: number, scan: Scan): number {
+  const none = scan.noCodeCloser.get(length);
+  if (none !== undefined && from >= none) return -1;
+  let index = text.indexOf("`", from);
   while (index !== -1) {
-    const run = runLength(text, index, char);
+    const run = runLength(text, index, "`");
     if (run === length) return index;
-    index = text.indexOf(char, index + run);
+    index = text.indexOf("`", index + run);
   }
+  scan.noCodeCloser.set(length, Math.min(from, none ?? from));
   return -1;
 }
 
-function parseEmphasis(text: string, index: number): { node: Inline; end: number } | null {
+function parseEmphasis(text: string, index: number, scan: Scan): { node: Inline; end: number } | null {
   const char = text[index] as string;
   const run = Math.min(runLength(text, index, char), 2);
   const after = text[index + run];
@@ -288,14 +312,22 @@ function parseEmphasis(text: string, index: number): { node: Inline; end: number
   // `_` inside a word (snake_case) is not emphasis.
   if (char === "_" && index > 0 && /[\p{L}\p{N}]/u.test(text[index - 1] as string)) return null;
   const delimiter = char.repeat(run);
-  let search = index + run;
-  while (search < text.length) {
-    const close = text.indexOf(delimiter, search);
-    if (close === -1) return null;
+  const from = index + run;
+  // Whether a position closes does not depend on the opener, so a search
+  // that found none from `from` on holds for every later opener too.
+  const none = scan.noEmphasisCloser.get(delimiter);
+  if (none !== undefined && from >= none) return null;
+  let search = from;
+  for (;;) {
+    const close = search < text.length ? text.indexOf(delimiter, search) : -1;
+    if (close === -1) {
+      scan.noEmphasisCloser.set(delimiter, Math.min(from, none ?? from));
+      return null;
+    }
     const before = text[close - 1] as string;
     const next = text[close + run];
     const closes =
-      close > index + run &&
+      close > from &&
       !/\s/.test(before) &&
       (char === "*" || next === undefined || !/[\p{L}\p{N}]/u.test(next)) &&
       // `**` inside `*…*` is not the closing single delimiter.
@@ -309,14 +341,13 @@ function parseEmphasis(text: string, index: number): { node: Inline; end: number
     }
     search = close + run;
   }
-  return null;
 }
 
 function parseLink(text: string, index: number): { node: Inline; end: number } | null {
-  // The label: up to the matching `]` (nested brackets balanced, code spans skipped).
+  // The label: up to the matching `]` (nested brackets balanced).
   let depth = 0;
   let labelEnd = -1;
-  for (let i = index; i < text.length; i++) {
+  for (let i = index; i < Math.min(text.length, index + MAX_LABEL); i++) {
     const char = text[i];
     if (char === "\\") {
       i++;
@@ -335,7 +366,7 @@ function parseLink(text: string, index: number): { node: Inline; end: number } |
   // The destination: up to the matching `)`, parentheses balanced.
   let parens = 0;
   let destinationEnd = -1;
-  for (let i = labelEnd + 1; i < text.length; i++) {
+  for (let i = labelEnd + 1; i < Math.min(text.length, labelEnd + 1 + MAX_DESTINATION); i++) {
     const char = text[i];
     if (char === "\\") {
       i++;

@@ -21,6 +21,8 @@ export interface AppContext {
   refreshBalance(): Promise<void>;
   /** Signs out and shows the sign-in page with `reason`. */
   signOut(reason?: string): void;
+  /** Aborted at sign-out: pages pass it to what they stream, so nothing outlives the sign-in. */
+  signal: AbortSignal;
   /** Handles an error a page cannot: a refused token signs out. */
   fail(error: unknown): string;
 }
@@ -41,6 +43,11 @@ export function renderShell(
   signOut: (reason?: string) => void,
 ): { context: AppContext; main: HTMLElement } {
   const client = new ParleyClient({ token: () => identity.token });
+  const signedIn = new AbortController();
+  const leave = (reason?: string): void => {
+    signedIn.abort();
+    signOut(reason);
+  };
   const balance = h("strong", { class: "balance-amount" }, "…");
   const live = h("div", { id: "live", class: "sr-only", role: "status", "aria-live": "polite" });
   const main = h("main", { id: "main", tabindex: -1 });
@@ -59,10 +66,15 @@ export function renderShell(
       { class: "account" },
       h("p", { class: "balance" }, h("span", {}, "Credits "), balance),
       h("p", { class: "who" }, h("span", { class: "sr-only" }, "Signed in as "), identity.sub, ` (${identity.role})`),
-      h("button", { type: "button", class: "secondary", on: { click: () => signOut() } }, "Sign out"),
+      h("button", { type: "button", class: "secondary", on: { click: () => leave() } }, "Sign out"),
     ),
   );
   const skip = h("a", { class: "skip-link", href: "#main" }, "Skip to content");
+  // Focus moves to the content itself (a fragment link alone does not move it everywhere).
+  skip.addEventListener("click", (event) => {
+    event.preventDefault();
+    main.focus();
+  });
   replaceChildren(root, skip, header, main, live);
 
   const context: AppContext = {
@@ -84,9 +96,10 @@ export function renderShell(
         context.fail(error);
       }
     },
-    signOut,
+    signOut: leave,
+    signal: signedIn.signal,
     fail(error) {
-      if (error instanceof UnauthorizedError) signOut(describeError(error));
+      if (error instanceof UnauthorizedError) leave(describeError(error));
       return describeError(error);
     },
   };

@@ -260,6 +260,8 @@ export class ReplyStream implements AsyncIterable<ReplyEvent> {
           for await (const sse of readSse(responseBody(response), (ms) => (this.serverDelayMs = ms))) {
             const event = replyEvent(sse);
             if (event === null) continue;
+            // Events already read are not delivered once detached.
+            this.signal.throwIfAborted();
             this.lastEventId = event.id;
             failures = 0;
             yield event;

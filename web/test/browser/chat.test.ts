@@ -174,6 +174,67 @@ describe("chat page on the simulated model", () => {
         ["assistant", prompt],
       ],
     );
+
+    await page.getByRole("button", { name: "Delete" }).click();
+    await page.getByRole("button", { name: "Delete chat" }).click();
+    await page.getByRole("heading", { name: "No chat open", level: 2 }).waitFor();
+    assert.equal(await page.locator(".session-link").count(), 0);
+    const remaining = await api<{ sessions: unknown[] }>(service, page, "/api/chat/sessions");
+    assert.deepEqual(remaining.sessions, [], "deleted in the service too");
+
+    await page.getByRole("button", { name: "Sign out" }).click();
+    await page.getByRole("heading", { name: "Sign in with a token" }).waitFor();
+    assert.equal(await page.evaluate(() => sessionStorage.length), 0, "nothing of the session is kept");
+    assert.deepEqual(problems, []);
+    await page.close();
+  });
+
+  test("the keyboard alone signs in, moves through the page in reading order, and sends", async () => {
+    const { page, problems } = await newPage();
+    await page.goto(`${service.base}/`);
+    await page.getByRole("button", { name: "Dev sign-in" }).waitFor();
+    const focused = (): Promise<string> =>
+      page.evaluate(() => {
+        const element = document.activeElement as HTMLElement | null;
+        if (element === null || element === document.body) return "";
+        const labels = (element as HTMLInputElement).labels;
+        const label = labels && labels.length > 0 ? labels[0]?.textContent : null;
+        const labelledBy = element.getAttribute("aria-labelledby");
+        const byId = labelledBy === null ? null : document.getElementById(labelledBy)?.textContent;
+        return (element.getAttribute("aria-label") ?? byId ?? label ?? element.textContent ?? "").trim();
+      });
+    /** Presses Tab until `name` has the focus; the names passed on the way. */
+    const tabTo = async (name: string): Promise<string[]> => {
+      const passed: string[] = [];
+      for (let presses = 0; presses < 30; presses++) {
+        await page.keyboard.press("Tab");
+        const now = await focused();
+        passed.push(now);
+        if (now === name) return passed;
+      }
+      throw new Error(`Tab never reached ${name}: ${passed.join(" | ")}`);
+    };
+    assert.deepEqual(await tabTo("User id"), ["Bearer token (JWT)", "Sign in", "User id"]);
+    await page.keyboard.press("Control+A");
+    await page.keyboard.type("kim");
+    assert.deepEqual(await tabTo("Dev sign-in"), ["Role", "Cohorts", "Dev sign-in"]);
+    await page.keyboard.press("Enter");
+    await page.getByRole("textbox", { name: "Message" }).waitFor();
+
+    // Reading order: header, chats, conversation, composer.
+    await page.locator("body").focus();
+    const order = await tabTo("Send");
+    // "No chat open" is the message list, scrollable by keyboard.
+    assert.deepEqual(order, ["Skip to content", "Chat", "Sign out", "New chat", "No chat open", "Model", "Message", "Send"]);
+    // The skip link leads to the content.
+    await page.getByRole("link", { name: "Skip to content" }).focus();
+    await page.keyboard.press("Enter");
+    assert.equal(await page.evaluate(() => document.activeElement?.id), "main");
+
+    await page.getByRole("textbox", { name: "Message" }).focus();
+    await page.keyboard.type("typed and sent with Enter");
+    await page.keyboard.press("Enter");
+    assert.equal(await finishedReply(page), "typed and sent with Enter");
     assert.deepEqual(problems, []);
     await page.close();
   });
