@@ -241,6 +241,20 @@ impl Harness {
         events(response)
     }
 
+    /// A reply that writes `first` and then stalls, in a new session of
+    /// `token`'s user, read up to that first chunk.
+    async fn stalled_reply(&self, token: &str, first: &str) -> (String, BoxStream<'static, Event>) {
+        self.bedrock.set_script(
+            PRIMARY,
+            Script::reply([first, "never"]).with_fault(Fault::Stall { after_deltas: 1 }),
+        );
+        let session = self.session(token).await;
+        let mut stream = self.stream(token, &session, json!({"message": "hi"})).await;
+        assert_eq!(next(&mut stream).await.event, "model");
+        assert_eq!(next(&mut stream).await.event, "chunk");
+        (session, stream)
+    }
+
     async fn stored(&self, session: &str, token: &str) -> Value {
         let response = self
             .client
@@ -621,17 +635,8 @@ async fn reattaching_with_last_event_id_has_no_gap_and_no_duplicate() {
 async fn a_disconnected_reply_is_cancelled_upstream_after_the_grace_period() {
     let grace = Duration::from_millis(300);
     let harness = Harness::start(grace, 30).await;
-    harness.bedrock.set_script(
-        PRIMARY,
-        Script::reply(["kept ", "never"]).with_fault(Fault::Stall { after_deltas: 1 }),
-    );
     let token = user();
-    let session = harness.session(&token).await;
-    let mut stream = harness
-        .stream(&token, &session, json!({"message": "hi"}))
-        .await;
-    assert_eq!(next(&mut stream).await.event, "model");
-    assert_eq!(next(&mut stream).await.event, "chunk");
+    let (session, stream) = harness.stalled_reply(&token, "kept ").await;
     let left = tokio::time::Instant::now();
     drop(stream);
 
@@ -658,19 +663,61 @@ async fn a_disconnected_reply_is_cancelled_upstream_after_the_grace_period() {
 }
 
 #[tokio::test]
+async fn the_owner_stops_a_reply_at_once_and_keeps_what_was_generated() {
+    // A long grace period: only the explicit stop can end this reply soon.
+    let harness = Harness::start(Duration::from_secs(3600), 30).await;
+    let token = user();
+    let (session, stream) = harness.stalled_reply(&token, "kept ").await;
+    let stop_url = harness.url(&format!("/api/chat/sessions/{session}/stream"));
+    let stop = |token: String| harness.client.delete(&stop_url).bearer_auth(token).send();
+
+    // Nobody else can stop it, not even a supervisor of the owner's cohort.
+    for other in [
+        common::token("mallory", Role::User, &["c1"]),
+        common::token("sam", Role::Supervisor, &["c1"]),
+    ] {
+        let response = stop(other).await.unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["code"], "NO_ACTIVE_REPLY");
+    }
+
+    let response = stop(token.clone()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["sessionId"], session.as_str());
+    // Answered once the reply is over: the partial reply is already stored.
+    let stored = harness.stored(&session, &token).await;
+    assert_eq!(stored["messages"][1]["content"], "kept ");
+    assert_eq!(stored["messages"][1]["incomplete"], true);
+    // The open stream ends with the cancellation, and the model call is dropped.
+    let rest = drain(stream).await;
+    assert_eq!(rest.len(), 1, "{rest:?}");
+    assert_eq!(data(&rest[0])["code"], "CANCELLED");
+    tokio::time::timeout(PROMPTLY, harness.bedrock.wait_for_dropped_streams(1))
+        .await
+        .unwrap();
+
+    let response = stop(token.clone()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    // The session takes the next reply at once.
+    harness
+        .bedrock
+        .set_script(PRIMARY, Script::reply(["again"]));
+    let events = drain(
+        harness
+            .stream(&token, &session, json!({"message": "more"}))
+            .await,
+    )
+    .await;
+    assert_eq!(events.last().unwrap().event, "complete");
+}
+
+#[tokio::test]
 async fn shutdown_ends_running_replies_with_shutting_down() {
     let harness = Harness::start(Duration::from_secs(30), 30).await;
-    harness.bedrock.set_script(
-        PRIMARY,
-        Script::reply(["before ", "never"]).with_fault(Fault::Stall { after_deltas: 1 }),
-    );
     let token = user();
-    let session = harness.session(&token).await;
-    let mut stream = harness
-        .stream(&token, &session, json!({"message": "hi"}))
-        .await;
-    assert_eq!(next(&mut stream).await.event, "model");
-    assert_eq!(next(&mut stream).await.event, "chunk");
+    let (session, stream) = harness.stalled_reply(&token, "before ").await;
     harness.replies.shutdown.cancel();
     let rest = drain(stream).await;
     assert_eq!(data(rest.last().unwrap())["code"], "SHUTTING_DOWN");

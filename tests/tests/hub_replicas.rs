@@ -330,6 +330,42 @@ async fn a_fast_reply_ends_for_observers_elsewhere_even_without_a_reattach_grace
 }
 
 #[tokio::test]
+async fn the_owner_stops_a_reply_through_the_other_replica() {
+    let replicas = Replicas::start().await;
+    let alice = token("alice", "user", "c1").await;
+    let session = replicas.session(&replicas.a, &alice).await;
+    let mut on_a = replicas.reply(&replicas.a, &alice, &session).await;
+    let mut seen = Vec::new();
+    while seen.iter().filter(|e: &&Event| e.event == "chunk").count() < 3 {
+        seen.push(next(&mut on_a).await);
+    }
+    let stopped = replicas
+        .http
+        .delete(format!(
+            "{}/api/chat/sessions/{session}/stream",
+            replicas.b.base
+        ))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stopped.status(), 200);
+    seen.extend(until(&mut on_a, &["complete", "error"]).await);
+    let last = seen.last().unwrap();
+    assert_eq!(data(last)["code"], "CANCELLED", "{seen:?}");
+    // Answered once the part was stored.
+    let stored = replicas
+        .get(
+            &replicas.b,
+            &format!("/api/chat/sessions/{session}"),
+            &alice,
+        )
+        .await;
+    assert_eq!(stored["messages"][1]["incomplete"], true, "{stored}");
+    assert_eq!(stored["messages"][1]["content"], text(&reply_events(&seen)));
+}
+
+#[tokio::test]
 async fn a_replica_killed_mid_reply_is_reported_lost_and_its_hold_settled_once() {
     let mut replicas = Replicas::start().await;
     let alice = token("alice", "user", "c1").await;

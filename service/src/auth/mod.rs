@@ -1,6 +1,7 @@
 //! Authentication: JWT bearer tokens, HS256 with a shared secret and/or
 //! RS256/ES256 with keys from a JWKS URL. Authorization rules live in `policy`.
 
+pub mod dev;
 mod jwks;
 pub mod policy;
 

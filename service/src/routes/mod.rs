@@ -1,10 +1,13 @@
-//! The HTTP API. `app` builds the router and its OpenAPI document together
-//! (from the handlers' annotations; the accounting endpoints from their
-//! contract types), so the document cannot drift from the routes.
+//! The HTTP API and the web pages. `app` builds the router and its OpenAPI
+//! document together (from the handlers' annotations; the accounting
+//! endpoints from their contract types), so the document cannot drift from
+//! the routes.
 
 mod accounting;
+mod dev;
 mod observe;
 mod ops;
+mod pages;
 mod replies;
 mod sessions;
 
@@ -46,6 +49,7 @@ pub const OPENAPI_PATH: &str = "/api/openapi.json";
         (name = "replies", description = "Model replies, whole or streamed, and the models offered"),
         (name = "observation", description = "Supervisors and admins watching replies live, and the audit of it"),
         (name = "operations", description = "Liveness, readiness and metrics"),
+        (name = "dev", description = "Dev sign-in, present only in local mode on the generated dev secret"),
     )
 )]
 struct ApiDoc;
@@ -66,20 +70,33 @@ impl Modify for BearerAuth {
 }
 
 pub fn app(state: AppState) -> Router {
-    let (router, openapi) = OpenApiRouter::<AppState>::with_openapi(ApiDoc::openapi())
+    let api = OpenApiRouter::<AppState>::with_openapi(ApiDoc::openapi())
         .routes(routes!(sessions::create_session, sessions::list_sessions))
-        .routes(routes!(sessions::get_session, sessions::delete_session))
+        .routes(routes!(
+            sessions::get_session,
+            sessions::rename_session,
+            sessions::delete_session
+        ))
         .merge(accounting::routes())
         .routes(routes!(sessions::list_messages, replies::send_message))
-        .routes(routes!(replies::stream_reply, replies::reattach))
+        .routes(routes!(
+            replies::stream_reply,
+            replies::reattach,
+            replies::stop_reply
+        ))
         .routes(routes!(replies::list_models))
         .routes(routes!(observe::observe_session))
         .routes(routes!(observe::live))
         .routes(routes!(observe::audit))
         .routes(routes!(ops::health))
         .routes(routes!(ops::ready))
-        .routes(routes!(ops::metrics))
-        .split_for_parts();
+        .routes(routes!(ops::metrics));
+    let api = if state.dev_tokens.is_some() {
+        api.merge(dev::routes())
+    } else {
+        api
+    };
+    let (router, openapi) = api.split_for_parts();
     let document = openapi_json(&openapi);
     let http_stack = ServiceBuilder::new()
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
@@ -114,6 +131,7 @@ pub fn app(state: AppState) -> Router {
                 }
             }),
         )
+        .merge(pages::router())
         .fallback(|| async { Error::EndpointNotFound })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(

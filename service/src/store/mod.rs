@@ -180,6 +180,16 @@ pub trait SessionStore: Send + Sync {
     /// `user_id`'s sessions, most recently updated first.
     async fn list(&self, user_id: &str, page: PageRequest) -> Result<SessionPage, Error>;
 
+    /// Sets the title of `user_id`'s session `id` and returns its summary;
+    /// `SessionNotFound` if there is none. `updatedAt` is left as it was: it
+    /// dates the conversation, so renaming does not reorder the list.
+    async fn rename(
+        &self,
+        id: ObjectId,
+        user_id: &str,
+        title: &str,
+    ) -> Result<SessionSummary, Error>;
+
     /// Deletes `user_id`'s session `id`; `SessionNotFound` if there is none.
     async fn delete(&self, id: ObjectId, user_id: &str) -> Result<(), Error>;
 

@@ -180,7 +180,7 @@ impl Hub {
             replies.insert(session, Arc::clone(&reply));
         }
         if let Some(relay) = &self.relay {
-            let reserved = relay.reserve(&reply.info).await;
+            let reserved = relay.reserve(&reply).await;
             if !matches!(reserved, Ok(true)) {
                 self.forget(&reply);
                 return Err(reserved.err().unwrap_or(Error::ReplyInProgress));
@@ -208,6 +208,19 @@ impl Hub {
             .is_some_and(|current| Arc::ptr_eq(current, reply))
         {
             replies.remove(&reply.info.session_id);
+        }
+    }
+
+    /// Stops a running reply at its owner's request: at once when it is
+    /// generated here, through the relay (within a heartbeat) when another
+    /// replica generates it.
+    pub async fn stop(&self, reply: &Arc<ReplyStream>) -> Result<(), Error> {
+        match (reply.origin, &self.relay) {
+            (Origin::Mirror, Some(relay)) => relay.request_stop(&reply.info).await,
+            _ => {
+                reply.stop();
+                Ok(())
+            }
         }
     }
 
@@ -490,7 +503,8 @@ impl ReplyStream {
         lock(&self.log).outcome
     }
 
-    /// Resolves when the owner has been gone for the whole grace period.
+    /// Resolves when the owner has been gone for the whole grace period, or
+    /// stopped the reply.
     pub async fn abandoned(&self) {
         self.abandoned.cancelled().await;
     }
@@ -498,6 +512,17 @@ impl ReplyStream {
     /// Owner connections attached on this replica.
     pub(super) fn owners_attached(&self) -> usize {
         self.attached.load(Ordering::Acquire)
+    }
+
+    /// The owner stops the reply: it ends as if abandoned, at once (what was
+    /// generated is kept and charged).
+    pub fn stop(&self) {
+        self.abandoned.cancel();
+    }
+
+    /// Resolves once the last event has been appended (the reply is stored).
+    pub async fn finished(&self) {
+        self.finished.cancelled().await;
     }
 
     /// The frames after event `after` (0: all), then every later one as it

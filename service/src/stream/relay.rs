@@ -18,11 +18,12 @@
 //!   grace period (at least a minute) after the end;
 //! - `p:reply:{id}:owner`     present while the reply's owner follows it on
 //!   a replica other than the generating one (keeps it from being abandoned);
+//! - `p:reply:{id}:stop`      the owner asked another replica to stop it;
 //! - `p:live`                 reply id -> reply (JSON), replies in flight;
 //! - channel `p:announcements` replies starting and ending.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -69,12 +70,17 @@ end
 return 0
 ";
 
-/// Renews a lock only if it still holds this reply; 1 when renewed.
+/// Renews a lock only if it still holds this reply: 0 when it does not, 1
+/// when renewed, 2 when renewed and the reply's owner asked to stop it.
 const RENEW: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
 end
-return 0
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return 2
+end
+return 1
 ";
 
 #[derive(Debug, Clone)]
@@ -102,9 +108,15 @@ pub struct Relay {
     /// Tells this replica's announcements from others'.
     replica: String,
     /// The locks of the replies this replica generates, renewed each heartbeat.
-    held: Mutex<HashMap<ObjectId, String>>,
+    held: Mutex<HashMap<ObjectId, Held>>,
     metrics: HubMetrics,
     release: Script,
+}
+
+/// A reply this replica generates, as its heartbeat sees it.
+struct Held {
+    reply_id: String,
+    reply: Weak<ReplyStream>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -179,6 +191,10 @@ impl Relay {
         format!("{}:reply:{reply}:owner", self.settings.prefix)
     }
 
+    fn reply_stop(&self, reply: &str) -> String {
+        format!("{}:reply:{reply}:stop", self.settings.prefix)
+    }
+
     fn live(&self) -> String {
         format!("{}:live", self.settings.prefix)
     }
@@ -187,9 +203,10 @@ impl Relay {
         format!("{}:announcements", self.settings.prefix)
     }
 
-    /// Takes the session's lock for `info`'s reply; `false` when another
-    /// reply holds it.
-    pub(super) async fn reserve(&self, info: &ReplyInfo) -> Result<bool, Error> {
+    /// Takes the session's lock for `reply`; `false` when another reply
+    /// holds it.
+    pub(super) async fn reserve(&self, reply: &Arc<ReplyStream>) -> Result<bool, Error> {
+        let info = &reply.info;
         let taken: Option<String> = redis::cmd("SET")
             .arg(self.session_lock(info.session_id))
             .arg(&info.reply_id)
@@ -200,9 +217,28 @@ impl Relay {
             .await
             .map_err(|error| self.failed("reserve", error))?;
         if taken.is_some() {
-            lock(&self.held).insert(info.session_id, info.reply_id.clone());
+            lock(&self.held).insert(
+                info.session_id,
+                Held {
+                    reply_id: info.reply_id.clone(),
+                    reply: Arc::downgrade(reply),
+                },
+            );
         }
         Ok(taken.is_some())
+    }
+
+    /// Asks the replica generating `info`'s reply to stop it (its next
+    /// heartbeat does).
+    pub(super) async fn request_stop(&self, info: &ReplyInfo) -> Result<(), Error> {
+        redis::cmd("SET")
+            .arg(self.reply_stop(&info.reply_id))
+            .arg(&self.replica)
+            .arg("PX")
+            .arg(millis(self.lost_after()))
+            .query_async::<()>(&mut self.commands.clone())
+            .await
+            .map_err(|error| self.failed("stop", error))
     }
 
     /// A writer for the reply this replica reserved; its task is tracked by
@@ -340,7 +376,10 @@ impl Relay {
     async fn unlock(&self, info: &ReplyInfo) {
         {
             let mut held = lock(&self.held);
-            if held.get(&info.session_id) == Some(&info.reply_id) {
+            if held
+                .get(&info.session_id)
+                .is_some_and(|held| held.reply_id == info.reply_id)
+            {
                 held.remove(&info.session_id);
             }
         }
@@ -365,19 +404,20 @@ impl Relay {
                 () = stop.cancelled() => return,
                 _ = ticks.tick() => {}
             }
-            let held: Vec<(ObjectId, String)> = lock(&self.held)
+            let held: Vec<(ObjectId, String, Weak<ReplyStream>)> = lock(&self.held)
                 .iter()
-                .map(|(session, reply)| (*session, reply.clone()))
+                .map(|(session, held)| (*session, held.reply_id.clone(), held.reply.clone()))
                 .collect();
             if held.is_empty() {
                 continue;
             }
             let mut pipe = redis::pipe();
-            for (session, reply) in &held {
+            for (session, reply, _) in &held {
                 pipe.cmd("EVAL")
                     .arg(RENEW)
-                    .arg(1)
+                    .arg(2)
                     .arg(self.session_lock(*session))
+                    .arg(self.reply_stop(reply))
                     .arg(reply)
                     .arg(millis(self.lost_after()));
             }
@@ -386,9 +426,17 @@ impl Relay {
                 .await
             {
                 Ok(renewed) => {
-                    for ((session, reply), renewed) in held.iter().zip(renewed) {
-                        if renewed == 0 {
-                            tracing::warn!(session = %session.to_hex(), %reply, "a reply's hub lock expired before its heartbeat; other replicas report it lost");
+                    for ((session, reply, stream), renewed) in held.iter().zip(renewed) {
+                        match renewed {
+                            0 => {
+                                tracing::warn!(session = %session.to_hex(), %reply, "a reply's hub lock expired before its heartbeat; other replicas report it lost")
+                            }
+                            2 => {
+                                if let Some(stream) = stream.upgrade() {
+                                    stream.stop();
+                                }
+                            }
+                            _ => {}
                         }
                     }
                 }

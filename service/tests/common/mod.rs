@@ -116,6 +116,7 @@ pub fn state_with_replies<S: TestStore>(
         auth: Arc::new(hs256_authenticator()),
         registry: Arc::new(registry),
         http_metrics,
+        dev_tokens: None,
         limits: Limits {
             max_body_bytes: MAX_BODY_BYTES,
             max_message_chars: MAX_MESSAGE_CHARS,

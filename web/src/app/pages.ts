@@ -1,0 +1,12 @@
+/**
+ * The signed-in pages, by path. Each is a client-side route of the one
+ * `index.html` (the service answers `index.html` at every path listed in
+ * `service/src/routes/pages.rs`, which must name the same paths).
+ */
+
+import { renderChat } from "./chat.js";
+import type { PageDefinition } from "./shell.js";
+
+export const PAGES: ReadonlyMap<string, PageDefinition> = new Map([
+  ["/", { label: "Chat", roles: ["user", "supervisor", "admin"], render: renderChat }],
+]);

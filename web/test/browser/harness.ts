@@ -1,0 +1,259 @@
+/**
+ * What the browser tests run against: the real `parley-service` binary
+ * (PARLEY_SERVICE_BIN, built by `cargo build`), Debian's Chromium driven by
+ * playwright-core (nothing downloaded), axe-core for accessibility scans,
+ * and a throttling OpenAI-compatible stand-in for fallback.
+ */
+
+import { spawn, spawnSync, type ChildProcess } from "node:child_process";
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { createServer, type Server } from "node:http";
+import type { AddressInfo } from "node:net";
+import { tmpdir } from "node:os";
+import { dirname, join, resolve } from "node:path";
+import { createRequire } from "node:module";
+import { fileURLToPath } from "node:url";
+import { chromium, type BrowserContext, type Page } from "playwright-core";
+
+const here = dirname(fileURLToPath(import.meta.url));
+/** The repository root (this file runs from web/.test-build/browser/). */
+export const REPO = resolve(here, "..", "..", "..");
+
+export const DESKTOP = { width: 1280, height: 800 } as const;
+export const PHONE = { width: 390, height: 844 } as const;
+
+function required(path: string | undefined, what: string, how: string): string {
+  if (path === undefined || path === "" || !existsSync(path)) {
+    throw new Error(`${what} not found at ${JSON.stringify(path)}: ${how}`);
+  }
+  return path;
+}
+
+export interface Service {
+  base: string;
+  dataDir: string;
+  /** The service's log so far (JSON lines on stderr). */
+  log(): string;
+  /** A token for `sub`, minted by `parley-service token` on the same data dir. */
+  token(sub: string, role?: string, cohorts?: string[]): string;
+  stop(): Promise<void>;
+}
+
+function serviceBinary(): string {
+  return required(
+    process.env.PARLEY_SERVICE_BIN,
+    "the parley-service binary (PARLEY_SERVICE_BIN)",
+    "build it with `cargo build -p parley-service` (scripts/test.sh's rust suite does) and set PARLEY_SERVICE_BIN",
+  );
+}
+
+/** Starts the service in local mode on a free loopback port; resolves once it serves. */
+export async function startService(env: Record<string, string> = {}): Promise<Service> {
+  const binary = serviceBinary();
+  const dataDir = mkdtempSync(join(tmpdir(), "parley-web-test-"));
+  const serviceEnv: Record<string, string> = {
+    PATH: process.env.PATH ?? "/usr/bin:/bin",
+    PARLEY_LISTEN: "127.0.0.1:0",
+    PARLEY_DATA_DIR: dataDir,
+    RUST_LOG: "info",
+    ...env,
+  };
+  const child: ChildProcess = spawn(binary, [], { env: serviceEnv, stdio: ["ignore", "pipe", "pipe"] });
+  let log = "";
+  child.stdout?.setEncoding("utf8").on("data", (text: string) => (log += text));
+  const address = await new Promise<string>((resolveAddress, reject) => {
+    let pending = "";
+    child.stderr?.setEncoding("utf8").on("data", (text: string) => {
+      log += text;
+      pending += text;
+      let newline;
+      while ((newline = pending.indexOf("\n")) !== -1) {
+        const line = pending.slice(0, newline);
+        pending = pending.slice(newline + 1);
+        if (line.includes('"serving"')) {
+          const parsed = JSON.parse(line) as { fields: { address: string } };
+          resolveAddress(parsed.fields.address);
+        }
+      }
+    });
+    child.once("exit", (code) => reject(new Error(`parley-service exited (${code}) before serving:\n${log}`)));
+  });
+  const exited = new Promise<void>((resolveExit) => child.once("exit", () => resolveExit()));
+  return {
+    base: `http://${address}`,
+    dataDir,
+    log: () => log,
+    token(sub, role = "user", cohorts = []) {
+      const args = ["token", "--sub", sub, "--role", role, ...cohorts.flatMap((c) => ["--cohort", c])];
+      const minted = spawnSync(binary, args, { env: serviceEnv, encoding: "utf8" });
+      if (minted.status !== 0) throw new Error(`parley-service token failed: ${minted.stderr}`);
+      return minted.stdout.trim();
+    },
+    async stop() {
+      child.kill("SIGTERM");
+      await exited;
+      rmSync(dataDir, { recursive: true, force: true });
+    },
+  };
+}
+
+/** Chromium from Debian with a fresh profile, started the way this machine needs. */
+export async function launchBrowser(): Promise<{ context: BrowserContext; close(): Promise<void> }> {
+  const executablePath = required(
+    process.env.PARLEY_CHROMIUM ?? "/usr/bin/chromium",
+    "Chromium",
+    "install Debian's package: apt-get install -y chromium (scripts/test-web.sh does)",
+  );
+  const profile = mkdtempSync(join(tmpdir(), "parley-chromium-"));
+  const context = await chromium.launchPersistentContext(profile, {
+    executablePath,
+    headless: true,
+    args: [
+      "--headless",
+      "--no-sandbox",
+      "--disable-gpu",
+      "--disable-quic",
+      "--no-first-run",
+      "--disable-background-networking",
+      "--disable-component-update",
+      "--disable-sync",
+    ],
+    viewport: DESKTOP,
+  });
+  return {
+    context,
+    async close() {
+      await context.close();
+      rmSync(profile, { recursive: true, force: true });
+    },
+  };
+}
+
+/** Problems a page reports: uncaught errors and console errors (CSP refusals included). */
+export function watchForProblems(page: Page): string[] {
+  const problems: string[] = [];
+  page.on("pageerror", (error) => problems.push(`uncaught: ${error.message}`));
+  page.on("console", (message) => {
+    // The refusals the tests provoke (402, 409, 429) are logged by Chromium too.
+    if (message.type() === "error" && !message.text().startsWith("Failed to load resource")) {
+      problems.push(`console: ${message.text()}`);
+    }
+  });
+  return problems;
+}
+
+const require = createRequire(import.meta.url);
+const AXE_SOURCE = readFileSync(require.resolve("axe-core/axe.min.js"), "utf8");
+
+export interface AxeViolation {
+  id: string;
+  impact: string | null;
+  help: string;
+  nodes: Array<{ target: string[]; failureSummary?: string }>;
+}
+
+/** axe-core's WCAG 2.1 A/AA and best-practice rules on the page as it is. */
+export async function axeViolations(page: Page): Promise<AxeViolation[]> {
+  // Evaluated through the DevTools protocol, which the page's CSP does not govern.
+  await page.evaluate(AXE_SOURCE);
+  return page.evaluate(async () => {
+    const axe = (window as unknown as { axe: { run(context: Document, options: object): Promise<{ violations: AxeViolation[] }> } }).axe;
+    const result = await axe.run(document, {
+      runOnly: { type: "tag", values: ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "best-practice"] },
+      resultTypes: ["violations"],
+    });
+    return result.violations.map((violation) => ({
+      id: violation.id,
+      impact: violation.impact,
+      help: violation.help,
+      nodes: violation.nodes.map((node) => ({ target: node.target, failureSummary: node.failureSummary })),
+    }));
+  });
+}
+
+/** Fails on serious or critical violations; returns the rest for the log. */
+export async function assertAccessible(page: Page, what: string): Promise<AxeViolation[]> {
+  const violations = await axeViolations(page);
+  const blocking = violations.filter((violation) => violation.impact === "serious" || violation.impact === "critical");
+  if (blocking.length > 0) {
+    throw new Error(`axe-core found serious problems on ${what}:\n${JSON.stringify(blocking, null, 2)}`);
+  }
+  for (const violation of violations) {
+    console.log(`axe (${violation.impact}) on ${what}: ${violation.id}: ${violation.help} (${violation.nodes.length} nodes)`);
+  }
+  return violations;
+}
+
+/** Where the screenshots go (committed under docs/screenshots; every run rewrites them). */
+export function screenshotPath(name: string): string {
+  const dir = process.env.PARLEY_SCREENSHOTS_DIR ?? join(REPO, "docs", "screenshots");
+  mkdirSync(dir, { recursive: true });
+  return join(dir, `${name}.png`);
+}
+
+/** Saves `page` at desktop and phone width as NAME-desktop.png and NAME-phone.png, and scans both. */
+export async function captureBothWidths(
+  page: Page,
+  name: string,
+  settle: () => Promise<void>,
+  options: { fullPage?: boolean } = {},
+): Promise<void> {
+  for (const [size, viewport] of [
+    ["desktop", DESKTOP],
+    ["phone", PHONE],
+  ] as const) {
+    await page.setViewportSize(viewport);
+    await settle();
+    await page.screenshot({
+      path: screenshotPath(`${name}-${size}`),
+      animations: "disabled",
+      caret: "hide",
+      fullPage: options.fullPage ?? false,
+    });
+    await assertAccessible(page, `${name} at ${size} width`);
+  }
+  await page.setViewportSize(DESKTOP);
+}
+
+/**
+ * An OpenAI-compatible stand-in whose models all fail: `busy-model` is
+ * throttled (429), `down-model` is down (503). It counts the calls.
+ */
+export async function startFailingModelServer(): Promise<{ baseUrl: string; calls: Map<string, number>; close(): Promise<void> }> {
+  const calls = new Map<string, number>();
+  const server: Server = createServer((request, response) => {
+    let body = "";
+    request.setEncoding("utf8");
+    request.on("data", (text: string) => (body += text));
+    request.on("end", () => {
+      let model = "";
+      try {
+        model = String((JSON.parse(body) as { model?: unknown }).model ?? "");
+      } catch {
+        // Counted under "" below.
+      }
+      calls.set(model, (calls.get(model) ?? 0) + 1);
+      const [status, type, message] =
+        model === "busy-model"
+          ? [429, "rate_limit_exceeded", "Rate limit reached, please try again later."]
+          : [503, "service_unavailable", "The server is overloaded or not ready yet."];
+      response.writeHead(status, { "content-type": "application/json", "retry-after": "1" });
+      response.end(JSON.stringify({ error: { message, type, param: null, code: type } }));
+    });
+  });
+  await new Promise<void>((listening) => server.listen(0, "127.0.0.1", listening));
+  const { port } = server.address() as AddressInfo;
+  return {
+    baseUrl: `http://127.0.0.1:${port}/v1`,
+    calls,
+    close: () => new Promise((closed) => server.close(() => closed())),
+  };
+}
+
+/** Writes a routes file into a fresh directory and returns its path. */
+export function routesFile(yaml: string): string {
+  const dir = mkdtempSync(join(tmpdir(), "parley-routes-"));
+  const path = join(dir, "routes.yaml");
+  writeFileSync(path, yaml);
+  return path;
+}
