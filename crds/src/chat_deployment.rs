@@ -9,6 +9,8 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::content_policy::CohortPolicy;
+
 /// Desired state of one chat service installation.
 // Each `printcolumn(...)` repeats the same keys, which clippy mistakes for duplicates.
 #[allow(clippy::duplicated_attributes)]
@@ -96,6 +98,11 @@ pub struct ChatDeploymentSpec {
     #[serde(default = "default_max_stream_duration_seconds")]
     #[schemars(range(min = 10, max = 86400))]
     pub max_stream_duration_seconds: u32,
+    /// Content policies for users of some cohorts, applied on every route on
+    /// top of each route's own `contentPolicy`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub cohort_policies: Vec<CohortPolicy>,
 }
 
 fn default_route() -> String {
@@ -405,6 +412,21 @@ pub struct ChatDeploymentStatus {
     /// Routes compiled into the routes ConfigMap.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<ResolvedRoute>,
+    /// Optional children the operator does not create, and why (e.g. no
+    /// ServiceMonitor while the cluster lacks the Prometheus operator's CRD).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub off_children: Vec<OffChild>,
+}
+
+/// An optional child that is off.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OffChild {
+    /// `HorizontalPodAutoscaler`, `PodDisruptionBudget` or `ServiceMonitor`.
+    pub kind: String,
+    /// CamelCase reason, e.g. `ApiNotServed`.
+    pub reason: String,
+    pub message: String,
 }
 
 /// A route the service offers and the ModelRoute it came from.

@@ -3,6 +3,7 @@
 //! writes it, and the service, which hot-reloads it.
 
 mod chat_deployment;
+mod content_policy;
 mod credits;
 mod model_route;
 mod routes_file;
@@ -13,17 +14,22 @@ use kube::CustomResourceExt;
 pub use chat_deployment::{
     AccountingMode, AccountingSpec, AuthSpec, AutoscalingSpec, BedrockProvider, ChatDeployment,
     ChatDeploymentSpec, ChatDeploymentStatus, EmbeddedStorage, MongodbStorage, ObservationSpec,
-    OpenAiProvider, ProvidersSpec, RateLimitsSpec, RedisSpec, ReplicasSpec, ResolvedRoute,
-    SecretKeyRef, SecretRef, Storage, StorageSpec,
+    OffChild, OpenAiProvider, ProvidersSpec, RateLimitsSpec, RedisSpec, ReplicasSpec,
+    ResolvedRoute, SecretKeyRef, SecretRef, Storage, StorageSpec,
+};
+pub use content_policy::{
+    CohortPolicy, ContentPolicy, ContentRule, OUTPUT_MATCH_MAX_BYTES, PATTERN_SIZE_LIMIT,
+    RuleAction, RuleDirection, RuleMatcher,
 };
 pub use credits::{Credits, CreditsParseError, MICROS_PER_CREDIT};
 pub use model_route::{
-    FallbackCondition, ModelRoute, ModelRouteSpec, ModelRouteStatus, Pricing, Provider, Role,
-    RouteLimits, RouteTarget,
+    CircuitBreaker, FallbackCondition, ModelRoute, ModelRouteSpec, ModelRouteStatus, Pricing,
+    Provider, Role, RouteLimits, RouteTarget,
 };
 pub use routes_file::{
     ALIAS_MAX_LEN, IMPLICIT_DEFAULT_ROUTE, MAX_OUTPUT_TOKENS_LIMIT, ProblemKind,
     ROUTES_CONFIGMAP_KEY, RouteProblem, RouteProblems, RoutesFile, TIMEOUT_SECONDS_LIMIT,
+    collect_cohort_policy_problems,
 };
 
 /// Errors of this crate.

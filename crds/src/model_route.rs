@@ -9,6 +9,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::content_policy::ContentPolicy;
 use crate::credits::Credits;
 
 /// A named fallback chain of model targets that clients ask for by `alias`.
@@ -76,6 +77,14 @@ pub struct ModelRouteSpec {
     /// limits; omitted means only the deployment's limits apply.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<RouteLimits>,
+    /// What the route is good at, as short tags (e.g. `fast`, `code`,
+    /// `long-context`); `POST /api/models/recommend` matches a task against them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub capabilities: Vec<String>,
+    /// Rules every message sent on this route, and every reply, must pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_policy: Option<ContentPolicy>,
 }
 
 /// What each user may do on one route. Every field defaults to 0, which
@@ -112,10 +121,77 @@ pub struct RouteTarget {
     #[serde(default = "default_timeout_seconds")]
     #[schemars(range(min = 1, max = 3600))]
     pub timeout_seconds: u32,
+    /// When this target stops being tried for a while; omitted: the defaults.
+    #[serde(default, skip_serializing_if = "CircuitBreaker::is_default")]
+    pub circuit_breaker: CircuitBreaker,
+    /// Bedrock Guardrail applied to every request to this target (bedrock
+    /// targets only; needs `guardrailVersion`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 2048))]
+    pub guardrail_identifier: Option<String>,
+    /// Version of the guardrail, e.g. `1` or `DRAFT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 16))]
+    pub guardrail_version: Option<String>,
 }
 
 fn default_timeout_seconds() -> u32 {
     60
+}
+
+/// A per-target circuit breaker. Throttled, unavailable and timed-out calls
+/// are failures; `failureThreshold` of them within `windowSeconds` open the
+/// breaker, and an open target is skipped at once (the route's next target
+/// answers) for `cooldownSeconds`; then one probe request is let through:
+/// its success closes the breaker, its failure opens it again.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CircuitBreaker {
+    /// `false`: the target is always tried.
+    #[serde(default = "enabled_by_default")]
+    pub enabled: bool,
+    /// Failures within the window that open the breaker.
+    #[serde(default = "default_failure_threshold")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub failure_threshold: u32,
+    /// The sliding window failures are counted in.
+    #[serde(default = "default_window_seconds")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub window_seconds: u32,
+    /// How long an open breaker skips the target before a probe.
+    #[serde(default = "default_cooldown_seconds")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub cooldown_seconds: u32,
+}
+
+fn enabled_by_default() -> bool {
+    true
+}
+fn default_failure_threshold() -> u32 {
+    5
+}
+fn default_window_seconds() -> u32 {
+    60
+}
+fn default_cooldown_seconds() -> u32 {
+    30
+}
+
+impl Default for CircuitBreaker {
+    fn default() -> Self {
+        Self {
+            enabled: enabled_by_default(),
+            failure_threshold: default_failure_threshold(),
+            window_seconds: default_window_seconds(),
+            cooldown_seconds: default_cooldown_seconds(),
+        }
+    }
+}
+
+impl CircuitBreaker {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// Credits charged per 1000 tokens.

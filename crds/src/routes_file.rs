@@ -8,6 +8,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
+use crate::content_policy::{CohortPolicy, collect_rule_problems};
 use crate::model_route::{ModelRouteSpec, Provider};
 
 /// Key of the routes document in the operator's `<name>-routes` ConfigMap.
@@ -17,7 +18,10 @@ pub const IMPLICIT_DEFAULT_ROUTE: &str = "default";
 /// Bounds shared by the CRD schema and [`ModelRouteSpec::validate`].
 pub const MAX_OUTPUT_TOKENS_LIMIT: u32 = 1_000_000;
 pub const TIMEOUT_SECONDS_LIMIT: u32 = 3600;
+pub const FAILURE_THRESHOLD_LIMIT: u32 = 1000;
 pub const ALIAS_MAX_LEN: usize = 63;
+/// Longest capability tag.
+pub const CAPABILITY_MAX_LEN: usize = 32;
 
 /// Every route a chat service offers.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
@@ -27,6 +31,10 @@ pub struct RoutesFile {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_route: Option<String>,
     pub routes: Vec<ModelRouteSpec>,
+    /// Content policies for users of some cohorts, on every route (the
+    /// operator copies them from `ChatDeployment.spec.cohortPolicies`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cohort_policies: Vec<CohortPolicy>,
 }
 
 impl RoutesFile {
@@ -67,6 +75,7 @@ impl RoutesFile {
                 ));
             }
         }
+        collect_cohort_policy_problems(&self.cohort_policies, "cohortPolicies", &mut problems);
         if let Some(default) = &self.default_route
             && !first_index_of_alias.contains_key(default.as_str())
         {
@@ -95,10 +104,25 @@ impl ModelRouteSpec {
     }
 
     fn collect_problems(&self, path: &str, problems: &mut Vec<RouteProblem>) {
+        if let Some(policy) = &self.content_policy {
+            collect_rule_problems(&policy.rules, &format!("{path}.contentPolicy"), problems);
+        }
         let mut push = |field: String, kind, message: String| {
             problems.push(RouteProblem::new(field, kind, message));
         };
-        if !is_valid_alias(&self.alias) {
+        for (index, tag) in self.capabilities.iter().enumerate() {
+            if !is_valid_tag(tag) {
+                push(
+                    format!("{path}.capabilities[{index}]"),
+                    ProblemKind::InvalidCapability,
+                    format!(
+                        "capability `{tag}` must be 1-{CAPABILITY_MAX_LEN} lowercase letters, \
+                         digits or `-`"
+                    ),
+                );
+            }
+        }
+        if !is_valid_name(&self.alias) {
             push(
                 format!("{path}.alias"),
                 ProblemKind::InvalidAlias,
@@ -185,18 +209,92 @@ impl ModelRouteSpec {
                     ),
                 );
             }
+            let breaker = &target.circuit_breaker;
+            for (field, value, max) in [
+                (
+                    "failureThreshold",
+                    breaker.failure_threshold,
+                    FAILURE_THRESHOLD_LIMIT,
+                ),
+                (
+                    "windowSeconds",
+                    breaker.window_seconds,
+                    TIMEOUT_SECONDS_LIMIT,
+                ),
+                (
+                    "cooldownSeconds",
+                    breaker.cooldown_seconds,
+                    TIMEOUT_SECONDS_LIMIT,
+                ),
+            ] {
+                if value == 0 || value > max {
+                    push(
+                        format!("{target_path}.circuitBreaker.{field}"),
+                        ProblemKind::LimitOutOfRange,
+                        format!("{field} {value} must be between 1 and {max}"),
+                    );
+                }
+            }
+            match (&target.guardrail_identifier, &target.guardrail_version) {
+                (None, None) => {}
+                (Some(_), Some(_)) if target.provider == Provider::Bedrock => {}
+                (Some(_), Some(_)) => push(
+                    format!("{target_path}.guardrailIdentifier"),
+                    ProblemKind::InvalidGuardrail,
+                    format!(
+                        "guardrails are Bedrock's; this target's provider is {}",
+                        target.provider.as_str()
+                    ),
+                ),
+                _ => push(
+                    format!("{target_path}.guardrailIdentifier"),
+                    ProblemKind::InvalidGuardrail,
+                    "set both guardrailIdentifier and guardrailVersion (e.g. `1` or `DRAFT`)"
+                        .to_owned(),
+                ),
+            }
         }
     }
 }
 
-fn is_valid_alias(alias: &str) -> bool {
-    let bytes = alias.as_bytes();
+/// Problems of cohort policies (at `path`, e.g. `spec.cohortPolicies`).
+pub fn collect_cohort_policy_problems(
+    policies: &[CohortPolicy],
+    path: &str,
+    problems: &mut Vec<RouteProblem>,
+) {
+    for (index, policy) in policies.iter().enumerate() {
+        let policy_path = format!("{path}[{index}]");
+        if policy.cohorts.is_empty() || policy.cohorts.iter().any(|c| c.trim().is_empty()) {
+            problems.push(RouteProblem::new(
+                format!("{policy_path}.cohorts"),
+                ProblemKind::InvalidContentRule,
+                "list at least one cohort, none of them empty".to_owned(),
+            ));
+        }
+        collect_rule_problems(&policy.rules, &policy_path, problems);
+    }
+}
+
+/// Aliases and rule names: 1-63 lowercase letters, digits, `.`, `_` or `-`,
+/// starting and ending with a letter or digit.
+pub(crate) fn is_valid_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
     let inner_ok = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(b);
     let edge_ok = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
-    alias.len() <= ALIAS_MAX_LEN
+    name.len() <= ALIAS_MAX_LEN
         && edge_ok(bytes.first())
         && edge_ok(bytes.last())
         && bytes.iter().all(inner_ok)
+}
+
+/// Capability tags: 1-32 lowercase letters, digits or `-`.
+fn is_valid_tag(tag: &str) -> bool {
+    !tag.is_empty()
+        && tag.len() <= CAPABILITY_MAX_LEN
+        && tag
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// What is wrong with a route; [`ProblemKind::reason`] is the condition reason.
@@ -212,6 +310,10 @@ pub enum ProblemKind {
     LimitOutOfRange,
     DuplicateAlias,
     UnknownDefaultRoute,
+    InvalidCapability,
+    InvalidGuardrail,
+    InvalidContentRule,
+    InvalidPattern,
 }
 
 impl ProblemKind {
@@ -228,6 +330,10 @@ impl ProblemKind {
             ProblemKind::LimitOutOfRange => "LimitOutOfRange",
             ProblemKind::DuplicateAlias => "DuplicateAlias",
             ProblemKind::UnknownDefaultRoute => "UnknownDefaultRoute",
+            ProblemKind::InvalidCapability => "InvalidCapability",
+            ProblemKind::InvalidGuardrail => "InvalidGuardrail",
+            ProblemKind::InvalidContentRule => "InvalidContentRule",
+            ProblemKind::InvalidPattern => "InvalidPattern",
         }
     }
 }
@@ -442,13 +548,93 @@ routes:
     }
 
     #[test]
+    fn policies_breakers_capabilities_and_guardrails_are_validated() {
+        let text = r#"
+cohortPolicies:
+  - cohorts: [grade-5]
+    rules:
+      - {name: profanity, words: [heck], action: mask}
+      - {name: profanity, pattern: '('}
+  - cohorts: []
+    rules:
+      - {name: long, maxLength: 10}
+routes:
+  - alias: default
+    capabilities: [fast, Long Context]
+    contentPolicy:
+      rules:
+        - {name: ssn, pattern: '\d{3}-\d{2}-\d{4}', action: mask}
+        - {name: digits, pattern: '\d+'}
+    targets:
+      - provider: bedrock
+        model: m
+        pricing: {inputPer1k: 1, outputPer1k: 1}
+        maxOutputTokens: 5
+        guardrailIdentifier: gr-1
+        circuitBreaker: {failureThreshold: 0, cooldownSeconds: 10}
+      - provider: simulated
+        model: s
+        pricing: {inputPer1k: 1, outputPer1k: 1}
+        maxOutputTokens: 5
+        guardrailIdentifier: gr-1
+        guardrailVersion: "1"
+"#;
+        let file = RoutesFile::from_yaml(text).unwrap();
+        let breaker = file.routes[0].targets[0].circuit_breaker;
+        assert_eq!(
+            (breaker.enabled, breaker.window_seconds, breaker.cooldown_seconds),
+            (true, 60, 10)
+        );
+        let problems = file.validate().unwrap_err();
+        let found: Vec<(&str, ProblemKind)> = problems
+            .0
+            .iter()
+            .map(|problem| (problem.path.as_str(), problem.kind))
+            .collect();
+        assert_eq!(
+            found,
+            vec![
+                (
+                    "routes[0].contentPolicy.rules[1]",
+                    ProblemKind::InvalidPattern
+                ),
+                ("routes[0].capabilities[1]", ProblemKind::InvalidCapability),
+                (
+                    "routes[0].targets[0].circuitBreaker.failureThreshold",
+                    ProblemKind::LimitOutOfRange
+                ),
+                (
+                    "routes[0].targets[0].guardrailIdentifier",
+                    ProblemKind::InvalidGuardrail
+                ),
+                (
+                    "routes[0].targets[1].guardrailIdentifier",
+                    ProblemKind::InvalidGuardrail
+                ),
+                (
+                    "cohortPolicies[0].rules[1].name",
+                    ProblemKind::InvalidContentRule
+                ),
+                ("cohortPolicies[0].rules[1]", ProblemKind::InvalidPattern),
+                ("cohortPolicies[1].cohorts", ProblemKind::InvalidContentRule),
+            ]
+        );
+        // Defaults are not written back, so files without breakers stay as they were.
+        let plain = RoutesFile::from_yaml(CONTRACT_EXAMPLE).unwrap();
+        let written = plain.to_yaml().unwrap();
+        for absent in ["circuitBreaker", "capabilities", "contentPolicy", "cohortPolicies"] {
+            assert!(!written.contains(absent), "{written}");
+        }
+    }
+
+    #[test]
     fn alias_rules() {
         for good in ["default", "fast", "a", "gpt-4.1", "x_y", "0"] {
-            assert!(is_valid_alias(good), "{good}");
+            assert!(is_valid_name(good), "{good}");
         }
         let too_long = "a".repeat(ALIAS_MAX_LEN + 1);
         for bad in ["", "-a", "a-", "A", "a b", too_long.as_str()] {
-            assert!(!is_valid_alias(bad), "{bad}");
+            assert!(!is_valid_name(bad), "{bad}");
         }
     }
 }

@@ -90,6 +90,8 @@ fn examples_are_valid_against_the_schema_and_the_types() {
         Some(Storage::Mongodb(_))
     ));
     assert_eq!(typed.spec.replicas.max, 10);
+    let cohort_policies = typed.spec.cohort_policies.clone();
+    assert_eq!(cohort_policies[0].rules.len(), 2);
 
     let route = validator("ModelRoute");
     let mut specs = Vec::new();
@@ -113,9 +115,11 @@ fn examples_are_valid_against_the_schema_and_the_types() {
     );
     let providers: Vec<&str> = specs[0].providers().map(|p| p.as_str()).collect();
     assert_eq!(providers, ["bedrock", "openai", "simulated"]);
+    assert_eq!(specs[0].content_policy.as_ref().unwrap().rules.len(), 3);
     RoutesFile {
         default_route: Some("default".into()),
         routes: specs,
+        cohort_policies,
     }
     .validate()
     .unwrap();
@@ -128,7 +132,7 @@ type Mutation = (&'static str, fn(&mut Value));
 fn schema_rejects_invalid_documents() {
     let route = validator("ModelRoute");
     let base = yaml_value("examples/model-route-default.yaml");
-    let mutations: [Mutation; 7] = [
+    let mutations: [Mutation; 10] = [
         ("unknown provider", |d| {
             d["spec"]["targets"][0]["provider"] = "gemini".into()
         }),
@@ -150,6 +154,15 @@ fn schema_rejects_invalid_documents() {
                 .as_object_mut()
                 .unwrap()
                 .remove("model");
+        }),
+        ("unknown rule action", |d| {
+            d["spec"]["contentPolicy"]["rules"][0]["action"] = "warn".into()
+        }),
+        ("bad rule name", |d| {
+            d["spec"]["contentPolicy"]["rules"][0]["name"] = "No Spaces".into()
+        }),
+        ("zero breaker threshold", |d| {
+            d["spec"]["targets"][0]["circuitBreaker"]["failureThreshold"] = 0.into()
         }),
     ];
     for (what, mutate) in mutations {
