@@ -195,8 +195,16 @@ fn words_pattern(words: &[String]) -> Result<String, (ProblemKind, String)> {
     let alternatives: Vec<String> = words
         .iter()
         .map(|word| {
-            let start = if is_word(word.chars().next()) { r"\b" } else { "" };
-            let end = if is_word(word.chars().last()) { r"\b" } else { "" };
+            let start = if is_word(word.chars().next()) {
+                r"\b"
+            } else {
+                ""
+            };
+            let end = if is_word(word.chars().last()) {
+                r"\b"
+            } else {
+                ""
+            };
             format!("{start}{}{end}", regex::escape(word))
         })
         .collect();
@@ -320,16 +328,36 @@ mod tests {
                 ProblemKind::InvalidContentRule,
                 "only block",
             ),
-            ("{name: a, pattern: '('}", ProblemKind::InvalidPattern, "invalid regular"),
-            ("{name: a, pattern: 'x*'}", ProblemKind::InvalidPattern, "empty text"),
-            ("{name: a, pattern: '\\d+'}", ProblemKind::InvalidPattern, "at most 1024"),
-            ("{name: a, pattern: '^hi'}", ProblemKind::InvalidPattern, "`^`"),
+            (
+                "{name: a, pattern: '('}",
+                ProblemKind::InvalidPattern,
+                "invalid regular",
+            ),
+            (
+                "{name: a, pattern: 'x*'}",
+                ProblemKind::InvalidPattern,
+                "empty text",
+            ),
+            (
+                "{name: a, pattern: '\\d+'}",
+                ProblemKind::InvalidPattern,
+                "at most 1024",
+            ),
+            (
+                "{name: a, pattern: '^hi'}",
+                ProblemKind::InvalidPattern,
+                "`^`",
+            ),
             (
                 "{name: a, pattern: 'a{1000}{1000}', direction: input}",
                 ProblemKind::InvalidPattern,
                 "",
             ),
-            ("{name: a, words: ['  ']}", ProblemKind::InvalidContentRule, "word"),
+            (
+                "{name: a, words: ['  ']}",
+                ProblemKind::InvalidContentRule,
+                "word",
+            ),
         ];
         for (yaml, kind, wording) in cases {
             let (found, message) = rule(yaml).matcher().unwrap_err();

@@ -582,7 +582,11 @@ routes:
         let file = RoutesFile::from_yaml(text).unwrap();
         let breaker = file.routes[0].targets[0].circuit_breaker;
         assert_eq!(
-            (breaker.enabled, breaker.window_seconds, breaker.cooldown_seconds),
+            (
+                breaker.enabled,
+                breaker.window_seconds,
+                breaker.cooldown_seconds
+            ),
             (true, 60, 10)
         );
         let problems = file.validate().unwrap_err();
@@ -622,7 +626,12 @@ routes:
         // Defaults are not written back, so files without breakers stay as they were.
         let plain = RoutesFile::from_yaml(CONTRACT_EXAMPLE).unwrap();
         let written = plain.to_yaml().unwrap();
-        for absent in ["circuitBreaker", "capabilities", "contentPolicy", "cohortPolicies"] {
+        for absent in [
+            "circuitBreaker",
+            "capabilities",
+            "contentPolicy",
+            "cohortPolicies",
+        ] {
             assert!(!written.contains(absent), "{written}");
         }
     }

@@ -27,6 +27,7 @@ pub async fn run(args: Args, client: Client, shutdown: CancellationToken) -> Res
     let settings = Settings {
         namespace: args.namespace,
         instance: Some(args.identity.clone()),
+        discovery_interval: std::time::Duration::from_secs(args.discovery_seconds.max(1)),
         ..Settings::default()
     };
     let controllers = if args.leader_election {

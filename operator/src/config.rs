@@ -23,4 +23,8 @@ pub struct Args {
     /// This replica's identity in the Lease and in published events.
     #[arg(long, env = "POD_NAME", default_value = "parley-operator")]
     pub identity: String,
+    /// How often API discovery runs again, so that an optional API installed
+    /// later (the ServiceMonitor CRD) is used without a restart.
+    #[arg(long, env = "PARLEY_OPERATOR_DISCOVERY_SECONDS", default_value_t = 30)]
+    pub discovery_seconds: u64,
 }

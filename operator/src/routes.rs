@@ -106,6 +106,7 @@ pub fn compile(chat: &ChatDeployment, selected: &[&ModelRoute]) -> CompiledRoute
         file: RoutesFile {
             default_route: Some(chat.spec.default_route.clone()),
             routes: accepted.iter().map(|route| route.spec.clone()).collect(),
+            cohort_policies: chat.spec.cohort_policies.clone(),
         },
         resolved: accepted
             .iter()

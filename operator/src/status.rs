@@ -2,9 +2,12 @@
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use parley_crds::{AccountingMode, ChatDeploymentSpec, ChatDeploymentStatus, Storage};
+use parley_crds::{
+    AccountingMode, ChatDeploymentSpec, ChatDeploymentStatus, OffChild, Storage,
+    collect_cohort_policy_problems,
+};
 
-use crate::build::unconfigured_providers;
+use crate::build::{Capabilities, unconfigured_providers};
 use crate::routes::CompiledRoutes;
 
 pub const READY: &str = "Ready";
@@ -66,6 +69,18 @@ pub fn spec_problems(spec: &ChatDeploymentSpec) -> Vec<Problem> {
             "ExternalAccountingUrlMissing",
             "accounting.mode is external but accounting.externalUrl is not set".to_owned(),
         ));
+    }
+    // A broken policy stops the rollout, so the policy in force (the last
+    // routes ConfigMap applied) stays rather than being dropped.
+    let mut policy_problems = Vec::new();
+    collect_cohort_policy_problems(
+        &spec.cohort_policies,
+        "cohortPolicies",
+        &mut policy_problems,
+    );
+    if !policy_problems.is_empty() {
+        let messages: Vec<String> = policy_problems.iter().map(ToString::to_string).collect();
+        problems.push(problem("InvalidCohortPolicy", messages.join("; ")));
     }
     if spec.auth.jwt_secret_ref.is_none() && spec.auth.jwks_url.is_none() {
         problems.push(problem(
@@ -165,6 +180,39 @@ pub struct Observation<'a> {
     pub routes: &'a CompiledRoutes,
     /// `None` when the spec is invalid (see `spec_problems`) and nothing was applied.
     pub rollout: Option<Rollout>,
+    /// What the cluster serves: which optional children exist.
+    pub capabilities: Capabilities,
+}
+
+/// The optional children the cluster's APIs leave out, and why.
+pub fn off_children(capabilities: Capabilities) -> Vec<OffChild> {
+    let off = |kind: &str, message: &str| OffChild {
+        kind: kind.to_owned(),
+        reason: "ApiNotServed".to_owned(),
+        message: message.to_owned(),
+    };
+    let mut children = Vec::new();
+    if !capabilities.autoscaling_v2 {
+        children.push(off(
+            "HorizontalPodAutoscaler",
+            "the cluster does not serve autoscaling/v2 (Kubernetes 1.23 or later): the \
+             Deployment runs replicas.min",
+        ));
+    }
+    if !capabilities.policy_v1 {
+        children.push(off(
+            "PodDisruptionBudget",
+            "the cluster does not serve policy/v1 (Kubernetes 1.21 or later)",
+        ));
+    }
+    if !capabilities.service_monitor {
+        children.push(off(
+            "ServiceMonitor",
+            "the cluster does not serve monitoring.coreos.com/v1 servicemonitors: install \
+             the Prometheus operator's CRDs and the operator creates it without a restart",
+        ));
+    }
+    children
 }
 
 /// The status to write; conditions keep their `lastTransitionTime` unless
@@ -259,6 +307,7 @@ pub fn chat_status(
         conditions: conditions.into_vec(),
         ready_replicas,
         routes: observation.routes.resolved.clone(),
+        off_children: off_children(observation.capabilities),
     }
 }
 

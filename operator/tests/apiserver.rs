@@ -12,7 +12,9 @@ use common::cluster::{self, Operator, wait_for};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::runtime::wait::conditions;
 use kube::{Client, Resource, ResourceExt};
 use parley_crds::{ChatDeployment, ModelRoute};
 use parley_operator::discovery;
@@ -395,4 +397,113 @@ async fn a_restarted_operator_writes_nothing() {
     second.wait_reconciled(&keys).await;
     second.stop().await;
     assert_eq!(versions(&admin, &namespace).await, before);
+}
+
+/// A minimal ServiceMonitor CRD, as the Prometheus operator installs it
+/// (the schema keeps every field).
+fn service_monitor_crd() -> CustomResourceDefinition {
+    serde_json::from_value(json!({
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": "servicemonitors.monitoring.coreos.com"},
+        "spec": {
+            "group": "monitoring.coreos.com",
+            "scope": "Namespaced",
+            "names": {"plural": "servicemonitors", "singular": "servicemonitor",
+                      "kind": "ServiceMonitor", "listKind": "ServiceMonitorList"},
+            "versions": [{
+                "name": "v1", "served": true, "storage": true,
+                "schema": {"openAPIV3Schema": {"type": "object",
+                    "x-kubernetes-preserve-unknown-fields": true}},
+            }],
+        },
+    }))
+    .unwrap()
+}
+
+/// Deletes the CRD named `name` if it exists and waits (on a watch, bounded)
+/// until it is gone.
+async fn delete_crd(crds: &Api<CustomResourceDefinition>, name: &str) {
+    let uid = match crds.delete(name, &DeleteParams::default()).await {
+        Ok(either) => either.either(|crd| crd.uid(), |status| status.details.map(|d| d.uid)),
+        Err(kube::Error::Api(status)) if status.code == 404 => return,
+        Err(error) => panic!("deleting CRD {name}: {error}"),
+    };
+    let uid = uid.unwrap_or_default();
+    let gone =
+        kube::runtime::wait::await_condition(crds.clone(), name, conditions::is_deleted(&uid));
+    tokio::time::timeout(cluster::WAIT, gone)
+        .await
+        .unwrap_or_else(|_| panic!("CRD {name} not deleted within {:?}", cluster::WAIT))
+        .unwrap();
+}
+
+/// The ChatDeployment's status lists `kinds` as its off children.
+fn off_kinds(chat: Option<&ChatDeployment>) -> Vec<String> {
+    chat.and_then(|chat| chat.status.as_ref())
+        .map(|status| {
+            status
+                .off_children
+                .iter()
+                .map(|child| child.kind.clone())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+// This test installs and removes a cluster-wide CRD; `.config/nextest.toml`
+// keeps it from running beside the tests whose status it would change.
+#[tokio::test]
+async fn a_service_monitor_crd_installed_after_start_is_used_without_a_restart() {
+    let admin = cluster::admin().await;
+    cluster::install_crds(&admin).await;
+    let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
+    let crd = service_monitor_crd();
+    // Left by an earlier run on the same server: start without it.
+    delete_crd(&crds, &crd.name_any()).await;
+
+    let namespace = parley_test_support::env::fresh_namespace(&admin, "op").await;
+    let operator = Operator::start_with(
+        cluster::operator_client(&admin).await,
+        &namespace,
+        std::time::Duration::from_millis(200),
+    );
+    create_examples(&admin, &namespace).await;
+    let chats: Api<ChatDeployment> = Api::namespaced(admin.clone(), &namespace);
+    // The 1.20 test server serves neither autoscaling/v2 nor policy/v1 either.
+    let chat = wait_for(&chats, "demo", |chat: Option<&ChatDeployment>| {
+        off_kinds(chat).contains(&"ServiceMonitor".to_owned())
+    })
+    .await;
+    let off = &chat.status.unwrap().off_children;
+    let monitor_off = off.iter().find(|c| c.kind == "ServiceMonitor").unwrap();
+    assert_eq!(monitor_off.reason, "ApiNotServed");
+
+    // Installed while the operator runs: a ServiceMonitor appears for the
+    // existing ChatDeployment, and the status stops listing it as off.
+    crds.create(&PostParams::default(), &crd).await.unwrap();
+    wait_for(&crds, &crd.name_any(), conditions::is_crd_established()).await;
+    let monitors: Api<DynamicObject> = Api::namespaced_with(
+        admin.clone(),
+        &namespace,
+        &parley_operator::build::service_monitor_resource(),
+    );
+    let monitor = wait_for(&monitors, "demo", |m: Option<&DynamicObject>| m.is_some()).await;
+    assert_eq!(monitor.data["spec"]["endpoints"][0]["port"], "metrics");
+    assert_eq!(
+        monitor.metadata.owner_references.unwrap()[0].kind,
+        "ChatDeployment"
+    );
+    wait_for(&chats, "demo", |chat: Option<&ChatDeployment>| {
+        !off_kinds(chat).contains(&"ServiceMonitor".to_owned())
+    })
+    .await;
+
+    // And when the CRD goes, the operator stops using it and says so.
+    delete_crd(&crds, &crd.name_any()).await;
+    wait_for(&chats, "demo", |chat: Option<&ChatDeployment>| {
+        off_kinds(chat).contains(&"ServiceMonitor".to_owned())
+    })
+    .await;
+    operator.stop().await;
 }

@@ -444,15 +444,65 @@ fn invalid_specs_become_problems() {
         embedded: Some(EmbeddedStorage::default()),
     };
     chat.spec.auth.jwt_secret_ref = None;
-    let reasons: Vec<&str> = spec_problems(&chat.spec).iter().map(|p| p.reason).collect();
+    chat.spec.cohort_policies[0].rules[0].pattern = Some("(unclosed".into());
+    let problems = spec_problems(&chat.spec);
+    let reasons: Vec<&str> = problems.iter().map(|p| p.reason).collect();
     assert_eq!(
         reasons,
         [
             "ReplicasMinAboveMax",
             "RedisRequired",
             "EmbeddedStorageSingleReplica",
+            "InvalidCohortPolicy",
             "AuthNotConfigured"
         ]
+    );
+    assert!(
+        problems[3]
+            .message
+            .starts_with("cohortPolicies[0].rules[0]: invalid regular expression"),
+        "{}",
+        problems[3].message
+    );
+}
+
+#[test]
+fn cohort_policies_and_route_policies_reach_the_routes_file() {
+    let chat = common::chat(NS);
+    let served = compiled(&chat, &common::routes(NS));
+    assert_eq!(served.file.cohort_policies, chat.spec.cohort_policies);
+    let default = served.file.route("default").unwrap();
+    assert_eq!(default.capabilities, ["chat", "writing", "code"]);
+    assert_eq!(default.content_policy.as_ref().unwrap().rules.len(), 3);
+    assert_eq!(
+        default.targets[0].guardrail_identifier.as_deref(),
+        Some("school-guardrail")
+    );
+    served.file.validate().unwrap();
+
+    // A route whose pattern does not compile is not accepted, with the reason.
+    let mut routes = common::routes(NS);
+    routes[1].spec.content_policy = Some(parley_crds::ContentPolicy {
+        rules: vec![parley_crds::ContentRule {
+            name: "broken".into(),
+            action: parley_crds::RuleAction::Block,
+            direction: parley_crds::RuleDirection::Both,
+            words: Vec::new(),
+            pattern: Some("[z-a]".into()),
+            max_length: None,
+            reason: None,
+        }],
+    });
+    let rejecting = compiled(&chat, &routes);
+    assert_eq!(rejecting.rejected.len(), 1);
+    let rejection = &rejecting.rejected[0].rejection;
+    assert_eq!(rejection.reason, "InvalidPattern");
+    assert!(
+        rejection
+            .message
+            .contains("spec.contentPolicy.rules[0]: invalid regular expression"),
+        "{}",
+        rejection.message
     );
 }
 
@@ -471,8 +521,20 @@ fn status_reports_actionable_conditions_and_is_stable() {
             ready_replicas: 1,
             complete: false,
         }),
+        capabilities: Capabilities {
+            service_monitor: false,
+            ..Capabilities::CURRENT
+        },
     };
     let first = chat_status(&observation, None, &common::created_at(0));
+    // The status says which optional children are off and why.
+    let off: Vec<(&str, &str)> = first
+        .off_children
+        .iter()
+        .map(|child| (child.kind.as_str(), child.reason.as_str()))
+        .collect();
+    assert_eq!(off, [("ServiceMonitor", "ApiNotServed")]);
+    assert!(first.off_children[0].message.contains("without a restart"));
     let get = |type_: &str| first.conditions.iter().find(|c| c.type_ == type_).unwrap();
     assert_eq!(
         (get("Ready").status.as_str(), get("Ready").reason.as_str()),

@@ -147,6 +147,7 @@ async fn reconcile_inner(chat: &ChatDeployment, context: &Context) -> Result<Act
         route_problems: &route_problems,
         routes: &compiled,
         rollout,
+        capabilities: context.capabilities,
     };
     let new_status = status::chat_status(&observation, chat.status.as_ref(), &now);
     let old_conditions = chat

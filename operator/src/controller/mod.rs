@@ -194,13 +194,31 @@ where
 pub type Reconciled = tokio::sync::watch::Sender<BTreeMap<String, u64>>;
 
 /// Settings of [`run`].
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Settings {
     /// Watch only this namespace.
     pub namespace: Option<String>,
     /// This replica's name in the events it publishes.
     pub instance: Option<String>,
     pub reconciled: Arc<Reconciled>,
+    /// How often API discovery runs again, so that an optional API (the
+    /// ServiceMonitor CRD) installed or removed later is used or dropped
+    /// without a restart.
+    pub discovery_interval: Duration,
+}
+
+/// Default of [`Settings::discovery_interval`].
+pub const DISCOVERY_INTERVAL: Duration = Duration::from_secs(30);
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            namespace: None,
+            instance: None,
+            reconciled: Arc::default(),
+            discovery_interval: DISCOVERY_INTERVAL,
+        }
+    }
 }
 
 /// Counts a successful reconciliation of `object`.
@@ -245,12 +263,44 @@ pub async fn run(
             "Parley CRDs are not installed yet; waiting for them"
         );
     }
-    // A shutdown during discovery must not start controllers that would then
-    // wait for their first watch before noticing it.
-    let capabilities = tokio::select! {
+    let mut capabilities = tokio::select! {
         () = shutdown.cancelled() => return Ok(()),
         capabilities = crate::discovery::capabilities(&client) => capabilities?,
     };
+    ready.store(true, Ordering::SeqCst);
+    loop {
+        log_capabilities(capabilities, &settings);
+        let context = Arc::new(Context::new(
+            client.clone(),
+            capabilities,
+            metrics.clone(),
+            settings.clone(),
+        ));
+        // The controllers' watches are chosen from the capabilities: when the
+        // cluster starts or stops serving an optional API, they restart on the
+        // new ones (and every ChatDeployment is reconciled again).
+        let generation = shutdown.child_token();
+        let changed = tokio::join!(
+            chat_deployment::run(context.clone(), generation.clone()),
+            model_route::run(context, generation.clone()),
+            rediscover(
+                &client,
+                capabilities,
+                settings.discovery_interval,
+                &generation
+            ),
+        )
+        .2;
+        match changed {
+            Some(now) => capabilities = now,
+            None => break,
+        }
+    }
+    ready.store(false, Ordering::SeqCst);
+    Ok(())
+}
+
+fn log_capabilities(capabilities: Capabilities, settings: &Settings) {
     if !capabilities.autoscaling_v2 {
         tracing::warn!(
             "autoscaling/v2 is not served: ChatDeployments get no HorizontalPodAutoscaler"
@@ -260,12 +310,38 @@ pub async fn run(
         tracing::warn!("policy/v1 is not served: ChatDeployments get no PodDisruptionBudget");
     }
     tracing::info!(?capabilities, namespace = ?settings.namespace, "starting controllers");
-    let context = Arc::new(Context::new(client, capabilities, metrics, settings));
-    ready.store(true, Ordering::SeqCst);
-    tokio::join!(
-        chat_deployment::run(context.clone(), shutdown.clone()),
-        model_route::run(context, shutdown),
-    );
-    ready.store(false, Ordering::SeqCst);
-    Ok(())
+}
+
+/// Runs discovery every `interval` until what the cluster serves differs
+/// from `current`; then cancels `generation` and returns the new
+/// capabilities. Returns `None` when `generation` is cancelled from outside
+/// (shutdown). A failed discovery is logged and retried at the next tick:
+/// the running controllers keep what they know.
+async fn rediscover(
+    client: &Client,
+    current: Capabilities,
+    interval: Duration,
+    generation: &CancellationToken,
+) -> Option<Capabilities> {
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = generation.cancelled() => return None,
+            _ = ticker.tick() => {}
+        }
+        let found = tokio::select! {
+            () = generation.cancelled() => return None,
+            found = crate::discovery::capabilities(client) => found,
+        };
+        match found {
+            Ok(found) if found != current => {
+                tracing::info!(before = ?current, now = ?found, "the cluster's APIs changed; restarting the controllers on them");
+                generation.cancel();
+                return Some(found);
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "API discovery failed; keeping the known APIs"),
+        }
+    }
 }

@@ -106,9 +106,15 @@ pub struct Operator {
 
 impl Operator {
     pub fn start(client: Client, namespace: &str) -> Self {
+        Self::start_with(client, namespace, controller::DISCOVERY_INTERVAL)
+    }
+
+    /// [`Operator::start`], running API discovery again every `discovery_interval`.
+    pub fn start_with(client: Client, namespace: &str, discovery_interval: Duration) -> Self {
         let shutdown = CancellationToken::new();
         let settings = Settings {
             namespace: Some(namespace.to_owned()),
+            discovery_interval,
             ..Settings::default()
         };
         let reconciled = settings.reconciled.clone();
