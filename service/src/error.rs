@@ -93,6 +93,10 @@ pub enum Error {
     HubUnavailable(String),
     #[error("observation is turned off in this deployment")]
     ObservationDisabled,
+    /// A content policy rule (or a guardrail) blocked a message or a reply;
+    /// the message is the rule's public reason.
+    #[error("{reason}")]
+    ContentBlocked { rule: String, reason: String },
     #[error(transparent)]
     Ledger(#[from] LedgerError),
     #[error(transparent)]
@@ -165,6 +169,7 @@ impl Error {
             | Self::RateLimiterUnavailable(_)
             | Self::HubUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::ObservationDisabled => StatusCode::FORBIDDEN,
+            Self::ContentBlocked { .. } => StatusCode::BAD_REQUEST,
             Self::MissingToken | Self::InvalidToken(_) => StatusCode::UNAUTHORIZED,
             Self::SessionNotFound | Self::EndpointNotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -205,6 +210,7 @@ impl Error {
             Self::RateLimiterUnavailable(_) => "RATE_LIMITER_UNAVAILABLE",
             Self::HubUnavailable(_) => "HUB_UNAVAILABLE",
             Self::ObservationDisabled => "OBSERVATION_DISABLED",
+            Self::ContentBlocked { .. } => "CONTENT_BLOCKED",
             Self::MissingToken => "MISSING_TOKEN",
             Self::InvalidToken(_) => "INVALID_TOKEN",
             Self::AuthUnavailable(_) => "AUTH_UNAVAILABLE",
@@ -261,6 +267,7 @@ impl Error {
             | Self::InvalidToken(_)
             | Self::ReplyInProgress
             | Self::ObservationDisabled
+            | Self::ContentBlocked { .. }
             | Self::NoActiveReply
             | Self::ShuttingDown
             | Self::ReplyTooLong

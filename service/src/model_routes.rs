@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::ReplyConfig;
 use crate::error::Error;
 use crate::identity::Role;
+use crate::policy::{PolicyBook, ReplyPolicy};
 use crate::providers::{BedrockProvider, Provider, ProviderError, ProviderErrorKind};
 
 mod configmap;
@@ -33,20 +34,32 @@ pub const BUILTIN_SIMULATED_MODEL: &str = "parley-simulated";
 const BUILTIN_MAX_OUTPUT_TOKENS: u32 = 1024;
 const BUILTIN_TIMEOUT_SECONDS: u32 = 60;
 
-/// One validated routes document and the prices of its targets.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One validated routes document, the prices of its targets and its
+/// content policies, compiled once.
+#[derive(Debug, Clone)]
 pub struct Routes {
     file: RoutesFile,
     prices: PriceBook,
+    policies: Arc<PolicyBook>,
 }
+
+/// Prices and policies are functions of the file.
+impl PartialEq for Routes {
+    fn eq(&self, other: &Self) -> bool {
+        self.file == other.file
+    }
+}
+
+impl Eq for Routes {}
 
 impl Routes {
     /// One `default` route on the simulated model, priced like a small real
     /// model (1 credit per 1k input tokens, 2 per 1k output tokens) so the
     /// quick start meters replies exactly as a deployment does.
     pub fn builtin() -> Self {
-        Self::new(RoutesFile {
+        let file = RoutesFile {
             default_route: None,
+            cohort_policies: Vec::new(),
             routes: vec![ModelRouteSpec {
                 alias: parley_crds::IMPLICIT_DEFAULT_ROUTE.to_owned(),
                 allowed_roles: parley_crds::Role::all(),
@@ -62,14 +75,19 @@ impl Routes {
                     },
                     max_output_tokens: BUILTIN_MAX_OUTPUT_TOKENS,
                     timeout_seconds: BUILTIN_TIMEOUT_SECONDS,
+                    circuit_breaker: parley_crds::CircuitBreaker::default(),
+                    guardrail_identifier: None,
+                    guardrail_version: None,
                 }],
+                capabilities: Vec::new(),
+                content_policy: None,
             }],
-        })
-    }
-
-    fn new(file: RoutesFile) -> Self {
-        let prices = PriceBook::new(&file.routes);
-        Self { file, prices }
+        };
+        Self {
+            prices: PriceBook::new(&file.routes),
+            policies: Arc::new(PolicyBook::default()),
+            file,
+        }
     }
 
     pub fn prices(&self) -> &PriceBook {
@@ -82,7 +100,18 @@ impl Routes {
             .map_err(|error| Error::Config(format!("routes file: {error}")))?;
         file.validate()
             .map_err(|problems| Error::Config(format!("routes file: {problems}")))?;
-        Ok(Self::new(file))
+        let policies = PolicyBook::compile(&file)
+            .map_err(|error| Error::Config(format!("routes file: {error}")))?;
+        Ok(Self {
+            prices: PriceBook::new(&file.routes),
+            policies: Arc::new(policies),
+            file,
+        })
+    }
+
+    /// The content rules of a reply on `route` by a user in `cohorts`.
+    pub fn policy_for(&self, route: &str, cohorts: &[String]) -> ReplyPolicy {
+        self.policies.for_reply(route, cohorts)
     }
 
     pub fn default_alias(&self) -> &str {

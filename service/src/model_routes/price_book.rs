@@ -125,6 +125,9 @@ mod tests {
             },
             max_output_tokens: 1000,
             timeout_seconds: 60,
+            circuit_breaker: parley_crds::CircuitBreaker::default(),
+            guardrail_identifier: None,
+            guardrail_version: None,
         }
     }
 
@@ -136,6 +139,8 @@ mod tests {
             downgrade_when_unaffordable: false,
             limits: None,
             targets,
+            capabilities: Vec::new(),
+            content_policy: None,
         }
     }
 

@@ -11,14 +11,16 @@ use aws_sdk_bedrockruntime::primitives::event_stream::EventReceiver;
 use aws_sdk_bedrockruntime::types::error::ConverseStreamOutputError;
 use aws_sdk_bedrockruntime::types::{
     ContentBlock, ContentBlockDelta, ConversationRole, ConverseOutput, ConverseStreamOutput,
-    InferenceConfiguration, Message, StopReason as BedrockStopReason, SystemContentBlock,
-    TokenUsage,
+    GuardrailAssessment, GuardrailConfiguration, GuardrailStreamConfiguration, GuardrailTrace,
+    GuardrailTraceAssessment, InferenceConfiguration, Message, StopReason as BedrockStopReason,
+    SystemContentBlock, TokenUsage,
 };
 
 use super::reply::{ReplySource, ReplyStep, reply_stream};
 use super::{
-    ChatTurn, Completion, CompletionRequest, Provider, ProviderError, ProviderErrorKind,
-    ProviderStream, Role, StopReason, TokenDeadline, Usage, mentions_context_window, tokens,
+    ChatTurn, Completion, CompletionRequest, Guardrail, Intervention, Provider, ProviderError,
+    ProviderErrorKind, ProviderStream, Role, StopReason, TokenDeadline, Usage,
+    mentions_context_window, tokens,
 };
 
 pub struct BedrockProvider {
@@ -87,6 +89,25 @@ fn system_prompts(system: Vec<SystemContentBlock>) -> Option<Vec<SystemContentBl
     (!system.is_empty()).then_some(system)
 }
 
+/// The guardrail of a streamed call, with its trace on so that an
+/// intervention says what it flagged. Synchronous processing (the default):
+/// Bedrock checks each chunk before sending it.
+fn stream_guardrail(guardrail: Guardrail) -> GuardrailStreamConfiguration {
+    GuardrailStreamConfiguration::builder()
+        .guardrail_identifier(guardrail.identifier)
+        .guardrail_version(guardrail.version)
+        .trace(GuardrailTrace::Enabled)
+        .build()
+}
+
+fn call_guardrail(guardrail: Guardrail) -> GuardrailConfiguration {
+    GuardrailConfiguration::builder()
+        .guardrail_identifier(guardrail.identifier)
+        .guardrail_version(guardrail.version)
+        .trace(GuardrailTrace::Enabled)
+        .build()
+}
+
 #[async_trait]
 impl Provider for BedrockProvider {
     async fn stream(&self, request: CompletionRequest) -> Result<ProviderStream, ProviderError> {
@@ -99,6 +120,7 @@ impl Provider for BedrockProvider {
             .set_system(system_prompts(system))
             .set_messages(Some(messages))
             .inference_config(inference_config(request.max_output_tokens))
+            .set_guardrail_config(request.guardrail.map(stream_guardrail))
             .send();
         let output = deadline
             .bound(call)
@@ -108,6 +130,7 @@ impl Provider for BedrockProvider {
             events: output.stream,
             stop_reason: None,
             usage: None,
+            trace: None,
         };
         Ok(reply_stream(reply, deadline))
     }
@@ -122,11 +145,13 @@ impl Provider for BedrockProvider {
             .set_system(system_prompts(system))
             .set_messages(Some(messages))
             .inference_config(inference_config(request.max_output_tokens))
+            .set_guardrail_config(request.guardrail.map(call_guardrail))
             .send();
         let output = deadline
             .bound(call)
             .await?
             .map_err(|e| classify(e, |e| e.code()))?;
+        let trace = output.trace.as_ref().and_then(|t| t.guardrail.as_ref());
         let text = match output.output {
             Some(ConverseOutput::Message(message)) => message
                 .content
@@ -141,7 +166,7 @@ impl Provider for BedrockProvider {
         Ok(Completion {
             text,
             usage: output.usage.as_ref().map(usage),
-            stop_reason: stop_reason(&output.stop_reason),
+            stop_reason: stop_reason(&output.stop_reason, trace),
         })
     }
 }
@@ -149,8 +174,10 @@ impl Provider for BedrockProvider {
 /// A ConverseStream reply being read.
 struct ConverseReply {
     events: EventReceiver<ConverseStreamOutput, ConverseStreamOutputError>,
-    stop_reason: Option<StopReason>,
+    stop_reason: Option<BedrockStopReason>,
     usage: Option<Usage>,
+    /// The guardrail's trace, from the metadata after `messageStop`.
+    trace: Option<GuardrailTraceAssessment>,
 }
 
 impl ReplySource for ConverseReply {
@@ -158,8 +185,8 @@ impl ReplySource for ConverseReply {
         match self.events.recv().await {
             Err(error) => ReplyStep::Failed(classify(error, stream_error_code)),
             Ok(None) => match self.stop_reason.take() {
-                Some(stop_reason) => ReplyStep::Finished {
-                    stop_reason,
+                Some(reason) => ReplyStep::Finished {
+                    stop_reason: stop_reason(&reason, self.trace.as_ref()),
                     usage: self.usage.take(),
                 },
                 None => ReplyStep::Failed(ProviderError::new(
@@ -172,11 +199,12 @@ impl ReplySource for ConverseReply {
                 _ => ReplyStep::Nothing,
             },
             Ok(Some(ConverseStreamOutput::MessageStop(stop))) => {
-                self.stop_reason = Some(stop_reason(&stop.stop_reason));
+                self.stop_reason = Some(stop.stop_reason);
                 ReplyStep::Nothing
             }
             Ok(Some(ConverseStreamOutput::Metadata(metadata))) => {
                 self.usage = metadata.usage.as_ref().map(usage);
+                self.trace = metadata.trace.and_then(|trace| trace.guardrail);
                 ReplyStep::Nothing
             }
             // Message and block boundaries carry nothing for a text reply.
@@ -192,16 +220,84 @@ fn usage(usage: &TokenUsage) -> Usage {
     }
 }
 
-fn stop_reason(reason: &BedrockStopReason) -> StopReason {
+fn stop_reason(reason: &BedrockStopReason, trace: Option<&GuardrailTraceAssessment>) -> StopReason {
     match reason {
         BedrockStopReason::EndTurn => StopReason::EndTurn,
         BedrockStopReason::MaxTokens => StopReason::MaxTokens,
         BedrockStopReason::StopSequence => StopReason::StopSequence,
-        BedrockStopReason::ContentFiltered | BedrockStopReason::GuardrailIntervened => {
-            StopReason::ContentFiltered
+        BedrockStopReason::ContentFiltered => StopReason::ContentFiltered,
+        BedrockStopReason::GuardrailIntervened => {
+            StopReason::GuardrailIntervened(trace.map(intervention).unwrap_or_default())
         }
         other => StopReason::Other(other.as_str().to_owned()),
     }
+}
+
+/// What a guardrail's trace says it flagged: the names and types of the
+/// policies that detected something, never the text they matched.
+fn intervention(trace: &GuardrailTraceAssessment) -> Intervention {
+    let input: Vec<&GuardrailAssessment> = trace
+        .input_assessment
+        .iter()
+        .flat_map(|by_guardrail| by_guardrail.values())
+        .collect();
+    let output: Vec<&GuardrailAssessment> = trace
+        .output_assessments
+        .iter()
+        .flat_map(|by_guardrail| by_guardrail.values().flatten())
+        .collect();
+    let mut flagged: Vec<String> = input
+        .iter()
+        .chain(output.iter())
+        .flat_map(|assessment| flagged_policies(assessment))
+        .collect();
+    flagged.sort();
+    flagged.dedup();
+    Intervention {
+        on_input: output.is_empty() && !input.is_empty(),
+        flagged,
+    }
+}
+
+fn flagged_policies(assessment: &GuardrailAssessment) -> Vec<String> {
+    let mut flagged = Vec::new();
+    if let Some(topics) = &assessment.topic_policy {
+        flagged.extend(topics.topics.iter().map(|t| format!("topic:{}", t.name)));
+    }
+    if let Some(content) = &assessment.content_policy {
+        flagged.extend(
+            content
+                .filters
+                .iter()
+                .map(|f| format!("content:{}", f.r#type.as_str())),
+        );
+    }
+    if let Some(words) = &assessment.word_policy {
+        if !words.custom_words.is_empty() {
+            flagged.push("word:CUSTOM".to_owned());
+        }
+        flagged.extend(
+            words
+                .managed_word_lists
+                .iter()
+                .map(|w| format!("word:{}", w.r#type.as_str())),
+        );
+    }
+    if let Some(sensitive) = &assessment.sensitive_information_policy {
+        flagged.extend(
+            sensitive
+                .pii_entities
+                .iter()
+                .map(|p| format!("pii:{}", p.r#type.as_str())),
+        );
+        flagged.extend(
+            sensitive
+                .regexes
+                .iter()
+                .map(|r| format!("regex:{}", r.name.as_deref().unwrap_or("unnamed"))),
+        );
+    }
+    flagged
 }
 
 /// Exceptions inside an event stream carry their type only in the frame's

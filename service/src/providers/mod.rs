@@ -72,6 +72,25 @@ pub struct CompletionRequest {
     /// The target's timeout: bounds the time to the first token and every
     /// gap between tokens (for `complete`, the whole call).
     pub timeout: Duration,
+    /// A Bedrock Guardrail to apply (only ever set on `bedrock` targets).
+    pub guardrail: Option<Guardrail>,
+}
+
+/// A Bedrock Guardrail, by identifier and version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Guardrail {
+    pub identifier: String,
+    pub version: String,
+}
+
+/// What a guardrail's trace says about an intervention.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Intervention {
+    /// The guardrail acted on the user's input (the model never ran).
+    pub on_input: bool,
+    /// What it flagged, as policy labels (`topic:Homework`, `content:VIOLENCE`,
+    /// `word:PROFANITY`, `pii:EMAIL`, …), never the matched text.
+    pub flagged: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -87,6 +106,8 @@ pub enum StopReason {
     MaxTokens,
     StopSequence,
     ContentFiltered,
+    /// A Bedrock Guardrail intervened: the reply ends blocked.
+    GuardrailIntervened(Intervention),
     /// A provider-specific reason, as the provider names it.
     Other(String),
 }

@@ -112,3 +112,101 @@ pub trait ObservationAudit: Send + Sync {
         limit: u32,
     ) -> Result<Vec<Observation>, Error>;
 }
+
+/// Which way blocked content was going.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockDirection {
+    /// A user's message, refused before any model saw it.
+    Input,
+    /// A model's reply, ended at the block.
+    Output,
+}
+
+impl BlockDirection {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Input => "input",
+            Self::Output => "output",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        [Self::Input, Self::Output]
+            .into_iter()
+            .find(|direction| direction.as_str() == text)
+    }
+}
+
+/// What blocked it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockKind {
+    /// A rule of the route's content policy.
+    RouteRule,
+    /// A rule of a cohort policy of the deployment.
+    CohortRule,
+    /// A Bedrock Guardrail of the answering target.
+    Guardrail,
+}
+
+impl BlockKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RouteRule => "route_rule",
+            Self::CohortRule => "cohort_rule",
+            Self::Guardrail => "guardrail",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        [Self::RouteRule, Self::CohortRule, Self::Guardrail]
+            .into_iter()
+            .find(|kind| kind.as_str() == text)
+    }
+}
+
+/// One message or reply blocked by a content policy. Never the blocked
+/// text: at most a short excerpt with the match masked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyBlock {
+    pub id: ObjectId,
+    pub at: DateTime<Utc>,
+    pub direction: BlockDirection,
+    pub kind: BlockKind,
+    /// The rule's name, or the guardrail and what it flagged.
+    pub rule: String,
+    pub user_id: String,
+    /// The user's cohorts (from their token), so supervisors list only the
+    /// blocks of their cohorts.
+    pub user_cohorts: Vec<String>,
+    /// `None` for the first message of a session refused at its creation.
+    pub session_id: Option<ObjectId>,
+    pub route: String,
+    /// The target that was answering, for replies.
+    pub model: Option<String>,
+    pub excerpt: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockQuery {
+    /// Only blocks of this user.
+    pub user: Option<String>,
+    pub scope: CohortScope,
+    pub page: PageRequest,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockPage {
+    /// Newest first.
+    pub blocks: Vec<PolicyBlock>,
+    /// Matching blocks in all pages.
+    pub total: u64,
+}
+
+/// The audit of content-policy blocks, kept next to the observation audit.
+#[async_trait]
+pub trait BlockAudit: Send + Sync {
+    async fn block_recorded(&self, block: &PolicyBlock) -> Result<(), Error>;
+
+    /// Blocks matching `query`, newest first.
+    async fn blocks(&self, query: &BlockQuery) -> Result<BlockPage, Error>;
+}

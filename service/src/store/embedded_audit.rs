@@ -5,18 +5,24 @@
 //! - `observations_by_time`: (startedAt ms, id) -> (); newest first backwards
 //! - `observations_by_user`: (observed user, startedAt ms, id) -> ()
 //! - `observations_by_session`: (session id, startedAt ms, id) -> ()
+//! - `policy_blocks`: id -> record (JSON)
+//! - `policy_blocks_by_time`: (at ms, id) -> (); newest first backwards
+//! - `policy_blocks_by_user`: (user, at ms, id) -> ()
 //!
 //! A supervisor's listing filters by cohort while it scans: the embedded
-//! store serves one replica in development, where the audit stays small.
+//! store serves one replica in development, where the audits stay small.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use redb::{ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
-use super::audit::{AuditQuery, Observation, ObservationAudit, ObservationEnd, ObservationPage};
+use super::audit::{
+    AuditQuery, BlockAudit, BlockDirection, BlockKind, BlockPage, BlockQuery, Observation,
+    ObservationAudit, ObservationEnd, ObservationPage, PolicyBlock,
+};
 use super::embedded::{decode, encode, from_millis, millis_key, storage_error};
-use super::{EmbeddedStore, ObjectId};
+use super::{CohortScope, EmbeddedStore, ObjectId, PageRequest};
 use crate::error::Error;
 
 type Id = [u8; 12];
@@ -26,6 +32,11 @@ const BY_TIME: TableDefinition<(u64, Id), ()> = TableDefinition::new("observatio
 const BY_USER: TableDefinition<(&str, u64, Id), ()> = TableDefinition::new("observations_by_user");
 const BY_SESSION: TableDefinition<(Id, u64, Id), ()> =
     TableDefinition::new("observations_by_session");
+const BLOCKS: TableDefinition<Id, &[u8]> = TableDefinition::new("policy_blocks");
+const BLOCKS_BY_TIME: TableDefinition<(u64, Id), ()> =
+    TableDefinition::new("policy_blocks_by_time");
+const BLOCKS_BY_USER: TableDefinition<(&str, u64, Id), ()> =
+    TableDefinition::new("policy_blocks_by_user");
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -50,6 +61,13 @@ pub(super) fn create_tables(transaction: &WriteTransaction) -> Result<(), Error>
     transaction.open_table(BY_TIME).map_err(storage_error)?;
     transaction.open_table(BY_USER).map_err(storage_error)?;
     transaction.open_table(BY_SESSION).map_err(storage_error)?;
+    transaction.open_table(BLOCKS).map_err(storage_error)?;
+    transaction
+        .open_table(BLOCKS_BY_TIME)
+        .map_err(storage_error)?;
+    transaction
+        .open_table(BLOCKS_BY_USER)
+        .map_err(storage_error)?;
     Ok(())
 }
 
@@ -117,26 +135,19 @@ impl ObservationAudit for EmbeddedStore {
         self.database()
             .read(move |transaction| {
                 let ids = match &query.observed_user {
-                    Some(user) => newest_first_by_user(transaction, user)?,
-                    None => newest_first(transaction)?,
+                    Some(user) => newest_first_of_user(transaction, BY_USER, user)?,
+                    None => newest_first(transaction, BY_TIME)?,
                 };
                 let table = transaction
                     .open_table(OBSERVATIONS)
                     .map_err(storage_error)?;
-                let offset = usize::try_from(query.page.offset()).unwrap_or(usize::MAX);
-                let mut total = 0u64;
-                let mut observations = Vec::new();
-                for id in ids {
-                    let observation = load(&table, id)?;
-                    if !query.scope.admits(&observation.observed_cohorts) {
-                        continue;
-                    }
-                    let position = usize::try_from(total).unwrap_or(usize::MAX);
-                    if position >= offset && observations.len() < query.page.limit as usize {
-                        observations.push(observation);
-                    }
-                    total += 1;
-                }
+                let (observations, total) = page_in_scope(
+                    ids,
+                    &query.scope,
+                    query.page,
+                    |id| load(&table, id),
+                    |observation| &observation.observed_cohorts,
+                )?;
                 Ok(ObservationPage {
                     observations,
                     total,
@@ -172,8 +183,12 @@ impl ObservationAudit for EmbeddedStore {
     }
 }
 
-fn newest_first(transaction: &ReadTransaction) -> Result<Vec<Id>, Error> {
-    let by_time = transaction.open_table(BY_TIME).map_err(storage_error)?;
+/// Ids of an index keyed by (time, id), newest first.
+fn newest_first(
+    transaction: &ReadTransaction,
+    index: TableDefinition<'static, (u64, Id), ()>,
+) -> Result<Vec<Id>, Error> {
+    let by_time = transaction.open_table(index).map_err(storage_error)?;
     by_time
         .iter()
         .map_err(storage_error)?
@@ -182,14 +197,45 @@ fn newest_first(transaction: &ReadTransaction) -> Result<Vec<Id>, Error> {
         .collect()
 }
 
-fn newest_first_by_user(transaction: &ReadTransaction, user: &str) -> Result<Vec<Id>, Error> {
-    let by_user = transaction.open_table(BY_USER).map_err(storage_error)?;
+/// Ids of `user` in an index keyed by (user, time, id), newest first.
+fn newest_first_of_user(
+    transaction: &ReadTransaction,
+    index: TableDefinition<'static, (&'static str, u64, Id), ()>,
+    user: &str,
+) -> Result<Vec<Id>, Error> {
+    let by_user = transaction.open_table(index).map_err(storage_error)?;
     by_user
         .range((user, 0, [0; 12])..=(user, u64::MAX, [u8::MAX; 12]))
         .map_err(storage_error)?
         .rev()
         .map(|entry| Ok(entry.map_err(storage_error)?.0.value().2))
         .collect()
+}
+
+/// One page of the records of `ids` (newest first) whose cohorts `scope`
+/// admits, and how many it admits in all.
+fn page_in_scope<T>(
+    ids: Vec<Id>,
+    scope: &CohortScope,
+    page: PageRequest,
+    mut load: impl FnMut(Id) -> Result<T, Error>,
+    cohorts: impl Fn(&T) -> &[String],
+) -> Result<(Vec<T>, u64), Error> {
+    let offset = usize::try_from(page.offset()).unwrap_or(usize::MAX);
+    let mut total = 0u64;
+    let mut found = Vec::new();
+    for id in ids {
+        let record = load(id)?;
+        if !scope.admits(cohorts(&record)) {
+            continue;
+        }
+        let position = usize::try_from(total).unwrap_or(usize::MAX);
+        if position >= offset && found.len() < page.limit as usize {
+            found.push(record);
+        }
+        total += 1;
+    }
+    Ok((found, total))
 }
 
 fn load(table: &impl ReadableTable<Id, &'static [u8]>, id: Id) -> Result<Observation, Error> {
@@ -222,4 +268,106 @@ fn record(observation: &Observation) -> ObservationRecord {
         ended_at_ms: observation.ended_at.map(|at| at.timestamp_millis()),
         outcome: observation.outcome.map(|end| end.as_str().to_owned()),
     }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct BlockRecord {
+    at_ms: i64,
+    direction: String,
+    kind: String,
+    rule: String,
+    user_id: String,
+    user_cohorts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    session_id: Option<ObjectId>,
+    route: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    excerpt: Option<String>,
+}
+
+#[async_trait]
+impl BlockAudit for EmbeddedStore {
+    async fn block_recorded(&self, block: &PolicyBlock) -> Result<(), Error> {
+        let id = block.id.bytes();
+        let at = millis_key(block.at.timestamp_millis());
+        let user = block.user_id.clone();
+        let encoded = encode(&BlockRecord {
+            at_ms: block.at.timestamp_millis(),
+            direction: block.direction.as_str().to_owned(),
+            kind: block.kind.as_str().to_owned(),
+            rule: block.rule.clone(),
+            user_id: block.user_id.clone(),
+            user_cohorts: block.user_cohorts.clone(),
+            session_id: block.session_id,
+            route: block.route.clone(),
+            model: block.model.clone(),
+            excerpt: block.excerpt.clone(),
+        })?;
+        self.database()
+            .write(move |transaction| {
+                let mut table = transaction.open_table(BLOCKS).map_err(storage_error)?;
+                table
+                    .insert(id, encoded.as_slice())
+                    .map_err(storage_error)?;
+                let mut by_time = transaction
+                    .open_table(BLOCKS_BY_TIME)
+                    .map_err(storage_error)?;
+                by_time.insert((at, id), ()).map_err(storage_error)?;
+                let mut by_user = transaction
+                    .open_table(BLOCKS_BY_USER)
+                    .map_err(storage_error)?;
+                by_user
+                    .insert((user.as_str(), at, id), ())
+                    .map_err(storage_error)?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn blocks(&self, query: &BlockQuery) -> Result<BlockPage, Error> {
+        let query = query.clone();
+        self.database()
+            .read(move |transaction| {
+                let ids = match &query.user {
+                    Some(user) => newest_first_of_user(transaction, BLOCKS_BY_USER, user)?,
+                    None => newest_first(transaction, BLOCKS_BY_TIME)?,
+                };
+                let table = transaction.open_table(BLOCKS).map_err(storage_error)?;
+                let (blocks, total) = page_in_scope(
+                    ids,
+                    &query.scope,
+                    query.page,
+                    |id| load_block(&table, id),
+                    |block| &block.user_cohorts,
+                )?;
+                Ok(BlockPage { blocks, total })
+            })
+            .await
+    }
+}
+
+fn load_block(table: &impl ReadableTable<Id, &'static [u8]>, id: Id) -> Result<PolicyBlock, Error> {
+    let value = table
+        .get(id)
+        .map_err(storage_error)?
+        .ok_or_else(|| Error::Store("a block index names a missing block".into()))?;
+    let record: BlockRecord = decode(value.value())?;
+    Ok(PolicyBlock {
+        id: ObjectId::from_bytes(id),
+        at: from_millis(record.at_ms)?,
+        direction: BlockDirection::parse(&record.direction)
+            .ok_or_else(|| Error::Store(format!("unknown block direction {}", record.direction)))?,
+        kind: BlockKind::parse(&record.kind)
+            .ok_or_else(|| Error::Store(format!("unknown block kind {}", record.kind)))?,
+        rule: record.rule,
+        user_id: record.user_id,
+        user_cohorts: record.user_cohorts,
+        session_id: record.session_id,
+        route: record.route,
+        model: record.model,
+        excerpt: record.excerpt,
+    })
 }

@@ -16,7 +16,8 @@ use chrono::{DateTime, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 
 pub use audit::{
-    AuditQuery, CohortScope, Observation, ObservationAudit, ObservationEnd, ObservationPage,
+    AuditQuery, BlockAudit, BlockDirection, BlockKind, BlockPage, BlockQuery, CohortScope,
+    Observation, ObservationAudit, ObservationEnd, ObservationPage, PolicyBlock,
 };
 pub use embedded::EmbeddedStore;
 pub use mongo::MongoStore;

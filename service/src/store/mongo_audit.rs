@@ -1,4 +1,5 @@
-//! The observation audit in MongoDB (collection `observation_audit`).
+//! The audits in MongoDB: observations (collection `observation_audit`) and
+//! content-policy blocks (collection `policy_blocks`).
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -9,13 +10,15 @@ use mongodb::{Collection, IndexModel};
 use serde::{Deserialize, Serialize};
 
 use super::audit::{
-    AuditQuery, CohortScope, Observation, ObservationAudit, ObservationEnd, ObservationPage,
+    AuditQuery, BlockAudit, BlockDirection, BlockKind, BlockPage, BlockQuery, CohortScope,
+    Observation, ObservationAudit, ObservationEnd, ObservationPage, PolicyBlock,
 };
 use super::mongo::{bson_time, mongo_error, utc};
-use super::{MongoStore, ObjectId};
+use super::{MongoStore, ObjectId, PageRequest};
 use crate::error::Error;
 
 const COLLECTION: &str = "observation_audit";
+const BLOCKS_COLLECTION: &str = "policy_blocks";
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -38,14 +41,15 @@ fn collection(store: &MongoStore) -> Collection<ObservationDocument> {
     store.database().collection(COLLECTION)
 }
 
-/// The audit's indexes: one per way it is listed, newest first.
+fn index(name: &str, keys: Document) -> IndexModel {
+    IndexModel::builder()
+        .keys(keys)
+        .options(IndexOptions::builder().name(name.to_owned()).build())
+        .build()
+}
+
+/// The audits' indexes: one per way each is listed, newest first.
 pub(super) async fn create_indexes(store: &MongoStore) -> Result<(), Error> {
-    let index = |name: &str, keys: Document| {
-        IndexModel::builder()
-            .keys(keys)
-            .options(IndexOptions::builder().name(name.to_owned()).build())
-            .build()
-    };
     collection(store)
         .create_indexes([
             index("startedAt", doc! { "startedAt": -1, "_id": -1 }),
@@ -64,7 +68,57 @@ pub(super) async fn create_indexes(store: &MongoStore) -> Result<(), Error> {
         ])
         .await
         .map_err(mongo_error)?;
+    blocks_collection(store)
+        .create_indexes([
+            index("at", doc! { "at": -1, "_id": -1 }),
+            index("userId_at", doc! { "userId": 1, "at": -1, "_id": -1 }),
+            index(
+                "userCohorts_at",
+                doc! { "userCohorts": 1, "at": -1, "_id": -1 },
+            ),
+        ])
+        .await
+        .map_err(mongo_error)?;
     Ok(())
+}
+
+/// The filter of a listing: one user's, within the cohorts the scope allows.
+fn listing_filter(user_field: &str, user: Option<&String>, cohorts_field: &str, scope: &CohortScope) -> Document {
+    let mut filter = Document::new();
+    if let Some(user) = user {
+        filter.insert(user_field, user);
+    }
+    if let CohortScope::AnyOf(cohorts) = scope {
+        filter.insert(cohorts_field, doc! { "$in": cohorts });
+    }
+    filter
+}
+
+/// One page of a collection, newest first by `time_field`, and the total.
+async fn newest_first_page<T>(
+    collection: &Collection<T>,
+    filter: Document,
+    time_field: &str,
+    page: PageRequest,
+) -> Result<(Vec<T>, u64), Error>
+where
+    T: serde::de::DeserializeOwned + Send + Sync,
+{
+    let total = collection
+        .count_documents(filter.clone())
+        .await
+        .map_err(mongo_error)?;
+    let found = collection
+        .find(filter)
+        .sort(doc! { time_field: -1, "_id": -1 })
+        .skip(page.offset())
+        .limit(i64::from(page.limit))
+        .await
+        .map_err(mongo_error)?
+        .try_collect()
+        .await
+        .map_err(mongo_error)?;
+    Ok((found, total))
 }
 
 #[async_trait]
@@ -97,31 +151,16 @@ impl ObservationAudit for MongoStore {
     }
 
     async fn observations(&self, query: &AuditQuery) -> Result<ObservationPage, Error> {
-        let mut filter = Document::new();
-        if let Some(user) = &query.observed_user {
-            filter.insert("observedUserId", user);
-        }
-        if let CohortScope::AnyOf(cohorts) = &query.scope {
-            filter.insert("observedCohorts", doc! { "$in": cohorts });
-        }
-        let collection = collection(self);
-        let total = collection
-            .count_documents(filter.clone())
-            .await
-            .map_err(mongo_error)?;
-        let observations = collection
-            .find(filter)
-            .sort(doc! { "startedAt": -1, "_id": -1 })
-            .skip(query.page.offset())
-            .limit(i64::from(query.page.limit))
-            .await
-            .map_err(mongo_error)?
-            .map_ok(observation)
-            .try_collect()
-            .await
-            .map_err(mongo_error)?;
+        let filter = listing_filter(
+            "observedUserId",
+            query.observed_user.as_ref(),
+            "observedCohorts",
+            &query.scope,
+        );
+        let (documents, total) =
+            newest_first_page(&collection(self), filter, "startedAt", query.page).await?;
         Ok(ObservationPage {
-            observations,
+            observations: documents.into_iter().map(observation).collect(),
             total,
         })
     }
@@ -170,4 +209,84 @@ fn observation(document: ObservationDocument) -> Observation {
         ended_at: document.ended_at.map(utc),
         outcome: document.outcome.as_deref().and_then(ObservationEnd::parse),
     }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct BlockDocument {
+    #[serde(rename = "_id")]
+    id: ObjectId,
+    at: bson::DateTime,
+    direction: String,
+    kind: String,
+    rule: String,
+    user_id: String,
+    user_cohorts: Vec<String>,
+    #[serde(default)]
+    session_id: Option<ObjectId>,
+    route: String,
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    excerpt: Option<String>,
+}
+
+fn blocks_collection(store: &MongoStore) -> Collection<BlockDocument> {
+    store.database().collection(BLOCKS_COLLECTION)
+}
+
+#[async_trait]
+impl BlockAudit for MongoStore {
+    async fn block_recorded(&self, block: &PolicyBlock) -> Result<(), Error> {
+        let document = BlockDocument {
+            id: block.id,
+            at: bson_time(block.at),
+            direction: block.direction.as_str().to_owned(),
+            kind: block.kind.as_str().to_owned(),
+            rule: block.rule.clone(),
+            user_id: block.user_id.clone(),
+            user_cohorts: block.user_cohorts.clone(),
+            session_id: block.session_id,
+            route: block.route.clone(),
+            model: block.model.clone(),
+            excerpt: block.excerpt.clone(),
+        };
+        blocks_collection(self)
+            .insert_one(document)
+            .await
+            .map_err(mongo_error)?;
+        Ok(())
+    }
+
+    async fn blocks(&self, query: &BlockQuery) -> Result<BlockPage, Error> {
+        let filter = listing_filter("userId", query.user.as_ref(), "userCohorts", &query.scope);
+        let (documents, total) =
+            newest_first_page(&blocks_collection(self), filter, "at", query.page).await?;
+        Ok(BlockPage {
+            blocks: documents
+                .into_iter()
+                .map(policy_block)
+                .collect::<Result<_, _>>()?,
+            total,
+        })
+    }
+}
+
+fn policy_block(document: BlockDocument) -> Result<PolicyBlock, Error> {
+    Ok(PolicyBlock {
+        id: document.id,
+        at: utc(document.at),
+        direction: BlockDirection::parse(&document.direction).ok_or_else(|| {
+            Error::Store(format!("unknown block direction {}", document.direction))
+        })?,
+        kind: BlockKind::parse(&document.kind)
+            .ok_or_else(|| Error::Store(format!("unknown block kind {}", document.kind)))?,
+        rule: document.rule,
+        user_id: document.user_id,
+        user_cohorts: document.user_cohorts,
+        session_id: document.session_id,
+        route: document.route,
+        model: document.model,
+        excerpt: document.excerpt,
+    })
 }
