@@ -80,6 +80,18 @@ cmd_install() {
   ) 9>"$CACHE_DIR/.install.lock"
 }
 
+# Waits until the command succeeds, and stops waiting as soon as the process is gone.
+wait_for_process() { # name, seconds, command...
+  local name=$1 secs=$2; shift 2
+  local deadline=$((SECONDS + secs)) pid
+  pid=$(cat "$DIR/pids/$name.pid")
+  until "$@" >/dev/null 2>&1; do
+    kill -0 "$pid" 2>/dev/null || die "$name exited: $(tail -3 "$DIR/logs/$name.log")"
+    [ $SECONDS -lt $deadline ] || die "$name did not come up within ${secs}s (log: $DIR/logs/$name.log)"
+    sleep 0.2
+  done
+}
+
 start_bg() { # name, command...: runs in the background, PID in DIR/pids, output in DIR/logs
   local name=$1; shift
   "$@" >"$DIR/logs/$name.log" 2>&1 &
@@ -175,11 +187,14 @@ registry_leave() { # the last member removes the shared directories the first on
 write_pki() {
   local pki="$DIR/pki"
   mkdir -p "$pki"
-  openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
+  # P-256 keys: generated at once, where RSA keys take seconds on a busy machine.
+  local ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+  # SEC1 ("EC PRIVATE KEY"): the 1.20 API server reads no PKCS#8 EC key.
+  openssl ecparam -name prime256v1 -genkey -noout -out "$pki/sa.key"
   # The kubelet accepts only clients with a certificate from this CA: the API server.
-  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=parley-cluster-kubelet-ca" \
+  openssl req -x509 "${ec[@]}" -days 2 -subj "/CN=parley-cluster-kubelet-ca" \
     -keyout "$pki/kubelet-ca.key" -out "$pki/kubelet-ca.crt" 2>/dev/null
-  openssl req -newkey rsa:2048 -nodes -subj "/O=system:masters/CN=kube-apiserver" \
+  openssl req "${ec[@]}" -subj "/O=system:masters/CN=kube-apiserver" \
     -keyout "$pki/apiserver-kubelet-client.key" -out "$pki/apiserver-kubelet-client.csr" 2>/dev/null
   openssl x509 -req -days 2 -in "$pki/apiserver-kubelet-client.csr" -CA "$pki/kubelet-ca.crt" \
     -CAkey "$pki/kubelet-ca.key" -CAcreateserial -out "$pki/apiserver-kubelet-client.crt" 2>/dev/null
@@ -273,6 +288,8 @@ apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 address: $GATEWAY
 port: $KUBELET_PORT
+# Report the node's status often, so that it shows Ready soon after the kubelet starts.
+nodeStatusUpdateFrequency: 2s
 healthzBindAddress: 127.0.0.1
 healthzPort: $KUBELET_HEALTHZ_PORT
 readOnlyPort: 0
@@ -302,6 +319,10 @@ load_images() { # docker-archive tarballs
 
 node_ready() {
   [ "$(kubectl_admin get node "$NODE" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" = True ]
+}
+
+default_token_exists() {
+  [ -n "$(kubectl_admin get serviceaccount default -o jsonpath='{.secrets[0].name}')" ]
 }
 
 up_exited() {
@@ -368,14 +389,14 @@ EOF
   for hierarchy in $(cgroup_hierarchies); do mkdir -p "$hierarchy/$CGROUP_ROOT"; done
 
   write_pki
-  log "starting etcd on 127.0.0.1:$etcd_port"
+  log "[$((SECONDS - started))s] starting etcd on 127.0.0.1:$etcd_port"
   start_bg etcd etcd --name parley-cluster --data-dir "$DIR/etcd" --unsafe-no-fsync \
     --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
     --listen-peer-urls "http://127.0.0.1:$etcd_peer" --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer" \
     --initial-cluster "parley-cluster=http://127.0.0.1:$etcd_peer"
-  wait_for etcd 30 curl -sf "http://127.0.0.1:$etcd_port/health"
+  wait_for_process etcd 30 curl -sf "http://127.0.0.1:$etcd_port/health"
 
-  log "starting kube-apiserver on $API_IP:443"
+  log "[$((SECONDS - started))s] starting kube-apiserver on $API_IP:443"
   start_bg kube-apiserver "$KUBE_BIN_DIR/kube-apiserver" --etcd-servers "http://127.0.0.1:$etcd_port" \
     --bind-address "$API_IP" --secure-port 443 --insecure-port 0 --advertise-address "$API_IP" \
     --cert-dir "$DIR/pki" --token-auth-file "$DIR/pki/tokens.csv" --authorization-mode RBAC \
@@ -385,11 +406,11 @@ EOF
     --kubelet-client-certificate "$DIR/pki/apiserver-kubelet-client.crt" \
     --kubelet-client-key "$DIR/pki/apiserver-kubelet-client.key" \
     --kubelet-preferred-address-types InternalIP
-  wait_for kube-apiserver 90 curl -sf --cacert "$DIR/pki/apiserver.crt" -H "Authorization: Bearer $TOKEN" \
+  wait_for_process kube-apiserver 90 curl -sf --cacert "$DIR/pki/apiserver.crt" -H "Authorization: Bearer $TOKEN" \
     "https://$API_IP:443/readyz"
   write_kubeconfig
 
-  log "starting kube-controller-manager and kube-scheduler"
+  log "[$((SECONDS - started))s] starting kube-controller-manager and kube-scheduler"
   start_bg kube-controller-manager "$KUBE_BIN_DIR/kube-controller-manager" --kubeconfig "$DIR/kubeconfig" \
     --leader-elect=false --port 0 --secure-port 0 --use-service-account-credentials=false \
     --service-account-private-key-file "$DIR/pki/sa.key" --root-ca-file "$DIR/pki/apiserver.crt" \
@@ -397,10 +418,10 @@ EOF
   start_bg kube-scheduler "$KUBE_BIN_DIR/kube-scheduler" --kubeconfig "$DIR/kubeconfig" \
     --leader-elect=false --port 0 --secure-port 0
 
-  log "starting containerd"
+  log "[$((SECONDS - started))s] starting containerd"
   write_containerd_config
   start_bg containerd containerd --config "$DIR/containerd/config.toml"
-  wait_for containerd 30 ctr --address "$DIR/containerd/containerd.sock" version
+  wait_for_process containerd 30 ctr --address "$DIR/containerd/containerd.sock" version
   load_images "$PAUSE_ARCHIVE"
   if [ -n "${PARLEY_CLUSTER_IMAGES:-}" ]; then
     local tars=()
@@ -408,18 +429,20 @@ EOF
     load_images "${tars[@]}"
   fi
 
-  log "starting the kubelet (node $NODE, $GATEWAY)"
+  log "[$((SECONDS - started))s] starting the kubelet (node $NODE, $GATEWAY)"
   write_kubelet_config
   start_bg kubelet "$KUBE_BIN_DIR/kubelet" --config "$DIR/kubelet/config.yaml" \
     --kubeconfig "$DIR/kubeconfig" --container-runtime remote \
     --container-runtime-endpoint "unix://$DIR/containerd/containerd.sock" \
     --root-dir "$DIR/kubelet/root" --cert-dir "$DIR/kubelet/pki" \
     --hostname-override "$NODE" --node-ip "$GATEWAY"
-  wait_for "node $NODE Ready" 120 node_ready
+  wait_for_process kubelet 120 node_ready
+  log "[$((SECONDS - started))s] node $NODE Ready"
   # The kubelet set its sysctls when it started; it does not look at them again.
   (flock 8; restore_sysctls) 8>"$REGISTRY_LOCK"
-  # Pods need their namespace's service account, which the controller manager creates.
-  wait_for "service account default/default" 60 kubectl_admin get serviceaccount default
+  # Pods need their namespace's service account and its token, which the controller
+  # manager creates; until then the API server refuses them.
+  wait_for "the token of service account default/default" 60 default_token_exists
 
   cat >"$DIR/env" <<EOF
 export PARLEY_CLUSTER_KUBECONFIG=$DIR/kubeconfig

@@ -25,7 +25,7 @@ die() { printf '[machine-state] error: %s\n' "$*" >&2; exit 1; }
 snapshot() {
   local proc args cgroup
   for proc in /proc/[0-9]*; do
-    args=$({ tr '\0' ' ' <"$proc/cmdline"; } 2>/dev/null | cut -c1-300) || continue
+    args=$({ tr '\0\n' '  ' <"$proc/cmdline"; } 2>/dev/null | cut -c1-300) || continue
     # Kernel threads have no command line; this script's own processes do not count.
     if [ -z "$args" ] || [[ "$args" == *machine-state.sh* ]]; then continue; fi
     cgroup=$({ awk -F: '$2 == "pids" {print $3}' "$proc/cgroup"; } 2>/dev/null) || continue
@@ -69,6 +69,7 @@ compare() {
   while IFS= read -r line; do
     attributed=no
     kind=$(awk '{print $3}' <<<"$line")
+    kind=${kind:-blank}
     case "$kind" in
       sysctl | dir | socket) attributed=yes ;;
     esac

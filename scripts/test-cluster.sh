@@ -13,6 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PROBE_IMAGE="localhost/parley-cluster-probe:1"
+CLIENT_IMAGE="localhost/parley-cluster-kubectl:1"
 timings=()
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN {printf "%.1fs", b - a}'; }
@@ -43,18 +44,22 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# A tiny image built here, like the project's images, with podman and without a registry:
-# busybox's httpd, sh, nc and wget on an empty base.
+# Images built here like the project's, with podman and without a registry, on an empty
+# base: busybox's httpd, sh and nc; and kubectl (static), an in-cluster API client.
 t=$(now)
-mkdir -p "$work/probe/rootfs/bin" "$work/probe/rootfs/www" "$work/probe/rootfs/tmp" "$work/images"
+mkdir -p "$work/probe/rootfs/bin" "$work/probe/rootfs/www" "$work/probe/rootfs/tmp" "$work/images" "$work/client"
 cp "$(command -v busybox)" "$work/probe/rootfs/bin/busybox"
-for applet in sh httpd nc wget hostname cat echo printf grep head ssl_client; do
+for applet in sh httpd nc hostname cat echo printf grep head; do
   ln -s busybox "$work/probe/rootfs/bin/$applet"
 done
 printf 'FROM scratch\nCOPY rootfs /\nENV PATH=/bin\n' >"$work/probe/Containerfile"
 podman build --runtime runc --pull=never -q -t "$PROBE_IMAGE" "$work/probe" >/dev/null
 podman save --quiet --format docker-archive -o "$work/images/probe.tar" "$PROBE_IMAGE"
-timing "probe image built and saved" "$(elapsed "$t")"
+cp -L "$(command -v kubectl)" "$work/client/kubectl"
+printf 'FROM scratch\nCOPY kubectl /kubectl\nENTRYPOINT ["/kubectl"]\n' >"$work/client/Containerfile"
+podman build --runtime runc --pull=never -q -t "$CLIENT_IMAGE" "$work/client" >/dev/null
+podman save --quiet --format docker-archive -o "$work/kubectl.tar" "$CLIENT_IMAGE"
+timing "test images built and saved" "$(elapsed "$t")"
 
 scripts/machine-state.sh snapshot "$work/machine-before"
 
@@ -150,13 +155,28 @@ answer=$(k exec web -- sh -c "printf '$hello' | nc -w 2 $PARLEY_CLUSTER_GATEWAY 
 echo "[test-cluster] pod web -> SecantusDB at $PARLEY_CLUSTER_GATEWAY:$mongo_port: hello answered"
 scripts/test-env.sh stop "$env_dir" >/dev/null
 
-# --- in-cluster clients: the API server listens on the `kubernetes` Service's ClusterIP
-k create rolebinding probe-view --clusterrole view --serviceaccount default:default >/dev/null
-answer=$(k exec web -- sh -c 'wget -q -O- --header "Authorization: Bearer $(cat /var/run/secrets/kubernetes.io/serviceaccount/token)" \
-  "https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT/api/v1/namespaces/default/pods"') \
-  || fail "the pod could not reach the API server as its service account"
-grep -Eq '"kind": ?"PodList"' <<<"$answer" || fail "the API server answered the pod: ${answer:0:300}"
-echo "[test-cluster] pod web -> API server at its in-cluster address as its service account: pods listed"
+# --- an image loaded into the running cluster, and an in-cluster client (like an operator
+# pod): the API server listens on the `kubernetes` Service's ClusterIP, with a certificate
+# for that address from the CA in the pod's service account secret.
+scripts/cluster.sh load "$cluster_dir" "$work/kubectl.tar"
+k create rolebinding client-view --clusterrole view --serviceaccount default:default >/dev/null
+k apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Pod
+metadata: {name: client}
+spec:
+  restartPolicy: Never
+  containers:
+  - name: kubectl
+    image: $CLIENT_IMAGE
+    imagePullPolicy: Never
+    args: [get, pod, web, -o, 'jsonpath={.metadata.name}']
+EOF
+k wait --for=jsonpath='{.status.phase}'=Succeeded pod/client --timeout=60s >/dev/null \
+  || fail "kubectl in pod client did not succeed: $(k logs client 2>&1)"
+answer=$(k logs client)
+[ "$answer" = web ] || fail "kubectl in pod client got '$answer'"
+echo "[test-cluster] pod client -> API server with its in-cluster configuration (TLS verified, service account token)"
 
 t=$(now)
 scripts/cluster.sh down "$cluster_dir"
