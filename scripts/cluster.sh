@@ -202,26 +202,6 @@ write_pki() {
   echo "$TOKEN,parley-cluster-admin,parley-cluster-admin,system:masters" >"$pki/tokens.csv"
 }
 
-write_kubeconfig() {
-  cat >"$DIR/kubeconfig" <<EOF
-apiVersion: v1
-kind: Config
-clusters:
-- name: parley-cluster
-  cluster:
-    server: https://$API_IP:443
-    certificate-authority: $DIR/pki/apiserver.crt
-users:
-- name: parley-cluster-admin
-  user:
-    token: $TOKEN
-contexts:
-- name: parley-cluster
-  context: {cluster: parley-cluster, user: parley-cluster-admin}
-current-context: parley-cluster
-EOF
-}
-
 write_containerd_config() {
   local c="$DIR/containerd"
   mkdir -p "$c/root" "$c/state" "$c/runc" "$c/opt" "$DIR/cni/net.d" "$DIR/cni/ipam"
@@ -408,7 +388,7 @@ EOF
     --kubelet-preferred-address-types InternalIP
   wait_for_process kube-apiserver 90 curl -sf --cacert "$DIR/pki/apiserver.crt" -H "Authorization: Bearer $TOKEN" \
     "https://$API_IP:443/readyz"
-  write_kubeconfig
+  write_kubeconfig "$DIR/kubeconfig" parley-cluster "https://$API_IP:443" "$DIR/pki/apiserver.crt" "$TOKEN"
 
   log "[$((SECONDS - started))s] starting kube-controller-manager and kube-scheduler"
   start_bg kube-controller-manager "$KUBE_BIN_DIR/kube-controller-manager" --kubeconfig "$DIR/kubeconfig" \

@@ -32,3 +32,23 @@ wait_for() { # description, seconds, command...
     sleep 0.2
   done
 }
+
+write_kubeconfig() { # file, name, server URL, CA file, bearer token
+  cat >"$1" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: $2
+  cluster:
+    server: $3
+    certificate-authority: $4
+users:
+- name: $2-admin
+  user:
+    token: $5
+contexts:
+- name: $2
+  context: {cluster: $2, user: $2-admin}
+current-context: $2
+EOF
+}

@@ -70,19 +70,20 @@ timing "cluster up (node Ready)" "$(elapsed "$t")"
 source "$cluster_dir/env"
 k() { kubectl --kubeconfig "$PARLEY_CLUSTER_KUBECONFIG" "$@"; }
 
+# A container of the local image serving "hello from <pod name>" on port 8080, Ready once it answers.
+web_container() { # name
+  printf '{name: %s, image: %s, imagePullPolicy: Never, %s, %s}' "$1" "$PROBE_IMAGE" \
+    "command: [sh, -c, 'echo \"hello from \$(hostname)\" >/www/index.html && echo serving on 8080 && exec httpd -f -p 8080 -h /www']" \
+    'readinessProbe: {httpGet: {path: /, port: 8080}, periodSeconds: 1}'
+}
+
 # --- a pod from the local image, Running and answering on its pod IP
 t=$(now)
 k apply -f - >/dev/null <<EOF
 apiVersion: v1
 kind: Pod
 metadata: {name: web, labels: {app: web}}
-spec:
-  containers:
-  - name: web
-    image: $PROBE_IMAGE
-    imagePullPolicy: Never
-    command: [sh, -c, 'echo "hello from \$(hostname)" >/www/index.html && echo "web: serving on 8080" && exec httpd -f -vv -p 8080 -h /www']
-    readinessProbe: {httpGet: {path: /, port: 8080}, periodSeconds: 1}
+spec: {containers: [$(web_container web)]}
 EOF
 k wait --for=condition=Ready pod/web --timeout=120s >/dev/null || fail "pod web did not become Ready"
 timing "pod Running and Ready" "$(elapsed "$t")"
@@ -95,7 +96,7 @@ answer=$(k get --raw "/api/v1/namespaces/default/pods/web:8080/proxy/") || fail 
 echo "[test-cluster] through the API server's proxy: $answer"
 
 # --- kubectl logs and exec
-k logs web | grep -q "web: serving on 8080" || fail "kubectl logs web lacks the start line: $(k logs web 2>&1)"
+k logs web | grep -qx "serving on 8080" || fail "kubectl logs web lacks the start line: $(k logs web 2>&1)"
 answer=$(k exec web -- sh -c 'echo "exec in $(hostname)"') || fail "kubectl exec failed"
 [ "$answer" = "exec in web" ] || fail "kubectl exec answered '$answer'"
 echo "[test-cluster] kubectl logs and exec work"
@@ -111,13 +112,7 @@ spec:
   selector: {matchLabels: {app: echo}}
   template:
     metadata: {labels: {app: echo}}
-    spec:
-      containers:
-      - name: echo
-        image: $PROBE_IMAGE
-        imagePullPolicy: Never
-        command: [sh, -c, 'echo "hello from \$(hostname)" >/www/index.html && exec httpd -f -p 8080 -h /www']
-        readinessProbe: {httpGet: {path: /, port: 8080}, periodSeconds: 1}
+    spec: {containers: [$(web_container echo)]}
 EOF
 k rollout status deployment/echo --timeout=120s >/dev/null || fail "deployment echo did not roll out"
 available=$(k get deployment echo -o jsonpath='{.status.availableReplicas}')

@@ -181,23 +181,7 @@ cmd_start() {
   echo $! >"$dir/kube-apiserver.pid"
   wait_for kube-apiserver 60 curl -sf --cacert "$dir/pki/apiserver.crt" -H "Authorization: Bearer $token" \
     "https://127.0.0.1:$apiserver_port/readyz"
-  cat >"$dir/kubeconfig" <<EOF
-apiVersion: v1
-kind: Config
-clusters:
-- name: parley-test
-  cluster:
-    server: https://127.0.0.1:$apiserver_port
-    certificate-authority: $dir/pki/apiserver.crt
-users:
-- name: parley-test-admin
-  user:
-    token: $token
-contexts:
-- name: parley-test
-  context: {cluster: parley-test, user: parley-test-admin}
-current-context: parley-test
-EOF
+  write_kubeconfig "$dir/kubeconfig" parley-test "https://127.0.0.1:$apiserver_port" "$dir/pki/apiserver.crt" "$token"
 
   log "starting SecantusDB on $bind:$mongo_port"
   mkdir -p "$dir/mongo"
