@@ -4,9 +4,9 @@
 #   cluster up; a pod Running and answering HTTP on its pod IP (and through the
 #   API server's proxy); kubectl logs and exec; a 2-replica Deployment available;
 #   a pod reaching the test Redis and MongoDB-wire servers on the host through the
-#   bridge's gateway address; a pod reaching the API server with its service
-#   account the way in-cluster clients do; down; no trace of the cluster left
-#   (scripts/machine-state.sh). Prints the timings of each step.
+#   bridge's gateway address; an image loaded into the running cluster, whose pod
+#   reaches the API server the way in-cluster clients (an operator) do; down; no
+#   trace of the cluster left (scripts/machine-state.sh). Prints the timings.
 # Needs root. Runs alone: scripts/test-cluster.sh (installs what it needs; the first
 # run on a machine builds the Kubernetes binaries).
 set -euo pipefail
@@ -22,7 +22,8 @@ fail() { echo "[test-cluster] FAILED: $*" >&2; exit 1; }
 
 t=$(now)
 scripts/cluster.sh install
-if ! command -v busybox >/dev/null; then
+# The test image's userland: a static busybox runs on an empty base.
+if ! dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'install ok installed'; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq busybox-static >/dev/null
 fi
 timing "install (binaries built if cold)" "$(elapsed "$t")"
@@ -48,7 +49,7 @@ trap cleanup EXIT
 # base: busybox's httpd, sh and nc; and kubectl (static), an in-cluster API client.
 t=$(now)
 mkdir -p "$work/probe/rootfs/bin" "$work/probe/rootfs/www" "$work/probe/rootfs/tmp" "$work/images" "$work/client"
-cp "$(command -v busybox)" "$work/probe/rootfs/bin/busybox"
+cp /bin/busybox "$work/probe/rootfs/bin/busybox"
 for applet in sh httpd nc hostname cat echo printf grep head; do
   ln -s busybox "$work/probe/rootfs/bin/$applet"
 done
