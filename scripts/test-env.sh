@@ -65,7 +65,7 @@ build_kubernetes() {
     apt_install golang-go etcd-server etcd-client rsync golang-github-modern-go-reflect2-dev gcc libc6-dev
     local work started=$SECONDS
     work=$(mktemp -d /tmp/parley-kube-build.XXXXXX)
-    log "building kube-apiserver, kubelet, kube-controller-manager, kube-scheduler from Debian's kubernetes source package in $work (about 7 minutes on 2 cores)"
+    log "building kube-apiserver, kubelet, kube-controller-manager, kube-scheduler from Debian's kubernetes source package in $work (about 10 CPU-minutes: 5 to 6 minutes on 2 idle cores)"
     (
       cd "$work"
       apt-get source --download-only "kubernetes=$KUBE_DEB_VERSION" >/dev/null
