@@ -34,6 +34,7 @@ suite() { # name, command...
 suite rust bash -c 'cargo build --workspace --bins && cargo nextest run --workspace --no-fail-fast "$@"' _ "$@"
 # The pages in headless Chromium against the binary the rust suite built.
 suite web scripts/test-web.sh
+suite cluster scripts/test-cluster.sh
 
 echo "=== summary"
 printf '%s\n' "${summary[@]}"
