@@ -12,9 +12,7 @@ use std::time::Duration;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_credential_types::Credentials;
 use aws_credential_types::provider::SharedCredentialsProvider;
-use eventsource_stream::{Event, Eventsource};
-use futures::StreamExt;
-use futures::stream::BoxStream;
+use eventsource_stream::Event;
 use parley_service::auth::Role;
 use parley_service::embedded_db::EmbeddedDb;
 use parley_service::ledger::{EmbeddedLedger, Ledger, MongoLedger};
@@ -27,13 +25,11 @@ use parley_service::stream::{Replies, ReplySettings};
 use parley_test_support::bedrock::BedrockStandIn;
 use parley_test_support::openai::OpenAiStandIn;
 use parley_test_support::script::{Fault, Rejection, Script, StreamFailure};
+use parley_test_support::sse::{Events, PROMPTLY, data, drain, events, next};
 use prometheus_client::registry::Registry;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
-
-/// Upper bound for anything that should happen promptly; never a wait.
-const PROMPTLY: Duration = Duration::from_secs(15);
 
 const PRIMARY: &str = "anthropic.claude-3-haiku-20240307-v1:0";
 const SECONDARY: &str = "amazon.nova-micro-v1:0";
@@ -227,7 +223,7 @@ impl Harness {
     }
 
     /// Starts a streamed reply; the response head, then its SSE events.
-    async fn stream(&self, token: &str, session: &str, body: Value) -> BoxStream<'static, Event> {
+    async fn stream(&self, token: &str, session: &str, body: Value) -> Events {
         let response = self
             .client
             .post(self.url(&format!("/api/chat/sessions/{session}/stream")))
@@ -243,7 +239,7 @@ impl Harness {
 
     /// A reply that writes `first` and then stalls, in a new session of
     /// `token`'s user, read up to that first chunk.
-    async fn stalled_reply(&self, token: &str, first: &str) -> (String, BoxStream<'static, Event>) {
+    async fn stalled_reply(&self, token: &str, first: &str) -> (String, Events) {
         self.bedrock.set_script(
             PRIMARY,
             Script::reply([first, "never"]).with_fault(Fault::Stall { after_deltas: 1 }),
@@ -279,32 +275,6 @@ fn assert_sse_headers(response: &reqwest::Response) {
     assert_eq!(header("content-type"), "text/event-stream");
     assert_eq!(header("cache-control"), "no-cache");
     assert_eq!(header("x-accel-buffering"), "no");
-}
-
-fn events(response: reqwest::Response) -> BoxStream<'static, Event> {
-    response
-        .bytes_stream()
-        .eventsource()
-        .map(|event| event.unwrap())
-        .boxed()
-}
-
-/// Every event until the stream ends.
-async fn drain(events: BoxStream<'static, Event>) -> Vec<Event> {
-    tokio::time::timeout(PROMPTLY, events.collect())
-        .await
-        .expect("the stream did not end")
-}
-
-async fn next(events: &mut BoxStream<'static, Event>) -> Event {
-    tokio::time::timeout(PROMPTLY, events.next())
-        .await
-        .expect("no event")
-        .expect("stream ended")
-}
-
-fn data(event: &Event) -> Value {
-    serde_json::from_str(&event.data).unwrap()
 }
 
 fn chunk_text(events: &[Event]) -> String {

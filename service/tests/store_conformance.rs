@@ -2,6 +2,7 @@
 //! embedded store and against the real MongoDB-wire server.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[macro_use]
 mod common;
 
 use std::collections::HashSet;
@@ -13,31 +14,7 @@ use parley_service::store::{
     TokenTotals, now,
 };
 
-macro_rules! conformance {
-    ($($case:ident),* $(,)?) => {
-        mod embedded {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let (store, _dir) = crate::common::embedded_store().await;
-                    crate::$case(std::sync::Arc::new(store)).await;
-                }
-            )*
-        }
-        mod mongo {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let store = crate::common::mongo_store().await;
-                    crate::$case(std::sync::Arc::new(store.clone())).await;
-                    crate::common::drop_mongo(store).await;
-                }
-            )*
-        }
-    };
-}
-
-conformance!(
+store_conformance!(
     ping_answers,
     create_then_get_round_trips,
     unknown_session_is_not_found,

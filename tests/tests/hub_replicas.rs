@@ -8,16 +8,13 @@
 
 use std::time::Duration;
 
-use eventsource_stream::{Event, Eventsource};
-use futures::StreamExt;
-use futures::stream::BoxStream;
+use eventsource_stream::Event;
 use parley_e2e::{Process, logged_address};
 use parley_test_support::env;
+use parley_test_support::sse::{Events, PROMPTLY, data, events, next, until};
 use serde_json::{Value, json};
 
 const SECRET: &str = "e2e-hub-secret-of-enough-length-0123456789";
-/// Bound for anything that should happen promptly; never a wait.
-const PROMPTLY: Duration = Duration::from_secs(30);
 /// Heartbeats of the hub locks: a dead replica's reply is lost after five.
 const HEARTBEAT_MILLIS: u64 = 200;
 const LEASE_SECONDS: u64 = 3;
@@ -97,7 +94,7 @@ impl Replicas {
             .unwrap()
     }
 
-    async fn reply(&self, on: &Replica, token: &str, session: &str) -> BoxStream<'static, Event> {
+    async fn reply(&self, on: &Replica, token: &str, session: &str) -> Events {
         let response = self.post_stream(on, token, session).await;
         assert_eq!(response.status(), 200);
         events(response)
@@ -109,7 +106,7 @@ impl Replicas {
         path: &str,
         token: &str,
         last_event_id: Option<u64>,
-    ) -> BoxStream<'static, Event> {
+    ) -> Events {
         let mut request = self
             .http
             .get(format!("{}{path}", on.base))
@@ -154,38 +151,6 @@ async fn token(sub: &str, role: &str, cohort: &str) -> String {
         .unwrap();
     assert!(minted.status.success());
     String::from_utf8(minted.stdout).unwrap().trim().to_owned()
-}
-
-fn events(response: reqwest::Response) -> BoxStream<'static, Event> {
-    response
-        .bytes_stream()
-        .eventsource()
-        .map(|event| event.unwrap())
-        .boxed()
-}
-
-async fn next(events: &mut BoxStream<'static, Event>) -> Event {
-    tokio::time::timeout(PROMPTLY, events.next())
-        .await
-        .expect("no event")
-        .expect("the stream ended")
-}
-
-/// Events until (and with) the first one named one of `last`.
-async fn until(events: &mut BoxStream<'static, Event>, last: &[&str]) -> Vec<Event> {
-    let mut seen = Vec::new();
-    loop {
-        let event = next(events).await;
-        let done = last.contains(&event.event.as_str());
-        seen.push(event);
-        if done {
-            return seen;
-        }
-    }
-}
-
-fn data(event: &Event) -> Value {
-    serde_json::from_str(&event.data).unwrap()
 }
 
 /// `(id, event, data)` of the reply's own events.

@@ -5,17 +5,16 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use redis::{RedisError, Script};
 
 use super::{Quota, RateLimitMetrics, RateLimiter, RateLimits, Scope, StreamGuard, WINDOW, limit};
 use crate::error::Error;
+use crate::shared_redis;
 
 /// A replica that dies with open streams leaks its slots; they vanish this
 /// long after the scope's last stream started.
 const STREAM_SLOT_TTL: Duration = Duration::from_secs(15 * 60);
-/// Redis answers in well under a millisecond; a slow answer is an outage.
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// KEYS: requests window, tokens window. ARGV: requests limit, tokens limit
 /// (0: none), window ms. Returns {0} when admitted, {1, ms} when the
@@ -94,16 +93,8 @@ impl RedisRateLimiter {
         limits: RateLimits,
         metrics: RateLimitMetrics,
     ) -> Result<Self, Error> {
-        let client = redis::Client::open(url)
-            .map_err(|error| Error::Config(format!("invalid PARLEY_REDIS_URL: {error}")))?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_connection_timeout(Some(RESPONSE_TIMEOUT))
-            .set_number_of_retries(1);
-        let connection = client
-            .get_connection_manager_with_config(config)
-            .await
-            .map_err(unavailable)?;
+        let client = shared_redis::client(url)?;
+        let connection = shared_redis::connect(&client).await.map_err(unavailable)?;
         Ok(RedisRateLimiter {
             limits,
             connection,
