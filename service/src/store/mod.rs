@@ -6,6 +6,7 @@
 //! clients validating ids with `^[0-9a-fA-F]{24}$` work against either.
 
 mod embedded;
+mod instrumented;
 mod mongo;
 
 use async_trait::async_trait;
@@ -13,6 +14,7 @@ use chrono::{DateTime, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 
 pub use embedded::EmbeddedStore;
+pub use instrumented::InstrumentedStore;
 pub use mongo::MongoStore;
 pub use mongodb::bson::oid::ObjectId;
 
