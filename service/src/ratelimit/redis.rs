@@ -103,7 +103,7 @@ impl RedisRateLimiter {
         let connection = client
             .get_connection_manager_with_config(config)
             .await
-            .map_err(unavailable)?;
+            .map_err(|error| Error::RateLimiterUnavailable(error.to_string()))?;
         Ok(RedisRateLimiter {
             limits,
             connection,
@@ -120,10 +120,6 @@ impl RedisRateLimiter {
     fn key(&self, quota: &Quota, counter: &str) -> String {
         format!("{}:{counter}:{}", self.key_prefix, quota.key)
     }
-}
-
-fn unavailable(error: RedisError) -> Error {
-    Error::RateLimiterUnavailable(error.to_string())
 }
 
 fn millis(duration: Duration) -> u64 {
@@ -151,7 +147,7 @@ impl RateLimiter for RedisRateLimiter {
             .arg(millis(WINDOW))
             .invoke_async(&mut self.connection.clone())
             .await
-            .map_err(unavailable)?;
+            .map_err(|error| self.metrics.unavailable(error))?;
         match verdict {
             0 => Ok(()),
             1 => Err(self.metrics.refuse(limit::REQUESTS, wait(pttl))),
@@ -173,7 +169,7 @@ impl RateLimiter for RedisRateLimiter {
             .arg(millis(STREAM_SLOT_TTL))
             .invoke_async(&mut self.connection.clone())
             .await
-            .map_err(unavailable)?;
+            .map_err(|error| self.metrics.unavailable(error))?;
         if taken != 1 {
             return Err(self.metrics.refuse(limit::STREAMS, Duration::from_secs(1)));
         }
@@ -202,7 +198,7 @@ impl RateLimiter for RedisRateLimiter {
             .arg(millis(WINDOW))
             .invoke_async(&mut self.connection.clone())
             .await
-            .map_err(unavailable)?;
+            .map_err(|error| self.metrics.unavailable(error))?;
         match verdict {
             0 => Ok(()),
             _ => Err(self.metrics.refuse(limit::TOKENS, wait(pttl))),
