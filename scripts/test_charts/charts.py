@@ -56,22 +56,26 @@ STANDARD_LABELS = (
 )
 
 
-def render_files(chart: Path, values: dict[str, Any] | None) -> dict[str, str]:
+def render_files(
+    chart: Path, values: dict[str, Any] | None, release: str = RELEASE, namespace: str = NAMESPACE
+) -> dict[str, str]:
     """Template path to rendered text, as `helm install` would render it."""
-    return dict(_render(chart, json.dumps(values, sort_keys=True)))
+    return dict(_render(chart, json.dumps(values, sort_keys=True), release, namespace))
 
 
 @functools.cache
-def _render(chart: Path, values: str) -> tuple[tuple[str, str], ...]:
+def _render(chart: Path, values: str, release: str, namespace: str) -> tuple[tuple[str, str], ...]:
     with helm.Chart.load(chart) as loaded:
-        rendered = loaded.render(json.loads(values), name=RELEASE, namespace=NAMESPACE, is_install=True)
+        rendered = loaded.render(json.loads(values), name=release, namespace=namespace, is_install=True)
     return tuple(sorted(rendered.items()))
 
 
-def objects(chart: Path, values: dict[str, Any] | None) -> list[dict[str, Any]]:
+def objects(
+    chart: Path, values: dict[str, Any] | None, release: str = RELEASE, namespace: str = NAMESPACE
+) -> list[dict[str, Any]]:
     """Every object the chart renders."""
     found = []
-    for path, text in sorted(render_files(chart, values).items()):
+    for path, text in sorted(render_files(chart, values, release, namespace).items()):
         if path.endswith(".yaml"):
             found.extend(doc for doc in yaml.safe_load_all(text) if doc)
     return found
