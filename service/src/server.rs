@@ -22,16 +22,17 @@ use crate::auth::{
 use crate::config::{Config, TokenArgs};
 use crate::error::Error;
 use crate::ledger::{
-    Credits, EmbeddedLedger, Ledger, LedgerSettings, MICROS_PER_CREDIT, MongoLedger,
+    Credits, EmbeddedLedger, InstrumentedLedger, Ledger, LedgerSettings, MICROS_PER_CREDIT,
+    MongoLedger,
 };
-use crate::metrics::HttpMetrics;
+use crate::metrics::{HttpMetrics, OperationMetrics};
 use crate::model_routes::RoutesSource;
 use crate::ratelimit::{
     LocalRateLimiter, RateLimitMetrics, RateLimiter, RateLimits, RedisRateLimiter,
 };
 use crate::routes::app;
 use crate::state::{AppState, Limits};
-use crate::store::{EmbeddedStore, MongoStore, ObservationAudit, SessionStore};
+use crate::store::{EmbeddedStore, InstrumentedStore, MongoStore, ObservationAudit, SessionStore};
 use crate::stream::Replies;
 
 /// File of the embedded database inside the data dir.
@@ -123,6 +124,16 @@ pub async fn serve_listener(
     let backend = Backend::open(&config).await?;
     let mut registry = Registry::default();
     let http_metrics = HttpMetrics::register(&mut registry);
+    let store_metrics = OperationMetrics::register(
+        &mut registry,
+        "parley_store_operation_duration_seconds",
+        "Time the chat session store takes to answer, by operation and outcome",
+    );
+    let ledger_metrics = OperationMetrics::register(
+        &mut registry,
+        "parley_ledger_operation_duration_seconds",
+        "Time the credits ledger takes to answer, by operation and outcome",
+    );
     let background = TaskTracker::new();
     let background_stop = shutdown.child_token();
     let routes_source = RoutesSource::from_config(&config.replies).await?;
@@ -157,11 +168,14 @@ pub async fn serve_listener(
             )?)
         }
         None => {
-            let ledger = backend
-                .ledger(LedgerSettings {
-                    initial_balance: initial_credits(&config, secret.as_ref()),
-                })
-                .await?;
+            let ledger: Arc<dyn Ledger> = Arc::new(InstrumentedLedger::new(
+                backend
+                    .ledger(LedgerSettings {
+                        initial_balance: initial_credits(&config, secret.as_ref()),
+                    })
+                    .await?,
+                ledger_metrics,
+            ));
             background.spawn(reaper::run(
                 Arc::clone(&ledger),
                 accounting_metrics.clone(),
@@ -182,7 +196,7 @@ pub async fn serve_listener(
     }
     let state = AppState {
         dev_tokens: offer_dev_sign_in(dev_tokens, address),
-        sessions: backend.sessions(),
+        sessions: Arc::new(InstrumentedStore::new(backend.sessions(), store_metrics)),
         audit: backend.audit(),
         auth: Arc::new(auth),
         registry: Arc::new(registry),

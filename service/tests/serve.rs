@@ -96,7 +96,7 @@ async fn call(
 }
 
 #[tokio::test]
-async fn serves_health_and_metrics_by_route_template_then_shuts_down() {
+async fn serves_health_and_metrics_by_route_template_and_backend_timings_then_shuts_down() {
     let dir = tempfile::tempdir().unwrap();
     let config = config(dir.path(), &["--jwt-secret", "serve-test-secret"]);
     let token = cli_token(&config, "alice").await;
@@ -127,6 +127,14 @@ async fn serves_health_and_metrics_by_route_template_then_shuts_down() {
     )
     .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = call(
+        reqwest::Method::GET,
+        server.url("/api/credits/balance"),
+        &token,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
 
     let response = reqwest::get(server.url("/metrics")).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
@@ -148,6 +156,24 @@ async fn serves_health_and_metrics_by_route_template_then_shuts_down() {
         "{metrics}"
     );
     assert!(has(r#"route="unmatched",status="404""#), "{metrics}");
+    // The store and the ledger are timed by operation, whichever backend runs.
+    let timed = |histogram: &str, operation: &str| {
+        let count = format!("{histogram}_count{{");
+        let labels = format!(r#"operation="{operation}",outcome="ok""#);
+        metrics
+            .lines()
+            .any(|line| line.starts_with(&count) && line.contains(&labels))
+    };
+    for operation in ["create", "get"] {
+        assert!(
+            timed("parley_store_operation_duration_seconds", operation),
+            "store {operation} not timed:\n{metrics}"
+        );
+    }
+    assert!(
+        timed("parley_ledger_operation_duration_seconds", "balance"),
+        "ledger balance not timed:\n{metrics}"
+    );
     assert!(
         !metrics.contains(id),
         "a session id leaked into metric labels"

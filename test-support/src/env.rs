@@ -28,6 +28,11 @@ pub fn redis_url() -> String {
     required("PARLEY_TEST_REDIS_URL")
 }
 
+/// Python of the test tools' venv (scripts/requirements-test.txt).
+pub fn python() -> PathBuf {
+    PathBuf::from(required("PARLEY_TEST_PYTHON"))
+}
+
 /// Kubeconfig of the test kube-apiserver. A variable of its own, never
 /// `KUBECONFIG`, so that tests cannot touch a developer's real cluster.
 pub fn kubeconfig_path() -> PathBuf {

@@ -94,7 +94,9 @@ impl RedisRateLimiter {
         metrics: RateLimitMetrics,
     ) -> Result<Self, Error> {
         let client = shared_redis::client(url)?;
-        let connection = shared_redis::connect(&client).await.map_err(unavailable)?;
+        let connection = shared_redis::connect(&client)
+            .await
+            .map_err(|error| Error::RateLimiterUnavailable(error.to_string()))?;
         Ok(RedisRateLimiter {
             limits,
             connection,
@@ -111,10 +113,6 @@ impl RedisRateLimiter {
     fn key(&self, quota: &Quota, counter: &str) -> String {
         format!("{}:{counter}:{}", self.key_prefix, quota.key)
     }
-}
-
-fn unavailable(error: RedisError) -> Error {
-    Error::RateLimiterUnavailable(error.to_string())
 }
 
 fn millis(duration: Duration) -> u64 {
@@ -142,7 +140,7 @@ impl RateLimiter for RedisRateLimiter {
             .arg(millis(WINDOW))
             .invoke_async(&mut self.connection.clone())
             .await
-            .map_err(unavailable)?;
+            .map_err(|error| self.metrics.unavailable(error))?;
         match verdict {
             0 => Ok(()),
             1 => Err(self.metrics.refuse(limit::REQUESTS, wait(pttl))),
@@ -164,7 +162,7 @@ impl RateLimiter for RedisRateLimiter {
             .arg(millis(STREAM_SLOT_TTL))
             .invoke_async(&mut self.connection.clone())
             .await
-            .map_err(unavailable)?;
+            .map_err(|error| self.metrics.unavailable(error))?;
         if taken != 1 {
             return Err(self.metrics.refuse(limit::STREAMS, Duration::from_secs(1)));
         }
@@ -193,7 +191,7 @@ impl RateLimiter for RedisRateLimiter {
             .arg(millis(WINDOW))
             .invoke_async(&mut self.connection.clone())
             .await
-            .map_err(unavailable)?;
+            .map_err(|error| self.metrics.unavailable(error))?;
         match verdict {
             0 => Ok(()),
             _ => Err(self.metrics.refuse(limit::TOKENS, wait(pttl))),

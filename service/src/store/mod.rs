@@ -8,6 +8,7 @@
 pub mod audit;
 mod embedded;
 mod embedded_audit;
+mod instrumented;
 mod mongo;
 mod mongo_audit;
 
@@ -19,6 +20,7 @@ pub use audit::{
     AuditQuery, CohortScope, Observation, ObservationAudit, ObservationEnd, ObservationPage,
 };
 pub use embedded::EmbeddedStore;
+pub use instrumented::InstrumentedStore;
 pub use mongo::MongoStore;
 pub use mongodb::bson::oid::ObjectId;
 
