@@ -138,8 +138,9 @@ local_base() {
     log "making the base from Debian packages: $(echo "$versions" | tr '\n' ' ')"
     work=$(mktemp -d /tmp/parley-base.XXXXXX)
     mkdir "$work/debs" "$work/rootfs"
-    # shellcheck disable=SC2046
-    (cd "$work/debs" && apt-get download -qq -o APT::Sandbox::User=root $(echo "$versions")) \
+    # One `pkg=version` word each.
+    # shellcheck disable=SC2086
+    (cd "$work/debs" && apt-get download -qq -o APT::Sandbox::User=root $versions) \
       || die "apt-get download failed (apt-get update, then run again)"
     make_base_rootfs "$work/debs" "$work/rootfs"
     as_root mkdir -p "$CACHE_DIR/images"

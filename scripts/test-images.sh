@@ -35,7 +35,7 @@ log "images built in $((SECONDS - started))s; sizes with the $profile profile's 
 printf '%s\n' "$built"
 service_image=$(awk '$1 == "parley-service" {print $2}' <<<"$built")
 operator_image=$(awk '$1 == "parley-operator" {print $2}' <<<"$built")
-[ -n "$service_image" ] && [ -n "$operator_image" ] || fail "scripts/images.sh named no images"
+if [ -z "$service_image" ] || [ -z "$operator_image" ]; then fail "scripts/images.sh named no images"; fi
 
 version=$(cargo metadata --format-version 1 --no-deps --locked \
   | python3 -c 'import json, sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"] == "parley-service"))')
