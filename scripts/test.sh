@@ -32,6 +32,8 @@ suite() { # name, command...
 
 # The end-to-end tests start the real binaries.
 suite rust bash -c 'cargo build --workspace --bins && cargo nextest run --workspace --no-fail-fast "$@"' _ "$@"
+# After the rust suite: the images are made of the binaries it built.
+suite images scripts/test-images.sh
 suite charts scripts/test-charts.sh
 # The pages in headless Chromium against the binary the rust suite built.
 suite web scripts/test-web.sh

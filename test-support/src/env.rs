@@ -28,7 +28,8 @@ pub fn redis_url() -> String {
     required("PARLEY_TEST_REDIS_URL")
 }
 
-/// Python of the test tools' venv (scripts/requirements-test.txt).
+/// The Python interpreter of the venv holding the pinned test tools
+/// (`scripts/requirements-test.txt`).
 pub fn python() -> PathBuf {
     PathBuf::from(required("PARLEY_TEST_PYTHON"))
 }
