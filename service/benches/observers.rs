@@ -156,7 +156,7 @@ impl Server {
             .env("PARLEY_STREAM_DRAIN_SECONDS", "0")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
             .unwrap();
