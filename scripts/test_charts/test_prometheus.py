@@ -20,6 +20,7 @@ import math
 import os
 import secrets
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -89,9 +90,9 @@ def start_service(name: str, logs: Path, env: dict[str, str]) -> tuple[Process, 
     return process, url
 
 
-def mint_token(sub: str) -> str:
+def mint_token(sub: str, role: str = "user") -> str:
     result = subprocess.run(
-        [str(binary("parley-service")), "token", "--sub", sub, "--role", "user"],
+        [str(binary("parley-service")), "token", "--sub", sub, "--role", role],
         env={"PATH": os.environ.get("PATH", ""), "PARLEY_JWT_SECRET": SECRET},
         check=True, capture_output=True, text=True,
     )
@@ -168,6 +169,7 @@ def stack(tmp_path_factory):
         wait_until("every target scraped", prometheus.targets_up)
 
         token = mint_token("alice")
+        admin = mint_token("ada", "admin")
         sessions = {}
         for route in ("default", "pricey", "limited"):
             status, body = http("POST", f"{a_url}/api/chat/sessions", {"title": route, "route": route}, token)
@@ -189,7 +191,14 @@ def stack(tmp_path_factory):
                     process.check_running()
             reply = f"{a_url}/api/chat/sessions/{sessions['default']}"
             expect("reply with fallback", http("POST", f"{reply}/messages", {"message": "hello there"}, token)[0], {200})
-            expect("streamed reply", http("POST", f"{reply}/stream", {"message": "stream me"}, token)[0], {200})
+            # An admin watches the streamed reply from before it starts to
+            # its end, then leaves: observers, delivery lag, observations.
+            observer = urllib.request.Request(f"{reply}/observe", headers={"Authorization": f"Bearer {admin}"})
+            with urllib.request.urlopen(observer, timeout=30) as watching:
+                expect("observation", watching.status, {200})
+                expect("streamed reply", http("POST", f"{reply}/stream", {"message": "stream me"}, token)[0], {200})
+                while b'"state":"ended"' not in watching.readline():
+                    pass
             expect("unaffordable reply", http("POST", f"{a_url}/api/chat/sessions/{sessions['pricey']}/messages", {"message": "gold"}, token)[0], {402})
             expect("limited route", http("POST", f"{a_url}/api/chat/sessions/{sessions['limited']}/messages", {"message": "once"}, token)[0], {200, 429})
             expect("session create", http("POST", f"{a_url}/api/chat/sessions", {"title": "more"}, token)[0], {201})
