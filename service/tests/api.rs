@@ -885,7 +885,22 @@ async fn the_pages_and_their_assets_are_served_with_safe_headers() {
         );
     }
 
-    for missing in ["/assets/app-00000000.js", "/index.html", "/console"] {
+    // The console's pages are the same index.html (the app routes on the client).
+    for page in ["/console", "/console/audit", "/console/credits"] {
+        let response = get(page, Some(etag)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_MODIFIED, "{page}");
+        assert!(
+            response.headers().contains_key("content-security-policy"),
+            "{page}"
+        );
+    }
+
+    for missing in [
+        "/assets/app-00000000.js",
+        "/index.html",
+        "/console/",
+        "/console/nope",
+    ] {
         let (status, body) = app.send(request("GET", missing, None, None)).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{missing}");
         assert_eq!(body["code"], "NOT_FOUND");
