@@ -286,6 +286,8 @@ async fn an_observer_that_arrives_first_sees_the_whole_next_reply() {
     let owned = until(&mut owner, &["complete"]).await;
     let observed = until(&mut observer, &["observe"]).await;
     assert_eq!(data(&observed[0])["state"], "started");
+    // The question comes before the answer.
+    assert_eq!(data(&observed[0])["message"], "tell me about observation");
     let mut observed = observed;
     observed.extend(until(&mut observer, &["observe"]).await);
     let last = observed.last().unwrap();
@@ -356,6 +358,10 @@ async fn a_console_lists_the_replies_of_its_cohorts_as_they_start_and_end() {
     assert_eq!(started.event, "started");
     assert_eq!(data(&started)["reply"]["sessionId"], alices);
     assert_eq!(data(&started)["reply"]["userId"], "alice");
+    assert_eq!(
+        data(&started)["reply"]["message"],
+        "tell me about observation"
+    );
     // A console connecting now lists it.
     let mut adas = live(ada()).await;
     let listed = next(&mut adas).await;

@@ -360,6 +360,7 @@ async fn start_reply(
             user_id.clone(),
             session.summary.user_cohorts,
             route.alias.clone(),
+            user_message.content.clone(),
         ))
         .await?;
     let input_tokens = u64::from(estimate_input_tokens(&turns));

@@ -15,7 +15,7 @@ import {
   type Session,
 } from "../client/index.js";
 import { h, replaceChildren } from "./dom.js";
-import { finishReply, messageItem, modelAuthor, streamingReplyItem } from "./message-items.js";
+import { finishReply, messageItem, modelAuthor, streamingReplyItem, userMessageItem } from "./message-items.js";
 import { credits, replyOutcome } from "./messages.js";
 import { renderMarkdown } from "./render-markdown.js";
 import type { AppContext } from "./shell.js";
@@ -139,7 +139,7 @@ export class WatchPane {
     switch (event.type) {
       case "observe":
         if (event.data.state === "started") {
-          this.startReply(watch, event.data.replyId);
+          this.startReply(watch, event.data.replyId, event.data.message);
           this.setState(`${owner} is getting a reply; it is shown as it is written.`);
         } else {
           const ending = replyOutcome(event.data.outcome);
@@ -222,7 +222,8 @@ export class WatchPane {
     return this.endings.get(message.id) ?? (message.incomplete ? "Incomplete reply." : "");
   }
 
-  private startReply(watch: Watch, replyId: string): void {
+  /** Starts showing a reply, after the message it answers (`question`, when known). */
+  private startReply(watch: Watch, replyId: string, question?: string): void {
     if (watch.reply !== null && watch.reply.replyId === replyId) {
       // The same reply from its first event again: start it over.
       watch.reply.text = "";
@@ -231,6 +232,10 @@ export class WatchPane {
     }
     const { item, author, body, meta } = streamingReplyItem();
     this.messages.querySelector(":scope > .empty")?.remove();
+    if (question !== undefined) {
+      // Stored with the reply when it ends: until then only the hub has it.
+      this.messages.append(userMessageItem(question, watch.session?.userId ?? "The user"));
+    }
     this.messages.append(item);
     watch.reply = { replyId, text: "", item, author, body, meta, renderScheduled: false };
     this.messages.scrollTop = this.messages.scrollHeight;

@@ -129,6 +129,8 @@ export interface ReplyInfo {
   userId: string;
   userCohorts: string[];
   route: string;
+  /** The user's message the reply answers. */
+  message: string;
   startedAt: string;
 }
 
@@ -151,6 +153,8 @@ export interface ObserveEventData {
   userId: string;
   replyId: string;
   state: "started" | "ended";
+  /** On `started`: the user's message the reply answers. */
+  message?: string;
   /** On `ended`: completed, failed, interrupted, abandoned, shutdown, unpaid, max_duration, lost. */
   outcome?: string;
 }

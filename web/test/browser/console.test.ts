@@ -124,6 +124,12 @@ describe("supervisor console", () => {
       const body = document.querySelector(".watch .message.assistant.streaming .body");
       return (body?.textContent ?? "").split(" ").length >= 20;
     });
+    // While the reply is written, the question it answers is shown above it.
+    assert.deepEqual(
+      await page.locator(".watch .messages .message.user .body").allTextContents(),
+      [prompt],
+      "the question before the answer",
+    );
     await captureBothWidths(page, "console-watching", () => settled(page));
 
     await watchState(page, /The reply completed\. Waiting for the next reply/);

@@ -21,6 +21,7 @@ function reply(replyId: string, userId = "ann"): ReplyInfo {
     userId,
     userCohorts: ["class-a"],
     route: "default",
+    message: "what is a closure?",
     startedAt: "2030-01-01T09:00:00Z",
   };
 }
