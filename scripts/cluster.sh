@@ -113,7 +113,7 @@ stop_pid() { # name
 }
 
 ours() { # pid: true when the process's command line names DIR
-  tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -qF "$DIR/"
+  { tr '\0' ' ' <"/proc/$1/cmdline"; } 2>/dev/null | grep -qF "$DIR/"
 }
 
 kubectl_admin() { kubectl --kubeconfig "$DIR/kubeconfig" "$@"; }

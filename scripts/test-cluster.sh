@@ -18,7 +18,9 @@ timings=()
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN {printf "%.1fs", b - a}'; }
 timing() { timings+=("$(printf '%-34s %s' "$1" "$2")"); echo "[test-cluster] $1: $2"; }
-fail() { echo "[test-cluster] FAILED: $*" >&2; exit 1; }
+failure=""
+fail() { failure="$*"; echo "[test-cluster] FAILED: $*" >&2; exit 1; }
+trap 'failure=${failure:-"line $LINENO: $BASH_COMMAND"}' ERR
 
 t=$(now)
 scripts/cluster.sh install
@@ -40,6 +42,8 @@ cleanup() {
     for f in "$cluster_dir"/logs/*.log; do
       [ -f "$f" ] && { echo "--- $f (last 15 lines)"; tail -15 "$f"; } >&2
     done
+    # Again after the logs, where it is seen.
+    echo "[test-cluster] FAILED: ${failure:-exit status $status}" >&2
   fi
   rm -rf "$work"
 }
