@@ -25,8 +25,8 @@ use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use parley_service::auth::{Principal, Role, mint_token};
 use parley_service::providers::{
-    ChatTurn, CompletionRequest, Provider, ProviderEvent, Role as TurnRole, SimulatedProvider,
-    SimulatedSettings,
+    ChatTurn, CompletionRequest, Provider, ProviderEvent, Role as TurnRole, Sampling,
+    SimulatedProvider, SimulatedSettings,
 };
 use tokio::process::{Child, Command};
 use tokio::sync::Semaphore;
@@ -326,6 +326,7 @@ async fn direct_ttft(n: usize, rounds: usize, reply_tokens: u32) -> Vec<f64> {
                             turns: vec![ChatTurn::new(TurnRole::User, "one two three four five")],
                             max_output_tokens: 1024,
                             timeout: Duration::from_secs(60),
+                            sampling: Sampling::default(),
                         })
                         .await
                         .unwrap();
