@@ -93,6 +93,8 @@ pub enum Error {
     HubUnavailable(String),
     #[error("observation is turned off in this deployment")]
     ObservationDisabled,
+    #[error("no such API key of yours")]
+    ApiKeyNotFound,
     #[error(transparent)]
     Ledger(#[from] LedgerError),
     #[error(transparent)]
@@ -166,7 +168,9 @@ impl Error {
             | Self::HubUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::ObservationDisabled => StatusCode::FORBIDDEN,
             Self::MissingToken | Self::InvalidToken(_) => StatusCode::UNAUTHORIZED,
-            Self::SessionNotFound | Self::EndpointNotFound => StatusCode::NOT_FOUND,
+            Self::SessionNotFound | Self::EndpointNotFound | Self::ApiKeyNotFound => {
+                StatusCode::NOT_FOUND
+            }
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::InvalidSessionId
             | Self::MalformedJson(_)
@@ -209,6 +213,7 @@ impl Error {
             Self::InvalidToken(_) => "INVALID_TOKEN",
             Self::AuthUnavailable(_) => "AUTH_UNAVAILABLE",
             Self::SessionNotFound => "SESSION_NOT_FOUND",
+            Self::ApiKeyNotFound => "API_KEY_NOT_FOUND",
             Self::EndpointNotFound => "NOT_FOUND",
             Self::MethodNotAllowed => "METHOD_NOT_ALLOWED",
             Self::InvalidSessionId => "INVALID_SESSION_ID",
@@ -265,6 +270,7 @@ impl Error {
             | Self::ShuttingDown
             | Self::ReplyTooLong
             | Self::SessionNotFound
+            | Self::ApiKeyNotFound
             | Self::EndpointNotFound
             | Self::MethodNotAllowed
             | Self::InvalidSessionId

@@ -3,6 +3,7 @@
 //! contract types), so the document cannot drift from the routes.
 
 mod accounting;
+mod keys;
 mod observe;
 mod ops;
 mod replies;
@@ -45,6 +46,7 @@ pub const OPENAPI_PATH: &str = "/api/openapi.json";
         (name = "credits", description = "Seed-compatible accounting: prices, checks, holds, balances"),
         (name = "replies", description = "Model replies, whole or streamed, and the models offered"),
         (name = "observation", description = "Supervisors and admins watching replies live, and the audit of it"),
+        (name = "keys", description = "API keys for programs, usable wherever a token is"),
         (name = "operations", description = "Liveness, readiness and metrics"),
     )
 )]
@@ -56,7 +58,10 @@ impl Modify for BearerAuth {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let scheme = HttpBuilder::new()
             .scheme(HttpAuthScheme::Bearer)
-            .bearer_format("JWT")
+            .bearer_format("JWT or API key")
+            .description(Some(
+                "A JWT, or an API key (`pk_…`, from `POST /api/keys`) acting as its creator",
+            ))
             .build();
         openapi
             .components
@@ -76,6 +81,8 @@ pub fn app(state: AppState) -> Router {
         .routes(routes!(observe::observe_session))
         .routes(routes!(observe::live))
         .routes(routes!(observe::audit))
+        .routes(routes!(keys::create_key, keys::list_keys))
+        .routes(routes!(keys::delete_key))
         .routes(routes!(ops::health))
         .routes(routes!(ops::ready))
         .routes(routes!(ops::metrics))

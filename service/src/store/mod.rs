@@ -8,8 +8,11 @@
 pub mod audit;
 mod embedded;
 mod embedded_audit;
+mod embedded_keys;
+pub mod keys;
 mod mongo;
 mod mongo_audit;
+mod mongo_keys;
 
 use async_trait::async_trait;
 use chrono::{DateTime, SubsecRound, Utc};
@@ -19,6 +22,7 @@ pub use audit::{
     AuditQuery, CohortScope, Observation, ObservationAudit, ObservationEnd, ObservationPage,
 };
 pub use embedded::EmbeddedStore;
+pub use keys::{ApiKey, ApiKeyStore};
 pub use mongo::MongoStore;
 pub use mongodb::bson::oid::ObjectId;
 
