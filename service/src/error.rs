@@ -236,7 +236,7 @@ impl Error {
 
     /// What the client is told: the full text for client errors, a fixed
     /// sentence for server-side failures whose details stay in the log.
-    fn public_message(&self) -> String {
+    pub(crate) fn public_message(&self) -> String {
         match self {
             Self::AuthUnavailable(_) => "the identity provider is unavailable; retry later".into(),
             Self::StoreUnavailable(_) => "the session store is unavailable; retry later".into(),
@@ -319,11 +319,7 @@ impl IntoResponse for Error {
             }
             Self::RateLimited {
                 retry_after: wait, ..
-            } => {
-                // Whole seconds, rounded up: retrying earlier would be refused again.
-                let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-                retry_after = Some(HeaderValue::from(seconds.max(1)));
-            }
+            } => retry_after = Some(retry_after_header(wait)),
             _ => {}
         }
         let mut response = (status, Json(body)).into_response();
@@ -332,6 +328,13 @@ impl IntoResponse for Error {
         }
         response
     }
+}
+
+/// A `Retry-After` of whole seconds, rounded up: retrying earlier would be
+/// refused again.
+pub(crate) fn retry_after_header(wait: Duration) -> HeaderValue {
+    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    HeaderValue::from(seconds.max(1))
 }
 
 /// Every ledger failure denies: client mistakes are 4xx, an unreachable or

@@ -26,7 +26,7 @@ use crate::ledger::decimal_credits;
 use crate::providers::{ChatTurn, Role as TurnRole, Sampling, estimate_input_tokens};
 use crate::ratelimit::Scope;
 use crate::state::AppState;
-use crate::store::{Message, MessageRole, ObjectId};
+use crate::store::{Message, MessageRole, ObjectId, Session};
 use crate::stream::billing::{Charge, ReplyBill};
 use crate::stream::reply;
 use crate::stream::{
@@ -287,12 +287,8 @@ async fn start_reply(
         (route, model_id) => route.or(model_id),
     };
     // Waited on before the reply's first event, overlapping the model call.
-    let (session, read) = state.sessions.get_applied(id).await?;
     let principal = &caller.principal;
-    // Only owners add to a session; anyone else learns nothing about it.
-    if session.summary.user_id != principal.sub {
-        return Err(Error::SessionNotFound);
-    }
+    let (session, read) = owned_session(state, id, principal).await?;
     let routes = replies.routes.snapshot();
     let alias = requested.as_deref().unwrap_or(&session.summary.route);
     let route = routes.resolve(Some(alias), principal.role)?.clone();
@@ -334,6 +330,21 @@ async fn start_reply(
     };
     let task = launch(state, caller, request, read, audience).await?;
     Ok((reply, task))
+}
+
+/// Session `id` as read for a new reply, if `principal` owns it: only owners
+/// add to a session, and anyone else learns nothing about it. What was read
+/// may not be durable yet (see [`launch`]).
+pub(super) async fn owned_session(
+    state: &AppState,
+    id: ObjectId,
+    principal: &Principal,
+) -> Result<(Session, PendingDurability), Error> {
+    let (session, read) = state.sessions.get_applied(id).await?;
+    if session.summary.user_id != principal.sub {
+        return Err(Error::SessionNotFound);
+    }
+    Ok((session, read))
 }
 
 /// New replies are refused once the service is shutting down.
