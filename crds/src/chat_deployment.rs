@@ -59,7 +59,9 @@ use serde::{Deserialize, Serialize};
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ChatDeploymentSpec {
-    /// Container image of parley-service.
+    /// Container image of parley-service; defaults to the image of this
+    /// release of the CRDs, `ghcr.io/parley-dev/parley-service:<version>`.
+    #[serde(default = "default_image")]
     #[schemars(length(min = 1))]
     pub image: String,
     #[serde(default)]
@@ -96,6 +98,17 @@ pub struct ChatDeploymentSpec {
     #[serde(default = "default_max_stream_duration_seconds")]
     #[schemars(range(min = 10, max = 86400))]
     pub max_stream_duration_seconds: u32,
+}
+
+/// The parley-service image of this release: what a ChatDeployment that
+/// names no image runs.
+pub const DEFAULT_SERVICE_IMAGE: &str = concat!(
+    "ghcr.io/parley-dev/parley-service:",
+    env!("CARGO_PKG_VERSION")
+);
+
+fn default_image() -> String {
+    DEFAULT_SERVICE_IMAGE.to_owned()
 }
 
 fn default_route() -> String {

@@ -126,7 +126,7 @@ fn deployment_runs_the_service_safely() {
     let container = container(&desired);
     assert_eq!(
         container.image.as_deref(),
-        Some("ghcr.io/parley/parley-service:0.1.0")
+        Some(parley_crds::DEFAULT_SERVICE_IMAGE)
     );
     // The grace period covers the longest stream (300 s) plus the drain margin.
     assert_eq!(pod.termination_grace_period_seconds, Some(330));

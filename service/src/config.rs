@@ -304,7 +304,7 @@ pub struct ReplyConfig {
     #[arg(
         long,
         env = "PARLEY_OBSERVER_BUFFER_EVENTS",
-        default_value_t = 256,
+        default_value_t = 1024,
         global = true
     )]
     pub observer_buffer_events: usize,

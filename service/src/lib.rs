@@ -13,6 +13,7 @@ pub mod providers;
 pub mod ratelimit;
 pub mod routes;
 pub mod server;
+pub mod shared_redis;
 pub mod state;
 pub mod store;
 pub mod stream;

@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 use crate::accounting::{
     Accounting, AccountingMetrics, ExternalAccounting, LocalAccounting, reaper,
 };
+use crate::auth::dev::DevTokens;
 use crate::auth::{
     AuthSettings, Authenticator, Hs256Secret, Principal, Role, SecretSource, mint_token,
     resolve_hs256_secret,
@@ -21,21 +22,23 @@ use crate::auth::{
 use crate::config::{Config, TokenArgs};
 use crate::error::Error;
 use crate::ledger::{
-    Credits, EmbeddedLedger, Ledger, LedgerSettings, MICROS_PER_CREDIT, MongoLedger,
+    Credits, EmbeddedLedger, InstrumentedLedger, Ledger, LedgerSettings, MICROS_PER_CREDIT,
+    MongoLedger,
 };
-use crate::metrics::HttpMetrics;
+use crate::metrics::{HttpMetrics, OperationMetrics};
 use crate::model_routes::RoutesSource;
 use crate::ratelimit::{
     LocalRateLimiter, RateLimitMetrics, RateLimiter, RateLimits, RedisRateLimiter,
 };
 use crate::routes::app;
 use crate::state::{AppState, Limits};
-use crate::store::{ApiKeyStore, EmbeddedStore, MongoStore, ObservationAudit, SessionStore};
+use crate::store::{
+    ApiKeyStore, EmbeddedStore, InstrumentedStore, MongoStore, ObservationAudit, SessionStore,
+};
 use crate::stream::Replies;
 
 /// File of the embedded database inside the data dir.
 pub const EMBEDDED_DB_FILE: &str = "parley.redb";
-const DEV_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Balance of a new account in local dev mode when none is configured.
 const DEV_INITIAL_CREDITS: Credits = Credits::from_micros(100 * MICROS_PER_CREDIT);
 
@@ -130,6 +133,16 @@ pub async fn serve_listener(
     let backend = Backend::open(&config).await?;
     let mut registry = Registry::default();
     let http_metrics = HttpMetrics::register(&mut registry);
+    let store_metrics = OperationMetrics::register(
+        &mut registry,
+        "parley_store_operation_duration_seconds",
+        "Time the chat session store takes to answer, by operation and outcome",
+    );
+    let ledger_metrics = OperationMetrics::register(
+        &mut registry,
+        "parley_ledger_operation_duration_seconds",
+        "Time the credits ledger takes to answer, by operation and outcome",
+    );
     let background = TaskTracker::new();
     let background_stop = shutdown.child_token();
     let routes_source = RoutesSource::from_config(&config.replies).await?;
@@ -166,11 +179,14 @@ pub async fn serve_listener(
             )?)
         }
         None => {
-            let ledger = backend
-                .ledger(LedgerSettings {
-                    initial_balance: initial_credits(&config, secret.as_ref()),
-                })
-                .await?;
+            let ledger: Arc<dyn Ledger> = Arc::new(InstrumentedLedger::new(
+                backend
+                    .ledger(LedgerSettings {
+                        initial_balance: initial_credits(&config, secret.as_ref()),
+                    })
+                    .await?,
+                ledger_metrics,
+            ));
             background.spawn(reaper::run(
                 Arc::clone(&ledger),
                 accounting_metrics.clone(),
@@ -185,8 +201,13 @@ pub async fn serve_listener(
             ))
         }
     };
+    let dev_tokens = dev_tokens(&config, secret.as_ref());
+    if let Some(dev_tokens) = &dev_tokens {
+        announce_dev_token(dev_tokens, address)?;
+    }
     let state = AppState {
-        sessions: backend.sessions(),
+        dev_tokens: offer_dev_sign_in(dev_tokens, address),
+        sessions: Arc::new(InstrumentedStore::new(backend.sessions(), store_metrics)),
         audit: backend.audit(),
         keys,
         auth: Arc::new(auth),
@@ -200,13 +221,6 @@ pub async fn serve_listener(
         rate_limiter,
         replies: Arc::clone(&replies),
     };
-    if let Some(Hs256Secret {
-        bytes,
-        source: SecretSource::DevFile { .. },
-    }) = &secret
-    {
-        announce_dev_token(&config, address, bytes)?;
-    }
 
     // Small SSE writes must leave at once, not wait for Nagle's algorithm.
     let listener = listener.tap_io(|stream| {
@@ -360,19 +374,39 @@ fn initial_credits(config: &Config, secret: Option<&Hs256Secret>) -> Credits {
     }
 }
 
-fn announce_dev_token(config: &Config, address: SocketAddr, secret: &[u8]) -> Result<(), Error> {
+/// A minter of dev tokens when the secret is the generated dev secret.
+fn dev_tokens(config: &Config, secret: Option<&Hs256Secret>) -> Option<DevTokens> {
+    match secret {
+        Some(Hs256Secret {
+            bytes,
+            source: SecretSource::DevFile { .. },
+        }) => Some(DevTokens::new(
+            bytes.clone(),
+            config.jwt_issuer.clone(),
+            config.jwt_audience.clone(),
+        )),
+        _ => None,
+    }
+}
+
+/// Dev sign-in is offered only on a loopback listener (`auth::dev` says why).
+fn offer_dev_sign_in(dev_tokens: Option<DevTokens>, address: SocketAddr) -> Option<Arc<DevTokens>> {
+    let dev_tokens = dev_tokens?;
+    if address.ip().is_loopback() {
+        Some(Arc::new(dev_tokens))
+    } else {
+        tracing::warn!(%address, "local mode on a non-loopback address: no dev sign-in on the web page; use the printed token or `parley-service token`");
+        None
+    }
+}
+
+fn announce_dev_token(dev_tokens: &DevTokens, address: SocketAddr) -> Result<(), Error> {
     let dev = Principal {
         sub: "dev".into(),
         role: Role::User,
         cohorts: Vec::new(),
     };
-    let token = mint_token(
-        secret,
-        &dev,
-        DEV_TOKEN_TTL,
-        config.jwt_issuer.as_deref(),
-        config.jwt_audience.as_deref(),
-    )?;
+    let token = dev_tokens.mint(&dev)?;
     let host = if address.ip().is_unspecified() {
         SocketAddr::from(([127, 0, 0, 1], address.port()))
     } else {
@@ -393,5 +427,6 @@ fn announce_dev_token(config: &Config, address: SocketAddr, secret: &[u8]) -> Re
         "Other users: parley-service token --sub NAME --role user|supervisor|admin --cohort C"
     );
     println!("Create a chat session:\n{curl}");
+    println!("Web chat (dev sign-in on loopback): http://{host}/");
     Ok(())
 }

@@ -8,6 +8,7 @@ use prometheus_client::registry::Registry;
 
 use crate::accounting::Accounting;
 use crate::auth::Authenticator;
+use crate::auth::dev::DevTokens;
 use crate::metrics::HttpMetrics;
 use crate::ratelimit::RateLimiter;
 use crate::store::{ApiKeyStore, ObservationAudit, SessionStore};
@@ -31,6 +32,9 @@ pub struct AppState {
     pub rate_limiter: Arc<dyn RateLimiter>,
     /// Routes, providers and the stream hub.
     pub replies: Arc<Replies>,
+    /// Set only in local mode on the generated dev secret, listening on
+    /// loopback: then `/api/dev/token` exists (dev sign-in).
+    pub dev_tokens: Option<Arc<DevTokens>>,
 }
 
 #[derive(Debug, Clone, Copy)]

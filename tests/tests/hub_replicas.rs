@@ -8,16 +8,13 @@
 
 use std::time::Duration;
 
-use eventsource_stream::{Event, Eventsource};
-use futures::StreamExt;
-use futures::stream::BoxStream;
+use eventsource_stream::Event;
 use parley_e2e::{Process, logged_address};
 use parley_test_support::env;
+use parley_test_support::sse::{Events, PROMPTLY, data, events, next, until};
 use serde_json::{Value, json};
 
 const SECRET: &str = "e2e-hub-secret-of-enough-length-0123456789";
-/// Bound for anything that should happen promptly; never a wait.
-const PROMPTLY: Duration = Duration::from_secs(30);
 /// Heartbeats of the hub locks: a dead replica's reply is lost after five.
 const HEARTBEAT_MILLIS: u64 = 200;
 const LEASE_SECONDS: u64 = 3;
@@ -36,6 +33,11 @@ struct Replica {
 impl Replicas {
     /// Two replicas of one deployment: same store, Redis, key prefixes and secret.
     async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// [`Replicas::start`], with `overrides` of the environment.
+    async fn start_with(overrides: &[(&'static str, &str)]) -> Self {
         let database = env::unique_name("parley_hub").replace('-', "_");
         let prefix = env::unique_name("hub");
         let environment = vec![
@@ -55,6 +57,11 @@ impl Replicas {
             ("PARLEY_SIMULATED_TOKENS_PER_SECOND", "20".to_owned()),
             ("PARLEY_SIMULATED_REPLY_TOKENS", "60".to_owned()),
         ];
+        let mut environment = environment;
+        for (name, value) in overrides {
+            environment.retain(|(existing, _)| existing != name);
+            environment.push((*name, (*value).to_owned()));
+        }
         let (a, b) = tokio::join!(Replica::start(&environment), Replica::start(&environment));
         Self {
             a,
@@ -87,7 +94,7 @@ impl Replicas {
             .unwrap()
     }
 
-    async fn reply(&self, on: &Replica, token: &str, session: &str) -> BoxStream<'static, Event> {
+    async fn reply(&self, on: &Replica, token: &str, session: &str) -> Events {
         let response = self.post_stream(on, token, session).await;
         assert_eq!(response.status(), 200);
         events(response)
@@ -99,7 +106,7 @@ impl Replicas {
         path: &str,
         token: &str,
         last_event_id: Option<u64>,
-    ) -> BoxStream<'static, Event> {
+    ) -> Events {
         let mut request = self
             .http
             .get(format!("{}{path}", on.base))
@@ -144,38 +151,6 @@ async fn token(sub: &str, role: &str, cohort: &str) -> String {
         .unwrap();
     assert!(minted.status.success());
     String::from_utf8(minted.stdout).unwrap().trim().to_owned()
-}
-
-fn events(response: reqwest::Response) -> BoxStream<'static, Event> {
-    response
-        .bytes_stream()
-        .eventsource()
-        .map(|event| event.unwrap())
-        .boxed()
-}
-
-async fn next(events: &mut BoxStream<'static, Event>) -> Event {
-    tokio::time::timeout(PROMPTLY, events.next())
-        .await
-        .expect("no event")
-        .expect("the stream ended")
-}
-
-/// Events until (and with) the first one named one of `last`.
-async fn until(events: &mut BoxStream<'static, Event>, last: &[&str]) -> Vec<Event> {
-    let mut seen = Vec::new();
-    loop {
-        let event = next(events).await;
-        let done = last.contains(&event.event.as_str());
-        seen.push(event);
-        if done {
-            return seen;
-        }
-    }
-}
-
-fn data(event: &Event) -> Value {
-    serde_json::from_str(&event.data).unwrap()
 }
 
 /// `(id, event, data)` of the reply's own events.
@@ -286,6 +261,73 @@ async fn observers_and_consoles_on_one_replica_follow_replies_on_the_other() {
     let mut observed = until(&mut late, &["observe"]).await;
     observed.extend(until(&mut late, &["observe"]).await);
     assert_eq!(reply_events(&observed), reply_events(&owned));
+}
+
+#[tokio::test]
+async fn a_fast_reply_ends_for_observers_elsewhere_even_without_a_reattach_grace() {
+    // Without a grace period nothing lingers for re-attaches, but the other
+    // replica's mirror, still reading, must find the reply's last events and
+    // its end rather than report it lost.
+    let replicas = Replicas::start_with(&[
+        ("PARLEY_REATTACH_GRACE_SECONDS", "0"),
+        ("PARLEY_SIMULATED_TOKENS_PER_SECOND", "0"),
+        ("PARLEY_SIMULATED_REPLY_TOKENS", "5000"),
+        // Unpaced, the whole reply is one burst: room for all of it.
+        ("PARLEY_OBSERVER_BUFFER_EVENTS", "8192"),
+    ])
+    .await;
+    let alice = token("alice", "user", "c1").await;
+    let sam = token("sam", "supervisor", "c1").await;
+    let session = replicas.session(&replicas.a, &alice).await;
+    let observe = format!("/api/chat/sessions/{session}/observe");
+    let mut observers = Vec::new();
+    for _ in 0..20 {
+        observers.push(replicas.sse(&replicas.b, &observe, &sam, None).await);
+    }
+    let mut owner = replicas.reply(&replicas.a, &alice, &session).await;
+    let owned = until(&mut owner, &["complete"]).await;
+    for mut observer in observers {
+        let mut observed = until(&mut observer, &["observe"]).await;
+        observed.extend(until(&mut observer, &["observe"]).await);
+        assert_eq!(data(observed.last().unwrap())["state"], "ended");
+        assert_eq!(reply_events(&observed), reply_events(&owned));
+    }
+}
+
+#[tokio::test]
+async fn the_owner_stops_a_reply_through_the_other_replica() {
+    let replicas = Replicas::start().await;
+    let alice = token("alice", "user", "c1").await;
+    let session = replicas.session(&replicas.a, &alice).await;
+    let mut on_a = replicas.reply(&replicas.a, &alice, &session).await;
+    let mut seen = Vec::new();
+    while seen.iter().filter(|e: &&Event| e.event == "chunk").count() < 3 {
+        seen.push(next(&mut on_a).await);
+    }
+    let stopped = replicas
+        .http
+        .delete(format!(
+            "{}/api/chat/sessions/{session}/stream",
+            replicas.b.base
+        ))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stopped.status(), 200);
+    seen.extend(until(&mut on_a, &["complete", "error"]).await);
+    let last = seen.last().unwrap();
+    assert_eq!(data(last)["code"], "CANCELLED", "{seen:?}");
+    // Answered once the part was stored.
+    let stored = replicas
+        .get(
+            &replicas.b,
+            &format!("/api/chat/sessions/{session}"),
+            &alice,
+        )
+        .await;
+    assert_eq!(stored["messages"][1]["incomplete"], true, "{stored}");
+    assert_eq!(stored["messages"][1]["content"], text(&reply_events(&seen)));
 }
 
 #[tokio::test]

@@ -2,6 +2,7 @@
 //! RS256/ES256 with keys from a JWKS URL, and API keys (`keys`), accepted
 //! wherever a JWT is. Authorization rules live in `policy`.
 
+pub mod dev;
 mod jwks;
 pub mod keys;
 pub mod policy;

@@ -1,12 +1,15 @@
-//! The HTTP API. `app` builds the router and its OpenAPI document together
-//! (from the handlers' annotations; the accounting endpoints from their
-//! contract types), so the document cannot drift from the routes.
+//! The HTTP API and the web pages. `app` builds the router and its OpenAPI
+//! document together (from the handlers' annotations; the accounting
+//! endpoints from their contract types), so the document cannot drift from
+//! the routes.
 
 mod accounting;
+mod dev;
 mod keys;
 mod observe;
 mod openai;
 mod ops;
+mod pages;
 mod replies;
 mod sessions;
 
@@ -51,6 +54,7 @@ pub const OPENAPI_PATH: &str = "/api/openapi.json";
         (name = "keys", description = "API keys for programs, usable wherever a token is"),
         (name = "openai", description = "The OpenAI-compatible API: chat completions (whole or streamed) and models, metered and observable like chat replies"),
         (name = "operations", description = "Liveness, readiness and metrics"),
+        (name = "dev", description = "Dev sign-in, present only in local mode on the generated dev secret"),
     )
 )]
 struct ApiDoc;
@@ -74,12 +78,20 @@ impl Modify for BearerAuth {
 }
 
 pub fn app(state: AppState) -> Router {
-    let (router, openapi) = OpenApiRouter::<AppState>::with_openapi(ApiDoc::openapi())
+    let api = OpenApiRouter::<AppState>::with_openapi(ApiDoc::openapi())
         .routes(routes!(sessions::create_session, sessions::list_sessions))
-        .routes(routes!(sessions::get_session, sessions::delete_session))
+        .routes(routes!(
+            sessions::get_session,
+            sessions::rename_session,
+            sessions::delete_session
+        ))
         .merge(accounting::routes())
         .routes(routes!(sessions::list_messages, replies::send_message))
-        .routes(routes!(replies::stream_reply, replies::reattach))
+        .routes(routes!(
+            replies::stream_reply,
+            replies::reattach,
+            replies::stop_reply
+        ))
         .routes(routes!(replies::list_models))
         .routes(routes!(observe::observe_session))
         .routes(routes!(observe::live))
@@ -89,8 +101,13 @@ pub fn app(state: AppState) -> Router {
         .merge(openai::routes())
         .routes(routes!(ops::health))
         .routes(routes!(ops::ready))
-        .routes(routes!(ops::metrics))
-        .split_for_parts();
+        .routes(routes!(ops::metrics));
+    let api = if state.dev_tokens.is_some() {
+        api.merge(dev::routes())
+    } else {
+        api
+    };
+    let (router, openapi) = api.split_for_parts();
     let document = openapi_json(&openapi);
     let http_stack = ServiceBuilder::new()
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
@@ -125,6 +142,7 @@ pub fn app(state: AppState) -> Router {
                 }
             }),
         )
+        .merge(pages::router())
         .fallback(|uri: Uri| async move { in_the_shape_of(&uri, Error::EndpointNotFound) })
         .method_not_allowed_fallback(|uri: Uri| async move {
             in_the_shape_of(&uri, Error::MethodNotAllowed)

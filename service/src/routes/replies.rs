@@ -1,6 +1,7 @@
 //! Replies: whole (`POST …/messages`), streamed (`POST …/stream`, the
 //! response is the SSE stream) and re-attached (`GET …/stream` with
-//! `Last-Event-ID`), plus the models a caller may use.
+//! `Last-Event-ID`) and stopped (`DELETE …/stream`), plus the models a
+//! caller may use.
 
 use std::sync::Arc;
 
@@ -266,6 +267,48 @@ pub async fn reattach(
 /// The task generating a reply; it ends with the reply.
 pub(super) type ReplyTask = JoinHandle<Result<FinishedReply, Error>>;
 
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StoppedView {
+    message: &'static str,
+    session_id: String,
+}
+
+#[utoipa::path(
+    delete,
+    path = "/api/chat/sessions/{id}/stream",
+    tag = "replies",
+    params(("id" = String, Path, description = "Session id, 24 hexadecimal characters")),
+    responses(
+        (status = 200, description = "The reply was stopped: its stream ended with an `error` event `CANCELLED`, and what was generated is stored (`incomplete`) and charged", body = StoppedView),
+        (status = 400, description = "Invalid session id", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 404, description = "No reply of the caller in progress for this session", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn stop_reply(
+    State(state): State<AppState>,
+    caller: Principal,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<StoppedView>, Error> {
+    let id = session_id(id)?;
+    let hub = &state.replies.hub;
+    let reply = hub
+        .running(id)
+        .await?
+        .filter(|reply| reply.info.user_id == caller.sub)
+        .ok_or(Error::NoActiveReply)?;
+    hub.stop(&reply).await?;
+    // Answered once the partial reply is stored, so a client may reload the
+    // session right away.
+    reply.finished().await;
+    Ok(Json(StoppedView {
+        message: "Reply stopped",
+        session_id: id.to_hex(),
+    }))
+}
+
 /// Validates, resolves the route, registers the reply in the hub, and starts
 /// it through [`launch`].
 async fn start_reply(
@@ -310,6 +353,7 @@ async fn start_reply(
             user_id.clone(),
             session.summary.user_cohorts,
             route.alias.clone(),
+            user_message.content.clone(),
         ))
         .await?;
     let request = ReplyRequest {
@@ -347,9 +391,9 @@ pub(super) async fn owned_session(
     Ok((session, read))
 }
 
-/// New replies are refused once the service is shutting down.
+/// From SIGTERM on, running replies finish but no new one starts.
 pub(super) fn refuse_when_shutting_down(state: &AppState) -> Result<(), Error> {
-    if state.replies.shutdown.is_cancelled() {
+    if state.replies.draining.is_cancelled() {
         return Err(Error::ShuttingDown);
     }
     Ok(())

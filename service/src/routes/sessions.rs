@@ -39,6 +39,14 @@ pub struct CreateSessionRequest {
     initial_message: Option<String>,
 }
 
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RenameSessionRequest {
+    /// The new title: 1 to 200 characters, surrounding whitespace trimmed.
+    #[schema(max_length = 200)]
+    title: String,
+}
+
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
@@ -277,6 +285,36 @@ pub async fn get_session(
             })
             .collect(),
     }))
+}
+
+#[utoipa::path(
+    patch,
+    path = "/api/chat/sessions/{id}",
+    tag = "sessions",
+    params(("id" = String, Path, description = "Session id, 24 hexadecimal characters")),
+    request_body = RenameSessionRequest,
+    responses(
+        (status = 200, description = "Renamed; the session without its messages (`updatedAt` unchanged)", body = SessionSummaryView),
+        (status = 400, description = "Invalid session id or malformed JSON", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 404, description = "No such session owned by the caller", body = ErrorBody),
+        (status = 415, description = "Not JSON", body = ErrorBody),
+        (status = 422, description = "Blank or too long title, or unknown fields", body = ErrorBody),
+        (status = 503, description = "Store unavailable", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn rename_session(
+    State(state): State<AppState>,
+    caller: Principal,
+    id: Result<Path<String>, PathRejection>,
+    ApiJson(request): ApiJson<RenameSessionRequest>,
+) -> Result<Json<SessionSummaryView>, Error> {
+    let id = session_id(id)?;
+    let title = validate_title(request.title)?;
+    // Only owners modify (see auth::policy); the store's filter enforces it atomically.
+    let summary = state.sessions.rename(id, &caller.sub, &title).await?;
+    Ok(Json(summary_view(summary)))
 }
 
 #[utoipa::path(

@@ -244,6 +244,27 @@ impl SessionStore for EmbeddedStore {
             .await
     }
 
+    async fn rename(
+        &self,
+        id: ObjectId,
+        user_id: &str,
+        title: &str,
+    ) -> Result<SessionSummary, Error> {
+        let user_id = user_id.to_owned();
+        let title = title.to_owned();
+        self.database
+            .write(move |transaction| {
+                let mut sessions = transaction.open_table(SESSIONS).map_err(storage_error)?;
+                let mut record = owned_record(&sessions, id, &user_id)?;
+                record.title = title;
+                sessions
+                    .insert(id.bytes(), encode(&record)?.as_slice())
+                    .map_err(storage_error)?;
+                summary(id, record)
+            })
+            .await
+    }
+
     async fn delete(&self, id: ObjectId, user_id: &str) -> Result<(), Error> {
         let user_id = user_id.to_owned();
         self.database

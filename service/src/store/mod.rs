@@ -9,6 +9,7 @@ pub mod audit;
 mod embedded;
 mod embedded_audit;
 mod embedded_keys;
+mod instrumented;
 pub mod keys;
 mod mongo;
 mod mongo_audit;
@@ -22,6 +23,7 @@ pub use audit::{
     AuditQuery, CohortScope, Observation, ObservationAudit, ObservationEnd, ObservationPage,
 };
 pub use embedded::EmbeddedStore;
+pub use instrumented::InstrumentedStore;
 pub use keys::{ApiKey, ApiKeyStore};
 pub use mongo::MongoStore;
 pub use mongodb::bson::oid::ObjectId;
@@ -183,6 +185,16 @@ pub trait SessionStore: Send + Sync {
 
     /// `user_id`'s sessions, most recently updated first.
     async fn list(&self, user_id: &str, page: PageRequest) -> Result<SessionPage, Error>;
+
+    /// Sets the title of `user_id`'s session `id` and returns its summary;
+    /// `SessionNotFound` if there is none. `updatedAt` is left as it was: it
+    /// dates the conversation, so renaming does not reorder the list.
+    async fn rename(
+        &self,
+        id: ObjectId,
+        user_id: &str,
+        title: &str,
+    ) -> Result<SessionSummary, Error>;
 
     /// Deletes `user_id`'s session `id`; `SessionNotFound` if there is none.
     async fn delete(&self, id: ObjectId, user_id: &str) -> Result<(), Error>;

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use mongodb::bson::{self, Document, doc};
-use mongodb::options::{ClientOptions, IndexOptions};
+use mongodb::options::{ClientOptions, IndexOptions, ReturnDocument};
 use mongodb::{Client, Collection, Database, IndexModel};
 use serde::{Deserialize, Serialize};
 
@@ -174,6 +174,26 @@ impl SessionStore for MongoStore {
             .await
             .map_err(mongo_error)?;
         Ok(SessionPage { sessions, total })
+    }
+
+    async fn rename(
+        &self,
+        id: ObjectId,
+        user_id: &str,
+        title: &str,
+    ) -> Result<SessionSummary, Error> {
+        let document = self
+            .sessions
+            .find_one_and_update(
+                doc! { "_id": id, "userId": user_id },
+                doc! { "$set": { "title": title } },
+            )
+            .return_document(ReturnDocument::After)
+            .projection(doc! { "messages": 0 })
+            .await
+            .map_err(mongo_error)?
+            .ok_or(Error::SessionNotFound)?;
+        Ok(session(document).summary)
     }
 
     async fn delete(&self, id: ObjectId, user_id: &str) -> Result<(), Error> {

@@ -56,6 +56,9 @@ pub struct ReplyInfo {
     /// The owner's cohorts, as the session records them.
     pub user_cohorts: Vec<String>,
     pub route: String,
+    /// The user's message this reply answers (stored with the reply when
+    /// it ends), so observers see the question before the answer.
+    pub message: String,
     pub started_at: DateTime<Utc>,
 }
 
@@ -65,6 +68,7 @@ impl ReplyInfo {
         user_id: String,
         user_cohorts: Vec<String>,
         route: String,
+        message: String,
     ) -> Self {
         Self {
             reply_id: uuid::Uuid::now_v7().simple().to_string(),
@@ -72,6 +76,7 @@ impl ReplyInfo {
             user_id,
             user_cohorts,
             route,
+            message,
             started_at: crate::store::now(),
         }
     }
@@ -180,12 +185,12 @@ impl Hub {
             replies.insert(session, Arc::clone(&reply));
         }
         if let Some(relay) = &self.relay {
-            let reserved = relay.reserve(&reply.info).await;
+            let reserved = relay.reserve(&reply).await;
             if !matches!(reserved, Ok(true)) {
                 self.forget(&reply);
                 return Err(reserved.err().unwrap_or(Error::ReplyInProgress));
             }
-            *lock(&reply.relay) = Some(relay.writer(Arc::clone(&reply.info)));
+            *lock(&reply.relay) = Some(relay.writer(Arc::clone(&reply.info), &self.tasks));
         }
         Ok(reply)
     }
@@ -208,6 +213,19 @@ impl Hub {
             .is_some_and(|current| Arc::ptr_eq(current, reply))
         {
             replies.remove(&reply.info.session_id);
+        }
+    }
+
+    /// Stops a running reply at its owner's request: at once when it is
+    /// generated here, through the relay (within a heartbeat) when another
+    /// replica generates it.
+    pub async fn stop(&self, reply: &Arc<ReplyStream>) -> Result<(), Error> {
+        match (reply.origin, &self.relay) {
+            (Origin::Mirror, Some(relay)) => relay.request_stop(&reply.info).await,
+            _ => {
+                reply.stop();
+                Ok(())
+            }
         }
     }
 
@@ -490,7 +508,8 @@ impl ReplyStream {
         lock(&self.log).outcome
     }
 
-    /// Resolves when the owner has been gone for the whole grace period.
+    /// Resolves when the owner has been gone for the whole grace period, or
+    /// stopped the reply.
     pub async fn abandoned(&self) {
         self.abandoned.cancelled().await;
     }
@@ -498,6 +517,17 @@ impl ReplyStream {
     /// Owner connections attached on this replica.
     pub(super) fn owners_attached(&self) -> usize {
         self.attached.load(Ordering::Acquire)
+    }
+
+    /// The owner stops the reply: it ends as if abandoned, at once (what was
+    /// generated is kept and charged).
+    pub fn stop(&self) {
+        self.abandoned.cancel();
+    }
+
+    /// Resolves once the last event has been appended (the reply is stored).
+    pub async fn finished(&self) {
+        self.finished.cancelled().await;
     }
 
     /// The frames after event `after` (0: all), then every later one as it
@@ -725,7 +755,13 @@ mod tests {
     }
 
     fn info(session: ObjectId) -> ReplyInfo {
-        ReplyInfo::new(session, "alice".into(), vec!["c1".into()], "default".into())
+        ReplyInfo::new(
+            session,
+            "alice".into(),
+            vec!["c1".into()],
+            "default".into(),
+            "hello".into(),
+        )
     }
 
     #[tokio::test]

@@ -26,6 +26,10 @@ use crate::model_routes::{ProviderRegistry, RoutesCell};
 
 /// How long a reply's events stay in Redis when replies have no time limit.
 const UNLIMITED_REPLY_KEPT: Duration = Duration::from_secs(24 * 3600);
+/// Least time an ended reply's events stay in Redis, whatever the re-attach
+/// grace: other replicas' mirrors still reading must find its last events
+/// and its end, or they would report it lost.
+const MIN_RELAY_LINGER: Duration = Duration::from_secs(60);
 
 /// Everything the reply endpoints need, as one field of `AppState`.
 pub struct Replies {
@@ -37,8 +41,9 @@ pub struct Replies {
     /// Cancelled when the stream drain after SIGTERM is over: replies still
     /// running end with `SHUTTING_DOWN` and keep what they generated.
     pub shutdown: CancellationToken,
-    /// Cancelled at SIGTERM, when the drain begins: observers and consoles
-    /// end at once (they reconnect to another replica), replies go on.
+    /// Cancelled at SIGTERM, when the drain begins: the replica is no longer
+    /// ready and starts no reply; observers and consoles end at once (they
+    /// reconnect to another replica); running replies go on.
     pub draining: CancellationToken,
 }
 
@@ -57,14 +62,15 @@ pub struct ReplySettings {
 }
 
 impl ReplySettings {
-    /// Local defaults: 30 s grace, 15 s pings, 5 min replies, observation on.
+    /// Local defaults: 30 s grace, 15 s pings, 5 min replies, observation on,
+    /// observers cut 1,024 events behind.
     pub fn new() -> Self {
         Self {
             grace: Duration::from_secs(30),
             ping: Duration::from_secs(15),
             max_duration: Some(Duration::from_secs(300)),
             observation: true,
-            observer_buffer: 256,
+            observer_buffer: 1024,
         }
     }
 }
@@ -124,7 +130,7 @@ impl Replies {
                     prefix: config.hub_key_prefix.clone(),
                     heartbeat: Duration::from_millis(config.hub_heartbeat_millis.max(10)),
                     max_events: config.hub_stream_max_events.max(1),
-                    linger: settings.grace,
+                    linger: settings.grace.max(MIN_RELAY_LINGER),
                     max_duration: settings.max_duration.unwrap_or(UNLIMITED_REPLY_KEPT),
                 };
                 let relay = Relay::connect(url, relay_settings, hub_metrics.clone()).await?;

@@ -12,40 +12,43 @@
 //! - `p:session:{id}:reply`   the session's lock: the running reply's id,
 //!   expiring when its replica stops renewing it (that replica died);
 //! - `p:session:{id}:latest`  the session's newest reply (JSON), kept for the
-//!   grace period after it ends, for re-attaches;
+//!   grace period (at least a minute) after it ends, for re-attaches;
 //! - `p:reply:{id}:events`    the reply's events: entries `N-0` {f: frame,
 //!   t: produced µs}, then `N-1` {end: outcome}; capped, and expiring the
-//!   grace period after the end;
+//!   grace period (at least a minute) after the end;
 //! - `p:reply:{id}:owner`     present while the reply's owner follows it on
 //!   a replica other than the generating one (keeps it from being abandoned);
+//! - `p:reply:{id}:stop`      the owner asked another replica to stop it;
 //! - `p:live`                 reply id -> reply (JSON), replies in flight;
 //! - channel `p:announcements` replies starting and ending.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::aio::{ConnectionManager, MultiplexedConnection};
 use redis::streams::StreamReadReply;
 use redis::{AsyncConnectionConfig, RedisError, Script};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::frames::{ErrorData, frame};
 use super::hub::{Announcement, ReplyInfo, ReplyStream, lock};
 use super::metrics::HubMetrics;
 use crate::error::Error;
+use crate::shared_redis::{self, RESPONSE_TIMEOUT};
 use crate::store::ObjectId;
 
-/// Redis answers in well under a millisecond; a slow answer is an outage.
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// A lock not renewed for this many heartbeats means its replica is gone.
 const HEARTBEATS_TO_LOSE: u32 = 5;
-/// Events a mirror reads per call, and a writer sends per round trip.
-const BATCH: usize = 256;
+/// Events a mirror reads per call, and a writer sends per round trip. A
+/// mirror hands a whole batch to its observers at once: well below their
+/// queues (`PARLEY_OBSERVER_BUFFER_EVENTS`), so a burst alone cuts nobody.
+const BATCH: usize = 128;
 /// Outcomes a reply may end with (see `parley_streams_total`).
 const OUTCOMES: [&str; 8] = [
     "completed",
@@ -66,12 +69,17 @@ end
 return 0
 ";
 
-/// Renews a lock only if it still holds this reply; 1 when renewed.
+/// Renews a lock only if it still holds this reply: 0 when it does not, 1
+/// when renewed, 2 when renewed and the reply's owner asked to stop it.
 const RENEW: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
 end
-return 0
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return 2
+end
+return 1
 ";
 
 #[derive(Debug, Clone)]
@@ -83,7 +91,8 @@ pub struct RelaySettings {
     pub heartbeat: Duration,
     /// Events kept per reply stream.
     pub max_events: usize,
-    /// How long a reply's events stay after it ended (the re-attach grace).
+    /// How long a reply's events stay after it ended: the re-attach grace,
+    /// and long enough for mirrors still reading to reach the end.
     pub linger: Duration,
     /// Longest a reply may run: its events expire this long after the start
     /// (plus the linger) even if its replica never ends it.
@@ -98,9 +107,15 @@ pub struct Relay {
     /// Tells this replica's announcements from others'.
     replica: String,
     /// The locks of the replies this replica generates, renewed each heartbeat.
-    held: Mutex<HashMap<ObjectId, String>>,
+    held: Mutex<HashMap<ObjectId, Held>>,
     metrics: HubMetrics,
     release: Script,
+}
+
+/// A reply this replica generates, as its heartbeat sees it.
+struct Held {
+    reply_id: String,
+    reply: Weak<ReplyStream>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -126,16 +141,8 @@ impl Relay {
         settings: RelaySettings,
         metrics: HubMetrics,
     ) -> Result<Self, Error> {
-        let client = redis::Client::open(url)
-            .map_err(|error| Error::Config(format!("invalid PARLEY_REDIS_URL: {error}")))?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_connection_timeout(Some(RESPONSE_TIMEOUT))
-            .set_number_of_retries(1);
-        let commands = client
-            .get_connection_manager_with_config(config)
-            .await
-            .map_err(unavailable)?;
+        let client = shared_redis::client(url)?;
+        let commands = shared_redis::connect(&client).await.map_err(unavailable)?;
         Ok(Self {
             client,
             commands,
@@ -175,6 +182,10 @@ impl Relay {
         format!("{}:reply:{reply}:owner", self.settings.prefix)
     }
 
+    fn reply_stop(&self, reply: &str) -> String {
+        format!("{}:reply:{reply}:stop", self.settings.prefix)
+    }
+
     fn live(&self) -> String {
         format!("{}:live", self.settings.prefix)
     }
@@ -183,9 +194,10 @@ impl Relay {
         format!("{}:announcements", self.settings.prefix)
     }
 
-    /// Takes the session's lock for `info`'s reply; `false` when another
-    /// reply holds it.
-    pub(super) async fn reserve(&self, info: &ReplyInfo) -> Result<bool, Error> {
+    /// Takes the session's lock for `reply`; `false` when another reply
+    /// holds it.
+    pub(super) async fn reserve(&self, reply: &Arc<ReplyStream>) -> Result<bool, Error> {
+        let info = &reply.info;
         let taken: Option<String> = redis::cmd("SET")
             .arg(self.session_lock(info.session_id))
             .arg(&info.reply_id)
@@ -196,15 +208,39 @@ impl Relay {
             .await
             .map_err(|error| self.failed("reserve", error))?;
         if taken.is_some() {
-            lock(&self.held).insert(info.session_id, info.reply_id.clone());
+            lock(&self.held).insert(
+                info.session_id,
+                Held {
+                    reply_id: info.reply_id.clone(),
+                    reply: Arc::downgrade(reply),
+                },
+            );
         }
         Ok(taken.is_some())
     }
 
-    /// A writer for the reply this replica reserved.
-    pub(super) fn writer(self: &Arc<Self>, info: Arc<ReplyInfo>) -> RelayWriter {
+    /// Asks the replica generating `info`'s reply to stop it (its next
+    /// heartbeat does).
+    pub(super) async fn request_stop(&self, info: &ReplyInfo) -> Result<(), Error> {
+        redis::cmd("SET")
+            .arg(self.reply_stop(&info.reply_id))
+            .arg(&self.replica)
+            .arg("PX")
+            .arg(millis(self.lost_after()))
+            .query_async::<()>(&mut self.commands.clone())
+            .await
+            .map_err(|error| self.failed("stop", error))
+    }
+
+    /// A writer for the reply this replica reserved; its task is tracked by
+    /// `tasks`, so a stopping replica sends a reply's end before it exits.
+    pub(super) fn writer(
+        self: &Arc<Self>,
+        info: Arc<ReplyInfo>,
+        tasks: &TaskTracker,
+    ) -> RelayWriter {
         let (items, queue) = mpsc::unbounded_channel();
-        tokio::spawn(Arc::clone(self).write(Arc::clone(&info), queue));
+        tasks.spawn(Arc::clone(self).write(Arc::clone(&info), queue));
         RelayWriter {
             relay: Arc::clone(self),
             info,
@@ -331,7 +367,10 @@ impl Relay {
     async fn unlock(&self, info: &ReplyInfo) {
         {
             let mut held = lock(&self.held);
-            if held.get(&info.session_id) == Some(&info.reply_id) {
+            if held
+                .get(&info.session_id)
+                .is_some_and(|held| held.reply_id == info.reply_id)
+            {
                 held.remove(&info.session_id);
             }
         }
@@ -356,19 +395,20 @@ impl Relay {
                 () = stop.cancelled() => return,
                 _ = ticks.tick() => {}
             }
-            let held: Vec<(ObjectId, String)> = lock(&self.held)
+            let held: Vec<(ObjectId, String, Weak<ReplyStream>)> = lock(&self.held)
                 .iter()
-                .map(|(session, reply)| (*session, reply.clone()))
+                .map(|(session, held)| (*session, held.reply_id.clone(), held.reply.clone()))
                 .collect();
             if held.is_empty() {
                 continue;
             }
             let mut pipe = redis::pipe();
-            for (session, reply) in &held {
+            for (session, reply, _) in &held {
                 pipe.cmd("EVAL")
                     .arg(RENEW)
-                    .arg(1)
+                    .arg(2)
                     .arg(self.session_lock(*session))
+                    .arg(self.reply_stop(reply))
                     .arg(reply)
                     .arg(millis(self.lost_after()));
             }
@@ -377,9 +417,17 @@ impl Relay {
                 .await
             {
                 Ok(renewed) => {
-                    for ((session, reply), renewed) in held.iter().zip(renewed) {
-                        if renewed == 0 {
-                            tracing::warn!(session = %session.to_hex(), %reply, "a reply's hub lock expired before its heartbeat; other replicas report it lost");
+                    for ((session, reply, stream), renewed) in held.iter().zip(renewed) {
+                        match renewed {
+                            0 => {
+                                tracing::warn!(session = %session.to_hex(), %reply, "a reply's hub lock expired before its heartbeat; other replicas report it lost")
+                            }
+                            2 => {
+                                if let Some(stream) = stream.upgrade() {
+                                    stream.stop();
+                                }
+                            }
+                            _ => {}
                         }
                     }
                 }

@@ -1,5 +1,5 @@
 //! Helpers shared by the service's integration tests.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(dead_code, unused_macros, clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -120,6 +120,7 @@ pub fn state_with_replies<S: TestStore>(
         auth: Arc::new(hs256_authenticator().with_api_keys(keys)),
         registry: Arc::new(registry),
         http_metrics,
+        dev_tokens: None,
         limits: Limits {
             max_body_bytes: MAX_BODY_BYTES,
             max_message_chars: MAX_MESSAGE_CHARS,
@@ -219,4 +220,31 @@ pub async fn create_session(router: &Router, token: &str, body: Value) -> String
 pub fn assert_retry_within_a_window(headers: &axum::http::HeaderMap) {
     let retry_after: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((1..=60).contains(&retry_after), "{retry_after}");
+}
+
+/// Runs each `case(store)` against the embedded store and against the real
+/// MongoDB-wire server: one conformance suite for every implementation of a
+/// store trait. Use with `#[macro_use] mod common;`.
+macro_rules! store_conformance {
+    ($($case:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let (store, _dir) = crate::common::embedded_store().await;
+                    crate::$case(std::sync::Arc::new(store)).await;
+                }
+            )*
+        }
+        mod mongo {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let store = crate::common::mongo_store().await;
+                    crate::$case(std::sync::Arc::new(store.clone())).await;
+                    crate::common::drop_mongo(store).await;
+                }
+            )*
+        }
+    };
 }

@@ -103,6 +103,7 @@ pub async fn chat_completions(
         None => (None, PendingDurability::none(), None),
         Some(id) => {
             let (session, read) = owned_session(&state, id, principal).await?;
+            let user_message = Message::new(MessageRole::User, asked.last_user_text());
             let reply = state
                 .replies
                 .hub
@@ -111,11 +112,12 @@ pub async fn chat_completions(
                     principal.sub.clone(),
                     session.summary.user_cohorts,
                     route.alias.clone(),
+                    user_message.content.clone(),
                 ))
                 .await?;
             let record = SessionRecord {
                 session_id: id,
-                user_message: Message::new(MessageRole::User, asked.last_user_text()),
+                user_message,
             };
             (Some(record), read, Some(reply))
         }
