@@ -29,12 +29,18 @@ command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 timing "install (binaries built if cold)" $((SECONDS - started))
 
 work=$(mktemp -d /tmp/parley-test-rollout.XXXXXX)
+# Both images under a tag of this run, so that the pods cannot run an older build.
+tag="rollout-${work##*.}"
 cluster_dir="$work/cluster"
 env_dir="$work/env"
 cleanup() {
   local status=$?
   if [ "$status" -ne 0 ] && [ -f "$cluster_dir/kubeconfig" ]; then
     log "state of the failed run:" >&2
+    # The node's conditions (disk or memory pressure keep pods Pending) and the latest events.
+    kubectl --kubeconfig "$cluster_dir/kubeconfig" get nodes \
+      -o jsonpath='{range .items[*].status.conditions[*]}{.type}={.status} {.message}{"\n"}{end}' >&2 || true
+    kubectl --kubeconfig "$cluster_dir/kubeconfig" get events -A --sort-by=.lastTimestamp 2>&1 | tail -20 >&2 || true
     kubectl --kubeconfig "$cluster_dir/kubeconfig" get pods -A -o wide >&2 || true
     for pod in $(kubectl --kubeconfig "$cluster_dir/kubeconfig" get pods -A \
       -o jsonpath='{range .items[*]}{.metadata.namespace}/{.metadata.name}{"\n"}{end}' 2>/dev/null); do
@@ -44,17 +50,17 @@ cleanup() {
   fi
   scripts/test-env.sh stop "$env_dir" >/dev/null 2>&1 || true
   scripts/cluster.sh down "$cluster_dir" || true
+  # This run's images are in the tarballs; podman keeps no copy of them.
+  podman rmi --ignore "ghcr.io/parley-dev/parley-service:$tag" "ghcr.io/parley-dev/parley-operator:$tag" >/dev/null 2>&1 || true
   # Again after the logs, where it is seen.
   [ "$status" -eq 0 ] || log "FAILED: ${failure:-exit status $status}" >&2
   rm -rf "$work"
 }
 trap cleanup EXIT
 
-# Both images under a tag of this run, so that the pods cannot run an older build.
-tag="rollout-$(date +%s)"
 started=$SECONDS
 mkdir -p "$work/images"
-scripts/images.sh --profile "${PARLEY_TEST_IMAGES_PROFILE:-dev}" --tag "$tag" --save "$work/images" >/dev/null \
+scripts/images.sh --profile "${PARLEY_TEST_IMAGES_PROFILE:-dev}" --repository ghcr.io/parley-dev --tag "$tag" --save "$work/images" >/dev/null \
   || fail "scripts/images.sh could not build the images"
 timing "images built and saved" $((SECONDS - started))
 

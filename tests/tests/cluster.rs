@@ -792,6 +792,38 @@ async fn rollout_keeps_every_stream(cluster: &Cluster) {
     log(format!(
         "{ROLLOUT_REPLIES} replies streaming (10 per pod); ChatDeployment changed: rolling"
     ));
+    // Each pod being replaced stops taking new replies once it is told to
+    // stop: its `/ready` fails (503 while draining, or the connection
+    // refused once it no longer accepts), while its replies go on.
+    let mut refusals = Vec::new();
+    for old in &old_pods {
+        let (name, base, http) = (old.name_any(), pod_base(old), cluster.http.clone());
+        let mut board = board.clone();
+        refusals.push(tokio::spawn(async move {
+            board.wait_for(|b| b.terminating(&name)).await.unwrap();
+            let how = eventually(
+                &format!("{name} refusing new replies while terminating"),
+                WAIT,
+                || async {
+                    let probe = http
+                        .get(format!("{base}/ready"))
+                        .timeout(Duration::from_secs(2))
+                        .send()
+                        .await;
+                    match probe {
+                        Ok(response) if response.status().is_success() => None,
+                        Ok(response) => Some(format!("/ready answered {}", response.status())),
+                        Err(error) if error.is_connect() => {
+                            Some("connections to it refused".to_owned())
+                        }
+                        Err(_) => None,
+                    }
+                },
+            )
+            .await;
+            (name, Instant::now(), how)
+        }));
+    }
     let new_pods = cluster.wait_rolled_out(NAMESPACE, CHAT, 2).await;
     log(format!(
         "rollout complete (2 new pods Ready, the old ones gone): {}",
@@ -848,6 +880,11 @@ async fn rollout_keeps_every_stream(cluster: &Cluster) {
     // The pods being replaced kept streaming: each had replies running when
     // it began terminating; the clients that stayed were never cut, and the
     // ones that left re-attached elsewhere.
+    let mut refused = BTreeMap::new();
+    for refusal in refusals {
+        let (name, at, how) = refusal.await.unwrap();
+        refused.insert(name, (at, how));
+    }
     for old in &old_pods {
         let name = old.name_any();
         let seen = &board.pods[&name];
@@ -868,9 +905,15 @@ async fn rollout_keeps_every_stream(cluster: &Cluster) {
             running > 0,
             "no reply of {name} was still streaming when it began terminating: make the replies longer"
         );
+        let (refused_at, how) = &refused[&name];
+        assert!(
+            *refused_at < last_end,
+            "{name} still took new replies after its last reply ended"
+        );
         log(format!(
-            "{name}: {running} of its {} replies still streaming when it began terminating; its last reply ended {} later, the pod went away {} after it began terminating (grace {}s)",
+            "{name}: {running} of its {} replies still streaming when it began terminating; {} later it refused new replies ({how}) while they went on; its last reply ended {} after it began terminating, the pod went away {} after (grace {}s)",
             generated_here.len(),
+            seconds(refused_at.saturating_duration_since(terminating)),
             seconds(last_end - terminating),
             seconds(gone - terminating),
             MAX_STREAM_SECONDS + 30
