@@ -221,8 +221,10 @@ pub async fn serve_listener(
         .into_future();
     tokio::pin!(server);
     tracing::info!(%address, "serving");
+    // Shutdown first: with no connection open, the server's graceful stop
+    // is ready at once too, and picking it would skip the replies' drain.
     let served = tokio::select! {
-        result = &mut server => result,
+        biased;
         () = shutdown.cancelled() => {
             replies.draining.cancel();
             let drain = Duration::from_secs(config.shutdown_drain_seconds);
@@ -255,6 +257,7 @@ pub async fn serve_listener(
             replies.shutdown.cancel();
             result
         }
+        result = &mut server => result,
     };
     // Also when the server stopped by itself (an I/O error).
     background_stop.cancel();

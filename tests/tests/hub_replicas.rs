@@ -262,6 +262,61 @@ async fn a_terminating_replica_finishes_a_reply_whose_owner_reattached_elsewhere
     assert_eq!(records[0]["outcome"], "completed", "{usage}");
 }
 
+/// The same past the stream drain: the reply ends with `SHUTTING_DOWN` for
+/// its owner on the other replica, keeping its part, charged once for it.
+#[tokio::test]
+async fn past_the_stream_drain_a_terminating_replica_ends_the_reply_and_settles_it() {
+    let mut replicas = Replicas::start_with(&[
+        ("PARLEY_STREAM_DRAIN_SECONDS", "1"),
+        // 50 s at 20 tokens a second: far longer than the drain.
+        ("PARLEY_SIMULATED_REPLY_TOKENS", "1000"),
+    ])
+    .await;
+    let alice = token("alice", "user", "c1").await;
+    let session = replicas.session(&replicas.a, &alice).await;
+    let mut on_a = replicas.reply(&replicas.a, &alice, &session).await;
+    let mut first = Vec::new();
+    while first.iter().filter(|e: &&Event| e.event == "chunk").count() < 5 {
+        first.push(next(&mut on_a).await);
+    }
+    drop(on_a);
+    let last_seen = first.last().unwrap().id.parse::<u64>().unwrap();
+    let path = format!("/api/chat/sessions/{session}/stream");
+    let mut on_b = replicas
+        .sse(&replicas.b, &path, &alice, Some(last_seen))
+        .await;
+    let (exit, rest) = tokio::join!(
+        replicas.a.process.terminate(),
+        until(&mut on_b, &["complete", "error"])
+    );
+    assert!(exit.success(), "{exit}");
+    let ended = rest.last().unwrap();
+    assert_eq!(data(ended)["code"], "SHUTTING_DOWN", "{ended:?}");
+    let mut whole = reply_events(&first);
+    whole.extend(reply_events(&rest));
+    let ids: Vec<u64> = whole.iter().map(|(id, _, _)| *id).collect();
+    assert_eq!(ids, (1..=ids.len() as u64).collect::<Vec<_>>());
+    let stored = replicas
+        .get(
+            &replicas.b,
+            &format!("/api/chat/sessions/{session}"),
+            &alice,
+        )
+        .await;
+    assert_eq!(stored["messages"][1]["content"], text(&whole));
+    assert_eq!(stored["messages"][1]["incomplete"], true, "{stored}");
+    let usage = replicas
+        .get(&replicas.b, "/api/credits/usage", &alice)
+        .await;
+    let records = usage["records"].as_array().unwrap();
+    assert_eq!(records.len(), 1, "{usage}");
+    assert!(records[0]["charged"].as_f64().unwrap() > 0.0, "{usage}");
+    let balance = replicas
+        .get(&replicas.b, "/api/credits/balance", &alice)
+        .await;
+    assert_eq!(balance["held"], json!(0.0), "{balance}");
+}
+
 #[tokio::test]
 async fn observers_and_consoles_on_one_replica_follow_replies_on_the_other() {
     let replicas = Replicas::start().await;
