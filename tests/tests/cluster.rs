@@ -9,11 +9,12 @@
 //!   apply);
 //! - a ModelRoute edit reaching every pod (timed: each pod's `/api/models`
 //!   polled until it shows the edit);
-//! - a rollout of the Deployment while 20 replies stream: replies keep
-//!   streaming from the pods being replaced until they end, every one
-//!   completes with no gap, clients that leave a terminating pod re-attach on
-//!   another with `Last-Event-ID`, nobody is charged twice and every account
-//!   balances;
+//! - a rollout of the Deployment while 20 replies stream: the pods being
+//!   replaced (termination grace and stream drain from the spec's
+//!   `maxStreamDurationSeconds`) refuse new replies at once and keep
+//!   streaming until their replies end, every one completes with no gap,
+//!   clients that leave a terminating pod re-attach on another with
+//!   `Last-Event-ID`, nobody is charged twice and every account balances;
 //! - the operator's leader stopped dead in the middle of a reconcile: the
 //!   other operator pod takes the Lease over and finishes it;
 //! - deleting the ChatDeployments: the garbage collector removes every child.
@@ -59,8 +60,8 @@ const TAKEOVER: &str = "takeover";
 const ROUTE: &str = "default";
 const JWT_SECRET: &str = "cluster-test-jwt-secret-0123456789abcdef";
 const INITIAL_CREDITS: u64 = 100;
-/// The drain a replaced pod gives its replies, and its termination grace
-/// (the operator adds a margin).
+/// The drain a replaced pod gives its replies; its termination grace is 30 s
+/// more (the operator's margin).
 const MAX_STREAM_SECONDS: u64 = 120;
 const ROLLOUT_REPLIES: usize = 20;
 /// Words of each rollout reply's prompt: the simulated model echoes them, one
@@ -631,6 +632,21 @@ async fn stream_through_rollout(
     }
 }
 
+/// The pod's termination grace period and its service's stream drain
+/// (`PARLEY_STREAM_DRAIN_SECONDS`), in seconds.
+fn drain_settings(pod: &Pod) -> (u64, u64) {
+    let spec = pod.spec.as_ref().unwrap();
+    let grace = spec.termination_grace_period_seconds.unwrap();
+    let drain = spec.containers[0]
+        .env
+        .iter()
+        .flatten()
+        .find(|var| var.name == "PARLEY_STREAM_DRAIN_SECONDS")
+        .and_then(|var| var.value.as_deref())
+        .unwrap_or_else(|| panic!("no PARLEY_STREAM_DRAIN_SECONDS on {}", pod.name_any()));
+    (u64::try_from(grace).unwrap(), drain.parse().unwrap())
+}
+
 fn micros(credits: &Value) -> i64 {
     (credits
         .as_f64()
@@ -887,6 +903,12 @@ async fn rollout_keeps_every_stream(cluster: &Cluster) {
     }
     for old in &old_pods {
         let name = old.name_any();
+        let (grace, drain) = drain_settings(old);
+        assert_eq!(
+            (grace, drain),
+            (MAX_STREAM_SECONDS + 30, MAX_STREAM_SECONDS),
+            "{name}: termination grace and stream drain from maxStreamDurationSeconds"
+        );
         let seen = &board.pods[&name];
         let terminating = seen
             .terminating_since
@@ -911,12 +933,11 @@ async fn rollout_keeps_every_stream(cluster: &Cluster) {
             "{name} still took new replies after its last reply ended"
         );
         log(format!(
-            "{name}: {running} of its {} replies still streaming when it began terminating; {} later it refused new replies ({how}) while they went on; its last reply ended {} after it began terminating, the pod went away {} after (grace {}s)",
+            "{name}: {running} of its {} replies still streaming when it began terminating; {} later it refused new replies ({how}) while they went on; its last reply ended {} after it began terminating, the pod went away {} after (grace {grace}s, stream drain {drain}s)",
             generated_here.len(),
             seconds(refused_at.saturating_duration_since(terminating)),
             seconds(last_end - terminating),
             seconds(gone - terminating),
-            MAX_STREAM_SECONDS + 30
         ));
         assert!(
             gone >= last_end || (last_end - gone) < Duration::from_millis(500),
