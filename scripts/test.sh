@@ -46,6 +46,8 @@ suite charts scripts/test-charts.sh
 # The pages in headless Chromium against the binary the rust suite built.
 suite web scripts/test-web.sh
 suite cluster scripts/test-cluster.sh
+# Parley on that cluster: the images of the binaries the rust suite built.
+suite rollout scripts/test-rollout.sh
 
 echo "=== summary"
 printf '%s\n' "${summary[@]}"

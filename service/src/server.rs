@@ -233,27 +233,31 @@ pub async fn serve_listener(
         .into_future();
     tokio::pin!(server);
     tracing::info!(%address, "serving");
+    // Shutdown first: with no connection open, the server's graceful stop
+    // is ready at once too, and picking it would skip the replies' drain.
     let served = tokio::select! {
-        result = &mut server => result,
+        biased;
         () = shutdown.cancelled() => {
             replies.draining.cancel();
             let drain = Duration::from_secs(config.shutdown_drain_seconds);
             tracing::info!(drain_seconds = drain.as_secs(), "shutting down; draining open requests");
-            // Replies get the stream drain to finish; then they end with
-            // SHUTTING_DOWN (keeping what they generated) so their
-            // connections can close within the request drain.
+            // Replies get the stream drain to finish, also those whose
+            // clients re-attached on another replica (no connection here
+            // waits for them); then they end with SHUTTING_DOWN (keeping
+            // what they generated) so their connections can close within
+            // the request drain.
             let stream_drain = Duration::from_secs(config.replies.stream_drain_seconds);
-            let end_replies = async {
-                tokio::time::sleep(stream_drain).await;
-                tracing::info!(active = replies.hub.active(), "stream drain is over; ending the remaining replies");
-                replies.shutdown.cancel();
-                std::future::pending::<()>().await;
+            replies.generating.close();
+            let replies_ended = async {
+                if tokio::time::timeout(stream_drain, replies.generating.wait()).await.is_err() {
+                    tracing::info!(active = replies.hub.active(), "stream drain is over; ending the remaining replies");
+                    replies.shutdown.cancel();
+                    replies.generating.wait().await;
+                }
             };
             let drained = tokio::time::timeout(drain, async {
-                tokio::select! {
-                    result = &mut server => result,
-                    () = end_replies => Ok(()),
-                }
+                let (result, ()) = tokio::join!(&mut server, replies_ended);
+                result
             });
             let result = match drained.await {
                 Ok(result) => result,
@@ -265,6 +269,7 @@ pub async fn serve_listener(
             replies.shutdown.cancel();
             result
         }
+        result = &mut server => result,
     };
     // Also when the server stopped by itself (an I/O error).
     background_stop.cancel();

@@ -11,17 +11,17 @@
 //! disruption budget and a Ready rollout are not part of what is checked here.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use common::{apply_all, install_crds, one, render};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
-use kube::core::GroupVersionKind;
-use kube::discovery::{Scope, pinned_kind};
+use kube::api::{Api, ListParams};
 use kube::{Client, Resource, ResourceExt};
 use parley_crds::{ChatDeployment, ModelRoute};
 use parley_e2e::Process;
@@ -30,103 +30,13 @@ use serde_json::{Value, json};
 
 /// Bound of every wait below (each waits for an event, polled).
 const WAIT: Duration = Duration::from_secs(60);
-const FIELD_MANAGER: &str = "parley-chart-test";
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned()
-}
-
-/// The objects `helm install` would create.
-fn render(chart: &str, release: &str, namespace: &str, values: &Value) -> Vec<Value> {
-    let output = std::process::Command::new(env::python())
-        .arg(repo().join("scripts/test_charts/render.py"))
-        .args([
-            repo().join("charts").join(chart).to_str().unwrap(),
-            release,
-            namespace,
-            &values.to_string(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "rendering {chart}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap()
-}
-
-/// Polls `check` until it returns `Some`, for at most [`WAIT`].
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+async fn eventually<T, F, Fut>(what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Some(found) = check().await {
-            return found;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: not within {WAIT:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Server-side applies `objects` as an administrator would install them.
-async fn apply_all(admin: &Client, objects: &[Value]) {
-    for object in objects {
-        let (group, version) = match object["apiVersion"].as_str().unwrap().split_once('/') {
-            Some((group, version)) => (group, version),
-            None => ("", object["apiVersion"].as_str().unwrap()),
-        };
-        let gvk = GroupVersionKind::gvk(group, version, object["kind"].as_str().unwrap());
-        let (resource, capabilities) = pinned_kind(admin, &gvk).await.unwrap();
-        let dynamic: DynamicObject = serde_json::from_value(object.clone()).unwrap();
-        let api: Api<DynamicObject> = match capabilities.scope {
-            Scope::Namespaced => {
-                Api::namespaced_with(admin.clone(), &dynamic.namespace().unwrap(), &resource)
-            }
-            Scope::Cluster => Api::all_with(admin.clone(), &resource),
-        };
-        api.patch(
-            &dynamic.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&dynamic),
-        )
-        .await
-        .unwrap_or_else(|error| panic!("applying {} {}: {error}", gvk.kind, dynamic.name_any()));
-    }
-}
-
-async fn install_crds(admin: &Client) {
-    let crds = render("parley-crds", "parley-crds", "default", &json!({}));
-    assert_eq!(crds.len(), 2);
-    apply_all(admin, &crds).await;
-    let api: Api<CustomResourceDefinition> = Api::all(admin.clone());
-    for crd in &crds {
-        let name = crd["metadata"]["name"].as_str().unwrap();
-        eventually(&format!("CRD {name} established"), || async {
-            let crd = api.get(name).await.ok()?;
-            crd.status?
-                .conditions?
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True")
-                .then_some(())
-        })
-        .await;
-    }
-}
-
-fn one<'a>(objects: &'a [Value], kind: &str) -> &'a Value {
-    let found: Vec<&Value> = objects.iter().filter(|o| o["kind"] == kind).collect();
-    assert_eq!(found.len(), 1, "one {kind} expected");
-    found[0]
+    common::eventually(what, WAIT, check).await
 }
 
 /// A kubeconfig for the test server that acts as `service_account` of

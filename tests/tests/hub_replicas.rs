@@ -2,8 +2,9 @@
 //! one MongoDB-wire server and one Redis. An owner re-attaches on the other
 //! replica with no gap and no duplicate, observers and consoles on one
 //! replica follow replies generated on the other, one reply per session
-//! holds across replicas, and a replica killed mid-reply is reported lost
-//! while the reaper settles its hold exactly once.
+//! holds across replicas, a terminating replica finishes the replies it
+//! generates for owners re-attached elsewhere, and a replica killed mid-reply
+//! is reported lost while the reaper settles its hold exactly once.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
@@ -220,6 +221,92 @@ async fn an_owner_reattaches_on_the_other_replica_with_no_gap_and_no_duplicate()
         stored["messages"][1].get("incomplete").is_none(),
         "{stored}"
     );
+}
+
+/// Alice's reply starts on A; after five chunks her connection drops and
+/// she re-attaches on B while A is sent SIGTERM (and exits cleanly). Her
+/// token, the session, and the events read on A and then on B, with no gap
+/// and no duplicate across the two.
+async fn reattach_on_b_while_a_terminates(
+    replicas: &mut Replicas,
+) -> (String, String, Vec<Event>, Vec<Event>) {
+    let alice = token("alice", "user", "c1").await;
+    let session = replicas.session(&replicas.a, &alice).await;
+    let mut on_a = replicas.reply(&replicas.a, &alice, &session).await;
+    let mut first = Vec::new();
+    while first.iter().filter(|e: &&Event| e.event == "chunk").count() < 5 {
+        first.push(next(&mut on_a).await);
+    }
+    drop(on_a);
+    let last_seen = first.last().unwrap().id.parse::<u64>().unwrap();
+    let path = format!("/api/chat/sessions/{session}/stream");
+    let mut on_b = replicas
+        .sse(&replicas.b, &path, &alice, Some(last_seen))
+        .await;
+    let (exit, rest) = tokio::join!(
+        replicas.a.process.terminate(),
+        until(&mut on_b, &["complete", "error"])
+    );
+    assert!(exit.success(), "{exit}");
+    let mut whole = reply_events(&first);
+    whole.extend(reply_events(&rest));
+    let ids: Vec<u64> = whole.iter().map(|(id, _, _)| *id).collect();
+    assert_eq!(ids, (1..=ids.len() as u64).collect::<Vec<_>>());
+    (alice, session, first, rest)
+}
+
+/// A rolling update: the owner's connection left the replica being replaced
+/// (its load balancer dropped it) and re-attached on the other one. The old
+/// replica has no connection left, yet it generates the reply, so its
+/// shutdown lets the reply finish (within the stream drain) before it exits.
+#[tokio::test]
+async fn a_terminating_replica_finishes_a_reply_whose_owner_reattached_elsewhere() {
+    let mut replicas = Replicas::start().await;
+    let (alice, _, _, rest) = reattach_on_b_while_a_terminates(&mut replicas).await;
+    assert_eq!(rest.last().unwrap().event, "complete", "{rest:?}");
+    // Charged once, for the whole reply.
+    let usage = replicas
+        .get(&replicas.b, "/api/credits/usage", &alice)
+        .await;
+    let records = usage["records"].as_array().unwrap();
+    assert_eq!(records.len(), 1, "{usage}");
+    assert_eq!(records[0]["outcome"], "completed", "{usage}");
+}
+
+/// The same past the stream drain: the reply ends with `SHUTTING_DOWN` for
+/// its owner on the other replica, keeping its part, charged once for it.
+#[tokio::test]
+async fn past_the_stream_drain_a_terminating_replica_ends_the_reply_and_settles_it() {
+    let mut replicas = Replicas::start_with(&[
+        ("PARLEY_STREAM_DRAIN_SECONDS", "1"),
+        // 50 s at 20 tokens a second: far longer than the drain.
+        ("PARLEY_SIMULATED_REPLY_TOKENS", "1000"),
+    ])
+    .await;
+    let (alice, session, first, rest) = reattach_on_b_while_a_terminates(&mut replicas).await;
+    let ended = rest.last().unwrap();
+    assert_eq!(data(ended)["code"], "SHUTTING_DOWN", "{ended:?}");
+    let mut whole = reply_events(&first);
+    whole.extend(reply_events(&rest));
+    let stored = replicas
+        .get(
+            &replicas.b,
+            &format!("/api/chat/sessions/{session}"),
+            &alice,
+        )
+        .await;
+    assert_eq!(stored["messages"][1]["content"], text(&whole));
+    assert_eq!(stored["messages"][1]["incomplete"], true, "{stored}");
+    let usage = replicas
+        .get(&replicas.b, "/api/credits/usage", &alice)
+        .await;
+    let records = usage["records"].as_array().unwrap();
+    assert_eq!(records.len(), 1, "{usage}");
+    assert!(records[0]["charged"].as_f64().unwrap() > 0.0, "{usage}");
+    let balance = replicas
+        .get(&replicas.b, "/api/credits/balance", &alice)
+        .await;
+    assert_eq!(balance["held"], json!(0.0), "{balance}");
 }
 
 #[tokio::test]

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 pub use events::ReplyEvent;
 pub use hub::{Hub, HubSettings, ReplyInfo, ReplyStream};
@@ -45,6 +46,11 @@ pub struct Replies {
     /// ready and starts no reply; observers and consoles end at once (they
     /// reconnect to another replica); running replies go on.
     pub draining: CancellationToken,
+    /// The tasks generating replies on this replica, settlement included.
+    /// The shutdown waits for them (within the stream drain), not only for
+    /// open connections: a reply whose client re-attached on another replica
+    /// has no connection here but still generates here.
+    pub generating: TaskTracker,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -179,6 +185,7 @@ impl Replies {
             settings,
             shutdown: CancellationToken::new(),
             draining: CancellationToken::new(),
+            generating: TaskTracker::new(),
         }
     }
 }

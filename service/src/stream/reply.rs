@@ -123,7 +123,8 @@ pub fn spawn(
     read: PendingDurability,
     paid: Paid,
 ) -> JoinHandle<Result<FinishedReply, Error>> {
-    tokio::spawn(async move {
+    let generating = replies.generating.clone();
+    generating.spawn(async move {
         replies.metrics.active.inc();
         let Paid {
             opened,
