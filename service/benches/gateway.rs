@@ -15,6 +15,7 @@
 //! replies of one long session, which should not grow with its length.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,9 +52,9 @@ async fn main() {
          the mock and the clients share the machine with the service"
     );
     println!(
-        "| clients | replies/s | TTFT p50 / p99 through Parley | TTFT p50 / p99 from the mock | added p50 | CPU per reply | peak RSS |"
+        "| clients | replies/s | TTFT p50 / p99 through Parley | TTFT p50 / p99 from the mock | added p50 | CPU per reply | peak RSS | failed replies |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for clients in levels.iter().copied() {
         let direct = closed_loop(clients, duration, |_| {
             let (client, base) = (client.clone(), mock.base.clone());
@@ -77,7 +78,7 @@ async fn main() {
         .await;
         let cpu = server.cpu_seconds() - cpu_before;
         println!(
-            "| {clients} | {:.0} | {:.2} / {:.2} ms | {:.2} / {:.2} ms | +{:.2} ms | {:.3} ms | {:.0} MiB |",
+            "| {clients} | {:.0} | {:.2} / {:.2} ms | {:.2} / {:.2} ms | +{:.2} ms | {:.3} ms | {:.0} MiB | {} |",
             through.rate(),
             through.ttft(0.50) * 1e3,
             through.ttft(0.99) * 1e3,
@@ -86,6 +87,7 @@ async fn main() {
             (through.ttft(0.50) - direct.ttft(0.50)) * 1e3,
             cpu / through.replies() as f64 * 1e3,
             server.peak_rss_bytes() as f64 / 1048576.0,
+            through.failures(),
         );
     }
     let floor = closed_loop(*levels.last().unwrap(), duration, |_| {
@@ -110,7 +112,11 @@ async fn main() {
         let cpu_before = server.cpu_seconds();
         let mut ttft = Vec::with_capacity(tenth);
         for _ in 0..tenth {
-            ttft.push(service_reply(&client, &server.base, &token, &session).await);
+            // A failed reply (printed) is no sample.
+            match service_reply(&client, &server.base, &token, &session).await {
+                Ok(first) => ttft.push(first),
+                Err(code) => eprintln!("one session: a reply failed: {code}"),
+            }
         }
         let cpu = server.cpu_seconds() - cpu_before;
         costs.push((cpu / tenth as f64, percentile(&mut ttft, 0.50)));
@@ -132,9 +138,11 @@ async fn main() {
     server.stop().await;
 }
 
-/// TTFTs of completed replies and the time they took.
+/// TTFTs of completed replies, the failed ones by error code, and the time
+/// they took.
 struct Run {
     ttft: Vec<f64>,
+    failed: BTreeMap<String, usize>,
     elapsed: Duration,
 }
 
@@ -145,6 +153,18 @@ impl Run {
 
     fn rate(&self) -> f64 {
         self.replies() as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn failures(&self) -> String {
+        if self.failed.is_empty() {
+            return "none".to_owned();
+        }
+        let counts: Vec<String> = self
+            .failed
+            .iter()
+            .map(|(code, count)| format!("{count} {code}"))
+            .collect();
+        counts.join(", ")
     }
 
     fn ttft(&self, q: f64) -> f64 {
@@ -158,7 +178,7 @@ async fn closed_loop<M, R, F>(clients: usize, duration: Duration, make: M) -> Ru
 where
     M: Fn(usize) -> R,
     R: Fn(usize) -> F + Send + 'static,
-    F: std::future::Future<Output = f64> + Send,
+    F: std::future::Future<Output = Result<f64, String>> + Send,
 {
     let over = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
@@ -168,29 +188,45 @@ where
             let over = Arc::clone(&over);
             tokio::spawn(async move {
                 let mut ttft = Vec::new();
+                let mut failed = Vec::new();
                 let mut round = 0;
                 while !over.load(Ordering::Relaxed) {
-                    ttft.push(reply(round).await);
+                    match reply(round).await {
+                        Ok(first) => ttft.push(first),
+                        Err(code) => failed.push(code),
+                    }
                     round += 1;
                 }
-                ttft
+                (ttft, failed)
             })
         })
         .collect();
     tokio::time::sleep(duration).await;
     over.store(true, Ordering::Relaxed);
     let mut ttft = Vec::new();
+    let mut failed = BTreeMap::new();
     for task in tasks {
-        ttft.extend(task.await.unwrap());
+        let (first, codes) = task.await.unwrap();
+        ttft.extend(first);
+        for code in codes {
+            *failed.entry(code).or_insert(0) += 1;
+        }
     }
     Run {
         ttft,
+        failed,
         elapsed: started.elapsed(),
     }
 }
 
-/// Streams one reply through the service; its TTFT (request to first chunk).
-async fn service_reply(client: &reqwest::Client, base: &str, token: &str, session: &str) -> f64 {
+/// Streams one reply through the service; its TTFT (request to first chunk),
+/// or the error code it failed with.
+async fn service_reply(
+    client: &reqwest::Client,
+    base: &str,
+    token: &str,
+    session: &str,
+) -> Result<f64, String> {
     let started = Instant::now();
     let response = client
         .post(format!("{base}/api/chat/sessions/{session}/stream"))
@@ -199,8 +235,10 @@ async fn service_reply(client: &reqwest::Client, base: &str, token: &str, sessio
         .send()
         .await
         .unwrap();
-    let status = response.status();
-    assert_eq!(status, 200, "{}", response.text().await.unwrap_or_default());
+    if response.status() != 200 {
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        return Err(body["code"].as_str().unwrap_or("HTTP error").to_owned());
+    }
     let mut events = response.bytes_stream().eventsource();
     let mut first = None;
     while let Some(event) = events.next().await {
@@ -210,15 +248,18 @@ async fn service_reply(client: &reqwest::Client, base: &str, token: &str, sessio
                 first.get_or_insert(started.elapsed().as_secs_f64());
             }
             "complete" => break,
-            "error" => panic!("reply failed: {}", event.data),
+            "error" => {
+                let body: serde_json::Value = serde_json::from_str(&event.data).unwrap_or_default();
+                return Err(body["code"].as_str().unwrap_or("error event").to_owned());
+            }
             _ => {}
         }
     }
-    first.expect("no chunk")
+    Ok(first.expect("no chunk"))
 }
 
 /// Streams one reply straight from the mock; its TTFT.
-async fn direct_reply(client: &reqwest::Client, base: &str) -> f64 {
+async fn direct_reply(client: &reqwest::Client, base: &str) -> Result<f64, String> {
     let started = Instant::now();
     let response = client
         .post(format!("{base}/chat/completions"))
@@ -242,7 +283,7 @@ async fn direct_reply(client: &reqwest::Client, base: &str) -> f64 {
         }
         first.get_or_insert(started.elapsed().as_secs_f64());
     }
-    first.expect("no chunk")
+    Ok(first.expect("no chunk"))
 }
 
 /// A zero-latency OpenAI-compatible upstream: every streamed reply is the

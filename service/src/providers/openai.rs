@@ -189,7 +189,15 @@ fn transport_error(error: reqwest::Error) -> ProviderError {
     } else {
         ProviderErrorKind::Unavailable
     };
-    ProviderError::new(kind, error.to_string())
+    // reqwest's own message names only the URL; the cause is in its sources.
+    let mut message = error.to_string();
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    ProviderError::new(kind, message)
 }
 
 fn finish_reason(reason: &str) -> StopReason {
