@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -19,6 +18,7 @@ use crate::auth::{
     resolve_hs256_secret,
 };
 use crate::config::{Config, TokenArgs};
+use crate::connections::{self, ConnectionLimits};
 use crate::error::Error;
 use crate::ledger::{
     Credits, EmbeddedLedger, Ledger, LedgerSettings, MICROS_PER_CREDIT, MongoLedger,
@@ -169,6 +169,7 @@ pub async fn serve_listener(
         limits: Limits {
             max_body_bytes: config.max_body_bytes,
             max_message_chars: config.max_message_chars,
+            max_sessions_per_user: config.max_sessions_per_user,
         },
         accounting,
         rate_limiter,
@@ -182,19 +183,16 @@ pub async fn serve_listener(
         announce_dev_token(&config, address, bytes)?;
     }
 
-    // Small SSE writes must leave at once, not wait for Nagle's algorithm.
-    let listener = listener.tap_io(|stream| {
-        if let Err(error) = stream.set_nodelay(true) {
-            tracing::warn!(%error, "setting TCP_NODELAY failed");
-        }
-    });
-    let server = axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .into_future();
+    let server = connections::serve(
+        listener,
+        app(state),
+        ConnectionLimits::from_config(&config),
+        shutdown.clone(),
+    );
     tokio::pin!(server);
     tracing::info!(%address, "serving");
-    let served = tokio::select! {
-        result = &mut server => result,
+    tokio::select! {
+        () = &mut server => {}
         () = shutdown.cancelled() => {
             let drain = Duration::from_secs(config.shutdown_drain_seconds);
             tracing::info!(drain_seconds = drain.as_secs(), "shutting down; draining open requests");
@@ -210,27 +208,21 @@ pub async fn serve_listener(
             };
             let drained = tokio::time::timeout(drain, async {
                 tokio::select! {
-                    result = &mut server => result,
-                    () = end_replies => Ok(()),
+                    () = &mut server => {}
+                    () = end_replies => {}
                 }
             });
-            let result = match drained.await {
-                Ok(result) => result,
-                Err(_) => {
-                    tracing::warn!("drain time is up; closing the remaining connections");
-                    Ok(())
-                }
-            };
+            if drained.await.is_err() {
+                tracing::warn!("drain time is up; closing the remaining connections");
+            }
             replies.shutdown.cancel();
-            result
         }
-    };
-    // Also when the server stopped by itself (an I/O error).
+    }
+    // The server ends only after `shutdown`; background tasks end with it.
     background_stop.cancel();
     background.close();
     background.wait().await;
     backend.close().await;
-    served.map_err(|error| Error::io("serving", error))?;
     tracing::info!("stopped");
     Ok(())
 }

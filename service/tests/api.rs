@@ -390,6 +390,32 @@ async fn missing_expired_and_forged_tokens_are_401() {
     }
 }
 
+/// A proxy that checks one of two Authorization headers would disagree with
+/// a service that reads the other: both orders are refused.
+#[tokio::test]
+async fn two_authorization_headers_are_refused() {
+    let app = TestApp::new().await;
+    let valid = format!("Bearer {}", alice());
+    let forged = "Bearer not.a.jwt".to_owned();
+    for pair in [
+        [valid.clone(), forged.clone()],
+        [forged, valid.clone()],
+        [valid.clone(), valid],
+    ] {
+        let mut builder = Request::builder().uri("/api/chat/sessions");
+        for value in &pair {
+            builder = builder.header(header::AUTHORIZATION, value);
+        }
+        let (status, body) = app.send(builder.body(Body::empty()).unwrap()).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+        assert_eq!(body["code"], "INVALID_TOKEN");
+        assert_eq!(
+            body["message"],
+            "invalid bearer token: more than one Authorization header"
+        );
+    }
+}
+
 fn expired_token() -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -555,7 +581,12 @@ async fn openapi_document_lists_every_endpoint() {
         .keys()
         .map(String::as_str)
         .collect();
-    assert_eq!(statuses, ["200", "400", "401", "403", "404", "429", "503"]);
+    assert_eq!(
+        statuses,
+        [
+            "200", "400", "401", "403", "404", "408", "413", "415", "429", "503"
+        ]
+    );
     assert!(document["components"]["schemas"]["SettlementResponse"].is_object());
     assert!(document["components"]["schemas"]["UsageView"].is_object());
     assert_eq!(
@@ -717,4 +748,27 @@ fn create_like_body(rng: &mut StdRng) -> Value {
         object.insert(field.to_owned(), value);
     }
     Value::Object(object)
+}
+
+/// A user keeps at most `MAX_SESSIONS_PER_USER` sessions; the next create is
+/// 409 `TOO_MANY_SESSIONS` until one is deleted, and other users are not
+/// affected.
+#[tokio::test]
+async fn sessions_per_user_are_limited() {
+    let app = TestApp::new().await;
+    let alice = alice();
+    let mut ids = Vec::new();
+    for _ in 0..common::MAX_SESSIONS_PER_USER {
+        ids.push(create_session(&app.router, &alice, json!({})).await);
+    }
+    let create = || request("POST", "/api/chat/sessions", Some(&alice), Some(json!({})));
+    let (status, body) = app.send(create()).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["code"], "TOO_MANY_SESSIONS");
+    let bob = token("bob", Role::User, &["c1"]);
+    create_session(&app.router, &bob, json!({})).await;
+    let uri = format!("/api/chat/sessions/{}", ids[0]);
+    let (status, _) = app.send(request("DELETE", &uri, Some(&alice), None)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(app.send(create()).await.0, StatusCode::CREATED);
 }

@@ -317,9 +317,15 @@ where
     }
 }
 
-/// The token of an `Authorization: Bearer <token>` header.
+/// The token of the one `Authorization: Bearer <token>` header. Several
+/// Authorization headers are refused: a proxy that checked another one than
+/// the service would disagree about who is calling.
 pub fn bearer_token(headers: &HeaderMap) -> Result<&str, Error> {
-    let header = headers.get(AUTHORIZATION).ok_or(Error::MissingToken)?;
+    let mut values = headers.get_all(AUTHORIZATION).iter();
+    let header = values.next().ok_or(Error::MissingToken)?;
+    if values.next().is_some() {
+        return Err(Error::InvalidToken("more than one Authorization header"));
+    }
     let value = header
         .to_str()
         .map_err(|_| Error::InvalidToken("malformed Authorization"))?;

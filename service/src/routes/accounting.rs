@@ -42,16 +42,13 @@ pub fn routes() -> OpenApiRouter<AppState> {
 }
 
 /// What the OpenAPI document says an endpoint answers: its 200 and the error
-/// statuses of its own. Every endpoint also answers [`UNAUTHORIZED`] and
-/// [`RATE_LIMITED`].
+/// statuses of its own (those of the token, body and query come from
+/// `standard_errors`).
 struct Answers {
     ok: &'static str,
     errors: &'static [(u16, &'static str)],
 }
 
-const UNAUTHORIZED: (u16, &str) = (401, "Missing or invalid token");
-/// The rate limiter stands in front of every `/api/` path.
-const RATE_LIMITED: (u16, &str) = (429, "Rate limited");
 const FOREIGN_ACCOUNT: (u16, &str) = (403, "Another user's account");
 const NO_SESSION: (u16, &str) = (404, "`STREAMING_SESSION_NOT_FOUND`");
 const INVALID_FIELDS: (u16, &str) = (400, "`INVALID_FIELDS`");
@@ -213,12 +210,7 @@ fn endpoint<Response: ToSchema>(
         .response("200", ok)
         .security(SecurityRequirement::new("bearer", Vec::<String>::new()));
     let error_body = schema_ref::<ErrorBody>(&mut schemas);
-    let mut errors: Vec<_> = [UNAUTHORIZED, RATE_LIMITED]
-        .iter()
-        .chain(answers.errors)
-        .collect();
-    errors.sort_by_key(|(status, _)| *status);
-    for (status, description) in errors {
+    for (status, description) in answers.errors {
         let response = json_response(description, error_body.clone());
         operation = operation.response(status.to_string(), response);
     }

@@ -6,6 +6,7 @@ mod accounting;
 mod ops;
 mod replies;
 mod sessions;
+mod standard_errors;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request};
@@ -24,6 +25,7 @@ use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::connections::BodyReadTimedOut;
 use crate::error::Error;
 use crate::metrics::track_requests;
 use crate::ratelimit::limit_requests;
@@ -61,7 +63,7 @@ impl Modify for BearerAuth {
 }
 
 pub fn app(state: AppState) -> Router {
-    let (router, openapi) = OpenApiRouter::<AppState>::with_openapi(ApiDoc::openapi())
+    let (router, mut openapi) = OpenApiRouter::<AppState>::with_openapi(ApiDoc::openapi())
         .routes(routes!(sessions::create_session, sessions::list_sessions))
         .routes(routes!(sessions::get_session, sessions::delete_session))
         .merge(accounting::routes())
@@ -72,6 +74,8 @@ pub fn app(state: AppState) -> Router {
         .routes(routes!(ops::ready))
         .routes(routes!(ops::metrics))
         .split_for_parts();
+    standard_errors::add_standard_errors(&mut openapi);
+    sessions::link_session_operations(&mut openapi);
     let document = openapi_json(&openapi);
     let http_stack = ServiceBuilder::new()
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
@@ -150,6 +154,9 @@ where
                 Err(Error::MalformedJson(error.body_text()))
             }
             Err(JsonRejection::MissingJsonContentType(_)) => Err(Error::UnsupportedMediaType),
+            Err(other) if let Some(timeout) = BodyReadTimedOut::find(&other) => {
+                Err(Error::RequestTimeout(timeout))
+            }
             Err(other) if other.status() == StatusCode::PAYLOAD_TOO_LARGE => {
                 Err(Error::PayloadTooLarge {
                     limit: state.limits.max_body_bytes,

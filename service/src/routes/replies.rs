@@ -84,10 +84,10 @@ pub struct CreditsView {
 #[serde(rename_all = "camelCase")]
 pub struct PriceView {
     /// Credits per 1000 input tokens.
-    #[schema(value_type = String)]
+    #[schema(value_type = f64)]
     input_per_1k: Credits,
     /// Credits per 1000 output tokens.
-    #[schema(value_type = String)]
+    #[schema(value_type = f64)]
     output_per_1k: Credits,
 }
 

@@ -6,6 +6,8 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use utoipa::openapi::RefOr;
+use utoipa::openapi::link::LinkBuilder;
 use utoipa::{IntoParams, ToSchema};
 
 use super::ApiJson;
@@ -124,10 +126,7 @@ pub struct DeletedView {
     request_body = CreateSessionRequest,
     responses(
         (status = 201, description = "Created", body = SessionView),
-        (status = 400, description = "Malformed JSON", body = ErrorBody),
-        (status = 401, description = "Missing or invalid token", body = ErrorBody),
-        (status = 413, description = "Body too large", body = ErrorBody),
-        (status = 415, description = "Not JSON", body = ErrorBody),
+        (status = 409, description = "`TOO_MANY_SESSIONS`: the caller keeps the most sessions allowed", body = ErrorBody),
         (status = 422, description = "Invalid fields", body = ErrorBody),
         (status = 503, description = "Store unavailable", body = ErrorBody),
     ),
@@ -154,6 +153,7 @@ pub async fn create_session(
             vec![Message::new(MessageRole::User, text)]
         }
     };
+    ensure_below_session_limit(&state, &caller.sub).await?;
     let new = NewSession::new(caller.sub, caller.cohorts, title, route, messages);
     let session = state.sessions.create(new).await?;
     Ok((StatusCode::CREATED, Json(session_view(session))))
@@ -166,8 +166,6 @@ pub async fn create_session(
     params(ListQuery),
     responses(
         (status = 200, description = "The caller's sessions", body = SessionListView),
-        (status = 400, description = "Malformed query", body = ErrorBody),
-        (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 422, description = "Page or limit out of range", body = ErrorBody),
         (status = 503, description = "Store unavailable", body = ErrorBody),
     ),
@@ -216,7 +214,6 @@ pub async fn list_sessions(
     responses(
         (status = 200, description = "The session with its messages", body = SessionView),
         (status = 400, description = "Invalid session id", body = ErrorBody),
-        (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 404, description = "No such session visible to the caller", body = ErrorBody),
         (status = 503, description = "Store unavailable", body = ErrorBody),
     ),
@@ -239,7 +236,6 @@ pub async fn get_session(
     responses(
         (status = 200, description = "Deleted", body = DeletedView),
         (status = 400, description = "Invalid session id", body = ErrorBody),
-        (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 404, description = "No such session owned by the caller", body = ErrorBody),
         (status = 503, description = "Store unavailable", body = ErrorBody),
     ),
@@ -267,7 +263,6 @@ pub async fn delete_session(
     responses(
         (status = 200, description = "The session's messages, oldest first", body = MessagesView),
         (status = 400, description = "Invalid session id", body = ErrorBody),
-        (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 404, description = "No such session visible to the caller", body = ErrorBody),
         (status = 503, description = "Store unavailable", body = ErrorBody),
     ),
@@ -283,6 +278,24 @@ pub async fn list_messages(
         session_id: session.summary.id.to_hex(),
         messages: session.messages.into_iter().map(message_view).collect(),
     }))
+}
+
+/// Refuses a new session to a user who keeps the most allowed. Two creates
+/// at once may both pass: the limit bounds storage, it is not an exact quota.
+async fn ensure_below_session_limit(state: &AppState, user_id: &str) -> Result<(), Error> {
+    let limit = state.limits.max_sessions_per_user;
+    if limit == 0 {
+        return Ok(());
+    }
+    let kept = state
+        .sessions
+        .list(user_id, PageRequest { page: 1, limit: 1 })
+        .await?
+        .total;
+    if kept >= limit {
+        return Err(Error::TooManySessions { limit });
+    }
+    Ok(())
 }
 
 /// The session if `caller` may read it; "not found" otherwise, so ids of
@@ -412,5 +425,38 @@ fn session_view(session: Session) -> SessionView {
     SessionView {
         summary: summary_view(session.summary),
         messages: session.messages.into_iter().map(message_view).collect(),
+    }
+}
+
+/// OpenAPI links from a created session (`sessionId`) to every operation on
+/// `/api/chat/sessions/{id}…`, so clients and API fuzzers can chain them.
+pub(super) fn link_session_operations(openapi: &mut utoipa::openapi::OpenApi) {
+    const SESSION_PATH: &str = "/api/chat/sessions/{id}";
+    let mut links = Vec::new();
+    for (path, item) in &openapi.paths.paths {
+        if !path.starts_with(SESSION_PATH) {
+            continue;
+        }
+        let operations = [&item.get, &item.put, &item.post, &item.delete, &item.patch];
+        for operation in operations.into_iter().flatten() {
+            if let Some(id) = &operation.operation_id {
+                let link = LinkBuilder::new()
+                    .operation_id(id)
+                    .parameter("id", "$response.body#/sessionId")
+                    .build();
+                links.push((id.clone(), link));
+            }
+        }
+    }
+    let created = openapi
+        .paths
+        .paths
+        .get_mut("/api/chat/sessions")
+        .and_then(|item| item.post.as_mut())
+        .and_then(|operation| operation.responses.responses.get_mut("201"));
+    if let Some(RefOr::T(response)) = created {
+        for (name, link) in links {
+            response.links.insert(name, RefOr::T(link));
+        }
     }
 }

@@ -1,6 +1,9 @@
 //! Helpers shared by the service's integration tests.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod openapi;
+pub mod server;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +29,7 @@ use tower::ServiceExt;
 pub const SECRET: &[u8] = b"integration-test-secret";
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
 pub const MAX_MESSAGE_CHARS: usize = 1000;
+pub const MAX_SESSIONS_PER_USER: u64 = 50;
 
 pub fn hs256_authenticator() -> Authenticator {
     Authenticator::new(AuthSettings {
@@ -116,6 +120,7 @@ pub fn state_with_replies(
         limits: Limits {
             max_body_bytes: MAX_BODY_BYTES,
             max_message_chars: MAX_MESSAGE_CHARS,
+            max_sessions_per_user: MAX_SESSIONS_PER_USER,
         },
     }
 }
