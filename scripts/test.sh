@@ -32,6 +32,7 @@ suite() { # name, command...
 
 # The end-to-end tests start the real binaries.
 suite rust bash -c 'cargo build --workspace --bins && cargo nextest run --workspace --no-fail-fast "$@"' _ "$@"
+suite api-fuzz scripts/test-api-fuzz.sh
 
 echo "=== summary"
 printf '%s\n' "${summary[@]}"

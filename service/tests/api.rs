@@ -584,7 +584,7 @@ async fn openapi_document_lists_every_endpoint() {
     assert_eq!(
         statuses,
         [
-            "200", "400", "401", "403", "404", "408", "413", "415", "429", "503"
+            "200", "400", "401", "403", "404", "408", "413", "415", "422", "429", "503"
         ]
     );
     assert!(document["components"]["schemas"]["SettlementResponse"].is_object());

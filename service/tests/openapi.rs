@@ -97,6 +97,7 @@ struct Probe {
     content_type: Option<&'static str>,
     body: Option<String>,
     query: String,
+    headers: Vec<(String, &'static str)>,
     /// The `{id}` to use instead of an existing session of the caller.
     id: Option<String>,
 }
@@ -108,6 +109,7 @@ fn probes(operation: &Operation, bearer: &str) -> Vec<Probe> {
         content_type: operation.has_body().then_some("application/json"),
         body: operation.has_body().then(|| "{}".to_owned()),
         query: String::new(),
+        headers: Vec::new(),
         id: None,
     };
     let mut probes = vec![
@@ -147,6 +149,16 @@ fn probes(operation: &Operation, bearer: &str) -> Vec<Probe> {
             probes.push(Probe {
                 name: "odd query value",
                 query: format!("?{name}={value}"),
+                ..base()
+            });
+        }
+    }
+    for parameter in operation.parameters("header") {
+        let name = parameter["name"].as_str().unwrap().to_owned();
+        for value in ["-1", "abc", "99999999999999999999999", ""] {
+            probes.push(Probe {
+                name: "odd header value",
+                headers: vec![(name.clone(), value)],
                 ..base()
             });
         }
@@ -220,6 +232,9 @@ async fn every_answer_to_a_probe_is_documented() {
                 .uri(&uri);
             for value in &probe.authorization {
                 builder = builder.header(header::AUTHORIZATION, value);
+            }
+            for (name, value) in &probe.headers {
+                builder = builder.header(name.as_str(), *value);
             }
             if let Some(content_type) = probe.content_type {
                 builder = builder.header(header::CONTENT_TYPE, content_type);

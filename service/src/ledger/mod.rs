@@ -70,8 +70,8 @@ pub use embedded::EmbeddedLedger;
 use crate::embedded_db::PendingDurability;
 pub use error::LedgerError;
 pub use model::{
-    Balance, Closed, Hold, HoldRequest, MAX_PAGE_SIZE, Page, PriceSettlement, Progress, ReapReport,
-    ReplyOutcome, Settlement, UsageOutcome, UsageRecord,
+    Balance, Closed, Hold, HoldRequest, MAX_PAGE_NUMBER, MAX_PAGE_SIZE, Page, PriceSettlement,
+    Progress, ReapReport, ReplyOutcome, Settlement, UsageOutcome, UsageRecord,
 };
 pub use money::{Credits, MICROS_PER_CREDIT, price};
 pub use mongo::MongoLedger;

@@ -75,7 +75,8 @@ pub fn app(state: AppState) -> Router {
         .routes(routes!(ops::metrics))
         .split_for_parts();
     standard_errors::add_standard_errors(&mut openapi);
-    sessions::link_session_operations(&mut openapi);
+    sessions::document_session_operations(&mut openapi);
+    accounting::link_holds(&mut openapi);
     let document = openapi_json(&openapi);
     let http_stack = ServiceBuilder::new()
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))

@@ -8,12 +8,15 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::openapi::RefOr;
 use utoipa::openapi::link::LinkBuilder;
+use utoipa::openapi::path::ParameterIn;
+use utoipa::openapi::schema::{ObjectBuilder, Type};
 use utoipa::{IntoParams, ToSchema};
 
 use super::ApiJson;
 use crate::auth::Principal;
 use crate::auth::policy::{Access, Owner, may_access};
 use crate::error::{Error, ErrorBody};
+use crate::ledger::MAX_PAGE_NUMBER;
 use crate::state::AppState;
 use crate::store::{
     Message, MessageRole, NewSession, ObjectId, PageRequest, Session, SessionSummary, TokenTotals,
@@ -28,22 +31,26 @@ const MAX_PAGE_LIMIT: u32 = 100;
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CreateSessionRequest {
-    /// Defaults to "New Chat".
-    #[schema(max_length = 200)]
+    /// Defaults to "New Chat"; not blank.
+    #[schema(min_length = 1, max_length = 200)]
     title: Option<String>,
     /// Model route alias; defaults to `default`.
+    #[schema(pattern = r"^[A-Za-z0-9._:/-]{1,128}$")]
     route: Option<String>,
     /// The seed API's name for `route`; when both are given they must agree.
+    #[schema(pattern = r"^[A-Za-z0-9._:/-]{1,128}$")]
     model_id: Option<String>,
-    /// A first user message stored with the session.
+    /// A first user message stored with the session; not blank, and at most
+    /// the configured number of characters.
+    #[schema(min_length = 1)]
     initial_message: Option<String>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
-    /// 1-based page number (default 1).
-    #[param(minimum = 1)]
+    /// 1-based page number (default 1), at most a million.
+    #[param(minimum = 1, maximum = 1_000_000)]
     page: Option<u32>,
     /// Page size, 1 to 100 (default 20).
     #[param(minimum = 1, maximum = 100)]
@@ -178,10 +185,10 @@ pub async fn list_sessions(
 ) -> Result<Json<SessionListView>, Error> {
     let Query(query) = query.map_err(|rejection| Error::InvalidQuery(rejection.body_text()))?;
     let page = query.page.unwrap_or(1);
-    if page == 0 {
+    if !(1..=MAX_PAGE_NUMBER).contains(&page) {
         return Err(Error::Validation {
             field: "page",
-            message: "must be at least 1".into(),
+            message: format!("must be between 1 and {MAX_PAGE_NUMBER}"),
         });
     }
     let limit = query.limit.unwrap_or(DEFAULT_PAGE_LIMIT);
@@ -317,6 +324,9 @@ async fn readable_session(
     }
 }
 
+/// What [`session_id`] accepts, as the document says it.
+const SESSION_ID_PATTERN: &str = "^[0-9a-fA-F]{24}$";
+
 pub(super) fn session_id(path: Result<Path<String>, PathRejection>) -> Result<ObjectId, Error> {
     let Path(text) = path.map_err(|_| Error::InvalidSessionId)?;
     if text.len() != 24 {
@@ -333,7 +343,8 @@ fn validate_title(title: String) -> Result<String, Error> {
             message: "must not be blank".into(),
         });
     }
-    if trimmed.chars().count() > MAX_TITLE_CHARS {
+    // Counted before trimming, as the document's maxLength counts.
+    if title.chars().count() > MAX_TITLE_CHARS {
         return Err(Error::Validation {
             field: "title",
             message: format!("must be at most {MAX_TITLE_CHARS} characters"),
@@ -428,17 +439,36 @@ fn session_view(session: Session) -> SessionView {
     }
 }
 
-/// OpenAPI links from a created session (`sessionId`) to every operation on
-/// `/api/chat/sessions/{id}…`, so clients and API fuzzers can chain them.
-pub(super) fn link_session_operations(openapi: &mut utoipa::openapi::OpenApi) {
+/// Every operation on `/api/chat/sessions/{id}…`: its `id` parameter is
+/// documented as [`session_id`] checks it, and a created session
+/// (`sessionId`) links to it, so clients and API fuzzers can chain them.
+pub(super) fn document_session_operations(openapi: &mut utoipa::openapi::OpenApi) {
     const SESSION_PATH: &str = "/api/chat/sessions/{id}";
+    let id_schema = ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some(SESSION_ID_PATTERN))
+        .build();
     let mut links = Vec::new();
-    for (path, item) in &openapi.paths.paths {
+    for (path, item) in &mut openapi.paths.paths {
         if !path.starts_with(SESSION_PATH) {
             continue;
         }
-        let operations = [&item.get, &item.put, &item.post, &item.delete, &item.patch];
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ];
         for operation in operations.into_iter().flatten() {
+            for parameter in operation.parameters.iter_mut().flatten() {
+                if let RefOr::T(parameter) = parameter
+                    && parameter.name == "id"
+                    && parameter.parameter_in == ParameterIn::Path
+                {
+                    parameter.schema = Some(RefOr::T(id_schema.clone().into()));
+                }
+            }
             if let Some(id) = &operation.operation_id {
                 let link = LinkBuilder::new()
                     .operation_id(id)
