@@ -21,6 +21,7 @@ examples=${PARLEY_API_FUZZ_EXAMPLES:-30}
 seed=${PARLEY_API_FUZZ_SEED:-$RANDOM$RANDOM}
 reports=${PARLEY_API_FUZZ_REPORTS:-$(mktemp -d /tmp/parley-api-fuzz.XXXXXX)}
 mkdir -p "$reports"
+reports=$(cd "$reports" && pwd)
 
 log() { printf '[api-fuzz] %s\n' "$*" >&2; }
 
@@ -65,14 +66,16 @@ curl -sf "$base/api/openapi.json" -o "$reports/openapi.json"
 
 token() { "$binary" token --sub "$1" --role "$2" --cohort c1 --ttl 2h; }
 
+config="$PWD/scripts/api-fuzz/schemathesis.toml"
 failed=0
 pass() { # name, extra schemathesis arguments...
   local name=$1 started=$SECONDS
   shift
   log "pass $name: $examples examples per operation, seed $seed"
-  if ! "$schemathesis" --config-file scripts/api-fuzz/schemathesis.toml run "$reports/openapi.json" --url "$base" \
+  # From the reports dir: Schemathesis keeps its cache of failures in the working directory.
+  if ! (cd "$reports" && "$schemathesis" --config-file "$config" run "$reports/openapi.json" --url "$base" \
       --max-examples "$examples" --seed "$seed" --workers 2 --no-color \
-      --report junit --report-junit-path "$reports/$name.xml" "$@" >"$reports/$name.txt" 2>&1; then
+      --report junit --report-junit-path "$reports/$name.xml" "$@" >"$reports/$name.txt" 2>&1); then
     failed=1
     cat "$reports/$name.txt"
   fi

@@ -33,6 +33,7 @@ suite() { # name, command...
 # The end-to-end tests start the real binaries.
 suite rust bash -c 'cargo build --workspace --bins && cargo nextest run --workspace --no-fail-fast "$@"' _ "$@"
 suite api-fuzz scripts/test-api-fuzz.sh
+suite fuzz scripts/test-fuzz.sh
 
 echo "=== summary"
 printf '%s\n' "${summary[@]}"
