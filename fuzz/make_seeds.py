@@ -127,6 +127,12 @@ def openai_seeds():
     write("openai_stream", "no-done", b"\x00\x00\x00" + (chunk("hi") + chunk(finish="length")).encode())
     error = 'data: {"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}}\n\n'
     write("openai_stream", "error", b"\x10\x20\x30" + (chunk("partial") + error).encode())
+    # As OpenAI starts a reply: the role with empty content, then text, then
+    # a finish with null content.
+    role_first = ('data: {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}\n\n'
+                  + chunk("Hi") + 'data: {"choices": [{"index": 0, "delta": {"content": null}, "finish_reason": "stop"}]}\n\n'
+                  + "data: [DONE]\n\n")
+    write("openai_stream", "role-first", b"\x20\x60\xa0" + role_first.encode())
     write("openai_stream", "crlf-comments", b"\x01\x02\x03" + (": keep-alive\r\n\r\n" + chunk("x").replace("\n", "\r\n")).encode())
 
 
@@ -192,7 +198,56 @@ def accounting_seeds():
         write("accounting_bodies", name, json.dumps(body))
 
 
+# libFuzzer dictionaries: the words of each format, which random mutation
+# rarely spells out by itself.
+DICTIONARIES = {
+    "routes_file": ["defaultRoute:", "routes:", "- alias:", "targets:", "provider:", "bedrock", "openai",
+                    "simulated", "model:", "pricing:", "inputPer1k:", "outputPer1k:", "maxOutputTokens:",
+                    "timeoutSeconds:", "allowedRoles:", "fallbackOn:", "limits:", "requestsPerMinute:",
+                    "concurrentStreams:", "downgradeWhenUnaffordable:", "throttled", "unavailable", "timeout",
+                    "user", "supervisor", "admin", "0.000001", "1000000", "&anchor", "*anchor", "!!str", "---"],
+    "jwt": ["Bearer ", "bearer ", '"alg"', '"HS256"', '"RS256"', '"ES256"', '"none"', '"kid"', '"typ"', '"JWT"',
+            '"sub"', '"role"', '"admin"', '"cohorts"', '"exp"', '"nbf"', '"iss"', '"aud"', "eyJ", "."],
+    "sse_frames": ["\n", "\r\n", "\r", "data:", "event:", "id:", ":", "\u2028", "\ufeff"],
+    "openai_stream": ["data: ", "[DONE]", '"choices"', '"delta"', '"content"', '"role"', '"finish_reason"',
+                      '"stop"', '"length"', '"content_filter"', '"usage"', '"prompt_tokens"',
+                      '"completion_tokens"', '"error"', '"message"', '"code"', '"type"', '"rate_limit_exceeded"',
+                      '"context_length_exceeded"', "null", '""', "\n\n", "\r\n", ": ping"],
+    "bedrock_stream": [":event-type", ":message-type", ":exception-type", ":content-type", "event", "exception",
+                       "messageStart", "contentBlockDelta", "contentBlockStop", "messageStop", "metadata",
+                       "throttlingException", "validationException", "modelStreamErrorException",
+                       '"stopReason"', '"end_turn"', '"max_tokens"', '"delta"', '"text"', '"usage"',
+                       '"inputTokens"', '"outputTokens"', "application/json"],
+    "accounting_bodies": ['"modelId"', '"tokens"', '"message"', '"userId"', '"requiredCredits"', '"sessionId"',
+                          '"estimatedTokens"', '"route"', '"tokensGenerated"', '"actualTokens"', '"success"',
+                          '"duration"', '"inputTokens"', '"usageEstimated"', '"reason"', '"error"', '"credits"',
+                          '"outcome"', '"completed"', '"balance"', '"held"', '"available"', '"replayed"',
+                          "0.000001", "1e21", "-0", "null", "true", "9007199254740993"],
+}
+
+
+def dictionary_entry(word):
+    """A libFuzzer dictionary line: printable ASCII as is, other bytes as \\xNN."""
+    escaped = ""
+    for byte in word.encode():
+        char = chr(byte)
+        if char in '\\"' or not 0x20 <= byte < 0x7F:
+            escaped += f"\\x{byte:02x}"
+        else:
+            escaped += char
+    return f'"{escaped}"'
+
+
+def write_dictionaries():
+    directory = CORPUS.parent / "dict"
+    directory.mkdir(exist_ok=True)
+    for target, words in DICTIONARIES.items():
+        lines = [dictionary_entry(word) for word in words]
+        (directory / f"{target}.dict").write_text("\n".join(lines) + "\n")
+
+
 if __name__ == "__main__":
+    write_dictionaries()
     routes_seeds()
     jwt_seeds()
     sse_seeds()

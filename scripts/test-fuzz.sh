@@ -44,7 +44,8 @@ for target in $targets; do
   mkdir -p "$work/$target"
   # New inputs go to the first directory; the committed seeds stay as they are.
   if "$target_dir/debug/fuzz_$target" -max_total_time="$seconds" -timeout=20 -rss_limit_mb=2048 \
-      -print_final_stats=1 -artifact_prefix="$work/$target-" "$work/$target" "fuzz/corpus/$target" \
+      -print_final_stats=1 -dict="fuzz/dict/$target.dict" -artifact_prefix="$work/$target-" \
+      "$work/$target" "fuzz/corpus/$target" \
       >"$work/$target.log" 2>&1; then
     stats=$(grep -E '^#[0-9]+[[:space:]]+DONE' "$work/$target.log" | tail -1)
     log "$target: passed: $stats"
