@@ -59,7 +59,9 @@ use serde::{Deserialize, Serialize};
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ChatDeploymentSpec {
-    /// Container image of parley-service.
+    /// Container image of parley-service; defaults to the image of this
+    /// release of the CRDs, `ghcr.io/parley-dev/parley-service:<version>`.
+    #[serde(default = "default_image")]
     #[schemars(length(min = 1))]
     pub image: String,
     #[serde(default)]
@@ -90,11 +92,23 @@ pub struct ChatDeploymentSpec {
     pub rate_limits: RateLimitsSpec,
     #[serde(default)]
     pub observation: ObservationSpec,
-    /// Longest a reply may stream; pods get this long (plus a margin) to drain on shutdown.
-    /// Not yet enforced on running replies: for now it sets only the shutdown drain.
+    /// Longest a reply may stream: a longer one ends with `MAX_DURATION`, keeping
+    /// (and charging for) what it generated. Pods also get this long, plus a
+    /// margin, to let replies finish on shutdown.
     #[serde(default = "default_max_stream_duration_seconds")]
     #[schemars(range(min = 10, max = 86400))]
     pub max_stream_duration_seconds: u32,
+}
+
+/// The parley-service image of this release: what a ChatDeployment that
+/// names no image runs.
+pub const DEFAULT_SERVICE_IMAGE: &str = concat!(
+    "ghcr.io/parley-dev/parley-service:",
+    env!("CARGO_PKG_VERSION")
+);
+
+fn default_image() -> String {
+    DEFAULT_SERVICE_IMAGE.to_owned()
 }
 
 fn default_route() -> String {
@@ -363,7 +377,8 @@ impl Default for RateLimitsSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ObservationSpec {
-    /// Not acted on yet: the service has no observation yet.
+    /// Whether supervisors (of a user's cohorts) and admins may watch replies
+    /// live; every observation is audited.
     #[serde(default = "enabled_by_default")]
     pub enabled: bool,
     /// Seconds a reply keeps generating after its client disconnects, so it can re-attach.

@@ -12,9 +12,9 @@ use kube::CustomResourceExt;
 
 pub use chat_deployment::{
     AccountingMode, AccountingSpec, AuthSpec, AutoscalingSpec, BedrockProvider, ChatDeployment,
-    ChatDeploymentSpec, ChatDeploymentStatus, EmbeddedStorage, MongodbStorage, ObservationSpec,
-    OpenAiProvider, ProvidersSpec, RateLimitsSpec, RedisSpec, ReplicasSpec, ResolvedRoute,
-    SecretKeyRef, SecretRef, Storage, StorageSpec,
+    ChatDeploymentSpec, ChatDeploymentStatus, DEFAULT_SERVICE_IMAGE, EmbeddedStorage,
+    MongodbStorage, ObservationSpec, OpenAiProvider, ProvidersSpec, RateLimitsSpec, RedisSpec,
+    ReplicasSpec, ResolvedRoute, SecretKeyRef, SecretRef, Storage, StorageSpec,
 };
 pub use credits::{Credits, CreditsParseError, MICROS_PER_CREDIT};
 pub use model_route::{

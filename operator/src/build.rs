@@ -354,9 +354,8 @@ fn environment(cx: &Context<'_>) -> Vec<EnvVar> {
         }
     }
     let limits = &spec.rate_limits;
-    // `observation.enabled` is not passed on: the service has no observation
-    // yet. `maxStreamDurationSeconds` is not a limit in the service yet; it
-    // sets how long shutdown lets replies finish (see `deployment`).
+    // The longest a reply may run is also how long shutdown lets replies
+    // finish (and, with a margin, the pods' termination grace period).
     let stream_drain_seconds = spec.max_stream_duration_seconds;
     vars.extend([
         env(
@@ -374,6 +373,18 @@ fn environment(cx: &Context<'_>) -> Vec<EnvVar> {
         env(
             "PARLEY_REATTACH_GRACE_SECONDS",
             spec.observation.reattach_grace_seconds.to_string(),
+        ),
+        env(
+            "PARLEY_OBSERVATION",
+            if spec.observation.enabled {
+                "on"
+            } else {
+                "off"
+            },
+        ),
+        env(
+            "PARLEY_MAX_STREAM_SECONDS",
+            spec.max_stream_duration_seconds.to_string(),
         ),
         env(
             "PARLEY_STREAM_DRAIN_SECONDS",

@@ -126,7 +126,7 @@ fn deployment_runs_the_service_safely() {
     let container = container(&desired);
     assert_eq!(
         container.image.as_deref(),
-        Some("ghcr.io/parley/parley-service:0.1.0")
+        Some(parley_crds::DEFAULT_SERVICE_IMAGE)
     );
     // The grace period covers the longest stream (300 s) plus the drain margin.
     assert_eq!(pod.termination_grace_period_seconds, Some(330));
@@ -262,10 +262,8 @@ fn deployment_environment_follows_the_interface_contract() {
         "2"
     );
     assert_eq!(env_value(container, "PARLEY_REATTACH_GRACE_SECONDS"), "30");
-    // Not acted on by the service yet, so not passed on (tests/tests/env_contract.rs
-    // checks that every variable set here is one the service reads).
-    assert!(env(container, "PARLEY_OBSERVATION_ENABLED").is_none());
-    assert!(env(container, "PARLEY_MAX_STREAM_DURATION_SECONDS").is_none());
+    assert_eq!(env_value(container, "PARLEY_OBSERVATION"), "on");
+    assert_eq!(env_value(container, "PARLEY_MAX_STREAM_SECONDS"), "300");
     let annotations = desired
         .service_account
         .metadata
@@ -279,6 +277,18 @@ fn deployment_environment_follows_the_interface_contract() {
     let rules = desired.role.rules.as_ref().unwrap();
     assert_eq!(rules[0].resource_names.as_ref().unwrap(), &["demo-routes"]);
     assert_eq!(rules[0].verbs, ["get", "list", "watch"]);
+}
+
+#[test]
+fn observation_and_the_longest_reply_reach_the_pods() {
+    let mut chat = common::chat(NS);
+    chat.spec.observation.enabled = false;
+    chat.spec.max_stream_duration_seconds = 90;
+    let desired = desired(&chat, &common::routes(NS), Capabilities::CURRENT);
+    let container = container(&desired);
+    assert_eq!(env_value(container, "PARLEY_OBSERVATION"), "off");
+    assert_eq!(env_value(container, "PARLEY_MAX_STREAM_SECONDS"), "90");
+    assert_eq!(env_value(container, "PARLEY_STREAM_DRAIN_SECONDS"), "90");
 }
 
 #[test]

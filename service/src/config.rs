@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::auth::Role;
 use crate::error::Error;
+use crate::identity::Role;
 use crate::ledger::Credits;
 
 #[derive(Debug, Parser)]
@@ -329,6 +329,57 @@ pub struct ReplyConfig {
         global = true
     )]
     pub sse_ping_seconds: u64,
+    /// Longest a reply may stream; a longer one ends with `MAX_DURATION`,
+    /// keeping (and paying for) what it generated. 0: no limit.
+    #[arg(
+        long,
+        env = "PARLEY_MAX_STREAM_SECONDS",
+        default_value_t = 300,
+        global = true
+    )]
+    pub max_stream_seconds: u64,
+    /// Whether supervisors and admins may observe replies live.
+    #[arg(
+        long,
+        env = "PARLEY_OBSERVATION",
+        value_enum,
+        default_value_t = Switch::On,
+        global = true
+    )]
+    pub observation: Switch,
+    /// Live events an observer may fall behind before it is cut with `OBSERVER_TOO_SLOW`.
+    #[arg(
+        long,
+        env = "PARLEY_OBSERVER_BUFFER_EVENTS",
+        default_value_t = 1024,
+        global = true
+    )]
+    pub observer_buffer_events: usize,
+    /// Prefix of the reply hub's Redis keys (replicas of one deployment share it).
+    #[arg(
+        long,
+        env = "PARLEY_HUB_KEY_PREFIX",
+        default_value = "parley:hub",
+        global = true
+    )]
+    pub hub_key_prefix: String,
+    /// How often a replica renews the hub locks of its replies; other
+    /// replicas report a reply lost after five missed renewals.
+    #[arg(
+        long,
+        env = "PARLEY_HUB_HEARTBEAT_MILLIS",
+        default_value_t = 1000,
+        global = true
+    )]
+    pub hub_heartbeat_millis: u64,
+    /// Events kept in Redis per reply (replays beyond them are reported lost).
+    #[arg(
+        long,
+        env = "PARLEY_HUB_STREAM_MAX_EVENTS",
+        default_value_t = 20_000,
+        global = true
+    )]
+    pub hub_stream_max_events: usize,
     /// After SIGTERM, how long replies may finish before they end with `SHUTTING_DOWN`
     /// (keep it below PARLEY_SHUTDOWN_DRAIN_SECONDS).
     #[arg(
@@ -338,6 +389,13 @@ pub struct ReplyConfig {
         global = true
     )]
     pub stream_drain_seconds: u64,
+}
+
+/// A feature turned on or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
 }
 
 impl Config {

@@ -34,7 +34,27 @@ use std::sync::{Arc, Weak};
 use redb::{Database, Durability, ReadTransaction, ReadableDatabase, WriteTransaction};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::error::Error;
+/// Why the database could not be opened. Its own type, so that this module
+/// stays below the crate's `Error` (which converts it).
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("creating {path}: {source}")]
+    CreateDirectory {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("opening embedded database {path}: {source}")]
+    Open {
+        path: std::path::PathBuf,
+        #[source]
+        source: redb::DatabaseError,
+    },
+    #[error("the task opening the embedded database failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    #[error("starting the embedded database writer: {0}")]
+    Writer(#[source] std::io::Error),
+}
 
 /// Caps the operations sharing one durable commit, so that when they arrive
 /// faster than the writer runs them each still waits a bounded time.
@@ -53,29 +73,23 @@ pub struct EmbeddedDb {
 
 impl EmbeddedDb {
     /// Opens (or creates) the database file `path` and starts its writer.
-    pub async fn open(path: &Path) -> Result<Self, Error> {
+    pub async fn open(path: &Path) -> Result<Self, OpenError> {
         let path = path.to_owned();
         let database = tokio::task::spawn_blocking(move || {
             if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(|error| Error::io(format!("creating {}", parent.display()), error))?;
+                std::fs::create_dir_all(parent).map_err(|source| OpenError::CreateDirectory {
+                    path: parent.to_owned(),
+                    source,
+                })?;
             }
-            Database::create(&path).map_err(|error| {
-                Error::Store(format!(
-                    "opening embedded database {}: {error}",
-                    path.display()
-                ))
-            })
+            Database::create(&path).map_err(|source| OpenError::Open { path, source })
         })
-        .await
-        .map_err(|error| {
-            Error::Store(format!("opening the embedded database failed: {error}"))
-        })??;
+        .await??;
         Self::new(database)
     }
 
     /// Starts the writer of `database`.
-    pub fn new(database: Database) -> Result<Self, Error> {
+    pub fn new(database: Database) -> Result<Self, OpenError> {
         let database = Arc::new(database);
         let (operations, queue) = mpsc::unbounded_channel();
         let newest_commit = Arc::new(AtomicU64::new(0));
@@ -90,7 +104,7 @@ impl EmbeddedDb {
         std::thread::Builder::new()
             .name("redb-writer".into())
             .spawn(move || writer.run(queue))
-            .map_err(|error| Error::io("starting the embedded database writer", error))?;
+            .map_err(OpenError::Writer)?;
         Ok(Self {
             database,
             operations,

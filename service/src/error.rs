@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::accounting::contract::decimal_credits;
+use crate::ledger::decimal_credits;
 use crate::ledger::{Credits, LedgerError};
 use crate::providers::ProviderErrorKind;
 
@@ -67,6 +67,8 @@ pub enum Error {
     Upstream(crate::providers::ProviderError),
     #[error("the service is shutting down")]
     ShuttingDown,
+    #[error("the reply ran longer than this deployment allows")]
+    ReplyTooLong,
     #[error("configuration error: {0}")]
     Config(String),
     /// A body of the accounting API with missing, unknown or mistyped fields.
@@ -90,8 +92,15 @@ pub enum Error {
     },
     #[error("rate limiter unavailable: {0}")]
     RateLimiterUnavailable(String),
+    /// Redis, which carries replies across replicas, did not answer.
+    #[error("reply hub unavailable: {0}")]
+    HubUnavailable(String),
+    #[error("observation is turned off in this deployment")]
+    ObservationDisabled,
     #[error(transparent)]
     Ledger(#[from] LedgerError),
+    #[error(transparent)]
+    EmbeddedDb(#[from] crate::embedded_db::OpenError),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -156,9 +165,10 @@ impl Error {
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::StreamingSessionNotFound(_) => StatusCode::NOT_FOUND,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::AccountingUnavailable(_) | Self::RateLimiterUnavailable(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::AccountingUnavailable(_)
+            | Self::RateLimiterUnavailable(_)
+            | Self::HubUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ObservationDisabled => StatusCode::FORBIDDEN,
             Self::MissingToken | Self::InvalidToken(_) => StatusCode::UNAUTHORIZED,
             Self::SessionNotFound | Self::EndpointNotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -169,6 +179,8 @@ impl Error {
             Self::ReplyInProgress => StatusCode::CONFLICT,
             Self::NoActiveReply => StatusCode::NOT_FOUND,
             Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            // Only ever an `error` event of a reply already under way.
+            Self::ReplyTooLong => StatusCode::GATEWAY_TIMEOUT,
             Self::Upstream(error) => upstream_status(error.kind),
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::InvalidBody(_) | Self::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
@@ -176,7 +188,9 @@ impl Error {
             Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::TooManySessions { .. } => StatusCode::CONFLICT,
             Self::AuthUnavailable(_) | Self::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Store(_) | Self::Config(_) | Self::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Store(_) | Self::Config(_) | Self::Io { .. } | Self::EmbeddedDb(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
 
@@ -195,6 +209,8 @@ impl Error {
             Self::AccountingUnavailable(_) => "ACCOUNTING_UNAVAILABLE",
             Self::RateLimited { .. } => "RATE_LIMITED",
             Self::RateLimiterUnavailable(_) => "RATE_LIMITER_UNAVAILABLE",
+            Self::HubUnavailable(_) => "HUB_UNAVAILABLE",
+            Self::ObservationDisabled => "OBSERVATION_DISABLED",
             Self::MissingToken => "MISSING_TOKEN",
             Self::InvalidToken(_) => "INVALID_TOKEN",
             Self::AuthUnavailable(_) => "AUTH_UNAVAILABLE",
@@ -215,8 +231,9 @@ impl Error {
             Self::ReplyInProgress => "REPLY_IN_PROGRESS",
             Self::NoActiveReply => "NO_ACTIVE_REPLY",
             Self::ShuttingDown => "SHUTTING_DOWN",
+            Self::ReplyTooLong => "MAX_DURATION",
             Self::Upstream(error) => upstream_code(error.kind),
-            Self::Store(_) | Self::Config(_) | Self::Io { .. } => "INTERNAL",
+            Self::Store(_) | Self::Config(_) | Self::Io { .. } | Self::EmbeddedDb(_) => "INTERNAL",
         }
     }
 
@@ -226,13 +243,16 @@ impl Error {
         match self {
             Self::AuthUnavailable(_) => "the identity provider is unavailable; retry later".into(),
             Self::StoreUnavailable(_) => "the session store is unavailable; retry later".into(),
-            Self::Store(_) | Self::Config(_) | Self::Io { .. } => "internal error".into(),
+            Self::Store(_) | Self::Config(_) | Self::Io { .. } | Self::EmbeddedDb(_) => {
+                "internal error".into()
+            }
             Self::AccountingUnavailable(_) => {
                 "the accounting service is unavailable; retry later".into()
             }
             Self::RateLimiterUnavailable(_) => {
                 "the rate limiter is unavailable; requests are refused until it is back".into()
             }
+            Self::HubUnavailable(_) => "the reply hub is unavailable; retry later".into(),
             Self::Ledger(error) => ledger_public_message(error),
             Self::UnknownRoute { requested, allowed } => format!(
                 "unknown model route `{requested}`; you may use: {}",
@@ -248,8 +268,10 @@ impl Error {
             | Self::MissingToken
             | Self::InvalidToken(_)
             | Self::ReplyInProgress
+            | Self::ObservationDisabled
             | Self::NoActiveReply
             | Self::ShuttingDown
+            | Self::ReplyTooLong
             | Self::SessionNotFound
             | Self::EndpointNotFound
             | Self::MethodNotAllowed

@@ -17,15 +17,16 @@ use prometheus_client::registry::Registry;
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 
-use crate::accounting::PriceBook;
-use crate::auth::Role;
 use crate::config::ReplyConfig;
 use crate::error::Error;
+use crate::identity::Role;
 use crate::providers::{BedrockProvider, Provider, ProviderError, ProviderErrorKind};
 
 mod configmap;
+mod price_book;
 
 pub use configmap::RoutesConfigMap;
+pub use price_book::{PriceBook, RoutePrice};
 
 /// The model of the built-in `default` route used when no routes source is set.
 pub const BUILTIN_SIMULATED_MODEL: &str = "parley-simulated";

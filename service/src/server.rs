@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use crate::accounting::{
     Accounting, AccountingMetrics, ExternalAccounting, LocalAccounting, reaper,
 };
+use crate::auth::dev::DevTokens;
 use crate::auth::{
     AuthSettings, Authenticator, Hs256Secret, Principal, Role, SecretSource, mint_token,
     resolve_hs256_secret,
@@ -21,21 +22,21 @@ use crate::config::{Config, TokenArgs};
 use crate::connections::{self, ConnectionLimits};
 use crate::error::Error;
 use crate::ledger::{
-    Credits, EmbeddedLedger, Ledger, LedgerSettings, MICROS_PER_CREDIT, MongoLedger,
+    Credits, EmbeddedLedger, InstrumentedLedger, Ledger, LedgerSettings, MICROS_PER_CREDIT,
+    MongoLedger,
 };
-use crate::metrics::HttpMetrics;
+use crate::metrics::{HttpMetrics, OperationMetrics};
 use crate::model_routes::RoutesSource;
 use crate::ratelimit::{
     LocalRateLimiter, RateLimitMetrics, RateLimiter, RateLimits, RedisRateLimiter,
 };
 use crate::routes::app;
 use crate::state::{AppState, Limits};
-use crate::store::{EmbeddedStore, MongoStore, SessionStore};
+use crate::store::{EmbeddedStore, InstrumentedStore, MongoStore, ObservationAudit, SessionStore};
 use crate::stream::Replies;
 
 /// File of the embedded database inside the data dir.
 pub const EMBEDDED_DB_FILE: &str = "parley.redb";
-const DEV_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Balance of a new account in local dev mode when none is configured.
 const DEV_INITIAL_CREDITS: Credits = Credits::from_micros(100 * MICROS_PER_CREDIT);
 
@@ -92,6 +93,13 @@ impl Backend {
             Self::Mongo(store) => Arc::new(store.clone()),
         }
     }
+
+    pub fn audit(&self) -> Arc<dyn ObservationAudit> {
+        match self {
+            Self::Embedded(store) => Arc::new(store.clone()),
+            Self::Mongo(store) => Arc::new(store.clone()),
+        }
+    }
 }
 
 /// Binds `config.listen` and serves until `shutdown` is cancelled.
@@ -116,11 +124,29 @@ pub async fn serve_listener(
     let backend = Backend::open(&config).await?;
     let mut registry = Registry::default();
     let http_metrics = HttpMetrics::register(&mut registry);
+    let store_metrics = OperationMetrics::register(
+        &mut registry,
+        "parley_store_operation_duration_seconds",
+        "Time the chat session store takes to answer, by operation and outcome",
+    );
+    let ledger_metrics = OperationMetrics::register(
+        &mut registry,
+        "parley_ledger_operation_duration_seconds",
+        "Time the credits ledger takes to answer, by operation and outcome",
+    );
     let background = TaskTracker::new();
     let background_stop = shutdown.child_token();
     let routes_source = RoutesSource::from_config(&config.replies).await?;
     let routes = routes_source.load().await?;
-    let replies = Arc::new(Replies::from_config(&config.replies, routes, &mut registry).await?);
+    let replies = Arc::new(
+        Replies::from_config(
+            &config.replies,
+            config.redis_url.as_deref(),
+            routes,
+            &mut registry,
+        )
+        .await?,
+    );
     background.spawn(routes_source.watch(
         Arc::clone(&replies.routes),
         Duration::from_millis(config.replies.routes_poll_millis.max(10)),
@@ -142,11 +168,14 @@ pub async fn serve_listener(
             )?)
         }
         None => {
-            let ledger = backend
-                .ledger(LedgerSettings {
-                    initial_balance: initial_credits(&config, secret.as_ref()),
-                })
-                .await?;
+            let ledger: Arc<dyn Ledger> = Arc::new(InstrumentedLedger::new(
+                backend
+                    .ledger(LedgerSettings {
+                        initial_balance: initial_credits(&config, secret.as_ref()),
+                    })
+                    .await?,
+                ledger_metrics,
+            ));
             background.spawn(reaper::run(
                 Arc::clone(&ledger),
                 accounting_metrics.clone(),
@@ -161,8 +190,14 @@ pub async fn serve_listener(
             ))
         }
     };
+    let dev_tokens = dev_tokens(&config, secret.as_ref());
+    if let Some(dev_tokens) = &dev_tokens {
+        announce_dev_token(dev_tokens, address)?;
+    }
     let state = AppState {
-        sessions: backend.sessions(),
+        dev_tokens: offer_dev_sign_in(dev_tokens, address),
+        sessions: Arc::new(InstrumentedStore::new(backend.sessions(), store_metrics)),
+        audit: backend.audit(),
         auth: Arc::new(auth),
         registry: Arc::new(registry),
         http_metrics,
@@ -175,13 +210,6 @@ pub async fn serve_listener(
         rate_limiter,
         replies: Arc::clone(&replies),
     };
-    if let Some(Hs256Secret {
-        bytes,
-        source: SecretSource::DevFile { .. },
-    }) = &secret
-    {
-        announce_dev_token(&config, address, bytes)?;
-    }
 
     let server = connections::serve(
         listener,
@@ -194,6 +222,7 @@ pub async fn serve_listener(
     tokio::select! {
         () = &mut server => {}
         () = shutdown.cancelled() => {
+            replies.draining.cancel();
             let drain = Duration::from_secs(config.shutdown_drain_seconds);
             tracing::info!(drain_seconds = drain.as_secs(), "shutting down; draining open requests");
             // Replies get the stream drain to finish; then they end with
@@ -222,6 +251,8 @@ pub async fn serve_listener(
     background_stop.cancel();
     background.close();
     background.wait().await;
+    // Mirrors, heartbeats, and the audit records of observers that just left.
+    replies.hub.close().await;
     backend.close().await;
     tracing::info!("stopped");
     Ok(())
@@ -323,19 +354,39 @@ fn initial_credits(config: &Config, secret: Option<&Hs256Secret>) -> Credits {
     }
 }
 
-fn announce_dev_token(config: &Config, address: SocketAddr, secret: &[u8]) -> Result<(), Error> {
+/// A minter of dev tokens when the secret is the generated dev secret.
+fn dev_tokens(config: &Config, secret: Option<&Hs256Secret>) -> Option<DevTokens> {
+    match secret {
+        Some(Hs256Secret {
+            bytes,
+            source: SecretSource::DevFile { .. },
+        }) => Some(DevTokens::new(
+            bytes.clone(),
+            config.jwt_issuer.clone(),
+            config.jwt_audience.clone(),
+        )),
+        _ => None,
+    }
+}
+
+/// Dev sign-in is offered only on a loopback listener (`auth::dev` says why).
+fn offer_dev_sign_in(dev_tokens: Option<DevTokens>, address: SocketAddr) -> Option<Arc<DevTokens>> {
+    let dev_tokens = dev_tokens?;
+    if address.ip().is_loopback() {
+        Some(Arc::new(dev_tokens))
+    } else {
+        tracing::warn!(%address, "local mode on a non-loopback address: no dev sign-in on the web page; use the printed token or `parley-service token`");
+        None
+    }
+}
+
+fn announce_dev_token(dev_tokens: &DevTokens, address: SocketAddr) -> Result<(), Error> {
     let dev = Principal {
         sub: "dev".into(),
         role: Role::User,
         cohorts: Vec::new(),
     };
-    let token = mint_token(
-        secret,
-        &dev,
-        DEV_TOKEN_TTL,
-        config.jwt_issuer.as_deref(),
-        config.jwt_audience.as_deref(),
-    )?;
+    let token = dev_tokens.mint(&dev)?;
     let host = if address.ip().is_unspecified() {
         SocketAddr::from(([127, 0, 0, 1], address.port()))
     } else {
@@ -356,5 +407,6 @@ fn announce_dev_token(config: &Config, address: SocketAddr, secret: &[u8]) -> Re
         "Other users: parley-service token --sub NAME --role user|supervisor|admin --cohort C"
     );
     println!("Create a chat session:\n{curl}");
+    println!("Web chat (dev sign-in on loopback): http://{host}/");
     Ok(())
 }

@@ -8,14 +8,17 @@ use prometheus_client::registry::Registry;
 
 use crate::accounting::Accounting;
 use crate::auth::Authenticator;
+use crate::auth::dev::DevTokens;
 use crate::metrics::HttpMetrics;
 use crate::ratelimit::RateLimiter;
-use crate::store::SessionStore;
+use crate::store::{ObservationAudit, SessionStore};
 use crate::stream::Replies;
 
 #[derive(Clone, FromRef)]
 pub struct AppState {
     pub sessions: Arc<dyn SessionStore>,
+    /// Who observed whose replies, in the same store as the sessions.
+    pub audit: Arc<dyn ObservationAudit>,
     pub auth: Arc<Authenticator>,
     /// Every metric of the process, encoded by `/metrics`.
     pub registry: Arc<Registry>,
@@ -26,6 +29,9 @@ pub struct AppState {
     pub rate_limiter: Arc<dyn RateLimiter>,
     /// Routes, providers and the stream hub.
     pub replies: Arc<Replies>,
+    /// Set only in local mode on the generated dev secret, listening on
+    /// loopback: then `/api/dev/token` exists (dev sign-in).
+    pub dev_tokens: Option<Arc<DevTokens>>,
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -800,11 +800,12 @@ async fn redis_down_fails_closed_with_503() {
     )
     .await
     .unwrap();
+    let mut registry = prometheus_client::registry::Registry::default();
     let limiter = RedisRateLimiter::connect(
         &format!("redis://{}", proxy.address()),
         &parley_test_support::env::unique_name("parley-limits"),
         STREAM_LIMITS,
-        RateLimitMetrics::default(),
+        RateLimitMetrics::register(&mut registry),
     )
     .await
     .unwrap();
@@ -822,6 +823,12 @@ async fn redis_down_fails_closed_with_503() {
             .charge_tokens(Scope::User("alice"), 1)
             .await
             .is_err()
+    );
+    let mut metrics = String::new();
+    prometheus_client::encoding::text::encode(&mut metrics, &registry).unwrap();
+    assert!(
+        metrics.contains("parley_rate_limiter_unavailable_total 3"),
+        "{metrics}"
     );
 }
 

@@ -52,7 +52,10 @@ async fn create_get_list_messages_delete() {
         ))
         .await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(fetched, created);
+    // A session is read back as created, and nobody has observed it yet.
+    let mut expected = created.clone();
+    expected["observedBy"] = serde_json::json!([]);
+    assert_eq!(fetched, expected);
 
     let (status, messages) = app
         .send(request(
@@ -102,6 +105,68 @@ async fn create_get_list_messages_delete() {
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(gone["code"], "SESSION_NOT_FOUND");
+}
+
+#[tokio::test]
+async fn rename_sets_a_valid_title_and_keeps_the_rest() {
+    let app = TestApp::new().await;
+    let alice = alice();
+    let id = create_session(
+        &app.router,
+        &alice,
+        json!({"title": "old", "initialMessage": "hi"}),
+    )
+    .await;
+    let uri = format!("/api/chat/sessions/{id}");
+    let (_, before) = app.send(request("GET", &uri, Some(&alice), None)).await;
+
+    let (status, renamed) = app
+        .send(request(
+            "PATCH",
+            &uri,
+            Some(&alice),
+            Some(json!({"title": "  Borrow checker \"tips\" 🦀  "})),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{renamed}");
+    assert_eq!(renamed["title"], "Borrow checker \"tips\" 🦀");
+    assert!(renamed.get("messages").is_none());
+    let (_, after) = app.send(request("GET", &uri, Some(&alice), None)).await;
+    let mut expected = before.clone();
+    expected["title"] = renamed["title"].clone();
+    assert_eq!(
+        after, expected,
+        "only the title changes, updatedAt included"
+    );
+
+    for (body, status, code) in [
+        (json!({"title": "   "}), 422, "VALIDATION_FAILED"),
+        (json!({"title": "x".repeat(201)}), 422, "VALIDATION_FAILED"),
+        (json!({}), 422, "INVALID_BODY"),
+        (json!({"title": "t", "route": "fast"}), 422, "INVALID_BODY"),
+    ] {
+        let (got, error) = app
+            .send(request("PATCH", &uri, Some(&alice), Some(body.clone())))
+            .await;
+        assert_eq!(got.as_u16(), status, "{body}: {error}");
+        assert_eq!(error["code"], code, "{body}");
+    }
+    let (status, error) = app
+        .send(request(
+            "PATCH",
+            "/api/chat/sessions/not-an-id",
+            Some(&alice),
+            Some(json!({"title": "t"})),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error["code"], "INVALID_SESSION_ID");
+    let (status, _) = app
+        .send(request("PATCH", &uri, None, Some(json!({"title": "t"}))))
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (_, unchanged) = app.send(request("GET", &uri, Some(&alice), None)).await;
+    assert_eq!(unchanged, after);
 }
 
 #[tokio::test]
@@ -447,17 +512,17 @@ async fn authorization_matrix() {
         ("supervisor of c2", token("tom", Role::Supervisor, &["c2"])),
         ("admin", token("ada", Role::Admin, &[])),
     ];
-    // Expected statuses: get, messages, listed-in-own-list, delete.
+    // Expected statuses: get, messages, listed-in-own-list, rename, delete.
     let expected = [
-        ("owner", (200, 200, true, 200)),
-        ("user, same cohort", (404, 404, false, 404)),
-        ("user, other cohort", (404, 404, false, 404)),
-        ("supervisor of c1", (200, 200, false, 404)),
-        ("supervisor of c2", (404, 404, false, 404)),
-        ("admin", (200, 200, false, 404)),
+        ("owner", (200, 200, true, 200, 200)),
+        ("user, same cohort", (404, 404, false, 404, 404)),
+        ("user, other cohort", (404, 404, false, 404, 404)),
+        ("supervisor of c1", (200, 200, false, 404, 404)),
+        ("supervisor of c2", (404, 404, false, 404, 404)),
+        ("admin", (200, 200, false, 404, 404)),
     ];
     let as_status = |code: u16| StatusCode::from_u16(code).unwrap();
-    for ((name, caller), (expected_name, (get, messages, listed, delete))) in
+    for ((name, caller), (expected_name, (get, messages, listed, rename, delete))) in
         callers.iter().zip(expected)
     {
         assert_eq!(*name, expected_name);
@@ -491,6 +556,17 @@ async fn authorization_matrix() {
             .iter()
             .any(|s| s["sessionId"] == id.as_str());
         assert_eq!(in_list, listed, "{name} list");
+        let (status, _) = app
+            .send(request(
+                "PATCH",
+                &uri,
+                Some(caller),
+                Some(json!({"title": name})),
+            ))
+            .await;
+        assert_eq!(status, as_status(rename), "{name} PATCH");
+        let (_, seen) = app.send(request("GET", &uri, Some(&owner), None)).await;
+        assert_eq!(seen["title"] == *name, rename == 200, "{name} PATCH effect");
         let (status, _) = app.send(request("DELETE", &uri, Some(caller), None)).await;
         assert_eq!(status, as_status(delete), "{name} DELETE");
         let still_there =
@@ -545,8 +621,12 @@ async fn openapi_document_lists_every_endpoint() {
         ("/api/chat/sessions", "post"),
         ("/api/chat/sessions", "get"),
         ("/api/chat/sessions/{id}", "get"),
+        ("/api/chat/sessions/{id}", "patch"),
         ("/api/chat/sessions/{id}", "delete"),
         ("/api/chat/sessions/{id}/messages", "get"),
+        ("/api/chat/sessions/{id}/stream", "post"),
+        ("/api/chat/sessions/{id}/stream", "get"),
+        ("/api/chat/sessions/{id}/stream", "delete"),
         ("/api/credits/calculate", "post"),
         ("/api/credits/check", "post"),
         ("/api/streaming-sessions/initialize", "post"),
@@ -771,4 +851,112 @@ async fn sessions_per_user_are_limited() {
     let (status, _) = app.send(request("DELETE", &uri, Some(&alice), None)).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(app.send(create()).await.0, StatusCode::CREATED);
+}
+
+/// The web pages: `index.html` at every page path with a strict CSP and no
+/// caching, the hashed assets it names cached for good, with their types.
+#[tokio::test]
+async fn the_pages_and_their_assets_are_served_with_safe_headers() {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let app = TestApp::new().await;
+    let get = |uri: &str, if_none_match: Option<&str>| {
+        let mut builder = Request::builder().uri(uri);
+        if let Some(tag) = if_none_match {
+            builder = builder.header(header::IF_NONE_MATCH, tag);
+        }
+        app.router
+            .clone()
+            .oneshot(builder.body(Body::empty()).unwrap())
+    };
+
+    let response = get("/", None).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let headers = response.headers().clone();
+    assert_eq!(headers["content-type"], "text/html; charset=utf-8");
+    assert_eq!(headers["cache-control"], "no-cache");
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    assert_eq!(headers["x-frame-options"], "DENY");
+    let csp = headers["content-security-policy"].to_str().unwrap();
+    for directive in [
+        "default-src 'none'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "frame-ancestors 'none'",
+        "require-trusted-types-for 'script'",
+    ] {
+        assert!(csp.contains(directive), "{directive} missing from {csp}");
+    }
+    assert!(!csp.contains("unsafe"), "{csp}");
+    let html = String::from_utf8(
+        response
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    // No inline script or style: everything comes from /assets/.
+    assert!(!html.contains("<style"), "{html}");
+    assert!(!html.contains(" style="), "{html}");
+    let scripts: Vec<&str> = html.split("<script").skip(1).collect();
+    assert_eq!(scripts.len(), 1, "{html}");
+    assert!(scripts[0].contains("src=\"/assets/"), "{html}");
+
+    let etag = headers["etag"].to_str().unwrap();
+    let response = get("/", Some(etag)).await.unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_MODIFIED);
+    assert_eq!(response.headers()["etag"], etag);
+
+    let assets: Vec<&str> = html
+        .split("\"/assets/")
+        .skip(1)
+        .map(|rest| &rest[..rest.find('"').unwrap()])
+        .collect();
+    assert_eq!(assets.len(), 3, "script, stylesheet and icon: {html}");
+    for asset in assets {
+        let response = get(&format!("/assets/{asset}"), None).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{asset}");
+        let expected = match asset.rsplit_once('.').unwrap().1 {
+            "js" => "text/javascript; charset=utf-8",
+            "css" => "text/css; charset=utf-8",
+            "svg" => "image/svg+xml",
+            other => panic!("unexpected asset type {other}"),
+        };
+        assert_eq!(response.headers()["content-type"], expected, "{asset}");
+        assert_eq!(
+            response.headers()["cache-control"],
+            "public, max-age=31536000, immutable"
+        );
+        assert_eq!(response.headers()["x-content-type-options"], "nosniff");
+        let name = asset.rsplit_once('.').unwrap().0;
+        assert!(
+            name.rsplit_once('-')
+                .is_some_and(|(_, hash)| hash.len() == 8),
+            "{asset} has a content hash in its name"
+        );
+    }
+
+    // The console's pages are the same index.html (the app routes on the client).
+    for page in ["/console", "/console/audit", "/console/credits"] {
+        let response = get(page, Some(etag)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_MODIFIED, "{page}");
+        assert!(
+            response.headers().contains_key("content-security-policy"),
+            "{page}"
+        );
+    }
+
+    for missing in [
+        "/assets/app-00000000.js",
+        "/index.html",
+        "/console/",
+        "/console/nope",
+    ] {
+        let (status, body) = app.send(request("GET", missing, None, None)).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{missing}");
+        assert_eq!(body["code"], "NOT_FOUND");
+    }
 }

@@ -106,6 +106,18 @@ const TABLE: &[Row] = &[
         [401, 200, 404, 200, 404, 200],
     ),
     row(
+        "PATCH",
+        "/api/chat/sessions/{id}",
+        Setup::Session,
+        |t| {
+            (
+                format!("/api/chat/sessions/{}", t.session),
+                Some(json!({"title": "renamed"})),
+            )
+        },
+        [401, 200, 404, 404, 404, 404],
+    ),
+    row(
         "DELETE",
         "/api/chat/sessions/{id}",
         Setup::Session,
@@ -149,6 +161,34 @@ const TABLE: &[Row] = &[
         Setup::ReplyInProgress,
         |t| (format!("/api/chat/sessions/{}/stream", t.session), None),
         [401, 200, 404, 404, 404, 404],
+    ),
+    row(
+        "DELETE",
+        "/api/chat/sessions/{id}/stream",
+        Setup::ReplyInProgress,
+        |t| (format!("/api/chat/sessions/{}/stream", t.session), None),
+        [401, 200, 404, 404, 404, 404],
+    ),
+    row(
+        "GET",
+        "/api/chat/sessions/{id}/observe",
+        Setup::ReplyInProgress,
+        |t| (format!("/api/chat/sessions/{}/observe", t.session), None),
+        [401, 404, 404, 200, 404, 200],
+    ),
+    row(
+        "GET",
+        "/api/observe/live",
+        Setup::Nothing,
+        |_| ("/api/observe/live".into(), None),
+        [401, 403, 403, 200, 200, 200],
+    ),
+    row(
+        "GET",
+        "/api/observe/audit",
+        Setup::Nothing,
+        |_| ("/api/observe/audit".into(), None),
+        [401, 403, 403, 200, 200, 200],
     ),
     row(
         "GET",
@@ -295,10 +335,7 @@ fn paced_replies(registry: &mut Registry) -> Replies {
     Replies::new(
         Routes::builtin(),
         ProviderRegistry::new(Arc::new(simulated), None, None),
-        ReplySettings {
-            grace: Duration::from_secs(30),
-            ping: Duration::from_secs(15),
-        },
+        ReplySettings::new(),
         registry,
     )
 }
@@ -364,12 +401,14 @@ async fn every_operation_answers_each_caller_as_the_table_says() {
     let (store, _dir) = embedded_store().await;
     let mut registry = Registry::default();
     let replies = paced_replies(&mut registry);
-    let state = state_with_replies(
+    let mut state = state_with_replies(
         Arc::new(store.clone()),
         embedded_ledger(&store).await,
         registry,
         replies,
     );
+    // Every call gets a fresh session of the owner's: more than one user keeps.
+    state.limits.max_sessions_per_user = 1_000;
     let router = parley_service::app(state);
     let document = Document::served(&router).await;
 

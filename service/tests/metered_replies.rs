@@ -18,7 +18,6 @@ use parley_service::ledger::{
 };
 use parley_service::model_routes::{ProviderRegistry, Routes};
 use parley_service::providers::{SimulatedProvider, SimulatedSettings};
-use parley_service::store::SessionStore;
 use parley_service::stream::{Replies, ReplySettings};
 use prometheus_client::registry::Registry;
 use serde_json::json;
@@ -50,7 +49,7 @@ fn settings() -> LedgerSettings {
     }
 }
 
-fn app(sessions: Arc<dyn SessionStore>, ledger: Arc<dyn Ledger>) -> Router {
+fn app<S: common::TestStore>(sessions: Arc<S>, ledger: Arc<dyn Ledger>) -> Router {
     let mut registry = Registry::default();
     let simulated = SimulatedProvider::new(SimulatedSettings {
         first_token_latency: Duration::ZERO,
@@ -60,10 +59,7 @@ fn app(sessions: Arc<dyn SessionStore>, ledger: Arc<dyn Ledger>) -> Router {
     let replies = Replies::new(
         Routes::from_yaml(ROUTES).unwrap(),
         ProviderRegistry::new(Arc::new(simulated), None, None),
-        ReplySettings {
-            grace: Duration::from_secs(30),
-            ping: Duration::from_secs(15),
-        },
+        ReplySettings::new(),
         &mut registry,
     );
     parley_service::app(common::state_with_replies(

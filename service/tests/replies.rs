@@ -12,9 +12,7 @@ use std::time::Duration;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_credential_types::Credentials;
 use aws_credential_types::provider::SharedCredentialsProvider;
-use eventsource_stream::{Event, Eventsource};
-use futures::StreamExt;
-use futures::stream::BoxStream;
+use eventsource_stream::Event;
 use parley_service::auth::Role;
 use parley_service::embedded_db::EmbeddedDb;
 use parley_service::ledger::{EmbeddedLedger, Ledger, MongoLedger};
@@ -27,13 +25,11 @@ use parley_service::stream::{Replies, ReplySettings};
 use parley_test_support::bedrock::BedrockStandIn;
 use parley_test_support::openai::OpenAiStandIn;
 use parley_test_support::script::{Fault, Rejection, Script, StreamFailure};
+use parley_test_support::sse::{Events, PROMPTLY, data, drain, events, next};
 use prometheus_client::registry::Registry;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
-
-/// Upper bound for anything that should happen promptly; never a wait.
-const PROMPTLY: Duration = Duration::from_secs(15);
 
 const PRIMARY: &str = "anthropic.claude-3-haiku-20240307-v1:0";
 const SECONDARY: &str = "amazon.nova-micro-v1:0";
@@ -180,7 +176,7 @@ impl Harness {
             providers,
             ReplySettings {
                 grace,
-                ping: Duration::from_secs(15),
+                ..ReplySettings::new()
             },
             &mut registry,
         );
@@ -227,7 +223,7 @@ impl Harness {
     }
 
     /// Starts a streamed reply; the response head, then its SSE events.
-    async fn stream(&self, token: &str, session: &str, body: Value) -> BoxStream<'static, Event> {
+    async fn stream(&self, token: &str, session: &str, body: Value) -> Events {
         let response = self
             .client
             .post(self.url(&format!("/api/chat/sessions/{session}/stream")))
@@ -239,6 +235,20 @@ impl Harness {
         assert_eq!(response.status(), StatusCode::OK);
         assert_sse_headers(&response);
         events(response)
+    }
+
+    /// A reply that writes `first` and then stalls, in a new session of
+    /// `token`'s user, read up to that first chunk.
+    async fn stalled_reply(&self, token: &str, first: &str) -> (String, Events) {
+        self.bedrock.set_script(
+            PRIMARY,
+            Script::reply([first, "never"]).with_fault(Fault::Stall { after_deltas: 1 }),
+        );
+        let session = self.session(token).await;
+        let mut stream = self.stream(token, &session, json!({"message": "hi"})).await;
+        assert_eq!(next(&mut stream).await.event, "model");
+        assert_eq!(next(&mut stream).await.event, "chunk");
+        (session, stream)
     }
 
     async fn stored(&self, session: &str, token: &str) -> Value {
@@ -265,32 +275,6 @@ fn assert_sse_headers(response: &reqwest::Response) {
     assert_eq!(header("content-type"), "text/event-stream");
     assert_eq!(header("cache-control"), "no-cache");
     assert_eq!(header("x-accel-buffering"), "no");
-}
-
-fn events(response: reqwest::Response) -> BoxStream<'static, Event> {
-    response
-        .bytes_stream()
-        .eventsource()
-        .map(|event| event.unwrap())
-        .boxed()
-}
-
-/// Every event until the stream ends.
-async fn drain(events: BoxStream<'static, Event>) -> Vec<Event> {
-    tokio::time::timeout(PROMPTLY, events.collect())
-        .await
-        .expect("the stream did not end")
-}
-
-async fn next(events: &mut BoxStream<'static, Event>) -> Event {
-    tokio::time::timeout(PROMPTLY, events.next())
-        .await
-        .expect("no event")
-        .expect("stream ended")
-}
-
-fn data(event: &Event) -> Value {
-    serde_json::from_str(&event.data).unwrap()
 }
 
 fn chunk_text(events: &[Event]) -> String {
@@ -621,17 +605,8 @@ async fn reattaching_with_last_event_id_has_no_gap_and_no_duplicate() {
 async fn a_disconnected_reply_is_cancelled_upstream_after_the_grace_period() {
     let grace = Duration::from_millis(300);
     let harness = Harness::start(grace, 30).await;
-    harness.bedrock.set_script(
-        PRIMARY,
-        Script::reply(["kept ", "never"]).with_fault(Fault::Stall { after_deltas: 1 }),
-    );
     let token = user();
-    let session = harness.session(&token).await;
-    let mut stream = harness
-        .stream(&token, &session, json!({"message": "hi"}))
-        .await;
-    assert_eq!(next(&mut stream).await.event, "model");
-    assert_eq!(next(&mut stream).await.event, "chunk");
+    let (session, stream) = harness.stalled_reply(&token, "kept ").await;
     let left = tokio::time::Instant::now();
     drop(stream);
 
@@ -658,25 +633,112 @@ async fn a_disconnected_reply_is_cancelled_upstream_after_the_grace_period() {
 }
 
 #[tokio::test]
+async fn the_owner_stops_a_reply_at_once_and_keeps_what_was_generated() {
+    // A long grace period: only the explicit stop can end this reply soon.
+    let harness = Harness::start(Duration::from_secs(3600), 30).await;
+    let token = user();
+    let (session, stream) = harness.stalled_reply(&token, "kept ").await;
+    let stop_url = harness.url(&format!("/api/chat/sessions/{session}/stream"));
+    let stop = |token: String| harness.client.delete(&stop_url).bearer_auth(token).send();
+
+    // Nobody else can stop it, not even a supervisor of the owner's cohort.
+    for other in [
+        common::token("mallory", Role::User, &["c1"]),
+        common::token("sam", Role::Supervisor, &["c1"]),
+    ] {
+        let response = stop(other).await.unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["code"], "NO_ACTIVE_REPLY");
+    }
+
+    let response = stop(token.clone()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["sessionId"], session.as_str());
+    // Answered once the reply is over: the partial reply is already stored.
+    let stored = harness.stored(&session, &token).await;
+    assert_eq!(stored["messages"][1]["content"], "kept ");
+    assert_eq!(stored["messages"][1]["incomplete"], true);
+    // The open stream ends with the cancellation, and the model call is dropped.
+    let rest = drain(stream).await;
+    assert_eq!(rest.len(), 1, "{rest:?}");
+    assert_eq!(data(&rest[0])["code"], "CANCELLED");
+    tokio::time::timeout(PROMPTLY, harness.bedrock.wait_for_dropped_streams(1))
+        .await
+        .unwrap();
+
+    let response = stop(token.clone()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    // The session takes the next reply at once.
+    harness
+        .bedrock
+        .set_script(PRIMARY, Script::reply(["again"]));
+    let events = drain(
+        harness
+            .stream(&token, &session, json!({"message": "more"}))
+            .await,
+    )
+    .await;
+    assert_eq!(events.last().unwrap().event, "complete");
+}
+
+#[tokio::test]
 async fn shutdown_ends_running_replies_with_shutting_down() {
     let harness = Harness::start(Duration::from_secs(30), 30).await;
-    harness.bedrock.set_script(
-        PRIMARY,
-        Script::reply(["before ", "never"]).with_fault(Fault::Stall { after_deltas: 1 }),
-    );
     let token = user();
-    let session = harness.session(&token).await;
-    let mut stream = harness
-        .stream(&token, &session, json!({"message": "hi"}))
-        .await;
-    assert_eq!(next(&mut stream).await.event, "model");
-    assert_eq!(next(&mut stream).await.event, "chunk");
+    let (session, stream) = harness.stalled_reply(&token, "before ").await;
     harness.replies.shutdown.cancel();
     let rest = drain(stream).await;
     assert_eq!(data(rest.last().unwrap())["code"], "SHUTTING_DOWN");
     let stored = harness.stored(&session, &token).await;
     assert_eq!(stored["messages"][1]["content"], "before ");
     assert_eq!(stored["messages"][1]["incomplete"], true);
+}
+
+#[tokio::test]
+async fn a_draining_replica_is_not_ready_and_starts_no_reply_while_running_ones_go_on() {
+    let harness = Harness::start(Duration::from_secs(30), 30).await;
+    harness.bedrock.set_script(
+        PRIMARY,
+        Script::reply(["still ", "never"]).with_fault(Fault::Stall { after_deltas: 1 }),
+    );
+    let token = user();
+    let running = harness.session(&token).await;
+    let idle = harness.session(&token).await;
+    let mut stream = harness
+        .stream(&token, &running, json!({"message": "hi"}))
+        .await;
+    assert_eq!(next(&mut stream).await.event, "model");
+    assert_eq!(next(&mut stream).await.event, "chunk");
+    harness.replies.draining.cancel();
+
+    let ready = harness
+        .client
+        .get(harness.url("/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = ready.json().await.unwrap();
+    assert_eq!(body["code"], "SHUTTING_DOWN");
+    let refused = harness
+        .client
+        .post(harness.url(&format!("/api/chat/sessions/{idle}/stream")))
+        .bearer_auth(&token)
+        .json(&json!({"message": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["code"], "SHUTTING_DOWN");
+
+    // The running reply was not touched: it ends only when the drain is over.
+    harness.replies.shutdown.cancel();
+    let rest = drain(stream).await;
+    assert_eq!(rest.len(), 1, "{rest:?}");
+    assert_eq!(data(&rest[0])["code"], "SHUTTING_DOWN");
 }
 
 #[tokio::test]

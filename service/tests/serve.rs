@@ -8,9 +8,10 @@ use common::server::{RunningServer, call, cli_token, config};
 use parley_test_support::proxy::{TcpProxy, host_port};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use tokio::net::TcpListener;
 
 #[tokio::test]
-async fn serves_health_and_metrics_by_route_template_then_shuts_down() {
+async fn serves_health_and_metrics_by_route_template_and_backend_timings_then_shuts_down() {
     let dir = tempfile::tempdir().unwrap();
     let config = config(dir.path(), &["--jwt-secret", "serve-test-secret"]);
     let token = cli_token(&config, "alice").await;
@@ -41,6 +42,14 @@ async fn serves_health_and_metrics_by_route_template_then_shuts_down() {
     )
     .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = call(
+        reqwest::Method::GET,
+        server.url("/api/credits/balance"),
+        &token,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
 
     let response = reqwest::get(server.url("/metrics")).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
@@ -62,6 +71,24 @@ async fn serves_health_and_metrics_by_route_template_then_shuts_down() {
         "{metrics}"
     );
     assert!(has(r#"route="unmatched",status="404""#), "{metrics}");
+    // The store and the ledger are timed by operation, whichever backend runs.
+    let timed = |histogram: &str, operation: &str| {
+        let count = format!("{histogram}_count{{");
+        let labels = format!(r#"operation="{operation}",outcome="ok""#);
+        metrics
+            .lines()
+            .any(|line| line.starts_with(&count) && line.contains(&labels))
+    };
+    for operation in ["create", "get"] {
+        assert!(
+            timed("parley_store_operation_duration_seconds", operation),
+            "store {operation} not timed:\n{metrics}"
+        );
+    }
+    assert!(
+        timed("parley_ledger_operation_duration_seconds", "balance"),
+        "ledger balance not timed:\n{metrics}"
+    );
     assert!(
         !metrics.contains(id),
         "a session id leaked into metric labels"
@@ -96,7 +123,9 @@ async fn embedded_sessions_and_the_dev_secret_survive_a_restart() {
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{fetched}");
-    assert_eq!(fetched, created);
+    let mut expected = created.clone();
+    expected["observedBy"] = serde_json::json!([]);
+    assert_eq!(fetched, expected);
     second.stop().await;
 }
 
@@ -170,4 +199,160 @@ async fn a_store_outage_answers_503_store_unavailable() {
         .await
         .unwrap();
     common::drop_mongo(cleanup).await;
+}
+
+/// The `paths` of the server's OpenAPI document.
+async fn openapi_paths(server: &RunningServer) -> Value {
+    let document: Value = reqwest::get(server.url("/api/openapi.json"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    document["paths"].clone()
+}
+
+/// A request to the dev sign-in endpoint with optional Host and Origin headers.
+async fn dev_request(
+    method: reqwest::Method,
+    url: String,
+    host: Option<&str>,
+    origin: Option<&str>,
+    body: Option<Value>,
+) -> reqwest::Response {
+    let mut builder = reqwest::Client::new().request(method, url);
+    if let Some(host) = host {
+        builder = builder.header(reqwest::header::HOST, host);
+    }
+    if let Some(origin) = origin {
+        builder = builder.header(reqwest::header::ORIGIN, origin);
+    }
+    if let Some(body) = body {
+        builder = builder.json(&body);
+    }
+    builder.send().await.unwrap()
+}
+
+#[tokio::test]
+async fn dev_sign_in_mints_working_tokens_in_local_mode_for_loopback_requests_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = RunningServer::start(config(dir.path(), &[])).await;
+    let url = server.url("/api/dev/token");
+
+    let response = dev_request(reqwest::Method::GET, url.clone(), None, None, None).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let offered: Value = response.json().await.unwrap();
+    assert_eq!(
+        offered,
+        json!({"ttlSeconds": 86400, "roles": ["user", "supervisor", "admin"]})
+    );
+
+    let response = dev_request(
+        reqwest::Method::POST,
+        url.clone(),
+        None,
+        Some(&format!("http://{}", server.address)),
+        Some(json!({"sub": "sam", "role": "supervisor", "cohorts": ["c1", " c2 "]})),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["cache-control"], "no-store");
+    let minted: Value = response.json().await.unwrap();
+    assert_eq!(minted["sub"], "sam");
+    assert_eq!(minted["role"], "supervisor");
+    assert_eq!(minted["cohorts"], json!(["c1", "c2"]));
+    let token = minted["token"].as_str().unwrap();
+    let (status, balance) = call(
+        reqwest::Method::GET,
+        server.url("/api/credits/balance"),
+        token,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{balance}");
+    assert_eq!(balance["userId"], "sam");
+
+    // A page of another site whose name resolves to 127.0.0.1 (DNS
+    // rebinding) names itself in Host and Origin: refused.
+    let port = server.address.port();
+    for (host, origin) in [
+        (Some(format!("evil.example:{port}")), None),
+        (None, Some("http://evil.example".to_owned())),
+        (None, Some("null".to_owned())),
+    ] {
+        for method in [reqwest::Method::GET, reqwest::Method::POST] {
+            let response = dev_request(
+                method.clone(),
+                url.clone(),
+                host.as_deref(),
+                origin.as_deref(),
+                Some(json!({"sub": "eve", "role": "admin"})),
+            )
+            .await;
+            assert_eq!(
+                response.status(),
+                StatusCode::FORBIDDEN,
+                "{method} {host:?} {origin:?}"
+            );
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["code"], "FORBIDDEN");
+            assert!(body.get("token").is_none());
+        }
+    }
+    for (body, field) in [
+        (json!({"sub": ""}), "sub"),
+        (json!({"sub": "a\u{7}b"}), "sub"),
+        (json!({"sub": "x".repeat(257)}), "sub"),
+        (json!({"sub": "ann", "cohorts": [""]}), "cohorts"),
+    ] {
+        let response =
+            dev_request(reqwest::Method::POST, url.clone(), None, None, Some(body)).await;
+        assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["field"], field);
+    }
+    let response = dev_request(
+        reqwest::Method::POST,
+        url.clone(),
+        None,
+        None,
+        Some(json!({"sub": "ann", "role": "root"})),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+
+    assert!(openapi_paths(&server).await["/api/dev/token"]["post"].is_object());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn dev_sign_in_does_not_exist_with_a_configured_secret_or_off_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let configured = RunningServer::start(config(dir.path(), &["--jwt-secret", "s3cret"])).await;
+    // Local mode on every interface: reachable from other machines.
+    let other_dir = tempfile::tempdir().unwrap();
+    let everywhere = RunningServer::start_on(
+        TcpListener::bind("0.0.0.0:0").await.unwrap(),
+        config(other_dir.path(), &[]),
+    )
+    .await;
+
+    for server in [&configured, &everywhere] {
+        for method in [reqwest::Method::GET, reqwest::Method::POST] {
+            let response = dev_request(
+                method.clone(),
+                server.url("/api/dev/token"),
+                None,
+                None,
+                Some(json!({"sub": "eve", "role": "admin"})),
+            )
+            .await;
+            assert_eq!(response.status(), StatusCode::NOT_FOUND, "{method}");
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["code"], "NOT_FOUND");
+        }
+        assert!(openapi_paths(server).await.get("/api/dev/token").is_none());
+    }
+    configured.stop().await;
+    everywhere.stop().await;
 }

@@ -2,6 +2,7 @@
 //! embedded store and against the real MongoDB-wire server.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[macro_use]
 mod common;
 
 use std::collections::HashSet;
@@ -9,39 +10,17 @@ use std::sync::Arc;
 
 use parley_service::Error;
 use parley_service::store::{
-    Message, MessageRole, NewSession, ObjectId, PageRequest, SessionStore, TokenTotals, now,
+    Message, MessageRole, NewSession, ObjectId, PageRequest, SessionStore, SessionSummary,
+    TokenTotals, now,
 };
 
-macro_rules! conformance {
-    ($($case:ident),* $(,)?) => {
-        mod embedded {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let (store, _dir) = crate::common::embedded_store().await;
-                    crate::$case(std::sync::Arc::new(store)).await;
-                }
-            )*
-        }
-        mod mongo {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let store = crate::common::mongo_store().await;
-                    crate::$case(std::sync::Arc::new(store.clone())).await;
-                    crate::common::drop_mongo(store).await;
-                }
-            )*
-        }
-    };
-}
-
-conformance!(
+store_conformance!(
     ping_answers,
     create_then_get_round_trips,
     unknown_session_is_not_found,
     list_is_newest_first_paginated_and_per_user,
     delete_removes_only_the_owners_session,
+    rename_changes_only_the_owners_title,
     append_adds_messages_and_tokens,
     append_to_another_users_session_is_not_found,
     concurrent_appends_lose_nothing,
@@ -200,6 +179,49 @@ async fn delete_removes_only_the_owners_session(store: Arc<dyn SessionStore>) {
         .unwrap();
     assert_eq!(listed.total, 1);
     assert_eq!(listed.sessions[0].id, kept);
+}
+
+async fn rename_changes_only_the_owners_title(store: Arc<dyn SessionStore>) {
+    let message = Message::new(MessageRole::User, "hello".into());
+    let created = store
+        .create(new_session("alice", "before", vec![message.clone()]))
+        .await
+        .unwrap();
+    let id = created.summary.id;
+    next_millisecond().await;
+    let newer = store
+        .create(new_session("alice", "newer", vec![]))
+        .await
+        .unwrap()
+        .summary
+        .id;
+    assert!(matches!(
+        store.rename(id, "mallory", "taken").await,
+        Err(Error::SessionNotFound)
+    ));
+    assert!(matches!(
+        store.rename(ObjectId::new(), "alice", "ghost").await,
+        Err(Error::SessionNotFound)
+    ));
+
+    let title = "after \"quoted\" 😀";
+    let renamed = store.rename(id, "alice", title).await.unwrap();
+    let expected = SessionSummary {
+        title: title.into(),
+        ..created.summary.clone()
+    };
+    assert_eq!(renamed, expected);
+    let session = store.get(id).await.unwrap();
+    assert_eq!(session.summary, expected);
+    assert_eq!(session.messages, [message]);
+    // The list order dates the conversation, not the title.
+    let listed = store
+        .list("alice", PageRequest { page: 1, limit: 10 })
+        .await
+        .unwrap();
+    let order: Vec<_> = listed.sessions.iter().map(|s| s.id).collect();
+    assert_eq!(order, [newer, id]);
+    assert_eq!(listed.sessions[1], expected);
 }
 
 async fn append_adds_messages_and_tokens(store: Arc<dyn SessionStore>) {

@@ -28,6 +28,12 @@ pub fn redis_url() -> String {
     required("PARLEY_TEST_REDIS_URL")
 }
 
+/// The Python interpreter of the venv holding the pinned test tools
+/// (`scripts/requirements-test.txt`).
+pub fn python() -> PathBuf {
+    PathBuf::from(required("PARLEY_TEST_PYTHON"))
+}
+
 /// Kubeconfig of the test kube-apiserver. A variable of its own, never
 /// `KUBECONFIG`, so that tests cannot touch a developer's real cluster.
 pub fn kubeconfig_path() -> PathBuf {

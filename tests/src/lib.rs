@@ -90,6 +90,35 @@ impl Process {
             .unwrap_or_else(|_| panic!("no line containing {needle:?} within {STARTUP_LIMIT:?}"))
     }
 
+    /// Reads output until a line containing each of `needles` has been seen,
+    /// in any order (stdout and stderr are read separately, so lines of the
+    /// two do not arrive in the order they were written); those lines, in the
+    /// order of `needles`.
+    pub async fn wait_for_lines(&mut self, needles: &[&str]) -> Vec<String> {
+        let mut found: Vec<Option<String>> = vec![None; needles.len()];
+        let read = async {
+            while found.iter().any(Option::is_none) {
+                let Some(line) = self.lines.recv().await else {
+                    panic!("process ended before printing lines containing {needles:?}");
+                };
+                if let Some(slot) =
+                    needles
+                        .iter()
+                        .zip(found.iter_mut())
+                        .find_map(|(needle, slot)| {
+                            (slot.is_none() && line.contains(needle)).then_some(slot)
+                        })
+                {
+                    *slot = Some(line);
+                }
+            }
+        };
+        tokio::time::timeout(STARTUP_LIMIT, read)
+            .await
+            .unwrap_or_else(|_| panic!("no lines containing {needles:?} within {STARTUP_LIMIT:?}"));
+        found.into_iter().flatten().collect()
+    }
+
     /// Kills the process with SIGKILL, as a crashed node or an OOM kill
     /// would: no shutdown code runs.
     pub async fn kill(&mut self) {

@@ -39,12 +39,18 @@ async fn local_mode_serves_prints_a_working_dev_token_and_stops_on_sigterm() {
     ];
     envs.push(("RUST_LOG", "info".to_owned()));
     let mut process = Process::start("parley-service", &[], &envs);
-    process.wait_for_line("Dev token for user").await;
-    let token = process.wait_for_line("eyJ").await.trim().to_owned();
-    let curl = process.wait_for_line("curl -s -X POST").await;
-    assert!(curl.contains(&token), "the curl line carries the dev token");
-    let serving = process.wait_for_line("\"serving\"").await;
-    let base = format!("http://{}", logged_address(&serving));
+    let lines = process
+        .wait_for_lines(&["Dev token for user", "curl -s -X POST", "\"serving\""])
+        .await;
+    let (curl, serving) = (&lines[1], &lines[2]);
+    // The ready-to-paste curl line carries the dev token.
+    let token = curl
+        .split_once("Bearer ")
+        .and_then(|(_, rest)| rest.split_once('\''))
+        .map(|(token, _)| token.to_owned())
+        .unwrap();
+    assert_eq!(token.split('.').count(), 3, "not a JWT: {token}");
+    let base = format!("http://{}", logged_address(serving));
     let http = reqwest::Client::new();
 
     assert_eq!(

@@ -21,17 +21,16 @@
 pub mod contract;
 mod external;
 mod metrics;
-mod price_book;
 pub mod reaper;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use axum::extract::FromRequestParts;
+use axum::extract::{FromRef, FromRequestParts};
 use axum::http::request::Parts;
 
-use crate::auth::{Principal, Role, bearer_token};
+use crate::auth::{Authenticator, Principal, Role, bearer_token};
 use crate::embedded_db::PendingDurability;
 use crate::error::Error;
 use crate::ledger::{
@@ -39,8 +38,8 @@ use crate::ledger::{
     Settlement,
 };
 use crate::model_routes::RoutesCell;
+pub use crate::model_routes::{PriceBook, RoutePrice};
 use crate::providers::estimate_tokens;
-use crate::state::AppState;
 use contract::{
     AbortRequest, AccountQuery, BalanceResponse, CalculateRequest, CalculateResponse, CheckRequest,
     CheckResponse, FinalizeRequest, GrantRequest, InitializeRequest, InitializeResponse,
@@ -48,7 +47,6 @@ use contract::{
 };
 pub use external::ExternalAccounting;
 pub use metrics::AccountingMetrics;
-pub use price_book::{PriceBook, RoutePrice};
 
 /// Longest `sessionId` of the streaming-session endpoints.
 const MAX_SESSION_ID_BYTES: usize = 128;
@@ -63,10 +61,14 @@ pub struct Caller {
     pub token: String,
 }
 
-impl FromRequestParts<AppState> for Caller {
+impl<S> FromRequestParts<S> for Caller
+where
+    S: Send + Sync,
+    Arc<Authenticator>: FromRef<S>,
+{
     type Rejection = Error;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Error> {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Error> {
         let token = bearer_token(&parts.headers)?.to_owned();
         let principal = Principal::from_request_parts(parts, state).await?;
         Ok(Caller { principal, token })

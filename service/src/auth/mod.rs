@@ -1,6 +1,7 @@
 //! Authentication: JWT bearer tokens, HS256 with a shared secret and/or
 //! RS256/ES256 with keys from a JWKS URL. Authorization rules live in `policy`.
 
+pub mod dev;
 mod jwks;
 pub mod policy;
 
@@ -14,10 +15,12 @@ use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use jwks::JwksClient;
 pub use jwks::JwksSettings;
+
+pub use crate::identity::{Principal, Role};
 
 use crate::config::Config;
 use crate::error::Error;
@@ -25,26 +28,6 @@ use crate::error::Error;
 /// Tokens longer than this are rejected before any parsing.
 const MAX_TOKEN_BYTES: usize = 8 * 1024;
 const DEV_SECRET_FILE: &str = "dev-jwt-secret";
-
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, utoipa::ToSchema,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    User,
-    Supervisor,
-    Admin,
-}
-
-/// The authenticated caller, taken from a verified token's claims.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct Principal {
-    pub sub: String,
-    pub role: Role,
-    /// A user's cohorts; for a supervisor, the cohorts it supervises.
-    #[serde(default)]
-    pub cohorts: Vec<String>,
-}
 
 /// The claims Parley mints (`token` subcommand, dev token).
 #[derive(Debug, Serialize)]

@@ -39,3 +39,17 @@ pub fn may_access(caller: &Principal, owner: Owner<'_>, access: Access) -> bool 
         (Role::User, _) | (Role::Admin | Role::Supervisor, Access::Modify) => false,
     }
 }
+
+/// Who may observe a session's replies live: admins, and supervisors sharing
+/// a cohort with its owner. Owners follow their own replies through the
+/// stream endpoints; everyone else is told the session does not exist.
+pub fn may_observe(caller: &Principal, owner: Owner<'_>) -> bool {
+    match caller.role {
+        Role::Admin => true,
+        Role::Supervisor => caller
+            .cohorts
+            .iter()
+            .any(|cohort| owner.cohorts.contains(cohort)),
+        Role::User => false,
+    }
+}

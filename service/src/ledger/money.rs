@@ -120,3 +120,49 @@ pub fn price(
         .ok_or(LedgerError::AmountOutOfRange)
         .and_then(Credits::try_from)
 }
+
+/// Credits as JSON numbers in decimal credits. Serialized through `f64`:
+/// a µcredit count below 2^53 divided by 10^6 is the double nearest the
+/// decimal, whose shortest representation is that decimal again, so amounts
+/// up to a billion credits round-trip exactly.
+pub mod decimal_credits {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::{Credits, MICROS_PER_CREDIT};
+
+    pub fn serialize<S: Serializer>(credits: &Credits, serializer: S) -> Result<S::Ok, S::Error> {
+        // Exact for the amounts documented above; this is the wire format only.
+        #[allow(clippy::cast_precision_loss)]
+        let value = credits.micros() as f64 / MICROS_PER_CREDIT as f64;
+        serializer.serialize_f64(value)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Credits, D::Error> {
+        let value = f64::deserialize(deserializer)?;
+        Credits::from_credits_f64(value).map_err(serde::de::Error::custom)
+    }
+
+    pub mod option {
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        use super::super::Credits;
+
+        pub fn serialize<S: Serializer>(
+            credits: &Option<Credits>,
+            serializer: S,
+        ) -> Result<S::Ok, S::Error> {
+            match credits {
+                Some(credits) => super::serialize(credits, serializer),
+                None => serializer.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            deserializer: D,
+        ) -> Result<Option<Credits>, D::Error> {
+            Option::<f64>::deserialize(deserializer)?
+                .map(|value| Credits::from_credits_f64(value).map_err(serde::de::Error::custom))
+                .transpose()
+        }
+    }
+}

@@ -22,9 +22,6 @@ mod redis;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use axum::extract::{Request, State};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use futures::future::BoxFuture;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -33,9 +30,7 @@ use prometheus_client::registry::Registry;
 
 pub use self::local::LocalRateLimiter;
 pub use self::redis::RedisRateLimiter;
-use crate::auth::bearer_token;
 use crate::error::Error;
-use crate::state::AppState;
 
 /// Length of a rate-limit window.
 pub const WINDOW: Duration = Duration::from_secs(60);
@@ -198,6 +193,7 @@ struct LimitLabels {
 #[derive(Clone, Default)]
 pub struct RateLimitMetrics {
     limited: Family<LimitLabels, Counter>,
+    unavailable: Counter,
 }
 
 impl RateLimitMetrics {
@@ -208,7 +204,18 @@ impl RateLimitMetrics {
             "Requests refused by a per-user limit, by limit",
             metrics.limited.clone(),
         );
+        registry.register(
+            "parley_rate_limiter_unavailable",
+            "Decisions the shared rate limiter (Redis) could not make; requests fail closed",
+            metrics.unavailable.clone(),
+        );
         metrics
+    }
+
+    /// Counts a decision the shared limiter could not make and builds its error.
+    fn unavailable(&self, cause: impl std::fmt::Display) -> Error {
+        self.unavailable.inc();
+        Error::RateLimiterUnavailable(cause.to_string())
     }
 
     /// Counts a refusal and builds its error.
@@ -216,34 +223,4 @@ impl RateLimitMetrics {
         self.limited.get_or_create(&LimitLabels { limit }).inc();
         Error::RateLimited { limit, retry_after }
     }
-}
-
-/// Middleware applying the requests limit to authenticated `/api/` calls.
-/// The verified caller is left in the request's extensions, so the handler
-/// does not verify the token again; unauthenticated requests pass through
-/// to be refused by their handler.
-pub async fn limit_requests(
-    State(state): State<AppState>,
-    mut request: Request,
-    next: Next,
-) -> Response {
-    if !request.uri().path().starts_with("/api/") {
-        return next.run(request).await;
-    }
-    let Ok(token) = bearer_token(request.headers()) else {
-        return next.run(request).await;
-    };
-    let principal = match state.auth.verify(token).await {
-        Ok(principal) => principal,
-        Err(error) => return error.into_response(),
-    };
-    if let Err(error) = state
-        .rate_limiter
-        .admit_request(Scope::User(&principal.sub))
-        .await
-    {
-        return error.into_response();
-    }
-    request.extensions_mut().insert(principal);
-    next.run(request).await
 }

@@ -1,17 +1,23 @@
-//! The HTTP API. `app` builds the router and its OpenAPI document together
-//! (from the handlers' annotations; the accounting endpoints from their
-//! contract types), so the document cannot drift from the routes.
+//! The HTTP API and the web pages. `app` builds the router and its OpenAPI
+//! document together (from the handlers' annotations; the accounting
+//! endpoints from their contract types), so the document cannot drift from
+//! the routes.
 
 mod accounting;
+mod dev;
+mod observe;
 mod ops;
+mod pages;
 mod replies;
 mod sessions;
 mod standard_errors;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, Request};
-use axum::http::header::CONTENT_TYPE;
-use axum::http::{HeaderValue, StatusCode};
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
+use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router, middleware};
 use bytes::Bytes;
@@ -25,10 +31,11 @@ use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::auth::bearer_token;
 use crate::connections::BodyReadTimedOut;
 use crate::error::Error;
 use crate::metrics::track_requests;
-use crate::ratelimit::limit_requests;
+use crate::ratelimit::Scope;
 use crate::state::AppState;
 
 /// Where the OpenAPI document is served.
@@ -42,7 +49,9 @@ pub const OPENAPI_PATH: &str = "/api/openapi.json";
         (name = "sessions", description = "Chat sessions and their messages"),
         (name = "credits", description = "Seed-compatible accounting: prices, checks, holds, balances"),
         (name = "replies", description = "Model replies, whole or streamed, and the models offered"),
+        (name = "observation", description = "Supervisors and admins watching replies live, and the audit of it"),
         (name = "operations", description = "Liveness, readiness and metrics"),
+        (name = "dev", description = "Dev sign-in, present only in local mode on the generated dev secret"),
     )
 )]
 struct ApiDoc;
@@ -63,17 +72,33 @@ impl Modify for BearerAuth {
 }
 
 pub fn app(state: AppState) -> Router {
-    let (router, mut openapi) = OpenApiRouter::<AppState>::with_openapi(ApiDoc::openapi())
+    let api = OpenApiRouter::<AppState>::with_openapi(ApiDoc::openapi())
         .routes(routes!(sessions::create_session, sessions::list_sessions))
-        .routes(routes!(sessions::get_session, sessions::delete_session))
+        .routes(routes!(
+            sessions::get_session,
+            sessions::rename_session,
+            sessions::delete_session
+        ))
         .merge(accounting::routes())
         .routes(routes!(sessions::list_messages, replies::send_message))
-        .routes(routes!(replies::stream_reply, replies::reattach))
+        .routes(routes!(
+            replies::stream_reply,
+            replies::reattach,
+            replies::stop_reply
+        ))
         .routes(routes!(replies::list_models))
+        .routes(routes!(observe::observe_session))
+        .routes(routes!(observe::live))
+        .routes(routes!(observe::audit))
         .routes(routes!(ops::health))
         .routes(routes!(ops::ready))
-        .routes(routes!(ops::metrics))
-        .split_for_parts();
+        .routes(routes!(ops::metrics));
+    let api = if state.dev_tokens.is_some() {
+        api.merge(dev::routes())
+    } else {
+        api
+    };
+    let (router, mut openapi) = api.split_for_parts();
     standard_errors::add_standard_errors(&mut openapi);
     sessions::document_session_operations(&mut openapi);
     accounting::link_holds(&mut openapi);
@@ -111,6 +136,7 @@ pub fn app(state: AppState) -> Router {
                 }
             }),
         )
+        .merge(pages::router())
         .fallback(|| async { Error::EndpointNotFound })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(
@@ -124,6 +150,56 @@ pub fn app(state: AppState) -> Router {
         ))
         .layer(http_stack)
         .with_state(state)
+}
+
+/// Middleware applying the requests limit to authenticated `/api/` calls.
+/// The verified caller is left in the request's extensions, so the handler
+/// does not verify the token again; unauthenticated requests pass through
+/// to be refused by their handler.
+async fn limit_requests(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    if !request.uri().path().starts_with("/api/") {
+        return next.run(request).await;
+    }
+    let Ok(token) = bearer_token(request.headers()) else {
+        return next.run(request).await;
+    };
+    let principal = match state.auth.verify(token).await {
+        Ok(principal) => principal,
+        Err(error) => return error.into_response(),
+    };
+    if let Err(error) = state
+        .rate_limiter
+        .admit_request(Scope::User(&principal.sub))
+        .await
+    {
+        return error.into_response();
+    }
+    request.extensions_mut().insert(principal);
+    next.run(request).await
+}
+
+/// An SSE response of `frames`.
+fn event_stream(
+    frames: impl futures::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static,
+) -> Response {
+    (
+        StatusCode::OK,
+        [
+            (CONTENT_TYPE, HeaderValue::from_static("text/event-stream")),
+            (CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+            // nginx and similar proxies must pass events through unbuffered.
+            (
+                HeaderName::from_static("x-accel-buffering"),
+                HeaderValue::from_static("no"),
+            ),
+        ],
+        axum::body::Body::from_stream(frames),
+    )
+        .into_response()
 }
 
 fn openapi_json(openapi: &utoipa::openapi::OpenApi) -> Bytes {

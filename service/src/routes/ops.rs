@@ -38,10 +38,14 @@ pub async fn health() -> Json<StatusView> {
     tag = "operations",
     responses(
         (status = 200, description = "The store answers", body = StatusView),
-        (status = 503, description = "The store does not answer", body = ErrorBody),
+        (status = 503, description = "The store does not answer, or the replica is shutting down", body = ErrorBody),
     )
 )]
 pub async fn ready(State(state): State<AppState>) -> Result<Json<StatusView>, Error> {
+    // A draining replica takes no new replies: load balancers move on.
+    if state.replies.draining.is_cancelled() {
+        return Err(Error::ShuttingDown);
+    }
     match tokio::time::timeout(READY_PING_TIMEOUT, state.sessions.ping()).await {
         Ok(Ok(())) => Ok(Json(StatusView { status: "ready" })),
         Ok(Err(Error::StoreUnavailable(reason) | Error::Store(reason))) => {

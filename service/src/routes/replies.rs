@@ -1,35 +1,34 @@
 //! Replies: whole (`POST …/messages`), streamed (`POST …/stream`, the
 //! response is the SSE stream) and re-attached (`GET …/stream` with
-//! `Last-Event-ID`), plus the models a caller may use.
+//! `Last-Event-ID`) and stopped (`DELETE …/stream`), plus the models a
+//! caller may use.
 
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Body;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
-use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use parley_crds::Credits;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::ApiJson;
 use super::sessions::{session_id, validate_message};
+use super::{ApiJson, event_stream};
 use crate::accounting::Caller;
-use crate::accounting::contract::decimal_credits;
 use crate::auth::Principal;
 use crate::error::{Error, ErrorBody};
 use crate::ledger::Credits as Amount;
+use crate::ledger::decimal_credits;
 use crate::providers::{ChatTurn, Role as TurnRole, estimate_input_tokens};
 use crate::ratelimit::Scope;
 use crate::state::AppState;
 use crate::store::{Message, MessageRole, ObjectId};
 use crate::stream::billing::{Charge, ReplyBill};
 use crate::stream::reply::{self, ReplyRequest};
-use crate::stream::{FinishedReply, Paid, ReplyStream};
+use crate::stream::{FinishedReply, Paid, ReplyInfo, ReplyStream};
 
 /// Header of a whole (JSON) reply: the caller's available credits after it.
 pub const CREDITS_REMAINING_HEADER: &str = "x-parley-credits-remaining";
@@ -257,10 +256,53 @@ pub async fn reattach(
     let reply = state
         .replies
         .hub
-        .get(id)
-        .filter(|reply| reply.owner == caller.sub)
+        .latest(id)
+        .await?
+        .filter(|reply| reply.info.user_id == caller.sub)
         .ok_or(Error::NoActiveReply)?;
     Ok(sse_response(&state, &reply, after))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StoppedView {
+    message: &'static str,
+    session_id: String,
+}
+
+#[utoipa::path(
+    delete,
+    path = "/api/chat/sessions/{id}/stream",
+    tag = "replies",
+    params(("id" = String, Path, description = "Session id, 24 hexadecimal characters")),
+    responses(
+        (status = 200, description = "The reply was stopped: its stream ended with an `error` event `CANCELLED`, and what was generated is stored (`incomplete`) and charged", body = StoppedView),
+        (status = 400, description = "Invalid session id", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 404, description = "No reply of the caller in progress for this session", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn stop_reply(
+    State(state): State<AppState>,
+    caller: Principal,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<StoppedView>, Error> {
+    let id = session_id(id)?;
+    let hub = &state.replies.hub;
+    let reply = hub
+        .running(id)
+        .await?
+        .filter(|reply| reply.info.user_id == caller.sub)
+        .ok_or(Error::NoActiveReply)?;
+    hub.stop(&reply).await?;
+    // Answered once the partial reply is stored, so a client may reload the
+    // session right away.
+    reply.finished().await;
+    Ok(Json(StoppedView {
+        message: "Reply stopped",
+        session_id: id.to_hex(),
+    }))
 }
 
 /// Validates, resolves the route, registers the reply in the hub, takes a
@@ -279,7 +321,8 @@ async fn start_reply(
     Error,
 > {
     let replies = &state.replies;
-    if replies.shutdown.is_cancelled() {
+    // From SIGTERM on, running replies finish but no new one starts here.
+    if replies.draining.is_cancelled() {
         return Err(Error::ShuttingDown);
     }
     validate_message(&request.message, state.limits.max_message_chars, "message")?;
@@ -313,12 +356,21 @@ async fn start_reply(
         .collect();
     turns.push(ChatTurn::new(TurnRole::User, user_message.content.clone()));
     let user_id = principal.sub.clone();
-    let reply = replies.hub.begin(id, &user_id, replies.settings.grace)?;
+    let reply = replies
+        .hub
+        .begin(ReplyInfo::new(
+            id,
+            user_id.clone(),
+            session.summary.user_cohorts,
+            route.alias.clone(),
+            user_message.content.clone(),
+        ))
+        .await?;
     let input_tokens = u64::from(estimate_input_tokens(&turns));
     let paid = match pay_upfront(state, caller, id, &route, input_tokens).await {
         Ok(paid) => paid,
         Err(error) => {
-            replies.hub.withdraw(id, &reply);
+            replies.hub.withdraw(&reply).await;
             return Err(error);
         }
     };
@@ -372,21 +424,7 @@ async fn pay_upfront(
 }
 
 fn sse_response(state: &AppState, reply: &Arc<ReplyStream>, after: u64) -> Response {
-    let frames = reply.subscribe(after, true, state.replies.settings.ping);
-    (
-        StatusCode::OK,
-        [
-            (CONTENT_TYPE, HeaderValue::from_static("text/event-stream")),
-            (CACHE_CONTROL, HeaderValue::from_static("no-cache")),
-            // nginx and similar proxies must pass events through unbuffered.
-            (
-                axum::http::HeaderName::from_static("x-accel-buffering"),
-                HeaderValue::from_static("no"),
-            ),
-        ],
-        Body::from_stream(frames),
-    )
-        .into_response()
+    event_stream(reply.subscribe(after, true, state.replies.settings.ping))
 }
 
 fn turn_role(role: MessageRole) -> TurnRole {

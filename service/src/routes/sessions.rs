@@ -27,6 +27,8 @@ const MAX_TITLE_CHARS: usize = 200;
 const MAX_ROUTE_CHARS: usize = 128;
 const DEFAULT_PAGE_LIMIT: u32 = 20;
 const MAX_PAGE_LIMIT: u32 = 100;
+/// Observations listed with a session.
+const MAX_OBSERVERS_SHOWN: u32 = 20;
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -44,6 +46,14 @@ pub struct CreateSessionRequest {
     /// the configured number of characters.
     #[schema(min_length = 1)]
     initial_message: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RenameSessionRequest {
+    /// The new title: 1 to 200 characters, surrounding whitespace trimmed.
+    #[schema(max_length = 200)]
+    title: String,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -98,11 +108,44 @@ pub struct SessionView {
 }
 
 #[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionWithObserversView {
+    #[serde(flatten)]
+    session: SessionView,
+    /// Who observed this session's replies, newest first (at most 20).
+    observed_by: Vec<ObserverView>,
+}
+
+/// One observation of the session, as its owner sees it.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ObserverView {
+    observer_id: String,
+    /// `supervisor` or `admin`.
+    observer_role: String,
+    started_at: DateTime<Utc>,
+    /// Absent while the observation goes on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ended_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Pagination {
     total: u64,
     page: u32,
     limit: u32,
     pages: u64,
+}
+
+impl Pagination {
+    pub(super) fn new(total: u64, page: PageRequest) -> Self {
+        Self {
+            total,
+            page: page.page,
+            limit: page.limit,
+            pages: total.div_ceil(u64::from(page.limit)),
+        }
+    }
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -184,33 +227,31 @@ pub async fn list_sessions(
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<SessionListView>, Error> {
     let Query(query) = query.map_err(|rejection| Error::InvalidQuery(rejection.body_text()))?;
-    let page = query.page.unwrap_or(1);
+    let page = page_request(query.page, query.limit)?;
+    let found = state.sessions.list(&caller.sub, page).await?;
+    Ok(Json(SessionListView {
+        sessions: found.sessions.into_iter().map(summary_view).collect(),
+        pagination: Pagination::new(found.total, page),
+    }))
+}
+
+/// A page of a listing from its query parameters (page 1 and 20 items by default).
+pub(super) fn page_request(page: Option<u32>, limit: Option<u32>) -> Result<PageRequest, Error> {
+    let page = page.unwrap_or(1);
     if !(1..=MAX_PAGE_NUMBER).contains(&page) {
         return Err(Error::Validation {
             field: "page",
             message: format!("must be between 1 and {MAX_PAGE_NUMBER}"),
         });
     }
-    let limit = query.limit.unwrap_or(DEFAULT_PAGE_LIMIT);
+    let limit = limit.unwrap_or(DEFAULT_PAGE_LIMIT);
     if !(1..=MAX_PAGE_LIMIT).contains(&limit) {
         return Err(Error::Validation {
             field: "limit",
             message: format!("must be between 1 and {MAX_PAGE_LIMIT}"),
         });
     }
-    let found = state
-        .sessions
-        .list(&caller.sub, PageRequest { page, limit })
-        .await?;
-    Ok(Json(SessionListView {
-        sessions: found.sessions.into_iter().map(summary_view).collect(),
-        pagination: Pagination {
-            total: found.total,
-            page,
-            limit,
-            pages: found.total.div_ceil(u64::from(limit)),
-        },
-    }))
+    Ok(PageRequest { page, limit })
 }
 
 #[utoipa::path(
@@ -219,7 +260,7 @@ pub async fn list_sessions(
     tag = "sessions",
     params(("id" = String, Path, description = "Session id, 24 hexadecimal characters")),
     responses(
-        (status = 200, description = "The session with its messages", body = SessionView),
+        (status = 200, description = "The session with its messages and who observed it", body = SessionWithObserversView),
         (status = 400, description = "Invalid session id", body = ErrorBody),
         (status = 404, description = "No such session visible to the caller", body = ErrorBody),
         (status = 503, description = "Store unavailable", body = ErrorBody),
@@ -230,9 +271,54 @@ pub async fn get_session(
     State(state): State<AppState>,
     caller: Principal,
     id: Result<Path<String>, PathRejection>,
-) -> Result<Json<SessionView>, Error> {
-    let session = readable_session(&state, &caller, session_id(id)?).await?;
-    Ok(Json(session_view(session)))
+) -> Result<Json<SessionWithObserversView>, Error> {
+    let id = session_id(id)?;
+    let (session, observations) = tokio::try_join!(
+        readable_session(&state, &caller, id),
+        state.audit.observations_of_session(id, MAX_OBSERVERS_SHOWN),
+    )?;
+    Ok(Json(SessionWithObserversView {
+        session: session_view(session),
+        observed_by: observations
+            .into_iter()
+            .map(|observation| ObserverView {
+                observer_id: observation.observer_id,
+                observer_role: observation.observer_role,
+                started_at: observation.started_at,
+                ended_at: observation.ended_at,
+            })
+            .collect(),
+    }))
+}
+
+#[utoipa::path(
+    patch,
+    path = "/api/chat/sessions/{id}",
+    tag = "sessions",
+    params(("id" = String, Path, description = "Session id, 24 hexadecimal characters")),
+    request_body = RenameSessionRequest,
+    responses(
+        (status = 200, description = "Renamed; the session without its messages (`updatedAt` unchanged)", body = SessionSummaryView),
+        (status = 400, description = "Invalid session id or malformed JSON", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 404, description = "No such session owned by the caller", body = ErrorBody),
+        (status = 415, description = "Not JSON", body = ErrorBody),
+        (status = 422, description = "Blank or too long title, or unknown fields", body = ErrorBody),
+        (status = 503, description = "Store unavailable", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn rename_session(
+    State(state): State<AppState>,
+    caller: Principal,
+    id: Result<Path<String>, PathRejection>,
+    ApiJson(request): ApiJson<RenameSessionRequest>,
+) -> Result<Json<SessionSummaryView>, Error> {
+    let id = session_id(id)?;
+    let title = validate_title(request.title)?;
+    // Only owners modify (see auth::policy); the store's filter enforces it atomically.
+    let summary = state.sessions.rename(id, &caller.sub, &title).await?;
+    Ok(Json(summary_view(summary)))
 }
 
 #[utoipa::path(

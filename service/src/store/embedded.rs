@@ -82,7 +82,7 @@ impl EmbeddedStore {
                 transaction.open_table(MESSAGES).map_err(storage_error)?;
                 transaction.open_table(BY_USER).map_err(storage_error)?;
                 transaction.open_table(USER_COUNTS).map_err(storage_error)?;
-                Ok::<_, Error>(())
+                super::embedded_audit::create_tables(transaction)
             })
             .await?;
         Ok(Self { database })
@@ -243,6 +243,27 @@ impl SessionStore for EmbeddedStore {
             .await
     }
 
+    async fn rename(
+        &self,
+        id: ObjectId,
+        user_id: &str,
+        title: &str,
+    ) -> Result<SessionSummary, Error> {
+        let user_id = user_id.to_owned();
+        let title = title.to_owned();
+        self.database
+            .write(move |transaction| {
+                let mut sessions = transaction.open_table(SESSIONS).map_err(storage_error)?;
+                let mut record = owned_record(&sessions, id, &user_id)?;
+                record.title = title;
+                sessions
+                    .insert(id.bytes(), encode(&record)?.as_slice())
+                    .map_err(storage_error)?;
+                summary(id, record)
+            })
+            .await
+    }
+
     async fn delete(&self, id: ObjectId, user_id: &str) -> Result<(), Error> {
         let user_id = user_id.to_owned();
         self.database
@@ -385,20 +406,20 @@ fn sequence(index: usize) -> Result<u32, Error> {
 }
 
 /// Index key for a timestamp; timestamps before 1970 sort first.
-fn millis_key(millis: i64) -> u64 {
+pub(super) fn millis_key(millis: i64) -> u64 {
     u64::try_from(millis).unwrap_or(0)
 }
 
-fn from_millis(millis: i64) -> Result<DateTime<Utc>, Error> {
+pub(super) fn from_millis(millis: i64) -> Result<DateTime<Utc>, Error> {
     DateTime::from_timestamp_millis(millis)
         .ok_or_else(|| Error::Store(format!("timestamp {millis} out of range")))
 }
 
-fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, Error> {
+pub(super) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, Error> {
     serde_json::to_vec(value).map_err(|error| Error::Store(format!("encoding a record: {error}")))
 }
 
-fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, Error> {
+pub(super) fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, Error> {
     serde_json::from_slice(bytes)
         .map_err(|error| Error::Store(format!("decoding a record: {error}")))
 }
@@ -410,7 +431,7 @@ impl From<redb::Error> for Error {
 }
 
 /// I/O failures are outages (503, retryable); anything else is an internal error.
-fn storage_error(error: impl Into<redb::Error>) -> Error {
+pub(super) fn storage_error(error: impl Into<redb::Error>) -> Error {
     match error.into() {
         redb::Error::Io(error) => Error::StoreUnavailable(format!("embedded store I/O: {error}")),
         redb::Error::PreviousIo | redb::Error::DatabaseClosed => {

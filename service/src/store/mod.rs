@@ -5,14 +5,22 @@
 //! Session ids are MongoDB ObjectIds (24 hex characters) in both stores, so
 //! clients validating ids with `^[0-9a-fA-F]{24}$` work against either.
 
+pub mod audit;
 mod embedded;
+mod embedded_audit;
+mod instrumented;
 mod mongo;
+mod mongo_audit;
 
 use async_trait::async_trait;
 use chrono::{DateTime, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 
+pub use audit::{
+    AuditQuery, CohortScope, Observation, ObservationAudit, ObservationEnd, ObservationPage,
+};
 pub use embedded::EmbeddedStore;
+pub use instrumented::InstrumentedStore;
 pub use mongo::MongoStore;
 pub use mongodb::bson::oid::ObjectId;
 
@@ -173,6 +181,16 @@ pub trait SessionStore: Send + Sync {
 
     /// `user_id`'s sessions, most recently updated first.
     async fn list(&self, user_id: &str, page: PageRequest) -> Result<SessionPage, Error>;
+
+    /// Sets the title of `user_id`'s session `id` and returns its summary;
+    /// `SessionNotFound` if there is none. `updatedAt` is left as it was: it
+    /// dates the conversation, so renaming does not reorder the list.
+    async fn rename(
+        &self,
+        id: ObjectId,
+        user_id: &str,
+        title: &str,
+    ) -> Result<SessionSummary, Error>;
 
     /// Deletes `user_id`'s session `id`; `SessionNotFound` if there is none.
     async fn delete(&self, id: ObjectId, user_id: &str) -> Result<(), Error>;

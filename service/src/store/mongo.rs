@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use mongodb::bson::{self, Document, doc};
-use mongodb::options::{ClientOptions, IndexOptions};
+use mongodb::options::{ClientOptions, IndexOptions, ReturnDocument};
 use mongodb::{Client, Collection, Database, IndexModel};
 use serde::{Deserialize, Serialize};
 
@@ -106,7 +106,7 @@ impl MongoStore {
             .create_index(by_user)
             .await
             .map_err(mongo_error)?;
-        Ok(())
+        super::mongo_audit::create_indexes(self).await
     }
 }
 
@@ -173,6 +173,26 @@ impl SessionStore for MongoStore {
             .await
             .map_err(mongo_error)?;
         Ok(SessionPage { sessions, total })
+    }
+
+    async fn rename(
+        &self,
+        id: ObjectId,
+        user_id: &str,
+        title: &str,
+    ) -> Result<SessionSummary, Error> {
+        let document = self
+            .sessions
+            .find_one_and_update(
+                doc! { "_id": id, "userId": user_id },
+                doc! { "$set": { "title": title } },
+            )
+            .return_document(ReturnDocument::After)
+            .projection(doc! { "messages": 0 })
+            .await
+            .map_err(mongo_error)?
+            .ok_or(Error::SessionNotFound)?;
+        Ok(session(document).summary)
     }
 
     async fn delete(&self, id: ObjectId, user_id: &str) -> Result<(), Error> {
@@ -262,23 +282,23 @@ fn session(document: SessionDocument) -> Session {
     }
 }
 
-fn bson_time(timestamp: DateTime<Utc>) -> bson::DateTime {
+pub(super) fn bson_time(timestamp: DateTime<Utc>) -> bson::DateTime {
     bson::DateTime::from_millis(timestamp.timestamp_millis())
 }
 
 /// BSON dates span more than chrono's range; out-of-range ones clamp.
-fn utc(timestamp: bson::DateTime) -> DateTime<Utc> {
+pub(super) fn utc(timestamp: bson::DateTime) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(timestamp.timestamp_millis())
         .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 /// BSON has no unsigned integers; counts beyond i64 saturate.
-fn count(value: u64) -> i64 {
+pub(super) fn count(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 
 /// Connection-level failures are outages (503, retryable); anything else is internal.
-fn mongo_error(error: mongodb::error::Error) -> Error {
+pub(super) fn mongo_error(error: mongodb::error::Error) -> Error {
     use mongodb::error::ErrorKind;
     match *error.kind {
         ErrorKind::ServerSelection { .. }

@@ -10,8 +10,8 @@ use std::io::Write;
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
 
-use crate::accounting::contract::decimal_credits;
 use crate::ledger::Credits;
+use crate::ledger::decimal_credits;
 
 /// A comment that keeps idle connections (and proxies) open.
 pub const PING: &[u8] = b": ping\n\n";
@@ -71,10 +71,25 @@ pub struct ErrorData<'a> {
 
 /// One SSE frame: `id`, `event` and the JSON `data` of one event.
 pub fn frame<T: Serialize>(id: u64, event: &str, data: &T) -> Bytes {
+    encode(Some(id), event, data)
+}
+
+/// An SSE frame without an `id`: an event about the stream itself (an
+/// observer's `observe`, a console's list), which leaves the client's last
+/// event id where the reply's events put it.
+pub fn unnumbered<T: Serialize>(event: &str, data: &T) -> Bytes {
+    encode(None, event, data)
+}
+
+fn encode<T: Serialize>(id: Option<u64>, event: &str, data: &T) -> Bytes {
     let mut buffer = BytesMut::with_capacity(64).writer();
     // Writing to memory cannot fail, and serializing these plain structs
     // cannot either; a failure would leave a truncated frame, so say so.
-    let written = write!(buffer, "id: {id}\nevent: {event}\ndata: ")
+    let header = match id {
+        Some(id) => write!(buffer, "id: {id}\nevent: {event}\ndata: "),
+        None => write!(buffer, "event: {event}\ndata: "),
+    };
+    let written = header
         .map_err(serde_json::Error::io)
         .and_then(|()| serde_json::to_writer(&mut buffer, data))
         .and_then(|()| buffer.write_all(b"\n\n").map_err(serde_json::Error::io));

@@ -75,3 +75,62 @@ impl ReplyMetrics {
         metrics
     }
 }
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// left, too_slow, shutdown.
+    pub outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabels {
+    pub operation: &'static str,
+}
+
+/// Observation and cross-replica hub metrics.
+#[derive(Clone)]
+pub struct HubMetrics {
+    pub observers: Gauge,
+    pub observations: Family<OutcomeLabels, Counter>,
+    pub delivery_lag: Histogram,
+    relay_failures: Family<OperationLabels, Counter>,
+}
+
+impl HubMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            observers: Gauge::default(),
+            observations: Family::default(),
+            // 100 µs to about 6.5 s.
+            delivery_lag: Histogram::new(exponential_buckets(0.0001, 2.0, 17)),
+            relay_failures: Family::default(),
+        };
+        registry.register(
+            "parley_observers",
+            "Observers connected to this replica",
+            metrics.observers.clone(),
+        );
+        registry.register(
+            "parley_observations",
+            "Ended observations, by how they ended",
+            metrics.observations.clone(),
+        );
+        registry.register(
+            "parley_hub_delivery_lag_seconds",
+            "Time from a reply event's production to its hand-over to an observer's connection",
+            metrics.delivery_lag.clone(),
+        );
+        registry.register(
+            "parley_hub_relay_failures",
+            "Failed Redis operations of the cross-replica reply hub, by operation",
+            metrics.relay_failures.clone(),
+        );
+        metrics
+    }
+
+    pub(super) fn relay_failed(&self, operation: &'static str) {
+        self.relay_failures
+            .get_or_create(&OperationLabels { operation })
+            .inc();
+    }
+}

@@ -1,10 +1,13 @@
-//! Streamed replies: SSE frames, the in-process stream hub, and the task
-//! that generates a reply independently of any client connection.
+//! Streamed replies: SSE frames, the stream hub (in-process, or across
+//! replicas through Redis), the task that generates a reply independently
+//! of any client connection, and live observation.
 
 pub mod billing;
 pub mod frames;
 pub mod hub;
 pub mod metrics;
+pub mod observe;
+pub mod relay;
 pub mod reply;
 
 use std::sync::Arc;
@@ -12,11 +15,19 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-pub use hub::{Hub, ReplyStream};
-pub use metrics::ReplyMetrics;
+pub use hub::{Hub, HubSettings, ReplyInfo, ReplyStream};
+pub use metrics::{HubMetrics, ReplyMetrics};
+pub use relay::{Relay, RelaySettings};
 pub use reply::{FinishedReply, Paid, ReplyRequest};
 
 use crate::model_routes::{ProviderRegistry, RoutesCell};
+
+/// How long a reply's events stay in Redis when replies have no time limit.
+const UNLIMITED_REPLY_KEPT: Duration = Duration::from_secs(24 * 3600);
+/// Least time an ended reply's events stay in Redis, whatever the re-attach
+/// grace: other replicas' mirrors still reading must find its last events
+/// and its end, or they would report it lost.
+const MIN_RELAY_LINGER: Duration = Duration::from_secs(60);
 
 /// Everything the reply endpoints need, as one field of `AppState`.
 pub struct Replies {
@@ -28,6 +39,10 @@ pub struct Replies {
     /// Cancelled when the stream drain after SIGTERM is over: replies still
     /// running end with `SHUTTING_DOWN` and keep what they generated.
     pub shutdown: CancellationToken,
+    /// Cancelled at SIGTERM, when the drain begins: the replica is no longer
+    /// ready and starts no reply; observers and consoles end at once (they
+    /// reconnect to another replica); running replies go on.
+    pub draining: CancellationToken,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -36,13 +51,41 @@ pub struct ReplySettings {
     pub grace: Duration,
     /// Interval of `: ping` comments.
     pub ping: Duration,
+    /// Longest a reply may stream (`None`: no limit).
+    pub max_duration: Option<Duration>,
+    /// Whether supervisors and admins may observe replies.
+    pub observation: bool,
+    /// Live events an observer may fall behind before it is cut.
+    pub observer_buffer: usize,
+}
+
+impl ReplySettings {
+    /// Local defaults: 30 s grace, 15 s pings, 5 min replies, observation on,
+    /// observers cut 1,024 events behind.
+    pub fn new() -> Self {
+        Self {
+            grace: Duration::from_secs(30),
+            ping: Duration::from_secs(15),
+            max_duration: Some(Duration::from_secs(300)),
+            observation: true,
+            observer_buffer: 1024,
+        }
+    }
+}
+
+impl Default for ReplySettings {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Replies {
     /// `routes` (as loaded from their source) and providers from the
     /// environment, with their metrics on `registry`.
+    /// With `redis_url`, replies span replicas through Redis.
     pub async fn from_config(
         config: &crate::config::ReplyConfig,
+        redis_url: Option<&str>,
         routes: crate::model_routes::Routes,
         registry: &mut prometheus_client::registry::Registry,
     ) -> Result<Self, crate::error::Error> {
@@ -69,30 +112,71 @@ impl Replies {
             openai,
             config.bedrock_endpoint_url.clone(),
         );
-        Ok(Self::new(
+        let settings = ReplySettings {
+            grace: Duration::from_secs(config.reattach_grace_seconds),
+            ping: Duration::from_secs(config.sse_ping_seconds.max(1)),
+            max_duration: (config.max_stream_seconds > 0)
+                .then(|| Duration::from_secs(config.max_stream_seconds)),
+            observation: config.observation == crate::config::Switch::On,
+            observer_buffer: config.observer_buffer_events,
+        };
+        let hub_metrics = HubMetrics::register(registry);
+        let relay = match redis_url {
+            None => None,
+            Some(url) => {
+                let relay_settings = RelaySettings {
+                    prefix: config.hub_key_prefix.clone(),
+                    heartbeat: Duration::from_millis(config.hub_heartbeat_millis.max(10)),
+                    max_events: config.hub_stream_max_events.max(1),
+                    linger: settings.grace.max(MIN_RELAY_LINGER),
+                    max_duration: settings.max_duration.unwrap_or(UNLIMITED_REPLY_KEPT),
+                };
+                let relay = Relay::connect(url, relay_settings, hub_metrics.clone()).await?;
+                tracing::info!(prefix = %config.hub_key_prefix, "replies span replicas through Redis");
+                Some(relay)
+            }
+        };
+        Ok(Self::with_relay(
             routes,
             providers,
-            ReplySettings {
-                grace: Duration::from_secs(config.reattach_grace_seconds),
-                ping: Duration::from_secs(config.sse_ping_seconds.max(1)),
-            },
+            settings,
+            relay,
+            hub_metrics,
             registry,
         ))
     }
 
+    /// Replies kept in this process only (no relay).
     pub fn new(
         routes: crate::model_routes::Routes,
         providers: ProviderRegistry,
         settings: ReplySettings,
         registry: &mut prometheus_client::registry::Registry,
     ) -> Self {
+        let hub_metrics = HubMetrics::register(registry);
+        Self::with_relay(routes, providers, settings, None, hub_metrics, registry)
+    }
+
+    pub fn with_relay(
+        routes: crate::model_routes::Routes,
+        providers: ProviderRegistry,
+        settings: ReplySettings,
+        relay: Option<Relay>,
+        hub_metrics: HubMetrics,
+        registry: &mut prometheus_client::registry::Registry,
+    ) -> Self {
+        let hub_settings = HubSettings {
+            grace: settings.grace,
+            observer_buffer: settings.observer_buffer,
+        };
         Self {
             routes: Arc::new(RoutesCell::new(routes, registry)),
             providers,
-            hub: Arc::new(Hub::default()),
+            hub: Hub::new(hub_settings, relay, hub_metrics),
             metrics: ReplyMetrics::register(registry),
             settings,
             shutdown: CancellationToken::new(),
+            draining: CancellationToken::new(),
         }
     }
 }

@@ -78,12 +78,12 @@ pub fn spawn(
 ) -> JoinHandle<Result<FinishedReply, Error>> {
     tokio::spawn(async move {
         replies.metrics.active.inc();
-        let session_id = request.session_id;
         let Paid {
             opened,
             stream_slot,
             rate_limiter,
         } = paid;
+        replies.hub.start(&reply);
         let mut generation = Generation {
             replies: &replies,
             sessions: sessions.as_ref(),
@@ -96,14 +96,13 @@ pub fn spawn(
             downgraded: opened.downgraded,
             next_id: 1,
             started: Instant::now(),
+            outcome: "failed",
         };
         let result = generation.run().await;
-        reply.finish();
+        let outcome = generation.outcome;
+        replies.hub.finish(&reply, outcome);
         replies.metrics.active.dec();
         stream_slot.release().await;
-        replies
-            .hub
-            .retire(session_id, &reply, replies.settings.grace);
         result
     })
 }
@@ -123,6 +122,8 @@ struct Generation<'a> {
     downgraded: bool,
     next_id: u64,
     started: Instant,
+    /// How the reply ended, as counted in `parley_streams_total`.
+    outcome: &'static str,
 }
 
 /// How one target's attempt ended.
@@ -136,6 +137,8 @@ enum Attempt {
 enum Stop {
     Abandoned,
     ShuttingDown,
+    /// The reply ran longer than the deployment allows.
+    MaxDuration,
     /// The hold could not be renewed before its lease ran out: going on
     /// would generate tokens nobody holds credits for.
     Unpaid(Error),
@@ -212,7 +215,7 @@ impl Generation<'_> {
                 message: "the fallback model could not be paid for",
             },
         );
-        self.count(target, "unpaid");
+        self.ended(target, "unpaid");
         Err(error)
     }
 
@@ -350,11 +353,18 @@ impl Generation<'_> {
     }
 
     /// Resolves when the reply must stop: owner gone past the grace period,
-    /// or the shutdown drain is over.
+    /// the shutdown drain is over, or the reply ran its longest.
     async fn stop(&self) -> Stop {
+        let too_long = async {
+            match self.replies.settings.max_duration {
+                Some(longest) => tokio::time::sleep_until(self.started + longest).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             () = self.reply.abandoned() => Stop::Abandoned,
             () = self.replies.shutdown.cancelled() => Stop::ShuttingDown,
+            () = too_long => Stop::MaxDuration,
         }
     }
 
@@ -381,7 +391,7 @@ impl Generation<'_> {
                 message: &format!("the model failed ({})", error.kind),
             },
         );
-        self.count(target, "failed");
+        self.ended(target, "failed");
         Attempt::Done(Err(Error::Upstream(error)))
     }
 
@@ -431,6 +441,11 @@ impl Generation<'_> {
                 Error::ShuttingDown,
                 "the service is shutting down; the partial reply was saved",
             ),
+            Stop::MaxDuration => (
+                "max_duration",
+                Error::ReplyTooLong,
+                "the reply ran longer than this deployment allows; the partial reply was saved",
+            ),
             Stop::Unpaid(error) => (
                 "unpaid",
                 error,
@@ -449,7 +464,7 @@ impl Generation<'_> {
                 .await;
         } else {
             self.release("the reply stopped before any output").await;
-            self.count(target, outcome);
+            self.ended(target, outcome);
         }
         self.publish("error", &ErrorData { code, message });
         Err(error)
@@ -535,6 +550,7 @@ impl Generation<'_> {
         ending: Ending,
     ) -> (Result<(), Error>, Option<Charge>) {
         let bill = self.bill.take();
+        self.outcome = outcome;
         let this = &*self;
         tokio::join!(
             this.store(target, message, used.usage, outcome),
@@ -617,7 +633,8 @@ impl Generation<'_> {
     }
 
     fn publish<T: serde::Serialize>(&mut self, event: &str, data: &T) {
-        self.reply.publish(frame(self.next_id, event, data));
+        self.reply
+            .publish(self.next_id, frame(self.next_id, event, data));
         self.next_id += 1;
     }
 
@@ -637,6 +654,12 @@ impl Generation<'_> {
                 estimated: true,
             },
         }
+    }
+
+    /// Records and counts how a reply that stores nothing ended.
+    fn ended(&mut self, target: &RouteTarget, outcome: &'static str) {
+        self.outcome = outcome;
+        self.count(target, outcome);
     }
 
     fn count(&self, target: &RouteTarget, outcome: &'static str) {

@@ -1,5 +1,5 @@
 //! Helpers shared by the service's integration tests.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(dead_code, unused_macros, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod openapi;
 pub mod server;
@@ -19,7 +19,7 @@ use parley_service::model_routes::{ProviderRegistry, Routes};
 use parley_service::providers::{SimulatedProvider, SimulatedSettings};
 use parley_service::ratelimit::{LocalRateLimiter, RateLimitMetrics, RateLimits};
 use parley_service::state::{AppState, Limits};
-use parley_service::store::{EmbeddedStore, MongoStore, SessionStore};
+use parley_service::store::{EmbeddedStore, MongoStore, ObservationAudit, SessionStore};
 use parley_service::stream::{Replies, ReplySettings};
 use prometheus_client::registry::Registry;
 use serde_json::Value;
@@ -63,11 +63,16 @@ pub async fn embedded_ledger(store: &EmbeddedStore) -> Arc<dyn Ledger> {
     Arc::new(ledger)
 }
 
+/// A store of sessions and of the observation audit, as both backends are.
+pub trait TestStore: SessionStore + ObservationAudit + 'static {}
+
+impl<S: SessionStore + ObservationAudit + 'static> TestStore for S {}
+
 /// The API state on these stores, with no rate limits.
-pub fn state_with(sessions: Arc<dyn SessionStore>, ledger: Arc<dyn Ledger>) -> AppState {
+pub fn state_with<S: TestStore>(store: Arc<S>, ledger: Arc<dyn Ledger>) -> AppState {
     let mut registry = Registry::default();
     let replies = builtin_replies(&mut registry);
-    state_with_replies(sessions, ledger, registry, replies)
+    state_with_replies(store, ledger, registry, replies)
 }
 
 /// The built-in routes on an unpaced simulated model.
@@ -80,17 +85,14 @@ pub fn builtin_replies(registry: &mut Registry) -> Replies {
     Replies::new(
         Routes::builtin(),
         ProviderRegistry::new(Arc::new(simulated), None, None),
-        ReplySettings {
-            grace: Duration::from_secs(30),
-            ping: Duration::from_secs(15),
-        },
+        ReplySettings::new(),
         registry,
     )
 }
 
 /// The API state on these stores with the given replies, with no rate limits.
-pub fn state_with_replies(
-    sessions: Arc<dyn SessionStore>,
+pub fn state_with_replies<S: TestStore>(
+    store: Arc<S>,
     ledger: Arc<dyn Ledger>,
     mut registry: Registry,
     replies: Replies,
@@ -111,12 +113,14 @@ pub fn state_with_replies(
     let rate_limiter = LocalRateLimiter::new(limits, RateLimitMetrics::register(&mut registry));
     AppState {
         replies,
-        sessions,
+        sessions: Arc::clone(&store) as Arc<dyn SessionStore>,
+        audit: store,
         accounting: Arc::new(accounting),
         rate_limiter: Arc::new(rate_limiter),
         auth: Arc::new(hs256_authenticator()),
         registry: Arc::new(registry),
         http_metrics,
+        dev_tokens: None,
         limits: Limits {
             max_body_bytes: MAX_BODY_BYTES,
             max_message_chars: MAX_MESSAGE_CHARS,
@@ -217,4 +221,31 @@ pub async fn create_session(router: &Router, token: &str, body: Value) -> String
 pub fn assert_retry_within_a_window(headers: &axum::http::HeaderMap) {
     let retry_after: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((1..=60).contains(&retry_after), "{retry_after}");
+}
+
+/// Runs each `case(store)` against the embedded store and against the real
+/// MongoDB-wire server: one conformance suite for every implementation of a
+/// store trait. Use with `#[macro_use] mod common;`.
+macro_rules! store_conformance {
+    ($($case:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let (store, _dir) = crate::common::embedded_store().await;
+                    crate::$case(std::sync::Arc::new(store)).await;
+                }
+            )*
+        }
+        mod mongo {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let store = crate::common::mongo_store().await;
+                    crate::$case(std::sync::Arc::new(store.clone())).await;
+                    crate::common::drop_mongo(store).await;
+                }
+            )*
+        }
+    };
 }

@@ -21,8 +21,15 @@ pub struct RunningServer {
 
 impl RunningServer {
     pub async fn start(config: Config) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
+        Self::start_on(TcpListener::bind("127.0.0.1:0").await.unwrap(), config).await
+    }
+
+    /// Serves on `listener`; one bound to every interface is called on loopback.
+    pub async fn start_on(listener: TcpListener, config: Config) -> Self {
+        let mut address = listener.local_addr().unwrap();
+        if address.ip().is_unspecified() {
+            address.set_ip([127, 0, 0, 1].into());
+        }
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(serve_listener(listener, config, shutdown.clone()));
         let server = Self {
