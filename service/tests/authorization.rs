@@ -14,9 +14,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
-use axum::http::StatusCode;
+use axum::http::header::HOST;
+use axum::http::{HeaderValue, StatusCode};
 use common::openapi::Document;
-use common::{create_session, embedded_ledger, embedded_store, request, state_with_replies, token};
+use common::{
+    create_session, dev_tokens, embedded_ledger, embedded_store, request, state_with_replies, token,
+};
 use http_body_util::BodyExt;
 use parley_service::auth::Role;
 use parley_service::model_routes::{ProviderRegistry, Routes};
@@ -82,7 +85,8 @@ const fn row(
 }
 
 /// THE table. Denied reads of a session look like a missing session (404,
-/// so ids cannot be probed); denied accounts are 403.
+/// so ids cannot be probed); denied accounts are 403. Dev sign-in is the
+/// local mode's, on for this test.
 const TABLE: &[Row] = &[
     row(
         "POST",
@@ -291,6 +295,20 @@ const TABLE: &[Row] = &[
     ),
     row(
         "GET",
+        "/api/dev/token",
+        Setup::Nothing,
+        |_| ("/api/dev/token".into(), None),
+        [200, 200, 200, 200, 200, 200],
+    ),
+    row(
+        "POST",
+        "/api/dev/token",
+        Setup::Nothing,
+        |_| ("/api/dev/token".into(), Some(json!({"sub": "newcomer"}))),
+        [200, 200, 200, 200, 200, 200],
+    ),
+    row(
+        "GET",
         "/health",
         Setup::Nothing,
         |_| ("/health".into(), None),
@@ -409,6 +427,8 @@ async fn every_operation_answers_each_caller_as_the_table_says() {
     );
     // Every call gets a fresh session of the owner's: more than one user keeps.
     state.limits.max_sessions_per_user = 1_000;
+    // The local mode's dev sign-in, so its operations are in the document too.
+    state.dev_tokens = Some(dev_tokens());
     let router = parley_service::app(state);
     let document = Document::served(&router).await;
 
@@ -447,7 +467,10 @@ async fn every_operation_answers_each_caller_as_the_table_says() {
             let hold = format!("hold-{}", holds.fetch_add(1, Ordering::Relaxed));
             let target = prepare(&router, row.setup, &owner, &hold).await;
             let (uri, body) = (row.call)(&target);
-            let call = request(row.method, &uri, token.as_deref(), body);
+            let mut call = request(row.method, &uri, token.as_deref(), body);
+            // As a browser on the machine would send it (dev sign-in checks it).
+            call.headers_mut()
+                .insert(HOST, HeaderValue::from_static("127.0.0.1:8080"));
             let (status, answer) = status_and_body(&router, call).await;
             let context = format!("{caller}: {} {uri}", row.method);
             if status.as_u16() != expected {

@@ -137,12 +137,14 @@ pub fn app(state: AppState) -> Router {
             }),
         )
         .merge(pages::router())
-        .fallback(|| async { Error::EndpointNotFound })
-        .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
-        .layer(middleware::from_fn_with_state(
+        // Only on the routes: a path or method that does not exist is 404 or
+        // 405 whatever token comes with it.
+        .route_layer(middleware::from_fn_with_state(
             state.clone(),
             limit_requests,
         ))
+        .fallback(|| async { Error::EndpointNotFound })
+        .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
         .layer(middleware::from_fn_with_state(
             state.http_metrics.clone(),

@@ -25,7 +25,21 @@ const BEARER_TOKEN: &[StandardError] = &[
     ),
 ];
 
-/// The rate limiter in front of every authenticated `/api/` request.
+/// A token sent to an `/api/` operation that does not need one: the rate
+/// limiter in front of `/api/` verifies every token it is given.
+const SENT_TOKEN: &[StandardError] = &[
+    (
+        401,
+        "`INVALID_TOKEN`: a bearer token was sent and is not valid (none is needed)",
+    ),
+    (
+        503,
+        "`AUTH_UNAVAILABLE`: a token was sent and the identity provider does not answer",
+    ),
+];
+
+/// The rate limiter in front of every `/api/` request that carries a valid
+/// token.
 const RATE_LIMITED: &[StandardError] = &[
     (429, "`RATE_LIMITED`, with `Retry-After`"),
     (503, "`RATE_LIMITER_UNAVAILABLE`"),
@@ -68,11 +82,14 @@ pub fn add_standard_errors(openapi: &mut OpenApi) {
         ];
         for operation in operations.into_iter().flatten() {
             let mut errors: Vec<StandardError> = Vec::new();
+            let rate_limited = path.starts_with(RATE_LIMITED_PREFIX);
             if operation.security.as_ref().is_some_and(|s| !s.is_empty()) {
                 errors.extend(BEARER_TOKEN);
-                if path.starts_with(RATE_LIMITED_PREFIX) {
-                    errors.extend(RATE_LIMITED);
-                }
+            } else if rate_limited {
+                errors.extend(SENT_TOKEN);
+            }
+            if rate_limited {
+                errors.extend(RATE_LIMITED);
             }
             if operation.request_body.is_some() {
                 errors.extend(JSON_BODY);

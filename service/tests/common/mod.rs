@@ -12,6 +12,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use http_body_util::BodyExt;
 use parley_service::accounting::{AccountingMetrics, LocalAccounting};
+use parley_service::auth::dev::DevTokens;
 use parley_service::auth::{AuthSettings, Authenticator, Principal, Role, mint_token};
 use parley_service::ledger::{Credits, EmbeddedLedger, Ledger, LedgerSettings};
 use parley_service::metrics::HttpMetrics;
@@ -167,9 +168,26 @@ impl TestApp {
         }
     }
 
+    /// As `new`, with the local mode's dev sign-in (`/api/dev/token`) on.
+    pub async fn with_dev_sign_in() -> Self {
+        let (store, dir) = embedded_store().await;
+        let mut state = state(&store).await;
+        state.dev_tokens = Some(dev_tokens());
+        Self {
+            router: parley_service::app(state),
+            store,
+            _dir: dir,
+        }
+    }
+
     pub async fn send(&self, request: Request<Body>) -> (StatusCode, Value) {
         send(&self.router, request).await
     }
+}
+
+/// Dev sign-in minting with the test secret.
+pub fn dev_tokens() -> Arc<DevTokens> {
+    Arc::new(DevTokens::new(SECRET.to_vec(), None, None))
 }
 
 pub fn token(sub: &str, role: Role, cohorts: &[&str]) -> String {
