@@ -553,6 +553,83 @@ async fn every_token_attack_is_a_401_that_leaks_nothing() {
         ),
         ("tampered payload", tampered.join("."), "bad signature"),
         (
+            // RFC 7515: an extension marked critical that the verifier does
+            // not implement (b64=false changes what is signed) is refused.
+            "genuine signature, critical b64 extension",
+            {
+                let mut header = Header::new(Algorithm::RS256);
+                header.kid = Some("rsa-1".into());
+                header.crit = Some(vec!["b64".into()]);
+                let key = EncodingKey::from_rsa_pem(RSA_PRIVATE).unwrap();
+                jsonwebtoken::encode(&header, &claims(), &key).unwrap()
+            },
+            "unsupported critical header",
+        ),
+        (
+            "signature removed",
+            format!("{}.", genuine.rsplit_once('.').unwrap().0),
+            "bad signature",
+        ),
+        (
+            "alg None, capitalised",
+            format!(
+                "{}.{}.",
+                encode(&json!({"alg": "None", "typ": "JWT"})),
+                encode(&claims())
+            ),
+            "malformed token or unsupported algorithm",
+        ),
+        (
+            "alg NONE with a key id",
+            format!(
+                "{}.{}.",
+                encode(&json!({"alg": "NONE", "kid": "rsa-1"})),
+                encode(&claims())
+            ),
+            "malformed token or unsupported algorithm",
+        ),
+        (
+            "key id as a path",
+            sign(
+                Algorithm::RS256,
+                Some("../../../../dev/null"),
+                &claims(),
+                &rotated,
+            ),
+            "unknown key id",
+        ),
+        (
+            "HS256 with an empty secret",
+            sign(
+                Algorithm::HS256,
+                None,
+                &claims(),
+                &EncodingKey::from_secret(b""),
+            ),
+            "bad signature",
+        ),
+        (
+            // Not a number: the verifier sees no exp at all.
+            "exp as a string",
+            rs256(&with("exp", json!((now() + 600).to_string()))),
+            "a required claim is missing",
+        ),
+        (
+            "sub of 257 bytes",
+            rs256(&with("sub", json!("a".repeat(257)))),
+            "sub must be 1 to 256 bytes",
+        ),
+        (
+            "cohorts not a list",
+            rs256(&with("cohorts", json!("c1"))),
+            "invalid claims",
+        ),
+        (
+            "role as a list",
+            rs256(&with("role", json!(["admin"]))),
+            "invalid claims",
+        ),
+        (
             "not a JWT",
             "not-a-jwt".into(),
             "malformed token or unsupported algorithm",
@@ -675,4 +752,72 @@ async fn an_issuer_that_serves_junk_never_lets_a_token_in() {
     );
     let (status, body) = list_sessions(&router, &unknown_kid).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+}
+
+/// Keys a token names itself (an embedded `jwk`, a `jku` or `x5u` URL) are
+/// never fetched nor used: the attacker's key set is not even asked, and the
+/// token is a 401.
+#[tokio::test]
+async fn keys_named_by_the_token_itself_are_never_used() {
+    let issuer = issuer().await;
+    let (router, _dir) = api(issuer.always_refreshing_verifier()).await;
+    // The attacker's key set holds its key under both names.
+    let attacker = Issuer::start(vec![
+        jwk(RSA_ROTATED_PRIVATE, Algorithm::RS256, "rsa-1"),
+        jwk(RSA_ROTATED_PRIVATE, Algorithm::RS256, "rsa-2"),
+    ])
+    .await;
+    let attacker_key = EncodingKey::from_rsa_pem(RSA_ROTATED_PRIVATE).unwrap();
+    let token = |kid: &str, set: fn(&mut Header, &Issuer)| {
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some(kid.to_owned());
+        set(&mut header, &attacker);
+        jsonwebtoken::encode(&header, &claims(), &attacker_key).unwrap()
+    };
+    let cases: [(&str, String, &str); 5] = [
+        (
+            "embedded jwk, a JWKS key id",
+            token("rsa-1", |h, _| {
+                h.jwk = Some(jwk(RSA_ROTATED_PRIVATE, Algorithm::RS256, "rsa-1"));
+            }),
+            "bad signature",
+        ),
+        (
+            "embedded jwk, its own key id",
+            token("rsa-2", |h, _| {
+                h.jwk = Some(jwk(RSA_ROTATED_PRIVATE, Algorithm::RS256, "rsa-2"));
+            }),
+            "unknown key id",
+        ),
+        (
+            "jku of the attacker's key set, a JWKS key id",
+            token("rsa-1", |h, a| h.jku = Some(a.url.clone())),
+            "bad signature",
+        ),
+        (
+            "jku of the attacker's key set, its own key id",
+            token("rsa-2", |h, a| h.jku = Some(a.url.clone())),
+            "unknown key id",
+        ),
+        (
+            "x5u of the attacker",
+            token("rsa-2", |h, a| h.x5u = Some(a.url.clone())),
+            "unknown key id",
+        ),
+    ];
+    for (attack, token, reason) in cases {
+        let (status, body) = list_sessions(&router, &token).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{attack}: {body}");
+        assert_eq!(
+            body["message"],
+            format!("invalid bearer token: {reason}"),
+            "{attack}"
+        );
+        assert!(!body.to_string().contains(&attacker.url), "{attack}");
+    }
+    assert_eq!(
+        attacker.fetches.load(Ordering::SeqCst),
+        0,
+        "the attacker's key set was fetched"
+    );
 }

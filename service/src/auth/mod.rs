@@ -190,6 +190,12 @@ impl Authenticator {
         // Unsupported algorithms (including `none`) fail to parse here.
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| Error::InvalidToken("malformed token or unsupported algorithm"))?;
+        // RFC 7515 §4.1.11: extensions marked critical must be understood,
+        // and this verifier implements none (`b64: false`, for one, changes
+        // what the signature covers).
+        if header.crit.is_some() {
+            return Err(Error::InvalidToken("unsupported critical header"));
+        }
         let jwks_key;
         let key = match header.alg {
             Algorithm::HS256 => self
