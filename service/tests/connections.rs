@@ -334,3 +334,70 @@ async fn oversized_headers_are_answered_431_and_closed() {
     assert!(received.starts_with("HTTP/1.1 431"), "{received}");
     server.stop().await;
 }
+
+/// Open streams per connection: one. The service speaks HTTP/1.1 only, so
+/// stream requests pipelined on one connection run one after the other —
+/// with one concurrent stream allowed per user, both are 200 (had the
+/// second started during the first, it would be 429) and the second answer
+/// begins after the first reply's end.
+#[tokio::test]
+async fn one_connection_carries_one_stream_at_a_time() {
+    let (server, token, _dir) = server(&["--rate-limit-concurrent-streams", "1"]).await;
+    let mut pipelined = String::new();
+    for _ in 0..2 {
+        let (status, created) = call(
+            reqwest::Method::POST,
+            server.url("/api/chat/sessions"),
+            &token,
+            Some(json!({})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED);
+        let body = json!({"message": "go"}).to_string();
+        pipelined.push_str(&format!(
+            "POST /api/chat/sessions/{}/stream HTTP/1.1\r\nHost: parley\r\n\
+             Authorization: Bearer {token}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            created["sessionId"].as_str().unwrap(),
+            body.len()
+        ));
+    }
+    let mut stream = TcpStream::connect(server.address).await.unwrap();
+    stream.write_all(pipelined.as_bytes()).await.unwrap();
+    // Both replies, then the idle deadline closes the connection.
+    let received = String::from_utf8(read_until_closed(&mut stream).await).unwrap();
+    let answers: Vec<&str> = received.split("HTTP/1.1 ").skip(1).collect();
+    assert_eq!(answers.len(), 2, "{received}");
+    for answer in &answers {
+        assert!(answer.starts_with("200"), "{answer}");
+        assert!(answer.contains("text/event-stream"), "{answer}");
+        assert!(answer.contains("event: complete"), "{answer}");
+        assert!(
+            answer.ends_with("0\r\n\r\n"),
+            "the reply's body ended: {answer}"
+        );
+    }
+    server.stop().await;
+}
+
+/// HTTP/2 is not spoken: a client that opens with the HTTP/2 preface (to
+/// multiplex streams on one connection) gets no HTTP/2 frames, only an
+/// HTTP/1.1 error or a close, and the server keeps serving.
+#[tokio::test]
+async fn an_http2_preface_opens_no_streams() {
+    let (server, _token, _dir) = server(&[]).await;
+    let mut stream = TcpStream::connect(server.address).await.unwrap();
+    // The preface, then an empty SETTINGS frame.
+    let mut preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    preface.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    stream.write_all(&preface).await.unwrap();
+    let received = read_until_closed(&mut stream).await;
+    assert!(
+        received.is_empty() || received.starts_with(b"HTTP/1.1 "),
+        "{:?}",
+        String::from_utf8_lossy(&received)
+    );
+    let (status, _) = call(reqwest::Method::GET, server.url("/health"), "", None).await;
+    assert_eq!(status, StatusCode::OK);
+    server.stop().await;
+}
