@@ -6,6 +6,11 @@
 # flags are stable rustc options.
 rustc=$1
 shift
+# A build script (parley-service embeds the web build) runs on the host and
+# links no libFuzzer: it is compiled as usual.
+for arg in "$@"; do
+  [ "$arg" = build_script_build ] && exec "$rustc" "$@"
+done
 case "$CARGO_PKG_NAME" in
   parley-service | parley-crds | parley-fuzz)
     exec "$rustc" "$@" \
