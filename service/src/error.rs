@@ -97,6 +97,8 @@ pub enum Error {
     HubUnavailable(String),
     #[error("observation is turned off in this deployment")]
     ObservationDisabled,
+    #[error("no such API key of yours")]
+    ApiKeyNotFound,
     #[error(transparent)]
     Ledger(#[from] LedgerError),
     #[error(transparent)]
@@ -170,7 +172,9 @@ impl Error {
             | Self::HubUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::ObservationDisabled => StatusCode::FORBIDDEN,
             Self::MissingToken | Self::InvalidToken(_) => StatusCode::UNAUTHORIZED,
-            Self::SessionNotFound | Self::EndpointNotFound => StatusCode::NOT_FOUND,
+            Self::SessionNotFound | Self::EndpointNotFound | Self::ApiKeyNotFound => {
+                StatusCode::NOT_FOUND
+            }
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::InvalidSessionId
             | Self::MalformedJson(_)
@@ -215,6 +219,7 @@ impl Error {
             Self::InvalidToken(_) => "INVALID_TOKEN",
             Self::AuthUnavailable(_) => "AUTH_UNAVAILABLE",
             Self::SessionNotFound => "SESSION_NOT_FOUND",
+            Self::ApiKeyNotFound => "API_KEY_NOT_FOUND",
             Self::EndpointNotFound => "NOT_FOUND",
             Self::MethodNotAllowed => "METHOD_NOT_ALLOWED",
             Self::InvalidSessionId => "INVALID_SESSION_ID",
@@ -239,7 +244,7 @@ impl Error {
 
     /// What the client is told: the full text for client errors, a fixed
     /// sentence for server-side failures whose details stay in the log.
-    fn public_message(&self) -> String {
+    pub(crate) fn public_message(&self) -> String {
         match self {
             Self::AuthUnavailable(_) => "the identity provider is unavailable; retry later".into(),
             Self::StoreUnavailable(_) => "the session store is unavailable; retry later".into(),
@@ -273,6 +278,7 @@ impl Error {
             | Self::ShuttingDown
             | Self::ReplyTooLong
             | Self::SessionNotFound
+            | Self::ApiKeyNotFound
             | Self::EndpointNotFound
             | Self::MethodNotAllowed
             | Self::InvalidSessionId
@@ -323,11 +329,7 @@ impl IntoResponse for Error {
             }
             Self::RateLimited {
                 retry_after: wait, ..
-            } => {
-                // Whole seconds, rounded up: retrying earlier would be refused again.
-                let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-                retry_after = Some(HeaderValue::from(seconds.max(1)));
-            }
+            } => retry_after = Some(retry_after_header(wait)),
             _ => {}
         }
         let mut response = (status, Json(body)).into_response();
@@ -342,6 +344,13 @@ impl IntoResponse for Error {
         }
         response
     }
+}
+
+/// A `Retry-After` of whole seconds, rounded up: retrying earlier would be
+/// refused again.
+pub(crate) fn retry_after_header(wait: Duration) -> HeaderValue {
+    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    HeaderValue::from(seconds.max(1))
 }
 
 /// Every ledger failure denies: client mistakes are 4xx, an unreachable or

@@ -32,7 +32,9 @@ use crate::ratelimit::{
 };
 use crate::routes::app;
 use crate::state::{AppState, Limits};
-use crate::store::{EmbeddedStore, InstrumentedStore, MongoStore, ObservationAudit, SessionStore};
+use crate::store::{
+    ApiKeyStore, EmbeddedStore, InstrumentedStore, MongoStore, ObservationAudit, SessionStore,
+};
 use crate::stream::Replies;
 
 /// File of the embedded database inside the data dir.
@@ -100,6 +102,13 @@ impl Backend {
             Self::Mongo(store) => Arc::new(store.clone()),
         }
     }
+
+    pub fn keys(&self) -> Arc<dyn ApiKeyStore> {
+        match self {
+            Self::Embedded(store) => Arc::new(store.clone()),
+            Self::Mongo(store) => Arc::new(store.clone()),
+        }
+    }
 }
 
 /// Binds `config.listen` and serves until `shutdown` is cancelled.
@@ -152,10 +161,12 @@ pub async fn serve_listener(
         Duration::from_millis(config.replies.routes_poll_millis.max(10)),
         background_stop.clone(),
     ));
+    let keys = backend.keys();
     let auth = Authenticator::new(AuthSettings::from_config(
         &config,
         secret.as_ref().map(|secret| secret.bytes.clone()),
-    ))?;
+    ))?
+    .with_api_keys(Arc::clone(&keys));
     let rate_limiter = rate_limiter(&config, RateLimitMetrics::register(&mut registry)).await?;
     let accounting_metrics = AccountingMetrics::register(&mut registry);
     let accounting: Arc<dyn Accounting> = match &config.accounting_url {
@@ -198,6 +209,7 @@ pub async fn serve_listener(
         dev_tokens: offer_dev_sign_in(dev_tokens, address),
         sessions: Arc::new(InstrumentedStore::new(backend.sessions(), store_metrics)),
         audit: backend.audit(),
+        keys,
         auth: Arc::new(auth),
         registry: Arc::new(registry),
         http_metrics,

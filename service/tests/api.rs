@@ -672,6 +672,12 @@ async fn openapi_document_lists_every_endpoint() {
         ("/api/credits/balance", "get"),
         ("/api/credits/usage", "get"),
         ("/api/admin/credits/grant", "post"),
+        ("/api/keys", "post"),
+        ("/api/keys", "get"),
+        ("/api/keys/{id}", "delete"),
+        ("/v1/chat/completions", "post"),
+        ("/v1/models", "get"),
+        ("/v1/models/{model}", "get"),
         ("/health", "get"),
         ("/ready", "get"),
         ("/metrics", "get"),
@@ -683,6 +689,12 @@ async fn openapi_document_lists_every_endpoint() {
     }
     assert!(document["components"]["securitySchemes"]["bearer"].is_object());
     assert!(document["components"]["schemas"]["CreateSessionRequest"].is_object());
+    let completions = &paths["/v1/chat/completions"]["post"];
+    assert_eq!(
+        completions["requestBody"]["content"]["application/json"]["schema"]["$ref"],
+        "#/components/schemas/ChatCompletionRequest"
+    );
+    assert!(completions["responses"]["200"]["content"]["text/event-stream"].is_object());
     let finalize = &paths["/api/streaming-sessions/finalize"]["post"];
     assert_eq!(
         finalize["requestBody"]["content"]["application/json"]["schema"]["$ref"],

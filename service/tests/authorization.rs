@@ -51,12 +51,15 @@ enum Setup {
     ReplyInProgress,
     /// A hold of the owner's account (its id in the body's `sessionId`).
     Hold,
+    /// An API key of the owner's (`{id}`).
+    ApiKey,
 }
 
 /// What one call is about: the owner's session and a fresh hold id.
 struct Target {
     session: String,
     hold: String,
+    key: String,
 }
 
 struct Row {
@@ -308,6 +311,56 @@ const TABLE: &[Row] = &[
         [200, 200, 200, 200, 200, 200],
     ),
     row(
+        "POST",
+        "/api/keys",
+        Setup::Nothing,
+        |_| ("/api/keys".into(), Some(json!({"name": "laptop"}))),
+        [401, 201, 201, 201, 201, 201],
+    ),
+    row(
+        "GET",
+        "/api/keys",
+        Setup::Nothing,
+        |_| ("/api/keys".into(), None),
+        [401, 200, 200, 200, 200, 200],
+    ),
+    row(
+        "DELETE",
+        "/api/keys/{id}",
+        Setup::ApiKey,
+        |t| (format!("/api/keys/{}", t.key), None),
+        [401, 204, 404, 404, 404, 204],
+    ),
+    row(
+        "GET",
+        "/v1/models",
+        Setup::Nothing,
+        |_| ("/v1/models".into(), None),
+        [401, 200, 200, 200, 200, 200],
+    ),
+    row(
+        "GET",
+        "/v1/models/{model}",
+        Setup::Nothing,
+        |_| ("/v1/models/default".into(), None),
+        [401, 200, 200, 200, 200, 200],
+    ),
+    row(
+        "POST",
+        "/v1/chat/completions",
+        Setup::Nothing,
+        |_| {
+            (
+                "/v1/chat/completions".into(),
+                Some(json!({
+                    "model": "default",
+                    "messages": [{"role": "user", "content": "hi"}],
+                })),
+            )
+        },
+        [401, 200, 200, 200, 200, 200],
+    ),
+    row(
         "GET",
         "/health",
         Setup::Nothing,
@@ -385,10 +438,10 @@ async fn prepare(router: &Router, setup: Setup, owner: &str, hold: &str) -> Targ
         Setup::Session | Setup::ReplyInProgress => {
             create_session(router, owner, json!({"initialMessage": "private"})).await
         }
-        Setup::Nothing | Setup::Hold => String::new(),
+        Setup::Nothing | Setup::Hold | Setup::ApiKey => String::new(),
     };
     match setup {
-        Setup::Nothing | Setup::Session => {}
+        Setup::Nothing | Setup::Session | Setup::ApiKey => {}
         Setup::ReplyInProgress => {
             let uri = format!("/api/chat/sessions/{session}/stream");
             let started = request("POST", &uri, Some(owner), Some(json!({"message": "go on"})));
@@ -408,9 +461,18 @@ async fn prepare(router: &Router, setup: Setup, owner: &str, hold: &str) -> Targ
             assert_eq!(status, StatusCode::OK, "{answer}");
         }
     }
+    let key = if matches!(setup, Setup::ApiKey) {
+        let created = request("POST", "/api/keys", Some(owner), Some(json!({"name": "k"})));
+        let (status, answer) = status_and_body(router, created).await;
+        assert_eq!(status, StatusCode::CREATED, "{answer}");
+        answer["id"].as_str().unwrap().to_owned()
+    } else {
+        String::new()
+    };
     Target {
         session,
         hold: hold.to_owned(),
+        key,
     }
 }
 
@@ -450,15 +512,18 @@ async fn every_operation_answers_each_caller_as_the_table_says() {
 
     let tokens = caller_tokens();
     let owner = tokens[1].clone().unwrap();
-    // Enough credits for every reply and hold of the owner's below.
-    let grant = json!({"userId": OWNER, "credits": 10_000});
-    let granted = request(
-        "POST",
-        "/api/admin/credits/grant",
-        tokens[5].as_deref(),
-        Some(grant),
-    );
-    assert_eq!(status_and_body(&router, granted).await.0, StatusCode::OK);
+    // Enough credits for every reply and hold below (completions are
+    // everyone's, on their own account).
+    for user in [OWNER, "bob", "sam", "tom", "ada"] {
+        let grant = json!({"userId": user, "credits": 10_000});
+        let granted = request(
+            "POST",
+            "/api/admin/credits/grant",
+            tokens[5].as_deref(),
+            Some(grant),
+        );
+        assert_eq!(status_and_body(&router, granted).await.0, StatusCode::OK);
+    }
     let holds = AtomicUsize::new(0);
     let mut failures = Vec::new();
     for row in TABLE {

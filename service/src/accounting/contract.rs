@@ -224,13 +224,19 @@ pub struct InitializeRequest {
     /// so far, recorded so that a crashed caller is charged for them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_generated: Option<u64>,
+    /// Extension: the most output tokens the reply may generate, when the
+    /// caller asked for fewer than the model's maximum; the hold is priced
+    /// for the smaller of the two.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_output_tokens: Option<u64>,
 }
 
 impl ContractRequest for InitializeRequest {
     type Response = InitializeResponse;
 
     const REQUIRED: &'static [&'static str] = &["sessionId", "modelId", "estimatedTokens"];
-    const OPTIONAL: &'static [&'static str] = &["userId", "route", "tokensGenerated"];
+    const OPTIONAL: &'static [&'static str] =
+        &["userId", "route", "tokensGenerated", "maxOutputTokens"];
 
     fn answer<'a>(
         self,
@@ -647,6 +653,7 @@ mod tests {
             user_id: Some("u".into()),
             route: Some("r".into()),
             tokens_generated: Some(1),
+            max_output_tokens: Some(1),
         });
         let usage = UsageDetails {
             model_id: Some("m".into()),

@@ -252,7 +252,7 @@ impl LocalAccounting {
             Some(alias) => routes.prices().lookup_target(alias, &request.model_id)?,
             None => routes.prices().lookup(&request.model_id)?,
         };
-        let amount = route.worst_case(request.estimated_tokens)?;
+        let amount = route.worst_case(request.estimated_tokens, request.max_output_tokens)?;
         let output_tokens = request.tokens_generated.unwrap_or(0);
         // Recorded as progress, this is what the reaper charges if the
         // caller never comes back: the prompt is spent once the hold stands.
@@ -352,7 +352,7 @@ impl Accounting for LocalAccounting {
             tokens: input_tokens.saturating_add(route.max_output_tokens),
             input_tokens,
             max_output_tokens: route.max_output_tokens,
-            required_credits: route.worst_case(input_tokens)?,
+            required_credits: route.worst_case(input_tokens, None)?,
         })
     }
 

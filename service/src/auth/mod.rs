@@ -1,8 +1,10 @@
 //! Authentication: JWT bearer tokens, HS256 with a shared secret and/or
-//! RS256/ES256 with keys from a JWKS URL. Authorization rules live in `policy`.
+//! RS256/ES256 with keys from a JWKS URL, and API keys (`keys`), accepted
+//! wherever a JWT is. Authorization rules live in `policy`.
 
 pub mod dev;
 mod jwks;
+pub mod keys;
 pub mod policy;
 
 use std::path::{Path, PathBuf};
@@ -24,6 +26,7 @@ pub use crate::identity::{Principal, Role};
 
 use crate::config::Config;
 use crate::error::Error;
+use crate::store::ApiKeyStore;
 
 /// Tokens longer than this are rejected before any parsing.
 const MAX_TOKEN_BYTES: usize = 8 * 1024;
@@ -162,6 +165,8 @@ pub struct Authenticator {
     issuer: Option<String>,
     audience: Option<String>,
     leeway: Duration,
+    /// Where API keys are looked up; without it, keys are refused.
+    keys: Option<Arc<dyn ApiKeyStore>>,
 }
 
 impl Authenticator {
@@ -180,12 +185,26 @@ impl Authenticator {
             issuer: settings.issuer,
             audience: settings.audience,
             leeway: settings.leeway,
+            keys: None,
         })
+    }
+
+    /// Also accepts the API keys in `keys`.
+    pub fn with_api_keys(mut self, keys: Arc<dyn ApiKeyStore>) -> Self {
+        self.keys = Some(keys);
+        self
     }
 
     pub async fn verify(&self, token: &str) -> Result<Principal, Error> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(Error::InvalidToken("token too long"));
+        }
+        if keys::is_api_key(token) {
+            let store = self
+                .keys
+                .as_deref()
+                .ok_or(Error::InvalidToken("API keys are not accepted here"))?;
+            return keys::verify(store, token).await;
         }
         // Unsupported algorithms (including `none`) fail to parse here.
         let header = jsonwebtoken::decode_header(token)

@@ -63,7 +63,7 @@ impl ChatTurn {
 }
 
 /// One request to one target of a route.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct CompletionRequest {
     /// The provider's model id, e.g. `amazon.nova-micro-v1:0`.
     pub model: String,
@@ -72,6 +72,17 @@ pub struct CompletionRequest {
     /// The target's timeout: bounds the time to the first token and every
     /// gap between tokens (for `complete`, the whole call).
     pub timeout: Duration,
+    pub sampling: Sampling,
+}
+
+/// How the model picks its tokens, as the caller asked; `None` and no stop
+/// sequences leave the model's defaults.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Sampling {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    /// Texts that end the reply when generated (not part of the reply).
+    pub stop: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

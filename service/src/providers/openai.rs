@@ -57,6 +57,12 @@ struct ChatRequest<'a> {
     model: &'a str,
     messages: Vec<WireMessage<'a>>,
     max_tokens: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f32>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    stop: &'a [String],
     stream: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     stream_options: Option<StreamOptions>,
@@ -91,6 +97,9 @@ impl<'a> ChatRequest<'a> {
             model: &request.model,
             messages,
             max_tokens: request.max_output_tokens,
+            temperature: request.sampling.temperature,
+            top_p: request.sampling.top_p,
+            stop: &request.sampling.stop,
             stream,
             stream_options: stream.then_some(StreamOptions {
                 include_usage: true,

@@ -13,22 +13,26 @@ use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use parley_crds::Credits;
 use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
 use utoipa::ToSchema;
 
 use super::sessions::{session_id, validate_message};
 use super::{ApiJson, event_stream};
 use crate::accounting::Caller;
 use crate::auth::Principal;
+use crate::embedded_db::PendingDurability;
 use crate::error::{Error, ErrorBody};
 use crate::ledger::Credits as Amount;
 use crate::ledger::decimal_credits;
-use crate::providers::{ChatTurn, Role as TurnRole, estimate_input_tokens};
+use crate::providers::{ChatTurn, Role as TurnRole, Sampling, estimate_input_tokens};
 use crate::ratelimit::Scope;
 use crate::state::AppState;
-use crate::store::{Message, MessageRole, ObjectId};
+use crate::store::{Message, MessageRole, ObjectId, Session};
 use crate::stream::billing::{Charge, ReplyBill};
-use crate::stream::reply::{self, ReplyRequest};
-use crate::stream::{FinishedReply, Paid, ReplyInfo, ReplyStream};
+use crate::stream::reply;
+use crate::stream::{
+    Api, Audience, FinishedReply, Paid, ReplyInfo, ReplyRequest, ReplyStream, SessionRecord,
+};
 
 /// Header of a whole (JSON) reply: the caller's available credits after it.
 pub const CREDITS_REMAINING_HEADER: &str = "x-parley-credits-remaining";
@@ -263,6 +267,9 @@ pub async fn reattach(
     Ok(sse_response(&state, &reply, after))
 }
 
+/// The task generating a reply; it ends with the reply.
+pub(super) type ReplyTask = JoinHandle<Result<FinishedReply, Error>>;
+
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StoppedView {
@@ -305,26 +312,16 @@ pub async fn stop_reply(
     }))
 }
 
-/// Validates, resolves the route, registers the reply in the hub, takes a
-/// stream slot and holds the worst case — every refusal is an error response
-/// before any provider is called — and starts generating.
+/// Validates, resolves the route, registers the reply in the hub, and starts
+/// it through [`launch`].
 async fn start_reply(
     state: &AppState,
     caller: Caller,
     id: ObjectId,
     request: SendMessageRequest,
-) -> Result<
-    (
-        Arc<ReplyStream>,
-        tokio::task::JoinHandle<Result<FinishedReply, Error>>,
-    ),
-    Error,
-> {
+) -> Result<(Arc<ReplyStream>, ReplyTask), Error> {
     let replies = &state.replies;
-    // From SIGTERM on, running replies finish but no new one starts here.
-    if replies.draining.is_cancelled() {
-        return Err(Error::ShuttingDown);
-    }
+    refuse_when_shutting_down(state)?;
     validate_message(&request.message, state.limits.max_message_chars, "message")?;
     let requested = match (request.route, request.model_id) {
         (Some(route), Some(model_id)) if route != model_id => {
@@ -336,12 +333,8 @@ async fn start_reply(
         (route, model_id) => route.or(model_id),
     };
     // Waited on before the reply's first event, overlapping the model call.
-    let (session, read) = state.sessions.get_applied(id).await?;
     let principal = &caller.principal;
-    // Only owners add to a session; anyone else learns nothing about it.
-    if session.summary.user_id != principal.sub {
-        return Err(Error::SessionNotFound);
-    }
+    let (session, read) = owned_session(state, id, principal).await?;
     let routes = replies.routes.snapshot();
     let alias = requested.as_deref().unwrap_or(&session.summary.route);
     let route = routes.resolve(Some(alias), principal.role)?.clone();
@@ -366,29 +359,91 @@ async fn start_reply(
             user_message.content.clone(),
         ))
         .await?;
-    let input_tokens = u64::from(estimate_input_tokens(&turns));
-    let paid = match pay_upfront(state, caller, id, &route, input_tokens).await {
+    let request = ReplyRequest {
+        api: Api::Chat,
+        user_id,
+        route,
+        turns,
+        max_output_tokens: None,
+        sampling: Sampling::default(),
+        record: Some(SessionRecord {
+            session_id: id,
+            user_message,
+        }),
+    };
+    let audience = Audience {
+        hub: Some(Arc::clone(&reply)),
+        connection: None,
+    };
+    let task = launch(state, caller, request, read, audience).await?;
+    Ok((reply, task))
+}
+
+/// Session `id` as read for a new reply, if `principal` owns it: only owners
+/// add to a session, and anyone else learns nothing about it. What was read
+/// may not be durable yet (see [`launch`]).
+pub(super) async fn owned_session(
+    state: &AppState,
+    id: ObjectId,
+    principal: &Principal,
+) -> Result<(Session, PendingDurability), Error> {
+    let (session, read) = state.sessions.get_applied(id).await?;
+    if session.summary.user_id != principal.sub {
+        return Err(Error::SessionNotFound);
+    }
+    Ok((session, read))
+}
+
+/// From SIGTERM on, running replies finish but no new one starts.
+pub(super) fn refuse_when_shutting_down(state: &AppState) -> Result<(), Error> {
+    if state.replies.draining.is_cancelled() {
+        return Err(Error::ShuttingDown);
+    }
+    Ok(())
+}
+
+/// Starts a reply either API has validated and routed (and, when it has a
+/// session, registered in the hub): takes the stream slots and holds the
+/// worst case — every refusal is an error before any provider is called,
+/// and takes the hub entry back — then generates in a task of its own.
+pub(super) async fn launch(
+    state: &AppState,
+    caller: Caller,
+    request: ReplyRequest,
+    read: PendingDurability,
+    audience: Audience,
+) -> Result<ReplyTask, Error> {
+    let origin = match &request.record {
+        Some(record) => record.session_id.to_hex(),
+        None => request.api.as_str().to_owned(),
+    };
+    let input_tokens = u64::from(estimate_input_tokens(&request.turns));
+    let paid = pay_upfront(
+        state,
+        caller,
+        &origin,
+        &request.route,
+        input_tokens,
+        request.max_output_tokens,
+    )
+    .await;
+    let paid = match paid {
         Ok(paid) => paid,
         Err(error) => {
-            replies.hub.withdraw(&reply).await;
+            if let Some(reply) = &audience.hub {
+                state.replies.hub.withdraw(reply).await;
+            }
             return Err(error);
         }
     };
-    let task = reply::spawn(
-        Arc::clone(replies),
+    Ok(reply::spawn(
+        Arc::clone(&state.replies),
         Arc::clone(&state.sessions),
-        Arc::clone(&reply),
-        ReplyRequest {
-            session_id: id,
-            user_id,
-            route,
-            turns,
-            user_message,
-        },
+        audience,
+        request,
         read,
         paid,
-    );
-    Ok((reply, task))
+    ))
 }
 
 /// A stream slot of the user's, and when the route sets limits a slot and a
@@ -396,9 +451,10 @@ async fn start_reply(
 async fn pay_upfront(
     state: &AppState,
     caller: Caller,
-    session: ObjectId,
+    origin: &str,
     route: &parley_crds::ModelRouteSpec,
     input_tokens: u64,
+    max_output_tokens: Option<u32>,
 ) -> Result<Paid, Error> {
     let limiter = &state.rate_limiter;
     let user = caller.principal.sub.as_str();
@@ -411,9 +467,10 @@ async fn pay_upfront(
     let opened = ReplyBill::open(
         Arc::clone(&state.accounting),
         caller,
-        &session.to_hex(),
+        origin,
         route,
         input_tokens,
+        max_output_tokens,
     )
     .await?;
     Ok(Paid {

@@ -82,6 +82,7 @@ impl EmbeddedStore {
                 transaction.open_table(MESSAGES).map_err(storage_error)?;
                 transaction.open_table(BY_USER).map_err(storage_error)?;
                 transaction.open_table(USER_COUNTS).map_err(storage_error)?;
+                super::embedded_keys::create_tables(transaction)?;
                 super::embedded_audit::create_tables(transaction)
             })
             .await?;

@@ -8,9 +8,12 @@
 pub mod audit;
 mod embedded;
 mod embedded_audit;
+mod embedded_keys;
 mod instrumented;
+pub mod keys;
 mod mongo;
 mod mongo_audit;
+mod mongo_keys;
 
 use async_trait::async_trait;
 use chrono::{DateTime, SubsecRound, Utc};
@@ -21,6 +24,7 @@ pub use audit::{
 };
 pub use embedded::EmbeddedStore;
 pub use instrumented::InstrumentedStore;
+pub use keys::{ApiKey, ApiKeyStore};
 pub use mongo::MongoStore;
 pub use mongodb::bson::oid::ObjectId;
 

@@ -106,6 +106,7 @@ impl MongoStore {
             .create_index(by_user)
             .await
             .map_err(mongo_error)?;
+        super::mongo_keys::create_indexes(self).await?;
         super::mongo_audit::create_indexes(self).await
     }
 }

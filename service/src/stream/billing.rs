@@ -28,13 +28,17 @@ const SETTLE_RETRY_DELAYS: [Duration; 2] = [Duration::from_millis(100), Duration
 pub struct ReplyBill {
     accounting: Arc<dyn Accounting>,
     caller: Caller,
-    /// The hold's streaming-session id: the chat session's id and a UUID,
-    /// unique per reply and telling whose usage record it is.
+    /// The hold's streaming-session id: the chat session's id (or the API of
+    /// a reply kept in no session) and a UUID, unique per reply and telling
+    /// whose usage record it is.
     request_id: String,
     route: String,
     /// The target the hold is priced for now.
     model: String,
     input_tokens: u64,
+    /// The most output tokens the caller asked for, when fewer than the
+    /// targets' maximum: the hold is priced for them.
+    max_output_tokens: Option<u32>,
     lease_expires_at: DateTime<Utc>,
 }
 
@@ -72,20 +76,24 @@ impl ReplyBill {
     /// Holds the worst case of the route's first target, or — when the route
     /// allows downgrading — of the first target in chain order the caller can
     /// afford. Any refusal or failure is returned before a provider is called.
+    /// `origin` starts the hold's id: the chat session, or the API of a
+    /// reply kept in no session.
     pub async fn open(
         accounting: Arc<dyn Accounting>,
         caller: Caller,
-        chat_session: &str,
+        origin: &str,
         route: &ModelRouteSpec,
         input_tokens: u64,
+        max_output_tokens: Option<u32>,
     ) -> Result<Opened, Error> {
         let mut bill = ReplyBill {
             accounting,
             caller,
-            request_id: format!("{chat_session}/{}", uuid::Uuid::new_v4()),
+            request_id: format!("{origin}/{}", uuid::Uuid::new_v4()),
             route: route.alias.clone(),
             model: String::new(),
             input_tokens,
+            max_output_tokens,
             lease_expires_at: DateTime::<Utc>::MIN_UTC,
         };
         let mut first_refusal = None;
@@ -159,6 +167,7 @@ impl ReplyBill {
             user_id: None,
             route: Some(self.route.clone()),
             tokens_generated,
+            max_output_tokens: self.max_output_tokens.map(u64::from),
         }
     }
 

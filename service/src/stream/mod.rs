@@ -3,6 +3,7 @@
 //! of any client connection, and live observation.
 
 pub mod billing;
+pub mod events;
 pub mod frames;
 pub mod hub;
 pub mod metrics;
@@ -15,10 +16,11 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+pub use events::ReplyEvent;
 pub use hub::{Hub, HubSettings, ReplyInfo, ReplyStream};
 pub use metrics::{HubMetrics, ReplyMetrics};
 pub use relay::{Relay, RelaySettings};
-pub use reply::{FinishedReply, Paid, ReplyRequest};
+pub use reply::{Api, Audience, FinishedReply, Paid, ReplyRequest, SessionRecord};
 
 use crate::model_routes::{ProviderRegistry, RoutesCell};
 

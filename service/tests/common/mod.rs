@@ -20,7 +20,9 @@ use parley_service::model_routes::{ProviderRegistry, Routes};
 use parley_service::providers::{SimulatedProvider, SimulatedSettings};
 use parley_service::ratelimit::{LocalRateLimiter, RateLimitMetrics, RateLimits};
 use parley_service::state::{AppState, Limits};
-use parley_service::store::{EmbeddedStore, MongoStore, ObservationAudit, SessionStore};
+use parley_service::store::{
+    ApiKeyStore, EmbeddedStore, MongoStore, ObservationAudit, SessionStore,
+};
 use parley_service::stream::{Replies, ReplySettings};
 use prometheus_client::registry::Registry;
 use serde_json::Value;
@@ -64,10 +66,10 @@ pub async fn embedded_ledger(store: &EmbeddedStore) -> Arc<dyn Ledger> {
     Arc::new(ledger)
 }
 
-/// A store of sessions and of the observation audit, as both backends are.
-pub trait TestStore: SessionStore + ObservationAudit + 'static {}
+/// A store of sessions, API keys and the observation audit, as both backends are.
+pub trait TestStore: SessionStore + ObservationAudit + ApiKeyStore + 'static {}
 
-impl<S: SessionStore + ObservationAudit + 'static> TestStore for S {}
+impl<S: SessionStore + ObservationAudit + ApiKeyStore + 'static> TestStore for S {}
 
 /// The API state on these stores, with no rate limits.
 pub fn state_with<S: TestStore>(store: Arc<S>, ledger: Arc<dyn Ledger>) -> AppState {
@@ -112,13 +114,15 @@ pub fn state_with_replies<S: TestStore>(
         concurrent_streams: 0,
     };
     let rate_limiter = LocalRateLimiter::new(limits, RateLimitMetrics::register(&mut registry));
+    let keys: Arc<dyn ApiKeyStore> = Arc::clone(&store) as Arc<dyn ApiKeyStore>;
     AppState {
         replies,
         sessions: Arc::clone(&store) as Arc<dyn SessionStore>,
         audit: store,
+        keys: Arc::clone(&keys),
         accounting: Arc::new(accounting),
         rate_limiter: Arc::new(rate_limiter),
-        auth: Arc::new(hs256_authenticator()),
+        auth: Arc::new(hs256_authenticator().with_api_keys(keys)),
         registry: Arc::new(registry),
         http_metrics,
         dev_tokens: None,
