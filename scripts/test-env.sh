@@ -12,6 +12,7 @@
 #   scripts/test-env.sh install        idempotent; safe to re-run
 #   scripts/test-env.sh start DIR      start everything on free loopback ports; writes DIR/env
 #   scripts/test-env.sh stop DIR       stop everything started in DIR (apiserver before etcd)
+#   scripts/test-env.sh python         print the interpreter of the Python test tools
 #
 # PARLEY_TEST_BIND_ADDRESS (default 127.0.0.1) is where `start` has SecantusDB and Redis
 # listen, and what the URIs in DIR/env name: a cluster's PARLEY_CLUSTER_GATEWAY
@@ -232,9 +233,18 @@ cmd_stop() {
   log "stopped servers in $dir"
 }
 
+# The Python interpreter of the installed test tools (for scripts run alone).
+cmd_python() {
+  local venv
+  venv=$(tools_venv)
+  [ -f "$venv/.complete" ] || die "the Python test tools are not installed: run scripts/test-env.sh install"
+  echo "$venv/bin/python"
+}
+
 case "${1:-}" in
   install) cmd_install ;;
   start) cmd_start "${2:-}" ;;
   stop) cmd_stop "${2:-}" ;;
-  *) echo "usage: $0 install | start DIR | stop DIR" >&2; exit 2 ;;
+  python) cmd_python ;;
+  *) echo "usage: $0 install | start DIR | stop DIR | python" >&2; exit 2 ;;
 esac

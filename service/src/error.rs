@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use axum::Json;
-use axum::http::header::RETRY_AFTER;
+use axum::http::header::{CONNECTION, RETRY_AFTER};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -46,6 +46,10 @@ pub enum Error {
     },
     #[error("request body larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    #[error("the request body did not arrive within {} s", .0.as_secs())]
+    RequestTimeout(Duration),
+    #[error("you have {limit} chat sessions, the most one user may keep; delete one first")]
+    TooManySessions { limit: u64 },
     #[error("store unavailable: {0}")]
     StoreUnavailable(String),
     #[error("store error: {0}")]
@@ -185,6 +189,8 @@ impl Error {
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::InvalidBody(_) | Self::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::TooManySessions { .. } => StatusCode::CONFLICT,
             Self::AuthUnavailable(_) | Self::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Store(_) | Self::Config(_) | Self::Io { .. } | Self::EmbeddedDb(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -223,6 +229,8 @@ impl Error {
             Self::InvalidQuery(_) => "INVALID_QUERY",
             Self::Validation { .. } => "VALIDATION_FAILED",
             Self::PayloadTooLarge { .. } => "PAYLOAD_TOO_LARGE",
+            Self::RequestTimeout(_) => "REQUEST_TIMEOUT",
+            Self::TooManySessions { .. } => "TOO_MANY_SESSIONS",
             Self::StoreUnavailable(_) => "STORE_UNAVAILABLE",
             Self::UnknownRoute { .. } => "UNKNOWN_ROUTE",
             Self::ReplyInProgress => "REPLY_IN_PROGRESS",
@@ -279,7 +287,9 @@ impl Error {
             | Self::InvalidBody(_)
             | Self::InvalidQuery(_)
             | Self::Validation { .. }
-            | Self::PayloadTooLarge { .. } => self.to_string(),
+            | Self::PayloadTooLarge { .. }
+            | Self::RequestTimeout(_)
+            | Self::TooManySessions { .. } => self.to_string(),
         }
     }
 }
@@ -325,6 +335,12 @@ impl IntoResponse for Error {
         let mut response = (status, Json(body)).into_response();
         if let Some(value) = retry_after {
             response.headers_mut().insert(RETRY_AFTER, value);
+        }
+        if status == StatusCode::REQUEST_TIMEOUT {
+            // The rest of the body may still come: the connection cannot carry another request.
+            response
+                .headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }

@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -20,6 +19,7 @@ use crate::auth::{
     resolve_hs256_secret,
 };
 use crate::config::{Config, TokenArgs};
+use crate::connections::{self, ConnectionLimits};
 use crate::error::Error;
 use crate::ledger::{
     Credits, EmbeddedLedger, InstrumentedLedger, Ledger, LedgerSettings, MICROS_PER_CREDIT,
@@ -216,26 +216,24 @@ pub async fn serve_listener(
         limits: Limits {
             max_body_bytes: config.max_body_bytes,
             max_message_chars: config.max_message_chars,
+            max_sessions_per_user: config.max_sessions_per_user,
         },
         accounting,
         rate_limiter,
         replies: Arc::clone(&replies),
     };
 
-    // Small SSE writes must leave at once, not wait for Nagle's algorithm.
-    let listener = listener.tap_io(|stream| {
-        if let Err(error) = stream.set_nodelay(true) {
-            tracing::warn!(%error, "setting TCP_NODELAY failed");
-        }
-    });
-    let server = axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .into_future();
+    let server = connections::serve(
+        listener,
+        app(state),
+        ConnectionLimits::from_config(&config),
+        shutdown.clone(),
+    );
     tokio::pin!(server);
     tracing::info!(%address, "serving");
     // Shutdown first: with no connection open, the server's graceful stop
     // is ready at once too, and picking it would skip the replies' drain.
-    let served = tokio::select! {
+    tokio::select! {
         biased;
         () = shutdown.cancelled() => {
             replies.draining.cancel();
@@ -256,29 +254,22 @@ pub async fn serve_listener(
                 }
             };
             let drained = tokio::time::timeout(drain, async {
-                let (result, ()) = tokio::join!(&mut server, replies_ended);
-                result
+                let ((), ()) = tokio::join!(&mut server, replies_ended);
             });
-            let result = match drained.await {
-                Ok(result) => result,
-                Err(_) => {
-                    tracing::warn!("drain time is up; closing the remaining connections");
-                    Ok(())
-                }
-            };
+            if drained.await.is_err() {
+                tracing::warn!("drain time is up; closing the remaining connections");
+            }
             replies.shutdown.cancel();
-            result
         }
-        result = &mut server => result,
-    };
-    // Also when the server stopped by itself (an I/O error).
+        () = &mut server => {}
+    }
+    // The server ends only after `shutdown`; background tasks end with it.
     background_stop.cancel();
     background.close();
     background.wait().await;
     // Mirrors, heartbeats, and the audit records of observers that just left.
     replies.hub.close().await;
     backend.close().await;
-    served.map_err(|error| Error::io("serving", error))?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -41,4 +41,6 @@ pub struct AppState {
 pub struct Limits {
     pub max_body_bytes: usize,
     pub max_message_chars: usize,
+    /// Chat sessions one user may keep (0: unlimited).
+    pub max_sessions_per_user: u64,
 }

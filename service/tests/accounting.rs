@@ -791,7 +791,7 @@ async fn redis_route_scopes_are_separate() {
 }
 
 #[tokio::test]
-async fn redis_down_fails_closed_with_503() {
+async fn redis_down_fails_closed_with_503_and_is_used_again_when_back() {
     let proxy = TcpProxy::start(
         host_port(&parley_test_support::env::redis_url())
             .unwrap()
@@ -830,6 +830,25 @@ async fn redis_down_fails_closed_with_503() {
         metrics.contains("parley_rate_limiter_unavailable_total 3"),
         "{metrics}"
     );
+
+    // Redis back on the same address: the limiter uses it again by itself,
+    // answering 503 (never admitting) until it does.
+    let redis = host_port(&parley_test_support::env::redis_url())
+        .unwrap()
+        .to_owned();
+    let _proxy = TcpProxy::start(redis, Some(proxy.address())).await.unwrap();
+    let mut attempts = 0;
+    while let Err(error) = limiter.admit_request(Scope::User("alice")).await {
+        assert_eq!(error.code(), "RATE_LIMITER_UNAVAILABLE");
+        attempts += 1;
+        assert!(
+            attempts < 200,
+            "the limiter did not use Redis again in 10 s"
+        );
+        // A failed attempt returns at once; space them so 200 cover 10 s.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(limiter.acquire_stream(Scope::User("alice")).await.is_ok());
 }
 
 // ---------------------------------------------------------------------------

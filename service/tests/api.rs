@@ -416,6 +416,43 @@ async fn bad_input_answers_clear_errors() {
     }
 }
 
+/// A path or method that does not exist is 404 or 405 whatever token comes
+/// with it: the token is verified only for a route that exists (a forged
+/// token made TRACE on the dev sign-in a 401, found by Schemathesis).
+#[tokio::test]
+async fn unknown_paths_and_methods_are_404_and_405_whatever_the_token() {
+    let app = TestApp::with_dev_sign_in().await;
+    let valid = format!("Bearer {}", alice());
+    let tokens = [None, Some("Bearer x.y.z"), Some(valid.as_str())];
+    let cases = [
+        ("TRACE", "/api/dev/token", StatusCode::METHOD_NOT_ALLOWED),
+        (
+            "TRACE",
+            "/api/chat/sessions",
+            StatusCode::METHOD_NOT_ALLOWED,
+        ),
+        (
+            "PUT",
+            "/api/credits/balance",
+            StatusCode::METHOD_NOT_ALLOWED,
+        ),
+        ("GET", "/api/nope", StatusCode::NOT_FOUND),
+    ];
+    for (method, uri, expected) in cases {
+        for authorization in tokens {
+            let mut builder = Request::builder().method(method).uri(uri);
+            if let Some(value) = authorization {
+                builder = builder.header(header::AUTHORIZATION, value);
+            }
+            let (status, body) = app.send(builder.body(Body::empty()).unwrap()).await;
+            assert_eq!(
+                status, expected,
+                "{method} {uri} with {authorization:?}: {body}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn missing_expired_and_forged_tokens_are_401() {
     let app = TestApp::new().await;
@@ -452,6 +489,32 @@ async fn missing_expired_and_forged_tokens_are_401() {
             "{authorization:?}: {body}"
         );
         assert_eq!(body["code"], code, "{authorization:?}");
+    }
+}
+
+/// A proxy that checks one of two Authorization headers would disagree with
+/// a service that reads the other: both orders are refused.
+#[tokio::test]
+async fn two_authorization_headers_are_refused() {
+    let app = TestApp::new().await;
+    let valid = format!("Bearer {}", alice());
+    let forged = "Bearer not.a.jwt".to_owned();
+    for pair in [
+        [valid.clone(), forged.clone()],
+        [forged, valid.clone()],
+        [valid.clone(), valid],
+    ] {
+        let mut builder = Request::builder().uri("/api/chat/sessions");
+        for value in &pair {
+            builder = builder.header(header::AUTHORIZATION, value);
+        }
+        let (status, body) = app.send(builder.body(Body::empty()).unwrap()).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+        assert_eq!(body["code"], "INVALID_TOKEN");
+        assert_eq!(
+            body["message"],
+            "invalid bearer token: more than one Authorization header"
+        );
     }
 }
 
@@ -647,7 +710,12 @@ async fn openapi_document_lists_every_endpoint() {
         .keys()
         .map(String::as_str)
         .collect();
-    assert_eq!(statuses, ["200", "400", "401", "403", "404", "429", "503"]);
+    assert_eq!(
+        statuses,
+        [
+            "200", "400", "401", "403", "404", "408", "413", "415", "422", "429", "503"
+        ]
+    );
     assert!(document["components"]["schemas"]["SettlementResponse"].is_object());
     assert!(document["components"]["schemas"]["UsageView"].is_object());
     assert_eq!(
@@ -809,6 +877,29 @@ fn create_like_body(rng: &mut StdRng) -> Value {
         object.insert(field.to_owned(), value);
     }
     Value::Object(object)
+}
+
+/// A user keeps at most `MAX_SESSIONS_PER_USER` sessions; the next create is
+/// 409 `TOO_MANY_SESSIONS` until one is deleted, and other users are not
+/// affected.
+#[tokio::test]
+async fn sessions_per_user_are_limited() {
+    let app = TestApp::new().await;
+    let alice = alice();
+    let mut ids = Vec::new();
+    for _ in 0..common::MAX_SESSIONS_PER_USER {
+        ids.push(create_session(&app.router, &alice, json!({})).await);
+    }
+    let create = || request("POST", "/api/chat/sessions", Some(&alice), Some(json!({})));
+    let (status, body) = app.send(create()).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["code"], "TOO_MANY_SESSIONS");
+    let bob = token("bob", Role::User, &["c1"]);
+    create_session(&app.router, &bob, json!({})).await;
+    let uri = format!("/api/chat/sessions/{}", ids[0]);
+    let (status, _) = app.send(request("DELETE", &uri, Some(&alice), None)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(app.send(create()).await.0, StatusCode::CREATED);
 }
 
 /// The web pages: `index.html` at every page path with a strict CSP and no

@@ -62,9 +62,10 @@ fn app<S: common::TestStore>(sessions: Arc<S>, ledger: Arc<dyn Ledger>) -> Route
         ReplySettings::new(),
         &mut registry,
     );
-    parley_service::app(common::state_with_replies(
-        sessions, ledger, registry, replies,
-    ))
+    let mut state = common::state_with_replies(sessions, ledger, registry, replies);
+    // One user's thousand sessions: far more than one user may keep.
+    state.limits.max_sessions_per_user = REPLIES as u64;
+    parley_service::app(state)
 }
 
 async fn a_thousand_replies_against_a_hundred_holds(router: Router, ledger: &dyn Ledger) {

@@ -34,8 +34,8 @@ use crate::auth::{Authenticator, Principal, Role, bearer_token};
 use crate::embedded_db::PendingDurability;
 use crate::error::Error;
 use crate::ledger::{
-    Closed, Credits, Hold, HoldRequest, Ledger, LedgerError, MAX_PAGE_SIZE, Page, Progress,
-    ReplyOutcome, Settlement,
+    Closed, Credits, Hold, HoldRequest, Ledger, LedgerError, Page, Progress, ReplyOutcome,
+    Settlement,
 };
 use crate::model_routes::RoutesCell;
 pub use crate::model_routes::{PriceBook, RoutePrice};
@@ -52,7 +52,6 @@ pub use metrics::AccountingMetrics;
 const MAX_SESSION_ID_BYTES: usize = 128;
 /// Longest request id the ledger accepts.
 const MAX_REQUEST_ID_BYTES: usize = 256;
-const DEFAULT_USAGE_LIMIT: u32 = 50;
 
 /// The authenticated caller and the token it presented (forwarded as is in
 /// external mode).
@@ -454,21 +453,8 @@ impl Accounting for LocalAccounting {
     }
 
     async fn usage(&self, caller: &Caller, query: AccountQuery) -> Result<UsageResponse, Error> {
+        let (page, limit) = query.page()?;
         let user = account_of(caller, query.user_id)?;
-        let page = query.page.unwrap_or(1);
-        let limit = query.limit.unwrap_or(DEFAULT_USAGE_LIMIT);
-        if page == 0 {
-            return Err(Error::Validation {
-                field: "page",
-                message: "must be at least 1".into(),
-            });
-        }
-        if !(1..=MAX_PAGE_SIZE).contains(&limit) {
-            return Err(Error::Validation {
-                field: "limit",
-                message: format!("must be between 1 and {MAX_PAGE_SIZE}"),
-            });
-        }
         let records = self
             .ledger
             .usage(

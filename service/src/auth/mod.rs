@@ -209,6 +209,12 @@ impl Authenticator {
         // Unsupported algorithms (including `none`) fail to parse here.
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| Error::InvalidToken("malformed token or unsupported algorithm"))?;
+        // RFC 7515 §4.1.11: extensions marked critical must be understood,
+        // and this verifier implements none (`b64: false`, for one, changes
+        // what the signature covers).
+        if header.crit.is_some() {
+            return Err(Error::InvalidToken("unsupported critical header"));
+        }
         let jwks_key;
         let key = match header.alg {
             Algorithm::HS256 => self
@@ -319,9 +325,15 @@ where
     }
 }
 
-/// The token of an `Authorization: Bearer <token>` header.
+/// The token of the one `Authorization: Bearer <token>` header. Several
+/// Authorization headers are refused: a proxy that checked another one than
+/// the service would disagree about who is calling.
 pub fn bearer_token(headers: &HeaderMap) -> Result<&str, Error> {
-    let header = headers.get(AUTHORIZATION).ok_or(Error::MissingToken)?;
+    let mut values = headers.get_all(AUTHORIZATION).iter();
+    let header = values.next().ok_or(Error::MissingToken)?;
+    if values.next().is_some() {
+        return Err(Error::InvalidToken("more than one Authorization header"));
+    }
     let value = header
         .to_str()
         .map_err(|_| Error::InvalidToken("malformed Authorization"))?;

@@ -261,12 +261,7 @@ impl Provider for OpenAiProvider {
             .bound(self.send(&ChatRequest::new(&request, true)))
             .await??;
         let body: ResponseBody = Box::pin(response.bytes_stream());
-        let reply = ChatReply {
-            events: body.eventsource(),
-            stop_reason: None,
-            usage: None,
-        };
-        Ok(reply_stream(reply, deadline))
+        Ok(reply_stream(ChatReply::new(body), deadline))
     }
 
     async fn complete(&self, request: CompletionRequest) -> Result<Completion, ProviderError> {
@@ -307,7 +302,26 @@ struct ChatReply {
     usage: Option<Usage>,
 }
 
+/// The provider stream of a streamed chat completion whose body is
+/// `chunks`, read as `stream` reads a server's answer (for the fuzz targets).
+#[cfg(feature = "fuzzing")]
+pub fn read_streamed_body(
+    chunks: Vec<bytes::Bytes>,
+    timeout: std::time::Duration,
+) -> ProviderStream {
+    let body: ResponseBody = Box::pin(futures::stream::iter(chunks.into_iter().map(Ok)));
+    reply_stream(ChatReply::new(body), TokenDeadline::start(timeout))
+}
+
 impl ChatReply {
+    fn new(body: ResponseBody) -> Self {
+        Self {
+            events: body.eventsource(),
+            stop_reason: None,
+            usage: None,
+        }
+    }
+
     fn finished(&mut self) -> ReplyStep {
         ReplyStep::Finished {
             // A server that sends `[DONE]` without a finish reason has

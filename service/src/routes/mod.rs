@@ -12,6 +12,7 @@ mod ops;
 mod pages;
 mod replies;
 mod sessions;
+mod standard_errors;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
@@ -33,6 +34,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::auth::bearer_token;
+use crate::connections::BodyReadTimedOut;
 use crate::error::Error;
 use crate::metrics::track_requests;
 use crate::ratelimit::Scope;
@@ -107,7 +109,10 @@ pub fn app(state: AppState) -> Router {
     } else {
         api
     };
-    let (router, openapi) = api.split_for_parts();
+    let (router, mut openapi) = api.split_for_parts();
+    standard_errors::add_standard_errors(&mut openapi);
+    sessions::document_session_operations(&mut openapi);
+    accounting::link_holds(&mut openapi);
     let document = openapi_json(&openapi);
     let http_stack = ServiceBuilder::new()
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
@@ -143,14 +148,16 @@ pub fn app(state: AppState) -> Router {
             }),
         )
         .merge(pages::router())
+        // Only on the routes: a path or method that does not exist is 404 or
+        // 405 whatever token comes with it.
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            limit_requests,
+        ))
         .fallback(|uri: Uri| async move { in_the_shape_of(&uri, Error::EndpointNotFound) })
         .method_not_allowed_fallback(|uri: Uri| async move {
             in_the_shape_of(&uri, Error::MethodNotAllowed)
         })
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            limit_requests,
-        ))
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
         .layer(middleware::from_fn_with_state(
             state.http_metrics.clone(),
@@ -253,6 +260,9 @@ where
                 Err(Error::MalformedJson(error.body_text()))
             }
             Err(JsonRejection::MissingJsonContentType(_)) => Err(Error::UnsupportedMediaType),
+            Err(other) if let Some(timeout) = BodyReadTimedOut::find(&other) => {
+                Err(Error::RequestTimeout(timeout))
+            }
             Err(other) if other.status() == StatusCode::PAYLOAD_TOO_LARGE => {
                 Err(Error::PayloadTooLarge {
                     limit: state.limits.max_body_bytes,

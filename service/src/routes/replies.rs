@@ -40,7 +40,9 @@ pub const CREDITS_REMAINING_HEADER: &str = "x-parley-credits-remaining";
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct SendMessageRequest {
-    /// The user's message.
+    /// The user's message; not blank, and at most the configured number of
+    /// characters.
+    #[schema(min_length = 1)]
     message: String,
     /// Model route alias for this reply; defaults to the session's route.
     route: Option<String>,
@@ -87,10 +89,10 @@ pub struct CreditsView {
 #[serde(rename_all = "camelCase")]
 pub struct PriceView {
     /// Credits per 1000 input tokens.
-    #[schema(value_type = String)]
+    #[schema(value_type = f64)]
     input_per_1k: Credits,
     /// Credits per 1000 output tokens.
-    #[schema(value_type = String)]
+    #[schema(value_type = f64)]
     output_per_1k: Credits,
 }
 
@@ -233,6 +235,7 @@ pub async fn stream_reply(
         (status = 400, description = "Invalid session id", body = ErrorBody),
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 404, description = "No reply of the caller in progress for this session", body = ErrorBody),
+        (status = 422, description = "`VALIDATION_FAILED`: a Last-Event-ID that is not an event id", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]

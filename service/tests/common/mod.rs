@@ -1,6 +1,9 @@
 //! Helpers shared by the service's integration tests.
 #![allow(dead_code, unused_macros, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod openapi;
+pub mod server;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,6 +12,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use http_body_util::BodyExt;
 use parley_service::accounting::{AccountingMetrics, LocalAccounting};
+use parley_service::auth::dev::DevTokens;
 use parley_service::auth::{AuthSettings, Authenticator, Principal, Role, mint_token};
 use parley_service::ledger::{Credits, EmbeddedLedger, Ledger, LedgerSettings};
 use parley_service::metrics::HttpMetrics;
@@ -28,6 +32,7 @@ use tower::ServiceExt;
 pub const SECRET: &[u8] = b"integration-test-secret";
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
 pub const MAX_MESSAGE_CHARS: usize = 1000;
+pub const MAX_SESSIONS_PER_USER: u64 = 50;
 
 pub fn hs256_authenticator() -> Authenticator {
     Authenticator::new(AuthSettings {
@@ -124,6 +129,7 @@ pub fn state_with_replies<S: TestStore>(
         limits: Limits {
             max_body_bytes: MAX_BODY_BYTES,
             max_message_chars: MAX_MESSAGE_CHARS,
+            max_sessions_per_user: MAX_SESSIONS_PER_USER,
         },
     }
 }
@@ -166,9 +172,26 @@ impl TestApp {
         }
     }
 
+    /// As `new`, with the local mode's dev sign-in (`/api/dev/token`) on.
+    pub async fn with_dev_sign_in() -> Self {
+        let (store, dir) = embedded_store().await;
+        let mut state = state(&store).await;
+        state.dev_tokens = Some(dev_tokens());
+        Self {
+            router: parley_service::app(state),
+            store,
+            _dir: dir,
+        }
+    }
+
     pub async fn send(&self, request: Request<Body>) -> (StatusCode, Value) {
         send(&self.router, request).await
     }
+}
+
+/// Dev sign-in minting with the test secret.
+pub fn dev_tokens() -> Arc<DevTokens> {
+    Arc::new(DevTokens::new(SECRET.to_vec(), None, None))
 }
 
 pub fn token(sub: &str, role: Role, cohorts: &[&str]) -> String {
