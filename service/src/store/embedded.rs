@@ -19,10 +19,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use super::embedded_common::{
+    EmbeddedStore, decode, encode, from_millis, millis_key, storage_error,
+};
 use super::{
     Message, MessageRole, NewSession, ObjectId, PageRequest, Session, SessionPage, SessionStore,
     SessionSummary, TokenTotals, now,
@@ -63,11 +65,6 @@ struct MessageRecord<'a> {
     incomplete: bool,
 }
 
-#[derive(Clone)]
-pub struct EmbeddedStore {
-    database: Arc<EmbeddedDb>,
-}
-
 impl EmbeddedStore {
     /// Opens (or creates) `path`, creating the tables.
     pub async fn open(path: &Path) -> Result<Self, Error> {
@@ -87,12 +84,6 @@ impl EmbeddedStore {
             })
             .await?;
         Ok(Self { database })
-    }
-
-    /// The database file, shared with other embedded stores (redb allows one
-    /// open handle per file).
-    pub fn database(&self) -> &Arc<EmbeddedDb> {
-        &self.database
     }
 }
 
@@ -404,40 +395,4 @@ fn summary(id: ObjectId, record: SessionRecord) -> Result<SessionSummary, Error>
 
 fn sequence(index: usize) -> Result<u32, Error> {
     u32::try_from(index).map_err(|_| Error::Store("too many messages in one session".into()))
-}
-
-/// Index key for a timestamp; timestamps before 1970 sort first.
-pub(super) fn millis_key(millis: i64) -> u64 {
-    u64::try_from(millis).unwrap_or(0)
-}
-
-pub(super) fn from_millis(millis: i64) -> Result<DateTime<Utc>, Error> {
-    DateTime::from_timestamp_millis(millis)
-        .ok_or_else(|| Error::Store(format!("timestamp {millis} out of range")))
-}
-
-pub(super) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, Error> {
-    serde_json::to_vec(value).map_err(|error| Error::Store(format!("encoding a record: {error}")))
-}
-
-pub(super) fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, Error> {
-    serde_json::from_slice(bytes)
-        .map_err(|error| Error::Store(format!("decoding a record: {error}")))
-}
-
-impl From<redb::Error> for Error {
-    fn from(error: redb::Error) -> Self {
-        storage_error(error)
-    }
-}
-
-/// I/O failures are outages (503, retryable); anything else is an internal error.
-pub(super) fn storage_error(error: impl Into<redb::Error>) -> Error {
-    match error.into() {
-        redb::Error::Io(error) => Error::StoreUnavailable(format!("embedded store I/O: {error}")),
-        redb::Error::PreviousIo | redb::Error::DatabaseClosed => {
-            Error::StoreUnavailable("embedded store closed after an I/O error".into())
-        }
-        other => Error::Store(format!("embedded store: {other}")),
-    }
 }

@@ -14,9 +14,11 @@ use chrono::{DateTime, Utc};
 use redb::{ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
+use super::ObjectId;
 use super::audit::{AuditQuery, Observation, ObservationAudit, ObservationEnd, ObservationPage};
-use super::embedded::{decode, encode, from_millis, millis_key, storage_error};
-use super::{EmbeddedStore, ObjectId};
+use super::embedded_common::{
+    EmbeddedStore, decode, encode, from_millis, millis_key, storage_error,
+};
 use crate::error::Error;
 
 type Id = [u8; 12];

@@ -8,9 +8,11 @@ use async_trait::async_trait;
 use redb::{ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
-use super::embedded::{decode, encode, from_millis, millis_key, storage_error};
+use super::ObjectId;
+use super::embedded_common::{
+    EmbeddedStore, decode, encode, from_millis, millis_key, storage_error,
+};
 use super::keys::{ApiKey, ApiKeyStore, digest_from_hex, digest_hex};
-use super::{EmbeddedStore, ObjectId};
 use crate::error::Error;
 use crate::identity::Role;
 

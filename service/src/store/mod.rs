@@ -8,11 +8,13 @@
 pub mod audit;
 mod embedded;
 mod embedded_audit;
+mod embedded_common;
 mod embedded_keys;
 mod instrumented;
 pub mod keys;
 mod mongo;
 mod mongo_audit;
+mod mongo_common;
 mod mongo_keys;
 
 use async_trait::async_trait;
@@ -22,10 +24,10 @@ use serde::{Deserialize, Serialize};
 pub use audit::{
     AuditQuery, CohortScope, Observation, ObservationAudit, ObservationEnd, ObservationPage,
 };
-pub use embedded::EmbeddedStore;
+pub use embedded_common::EmbeddedStore;
 pub use instrumented::InstrumentedStore;
 pub use keys::{ApiKey, ApiKeyStore};
-pub use mongo::MongoStore;
+pub use mongo_common::MongoStore;
 pub use mongodb::bson::oid::ObjectId;
 
 use crate::embedded_db::PendingDurability;

@@ -7,13 +7,13 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use mongodb::bson::{self, Document, doc};
 use mongodb::options::{ClientOptions, IndexOptions, ReturnDocument};
-use mongodb::{Client, Collection, Database, IndexModel};
+use mongodb::{Client, Collection, IndexModel};
 use serde::{Deserialize, Serialize};
 
+use super::mongo_common::{MongoStore, bson_time, count, mongo_error, utc};
 use super::{
     Message, MessageRole, NewSession, ObjectId, PageRequest, Session, SessionPage, SessionStore,
     SessionSummary, TokenTotals, now,
@@ -62,12 +62,6 @@ struct TokenTotalsDocument {
     output: i64,
 }
 
-#[derive(Clone)]
-pub struct MongoStore {
-    database: Database,
-    sessions: Collection<SessionDocument>,
-}
-
 impl MongoStore {
     /// Connects and creates the indexes.
     pub async fn connect(uri: &str, database: &str) -> Result<Self, Error> {
@@ -88,9 +82,9 @@ impl MongoStore {
         Ok(store)
     }
 
-    /// The database, shared with other MongoDB-backed stores.
-    pub fn database(&self) -> &Database {
-        &self.database
+    /// The sessions collection, typed (a clone of a handle, no I/O).
+    fn sessions(&self) -> Collection<SessionDocument> {
+        self.sessions.clone_with_type()
     }
 
     async fn create_indexes(&self) -> Result<(), Error> {
@@ -102,7 +96,7 @@ impl MongoStore {
                     .build(),
             )
             .build();
-        self.sessions
+        self.sessions()
             .create_index(by_user)
             .await
             .map_err(mongo_error)?;
@@ -136,7 +130,7 @@ impl SessionStore for MongoStore {
             token_totals: TokenTotalsDocument::default(),
             message_count: count(summary.message_count),
         };
-        self.sessions
+        self.sessions()
             .insert_one(document)
             .await
             .map_err(mongo_error)?;
@@ -145,7 +139,7 @@ impl SessionStore for MongoStore {
 
     async fn get(&self, id: ObjectId) -> Result<Session, Error> {
         let document = self
-            .sessions
+            .sessions()
             .find_one(doc! { "_id": id })
             .await
             .map_err(mongo_error)?
@@ -156,12 +150,12 @@ impl SessionStore for MongoStore {
     async fn list(&self, user_id: &str, page: PageRequest) -> Result<SessionPage, Error> {
         let filter = doc! { "userId": user_id };
         let total = self
-            .sessions
+            .sessions()
             .count_documents(filter.clone())
             .await
             .map_err(mongo_error)?;
         let sessions = self
-            .sessions
+            .sessions()
             .find(filter)
             .sort(doc! { "updatedAt": -1, "_id": -1 })
             .skip(page.offset())
@@ -183,7 +177,7 @@ impl SessionStore for MongoStore {
         title: &str,
     ) -> Result<SessionSummary, Error> {
         let document = self
-            .sessions
+            .sessions()
             .find_one_and_update(
                 doc! { "_id": id, "userId": user_id },
                 doc! { "$set": { "title": title } },
@@ -198,7 +192,7 @@ impl SessionStore for MongoStore {
 
     async fn delete(&self, id: ObjectId, user_id: &str) -> Result<(), Error> {
         let result = self
-            .sessions
+            .sessions()
             .delete_one(doc! { "_id": id, "userId": user_id })
             .await
             .map_err(mongo_error)?;
@@ -231,7 +225,7 @@ impl SessionStore for MongoStore {
             "$set": { "updatedAt": bson_time(now()) },
         };
         let result = self
-            .sessions
+            .sessions()
             .update_one(doc! { "_id": id, "userId": user_id }, update)
             .await
             .map_err(mongo_error)?;
@@ -280,32 +274,5 @@ fn session(document: SessionDocument) -> Session {
                 incomplete: message.incomplete,
             })
             .collect(),
-    }
-}
-
-pub(super) fn bson_time(timestamp: DateTime<Utc>) -> bson::DateTime {
-    bson::DateTime::from_millis(timestamp.timestamp_millis())
-}
-
-/// BSON dates span more than chrono's range; out-of-range ones clamp.
-pub(super) fn utc(timestamp: bson::DateTime) -> DateTime<Utc> {
-    DateTime::from_timestamp_millis(timestamp.timestamp_millis())
-        .unwrap_or(DateTime::<Utc>::MAX_UTC)
-}
-
-/// BSON has no unsigned integers; counts beyond i64 saturate.
-pub(super) fn count(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
-}
-
-/// Connection-level failures are outages (503, retryable); anything else is internal.
-pub(super) fn mongo_error(error: mongodb::error::Error) -> Error {
-    use mongodb::error::ErrorKind;
-    match *error.kind {
-        ErrorKind::ServerSelection { .. }
-        | ErrorKind::Io(_)
-        | ErrorKind::ConnectionPoolCleared { .. }
-        | ErrorKind::DnsResolve { .. } => Error::StoreUnavailable(error.to_string()),
-        _ => Error::Store(error.to_string()),
     }
 }

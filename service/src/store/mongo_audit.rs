@@ -8,11 +8,11 @@ use mongodb::options::IndexOptions;
 use mongodb::{Collection, IndexModel};
 use serde::{Deserialize, Serialize};
 
+use super::ObjectId;
 use super::audit::{
     AuditQuery, CohortScope, Observation, ObservationAudit, ObservationEnd, ObservationPage,
 };
-use super::mongo::{bson_time, mongo_error, utc};
-use super::{MongoStore, ObjectId};
+use super::mongo_common::{MongoStore, bson_time, mongo_error, utc};
 use crate::error::Error;
 
 const COLLECTION: &str = "observation_audit";

@@ -7,9 +7,9 @@ use mongodb::options::IndexOptions;
 use mongodb::{Collection, IndexModel};
 use serde::{Deserialize, Serialize};
 
+use super::ObjectId;
 use super::keys::{ApiKey, ApiKeyStore, digest_from_hex, digest_hex};
-use super::mongo::{bson_time, mongo_error, utc};
-use super::{MongoStore, ObjectId};
+use super::mongo_common::{MongoStore, bson_time, mongo_error, utc};
 use crate::error::Error;
 use crate::identity::Role;
 
