@@ -28,7 +28,7 @@ use parley_service::auth::{AuthSettings, Authenticator, Role, bearer_token};
 use parley_service::model_routes::Routes;
 use parley_service::providers::{
     BedrockProvider, ChatTurn, CompletionRequest, Provider, ProviderError, ProviderErrorKind,
-    ProviderEvent, Role as TurnRole, openai,
+    ProviderEvent, Role as TurnRole, Sampling, openai,
 };
 use parley_service::stream::frames::{ChunkData, ErrorData, PING, frame};
 use serde::Serialize;
@@ -320,6 +320,7 @@ pub fn bedrock_stream(data: &[u8]) {
         model: "anthropic.claude-3-haiku-20240307-v1:0".into(),
         turns: vec![ChatTurn::new(TurnRole::User, "hello")],
         max_output_tokens: 64,
+        sampling: Sampling::default(),
         timeout: READ_TIMEOUT,
     };
     runtime().block_on(async {

@@ -143,6 +143,8 @@ describe("chat page on the simulated model", () => {
     assert.deepEqual(await tabTo(page, "Dev sign-in"), ["Role", "Cohorts", "Dev sign-in"]);
     await page.keyboard.press("Enter");
     await page.getByRole("textbox", { name: "Message" }).waitFor();
+    // The message list is named by the conversation's heading, which is set once the chats have loaded.
+    await page.getByRole("heading", { name: "No chat open" }).waitFor();
 
     // Reading order: header, chats, conversation, composer.
     await page.locator("body").focus();
