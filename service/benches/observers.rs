@@ -165,14 +165,7 @@ impl Server {
             base: format!("http://127.0.0.1:{port}"),
             _dir: dir,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while reqwest::get(format!("{}/ready", server.base))
-            .await
-            .map_or(true, |response| !response.status().is_success())
-        {
-            assert!(Instant::now() < deadline, "the server did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        parley_test_support::bench::wait_until_ready(&server.base).await;
         server
     }
 
