@@ -40,6 +40,7 @@ suite() { # name, command...
 
 # The end-to-end tests start the real binaries.
 suite rust bash -c 'cargo build --workspace --bins && cargo nextest run --workspace --no-fail-fast "$@"' _ "$@"
+suite load scripts/test-load.sh
 suite api-fuzz scripts/test-api-fuzz.sh
 suite fuzz scripts/test-fuzz.sh
 # After the rust suite: the images are made of the binaries it built.

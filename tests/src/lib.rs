@@ -119,6 +119,15 @@ impl Process {
         found.into_iter().flatten().collect()
     }
 
+    /// The output lines that arrived and were not read yet, without waiting.
+    pub fn lines_so_far(&mut self) -> Vec<String> {
+        let mut lines = Vec::new();
+        while let Ok(line) = self.lines.try_recv() {
+            lines.push(line);
+        }
+        lines
+    }
+
     /// Kills the process with SIGKILL, as a crashed node or an OOM kill
     /// would: no shutdown code runs.
     pub async fn kill(&mut self) {
@@ -147,4 +156,23 @@ impl Process {
 pub fn logged_address(line: &str) -> String {
     let log: serde_json::Value = serde_json::from_str(line).unwrap();
     log["fields"]["address"].as_str().unwrap().to_owned()
+}
+
+/// A token signed with `secret`, minted by the service's own `token`
+/// command (`args` such as `["--sub", "carol", "--role", "user"]`).
+pub async fn mint_token(secret: &str, args: &[&str]) -> String {
+    let minted = Command::new(binary("parley-service"))
+        .arg("token")
+        .args(args)
+        .env_clear()
+        .env("PARLEY_JWT_SECRET", secret)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        minted.status.success(),
+        "parley-service token {args:?}: {}",
+        String::from_utf8_lossy(&minted.stderr)
+    );
+    String::from_utf8(minted.stdout).unwrap().trim().to_owned()
 }

@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use eventsource_stream::Event;
-use parley_e2e::{Process, logged_address};
+use parley_e2e::{Process, logged_address, mint_token};
 use parley_test_support::env;
 use parley_test_support::sse::{Events, PROMPTLY, data, events, next, until};
 use serde_json::{Value, json};
@@ -143,15 +143,7 @@ impl Replica {
 }
 
 async fn token(sub: &str, role: &str, cohort: &str) -> String {
-    let minted = tokio::process::Command::new(parley_e2e::binary("parley-service"))
-        .args(["token", "--sub", sub, "--role", role, "--cohort", cohort])
-        .env_clear()
-        .env("PARLEY_JWT_SECRET", SECRET)
-        .output()
-        .await
-        .unwrap();
-    assert!(minted.status.success());
-    String::from_utf8(minted.stdout).unwrap().trim().to_owned()
+    mint_token(SECRET, &["--sub", sub, "--role", role, "--cohort", cohort]).await
 }
 
 /// `(id, event, data)` of the reply's own events.
