@@ -326,7 +326,7 @@ impl std::error::Error for RouteProblems {}
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{DEFAULT_CONTEXT_TOKENS, RouteLimits};
+    use crate::{DEFAULT_CONTEXT_TOKENS, DEFAULT_MIN_PROMPT_TOKENS, RouteLimits};
 
     const CONTRACT_EXAMPLE: &str = r#"
 routes:
@@ -368,6 +368,10 @@ routes:
         assert_eq!(route.targets[0].timeout_seconds, 60);
         assert_eq!(route.targets[0].context_tokens, None);
         assert_eq!(route.targets[0].context_tokens(), DEFAULT_CONTEXT_TOKENS);
+        // A target that may write more keeps room for a prompt beside it.
+        let mut wordy = route.targets[0].clone();
+        wordy.max_output_tokens = 6000;
+        assert_eq!(wordy.context_tokens(), 6000 + DEFAULT_MIN_PROMPT_TOKENS);
         assert_eq!(route.system_prompt, None);
         assert_eq!(route.limits, None);
         // Written back without the optional fields: files without them stay
