@@ -1444,3 +1444,57 @@ async fn a_message_no_window_can_hold_is_422_before_any_hold_or_provider_call() 
     let stored = harness.stored(&session, &token).await;
     assert_eq!(stored["messages"], json!([]));
 }
+
+#[tokio::test]
+async fn a_fallback_whose_window_cannot_hold_the_message_is_skipped() {
+    let harness = Harness::start(Duration::from_secs(30), 30).await;
+    // 40 bytes: 10 + 4 tokens, more than the cramped target's 30 - 20.
+    let skipping = "
+  - alias: skipping
+    fallbackOn: [throttled]
+    targets:
+      - {provider: bedrock, model: roomy, pricing: {inputPer1k: 1, outputPer1k: 1}, maxOutputTokens: 20, contextTokens: 1000}
+      - {provider: bedrock, model: cramped, pricing: {inputPer1k: 1, outputPer1k: 1}, maxOutputTokens: 20, contextTokens: 30}
+      - {provider: bedrock, model: last, pricing: {inputPer1k: 2, outputPer1k: 2}, maxOutputTokens: 20, contextTokens: 1000}
+";
+    assert!(
+        harness
+            .replies
+            .routes
+            .reload_from_yaml(&format!("{}{skipping}", routes_yaml(30)), "test")
+    );
+    harness
+        .bedrock
+        .set_script("roomy", Script::rejected(Rejection::Throttled));
+    for model in ["cramped", "last"] {
+        harness
+            .bedrock
+            .set_script(model, Script::reply(["fine"]).with_usage(1, 1));
+    }
+    let token = user();
+    let session = harness.session(&token).await;
+    let message = "x".repeat(40);
+    let events = drain(
+        harness
+            .stream(
+                &token,
+                &session,
+                json!({"message": message, "route": "skipping"}),
+            )
+            .await,
+    )
+    .await;
+    let model = data(&events[0]);
+    assert_eq!(model["model"], "last", "{model}");
+    assert_eq!(model["fallbackApplied"], true);
+    let called: Vec<String> = harness
+        .bedrock
+        .calls()
+        .into_iter()
+        .map(|call| call.model)
+        .collect();
+    assert_eq!(called, ["roomy", "last"]);
+    // Re-priced for the last target: 14 input tokens and 20 output at 2/1k.
+    let usage = harness.get_json("/api/credits/usage", &token).await;
+    assert_eq!(usage["records"][0]["held"], json!(0.068), "{usage}");
+}

@@ -74,11 +74,9 @@ pub struct ReplyRequest {
 }
 
 impl ReplyRequest {
-    /// The first target after `index` (or from the start, when `None`) that
-    /// the prompt fits.
-    pub fn next_target(&self, after: Option<usize>) -> Option<usize> {
-        let from = after.map_or(0, |index| index + 1);
-        (from..self.prompts.len()).find(|&index| self.prompt(index).is_some())
+    /// The first target after `index` that the prompt fits.
+    fn next_target_after(&self, index: usize) -> Option<usize> {
+        (index + 1..self.prompts.len()).find(|&next| self.prompt(next).is_some())
     }
 
     /// Estimated input tokens of each target's prompt, for the hold.
@@ -253,7 +251,7 @@ impl Generation<'_> {
             match self.attempt(target, prompt, fallback_applied).await {
                 Attempt::Done(result) => return result,
                 Attempt::FallBack(error) => {
-                    next = request.next_target(Some(index));
+                    next = request.next_target_after(index);
                     let next = next
                         .and_then(|index| route.targets.get(index))
                         .map_or("", |next| next.model.as_str());
@@ -477,7 +475,7 @@ impl Generation<'_> {
     ) -> Attempt {
         let is_last = self
             .request
-            .next_target(Some(self.current_target))
+            .next_target_after(self.current_target)
             .is_none();
         if !is_last && falls_back_on(&self.request.route, error.kind) {
             return Attempt::FallBack(error);
