@@ -841,6 +841,12 @@ impl Harness {
         response.json().await.unwrap()
     }
 
+    /// Serves `routes` (entries of the routes list) besides the usual ones.
+    fn add_routes(&self, routes: &str) {
+        let yaml = format!("{}{routes}", routes_yaml(30));
+        assert!(self.replies.routes.reload_from_yaml(&yaml, "test"));
+    }
+
     async fn post(&self, path: &str, token: &str, body: Value) -> reqwest::Response {
         self.client
             .post(self.url(path))
@@ -1334,12 +1340,7 @@ fn converse_texts(body: &Value) -> (Vec<String>, Vec<String>) {
 #[tokio::test]
 async fn a_long_session_sends_only_the_newest_turns_that_fit_and_holds_for_them() {
     let harness = Harness::start(Duration::from_secs(30), 30).await;
-    assert!(
-        harness
-            .replies
-            .routes
-            .reload_from_yaml(&format!("{}{WINDOWED_ROUTE}", routes_yaml(30)), "test")
-    );
+    harness.add_routes(WINDOWED_ROUTE);
     for model in ["windowed-small", "windowed-large"] {
         harness
             .bedrock
@@ -1389,12 +1390,7 @@ async fn a_long_session_sends_only_the_newest_turns_that_fit_and_holds_for_them(
 #[tokio::test]
 async fn a_message_no_window_can_hold_is_422_before_any_hold_or_provider_call() {
     let harness = Harness::start(Duration::from_secs(30), 30).await;
-    assert!(
-        harness
-            .replies
-            .routes
-            .reload_from_yaml(&format!("{}{WINDOWED_ROUTE}", routes_yaml(30)), "test")
-    );
+    harness.add_routes(WINDOWED_ROUTE);
     let token = user();
     let session = harness.session(&token).await;
     // 400 bytes: 100 + 4 tokens, past the largest window's 120 - 20 - 7.
@@ -1457,12 +1453,7 @@ async fn a_fallback_whose_window_cannot_hold_the_message_is_skipped() {
       - {provider: bedrock, model: cramped, pricing: {inputPer1k: 1, outputPer1k: 1}, maxOutputTokens: 20, contextTokens: 30}
       - {provider: bedrock, model: last, pricing: {inputPer1k: 2, outputPer1k: 2}, maxOutputTokens: 20, contextTokens: 1000}
 ";
-    assert!(
-        harness
-            .replies
-            .routes
-            .reload_from_yaml(&format!("{}{skipping}", routes_yaml(30)), "test")
-    );
+    harness.add_routes(skipping);
     harness
         .bedrock
         .set_script("roomy", Script::rejected(Rejection::Throttled));
