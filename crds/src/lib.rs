@@ -18,12 +18,13 @@ pub use chat_deployment::{
 };
 pub use credits::{Credits, CreditsParseError, MICROS_PER_CREDIT};
 pub use model_route::{
-    FallbackCondition, ModelRoute, ModelRouteSpec, ModelRouteStatus, Pricing, Provider, Role,
-    RouteLimits, RouteTarget,
+    DEFAULT_CONTEXT_TOKENS, DEFAULT_MIN_PROMPT_TOKENS, FallbackCondition, ModelRoute,
+    ModelRouteSpec, ModelRouteStatus, Pricing, Provider, Role, RouteLimits, RouteTarget,
 };
 pub use routes_file::{
-    ALIAS_MAX_LEN, IMPLICIT_DEFAULT_ROUTE, MAX_OUTPUT_TOKENS_LIMIT, ProblemKind,
-    ROUTES_CONFIGMAP_KEY, RouteProblem, RouteProblems, RoutesFile, TIMEOUT_SECONDS_LIMIT,
+    ALIAS_MAX_LEN, CONTEXT_TOKENS_LIMIT, IMPLICIT_DEFAULT_ROUTE, MAX_OUTPUT_TOKENS_LIMIT,
+    ProblemKind, ROUTES_CONFIGMAP_KEY, RouteProblem, RouteProblems, RoutesFile,
+    SYSTEM_PROMPT_MAX_CHARS, TIMEOUT_SECONDS_LIMIT,
 };
 
 /// Errors of this crate.

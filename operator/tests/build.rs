@@ -87,6 +87,14 @@ fn routes_configmap_holds_the_compiled_routes_file() {
         Credits::parse_decimal("0.25").unwrap()
     );
     assert_eq!(file.routes[0], routes[0].spec);
+    // The service trims prompts with these, so they must reach it.
+    let default = file.route("default").unwrap();
+    assert_eq!(
+        default.system_prompt.as_deref(),
+        Some("You are a helpful assistant. Answer concisely.")
+    );
+    let windows: Vec<Option<u32>> = default.targets.iter().map(|t| t.context_tokens).collect();
+    assert_eq!(windows, [Some(128_000), Some(32_768), None]);
 }
 
 #[test]

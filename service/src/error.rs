@@ -69,6 +69,17 @@ pub enum Error {
     ShuttingDown,
     #[error("the reply ran longer than this deployment allows")]
     ReplyTooLong,
+    /// The message (with the route's instructions and room for the reply)
+    /// fits no target's context window; the closest window is reported.
+    #[error(
+        "the message needs about {needed_tokens} tokens with the route's instructions and room \
+         for the reply, more than the model's context window of {context_tokens} tokens; \
+         shorten it"
+    )]
+    MessageTooLongForModel {
+        needed_tokens: u32,
+        context_tokens: u32,
+    },
     #[error("configuration error: {0}")]
     Config(String),
     /// A body of the accounting API with missing, unknown or mistyped fields.
@@ -187,7 +198,9 @@ impl Error {
             Self::ReplyTooLong => StatusCode::GATEWAY_TIMEOUT,
             Self::Upstream(error) => upstream_status(error.kind),
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::InvalidBody(_) | Self::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::InvalidBody(_)
+            | Self::Validation { .. }
+            | Self::MessageTooLongForModel { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::TooManySessions { .. } => StatusCode::CONFLICT,
@@ -237,6 +250,7 @@ impl Error {
             Self::NoActiveReply => "NO_ACTIVE_REPLY",
             Self::ShuttingDown => "SHUTTING_DOWN",
             Self::ReplyTooLong => "MAX_DURATION",
+            Self::MessageTooLongForModel { .. } => "MESSAGE_TOO_LONG_FOR_MODEL",
             Self::Upstream(error) => upstream_code(error.kind),
             Self::Store(_) | Self::Config(_) | Self::Io { .. } | Self::EmbeddedDb(_) => "INTERNAL",
         }
@@ -277,6 +291,7 @@ impl Error {
             | Self::NoActiveReply
             | Self::ShuttingDown
             | Self::ReplyTooLong
+            | Self::MessageTooLongForModel { .. }
             | Self::SessionNotFound
             | Self::ApiKeyNotFound
             | Self::EndpointNotFound

@@ -4,6 +4,7 @@ pub mod accounting;
 pub mod auth;
 pub mod config;
 pub mod connections;
+pub mod context_window;
 pub mod embedded_db;
 pub mod error;
 pub mod identity;

@@ -62,7 +62,9 @@ impl Routes {
                     },
                     max_output_tokens: BUILTIN_MAX_OUTPUT_TOKENS,
                     timeout_seconds: BUILTIN_TIMEOUT_SECONDS,
+                    context_tokens: None,
                 }],
+                system_prompt: None,
             }],
         })
     }

@@ -1178,17 +1178,18 @@ async fn external_mode_replies_are_held_and_settled_in_the_accounting_instance()
         )
         .await;
     assert_eq!(reply.status, 200, "{reply:?}");
-    // "paid elsewhere": 4 tokens in at 1/1k, 2 words out at 2/1k.
+    // "paid elsewhere": 8 tokens in (4 for the text, 4 for the turn) at
+    // 1/1k, 2 words out at 2/1k.
     assert_eq!(
         reply.body["credits"],
-        json!({"charged": 0.008, "remaining": 9.992})
+        json!({"charged": 0.012, "remaining": 9.988})
     );
     let on_b = accounting
         .call("GET", "/api/credits/balance", &alice, None)
         .await;
     assert_eq!(
         on_b.body,
-        json!({"userId": "alice", "balance": 9.992, "held": 0.0, "available": 9.992})
+        json!({"userId": "alice", "balance": 9.988, "held": 0.0, "available": 9.988})
     );
     let usage = accounting
         .call("GET", "/api/credits/usage", &alice, None)

@@ -384,8 +384,8 @@ async fn max_tokens_caps_the_reply_and_its_hold_and_sampling_reaches_the_model()
     assert_eq!(completion["usage"]["completion_tokens"], 3);
     let record = &harness.usage(&token).await[0];
     // Held for 3 output tokens (at 0.1 credit each), not 1000, plus the
-    // estimated input (11 characters: 3 tokens at 0.001).
-    assert_eq!(micros(&record["held"]), 303_000, "{record}");
+    // estimated input (11 bytes: 3 tokens, and 4 for the turn, at 0.001).
+    assert_eq!(micros(&record["held"]), 307_000, "{record}");
 
     // A request above the route's maximum gets the route's maximum; the
     // sampling settings go to the model as Bedrock names them.

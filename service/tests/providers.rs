@@ -9,7 +9,7 @@ use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_credential_types::Credentials;
 use aws_credential_types::provider::SharedCredentialsProvider;
 use futures::StreamExt;
-use parley_service::providers::estimate_tokens;
+use parley_service::providers::estimate_turn_tokens;
 use parley_service::providers::simulated::count_tokens;
 use parley_service::providers::{
     BedrockProvider, ChatTurn, CompletionRequest, OpenAiProvider, Provider, ProviderErrorKind,
@@ -583,10 +583,11 @@ async fn simulated_echoes_the_last_user_turn_deterministically() {
         "Again, with feeling",
     ]
     .into_iter()
-    .map(estimate_tokens)
+    .map(|text| estimate_turn_tokens(&ChatTurn::new(Role::User, text)))
     .sum();
-    // Input is counted as holds estimate it: 4 + 3 + 2 + 5 (chars / 4, rounded up).
-    assert_eq!(input_tokens, 14);
+    // Input is counted as holds estimate it: 4 + 3 + 2 + 5 (bytes / 4,
+    // rounded up) and 4 per turn.
+    assert_eq!(input_tokens, 30);
     expected.push(Ok(ProviderEvent::Usage(Usage {
         input_tokens,
         output_tokens: 3,

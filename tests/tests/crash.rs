@@ -149,10 +149,11 @@ async fn killed_and_restarted(data: Data) {
     // what the client had received.
     let output = record["outputTokens"].as_u64().unwrap();
     assert!(output > 0 && output <= 1000, "{record}");
-    // 7 input tokens ("tell me a long story please", 27 characters) at 1/1k
-    // and the output at 2/1k: what the built-in route charges.
-    assert_eq!(record["inputTokens"], 7);
-    let charged_micros = 7 * 1_000 + output * 2_000;
+    // 11 input tokens ("tell me a long story please": 27 bytes, 7 tokens,
+    // and 4 for the turn) at 1/1k and the output at 2/1k: what the built-in
+    // route charges.
+    assert_eq!(record["inputTokens"], 11);
+    let charged_micros = 11 * 1_000 + output * 2_000;
     let charged = record["charged"].as_f64().unwrap();
     assert!(
         (charged * 1e6 - charged_micros as f64).abs() < 0.5,

@@ -92,10 +92,11 @@ async fn local_mode_serves_prints_a_working_dev_token_and_stops_on_sigterm() {
     assert_eq!(reply.status(), 200);
     let reply: Value = reply.json().await.unwrap();
     assert_eq!(reply["content"], "hello there");
-    // 3 tokens in at 1/1k, 2 out at 2/1k, from the 100 a dev account starts with.
+    // 7 tokens in (3 for the text, 4 for the turn) at 1/1k, 2 out at 2/1k,
+    // from the 100 a dev account starts with.
     assert_eq!(
         reply["credits"],
-        json!({"charged": 0.007, "remaining": 99.993})
+        json!({"charged": 0.011, "remaining": 99.989})
     );
 
     let unauthenticated = http

@@ -122,7 +122,7 @@ pub struct CalculateRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens: Option<u64>,
     /// The prompt text, when its token count is not known (estimated as
-    /// one token per four characters, rounded up).
+    /// one token per four bytes of UTF-8, rounded up).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }

@@ -134,6 +134,7 @@ mod tests {
             },
             max_output_tokens: 1000,
             timeout_seconds: 60,
+            context_tokens: None,
         }
     }
 
@@ -145,6 +146,7 @@ mod tests {
             downgrade_when_unaffordable: false,
             limits: None,
             targets,
+            system_prompt: None,
         }
     }
 

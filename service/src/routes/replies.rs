@@ -20,14 +20,15 @@ use super::sessions::{session_id, validate_message};
 use super::{ApiJson, event_stream};
 use crate::accounting::Caller;
 use crate::auth::Principal;
+use crate::context_window::{Conversation, history_budget};
 use crate::embedded_db::PendingDurability;
 use crate::error::{Error, ErrorBody};
 use crate::ledger::Credits as Amount;
 use crate::ledger::decimal_credits;
-use crate::providers::{ChatTurn, Role as TurnRole, Sampling, estimate_input_tokens};
+use crate::providers::{ChatTurn, Role as TurnRole, Sampling};
 use crate::ratelimit::Scope;
 use crate::state::AppState;
-use crate::store::{Message, MessageRole, ObjectId, Session};
+use crate::store::{HistoryBudget, Message, MessageRole, ObjectId, SessionTail};
 use crate::stream::billing::{Charge, ReplyBill};
 use crate::stream::reply;
 use crate::stream::{
@@ -161,7 +162,7 @@ pub async fn list_models(State(state): State<AppState>, caller: Principal) -> Js
         (status = 402, description = "The caller cannot afford the reply's worst case (balance and price in the body)", body = ErrorBody),
         (status = 404, description = "No such session owned by the caller", body = ErrorBody),
         (status = 409, description = "A reply is already in progress", body = ErrorBody),
-        (status = 422, description = "Invalid fields", body = ErrorBody),
+        (status = 422, description = "Invalid fields, or `MESSAGE_TOO_LONG_FOR_MODEL`: the message with the route's system prompt and room for the reply fits no target's context window (refused before any credit is held)", body = ErrorBody),
         (status = 429, description = "A per-user limit was hit, or every target was throttled", body = ErrorBody),
         (status = 502, description = "The model failed", body = ErrorBody),
         (status = 503, description = "Model, store, ledger or rate limiter unavailable, or shutting down", body = ErrorBody),
@@ -205,7 +206,7 @@ pub async fn send_message(
         (status = 402, description = "The caller cannot afford the reply's worst case (balance and price in the body)", body = ErrorBody),
         (status = 404, description = "No such session owned by the caller", body = ErrorBody),
         (status = 409, description = "A reply is already in progress", body = ErrorBody),
-        (status = 422, description = "Invalid fields", body = ErrorBody),
+        (status = 422, description = "Invalid fields, or `MESSAGE_TOO_LONG_FOR_MODEL`: the message with the route's system prompt and room for the reply fits no target's context window (refused before any credit is held)", body = ErrorBody),
         (status = 429, description = "A per-user limit was hit", body = ErrorBody),
         (status = 503, description = "Store, ledger or rate limiter unavailable, or shutting down", body = ErrorBody),
     ),
@@ -332,22 +333,40 @@ async fn start_reply(
         }
         (route, model_id) => route.or(model_id),
     };
-    // Waited on before the reply's first event, overlapping the model call.
     let principal = &caller.principal;
-    let (session, read) = owned_session(state, id, principal).await?;
     let routes = replies.routes.snapshot();
+    let user_message = Message::new(MessageRole::User, request.message);
+    let new_turn = ChatTurn::new(TurnRole::User, user_message.content.clone());
+    // The session names the route unless the request does, so the session
+    // is read as far back as the named route, or else any route the caller
+    // may use, could send (an unknown route is refused below, once the
+    // session's owner is checked).
+    let named_route = requested
+        .as_deref()
+        .and_then(|alias| routes.resolve(Some(alias), principal.role).ok());
+    let budget = match named_route {
+        Some(route) => history_budget([route], &new_turn, None),
+        None => history_budget(routes.usable_by(principal.role), &new_turn, None),
+    };
+    // Waited on before the reply's first event, overlapping the model call.
+    let (session, read) = owned_session(state, id, principal, budget).await?;
     let alias = requested.as_deref().unwrap_or(&session.summary.route);
     let route = routes.resolve(Some(alias), principal.role)?.clone();
-    let user_message = Message::new(MessageRole::User, request.message);
-    let mut turns: Vec<ChatTurn> = session
-        .messages
+    let history = session
+        .newest_messages
         .into_iter()
         .map(|message| ChatTurn {
             role: turn_role(message.role),
             text: message.content,
         })
         .collect();
-    turns.push(ChatTurn::new(TurnRole::User, user_message.content.clone()));
+    let conversation = Conversation::new(
+        route.system_prompt.as_deref(),
+        Vec::new(),
+        history,
+        new_turn,
+    );
+    let prompts = conversation.prompts(&route, None)?;
     let user_id = principal.sub.clone();
     let reply = replies
         .hub
@@ -363,7 +382,7 @@ async fn start_reply(
         api: Api::Chat,
         user_id,
         route,
-        turns,
+        prompts,
         max_output_tokens: None,
         sampling: Sampling::default(),
         record: Some(SessionRecord {
@@ -379,15 +398,17 @@ async fn start_reply(
     Ok((reply, task))
 }
 
-/// Session `id` as read for a new reply, if `principal` owns it: only owners
-/// add to a session, and anyone else learns nothing about it. What was read
-/// may not be durable yet (see [`launch`]).
+/// Session `id` with its newest messages within `budget`, as read for a
+/// new reply, if `principal` owns it: only owners add to a session, and
+/// anyone else learns nothing about it. What was read may not be durable
+/// yet (see [`launch`]).
 pub(super) async fn owned_session(
     state: &AppState,
     id: ObjectId,
     principal: &Principal,
-) -> Result<(Session, PendingDurability), Error> {
-    let (session, read) = state.sessions.get_applied(id).await?;
+    budget: HistoryBudget,
+) -> Result<(SessionTail, PendingDurability), Error> {
+    let (session, read) = state.sessions.get_tail_applied(id, budget).await?;
     if session.summary.user_id != principal.sub {
         return Err(Error::SessionNotFound);
     }
@@ -417,13 +438,12 @@ pub(super) async fn launch(
         Some(record) => record.session_id.to_hex(),
         None => request.api.as_str().to_owned(),
     };
-    let input_tokens = u64::from(estimate_input_tokens(&request.turns));
     let paid = pay_upfront(
         state,
         caller,
         &origin,
         &request.route,
-        input_tokens,
+        &request.input_tokens(),
         request.max_output_tokens,
     )
     .await;
@@ -453,7 +473,7 @@ async fn pay_upfront(
     caller: Caller,
     origin: &str,
     route: &parley_crds::ModelRouteSpec,
-    input_tokens: u64,
+    input_tokens: &[Option<u64>],
     max_output_tokens: Option<u32>,
 ) -> Result<Paid, Error> {
     let limiter = &state.rate_limiter;

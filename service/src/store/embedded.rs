@@ -19,15 +19,15 @@ use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use redb::{ReadableTable, TableDefinition};
+use redb::{ReadTransaction, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::embedded_common::{
     EmbeddedStore, decode, encode, from_millis, millis_key, storage_error,
 };
 use super::{
-    Message, MessageRole, NewSession, ObjectId, PageRequest, Session, SessionPage, SessionStore,
-    SessionSummary, TokenTotals, now,
+    HistoryBudget, Message, MessageRole, NewSession, ObjectId, PageRequest, Session, SessionPage,
+    SessionStore, SessionSummary, SessionTail, TokenTotals, now,
 };
 use crate::embedded_db::{EmbeddedDb, PendingDurability};
 use crate::error::Error;
@@ -158,39 +158,42 @@ impl SessionStore for EmbeddedStore {
     }
 
     async fn get(&self, id: ObjectId) -> Result<Session, Error> {
-        let (session, pending) = self.get_applied(id).await?;
-        pending.wait::<Error>().await?;
-        Ok(session)
+        self.database
+            .read(move |transaction| {
+                let summary = read_summary(transaction, id)?;
+                let messages = transaction
+                    .open_table(MESSAGES)
+                    .map_err(storage_error)?
+                    .range(session_messages(id))
+                    .map_err(storage_error)?
+                    .map(|entry| message(entry.map_err(storage_error)?.1.value()))
+                    .collect::<Result<Vec<_>, Error>>()?;
+                Ok(Session { summary, messages })
+            })
+            .await
     }
 
-    async fn get_applied(&self, id: ObjectId) -> Result<(Session, PendingDurability), Error> {
+    async fn get_tail_applied(
+        &self,
+        id: ObjectId,
+        budget: HistoryBudget,
+    ) -> Result<(SessionTail, PendingDurability), Error> {
         self.database
             .read_applied(move |transaction| {
-                let sessions = transaction.open_table(SESSIONS).map_err(storage_error)?;
-                let record = sessions
-                    .get(id.bytes())
-                    .map_err(storage_error)?
-                    .ok_or(Error::SessionNotFound)?;
-                let record: SessionRecord = decode(record.value())?;
+                let summary = read_summary(transaction, id)?;
                 let messages_table = transaction.open_table(MESSAGES).map_err(storage_error)?;
-                let messages = messages_table
-                    .range((id.bytes(), 0)..=(id.bytes(), u32::MAX))
-                    .map_err(storage_error)?
-                    .map(|entry| {
-                        let (_, value) = entry.map_err(storage_error)?;
-                        let record: MessageRecord<'_> = decode(value.value())?;
-                        Ok(Message {
-                            id: record.id,
-                            role: record.role,
-                            content: record.content.into_owned(),
-                            timestamp: from_millis(record.timestamp_ms)?,
-                            incomplete: record.incomplete,
-                        })
-                    })
-                    .collect::<Result<Vec<_>, Error>>()?;
-                Ok(Session {
-                    summary: summary(id, record)?,
-                    messages,
+                // Decoded newest first, and only as many as the budget takes.
+                let mut newest_first = budget.take_newest(
+                    messages_table
+                        .range(session_messages(id))
+                        .map_err(storage_error)?
+                        .rev()
+                        .map(|entry| message(entry.map_err(storage_error)?.1.value())),
+                )?;
+                newest_first.reverse();
+                Ok(SessionTail {
+                    summary,
+                    newest_messages: newest_first,
                 })
             })
             .await
@@ -265,7 +268,7 @@ impl SessionStore for EmbeddedStore {
                 sessions.remove(id.bytes()).map_err(storage_error)?;
                 let mut messages = transaction.open_table(MESSAGES).map_err(storage_error)?;
                 messages
-                    .retain_in((id.bytes(), 0)..=(id.bytes(), u32::MAX), |_, _| false)
+                    .retain_in(session_messages(id), |_, _| false)
                     .map_err(storage_error)?;
                 let mut by_user = transaction.open_table(BY_USER).map_err(storage_error)?;
                 by_user
@@ -390,6 +393,32 @@ fn summary(id: ObjectId, record: SessionRecord) -> Result<SessionSummary, Error>
             output: record.output_tokens,
         },
         message_count: u64::from(record.message_count),
+    })
+}
+
+/// The record of session `id` as a summary; `SessionNotFound` if there is none.
+fn read_summary(transaction: &ReadTransaction, id: ObjectId) -> Result<SessionSummary, Error> {
+    let sessions = transaction.open_table(SESSIONS).map_err(storage_error)?;
+    let record = sessions
+        .get(id.bytes())
+        .map_err(storage_error)?
+        .ok_or(Error::SessionNotFound)?;
+    summary(id, decode(record.value())?)
+}
+
+/// The keys of session `id`'s messages, in order.
+fn session_messages(id: ObjectId) -> std::ops::RangeInclusive<(Id, u32)> {
+    (id.bytes(), 0)..=(id.bytes(), u32::MAX)
+}
+
+fn message(encoded: &[u8]) -> Result<Message, Error> {
+    let record: MessageRecord<'_> = decode(encoded)?;
+    Ok(Message {
+        id: record.id,
+        role: record.role,
+        content: record.content.into_owned(),
+        timestamp: from_millis(record.timestamp_ms)?,
+        incomplete: record.incomplete,
     })
 }
 

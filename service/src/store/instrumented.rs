@@ -6,8 +6,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::{
-    Message, NewSession, ObjectId, PageRequest, Session, SessionPage, SessionStore, SessionSummary,
-    TokenTotals,
+    HistoryBudget, Message, NewSession, ObjectId, PageRequest, Session, SessionPage, SessionStore,
+    SessionSummary, SessionTail, TokenTotals,
 };
 use crate::embedded_db::PendingDurability;
 use crate::error::Error;
@@ -41,8 +41,14 @@ impl SessionStore for InstrumentedStore {
     }
 
     /// Timed to the answer, not to durability (the caller waits for that).
-    async fn get_applied(&self, id: ObjectId) -> Result<(Session, PendingDurability), Error> {
-        self.metrics.time("get", self.inner.get_applied(id)).await
+    async fn get_tail_applied(
+        &self,
+        id: ObjectId,
+        budget: HistoryBudget,
+    ) -> Result<(SessionTail, PendingDurability), Error> {
+        self.metrics
+            .time("get_tail", self.inner.get_tail_applied(id, budget))
+            .await
     }
 
     async fn list(&self, user_id: &str, page: PageRequest) -> Result<SessionPage, Error> {

@@ -15,9 +15,10 @@ use serde::{Deserialize, Serialize};
 
 use super::mongo_common::{MongoStore, bson_time, count, mongo_error, utc};
 use super::{
-    Message, MessageRole, NewSession, ObjectId, PageRequest, Session, SessionPage, SessionStore,
-    SessionSummary, TokenTotals, now,
+    HistoryBudget, Message, MessageRole, NewSession, ObjectId, PageRequest, Session, SessionPage,
+    SessionStore, SessionSummary, SessionTail, TokenTotals, now,
 };
+use crate::embedded_db::PendingDurability;
 use crate::error::Error;
 
 const COLLECTION: &str = "chat_sessions";
@@ -145,6 +146,33 @@ impl SessionStore for MongoStore {
             .map_err(mongo_error)?
             .ok_or(Error::SessionNotFound)?;
         Ok(session(document))
+    }
+
+    async fn get_tail_applied(
+        &self,
+        id: ObjectId,
+        budget: HistoryBudget,
+    ) -> Result<(SessionTail, PendingDurability), Error> {
+        // `$slice` sends only the newest `max_messages`; the byte budget,
+        // which the server cannot apply in a projection, is applied here.
+        let newest = -i64::from(budget.max_messages);
+        let document = self
+            .sessions()
+            .find_one(doc! { "_id": id })
+            .projection(doc! { "messages": { "$slice": newest } })
+            .await
+            .map_err(mongo_error)?
+            .ok_or(Error::SessionNotFound)?;
+        let Session { summary, messages } = session(document);
+        let mut newest_first = budget.take_newest(messages.into_iter().rev().map(Ok))?;
+        newest_first.reverse();
+        let tail = SessionTail {
+            summary,
+            newest_messages: newest_first,
+        };
+        // Acknowledged writes are durable as the deployment's write concern
+        // makes them: nothing to wait on.
+        Ok((tail, PendingDurability::none()))
     }
 
     async fn list(&self, user_id: &str, page: PageRequest) -> Result<SessionPage, Error> {

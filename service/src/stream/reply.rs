@@ -21,11 +21,11 @@ use super::events::ReplyEvent;
 use super::frames::reply_frame;
 use super::hub::ReplyStream;
 use super::metrics::{FallbackLabels, StreamLabels, TokenLabels};
+use crate::context_window::{Prompt, output_tokens};
 use crate::embedded_db::PendingDurability;
 use crate::error::{Error, upstream_code};
 use crate::providers::{
-    ChatTurn, CompletionRequest, ProviderError, ProviderErrorKind, ProviderEvent, Sampling,
-    StopReason, Usage, estimate_input_tokens,
+    CompletionRequest, ProviderError, ProviderErrorKind, ProviderEvent, Sampling, StopReason, Usage,
 };
 use crate::ratelimit::{RateLimiter, Scope, StreamGuard};
 use crate::store::{Message, MessageRole, ObjectId, SessionStore, TokenTotals};
@@ -60,8 +60,10 @@ pub struct ReplyRequest {
     pub user_id: String,
     /// The route as it was when the request arrived (reloads do not touch it).
     pub route: ModelRouteSpec,
-    /// The conversation so far, ending with the new user turn.
-    pub turns: Vec<ChatTurn>,
+    /// The prompt of each of the route's targets, fitted to its context
+    /// window and ending with the new user turn; `None` for a target the
+    /// prompt cannot fit, which the reply skips.
+    pub prompts: Vec<Option<Prompt>>,
     /// The most output tokens the caller asked for; each target's own
     /// maximum applies too.
     pub max_output_tokens: Option<u32>,
@@ -69,6 +71,25 @@ pub struct ReplyRequest {
     /// Where the exchange is stored; `None`: nowhere (the usage record is
     /// all that is kept).
     pub record: Option<SessionRecord>,
+}
+
+impl ReplyRequest {
+    /// The first target after `index` that the prompt fits.
+    fn next_target_after(&self, index: usize) -> Option<usize> {
+        (index + 1..self.prompts.len()).find(|&next| self.prompt(next).is_some())
+    }
+
+    /// Estimated input tokens of each target's prompt, for the hold.
+    pub fn input_tokens(&self) -> Vec<Option<u64>> {
+        self.prompts
+            .iter()
+            .map(|prompt| prompt.as_ref().map(|prompt| u64::from(prompt.input_tokens)))
+            .collect()
+    }
+
+    fn prompt(&self, index: usize) -> Option<&Prompt> {
+        self.prompts.get(index).and_then(Option::as_ref)
+    }
 }
 
 /// The chat session a reply is stored in, with the message it answers.
@@ -143,6 +164,7 @@ pub fn spawn(
             bill: Some(opened.bill),
             unconfirmed: Some(read.and(opened.pending)),
             first_target: opened.first_target,
+            current_target: opened.first_target,
             downgraded: opened.downgraded,
             next_id: 1,
             started: Instant::now(),
@@ -171,6 +193,8 @@ struct Generation<'a> {
     /// known durable; taken before the first event is shown.
     unconfirmed: Option<PendingDurability>,
     first_target: usize,
+    /// The target being tried now.
+    current_target: usize,
     downgraded: bool,
     next_id: u64,
     started: Instant,
@@ -213,20 +237,23 @@ struct Used {
 
 impl Generation<'_> {
     async fn run(&mut self) -> Result<FinishedReply, Error> {
-        let route = &self.request.route;
-        let mut index = self.first_target;
-        while let Some(target) = route.targets.get(index) {
+        let request = self.request;
+        let route = &request.route;
+        let mut next = Some(self.first_target);
+        while let Some(index) = next
+            && let (Some(target), Some(prompt)) = (route.targets.get(index), request.prompt(index))
+        {
+            self.current_target = index;
             let fallback_applied = index > self.first_target;
-            if fallback_applied && let Err(error) = self.reprice(target).await {
+            if fallback_applied && let Err(error) = self.reprice(target, prompt).await {
                 return self.unaffordable_fallback(target, error).await;
             }
-            match self.attempt(target, fallback_applied).await {
+            match self.attempt(target, prompt, fallback_applied).await {
                 Attempt::Done(result) => return result,
                 Attempt::FallBack(error) => {
-                    index += 1;
-                    let next = route
-                        .targets
-                        .get(index)
+                    next = request.next_target_after(index);
+                    let next = next
+                        .and_then(|index| route.targets.get(index))
                         .map_or("", |next| next.model.as_str());
                     tracing::warn!(
                         route = %route.alias, from = %target.model, to = %next,
@@ -252,9 +279,9 @@ impl Generation<'_> {
         )))
     }
 
-    async fn reprice(&mut self, target: &RouteTarget) -> Result<(), Error> {
+    async fn reprice(&mut self, target: &RouteTarget, prompt: &Prompt) -> Result<(), Error> {
         match self.bill.as_mut() {
-            Some(bill) => bill.reprice(target).await,
+            Some(bill) => bill.reprice(target, u64::from(prompt.input_tokens)).await,
             None => Ok(()),
         }
     }
@@ -276,21 +303,20 @@ impl Generation<'_> {
         Err(error)
     }
 
-    async fn attempt(&mut self, target: &RouteTarget, fallback_applied: bool) -> Attempt {
+    async fn attempt(
+        &mut self,
+        target: &RouteTarget,
+        prompt: &Prompt,
+        fallback_applied: bool,
+    ) -> Attempt {
         let provider = match self.replies.providers.for_target(target).await {
             Ok(provider) => provider,
             Err(error) => return self.failed_before_output(target, error).await,
         };
-        let max_output_tokens = self
-            .request
-            .max_output_tokens
-            .map_or(target.max_output_tokens, |asked| {
-                asked.min(target.max_output_tokens)
-            });
         let request = CompletionRequest {
             model: target.model.clone(),
-            turns: self.request.turns.clone(),
-            max_output_tokens,
+            turns: prompt.turns.clone(),
+            max_output_tokens: output_tokens(target, self.request.max_output_tokens),
             timeout: Duration::from_secs(u64::from(target.timeout_seconds)),
             sampling: self.request.sampling.clone(),
         };
@@ -449,10 +475,8 @@ impl Generation<'_> {
     ) -> Attempt {
         let is_last = self
             .request
-            .route
-            .targets
-            .last()
-            .is_none_or(|last| std::ptr::eq(last, target));
+            .next_target_after(self.current_target)
+            .is_none();
         if !is_last && falls_back_on(&self.request.route, error.kind) {
             return Attempt::FallBack(error);
         }
@@ -708,7 +732,7 @@ impl Generation<'_> {
     }
 
     /// Reported usage, or an estimate when the provider reported none
-    /// (input: estimated from the conversation; output: one token per delta).
+    /// (input: the estimate of the prompt sent; output: one token per delta).
     fn used(&self, reported: Option<Usage>, deltas: u32) -> Used {
         match reported {
             Some(usage) => Used {
@@ -717,7 +741,10 @@ impl Generation<'_> {
             },
             None => Used {
                 usage: Usage {
-                    input_tokens: estimate_input_tokens(&self.request.turns),
+                    input_tokens: self
+                        .request
+                        .prompt(self.current_target)
+                        .map_or(0, |prompt| prompt.input_tokens),
                     output_tokens: deltas,
                 },
                 estimated: true,

@@ -119,9 +119,10 @@ impl OpenAiError {
             // The official clients expect a missing model to be a 404.
             Error::UnknownRoute { .. } | Error::UnknownModel { .. } => StatusCode::NOT_FOUND,
             // The protocol answers every invalid request with a 400.
-            Error::InvalidBody(_) | Error::Validation { .. } | Error::InvalidQuery(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            Error::InvalidBody(_)
+            | Error::Validation { .. }
+            | Error::InvalidQuery(_)
+            | Error::MessageTooLongForModel { .. } => StatusCode::BAD_REQUEST,
             Error::Upstream(upstream) if upstream.kind == ProviderErrorKind::ContextWindow => {
                 StatusCode::BAD_REQUEST
             }
@@ -186,6 +187,7 @@ fn api_code(error: &Error) -> String {
         Error::Upstream(upstream) if upstream.kind == ProviderErrorKind::ContextWindow => {
             "context_length_exceeded"
         }
+        Error::MessageTooLongForModel { .. } => "context_length_exceeded",
         other => return other.code().to_ascii_lowercase(),
     };
     code.to_owned()
@@ -195,6 +197,7 @@ fn api_param(error: &Error) -> Option<String> {
     match error {
         Error::UnknownRoute { .. } | Error::UnknownModel { .. } => Some("model".to_owned()),
         Error::Validation { field, .. } => Some((*field).to_owned()),
+        Error::MessageTooLongForModel { .. } => Some("messages".to_owned()),
         _ => None,
     }
 }

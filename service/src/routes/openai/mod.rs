@@ -47,7 +47,7 @@ use crate::auth::Principal;
 use crate::embedded_db::PendingDurability;
 use crate::error::Error;
 use crate::state::AppState;
-use crate::store::{Message, MessageRole, ObjectId};
+use crate::store::{HistoryBudget, Message, MessageRole, ObjectId};
 use crate::stream::frames::PING;
 use crate::stream::{Api, Audience, ReplyEvent, ReplyInfo, ReplyRequest, SessionRecord};
 
@@ -72,7 +72,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
             (ChatCompletion = "application/json"),
             (ChatCompletionChunk = "text/event-stream"),
         )),
-        (status = 400, description = "Invalid body or field, or an unsupported field (`param` names it)", body = OpenAiErrorBody),
+        (status = 400, description = "Invalid body or field, or an unsupported field (`param` names it); `context_length_exceeded` (`param`: `messages`) when the system messages and the last message, with room for the reply, fit no target's context window", body = OpenAiErrorBody),
         (status = 401, description = "Missing or invalid token or API key", body = OpenAiErrorBody),
         (status = 402, description = "The caller cannot afford the reply's worst case (`insufficient_credits`)", body = OpenAiErrorBody),
         (status = 404, description = "No such model the caller may use (`model_not_found`), or no such session of the caller's", body = OpenAiErrorBody),
@@ -99,10 +99,16 @@ pub async fn chat_completions(
     let routes = state.replies.routes.snapshot();
     let principal = &caller.principal;
     let route = routes.resolve_model(&asked.model, principal.role)?.clone();
+    // Refused before any session, credit or model is touched.
+    let prompts = asked
+        .conversation(route.system_prompt.as_deref())
+        .prompts(&route, asked.max_output_tokens())?;
     let (record, read, hub) = match session {
         None => (None, PendingDurability::none(), None),
         Some(id) => {
-            let (session, read) = owned_session(&state, id, principal).await?;
+            // The request carries the conversation: the session is only
+            // checked and appended to.
+            let (session, read) = owned_session(&state, id, principal, HistoryBudget::NONE).await?;
             let user_message = Message::new(MessageRole::User, asked.last_user_text());
             let reply = state
                 .replies
@@ -126,7 +132,7 @@ pub async fn chat_completions(
         api: Api::OpenAi,
         user_id: principal.sub.clone(),
         route,
-        turns: asked.turns(),
+        prompts,
         max_output_tokens: asked.max_output_tokens(),
         sampling: asked.sampling(),
         record,

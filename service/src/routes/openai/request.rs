@@ -11,6 +11,7 @@ use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
 use super::error::OpenAiError;
+use crate::context_window::Conversation;
 use crate::providers::{ChatTurn, Role, Sampling};
 
 /// Stop sequences a request may give, as the protocol allows.
@@ -238,9 +239,22 @@ impl ChatCompletionRequest {
         }
     }
 
-    /// The conversation as the providers take it.
-    pub fn turns(&self) -> Vec<ChatTurn> {
-        self.messages.iter().map(ChatMessage::turn).collect()
+    /// The conversation as the providers take it, after the route's
+    /// `system_prompt`: the leading system (and developer) messages are
+    /// instructions, always sent; the messages after them up to the last
+    /// (the user's, checked by `parse`) are history, sent as far back as a
+    /// target's context window allows.
+    pub fn conversation(&self, system_prompt: Option<&str>) -> Conversation {
+        let mut turns: Vec<ChatTurn> = self.messages.iter().map(ChatMessage::turn).collect();
+        let message = turns
+            .pop()
+            .unwrap_or_else(|| ChatTurn::new(Role::User, String::new()));
+        let leading = turns
+            .iter()
+            .take_while(|turn| turn.role == Role::System)
+            .count();
+        let history = turns.split_off(leading);
+        Conversation::new(system_prompt, turns, history, message)
     }
 
     /// The text of the last message, the user's (checked by `parse`).
@@ -437,13 +451,23 @@ mod tests {
                 stop: vec!["END".into()]
             }
         );
-        let turns = request.turns();
-        let roles: Vec<Role> = turns.iter().map(|turn| turn.role).collect();
+        let prompt = request
+            .conversation(Some("route rules"))
+            .fit(u32::MAX, 0)
+            .unwrap();
+        let roles: Vec<Role> = prompt.turns.iter().map(|turn| turn.role).collect();
         assert_eq!(
             roles,
-            [Role::System, Role::System, Role::Assistant, Role::User]
+            [
+                Role::System,
+                Role::System,
+                Role::System,
+                Role::Assistant,
+                Role::User
+            ]
         );
-        assert_eq!(turns[3].text, "one\ntwo");
+        assert_eq!(prompt.turns[0].text, "route rules");
+        assert_eq!(prompt.turns[4].text, "one\ntwo");
         assert_eq!(request.last_user_text(), "one\ntwo");
     }
 
