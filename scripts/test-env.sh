@@ -1,31 +1,42 @@
 #!/usr/bin/env bash
 # The real servers Parley's tests run against, set up by the project itself on a
-# Debian bookworm machine as root (see ../shared/TEST-INFRA.md for why each choice):
+# Debian bookworm machine as root:
 #   kube-apiserver + etcd  (kube-apiserver built from Debian's source package, cached)
 #   SecantusDB             (MongoDB wire protocol, from PyPI in a venv, cached)
 #   redis-server           (Debian package)
 #   Python test tools      (scripts/requirements-test.txt, pinned, in a cached venv)
+# install also builds kubelet, kube-controller-manager, kube-scheduler and the pause
+# binary for scripts/cluster.sh, in the same go build as kube-apiserver: CI needs all
+# four, and one build of the packages they share costs far less than two.
 #
 #   scripts/test-env.sh install        idempotent; safe to re-run
 #   scripts/test-env.sh start DIR      start everything on free loopback ports; writes DIR/env
 #   scripts/test-env.sh stop DIR       stop everything started in DIR (apiserver before etcd)
+#   scripts/test-env.sh python         print the interpreter of the Python test tools
+#
+# PARLEY_TEST_BIND_ADDRESS (default 127.0.0.1) is where `start` has SecantusDB and Redis
+# listen, and what the URIs in DIR/env name: a cluster's PARLEY_CLUSTER_GATEWAY
+# (scripts/cluster.sh) lets its pods reach them too. etcd and kube-apiserver stay on loopback.
 set -euo pipefail
 
 CACHE_DIR="${PARLEY_CACHE_DIR:-/var/cache/parley}"
 KUBE_DEB_VERSION="1.20.5+really1.20.2-1.1+deb12u1"
 KUBE_ORIG_TARBALL="kubernetes_1.20.5+really1.20.2.orig.tar.gz"
-KUBE_APISERVER="$CACHE_DIR/kube-apiserver-1.20.2/kube-apiserver"
+KUBE_VERSION="1.20.2"
+# kube-apiserver, kubelet, kube-controller-manager, kube-scheduler and pause, built together.
+KUBE_BIN_DIR="$CACHE_DIR/kubernetes-$KUBE_VERSION"
+KUBE_APISERVER="$KUBE_BIN_DIR/kube-apiserver"
+# Where checkouts older than KUBE_BIN_DIR look for (and otherwise build) kube-apiserver alone.
+LEGACY_KUBE_APISERVER="$CACHE_DIR/kube-apiserver-$KUBE_VERSION/kube-apiserver"
+PAUSE_VERSION="3.4"
 SECANTUS_VERSION="0.7.0b3"
 SECANTUS_VENV="$CACHE_DIR/secantusdb-$SECANTUS_VERSION"
 SCRIPTS_DIR="$(cd "$(dirname "$0")" && pwd)"
 TOOLS_REQUIREMENTS="$SCRIPTS_DIR/requirements-test.txt"
 
-log() { printf '[test-env] %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-as_root() {
-  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
-}
+LOG_NAME=test-env
+# shellcheck source=scripts/common.sh
+source "$SCRIPTS_DIR/common.sh"
 
 enable_deb_src() {
   local sources=/etc/apt/sources.list.d/parley-deb-src.sources
@@ -47,45 +58,48 @@ Signed-By: $signed_by
 EOF
 }
 
-apt_install() {
-  local missing=()
-  for pkg in "$@"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
-  done
-  [ ${#missing[@]} -eq 0 ] && return 0
-  log "apt-get install ${missing[*]}"
-  as_root apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
-}
-
-build_kube_apiserver() {
-  [ -x "$KUBE_APISERVER" ] && return 0
-  enable_deb_src
-  as_root apt-get update -qq
-  apt_install golang-go etcd-server etcd-client rsync golang-github-modern-go-reflect2-dev
-  local work
-  work=$(mktemp -d /tmp/parley-kube-build.XXXXXX)
-  log "building kube-apiserver from Debian's kubernetes source package in $work (about 5 minutes)"
-  (
-    cd "$work"
-    apt-get source --download-only "kubernetes=$KUBE_DEB_VERSION" >/dev/null
-    mkdir -p gopath/src/k8s.io src
-    tar -xzf "$KUBE_ORIG_TARBALL" -C src --strip-components=1
-    # The vendored reflect2 1.0.1 crashes under Go >= 1.18 on the first custom-resource write.
-    rm -rf src/vendor/github.com/modern-go/reflect2
-    cp -r /usr/share/gocode/src/github.com/modern-go/reflect2 src/vendor/github.com/modern-go/reflect2
-    rm -f src/vendor/github.com/modern-go/reflect2/go.mod
-    ln -s "$work/src" gopath/src/k8s.io/kubernetes
-    cd gopath/src/k8s.io/kubernetes
-    GOPATH="$work/gopath" GOCACHE="$work/gocache" CGO_ENABLED=0 GOPROXY=off \
-      make WHAT=cmd/kube-apiserver GOLDFLAGS="-s -w" >"$work/build.log" 2>&1 \
-      || { tail -50 "$work/build.log" >&2; exit 1; }
-    as_root mkdir -p "$(dirname "$KUBE_APISERVER")"
-    as_root install -m 0755 _output/local/bin/linux/*/kube-apiserver "$KUBE_APISERVER.tmp"
-    as_root mv "$KUBE_APISERVER.tmp" "$KUBE_APISERVER"
-  )
-  rm -rf "$work"
-  log "kube-apiserver cached at $KUBE_APISERVER"
+# One make for all four binaries, so that the packages they share compile once.
+build_kubernetes() {
+  [ -d "$KUBE_BIN_DIR" ] || {
+    enable_deb_src
+    as_root apt-get update -qq
+    apt_install golang-go etcd-server etcd-client rsync golang-github-modern-go-reflect2-dev gcc libc6-dev
+    local work started=$SECONDS
+    work=$(mktemp -d /tmp/parley-kube-build.XXXXXX)
+    log "building kube-apiserver, kubelet, kube-controller-manager, kube-scheduler from Debian's kubernetes source package in $work (about 10 CPU-minutes: 5 to 6 minutes on 2 idle cores)"
+    (
+      cd "$work"
+      apt-get source --download-only "kubernetes=$KUBE_DEB_VERSION" >/dev/null
+      mkdir -p gopath/src/k8s.io src
+      tar -xzf "$KUBE_ORIG_TARBALL" -C src --strip-components=1
+      # The vendored reflect2 1.0.1 crashes under Go >= 1.18 on the first custom-resource write.
+      rm -rf src/vendor/github.com/modern-go/reflect2
+      cp -r /usr/share/gocode/src/github.com/modern-go/reflect2 src/vendor/github.com/modern-go/reflect2
+      rm -f src/vendor/github.com/modern-go/reflect2/go.mod
+      ln -s "$work/src" gopath/src/k8s.io/kubernetes
+      cd gopath/src/k8s.io/kubernetes
+      GOPATH="$work/gopath" GOCACHE="$work/gocache" CGO_ENABLED=0 GOPROXY=off \
+        make WHAT="cmd/kube-apiserver cmd/kubelet cmd/kube-controller-manager cmd/kube-scheduler" \
+        GOLDFLAGS="-s -w" >"$work/build.log" 2>&1 \
+        || { tail -50 "$work/build.log" >&2; exit 1; }
+      # The pod sandbox's pause process, as the source tree's build/pause/Makefile builds it.
+      gcc -Os -Wall -Werror -static -DVERSION="v$PAUSE_VERSION-debian-$KUBE_VERSION" \
+        -o "$work/pause" build/pause/linux/pause.c
+      # Renaming a finished directory into place keeps the cache all-or-nothing.
+      local staging="$KUBE_BIN_DIR.partial"
+      as_root rm -rf "$staging"
+      as_root mkdir -p "$staging"
+      as_root install -m 0755 _output/local/bin/linux/*/{kube-apiserver,kubelet,kube-controller-manager,kube-scheduler} \
+        "$work/pause" "$staging/"
+      as_root mv "$staging" "$KUBE_BIN_DIR"
+    )
+    rm -rf "$work"
+    log "kubernetes binaries cached in $KUBE_BIN_DIR (built in $((SECONDS - started))s)"
+  }
+  if [ ! -x "$LEGACY_KUBE_APISERVER" ]; then
+    as_root mkdir -p "$(dirname "$LEGACY_KUBE_APISERVER")"
+    as_root ln -f "$KUBE_APISERVER" "$LEGACY_KUBE_APISERVER"
+  fi
 }
 
 install_secantus() {
@@ -126,21 +140,8 @@ cmd_install() {
   apt_install etcd-server etcd-client redis-server openssl python3-venv curl
   install_secantus
   install_python_tools
-  build_kube_apiserver
+  build_kubernetes
   log "installed"
-}
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
-}
-
-wait_for() { # description, seconds, command...
-  local what=$1 secs=$2; shift 2
-  local deadline=$((SECONDS + secs))
-  until "$@" >/dev/null 2>&1; do
-    [ $SECONDS -lt $deadline ] || die "$what did not come up within ${secs}s"
-    sleep 0.2
-  done
 }
 
 cmd_start() {
@@ -152,6 +153,7 @@ cmd_start() {
     || die "servers are not installed: run scripts/test-env.sh install"
   [ -f "$dir/env" ] && die "$dir already has a running environment: stop it first"
 
+  local bind=${PARLEY_TEST_BIND_ADDRESS:-127.0.0.1}
   local etcd_port etcd_peer apiserver_port mongo_port redis_port
   etcd_port=$(free_port); etcd_peer=$(free_port); apiserver_port=$(free_port)
   mongo_port=$(free_port); redis_port=$(free_port)
@@ -180,40 +182,28 @@ cmd_start() {
   echo $! >"$dir/kube-apiserver.pid"
   wait_for kube-apiserver 60 curl -sf --cacert "$dir/pki/apiserver.crt" -H "Authorization: Bearer $token" \
     "https://127.0.0.1:$apiserver_port/readyz"
-  cat >"$dir/kubeconfig" <<EOF
-apiVersion: v1
-kind: Config
-clusters:
-- name: parley-test
-  cluster:
-    server: https://127.0.0.1:$apiserver_port
-    certificate-authority: $dir/pki/apiserver.crt
-users:
-- name: parley-test-admin
-  user:
-    token: $token
-contexts:
-- name: parley-test
-  context: {cluster: parley-test, user: parley-test-admin}
-current-context: parley-test
-EOF
+  write_kubeconfig "$dir/kubeconfig" parley-test "https://127.0.0.1:$apiserver_port" "$dir/pki/apiserver.crt" "$token"
 
-  log "starting SecantusDB on 127.0.0.1:$mongo_port"
+  log "starting SecantusDB on $bind:$mongo_port"
   mkdir -p "$dir/mongo"
-  "$SECANTUS_VENV/bin/secantusd-py" --host 127.0.0.1 --port "$mongo_port" --storage-path "$dir/mongo" \
+  "$SECANTUS_VENV/bin/secantusd-py" --host "$bind" --port "$mongo_port" --storage-path "$dir/mongo" \
     >"$dir/secantusdb.log" 2>&1 &
   echo $! >"$dir/secantusdb.pid"
-  wait_for SecantusDB 30 python3 -c "import socket; socket.create_connection(('127.0.0.1', $mongo_port), 1)"
+  wait_for SecantusDB 30 python3 -c "import socket; socket.create_connection(('$bind', $mongo_port), 1)"
 
-  log "starting redis on 127.0.0.1:$redis_port"
-  redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
-    --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" --dir "$dir"
-  wait_for redis 20 redis-cli -p "$redis_port" ping
+  log "starting redis on $bind:$redis_port"
+  # Redis refuses clients from other addresses than loopback unless protected mode is off;
+  # any other bind address is a private bridge's.
+  local protected=yes
+  [ "$bind" = 127.0.0.1 ] || protected=no
+  redis-server --port "$redis_port" --bind "$bind" --protected-mode "$protected" --save '' --appendonly no \
+    --daemonize yes --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" --dir "$dir"
+  wait_for redis 20 redis-cli -h "$bind" -p "$redis_port" ping
 
   cat >"$dir/env" <<EOF
 export PARLEY_TEST_KUBECONFIG=$dir/kubeconfig
-export PARLEY_TEST_MONGODB_URI=mongodb://127.0.0.1:$mongo_port
-export PARLEY_TEST_REDIS_URL=redis://127.0.0.1:$redis_port
+export PARLEY_TEST_MONGODB_URI=mongodb://$bind:$mongo_port
+export PARLEY_TEST_REDIS_URL=redis://$bind:$redis_port
 export PARLEY_TEST_PYTHON=$(tools_venv)/bin/python
 EOF
   log "ready: source $dir/env"
@@ -243,9 +233,18 @@ cmd_stop() {
   log "stopped servers in $dir"
 }
 
+# The Python interpreter of the installed test tools (for scripts run alone).
+cmd_python() {
+  local venv
+  venv=$(tools_venv)
+  [ -f "$venv/.complete" ] || die "the Python test tools are not installed: run scripts/test-env.sh install"
+  echo "$venv/bin/python"
+}
+
 case "${1:-}" in
   install) cmd_install ;;
   start) cmd_start "${2:-}" ;;
   stop) cmd_stop "${2:-}" ;;
-  *) echo "usage: $0 install | start DIR | stop DIR" >&2; exit 2 ;;
+  python) cmd_python ;;
+  *) echo "usage: $0 install | start DIR | stop DIR | python" >&2; exit 2 ;;
 esac

@@ -21,20 +21,41 @@ scripts/test-env.sh start "$env_dir"
 source "$env_dir/env"
 
 summary=()
+reasons=()
 failed=0
+# A failed suite's reasons are repeated in the summary: its own output may be long
+# enough (a cluster's logs) to push them out of sight.
 suite() { # name, command...
   local name=$1 started=$SECONDS status=passed
   shift
   echo "=== suite $name"
-  "$@" || { status=FAILED; failed=1; }
+  "$@" 2>&1 | tee "$env_dir/suite-$name.log" || { status=FAILED; failed=1; }
   summary+=("$(printf '%-10s %-7s %5ss' "$name" "$status" $((SECONDS - started)))")
+  if [ "$status" = FAILED ]; then
+    while IFS= read -r line; do reasons+=("$name: $line"); done < <(
+      grep -E 'FAILED|LEFTOVER|panicked at|^error|not ok|✖|Error:|failed' "$env_dir/suite-$name.log" \
+        | grep -vE 'level=|^[IWE][0-9]{4} ' | tail -25)
+  fi
 }
 
 # The end-to-end tests start the real binaries.
 suite rust bash -c 'cargo build --workspace --bins && cargo nextest run --workspace --no-fail-fast "$@"' _ "$@"
+suite load scripts/test-load.sh
+suite api-fuzz scripts/test-api-fuzz.sh
+suite fuzz scripts/test-fuzz.sh
+# After the rust suite: the images are made of the binaries it built.
+suite images scripts/test-images.sh
+suite charts scripts/test-charts.sh
 # The pages in headless Chromium against the binary the rust suite built.
 suite web scripts/test-web.sh
+suite cluster scripts/test-cluster.sh
+# Parley on that cluster: the images of the binaries the rust suite built.
+suite rollout scripts/test-rollout.sh
 
 echo "=== summary"
 printf '%s\n' "${summary[@]}"
+if [ "${#reasons[@]}" -gt 0 ]; then
+  echo "=== why"
+  printf '%s\n' "${reasons[@]}"
+fi
 exit "$failed"

@@ -61,7 +61,9 @@ use crate::content_policy::CohortPolicy;
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ChatDeploymentSpec {
-    /// Container image of parley-service.
+    /// Container image of parley-service; defaults to the image of this
+    /// release of the CRDs, `ghcr.io/parley-dev/parley-service:<version>`.
+    #[serde(default = "default_image")]
     #[schemars(length(min = 1))]
     pub image: String,
     #[serde(default)]
@@ -103,6 +105,17 @@ pub struct ChatDeploymentSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     pub cohort_policies: Vec<CohortPolicy>,
+}
+
+/// The parley-service image of this release: what a ChatDeployment that
+/// names no image runs.
+pub const DEFAULT_SERVICE_IMAGE: &str = concat!(
+    "ghcr.io/parley-dev/parley-service:",
+    env!("CARGO_PKG_VERSION")
+);
+
+fn default_image() -> String {
+    DEFAULT_SERVICE_IMAGE.to_owned()
 }
 
 fn default_route() -> String {

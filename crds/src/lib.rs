@@ -13,9 +13,9 @@ use kube::CustomResourceExt;
 
 pub use chat_deployment::{
     AccountingMode, AccountingSpec, AuthSpec, AutoscalingSpec, BedrockProvider, ChatDeployment,
-    ChatDeploymentSpec, ChatDeploymentStatus, EmbeddedStorage, MongodbStorage, ObservationSpec,
-    OffChild, OpenAiProvider, ProvidersSpec, RateLimitsSpec, RedisSpec, ReplicasSpec,
-    ResolvedRoute, SecretKeyRef, SecretRef, Storage, StorageSpec,
+    ChatDeploymentSpec, ChatDeploymentStatus, DEFAULT_SERVICE_IMAGE, EmbeddedStorage,
+    MongodbStorage, ObservationSpec, OffChild, OpenAiProvider, ProvidersSpec, RateLimitsSpec,
+    RedisSpec, ReplicasSpec, ResolvedRoute, SecretKeyRef, SecretRef, Storage, StorageSpec,
 };
 pub use content_policy::{
     CohortPolicy, ContentPolicy, ContentRule, OUTPUT_MATCH_MAX_BYTES, PATTERN_SIZE_LIMIT,
@@ -23,13 +23,14 @@ pub use content_policy::{
 };
 pub use credits::{Credits, CreditsParseError, MICROS_PER_CREDIT};
 pub use model_route::{
-    CircuitBreaker, FallbackCondition, ModelRoute, ModelRouteSpec, ModelRouteStatus, Pricing,
-    Provider, Role, RouteLimits, RouteTarget,
+    CircuitBreaker, DEFAULT_CONTEXT_TOKENS, DEFAULT_MIN_PROMPT_TOKENS, FallbackCondition,
+    ModelRoute, ModelRouteSpec, ModelRouteStatus, Pricing, Provider, Role, RouteLimits,
+    RouteTarget,
 };
 pub use routes_file::{
-    ALIAS_MAX_LEN, IMPLICIT_DEFAULT_ROUTE, MAX_OUTPUT_TOKENS_LIMIT, ProblemKind,
-    ROUTES_CONFIGMAP_KEY, RouteProblem, RouteProblems, RoutesFile, TIMEOUT_SECONDS_LIMIT,
-    collect_cohort_policy_problems,
+    ALIAS_MAX_LEN, CONTEXT_TOKENS_LIMIT, IMPLICIT_DEFAULT_ROUTE, MAX_OUTPUT_TOKENS_LIMIT,
+    ProblemKind, ROUTES_CONFIGMAP_KEY, RouteProblem, RouteProblems, RoutesFile,
+    SYSTEM_PROMPT_MAX_CHARS, TIMEOUT_SECONDS_LIMIT, collect_cohort_policy_problems,
 };
 
 /// Errors of this crate.

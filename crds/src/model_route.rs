@@ -73,6 +73,12 @@ pub struct ModelRouteSpec {
     /// Targets, tried in order.
     #[schemars(length(min = 1, max = 16))]
     pub targets: Vec<RouteTarget>,
+    /// Instructions sent first with every reply on this route (a system
+    /// message), always kept however short a target's context window; it
+    /// counts towards each reply's input tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 65536))]
+    pub system_prompt: Option<String>,
     /// Per-user limits on this route, on top of the deployment's per-user
     /// limits; omitted means only the deployment's limits apply.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -133,7 +139,37 @@ pub struct RouteTarget {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 16))]
     pub guardrail_version: Option<String>,
+    /// The model's context window in tokens: prompt and reply together. A
+    /// reply's prompt keeps the newest turns of the conversation that fit
+    /// beside `maxOutputTokens`; omitted means 8192, or `maxOutputTokens` +
+    /// 4096 when that is more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 2, max = 10_000_000))]
+    pub context_tokens: Option<u32>,
 }
+
+impl RouteTarget {
+    /// The context window replies are fitted to: the declared one, else
+    /// [`DEFAULT_CONTEXT_TOKENS`], widened for a target whose maximum output
+    /// would leave less than [`DEFAULT_MIN_PROMPT_TOKENS`] of it.
+    pub fn context_tokens(&self) -> u32 {
+        self.context_tokens.unwrap_or_else(|| {
+            DEFAULT_CONTEXT_TOKENS.max(
+                self.max_output_tokens
+                    .saturating_add(DEFAULT_MIN_PROMPT_TOKENS),
+            )
+        })
+    }
+}
+
+/// The window assumed for a target that declares none: small enough that
+/// every current chat model has at least this much (so an undeclared model
+/// is not sent more than it takes), large enough for a useful history.
+pub const DEFAULT_CONTEXT_TOKENS: u32 = 8192;
+/// The prompt room an undeclared window keeps beside the target's maximum
+/// output: a model that may write that much has a window at least that much
+/// larger, and routes written before windows were declared keep working.
+pub const DEFAULT_MIN_PROMPT_TOKENS: u32 = 4096;
 
 fn default_timeout_seconds() -> u32 {
     60

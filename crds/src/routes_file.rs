@@ -19,6 +19,9 @@ pub const IMPLICIT_DEFAULT_ROUTE: &str = "default";
 pub const MAX_OUTPUT_TOKENS_LIMIT: u32 = 1_000_000;
 pub const TIMEOUT_SECONDS_LIMIT: u32 = 3600;
 pub const FAILURE_THRESHOLD_LIMIT: u32 = 1000;
+pub const CONTEXT_TOKENS_LIMIT: u32 = 10_000_000;
+/// Characters of a route's system prompt.
+pub const SYSTEM_PROMPT_MAX_CHARS: usize = 65_536;
 pub const ALIAS_MAX_LEN: usize = 63;
 /// Longest capability tag.
 pub const CAPABILITY_MAX_LEN: usize = 32;
@@ -148,6 +151,19 @@ impl ModelRouteSpec {
                 "the route has no targets; list at least one".to_owned(),
             );
         }
+        if let Some(system_prompt) = &self.system_prompt
+            && (system_prompt.trim().is_empty()
+                || system_prompt.chars().count() > SYSTEM_PROMPT_MAX_CHARS)
+        {
+            push(
+                format!("{path}.systemPrompt"),
+                ProblemKind::LimitOutOfRange,
+                format!(
+                    "systemPrompt must be 1-{SYSTEM_PROMPT_MAX_CHARS} characters, not blank; \
+                     omit it for none"
+                ),
+            );
+        }
         let mut seen_targets = HashSet::new();
         for (index, target) in self.targets.iter().enumerate() {
             let target_path = format!("{path}.targets[{index}]");
@@ -195,6 +211,22 @@ impl ModelRouteSpec {
                     ProblemKind::LimitOutOfRange,
                     format!(
                         "maxOutputTokens {} must be between 1 and {MAX_OUTPUT_TOKENS_LIMIT}",
+                        target.max_output_tokens
+                    ),
+                );
+            }
+            // The window holds the prompt and the reply: one no larger than
+            // the reply's maximum could never take a message.
+            if let Some(context_tokens) = target.context_tokens
+                && (context_tokens <= target.max_output_tokens
+                    || context_tokens > CONTEXT_TOKENS_LIMIT)
+            {
+                push(
+                    format!("{target_path}.contextTokens"),
+                    ProblemKind::LimitOutOfRange,
+                    format!(
+                        "contextTokens {context_tokens} must be more than maxOutputTokens ({}) \
+                         and at most {CONTEXT_TOKENS_LIMIT}",
                         target.max_output_tokens
                     ),
                 );
@@ -400,7 +432,7 @@ impl std::error::Error for RouteProblems {}
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::RouteLimits;
+    use crate::{DEFAULT_CONTEXT_TOKENS, DEFAULT_MIN_PROMPT_TOKENS, RouteLimits};
 
     const CONTRACT_EXAMPLE: &str = r#"
 routes:
@@ -440,9 +472,20 @@ routes:
         assert_eq!(route.fallback_on.len(), 3);
         assert!(!route.downgrade_when_unaffordable);
         assert_eq!(route.targets[0].timeout_seconds, 60);
+        assert_eq!(route.targets[0].context_tokens, None);
+        assert_eq!(route.targets[0].context_tokens(), DEFAULT_CONTEXT_TOKENS);
+        // A target that may write more keeps room for a prompt beside it.
+        let mut wordy = route.targets[0].clone();
+        wordy.max_output_tokens = 6000;
+        assert_eq!(wordy.context_tokens(), 6000 + DEFAULT_MIN_PROMPT_TOKENS);
+        assert_eq!(route.system_prompt, None);
         assert_eq!(route.limits, None);
-        // Written back without limits: files without them stay as they were.
-        assert!(!file.to_yaml().unwrap().contains("limits"));
+        // Written back without the optional fields: files without them stay
+        // as they were.
+        let written = file.to_yaml().unwrap();
+        for field in ["limits", "contextTokens", "systemPrompt"] {
+            assert!(!written.contains(field), "{written}");
+        }
     }
 
     #[test]
@@ -634,6 +677,54 @@ routes:
         ] {
             assert!(!written.contains(absent), "{written}");
         }
+    }
+
+    #[test]
+    fn context_windows_and_system_prompts_are_read_and_checked() {
+        let text = r#"
+routes:
+  - alias: default
+    systemPrompt: "You are terse."
+    targets:
+      - {provider: openai, model: a, pricing: {inputPer1k: 1, outputPer1k: 1}, maxOutputTokens: 100, contextTokens: 4096}
+      - {provider: openai, model: b, pricing: {inputPer1k: 1, outputPer1k: 1}, maxOutputTokens: 100, contextTokens: 100}
+      - {provider: openai, model: c, pricing: {inputPer1k: 1, outputPer1k: 1}, maxOutputTokens: 100, contextTokens: 10000001}
+  - alias: blank
+    systemPrompt: "  "
+    targets:
+      - {provider: simulated, model: s, pricing: {inputPer1k: 1, outputPer1k: 1}, maxOutputTokens: 10}
+"#;
+        let file = RoutesFile::from_yaml(text).unwrap();
+        assert_eq!(
+            file.routes[0].system_prompt.as_deref(),
+            Some("You are terse.")
+        );
+        assert_eq!(file.routes[0].targets[0].context_tokens(), 4096);
+        let again = RoutesFile::from_yaml(&file.to_yaml().unwrap()).unwrap();
+        assert_eq!(again, file);
+        let problems = file.validate().unwrap_err();
+        let found: Vec<&str> = problems.0.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            found,
+            [
+                "routes[0].targets[1].contextTokens",
+                "routes[0].targets[2].contextTokens",
+                "routes[1].systemPrompt",
+            ]
+        );
+        assert!(
+            problems
+                .0
+                .iter()
+                .all(|p| p.kind == ProblemKind::LimitOutOfRange),
+            "{problems}"
+        );
+        assert!(
+            problems
+                .to_string()
+                .contains("must be more than maxOutputTokens (100)"),
+            "{problems}"
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The generated CRDs against the real kube-apiserver: they install, become
-//! Established, accept the examples (applying schema defaults) and reject a
-//! schema-invalid resource with 422.
+//! Established, accept the examples (applying schema defaults, the service
+//! image among them) and reject a schema-invalid resource with 422.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
@@ -61,6 +61,26 @@ async fn examples_round_trip_through_the_apiserver() {
     let stored = chats.get("demo").await.unwrap();
     assert_eq!(stored.spec, chat.spec);
 
+    // A ChatDeployment that names no image runs this release's service image:
+    // the server stores the schema's default.
+    let imageless = serde_json::json!({
+        "apiVersion": "parley.dev/v1alpha1",
+        "kind": "ChatDeployment",
+        "metadata": {"name": "imageless"},
+        "spec": {"storage": {"embedded": {}}}
+    });
+    let created = dynamic::<ChatDeployment>(&client, &namespace)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(imageless).unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        created.data["spec"]["image"],
+        parley_crds::DEFAULT_SERVICE_IMAGE
+    );
+
     let routes: Api<ModelRoute> = Api::namespaced(client.clone(), &namespace);
     for file in ["model-route-default.yaml", "model-route-fast.yaml"] {
         let route: ModelRoute = example(file);
@@ -79,7 +99,7 @@ async fn examples_round_trip_through_the_apiserver() {
             "provider": "simulated", "model": "sim",
             "pricing": {"inputPer1k": 0.5, "outputPer1k": 1}, "maxOutputTokens": 16}]}
     });
-    let dynamic = dynamic_routes(&client, &namespace);
+    let dynamic = dynamic::<ModelRoute>(&client, &namespace);
     let created = dynamic
         .create(
             &PostParams::default(),
@@ -118,7 +138,12 @@ async fn examples_round_trip_through_the_apiserver() {
     }
 }
 
-fn dynamic_routes(client: &Client, namespace: &str) -> Api<DynamicObject> {
-    let resource = ApiResource::erase::<ModelRoute>(&());
+/// Custom resources of kind `K` as plain JSON, so that a test sees exactly
+/// what the server stored (typed reads would fill in serde's defaults).
+fn dynamic<K: kube::Resource<DynamicType = ()>>(
+    client: &Client,
+    namespace: &str,
+) -> Api<DynamicObject> {
+    let resource = ApiResource::erase::<K>(&());
     Api::namespaced_with(client.clone(), namespace, &resource)
 }

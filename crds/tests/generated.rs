@@ -92,6 +92,12 @@ fn examples_are_valid_against_the_schema_and_the_types() {
     assert_eq!(typed.spec.replicas.max, 10);
     let cohort_policies = typed.spec.cohort_policies.clone();
     assert_eq!(cohort_policies[0].rules.len(), 2);
+    // The example names no image: it runs this release's.
+    assert_eq!(typed.spec.image, parley_crds::DEFAULT_SERVICE_IMAGE);
+    assert_eq!(
+        committed_schema("ChatDeployment")["properties"]["spec"]["properties"]["image"]["default"],
+        parley_crds::DEFAULT_SERVICE_IMAGE
+    );
 
     let route = validator("ModelRoute");
     let mut specs = Vec::new();
@@ -176,7 +182,8 @@ fn schema_rejects_invalid_documents() {
 
     let chat = validator("ChatDeployment");
     let base = yaml_value("examples/chat-deployment.yaml");
-    let mutations: [Mutation; 5] = [
+    let mutations: [Mutation; 6] = [
+        ("empty image", |d| d["spec"]["image"] = "".into()),
         ("zero min replicas", |d| {
             d["spec"]["replicas"]["min"] = 0.into()
         }),

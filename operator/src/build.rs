@@ -268,7 +268,7 @@ fn env_secret_ref(name: &str, secret: &SecretKeyRef) -> EnvVar {
     env_from_secret(name, &secret.name, &secret.key, false)
 }
 
-/// The service's environment (ARCHITECTURE.md "Interface contract").
+/// The service's environment: the `PARLEY_*` settings service/README.md documents.
 fn environment(cx: &Context<'_>) -> Vec<EnvVar> {
     let spec = cx.spec;
     let mut vars = vec![

@@ -230,7 +230,7 @@ async fn children_are_owned_and_drift_is_repaired() {
                 .image
                 .clone()
         })
-        .is_some_and(|image| image == "ghcr.io/parley/parley-service:0.1.0")
+        .is_some_and(|image| image == parley_crds::DEFAULT_SERVICE_IMAGE)
     })
     .await;
     operator.stop().await;

@@ -87,6 +87,14 @@ fn routes_configmap_holds_the_compiled_routes_file() {
         Credits::parse_decimal("0.25").unwrap()
     );
     assert_eq!(file.routes[0], routes[0].spec);
+    // The service trims prompts with these, so they must reach it.
+    let default = file.route("default").unwrap();
+    assert_eq!(
+        default.system_prompt.as_deref(),
+        Some("You are a helpful assistant. Answer concisely.")
+    );
+    let windows: Vec<Option<u32>> = default.targets.iter().map(|t| t.context_tokens).collect();
+    assert_eq!(windows, [Some(128_000), Some(32_768), None]);
 }
 
 #[test]
@@ -126,7 +134,7 @@ fn deployment_runs_the_service_safely() {
     let container = container(&desired);
     assert_eq!(
         container.image.as_deref(),
-        Some("ghcr.io/parley/parley-service:0.1.0")
+        Some(parley_crds::DEFAULT_SERVICE_IMAGE)
     );
     // The grace period covers the longest stream (300 s) plus the drain margin.
     assert_eq!(pod.termination_grace_period_seconds, Some(330));

@@ -5,6 +5,7 @@
 mod common;
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -15,7 +16,7 @@ use parley_crds::{ChatDeployment, Credits, ModelRoute};
 use parley_operator::Error;
 use parley_operator::build::Capabilities;
 use parley_operator::controller::{Context, Settings, chat_deployment, model_route};
-use parley_operator::metrics::Metrics;
+use parley_operator::metrics::{ControllerLabels, Metrics};
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 use tower_test::mock::{self, Handle};
@@ -282,6 +283,79 @@ async fn a_failed_apply_is_an_error_counted_by_kind() {
         !lines(&recorded).contains(&CHAT_STATUS.to_owned()),
         "no status after a failure"
     );
+}
+
+#[tokio::test]
+async fn a_change_is_pending_from_its_failure_until_it_converges_and_both_are_exported() {
+    let chat = common::chat(NS);
+    let routes = common::routes(NS);
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let ok = chat_api(chat.clone(), routes);
+    let etcd_down = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let down = etcd_down.clone();
+    let server = tokio::spawn(serve(handle, move |request| {
+        if request.path.ends_with("/deployments/demo") && down.load(Ordering::SeqCst) {
+            (
+                500,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                         "message": "etcd unavailable", "reason": "InternalError", "code": 500}),
+            )
+        } else {
+            ok(request)
+        }
+    }));
+    let mut registry = Registry::default();
+    let metrics = Arc::new(Metrics::new(&mut registry));
+    let settings = Settings {
+        namespace: Some(NS.to_owned()),
+        ..Settings::default()
+    };
+    let context = Arc::new(Context::new(
+        Client::new(service, NS),
+        Capabilities::CURRENT,
+        metrics.clone(),
+        settings,
+    ));
+    let labels = ControllerLabels {
+        controller: "chatdeployment",
+    };
+    let chat = Arc::new(chat);
+
+    chat_deployment::reconcile(chat.clone(), context.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(metrics.pending_objects.get_or_create(&labels).get(), 1);
+    // The gap between the failed attempt and the retry (not a wait for anything).
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    etcd_down.store(false, Ordering::SeqCst);
+    chat_deployment::reconcile(chat.clone(), context.clone())
+        .await
+        .unwrap();
+    assert_eq!(metrics.pending_objects.get_or_create(&labels).get(), 0);
+
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains("parley_operator_pending_objects{controller=\"chatdeployment\"} 0"),
+        "{text}"
+    );
+    let converged =
+        "parley_operator_time_to_converge_seconds_count{controller=\"chatdeployment\"} 1";
+    assert!(text.contains(converged), "{text}");
+    // Timed from the failed attempt, not from the one that succeeded.
+    let sum: f64 = text
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(
+                "parley_operator_time_to_converge_seconds_sum{controller=\"chatdeployment\"} ",
+            )
+        })
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(sum >= 0.05, "time to converge {sum} s");
+    drop(context);
+    server.await.unwrap();
 }
 
 #[test]

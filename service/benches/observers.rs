@@ -156,7 +156,7 @@ impl Server {
             .env("PARLEY_STREAM_DRAIN_SECONDS", "0")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
             .unwrap();
@@ -165,14 +165,7 @@ impl Server {
             base: format!("http://127.0.0.1:{port}"),
             _dir: dir,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while reqwest::get(format!("{}/ready", server.base))
-            .await
-            .map_or(true, |response| !response.status().is_success())
-        {
-            assert!(Instant::now() < deadline, "the server did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        parley_test_support::bench::wait_until_ready(&server.base).await;
         server
     }
 

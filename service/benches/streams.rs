@@ -12,6 +12,9 @@
 //! - time to first token (TTFT) p50/p99 through the service and calling the
 //!   simulated provider directly with the same clients, and the difference;
 //! - completed replies per second with N concurrent clients;
+//! - the same two for streamed `/v1/chat/completions` (the OpenAI-compatible
+//!   API, no session: each reply held, settled and recorded as usage), on a
+//!   fresh server;
 //! - the server's RSS per open stream with N streams open at once.
 //!
 //! The server runs as a child process, so its RSS is its own.
@@ -25,8 +28,8 @@ use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use parley_service::auth::{Principal, Role, mint_token};
 use parley_service::providers::{
-    ChatTurn, CompletionRequest, Provider, ProviderEvent, Role as TurnRole, SimulatedProvider,
-    SimulatedSettings,
+    ChatTurn, CompletionRequest, Provider, ProviderEvent, Role as TurnRole, Sampling,
+    SimulatedProvider, SimulatedSettings,
 };
 use tokio::process::{Child, Command};
 use tokio::sync::Semaphore;
@@ -38,6 +41,7 @@ const FAST_REPLY_TOKENS: u32 = 20;
 /// Slow replies to hold streams open: 1 token/s for a minute.
 const SLOW_REPLY_TOKENS: u32 = 60;
 const SETUP_CONCURRENCY: usize = 64;
+const QUESTION: &str = "one two three four five";
 
 #[tokio::main]
 async fn main() {
@@ -58,18 +62,16 @@ async fn main() {
         let through = run_streams(fast.base.clone(), &client, clients, None).await;
         let elapsed = started.elapsed();
         report_ttft("direct (provider)", &direct);
-        report_ttft("through the service", &through);
-        println!(
-            "added TTFT: p50 {:.2} ms, p99 {:.2} ms",
-            (percentile(&through, 0.50) - percentile(&direct, 0.50)) * 1e3,
-            (percentile(&through, 0.99) - percentile(&direct, 0.99)) * 1e3,
-        );
-        println!(
-            "completed replies/s: {:.0} ({} replies of {FAST_REPLY_TOKENS} tokens in {:.2} s)",
-            through.len() as f64 / elapsed.as_secs_f64(),
-            through.len(),
-            elapsed.as_secs_f64()
-        );
+        report_throughput("chat API", &direct, &through, elapsed);
+        fast.stop().await;
+
+        let fast = Server::start(0, FAST_REPLY_TOKENS).await;
+        let clients = (0..n)
+            .map(|user| (user_token(user), vec![Reply::Completion; rounds]))
+            .collect();
+        let started = Instant::now();
+        let through = run_streams(fast.base.clone(), &client, clients, None).await;
+        report_throughput("/v1/chat/completions", &direct, &through, started.elapsed());
         fast.stop().await;
 
         let slow = Server::start(1, SLOW_REPLY_TOKENS).await;
@@ -158,13 +160,13 @@ impl Server {
         server
     }
 
-    /// `rounds` sessions for each of `n` users: (token, session ids).
+    /// `rounds` sessions for each of `n` users: (token, a reply in each).
     async fn sessions(
         &self,
         client: &reqwest::Client,
         n: usize,
         rounds: usize,
-    ) -> Vec<(String, Vec<String>)> {
+    ) -> Vec<(String, Vec<Reply>)> {
         let permits = Arc::new(Semaphore::new(SETUP_CONCURRENCY));
         let tasks: Vec<_> = (0..n * rounds)
             .map(|index| {
@@ -190,13 +192,13 @@ impl Server {
                 })
             })
             .collect();
-        let mut clients: Vec<(String, Vec<String>)> = Vec::with_capacity(n);
+        let mut clients: Vec<(String, Vec<Reply>)> = Vec::with_capacity(n);
         for (index, task) in tasks.into_iter().enumerate() {
             let (token, session) = task.await.unwrap();
             if index % rounds == 0 {
                 clients.push((token, Vec::with_capacity(rounds)));
             }
-            clients.last_mut().unwrap().1.push(session);
+            clients.last_mut().unwrap().1.push(Reply::Session(session));
         }
         clients
     }
@@ -220,25 +222,33 @@ impl Server {
     }
 }
 
-/// Each client streams a reply in each of its sessions, one after another,
-/// all clients at once; the TTFT (request to first chunk) of every reply.
+/// One streamed reply a client asks for.
+#[derive(Clone)]
+enum Reply {
+    /// In a chat session (`POST /api/chat/sessions/{id}/stream`).
+    Session(String),
+    /// A streamed `POST /v1/chat/completions` of the default route.
+    Completion,
+}
+
+/// Each client streams its replies one after another, all clients at once;
+/// the TTFT (request to first chunk) of every reply.
 /// With `all_open`, each stream waits there after its first chunk and then
 /// is dropped (the client disconnects).
 async fn run_streams(
     base: String,
     client: &reqwest::Client,
-    clients: Vec<(String, Vec<String>)>,
+    clients: Vec<(String, Vec<Reply>)>,
     all_open: Option<Arc<tokio::sync::Barrier>>,
 ) -> Vec<f64> {
     let tasks: Vec<_> = clients
         .into_iter()
-        .map(|(token, sessions)| {
+        .map(|(token, replies)| {
             let (client, base, all_open) = (client.clone(), base.clone(), all_open.clone());
             tokio::spawn(async move {
-                let mut ttft = Vec::with_capacity(sessions.len());
-                for session in sessions {
-                    let url = format!("{base}/api/chat/sessions/{session}/stream");
-                    ttft.push(stream_one(&client, url, &token, all_open.as_deref()).await);
+                let mut ttft = Vec::with_capacity(replies.len());
+                for reply in &replies {
+                    ttft.push(stream_one(&client, &base, reply, &token, all_open.as_deref()).await);
                 }
                 ttft
             })
@@ -254,15 +264,30 @@ async fn run_streams(
 /// Streams one reply; its TTFT.
 async fn stream_one(
     client: &reqwest::Client,
-    url: String,
+    base: &str,
+    reply: &Reply,
     token: &str,
     all_open: Option<&tokio::sync::Barrier>,
 ) -> f64 {
+    let (url, body) = match reply {
+        Reply::Session(session) => (
+            format!("{base}/api/chat/sessions/{session}/stream"),
+            serde_json::json!({"message": QUESTION}),
+        ),
+        Reply::Completion => (
+            format!("{base}/v1/chat/completions"),
+            serde_json::json!({
+                "model": "default",
+                "messages": [{"role": "user", "content": QUESTION}],
+                "stream": true,
+            }),
+        ),
+    };
     let started = Instant::now();
     let response = client
         .post(url)
         .bearer_auth(token)
-        .json(&serde_json::json!({"message": "one two three four five"}))
+        .json(&body)
         .send()
         .await
         .unwrap();
@@ -274,7 +299,14 @@ async fn stream_one(
     let mut first_token = None;
     while let Some(event) = events.next().await {
         let event = event.unwrap();
-        match event.event.as_str() {
+        // Both APIs as one: the chat API's named events, and the OpenAI
+        // protocol's unnamed chunks ended by `[DONE]`.
+        let kind = match (event.event.as_str(), event.data.as_str()) {
+            ("message", "[DONE]") => "complete",
+            ("message", data) => completion_event(data),
+            (kind, _) => kind,
+        };
+        match kind {
             "chunk" if first_token.is_none() => {
                 first_token = Some(started.elapsed().as_secs_f64());
                 if let Some(all_open) = all_open {
@@ -288,6 +320,22 @@ async fn stream_one(
         }
     }
     first_token.unwrap()
+}
+
+/// A streamed completion's chunk as the chat API would name it: `chunk`
+/// when it has text (not the first one, which has only the role), `error`.
+fn completion_event(data: &str) -> &'static str {
+    let chunk: serde_json::Value = serde_json::from_str(data).unwrap();
+    if chunk.get("error").is_some() {
+        "error"
+    } else if chunk["choices"][0]["delta"]["content"]
+        .as_str()
+        .is_some_and(|text| !text.is_empty())
+    {
+        "chunk"
+    } else {
+        "other"
+    }
 }
 
 fn user_token(user: usize) -> String {
@@ -323,9 +371,10 @@ async fn direct_ttft(n: usize, rounds: usize, reply_tokens: u32) -> Vec<f64> {
                     let mut stream = provider
                         .stream(CompletionRequest {
                             model: "sim".into(),
-                            turns: vec![ChatTurn::new(TurnRole::User, "one two three four five")],
+                            turns: vec![ChatTurn::new(TurnRole::User, QUESTION)],
                             max_output_tokens: 1024,
                             timeout: Duration::from_secs(60),
+                            sampling: Sampling::default(),
                         })
                         .await
                         .unwrap();
@@ -353,6 +402,23 @@ fn percentile(samples: &[f64], q: f64) -> f64 {
     sorted.sort_by(f64::total_cmp);
     let index = ((sorted.len() as f64 - 1.0) * q).round() as usize;
     sorted[index]
+}
+
+/// TTFT through the service, what it adds to the provider's, and completed
+/// replies per second.
+fn report_throughput(api: &str, direct: &[f64], through: &[f64], elapsed: Duration) {
+    report_ttft(&format!("through the {api}"), through);
+    println!(
+        "added TTFT ({api}): p50 {:.2} ms, p99 {:.2} ms",
+        (percentile(through, 0.50) - percentile(direct, 0.50)) * 1e3,
+        (percentile(through, 0.99) - percentile(direct, 0.99)) * 1e3,
+    );
+    println!(
+        "completed replies/s ({api}): {:.0} ({} replies of {FAST_REPLY_TOKENS} tokens in {:.2} s)",
+        through.len() as f64 / elapsed.as_secs_f64(),
+        through.len(),
+        elapsed.as_secs_f64()
+    );
 }
 
 fn report_ttft(name: &str, samples: &[f64]) {

@@ -133,6 +133,53 @@ pub struct Config {
         global = true
     )]
     pub shutdown_drain_seconds: u64,
+    /// A request's line and headers must arrive within this time, counted
+    /// from the connection's accept or, on a kept-alive connection, from the
+    /// request's first byte; slower clients are disconnected.
+    #[arg(
+        long,
+        env = "PARLEY_HEADER_READ_TIMEOUT_SECONDS",
+        default_value_t = 10,
+        global = true
+    )]
+    pub header_read_timeout_seconds: u64,
+    /// A kept-alive connection with no request in progress is closed after
+    /// this time (longer than the 60 s idle timeout of common load balancers,
+    /// so they close first). Responses in progress, streams included, are
+    /// never cut by it.
+    #[arg(
+        long,
+        env = "PARLEY_IDLE_CONNECTION_TIMEOUT_SECONDS",
+        default_value_t = 75,
+        global = true
+    )]
+    pub idle_connection_timeout_seconds: u64,
+    /// A request body must arrive whole within this time after its headers;
+    /// slower bodies are answered 408 and the connection is closed.
+    #[arg(
+        long,
+        env = "PARLEY_BODY_READ_TIMEOUT_SECONDS",
+        default_value_t = 30,
+        global = true
+    )]
+    pub body_read_timeout_seconds: u64,
+    /// Largest request line plus headers; larger ones are answered 431.
+    #[arg(
+        long,
+        env = "PARLEY_MAX_HEADER_BYTES",
+        default_value_t = 64 * 1024,
+        global = true
+    )]
+    pub max_header_bytes: usize,
+    /// Chat sessions one user may keep (0: unlimited); creating one more is
+    /// refused with 409 `TOO_MANY_SESSIONS`.
+    #[arg(
+        long,
+        env = "PARLEY_MAX_SESSIONS_PER_USER",
+        default_value_t = 1000,
+        global = true
+    )]
+    pub max_sessions_per_user: u64,
     /// Balance of a new account, in decimal credits (exact to the µcredit).
     /// Unset: 0, or 100 in local dev mode (generated dev secret) so the
     /// quick start can reply.

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use axum::Json;
-use axum::http::header::RETRY_AFTER;
+use axum::http::header::{CONNECTION, RETRY_AFTER};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -46,6 +46,10 @@ pub enum Error {
     },
     #[error("request body larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    #[error("the request body did not arrive within {} s", .0.as_secs())]
+    RequestTimeout(Duration),
+    #[error("you have {limit} chat sessions, the most one user may keep; delete one first")]
+    TooManySessions { limit: u64 },
     #[error("store unavailable: {0}")]
     StoreUnavailable(String),
     #[error("store error: {0}")]
@@ -65,6 +69,17 @@ pub enum Error {
     ShuttingDown,
     #[error("the reply ran longer than this deployment allows")]
     ReplyTooLong,
+    /// The message (with the route's instructions and room for the reply)
+    /// fits no target's context window; the closest window is reported.
+    #[error(
+        "the message needs about {needed_tokens} tokens with the route's instructions and room \
+         for the reply, more than the model's context window of {context_tokens} tokens; \
+         shorten it"
+    )]
+    MessageTooLongForModel {
+        needed_tokens: u32,
+        context_tokens: u32,
+    },
     #[error("configuration error: {0}")]
     Config(String),
     /// A body of the accounting API with missing, unknown or mistyped fields.
@@ -97,6 +112,8 @@ pub enum Error {
     /// the message is the rule's public reason.
     #[error("{reason}")]
     ContentBlocked { rule: String, reason: String },
+    #[error("no such API key of yours")]
+    ApiKeyNotFound,
     #[error(transparent)]
     Ledger(#[from] LedgerError),
     #[error(transparent)]
@@ -171,7 +188,9 @@ impl Error {
             Self::ObservationDisabled => StatusCode::FORBIDDEN,
             Self::ContentBlocked { .. } => StatusCode::BAD_REQUEST,
             Self::MissingToken | Self::InvalidToken(_) => StatusCode::UNAUTHORIZED,
-            Self::SessionNotFound | Self::EndpointNotFound => StatusCode::NOT_FOUND,
+            Self::SessionNotFound | Self::EndpointNotFound | Self::ApiKeyNotFound => {
+                StatusCode::NOT_FOUND
+            }
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::InvalidSessionId
             | Self::MalformedJson(_)
@@ -184,8 +203,12 @@ impl Error {
             Self::ReplyTooLong => StatusCode::GATEWAY_TIMEOUT,
             Self::Upstream(error) => upstream_status(error.kind),
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::InvalidBody(_) | Self::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::InvalidBody(_)
+            | Self::Validation { .. }
+            | Self::MessageTooLongForModel { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::TooManySessions { .. } => StatusCode::CONFLICT,
             Self::AuthUnavailable(_) | Self::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Store(_) | Self::Config(_) | Self::Io { .. } | Self::EmbeddedDb(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -215,6 +238,7 @@ impl Error {
             Self::InvalidToken(_) => "INVALID_TOKEN",
             Self::AuthUnavailable(_) => "AUTH_UNAVAILABLE",
             Self::SessionNotFound => "SESSION_NOT_FOUND",
+            Self::ApiKeyNotFound => "API_KEY_NOT_FOUND",
             Self::EndpointNotFound => "NOT_FOUND",
             Self::MethodNotAllowed => "METHOD_NOT_ALLOWED",
             Self::InvalidSessionId => "INVALID_SESSION_ID",
@@ -224,12 +248,15 @@ impl Error {
             Self::InvalidQuery(_) => "INVALID_QUERY",
             Self::Validation { .. } => "VALIDATION_FAILED",
             Self::PayloadTooLarge { .. } => "PAYLOAD_TOO_LARGE",
+            Self::RequestTimeout(_) => "REQUEST_TIMEOUT",
+            Self::TooManySessions { .. } => "TOO_MANY_SESSIONS",
             Self::StoreUnavailable(_) => "STORE_UNAVAILABLE",
             Self::UnknownRoute { .. } => "UNKNOWN_ROUTE",
             Self::ReplyInProgress => "REPLY_IN_PROGRESS",
             Self::NoActiveReply => "NO_ACTIVE_REPLY",
             Self::ShuttingDown => "SHUTTING_DOWN",
             Self::ReplyTooLong => "MAX_DURATION",
+            Self::MessageTooLongForModel { .. } => "MESSAGE_TOO_LONG_FOR_MODEL",
             Self::Upstream(error) => upstream_code(error.kind),
             Self::Store(_) | Self::Config(_) | Self::Io { .. } | Self::EmbeddedDb(_) => "INTERNAL",
         }
@@ -237,7 +264,7 @@ impl Error {
 
     /// What the client is told: the full text for client errors, a fixed
     /// sentence for server-side failures whose details stay in the log.
-    fn public_message(&self) -> String {
+    pub(crate) fn public_message(&self) -> String {
         match self {
             Self::AuthUnavailable(_) => "the identity provider is unavailable; retry later".into(),
             Self::StoreUnavailable(_) => "the session store is unavailable; retry later".into(),
@@ -271,7 +298,9 @@ impl Error {
             | Self::NoActiveReply
             | Self::ShuttingDown
             | Self::ReplyTooLong
+            | Self::MessageTooLongForModel { .. }
             | Self::SessionNotFound
+            | Self::ApiKeyNotFound
             | Self::EndpointNotFound
             | Self::MethodNotAllowed
             | Self::InvalidSessionId
@@ -280,7 +309,9 @@ impl Error {
             | Self::InvalidBody(_)
             | Self::InvalidQuery(_)
             | Self::Validation { .. }
-            | Self::PayloadTooLarge { .. } => self.to_string(),
+            | Self::PayloadTooLarge { .. }
+            | Self::RequestTimeout(_)
+            | Self::TooManySessions { .. } => self.to_string(),
         }
     }
 }
@@ -320,19 +351,28 @@ impl IntoResponse for Error {
             }
             Self::RateLimited {
                 retry_after: wait, ..
-            } => {
-                // Whole seconds, rounded up: retrying earlier would be refused again.
-                let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-                retry_after = Some(HeaderValue::from(seconds.max(1)));
-            }
+            } => retry_after = Some(retry_after_header(wait)),
             _ => {}
         }
         let mut response = (status, Json(body)).into_response();
         if let Some(value) = retry_after {
             response.headers_mut().insert(RETRY_AFTER, value);
         }
+        if status == StatusCode::REQUEST_TIMEOUT {
+            // The rest of the body may still come: the connection cannot carry another request.
+            response
+                .headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
         response
     }
+}
+
+/// A `Retry-After` of whole seconds, rounded up: retrying earlier would be
+/// refused again.
+pub(crate) fn retry_after_header(wait: Duration) -> HeaderValue {
+    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    HeaderValue::from(seconds.max(1))
 }
 
 /// Every ledger failure denies: client mistakes are 4xx, an unreachable or

@@ -3,6 +3,8 @@
 pub mod accounting;
 pub mod auth;
 pub mod config;
+pub mod connections;
+pub mod context_window;
 pub mod embedded_db;
 pub mod error;
 pub mod identity;
@@ -15,6 +17,7 @@ pub mod ratelimit;
 pub mod routes;
 pub mod routing;
 pub mod server;
+pub mod shared_redis;
 pub mod state;
 pub mod store;
 pub mod stream;

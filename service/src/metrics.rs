@@ -78,3 +78,45 @@ fn method_label(method: &Method) -> &'static str {
         _ => "other",
     }
 }
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OperationLabels {
+    operation: &'static str,
+    /// `ok` or `error` (the call returned an error, whatever its kind).
+    outcome: &'static str,
+}
+
+type OperationFamily = Family<OperationLabels, Histogram, fn() -> Histogram>;
+
+/// Latency of the calls into one backend (the session store, the ledger),
+/// by operation and outcome. The backends are instrumented from outside, by
+/// wrappers around their trait objects, so no implementation needs to know.
+#[derive(Clone)]
+pub struct OperationMetrics {
+    duration: OperationFamily,
+}
+
+impl OperationMetrics {
+    /// Registers a histogram `name` (e.g. `parley_store_operation_duration_seconds`).
+    pub fn register(registry: &mut Registry, name: &str, help: &str) -> Self {
+        let duration: OperationFamily =
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0005, 2.0, 16)));
+        registry.register(name, help, duration.clone());
+        Self { duration }
+    }
+
+    /// Awaits `call` and records how long it took under `operation`.
+    pub async fn time<T, E>(
+        &self,
+        operation: &'static str,
+        call: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        let started = Instant::now();
+        let result = call.await;
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        self.duration
+            .get_or_create(&OperationLabels { operation, outcome })
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+}

@@ -78,9 +78,11 @@ impl Routes {
                     circuit_breaker: parley_crds::CircuitBreaker::default(),
                     guardrail_identifier: None,
                     guardrail_version: None,
+                    context_tokens: None,
                 }],
                 capabilities: Vec::new(),
                 content_policy: None,
+                system_prompt: None,
             }],
         };
         Self {
@@ -141,6 +143,23 @@ impl Routes {
                     .map(|route| route.alias.clone())
                     .collect(),
             })
+    }
+
+    /// What the OpenAI-compatible API's `model` names: a route alias, or the
+    /// model id of a route's first target (the first such route `role` may
+    /// use, in file order), so the route's fallback, prices and limits apply
+    /// as they do to the alias. Otherwise `UnknownRoute`, as [`Routes::resolve`].
+    pub fn resolve_model(&self, name: &str, role: Role) -> Result<&ModelRouteSpec, Error> {
+        self.resolve(Some(name), role).or_else(|unknown| {
+            self.usable_by(role)
+                .find(|route| {
+                    route
+                        .targets
+                        .first()
+                        .is_some_and(|first| first.model == name)
+                })
+                .ok_or(unknown)
+        })
     }
 }
 
@@ -405,6 +424,28 @@ routes:
             match routes.resolve(Some(alias), Role::User) {
                 Err(Error::UnknownRoute { requested, allowed }) => {
                     assert_eq!(requested, alias);
+                    assert_eq!(allowed, ["default"]);
+                }
+                other => panic!("expected UnknownRoute, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_model_is_a_usable_alias_or_a_usable_routes_first_model() {
+        let routes = Routes::from_yaml(TWO_ROUTES).unwrap();
+        assert_eq!(
+            routes.resolve_model("sim", Role::User).unwrap().alias,
+            "default"
+        );
+        assert_eq!(
+            routes.resolve_model("big", Role::Admin).unwrap().alias,
+            "staff"
+        );
+        for model in ["big", "staff", "nope"] {
+            match routes.resolve_model(model, Role::User) {
+                Err(Error::UnknownRoute { requested, allowed }) => {
+                    assert_eq!(requested, model);
                     assert_eq!(allowed, ["default"]);
                 }
                 other => panic!("expected UnknownRoute, got {other:?}"),

@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -20,18 +19,22 @@ use crate::auth::{
     resolve_hs256_secret,
 };
 use crate::config::{Config, TokenArgs};
+use crate::connections::{self, ConnectionLimits};
 use crate::error::Error;
 use crate::ledger::{
-    Credits, EmbeddedLedger, Ledger, LedgerSettings, MICROS_PER_CREDIT, MongoLedger,
+    Credits, EmbeddedLedger, InstrumentedLedger, Ledger, LedgerSettings, MICROS_PER_CREDIT,
+    MongoLedger,
 };
-use crate::metrics::HttpMetrics;
+use crate::metrics::{HttpMetrics, OperationMetrics};
 use crate::model_routes::RoutesSource;
 use crate::ratelimit::{
     LocalRateLimiter, RateLimitMetrics, RateLimiter, RateLimits, RedisRateLimiter,
 };
 use crate::routes::app;
 use crate::state::{AppState, Limits};
-use crate::store::{EmbeddedStore, MongoStore, ObservationAudit, SessionStore};
+use crate::store::{
+    ApiKeyStore, EmbeddedStore, InstrumentedStore, MongoStore, ObservationAudit, SessionStore,
+};
 use crate::stream::Replies;
 
 /// File of the embedded database inside the data dir.
@@ -99,6 +102,13 @@ impl Backend {
             Self::Mongo(store) => Arc::new(store.clone()),
         }
     }
+
+    pub fn keys(&self) -> Arc<dyn ApiKeyStore> {
+        match self {
+            Self::Embedded(store) => Arc::new(store.clone()),
+            Self::Mongo(store) => Arc::new(store.clone()),
+        }
+    }
 }
 
 /// Binds `config.listen` and serves until `shutdown` is cancelled.
@@ -123,6 +133,16 @@ pub async fn serve_listener(
     let backend = Backend::open(&config).await?;
     let mut registry = Registry::default();
     let http_metrics = HttpMetrics::register(&mut registry);
+    let store_metrics = OperationMetrics::register(
+        &mut registry,
+        "parley_store_operation_duration_seconds",
+        "Time the chat session store takes to answer, by operation and outcome",
+    );
+    let ledger_metrics = OperationMetrics::register(
+        &mut registry,
+        "parley_ledger_operation_duration_seconds",
+        "Time the credits ledger takes to answer, by operation and outcome",
+    );
     let background = TaskTracker::new();
     let background_stop = shutdown.child_token();
     let routes_source = RoutesSource::from_config(&config.replies).await?;
@@ -141,10 +161,12 @@ pub async fn serve_listener(
         Duration::from_millis(config.replies.routes_poll_millis.max(10)),
         background_stop.clone(),
     ));
+    let keys = backend.keys();
     let auth = Authenticator::new(AuthSettings::from_config(
         &config,
         secret.as_ref().map(|secret| secret.bytes.clone()),
-    ))?;
+    ))?
+    .with_api_keys(Arc::clone(&keys));
     let rate_limiter = rate_limiter(&config, RateLimitMetrics::register(&mut registry)).await?;
     let accounting_metrics = AccountingMetrics::register(&mut registry);
     let accounting: Arc<dyn Accounting> = match &config.accounting_url {
@@ -157,11 +179,14 @@ pub async fn serve_listener(
             )?)
         }
         None => {
-            let ledger = backend
-                .ledger(LedgerSettings {
-                    initial_balance: initial_credits(&config, secret.as_ref()),
-                })
-                .await?;
+            let ledger: Arc<dyn Ledger> = Arc::new(InstrumentedLedger::new(
+                backend
+                    .ledger(LedgerSettings {
+                        initial_balance: initial_credits(&config, secret.as_ref()),
+                    })
+                    .await?,
+                ledger_metrics,
+            ));
             background.spawn(reaper::run(
                 Arc::clone(&ledger),
                 accounting_metrics.clone(),
@@ -182,72 +207,69 @@ pub async fn serve_listener(
     }
     let state = AppState {
         dev_tokens: offer_dev_sign_in(dev_tokens, address),
-        sessions: backend.sessions(),
+        sessions: Arc::new(InstrumentedStore::new(backend.sessions(), store_metrics)),
         audit: backend.audit(),
+        keys,
         auth: Arc::new(auth),
         registry: Arc::new(registry),
         http_metrics,
         limits: Limits {
             max_body_bytes: config.max_body_bytes,
             max_message_chars: config.max_message_chars,
+            max_sessions_per_user: config.max_sessions_per_user,
         },
         accounting,
         rate_limiter,
         replies: Arc::clone(&replies),
     };
 
-    // Small SSE writes must leave at once, not wait for Nagle's algorithm.
-    let listener = listener.tap_io(|stream| {
-        if let Err(error) = stream.set_nodelay(true) {
-            tracing::warn!(%error, "setting TCP_NODELAY failed");
-        }
-    });
-    let server = axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .into_future();
+    let server = connections::serve(
+        listener,
+        app(state),
+        ConnectionLimits::from_config(&config),
+        shutdown.clone(),
+    );
     tokio::pin!(server);
     tracing::info!(%address, "serving");
-    let served = tokio::select! {
-        result = &mut server => result,
+    // Shutdown first: with no connection open, the server's graceful stop
+    // is ready at once too, and picking it would skip the replies' drain.
+    tokio::select! {
+        biased;
         () = shutdown.cancelled() => {
             replies.draining.cancel();
             let drain = Duration::from_secs(config.shutdown_drain_seconds);
             tracing::info!(drain_seconds = drain.as_secs(), "shutting down; draining open requests");
-            // Replies get the stream drain to finish; then they end with
-            // SHUTTING_DOWN (keeping what they generated) so their
-            // connections can close within the request drain.
+            // Replies get the stream drain to finish, also those whose
+            // clients re-attached on another replica (no connection here
+            // waits for them); then they end with SHUTTING_DOWN (keeping
+            // what they generated) so their connections can close within
+            // the request drain.
             let stream_drain = Duration::from_secs(config.replies.stream_drain_seconds);
-            let end_replies = async {
-                tokio::time::sleep(stream_drain).await;
-                tracing::info!(active = replies.hub.active(), "stream drain is over; ending the remaining replies");
-                replies.shutdown.cancel();
-                std::future::pending::<()>().await;
+            replies.generating.close();
+            let replies_ended = async {
+                if tokio::time::timeout(stream_drain, replies.generating.wait()).await.is_err() {
+                    tracing::info!(active = replies.hub.active(), "stream drain is over; ending the remaining replies");
+                    replies.shutdown.cancel();
+                    replies.generating.wait().await;
+                }
             };
             let drained = tokio::time::timeout(drain, async {
-                tokio::select! {
-                    result = &mut server => result,
-                    () = end_replies => Ok(()),
-                }
+                let ((), ()) = tokio::join!(&mut server, replies_ended);
             });
-            let result = match drained.await {
-                Ok(result) => result,
-                Err(_) => {
-                    tracing::warn!("drain time is up; closing the remaining connections");
-                    Ok(())
-                }
-            };
+            if drained.await.is_err() {
+                tracing::warn!("drain time is up; closing the remaining connections");
+            }
             replies.shutdown.cancel();
-            result
         }
-    };
-    // Also when the server stopped by itself (an I/O error).
+        () = &mut server => {}
+    }
+    // The server ends only after `shutdown`; background tasks end with it.
     background_stop.cancel();
     background.close();
     background.wait().await;
     // Mirrors, heartbeats, and the audit records of observers that just left.
     replies.hub.close().await;
     backend.close().await;
-    served.map_err(|error| Error::io("serving", error))?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -11,7 +11,7 @@ use crate::auth::Authenticator;
 use crate::auth::dev::DevTokens;
 use crate::metrics::HttpMetrics;
 use crate::ratelimit::RateLimiter;
-use crate::store::{ObservationAudit, SessionStore};
+use crate::store::{ApiKeyStore, ObservationAudit, SessionStore};
 use crate::stream::Replies;
 
 #[derive(Clone, FromRef)]
@@ -19,6 +19,9 @@ pub struct AppState {
     pub sessions: Arc<dyn SessionStore>,
     /// Who observed whose replies, in the same store as the sessions.
     pub audit: Arc<dyn ObservationAudit>,
+    /// API keys, in the same store as the sessions (the authenticator
+    /// looks them up too).
+    pub keys: Arc<dyn ApiKeyStore>,
     pub auth: Arc<Authenticator>,
     /// Every metric of the process, encoded by `/metrics`.
     pub registry: Arc<Registry>,
@@ -38,4 +41,6 @@ pub struct AppState {
 pub struct Limits {
     pub max_body_bytes: usize,
     pub max_message_chars: usize,
+    /// Chat sessions one user may keep (0: unlimited).
+    pub max_sessions_per_user: u64,
 }

@@ -791,7 +791,7 @@ async fn redis_route_scopes_are_separate() {
 }
 
 #[tokio::test]
-async fn redis_down_fails_closed_with_503() {
+async fn redis_down_fails_closed_with_503_and_is_used_again_when_back() {
     let proxy = TcpProxy::start(
         host_port(&parley_test_support::env::redis_url())
             .unwrap()
@@ -800,11 +800,12 @@ async fn redis_down_fails_closed_with_503() {
     )
     .await
     .unwrap();
+    let mut registry = prometheus_client::registry::Registry::default();
     let limiter = RedisRateLimiter::connect(
         &format!("redis://{}", proxy.address()),
         &parley_test_support::env::unique_name("parley-limits"),
         STREAM_LIMITS,
-        RateLimitMetrics::default(),
+        RateLimitMetrics::register(&mut registry),
     )
     .await
     .unwrap();
@@ -823,6 +824,31 @@ async fn redis_down_fails_closed_with_503() {
             .await
             .is_err()
     );
+    let mut metrics = String::new();
+    prometheus_client::encoding::text::encode(&mut metrics, &registry).unwrap();
+    assert!(
+        metrics.contains("parley_rate_limiter_unavailable_total 3"),
+        "{metrics}"
+    );
+
+    // Redis back on the same address: the limiter uses it again by itself,
+    // answering 503 (never admitting) until it does.
+    let redis = host_port(&parley_test_support::env::redis_url())
+        .unwrap()
+        .to_owned();
+    let _proxy = TcpProxy::start(redis, Some(proxy.address())).await.unwrap();
+    let mut attempts = 0;
+    while let Err(error) = limiter.admit_request(Scope::User("alice")).await {
+        assert_eq!(error.code(), "RATE_LIMITER_UNAVAILABLE");
+        attempts += 1;
+        assert!(
+            attempts < 200,
+            "the limiter did not use Redis again in 10 s"
+        );
+        // A failed attempt returns at once; space them so 200 cover 10 s.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(limiter.acquire_stream(Scope::User("alice")).await.is_ok());
 }
 
 // ---------------------------------------------------------------------------
@@ -1152,17 +1178,18 @@ async fn external_mode_replies_are_held_and_settled_in_the_accounting_instance()
         )
         .await;
     assert_eq!(reply.status, 200, "{reply:?}");
-    // "paid elsewhere": 4 tokens in at 1/1k, 2 words out at 2/1k.
+    // "paid elsewhere": 8 tokens in (4 for the text, 4 for the turn) at
+    // 1/1k, 2 words out at 2/1k.
     assert_eq!(
         reply.body["credits"],
-        json!({"charged": 0.008, "remaining": 9.992})
+        json!({"charged": 0.012, "remaining": 9.988})
     );
     let on_b = accounting
         .call("GET", "/api/credits/balance", &alice, None)
         .await;
     assert_eq!(
         on_b.body,
-        json!({"userId": "alice", "balance": 9.992, "held": 0.0, "available": 9.992})
+        json!({"userId": "alice", "balance": 9.988, "held": 0.0, "available": 9.988})
     );
     let usage = accounting
         .call("GET", "/api/credits/usage", &alice, None)

@@ -416,6 +416,43 @@ async fn bad_input_answers_clear_errors() {
     }
 }
 
+/// A path or method that does not exist is 404 or 405 whatever token comes
+/// with it: the token is verified only for a route that exists (a forged
+/// token made TRACE on the dev sign-in a 401, found by Schemathesis).
+#[tokio::test]
+async fn unknown_paths_and_methods_are_404_and_405_whatever_the_token() {
+    let app = TestApp::with_dev_sign_in().await;
+    let valid = format!("Bearer {}", alice());
+    let tokens = [None, Some("Bearer x.y.z"), Some(valid.as_str())];
+    let cases = [
+        ("TRACE", "/api/dev/token", StatusCode::METHOD_NOT_ALLOWED),
+        (
+            "TRACE",
+            "/api/chat/sessions",
+            StatusCode::METHOD_NOT_ALLOWED,
+        ),
+        (
+            "PUT",
+            "/api/credits/balance",
+            StatusCode::METHOD_NOT_ALLOWED,
+        ),
+        ("GET", "/api/nope", StatusCode::NOT_FOUND),
+    ];
+    for (method, uri, expected) in cases {
+        for authorization in tokens {
+            let mut builder = Request::builder().method(method).uri(uri);
+            if let Some(value) = authorization {
+                builder = builder.header(header::AUTHORIZATION, value);
+            }
+            let (status, body) = app.send(builder.body(Body::empty()).unwrap()).await;
+            assert_eq!(
+                status, expected,
+                "{method} {uri} with {authorization:?}: {body}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn missing_expired_and_forged_tokens_are_401() {
     let app = TestApp::new().await;
@@ -452,6 +489,32 @@ async fn missing_expired_and_forged_tokens_are_401() {
             "{authorization:?}: {body}"
         );
         assert_eq!(body["code"], code, "{authorization:?}");
+    }
+}
+
+/// A proxy that checks one of two Authorization headers would disagree with
+/// a service that reads the other: both orders are refused.
+#[tokio::test]
+async fn two_authorization_headers_are_refused() {
+    let app = TestApp::new().await;
+    let valid = format!("Bearer {}", alice());
+    let forged = "Bearer not.a.jwt".to_owned();
+    for pair in [
+        [valid.clone(), forged.clone()],
+        [forged, valid.clone()],
+        [valid.clone(), valid],
+    ] {
+        let mut builder = Request::builder().uri("/api/chat/sessions");
+        for value in &pair {
+            builder = builder.header(header::AUTHORIZATION, value);
+        }
+        let (status, body) = app.send(builder.body(Body::empty()).unwrap()).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+        assert_eq!(body["code"], "INVALID_TOKEN");
+        assert_eq!(
+            body["message"],
+            "invalid bearer token: more than one Authorization header"
+        );
     }
 }
 
@@ -609,6 +672,12 @@ async fn openapi_document_lists_every_endpoint() {
         ("/api/credits/balance", "get"),
         ("/api/credits/usage", "get"),
         ("/api/admin/credits/grant", "post"),
+        ("/api/keys", "post"),
+        ("/api/keys", "get"),
+        ("/api/keys/{id}", "delete"),
+        ("/v1/chat/completions", "post"),
+        ("/v1/models", "get"),
+        ("/v1/models/{model}", "get"),
         ("/health", "get"),
         ("/ready", "get"),
         ("/metrics", "get"),
@@ -620,6 +689,12 @@ async fn openapi_document_lists_every_endpoint() {
     }
     assert!(document["components"]["securitySchemes"]["bearer"].is_object());
     assert!(document["components"]["schemas"]["CreateSessionRequest"].is_object());
+    let completions = &paths["/v1/chat/completions"]["post"];
+    assert_eq!(
+        completions["requestBody"]["content"]["application/json"]["schema"]["$ref"],
+        "#/components/schemas/ChatCompletionRequest"
+    );
+    assert!(completions["responses"]["200"]["content"]["text/event-stream"].is_object());
     let finalize = &paths["/api/streaming-sessions/finalize"]["post"];
     assert_eq!(
         finalize["requestBody"]["content"]["application/json"]["schema"]["$ref"],
@@ -635,7 +710,12 @@ async fn openapi_document_lists_every_endpoint() {
         .keys()
         .map(String::as_str)
         .collect();
-    assert_eq!(statuses, ["200", "400", "401", "403", "404", "429", "503"]);
+    assert_eq!(
+        statuses,
+        [
+            "200", "400", "401", "403", "404", "408", "413", "415", "422", "429", "503"
+        ]
+    );
     assert!(document["components"]["schemas"]["SettlementResponse"].is_object());
     assert!(document["components"]["schemas"]["UsageView"].is_object());
     assert_eq!(
@@ -799,6 +879,29 @@ fn create_like_body(rng: &mut StdRng) -> Value {
     Value::Object(object)
 }
 
+/// A user keeps at most `MAX_SESSIONS_PER_USER` sessions; the next create is
+/// 409 `TOO_MANY_SESSIONS` until one is deleted, and other users are not
+/// affected.
+#[tokio::test]
+async fn sessions_per_user_are_limited() {
+    let app = TestApp::new().await;
+    let alice = alice();
+    let mut ids = Vec::new();
+    for _ in 0..common::MAX_SESSIONS_PER_USER {
+        ids.push(create_session(&app.router, &alice, json!({})).await);
+    }
+    let create = || request("POST", "/api/chat/sessions", Some(&alice), Some(json!({})));
+    let (status, body) = app.send(create()).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["code"], "TOO_MANY_SESSIONS");
+    let bob = token("bob", Role::User, &["c1"]);
+    create_session(&app.router, &bob, json!({})).await;
+    let uri = format!("/api/chat/sessions/{}", ids[0]);
+    let (status, _) = app.send(request("DELETE", &uri, Some(&alice), None)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(app.send(create()).await.0, StatusCode::CREATED);
+}
+
 /// The web pages: `index.html` at every page path with a strict CSP and no
 /// caching, the hashed assets it names cached for good, with their types.
 #[tokio::test]
@@ -885,7 +988,22 @@ async fn the_pages_and_their_assets_are_served_with_safe_headers() {
         );
     }
 
-    for missing in ["/assets/app-00000000.js", "/index.html", "/console"] {
+    // The console's pages are the same index.html (the app routes on the client).
+    for page in ["/console", "/console/audit", "/console/credits"] {
+        let response = get(page, Some(etag)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_MODIFIED, "{page}");
+        assert!(
+            response.headers().contains_key("content-security-policy"),
+            "{page}"
+        );
+    }
+
+    for missing in [
+        "/assets/app-00000000.js",
+        "/index.html",
+        "/console/",
+        "/console/nope",
+    ] {
         let (status, body) = app.send(request("GET", missing, None, None)).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{missing}");
         assert_eq!(body["code"], "NOT_FOUND");

@@ -2,6 +2,7 @@
 //! the embedded store and against the real MongoDB-wire server.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[macro_use]
 mod common;
 
 use std::sync::Arc;
@@ -12,31 +13,7 @@ use parley_service::store::{
     now,
 };
 
-macro_rules! conformance {
-    ($($case:ident),* $(,)?) => {
-        mod embedded {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let (store, _dir) = crate::common::embedded_store().await;
-                    crate::$case(std::sync::Arc::new(store)).await;
-                }
-            )*
-        }
-        mod mongo {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let store = crate::common::mongo_store().await;
-                    crate::$case(std::sync::Arc::new(store.clone())).await;
-                    crate::common::drop_mongo(store).await;
-                }
-            )*
-        }
-    };
-}
-
-conformance!(
+store_conformance!(
     an_observation_is_open_until_it_ends,
     listings_are_newest_first_paginated_and_scoped,
     ending_an_unknown_observation_fails,

@@ -9,7 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Json;
+use axum::body::Body;
 use axum::extract::State;
+use axum::http::{Request, StatusCode, header};
+use axum::response::IntoResponse;
 use axum::routing::get;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -37,34 +40,54 @@ fn jwk(private_pem: &[u8], algorithm: Algorithm, kid: &str) -> Jwk {
     jwk
 }
 
-/// A JWKS endpoint whose key set the test can change, counting fetches.
+/// A JWKS endpoint whose key set the test can change, counting fetches;
+/// it can also answer something else than keys, or go down.
 struct Issuer {
     keys: Arc<Mutex<JwkSet>>,
+    /// When set, the endpoint answers this status and body instead.
+    override_answer: Arc<Mutex<Option<(StatusCode, &'static str)>>>,
     fetches: Arc<AtomicUsize>,
     url: String,
     stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
 }
+
+type IssuerState = (
+    Arc<Mutex<JwkSet>>,
+    Arc<Mutex<Option<(StatusCode, &'static str)>>>,
+    Arc<AtomicUsize>,
+);
 
 impl Issuer {
     async fn start(keys: Vec<Jwk>) -> Self {
         let keys = Arc::new(Mutex::new(JwkSet { keys }));
+        let override_answer = Arc::new(Mutex::new(None));
         let fetches = Arc::new(AtomicUsize::new(0));
-        let state = (Arc::clone(&keys), Arc::clone(&fetches));
+        let state = (
+            Arc::clone(&keys),
+            Arc::clone(&override_answer),
+            Arc::clone(&fetches),
+        );
         let router = axum::Router::new()
             .route(
                 "/jwks.json",
-                get(|State((keys, fetches)): State<(Arc<Mutex<JwkSet>>, Arc<AtomicUsize>)>| async move {
-                    fetches.fetch_add(1, Ordering::SeqCst);
-                    let set = keys.lock().unwrap().clone();
-                    Json(set)
-                }),
+                get(
+                    |State((keys, answer, fetches)): State<IssuerState>| async move {
+                        fetches.fetch_add(1, Ordering::SeqCst);
+                        if let Some((status, body)) = *answer.lock().unwrap() {
+                            return (status, body).into_response();
+                        }
+                        let set = keys.lock().unwrap().clone();
+                        Json(set).into_response()
+                    },
+                ),
             )
             .with_state(state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
         let stop = CancellationToken::new();
         let shutdown = stop.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             axum::serve(listener, router)
                 .with_graceful_shutdown(shutdown.cancelled_owned())
                 .await
@@ -72,9 +95,24 @@ impl Issuer {
         });
         Self {
             keys,
+            override_answer,
             fetches,
             url,
             stop,
+            task: Some(task),
+        }
+    }
+
+    /// From now on the endpoint answers `status` with `body`.
+    fn answer(&self, status: StatusCode, body: &'static str) {
+        *self.override_answer.lock().unwrap() = Some((status, body));
+    }
+
+    /// Stops the endpoint; connections to it are refused afterwards.
+    async fn go_down(&mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
         }
     }
 
@@ -376,5 +414,410 @@ async fn an_unreachable_issuer_is_a_503_not_a_401() {
     assert!(
         matches!(result, Err(Error::AuthUnavailable(_))),
         "{result:?}"
+    );
+}
+
+impl Issuer {
+    /// A verifier that fetches the keys again whenever a token needs them.
+    fn always_refreshing_verifier(&self) -> Authenticator {
+        Authenticator::new(AuthSettings {
+            hs256_secret: Some(common::SECRET.to_vec()),
+            jwks: Some(JwksSettings {
+                url: self.url.clone(),
+                min_refresh_interval: Duration::ZERO,
+                max_age: Duration::ZERO,
+            }),
+            issuer: Some(ISSUER.into()),
+            audience: Some(AUDIENCE.into()),
+            leeway: Duration::from_secs(5),
+        })
+        .unwrap()
+    }
+}
+
+/// The API on an embedded store, verifying tokens with `verifier`.
+async fn api(verifier: Authenticator) -> (axum::Router, tempfile::TempDir) {
+    let (store, dir) = common::embedded_store().await;
+    let mut state = common::state(&store).await;
+    state.auth = Arc::new(verifier);
+    (parley_service::app(state), dir)
+}
+
+async fn list_sessions(router: &axum::Router, token: &str) -> (StatusCode, Value) {
+    let request = Request::builder()
+        .uri("/api/chat/sessions")
+        .header(header::AUTHORIZATION, format!("Bearer {token}"))
+        .body(Body::empty())
+        .unwrap();
+    common::send(router, request).await
+}
+
+fn without(field: &str) -> Value {
+    let mut claims = claims();
+    claims.as_object_mut().unwrap().remove(field);
+    claims
+}
+
+fn with(field: &str, value: Value) -> Value {
+    let mut claims = claims();
+    claims[field] = value;
+    claims
+}
+
+/// Each attack, over HTTP: 401 `INVALID_TOKEN` naming the reason, and
+/// nothing of the token, the keys, the secret or the issuer in the answer.
+#[tokio::test]
+async fn every_token_attack_is_a_401_that_leaks_nothing() {
+    let issuer = issuer().await;
+    let (router, _dir) = api(issuer.verifier(Duration::from_secs(3600))).await;
+    // The keys are fetched once, so unknown key ids are refused, not fetched.
+    let (status, _) = list_sessions(&router, &rs256(&claims())).await;
+    assert_eq!(status, StatusCode::OK);
+
+    let encode = |value: &Value| URL_SAFE_NO_PAD.encode(value.to_string());
+    let rotated = EncodingKey::from_rsa_pem(RSA_ROTATED_PRIVATE).unwrap();
+    let genuine = rs256(&claims());
+    let mut tampered: Vec<String> = genuine.split('.').map(str::to_owned).collect();
+    tampered[1] = encode(&with("role", json!("admin")));
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "alg none",
+            format!(
+                "{}.{}.",
+                encode(&json!({"alg": "none", "typ": "JWT"})),
+                encode(&claims())
+            ),
+            "malformed token or unsupported algorithm",
+        ),
+        (
+            "HS256 signed with the JWKS public key",
+            sign(
+                Algorithm::HS256,
+                Some("rsa-1"),
+                &claims(),
+                &EncodingKey::from_secret(RSA_PUBLIC),
+            ),
+            "bad signature",
+        ),
+        (
+            "RS256 by a key not in the JWKS, naming a JWKS key id",
+            sign(Algorithm::RS256, Some("rsa-1"), &claims(), &rotated),
+            "bad signature",
+        ),
+        (
+            "RS256 naming a key id not in the JWKS",
+            sign(Algorithm::RS256, Some("rsa-2"), &claims(), &rotated),
+            "unknown key id",
+        ),
+        (
+            "expired",
+            rs256(&with("exp", json!(now() - 600))),
+            "token expired",
+        ),
+        (
+            "not yet valid",
+            rs256(&with("nbf", json!(now() + 600))),
+            "token not yet valid",
+        ),
+        (
+            "wrong issuer",
+            rs256(&with("iss", json!("https://evil.test"))),
+            "wrong issuer",
+        ),
+        (
+            "wrong audience",
+            rs256(&with("aud", json!("other-app"))),
+            "wrong audience",
+        ),
+        ("missing sub", rs256(&without("sub")), "invalid claims"),
+        (
+            "missing exp",
+            rs256(&without("exp")),
+            "a required claim is missing",
+        ),
+        ("missing role", rs256(&without("role")), "invalid claims"),
+        (
+            "unknown role",
+            rs256(&with("role", json!("root"))),
+            "invalid claims",
+        ),
+        (
+            "empty sub",
+            rs256(&with("sub", json!(""))),
+            "sub must be 1 to 256 bytes",
+        ),
+        (
+            "100 KB token",
+            format!("{}{}", genuine, "A".repeat(100 * 1024)),
+            "token too long",
+        ),
+        ("tampered payload", tampered.join("."), "bad signature"),
+        (
+            // RFC 7515: an extension marked critical that the verifier does
+            // not implement (b64=false changes what is signed) is refused.
+            "genuine signature, critical b64 extension",
+            {
+                let mut header = Header::new(Algorithm::RS256);
+                header.kid = Some("rsa-1".into());
+                header.crit = Some(vec!["b64".into()]);
+                let key = EncodingKey::from_rsa_pem(RSA_PRIVATE).unwrap();
+                jsonwebtoken::encode(&header, &claims(), &key).unwrap()
+            },
+            "unsupported critical header",
+        ),
+        (
+            "signature removed",
+            format!("{}.", genuine.rsplit_once('.').unwrap().0),
+            "bad signature",
+        ),
+        (
+            "alg None, capitalised",
+            format!(
+                "{}.{}.",
+                encode(&json!({"alg": "None", "typ": "JWT"})),
+                encode(&claims())
+            ),
+            "malformed token or unsupported algorithm",
+        ),
+        (
+            "alg NONE with a key id",
+            format!(
+                "{}.{}.",
+                encode(&json!({"alg": "NONE", "kid": "rsa-1"})),
+                encode(&claims())
+            ),
+            "malformed token or unsupported algorithm",
+        ),
+        (
+            "key id as a path",
+            sign(
+                Algorithm::RS256,
+                Some("../../../../dev/null"),
+                &claims(),
+                &rotated,
+            ),
+            "unknown key id",
+        ),
+        (
+            "HS256 with an empty secret",
+            sign(
+                Algorithm::HS256,
+                None,
+                &claims(),
+                &EncodingKey::from_secret(b""),
+            ),
+            "bad signature",
+        ),
+        (
+            // Not a number: the verifier sees no exp at all.
+            "exp as a string",
+            rs256(&with("exp", json!((now() + 600).to_string()))),
+            "a required claim is missing",
+        ),
+        (
+            "sub of 257 bytes",
+            rs256(&with("sub", json!("a".repeat(257)))),
+            "sub must be 1 to 256 bytes",
+        ),
+        (
+            "cohorts not a list",
+            rs256(&with("cohorts", json!("c1"))),
+            "invalid claims",
+        ),
+        (
+            "role as a list",
+            rs256(&with("role", json!(["admin"]))),
+            "invalid claims",
+        ),
+        (
+            "not a JWT",
+            "not-a-jwt".into(),
+            "malformed token or unsupported algorithm",
+        ),
+    ];
+    for (attack, token, reason) in cases {
+        let (status, body) = list_sessions(&router, &token).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{attack}: {body}");
+        assert_eq!(
+            body,
+            json!({"code": "INVALID_TOKEN", "message": format!("invalid bearer token: {reason}")}),
+            "{attack}"
+        );
+        let text = body.to_string();
+        let secret = std::str::from_utf8(common::SECRET).unwrap();
+        for leak in [
+            &token[..token.len().min(24)],
+            secret,
+            &issuer.url,
+            ISSUER,
+            "BEGIN",
+        ] {
+            assert!(!text.contains(leak), "{attack}: the answer shows `{leak}`");
+        }
+    }
+}
+
+/// Keys already fetched keep working while the issuer is down or failing;
+/// a key id they do not have is 503 (retry later), never accepted.
+#[tokio::test]
+async fn an_issuer_that_goes_down_keeps_cached_keys_and_unknown_key_ids_get_503() {
+    let mut issuer = issuer().await;
+    let (router, _dir) = api(issuer.always_refreshing_verifier()).await;
+    let valid = rs256(&claims());
+    let unknown_kid = sign(
+        Algorithm::RS256,
+        Some("rsa-2"),
+        &claims(),
+        &EncodingKey::from_rsa_pem(RSA_ROTATED_PRIVATE).unwrap(),
+    );
+    assert_eq!(list_sessions(&router, &valid).await.0, StatusCode::OK);
+
+    issuer.answer(StatusCode::INTERNAL_SERVER_ERROR, "upstream exploded");
+    assert_eq!(list_sessions(&router, &valid).await.0, StatusCode::OK);
+    let (status, body) = list_sessions(&router, &unknown_kid).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["code"], "AUTH_UNAVAILABLE");
+
+    issuer.go_down().await;
+    let fetches = issuer.fetches.load(Ordering::SeqCst);
+    assert_eq!(list_sessions(&router, &valid).await.0, StatusCode::OK);
+    let (status, body) = list_sessions(&router, &unknown_kid).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(
+        body,
+        json!({"code": "AUTH_UNAVAILABLE", "message": "the identity provider is unavailable; retry later"})
+    );
+    assert_eq!(
+        issuer.fetches.load(Ordering::SeqCst),
+        fetches,
+        "it was down"
+    );
+}
+
+/// An issuer serving junk: before any good fetch every RS256 token is 503;
+/// junk keys are skipped (a symmetric key named like the RSA key must not
+/// verify an HS256 token signed with it); after a good fetch, junk changes
+/// nothing for the cached keys.
+#[tokio::test]
+async fn an_issuer_that_serves_junk_never_lets_a_token_in() {
+    let valid = rs256(&claims());
+    for junk in [
+        "<html>maintenance</html>",
+        "{\"keys\": \"nope\"}",
+        "{}",
+        "[]",
+        "",
+    ] {
+        let issuer = issuer().await;
+        issuer.answer(StatusCode::OK, junk);
+        let (router, _dir) = api(issuer.always_refreshing_verifier()).await;
+        let (status, body) = list_sessions(&router, &valid).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{junk}: {body}");
+        assert_eq!(body["code"], "AUTH_UNAVAILABLE", "{junk}");
+    }
+
+    let issuer = issuer().await;
+    issuer.answer(
+        StatusCode::OK,
+        r#"{"keys": [
+            {"kty": "RSA", "kid": "rsa-1", "n": "!!not base64!!", "e": "AQAB"},
+            {"kty": "oct", "kid": "rsa-1", "k": "c2VjcmV0"},
+            {"kty": "EC", "kid": "rsa-1", "crv": "P-999", "x": "AA", "y": "AA"},
+            "not an object"
+        ]}"#,
+    );
+    let (router, _dir) = api(issuer.always_refreshing_verifier()).await;
+    let (status, body) = list_sessions(&router, &valid).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert_eq!(body["message"], "invalid bearer token: unknown key id");
+    let with_the_oct_key = sign(
+        Algorithm::HS256,
+        Some("rsa-1"),
+        &claims(),
+        &EncodingKey::from_secret(b"secret"),
+    );
+    let (status, body) = list_sessions(&router, &with_the_oct_key).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+
+    let issuer = self::issuer().await;
+    let (router, _dir) = api(issuer.always_refreshing_verifier()).await;
+    assert_eq!(list_sessions(&router, &valid).await.0, StatusCode::OK);
+    issuer.answer(StatusCode::OK, "<html>maintenance</html>");
+    assert_eq!(list_sessions(&router, &valid).await.0, StatusCode::OK);
+    let unknown_kid = sign(
+        Algorithm::RS256,
+        Some("rsa-2"),
+        &claims(),
+        &EncodingKey::from_rsa_pem(RSA_ROTATED_PRIVATE).unwrap(),
+    );
+    let (status, body) = list_sessions(&router, &unknown_kid).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+}
+
+/// Keys a token names itself (an embedded `jwk`, a `jku` or `x5u` URL) are
+/// never fetched nor used: the attacker's key set is not even asked, and the
+/// token is a 401.
+#[tokio::test]
+async fn keys_named_by_the_token_itself_are_never_used() {
+    let issuer = issuer().await;
+    let (router, _dir) = api(issuer.always_refreshing_verifier()).await;
+    // The attacker's key set holds its key under both names.
+    let attacker = Issuer::start(vec![
+        jwk(RSA_ROTATED_PRIVATE, Algorithm::RS256, "rsa-1"),
+        jwk(RSA_ROTATED_PRIVATE, Algorithm::RS256, "rsa-2"),
+    ])
+    .await;
+    let attacker_key = EncodingKey::from_rsa_pem(RSA_ROTATED_PRIVATE).unwrap();
+    let token = |kid: &str, set: fn(&mut Header, &Issuer)| {
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some(kid.to_owned());
+        set(&mut header, &attacker);
+        jsonwebtoken::encode(&header, &claims(), &attacker_key).unwrap()
+    };
+    let cases: [(&str, String, &str); 5] = [
+        (
+            "embedded jwk, a JWKS key id",
+            token("rsa-1", |h, _| {
+                h.jwk = Some(jwk(RSA_ROTATED_PRIVATE, Algorithm::RS256, "rsa-1"));
+            }),
+            "bad signature",
+        ),
+        (
+            "embedded jwk, its own key id",
+            token("rsa-2", |h, _| {
+                h.jwk = Some(jwk(RSA_ROTATED_PRIVATE, Algorithm::RS256, "rsa-2"));
+            }),
+            "unknown key id",
+        ),
+        (
+            "jku of the attacker's key set, a JWKS key id",
+            token("rsa-1", |h, a| h.jku = Some(a.url.clone())),
+            "bad signature",
+        ),
+        (
+            "jku of the attacker's key set, its own key id",
+            token("rsa-2", |h, a| h.jku = Some(a.url.clone())),
+            "unknown key id",
+        ),
+        (
+            "x5u of the attacker",
+            token("rsa-2", |h, a| h.x5u = Some(a.url.clone())),
+            "unknown key id",
+        ),
+    ];
+    for (attack, token, reason) in cases {
+        let (status, body) = list_sessions(&router, &token).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{attack}: {body}");
+        assert_eq!(
+            body["message"],
+            format!("invalid bearer token: {reason}"),
+            "{attack}"
+        );
+        assert!(!body.to_string().contains(&attacker.url), "{attack}");
+    }
+    assert_eq!(
+        attacker.fetches.load(Ordering::SeqCst),
+        0,
+        "the attacker's key set was fetched"
     );
 }

@@ -879,9 +879,21 @@ fn decimal_credits_parse_exactly_or_not_at_all() {
     ] {
         assert!(Credits::parse_decimal(bad).is_err(), "{bad:?} parsed");
     }
-    for bad in [-0.5, f64::NAN, f64::INFINITY, 1e-7] {
+    // Past a billion credits a double no longer carries every µcredit.
+    for bad in [
+        -0.5,
+        f64::NAN,
+        f64::INFINITY,
+        1e-7,
+        9_719_925_474.993_1,
+        1e9 + 1.0,
+    ] {
         assert!(Credits::from_credits_f64(bad).is_err(), "{bad} converted");
     }
+    assert_eq!(
+        Credits::from_credits_f64(999_999_999.999_999).unwrap(),
+        Credits::from_micros(999_999_999_999_999)
+    );
     assert_eq!(Credits::from_micros(1_500_000).to_string(), "1.5");
     assert_eq!(Credits::from_micros(1).to_string(), "0.000001");
     assert_eq!(Credits::from_micros(3_000_000).to_string(), "3");

@@ -25,14 +25,14 @@ use serde_json::json;
 const REPLIES: usize = 1_000;
 const AFFORDABLE: u64 = 100;
 const OUTPUT_TOKENS: u32 = 8;
-/// Every reply sends this to a fresh session: 18 characters, 5 tokens as
-/// holds estimate them and as the simulated model reports them.
+/// Every reply sends this to a fresh session: 18 bytes, 5 tokens and 4 for
+/// the turn, as holds estimate them and as the simulated model reports them.
 const PROMPT: &str = "what is the answer";
-/// Worst case of one reply: 5 input tokens at 1.5/1k plus 8 output tokens at
-/// 3/1k = 0.0315 credits. The simulated model always writes exactly the
+/// Worst case of one reply: 9 input tokens at 1.5/1k plus 8 output tokens at
+/// 3/1k = 0.0375 credits. The simulated model always writes exactly the
 /// maximum output, so every reply costs its worst case and settling frees
 /// nothing: however the replies interleave, exactly 100 can be paid for.
-const WORST_CASE: Credits = Credits::from_micros(31_500);
+const WORST_CASE: Credits = Credits::from_micros(37_500);
 const ROUTES: &str = "
 routes:
   - alias: default
@@ -62,9 +62,10 @@ fn app<S: common::TestStore>(sessions: Arc<S>, ledger: Arc<dyn Ledger>) -> Route
         ReplySettings::new(),
         &mut registry,
     );
-    parley_service::app(common::state_with_replies(
-        sessions, ledger, registry, replies,
-    ))
+    let mut state = common::state_with_replies(sessions, ledger, registry, replies);
+    // One user's thousand sessions: far more than one user may keep.
+    state.limits.max_sessions_per_user = REPLIES as u64;
+    parley_service::app(state)
 }
 
 async fn a_thousand_replies_against_a_hundred_holds(router: Router, ledger: &dyn Ledger) {
@@ -108,8 +109,8 @@ async fn a_thousand_replies_against_a_hundred_holds(router: Router, ledger: &dyn
     assert_eq!(paid.len() as u64, AFFORDABLE, "replies that ran");
     assert_eq!(refused, REPLIES - paid.len());
     for body in &paid {
-        assert_eq!(body["credits"]["charged"], json!(0.0315), "{body}");
-        assert_eq!(body["usage"], json!({"inputTokens": 5, "outputTokens": 8}));
+        assert_eq!(body["credits"]["charged"], json!(0.0375), "{body}");
+        assert_eq!(body["usage"], json!({"inputTokens": 9, "outputTokens": 8}));
     }
 
     let balance = ledger.balance("dana").await.unwrap();

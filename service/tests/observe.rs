@@ -12,19 +12,16 @@ use std::time::Duration;
 
 use eventsource_stream::{Event, Eventsource};
 use futures::StreamExt;
-use futures::stream::BoxStream;
 use parley_service::auth::Role;
 use parley_service::model_routes::{ProviderRegistry, Routes};
 use parley_service::providers::{SimulatedProvider, SimulatedSettings};
 use parley_service::stream::{Replies, ReplySettings};
+use parley_test_support::sse::{Events, PROMPTLY, data, events, next, until};
 use prometheus_client::registry::Registry;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
-
-/// Upper bound for anything that should happen promptly; never a wait.
-const PROMPTLY: Duration = Duration::from_secs(20);
 
 const ROUTES: &str = "
 routes:
@@ -106,7 +103,7 @@ impl Harness {
     }
 
     /// Starts a reply; its SSE events.
-    async fn reply(&self, token: &str, session: &str) -> BoxStream<'static, Event> {
+    async fn reply(&self, token: &str, session: &str) -> Events {
         let response = self
             .client
             .post(self.url(&format!("/api/chat/sessions/{session}/stream")))
@@ -120,7 +117,7 @@ impl Harness {
     }
 
     /// Connects an observer of `session`; its SSE events (pings dropped).
-    async fn observe(&self, token: &str, session: &str) -> BoxStream<'static, Event> {
+    async fn observe(&self, token: &str, session: &str) -> Events {
         let response = self
             .get(
                 &format!("/api/chat/sessions/{session}/observe"),
@@ -179,38 +176,6 @@ fn paced(tokens: u32) -> SimulatedSettings {
         tokens_per_second: NonZeroU32::new(50),
         reply_tokens: Some(tokens),
     }
-}
-
-fn events(response: reqwest::Response) -> BoxStream<'static, Event> {
-    response
-        .bytes_stream()
-        .eventsource()
-        .map(|event| event.unwrap())
-        .boxed()
-}
-
-async fn next(events: &mut BoxStream<'static, Event>) -> Event {
-    tokio::time::timeout(PROMPTLY, events.next())
-        .await
-        .expect("no event")
-        .expect("stream ended")
-}
-
-/// Events until (and with) the first one named `last`.
-async fn until(events: &mut BoxStream<'static, Event>, last: &str) -> Vec<Event> {
-    let mut seen = Vec::new();
-    loop {
-        let event = next(events).await;
-        let done = event.event == last;
-        seen.push(event);
-        if done {
-            return seen;
-        }
-    }
-}
-
-fn data(event: &Event) -> Value {
-    serde_json::from_str(&event.data).unwrap()
 }
 
 /// The reply events (`id`, `event`, `data`) among `events`.
@@ -318,11 +283,13 @@ async fn an_observer_that_arrives_first_sees_the_whole_next_reply() {
     // The response head means the observer is attached and waiting.
     let mut observer = harness.observe(&sam(), &session).await;
     let mut owner = harness.reply(&alice(), &session).await;
-    let owned = until(&mut owner, "complete").await;
-    let observed = until(&mut observer, "observe").await;
+    let owned = until(&mut owner, &["complete"]).await;
+    let observed = until(&mut observer, &["observe"]).await;
     assert_eq!(data(&observed[0])["state"], "started");
+    // The question comes before the answer.
+    assert_eq!(data(&observed[0])["message"], "tell me about observation");
     let mut observed = observed;
-    observed.extend(until(&mut observer, "observe").await);
+    observed.extend(until(&mut observer, &["observe"]).await);
     let last = observed.last().unwrap();
     assert_eq!(data(last)["state"], "ended");
     assert_eq!(data(last)["outcome"], "completed");
@@ -333,9 +300,9 @@ async fn an_observer_that_arrives_first_sees_the_whole_next_reply() {
 
     // The observer stays for the next reply of the session.
     let mut owner = harness.reply(&alice(), &session).await;
-    let owned = until(&mut owner, "complete").await;
-    let mut observed = until(&mut observer, "observe").await;
-    observed.extend(until(&mut observer, "observe").await);
+    let owned = until(&mut owner, &["complete"]).await;
+    let mut observed = until(&mut observer, &["observe"]).await;
+    observed.extend(until(&mut observer, &["observe"]).await);
     assert_eq!(reply_events(&observed), reply_events(&owned));
 }
 
@@ -350,9 +317,9 @@ async fn an_observer_that_joins_mid_reply_gets_the_replay_then_live_events() {
         owned.push(next(&mut owner).await);
     }
     let mut observer = harness.observe(&ada(), &session).await;
-    owned.extend(until(&mut owner, "complete").await);
-    let mut observed = until(&mut observer, "observe").await;
-    observed.extend(until(&mut observer, "observe").await);
+    owned.extend(until(&mut owner, &["complete"]).await);
+    let mut observed = until(&mut observer, &["observe"]).await;
+    observed.extend(until(&mut observer, &["observe"]).await);
     // No gap, no duplicate: the same events as the owner's.
     assert_eq!(reply_events(&observed), reply_events(&owned));
     let ids: Vec<u64> = reply_events(&observed)
@@ -391,12 +358,16 @@ async fn a_console_lists_the_replies_of_its_cohorts_as_they_start_and_end() {
     assert_eq!(started.event, "started");
     assert_eq!(data(&started)["reply"]["sessionId"], alices);
     assert_eq!(data(&started)["reply"]["userId"], "alice");
+    assert_eq!(
+        data(&started)["reply"]["message"],
+        "tell me about observation"
+    );
     // A console connecting now lists it.
     let mut adas = live(ada()).await;
     let listed = next(&mut adas).await;
     assert_eq!(listed.event, "replies");
     assert_eq!(data(&listed)["replies"][0]["sessionId"], alices);
-    until(&mut owner, "complete").await;
+    until(&mut owner, &["complete"]).await;
     let ended = next(&mut sams).await;
     assert_eq!(ended.event, "ended");
     assert_eq!(data(&ended)["outcome"], "completed");
@@ -406,7 +377,7 @@ async fn a_console_lists_the_replies_of_its_cohorts_as_they_start_and_end() {
     let started = next(&mut sues).await;
     assert_eq!(started.event, "started");
     assert_eq!(data(&started)["reply"]["userId"], "carol");
-    until(&mut owner, "complete").await;
+    until(&mut owner, &["complete"]).await;
 }
 
 #[tokio::test]
@@ -418,8 +389,8 @@ async fn every_observation_is_audited_and_its_owner_sees_who_watched() {
     {
         let mut observer = harness.observe(&sam(), &session).await;
         let mut owner = harness.reply(&alice(), &session).await;
-        until(&mut owner, "complete").await;
-        until(&mut observer, "observe").await;
+        until(&mut owner, &["complete"]).await;
+        until(&mut observer, &["observe"]).await;
         let _admins = harness.observe(&ada(), &carols).await;
         // Both observers leave here.
     }
@@ -570,7 +541,7 @@ async fn a_reply_longer_than_allowed_ends_with_max_duration_and_keeps_its_part()
     .await;
     let session = harness.session(&alice()).await;
     let mut owner = harness.reply(&alice(), &session).await;
-    let events = until(&mut owner, "error").await;
+    let events = until(&mut owner, &["error"]).await;
     let error = events.last().unwrap();
     assert_eq!(data(error)["code"], "MAX_DURATION");
     let chunks = events.iter().filter(|e| e.event == "chunk").count();

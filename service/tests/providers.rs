@@ -9,11 +9,12 @@ use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_credential_types::Credentials;
 use aws_credential_types::provider::SharedCredentialsProvider;
 use futures::StreamExt;
-use parley_service::providers::estimate_tokens;
+use parley_service::providers::estimate_turn_tokens;
 use parley_service::providers::simulated::count_tokens;
 use parley_service::providers::{
     BedrockProvider, ChatTurn, CompletionRequest, OpenAiProvider, Provider, ProviderErrorKind,
-    ProviderEvent, ProviderStream, Role, SimulatedProvider, SimulatedSettings, StopReason, Usage,
+    ProviderEvent, ProviderStream, Role, Sampling, SimulatedProvider, SimulatedSettings,
+    StopReason, Usage,
 };
 use parley_test_support::bedrock::BedrockStandIn;
 use parley_test_support::openai::OpenAiStandIn;
@@ -49,6 +50,19 @@ fn request(model: &str, timeout: Duration) -> CompletionRequest {
         ],
         max_output_tokens: 128,
         timeout,
+        sampling: Sampling::default(),
+    }
+}
+
+/// `request` with every sampling setting a caller may give.
+fn sampled(model: &str) -> CompletionRequest {
+    CompletionRequest {
+        sampling: Sampling {
+            temperature: Some(0.25),
+            top_p: Some(0.5),
+            stop: vec!["END".into(), "\n\n".into()],
+        },
+        ..request(model, PROMPTLY)
     }
 }
 
@@ -120,6 +134,40 @@ async fn bedrock_streams_deltas_then_usage_then_finished() {
     assert_eq!(
         call.body.pointer("/inferenceConfig/maxTokens").unwrap(),
         128
+    );
+}
+
+#[tokio::test]
+async fn bedrock_sampling_goes_in_the_inference_config_and_absent_settings_stay_absent() {
+    let standin = BedrockStandIn::start().await.unwrap();
+    standin.set_script(BEDROCK_MODEL, Script::reply(["ok"]));
+    let provider = bedrock(&standin);
+    drain(provider.stream(sampled(BEDROCK_MODEL)).await.unwrap()).await;
+    provider.complete(sampled(BEDROCK_MODEL)).await.unwrap();
+    drain(
+        provider
+            .stream(request(BEDROCK_MODEL, PROMPTLY))
+            .await
+            .unwrap(),
+    )
+    .await;
+    let calls = standin.calls();
+    for call in &calls[..2] {
+        assert_eq!(
+            call.body["inferenceConfig"],
+            serde_json::json!({
+                "maxTokens": 128,
+                "temperature": 0.25,
+                "topP": 0.5,
+                "stopSequences": ["END", "\n\n"],
+            }),
+            "streaming: {}",
+            call.streaming
+        );
+    }
+    assert_eq!(
+        calls[2].body["inferenceConfig"],
+        serde_json::json!({ "maxTokens": 128 })
     );
 }
 
@@ -334,6 +382,31 @@ async fn openai_streams_deltas_then_usage_then_finished() {
 }
 
 #[tokio::test]
+async fn openai_sampling_is_sent_as_the_protocol_names_it() {
+    let standin = OpenAiStandIn::start().await.unwrap();
+    standin.set_script(OPENAI_MODEL, Script::reply(["ok"]));
+    let provider = openai(&standin);
+    drain(provider.stream(sampled(OPENAI_MODEL)).await.unwrap()).await;
+    provider.complete(sampled(OPENAI_MODEL)).await.unwrap();
+    drain(
+        provider
+            .stream(request(OPENAI_MODEL, PROMPTLY))
+            .await
+            .unwrap(),
+    )
+    .await;
+    let calls = standin.calls();
+    for call in &calls[..2] {
+        assert_eq!(call.body["temperature"], 0.25);
+        assert_eq!(call.body["top_p"], 0.5);
+        assert_eq!(call.body["stop"], serde_json::json!(["END", "\n\n"]));
+    }
+    for field in ["temperature", "top_p", "stop"] {
+        assert!(calls[2].body.get(field).is_none(), "{field} sent unasked");
+    }
+}
+
+#[tokio::test]
 async fn openai_complete_is_one_non_streaming_call() {
     let standin = OpenAiStandIn::start().await.unwrap();
     standin.set_script(OPENAI_MODEL, Script::reply(["Hel", "lo"]).with_usage(5, 2));
@@ -510,10 +583,11 @@ async fn simulated_echoes_the_last_user_turn_deterministically() {
         "Again, with feeling",
     ]
     .into_iter()
-    .map(estimate_tokens)
+    .map(|text| estimate_turn_tokens(&ChatTurn::new(Role::User, text)))
     .sum();
-    // Input is counted as holds estimate it: 4 + 3 + 2 + 5 (chars / 4, rounded up).
-    assert_eq!(input_tokens, 14);
+    // Input is counted as holds estimate it: 4 + 3 + 2 + 5 (bytes / 4,
+    // rounded up) and 4 per turn.
+    assert_eq!(input_tokens, 30);
     expected.push(Ok(ProviderEvent::Usage(Usage {
         input_tokens,
         output_tokens: 3,
@@ -549,6 +623,42 @@ async fn simulated_reply_length_is_configurable_and_capped() {
     assert_eq!(completion.text, "Again, with feeling Again,");
     assert_eq!(completion.usage.unwrap().output_tokens, 4);
     assert_eq!(completion.stop_reason, StopReason::MaxTokens);
+}
+
+#[tokio::test]
+async fn simulated_stops_where_a_stop_sequence_first_appears() {
+    let provider = SimulatedProvider::new(SimulatedSettings {
+        first_token_latency: Duration::ZERO,
+        tokens_per_second: None,
+        reply_tokens: Some(7),
+    });
+    let stopped = |stop: &[&str]| CompletionRequest {
+        sampling: Sampling {
+            stop: stop.iter().map(|s| (*s).to_owned()).collect(),
+            ..Sampling::default()
+        },
+        ..request("sim", PROMPTLY)
+    };
+    // Inside a word: the reply ends just before it, that token counted.
+    let completion = provider.complete(stopped(&["eel", "zzz"])).await.unwrap();
+    assert_eq!(completion.text, "Again, with f");
+    assert_eq!(completion.usage.unwrap().output_tokens, 3);
+    assert_eq!(completion.stop_reason, StopReason::StopSequence);
+    // At a word's start: the reply ends with the words before it.
+    let completion = provider.complete(stopped(&[" with"])).await.unwrap();
+    assert_eq!(completion.text, "Again,");
+    assert_eq!(completion.usage.unwrap().output_tokens, 1);
+    assert_eq!(completion.stop_reason, StopReason::StopSequence);
+    // Of two stop sequences, the one appearing first wins.
+    let completion = provider
+        .complete(stopped(&["feeling Again", "with"]))
+        .await
+        .unwrap();
+    assert_eq!(completion.text, "Again, ");
+    // Never appearing: the whole reply.
+    let completion = provider.complete(stopped(&["nowhere"])).await.unwrap();
+    assert_eq!(count_tokens(&completion.text), 7);
+    assert_eq!(completion.stop_reason, StopReason::EndTurn);
 }
 
 #[tokio::test]

@@ -12,9 +12,7 @@ use std::time::Duration;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_credential_types::Credentials;
 use aws_credential_types::provider::SharedCredentialsProvider;
-use eventsource_stream::{Event, Eventsource};
-use futures::StreamExt;
-use futures::stream::BoxStream;
+use eventsource_stream::Event;
 use parley_service::auth::Role;
 use parley_service::embedded_db::EmbeddedDb;
 use parley_service::ledger::{EmbeddedLedger, Ledger, MongoLedger};
@@ -27,13 +25,11 @@ use parley_service::stream::{Replies, ReplySettings};
 use parley_test_support::bedrock::BedrockStandIn;
 use parley_test_support::openai::OpenAiStandIn;
 use parley_test_support::script::{Fault, Rejection, Script, StreamFailure};
+use parley_test_support::sse::{Events, PROMPTLY, data, drain, events, next};
 use prometheus_client::registry::Registry;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
-
-/// Upper bound for anything that should happen promptly; never a wait.
-const PROMPTLY: Duration = Duration::from_secs(15);
 
 const PRIMARY: &str = "anthropic.claude-3-haiku-20240307-v1:0";
 const SECONDARY: &str = "amazon.nova-micro-v1:0";
@@ -227,7 +223,7 @@ impl Harness {
     }
 
     /// Starts a streamed reply; the response head, then its SSE events.
-    async fn stream(&self, token: &str, session: &str, body: Value) -> BoxStream<'static, Event> {
+    async fn stream(&self, token: &str, session: &str, body: Value) -> Events {
         let response = self
             .client
             .post(self.url(&format!("/api/chat/sessions/{session}/stream")))
@@ -243,7 +239,7 @@ impl Harness {
 
     /// A reply that writes `first` and then stalls, in a new session of
     /// `token`'s user, read up to that first chunk.
-    async fn stalled_reply(&self, token: &str, first: &str) -> (String, BoxStream<'static, Event>) {
+    async fn stalled_reply(&self, token: &str, first: &str) -> (String, Events) {
         self.bedrock.set_script(
             PRIMARY,
             Script::reply([first, "never"]).with_fault(Fault::Stall { after_deltas: 1 }),
@@ -279,32 +275,6 @@ fn assert_sse_headers(response: &reqwest::Response) {
     assert_eq!(header("content-type"), "text/event-stream");
     assert_eq!(header("cache-control"), "no-cache");
     assert_eq!(header("x-accel-buffering"), "no");
-}
-
-fn events(response: reqwest::Response) -> BoxStream<'static, Event> {
-    response
-        .bytes_stream()
-        .eventsource()
-        .map(|event| event.unwrap())
-        .boxed()
-}
-
-/// Every event until the stream ends.
-async fn drain(events: BoxStream<'static, Event>) -> Vec<Event> {
-    tokio::time::timeout(PROMPTLY, events.collect())
-        .await
-        .expect("the stream did not end")
-}
-
-async fn next(events: &mut BoxStream<'static, Event>) -> Event {
-    tokio::time::timeout(PROMPTLY, events.next())
-        .await
-        .expect("no event")
-        .expect("stream ended")
-}
-
-fn data(event: &Event) -> Value {
-    serde_json::from_str(&event.data).unwrap()
 }
 
 fn chunk_text(events: &[Event]) -> String {
@@ -871,6 +841,12 @@ impl Harness {
         response.json().await.unwrap()
     }
 
+    /// Serves `routes` (entries of the routes list) besides the usual ones.
+    fn add_routes(&self, routes: &str) {
+        let yaml = format!("{}{routes}", routes_yaml(30));
+        assert!(self.replies.routes.reload_from_yaml(&yaml, "test"));
+    }
+
     async fn post(&self, path: &str, token: &str, body: Value) -> reqwest::Response {
         self.client
             .post(self.url(path))
@@ -925,9 +901,9 @@ async fn a_fallback_is_charged_at_the_answering_targets_price_exactly_once() {
         (json!(40), json!(2))
     );
     assert_eq!(record["charged"], json!(0.022));
-    // Re-priced on fallback: "hi" is estimated at 1 input token, plus the
-    // second target's 256 output tokens.
-    assert_eq!(record["held"], json!(0.2565));
+    // Re-priced on fallback: "hi" is estimated at 5 input tokens (1 for
+    // its text, 4 for the turn), plus the second target's 256 output tokens.
+    assert_eq!(record["held"], json!(0.2585));
     assert!(
         record["sessionId"]
             .as_str()
@@ -973,8 +949,8 @@ async fn a_whole_reply_carries_the_remaining_balance_and_a_cut_reply_is_estimate
     assert_eq!(remaining, "9.992");
 
     // Cut off after two deltas, the provider never reports usage: the
-    // conversation is estimated (4 + 4 + 3 tokens: characters / 4, rounded
-    // up, per turn) and each delta counts one output token.
+    // conversation is estimated (8 + 8 + 7 tokens: bytes / 4, rounded up,
+    // plus 4 per turn) and each delta counts one output token.
     harness.openai.set_script(
         OPENAI_MODEL,
         Script::reply(["a", "b", "c"]).with_fault(Fault::Disconnect { after_deltas: 2 }),
@@ -992,11 +968,11 @@ async fn a_whole_reply_carries_the_remaining_balance_and_a_cut_reply_is_estimate
     assert_eq!(cut["outcome"], "failed", "{usage}");
     assert_eq!(cut["estimated"], true);
     assert_eq!(cut["outputTokens"], 2);
-    assert_eq!(cut["inputTokens"], 11);
-    assert_eq!(cut["charged"], json!(0.013));
+    assert_eq!(cut["inputTokens"], 23);
+    assert_eq!(cut["charged"], json!(0.025));
     assert_eq!(usage["records"][1]["estimated"], false);
     let balance = harness.get_json("/api/credits/balance", &token).await;
-    assert_eq!(balance["balance"], json!(9.979));
+    assert_eq!(balance["balance"], json!(9.967));
     assert_eq!(balance["held"], json!(0.0));
 }
 
@@ -1020,8 +996,8 @@ async fn an_unaffordable_reply_is_402_before_any_provider_call() {
         );
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["code"], "INSUFFICIENT_CREDITS");
-        // 1 input token at 1000/1k plus 256 output tokens at 1000/1k.
-        assert_eq!(body["requiredCredits"], json!(257.0), "{body}");
+        // 5 input tokens at 1000/1k plus 256 output tokens at 1000/1k.
+        assert_eq!(body["requiredCredits"], json!(261.0), "{body}");
         assert_eq!(body["available"], json!(10.0));
         assert_eq!(body["balance"], json!(10.0));
     }
@@ -1066,10 +1042,11 @@ async fn an_opted_in_route_downgrades_to_what_the_caller_can_afford_and_says_so(
     assert_eq!(model["downgraded"], true);
     assert_eq!(model["fallbackApplied"], false);
     assert_eq!(chunk_text(&events), "cheap please");
-    // 3 estimated input tokens and 2 words out, at 1/1k each.
+    // 7 estimated input tokens (3 for the text, 4 for the turn) and 2
+    // words out, at 1/1k each.
     assert_eq!(
         data(events.last().unwrap())["credits"],
-        json!({"charged": 0.005, "remaining": 9.995})
+        json!({"charged": 0.009, "remaining": 9.991})
     );
     assert!(harness.openai.calls().is_empty());
 }
@@ -1318,4 +1295,197 @@ async fn route_limits_refuse_further_replies_on_that_route_for_that_user_only() 
     );
     let stored = harness.stored(&second, &alice).await;
     assert_eq!(stored["messages"].as_array().unwrap().len(), 4);
+}
+
+/// A route whose small window holds a few exchanges: "Be brief." is 3 + 4
+/// estimated tokens, "question N" 3 + 4 and the answer "ok" 1 + 4, so with
+/// 20 tokens kept for the reply, 120 leave room for seven exchanges beside
+/// the system prompt and the new question. The first target's window of 30
+/// cannot even hold those (14) beside the reply's 20: it is skipped.
+const WINDOWED_ROUTE: &str = "
+  - alias: windowed
+    systemPrompt: Be brief.
+    targets:
+      - provider: bedrock
+        model: windowed-small
+        pricing: {inputPer1k: 1, outputPer1k: 1}
+        maxOutputTokens: 20
+        contextTokens: 30
+      - provider: bedrock
+        model: windowed-large
+        pricing: {inputPer1k: 1, outputPer1k: 1}
+        maxOutputTokens: 20
+        contextTokens: 120
+";
+
+/// The texts of a Converse request's messages, and of its system prompts.
+fn converse_texts(body: &Value) -> (Vec<String>, Vec<String>) {
+    let texts = |entries: &Value, nested: bool| {
+        entries
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|entry| {
+                let block = if nested { &entry["content"][0] } else { entry };
+                block["text"].as_str().unwrap().to_owned()
+            })
+            .collect::<Vec<_>>()
+    };
+    (
+        texts(&body["messages"], true),
+        texts(&body["system"], false),
+    )
+}
+
+#[tokio::test]
+async fn a_long_session_sends_only_the_newest_turns_that_fit_and_holds_for_them() {
+    let harness = Harness::start(Duration::from_secs(30), 30).await;
+    harness.add_routes(WINDOWED_ROUTE);
+    for model in ["windowed-small", "windowed-large"] {
+        harness
+            .bedrock
+            .set_script(model, Script::reply(["ok"]).with_usage(1, 1));
+    }
+    let token = user();
+    let session = harness.session(&token).await;
+    let messages = format!("/api/chat/sessions/{session}/messages");
+    for index in 0..=10 {
+        let body = json!({"message": format!("question {index}"), "route": "windowed"});
+        let response = harness.post(&messages, &token, body).await;
+        assert_eq!(response.status(), StatusCode::OK, "question {index}");
+    }
+    let calls = harness.bedrock.calls();
+    assert_eq!(calls.len(), 11);
+    // The small window (30 - 20 output) cannot hold the system prompt and a
+    // question: every reply skipped it.
+    assert!(calls.iter().all(|call| call.model == "windowed-large"));
+    let (first, system) = converse_texts(&calls[0].body);
+    assert_eq!(
+        (first, system),
+        (vec!["question 0".to_owned()], vec!["Be brief.".to_owned()])
+    );
+    // The eleventh question: 100 tokens for the prompt, 14 of them the
+    // system prompt and the question, 84 for seven exchanges of 12; the
+    // eighth newest turn (an answer, 5) would not fit.
+    let (last, system) = converse_texts(&calls[10].body);
+    assert_eq!(system, ["Be brief."]);
+    let mut expected: Vec<String> = (3..10)
+        .flat_map(|index| [format!("question {index}"), "ok".to_owned()])
+        .collect();
+    expected.push("question 10".to_owned());
+    assert_eq!(last, expected);
+
+    // The hold was priced on that prompt: 98 input tokens and 20 output at
+    // 1/1k; each reply was charged the usage reported (1 + 1).
+    let usage = harness.get_json("/api/credits/usage?limit=1", &token).await;
+    let record = &usage["records"][0];
+    assert_eq!(record["modelId"], "windowed-large", "{usage}");
+    assert_eq!(record["held"], json!(0.118), "{record}");
+    assert_eq!(record["charged"], json!(0.002), "{record}");
+    // The whole session is still stored.
+    let stored = harness.stored(&session, &token).await;
+    assert_eq!(stored["messages"].as_array().unwrap().len(), 22);
+}
+
+#[tokio::test]
+async fn a_message_no_window_can_hold_is_422_before_any_hold_or_provider_call() {
+    let harness = Harness::start(Duration::from_secs(30), 30).await;
+    harness.add_routes(WINDOWED_ROUTE);
+    let token = user();
+    let session = harness.session(&token).await;
+    // 400 bytes: 100 + 4 tokens, past the largest window's 120 - 20 - 7.
+    let long = "x".repeat(400);
+    for endpoint in ["stream", "messages"] {
+        let response = harness
+            .post(
+                &format!("/api/chat/sessions/{session}/{endpoint}"),
+                &token,
+                json!({"message": long, "route": "windowed"}),
+            )
+            .await;
+        assert_eq!(
+            response.status(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{endpoint}"
+        );
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["code"], "MESSAGE_TOO_LONG_FOR_MODEL", "{body}");
+        let message = body["message"].as_str().unwrap();
+        assert!(
+            message.contains("about 131 tokens") && message.contains("window of 120 tokens"),
+            "{message}"
+        );
+    }
+    // The same through the OpenAI-compatible API, in its own shape.
+    let response = harness
+        .post(
+            "/v1/chat/completions",
+            &token,
+            json!({"model": "windowed", "messages": [{"role": "user", "content": long}]}),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "context_length_exceeded", "{body}");
+    assert_eq!(body["error"]["param"], "messages", "{body}");
+
+    assert!(
+        harness.bedrock.calls().is_empty(),
+        "the provider was called"
+    );
+    let usage = harness.get_json("/api/credits/usage", &token).await;
+    assert_eq!(usage["records"], json!([]), "a hold was taken: {usage}");
+    let balance = harness.get_json("/api/credits/balance", &token).await;
+    assert_eq!(balance["held"], json!(0.0));
+    let stored = harness.stored(&session, &token).await;
+    assert_eq!(stored["messages"], json!([]));
+}
+
+#[tokio::test]
+async fn a_fallback_whose_window_cannot_hold_the_message_is_skipped() {
+    let harness = Harness::start(Duration::from_secs(30), 30).await;
+    // 40 bytes: 10 + 4 tokens, more than the cramped target's 30 - 20.
+    let skipping = "
+  - alias: skipping
+    fallbackOn: [throttled]
+    targets:
+      - {provider: bedrock, model: roomy, pricing: {inputPer1k: 1, outputPer1k: 1}, maxOutputTokens: 20, contextTokens: 1000}
+      - {provider: bedrock, model: cramped, pricing: {inputPer1k: 1, outputPer1k: 1}, maxOutputTokens: 20, contextTokens: 30}
+      - {provider: bedrock, model: last, pricing: {inputPer1k: 2, outputPer1k: 2}, maxOutputTokens: 20, contextTokens: 1000}
+";
+    harness.add_routes(skipping);
+    harness
+        .bedrock
+        .set_script("roomy", Script::rejected(Rejection::Throttled));
+    for model in ["cramped", "last"] {
+        harness
+            .bedrock
+            .set_script(model, Script::reply(["fine"]).with_usage(1, 1));
+    }
+    let token = user();
+    let session = harness.session(&token).await;
+    let message = "x".repeat(40);
+    let events = drain(
+        harness
+            .stream(
+                &token,
+                &session,
+                json!({"message": message, "route": "skipping"}),
+            )
+            .await,
+    )
+    .await;
+    let model = data(&events[0]);
+    assert_eq!(model["model"], "last", "{model}");
+    assert_eq!(model["fallbackApplied"], true);
+    let called: Vec<String> = harness
+        .bedrock
+        .calls()
+        .into_iter()
+        .map(|call| call.model)
+        .collect();
+    assert_eq!(called, ["roomy", "last"]);
+    // Re-priced for the last target: 14 input tokens and 20 output at 2/1k.
+    let usage = harness.get_json("/api/credits/usage", &token).await;
+    assert_eq!(usage["records"][0]["held"], json!(0.068), "{usage}");
 }

@@ -4,99 +4,14 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::path::Path;
-use std::time::Duration;
-
-use parley_service::auth::Role;
-use parley_service::config::{Config, TokenArgs};
-use parley_service::server::{mint_cli_token, serve_listener};
+use common::server::{RunningServer, call, cli_token, config};
 use parley_test_support::proxy::{TcpProxy, host_port};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
-
-struct RunningServer {
-    address: SocketAddr,
-    shutdown: CancellationToken,
-    task: JoinHandle<Result<(), parley_service::Error>>,
-}
-
-impl RunningServer {
-    async fn start(config: Config) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(serve_listener(listener, config, shutdown.clone()));
-        let server = Self {
-            address,
-            shutdown,
-            task,
-        };
-        server.wait_until_serving().await;
-        server
-    }
-
-    /// The listener is bound before `serve_listener` runs, so connections
-    /// queue until the app is up; the first answer says it serves.
-    async fn wait_until_serving(&self) {
-        let response = reqwest::get(self.url("/health")).await.unwrap();
-        assert_eq!(response.status(), StatusCode::OK);
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.address)
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        self.task.await.unwrap().unwrap();
-    }
-}
-
-fn config(data_dir: &Path, extra: &[&str]) -> Config {
-    let data_dir = data_dir.to_str().unwrap();
-    let mut args = vec![
-        "parley-service",
-        "--data-dir",
-        data_dir,
-        "--shutdown-drain-seconds",
-        "5",
-    ];
-    args.extend_from_slice(extra);
-    Config::from_args(args).unwrap()
-}
-
-async fn cli_token(config: &Config, sub: &str) -> String {
-    let args = TokenArgs {
-        sub: sub.into(),
-        role: Role::User,
-        cohorts: vec!["c1".into()],
-        ttl: Duration::from_secs(600),
-    };
-    mint_cli_token(config, &args).await.unwrap()
-}
-
-async fn call(
-    method: reqwest::Method,
-    url: String,
-    token: &str,
-    body: Option<Value>,
-) -> (StatusCode, Value) {
-    let client = reqwest::Client::new();
-    let mut builder = client.request(method, url).bearer_auth(token);
-    if let Some(body) = body {
-        builder = builder.json(&body);
-    }
-    let response = builder.send().await.unwrap();
-    let status = response.status();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
 
 #[tokio::test]
-async fn serves_health_and_metrics_by_route_template_then_shuts_down() {
+async fn serves_health_and_metrics_by_route_template_and_backend_timings_then_shuts_down() {
     let dir = tempfile::tempdir().unwrap();
     let config = config(dir.path(), &["--jwt-secret", "serve-test-secret"]);
     let token = cli_token(&config, "alice").await;
@@ -127,6 +42,14 @@ async fn serves_health_and_metrics_by_route_template_then_shuts_down() {
     )
     .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = call(
+        reqwest::Method::GET,
+        server.url("/api/credits/balance"),
+        &token,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
 
     let response = reqwest::get(server.url("/metrics")).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
@@ -148,6 +71,24 @@ async fn serves_health_and_metrics_by_route_template_then_shuts_down() {
         "{metrics}"
     );
     assert!(has(r#"route="unmatched",status="404""#), "{metrics}");
+    // The store and the ledger are timed by operation, whichever backend runs.
+    let timed = |histogram: &str, operation: &str| {
+        let count = format!("{histogram}_count{{");
+        let labels = format!(r#"operation="{operation}",outcome="ok""#);
+        metrics
+            .lines()
+            .any(|line| line.starts_with(&count) && line.contains(&labels))
+    };
+    for operation in ["create", "get"] {
+        assert!(
+            timed("parley_store_operation_duration_seconds", operation),
+            "store {operation} not timed:\n{metrics}"
+        );
+    }
+    assert!(
+        timed("parley_ledger_operation_duration_seconds", "balance"),
+        "ledger balance not timed:\n{metrics}"
+    );
     assert!(
         !metrics.contains(id),
         "a session id leaked into metric labels"
@@ -389,21 +330,12 @@ async fn dev_sign_in_does_not_exist_with_a_configured_secret_or_off_loopback() {
     let dir = tempfile::tempdir().unwrap();
     let configured = RunningServer::start(config(dir.path(), &["--jwt-secret", "s3cret"])).await;
     // Local mode on every interface: reachable from other machines.
-    let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let shutdown = CancellationToken::new();
     let other_dir = tempfile::tempdir().unwrap();
-    let task = tokio::spawn(serve_listener(
-        listener,
+    let everywhere = RunningServer::start_on(
+        TcpListener::bind("0.0.0.0:0").await.unwrap(),
         config(other_dir.path(), &[]),
-        shutdown.clone(),
-    ));
-    let everywhere = RunningServer {
-        address: SocketAddr::from(([127, 0, 0, 1], port)),
-        shutdown,
-        task,
-    };
-    everywhere.wait_until_serving().await;
+    )
+    .await;
 
     for server in [&configured, &everywhere] {
         for method in [reqwest::Method::GET, reqwest::Method::POST] {

@@ -2,6 +2,7 @@
 //! embedded store and against the real MongoDB-wire server.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[macro_use]
 mod common;
 
 use std::collections::HashSet;
@@ -9,35 +10,11 @@ use std::sync::Arc;
 
 use parley_service::Error;
 use parley_service::store::{
-    Message, MessageRole, NewSession, ObjectId, PageRequest, SessionStore, SessionSummary,
-    TokenTotals, now,
+    HistoryBudget, Message, MessageRole, NewSession, ObjectId, PageRequest, SessionStore,
+    SessionSummary, TokenTotals, now,
 };
 
-macro_rules! conformance {
-    ($($case:ident),* $(,)?) => {
-        mod embedded {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let (store, _dir) = crate::common::embedded_store().await;
-                    crate::$case(std::sync::Arc::new(store)).await;
-                }
-            )*
-        }
-        mod mongo {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let store = crate::common::mongo_store().await;
-                    crate::$case(std::sync::Arc::new(store.clone())).await;
-                    crate::common::drop_mongo(store).await;
-                }
-            )*
-        }
-    };
-}
-
-conformance!(
+store_conformance!(
     ping_answers,
     create_then_get_round_trips,
     unknown_session_is_not_found,
@@ -48,6 +25,7 @@ conformance!(
     append_to_another_users_session_is_not_found,
     concurrent_appends_lose_nothing,
     text_survives_byte_for_byte,
+    a_tail_read_returns_the_newest_messages_within_the_budget,
 );
 
 fn new_session(user: &str, title: &str, messages: Vec<Message>) -> NewSession {
@@ -398,4 +376,70 @@ async fn text_survives_byte_for_byte(store: Arc<dyn SessionStore>) {
         .await
         .unwrap();
     assert_eq!(listed.total, 1);
+}
+
+async fn a_tail_read_returns_the_newest_messages_within_the_budget(store: Arc<dyn SessionStore>) {
+    // Ten messages of 10 bytes each ("message 0." … "message 9."), the
+    // first created with the session, the rest appended in pairs.
+    let message = |index: usize| {
+        let role = if index.is_multiple_of(2) {
+            MessageRole::User
+        } else {
+            MessageRole::Assistant
+        };
+        Message::new(role, format!("message {index}."))
+    };
+    let all: Vec<Message> = (0..10).map(message).collect();
+    let created = store
+        .create(new_session("alice", "Long", all[..2].to_vec()))
+        .await
+        .unwrap();
+    let id = created.summary.id;
+    for pair in all[2..].chunks(2) {
+        store
+            .append_messages(id, "alice", pair, TokenTotals::default())
+            .await
+            .unwrap();
+    }
+    let tail = |max_messages: u32, max_bytes: u64| {
+        let store = Arc::clone(&store);
+        async move {
+            let (tail, read) = store
+                .get_tail_applied(
+                    id,
+                    HistoryBudget {
+                        max_messages,
+                        max_bytes,
+                    },
+                )
+                .await
+                .unwrap();
+            read.wait::<Error>().await.unwrap();
+            assert_eq!(tail.summary.message_count, 10);
+            assert_eq!(tail.summary.user_id, "alice");
+            tail.newest_messages
+        }
+    };
+    assert_eq!(
+        tail(100, 1000).await,
+        all,
+        "a budget above the session: all"
+    );
+    assert_eq!(tail(3, 1000).await, all[7..], "at most three");
+    assert_eq!(tail(100, 30).await, all[7..], "exactly 30 bytes: three");
+    assert_eq!(tail(100, 29).await, all[8..], "29 bytes: two");
+    assert_eq!(tail(10, 100).await, all, "both bounds met exactly");
+    assert!(tail(0, 1000).await.is_empty(), "no messages");
+    assert!(tail(100, 9).await.is_empty(), "not even the newest");
+    let (tail, _) = store
+        .get_tail_applied(id, HistoryBudget::NONE)
+        .await
+        .unwrap();
+    assert_eq!(tail.summary, store.get(id).await.unwrap().summary);
+    assert!(matches!(
+        store
+            .get_tail_applied(ObjectId::new(), HistoryBudget::NONE)
+            .await,
+        Err(Error::SessionNotFound)
+    ));
 }

@@ -28,3 +28,21 @@ pub fn store_selected(name: &str) -> bool {
         stores.split(',').any(|store| store.trim() == name)
     })
 }
+
+/// Waits until the service at `base` answers `/ready` with a success.
+///
+/// # Panics
+/// When it does not within 30 s: the benchmark cannot run without it.
+pub async fn wait_until_ready(base: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while reqwest::get(format!("{base}/ready"))
+        .await
+        .map_or(true, |response| !response.status().is_success())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server at {base} did not start"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

@@ -9,12 +9,18 @@ const HOW_TO_START: &str = "run every test with `scripts/test.sh`, or start the 
      with `scripts/test-env.sh install && scripts/test-env.sh start .test-env && \
      source .test-env/env`";
 
+const HOW_TO_START_CLUSTER: &str = "run `scripts/test-cluster.sh` (as root): it starts the \
+     one-node cluster (scripts/cluster.sh), loads the images into it and starts the test \
+     servers on the cluster's bridge";
+
 fn required(var: &str) -> String {
+    required_from(var, HOW_TO_START)
+}
+
+fn required_from(var: &str, how: &str) -> String {
     match std::env::var(var) {
         Ok(value) if !value.is_empty() => value,
-        _ => {
-            panic!("{var} is not set, and this test needs the real server it names: {HOW_TO_START}")
-        }
+        _ => panic!("{var} is not set, and this test needs the real server it names: {how}"),
     }
 }
 
@@ -28,6 +34,12 @@ pub fn redis_url() -> String {
     required("PARLEY_TEST_REDIS_URL")
 }
 
+/// The Python interpreter of the venv holding the pinned test tools
+/// (`scripts/requirements-test.txt`).
+pub fn python() -> PathBuf {
+    PathBuf::from(required("PARLEY_TEST_PYTHON"))
+}
+
 /// Kubeconfig of the test kube-apiserver. A variable of its own, never
 /// `KUBECONFIG`, so that tests cannot touch a developer's real cluster.
 pub fn kubeconfig_path() -> PathBuf {
@@ -37,12 +49,37 @@ pub fn kubeconfig_path() -> PathBuf {
 /// Client configuration for the test kube-apiserver, with the kubeconfig's
 /// (cluster-admin) identity; set `auth_info.impersonate` to act as someone else.
 pub async fn kube_config() -> kube::Config {
-    let path = kubeconfig_path();
+    kube_config_from(kubeconfig_path()).await
+}
+
+async fn kube_config_from(path: PathBuf) -> kube::Config {
     let kubeconfig = kube::config::Kubeconfig::read_from(&path)
         .unwrap_or_else(|error| panic!("reading {}: {error}", path.display()));
     kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
         .await
         .unwrap_or_else(|error| panic!("using {}: {error}", path.display()))
+}
+
+/// Kubeconfig (cluster-admin) of the one-node cluster that `scripts/cluster.sh up`
+/// starts, whose node runs pods.
+pub fn cluster_kubeconfig_path() -> PathBuf {
+    PathBuf::from(required_from(
+        "PARLEY_CLUSTER_KUBECONFIG",
+        HOW_TO_START_CLUSTER,
+    ))
+}
+
+/// The containerd socket of that cluster, for `ctr`.
+pub fn cluster_containerd() -> PathBuf {
+    PathBuf::from(required_from(
+        "PARLEY_CLUSTER_CONTAINERD",
+        HOW_TO_START_CLUSTER,
+    ))
+}
+
+/// Client configuration for the one-node cluster, as its administrator.
+pub async fn cluster_kube_config() -> kube::Config {
+    kube_config_from(cluster_kubeconfig_path()).await
 }
 
 /// Creates a namespace of its own (named from `prefix`) on the test

@@ -1,6 +1,6 @@
 //! Test-only support code shared by the workspace's test suites and benchmarks:
 //! the real test servers' coordinates, in-process stand-ins for upstream
-//! services, and benchmark knobs.
+//! services, reading SSE responses, and benchmark knobs.
 //!
 //! This crate is never a dependency of a shipped binary.
 
@@ -11,5 +11,6 @@ pub mod openai;
 pub mod proxy;
 pub mod script;
 mod serve;
+pub mod sse;
 
 pub use serve::StandIn;

@@ -90,6 +90,44 @@ impl Process {
             .unwrap_or_else(|_| panic!("no line containing {needle:?} within {STARTUP_LIMIT:?}"))
     }
 
+    /// Reads output until a line containing each of `needles` has been seen,
+    /// in any order (stdout and stderr are read separately, so lines of the
+    /// two do not arrive in the order they were written); those lines, in the
+    /// order of `needles`.
+    pub async fn wait_for_lines(&mut self, needles: &[&str]) -> Vec<String> {
+        let mut found: Vec<Option<String>> = vec![None; needles.len()];
+        let read = async {
+            while found.iter().any(Option::is_none) {
+                let Some(line) = self.lines.recv().await else {
+                    panic!("process ended before printing lines containing {needles:?}");
+                };
+                if let Some(slot) =
+                    needles
+                        .iter()
+                        .zip(found.iter_mut())
+                        .find_map(|(needle, slot)| {
+                            (slot.is_none() && line.contains(needle)).then_some(slot)
+                        })
+                {
+                    *slot = Some(line);
+                }
+            }
+        };
+        tokio::time::timeout(STARTUP_LIMIT, read)
+            .await
+            .unwrap_or_else(|_| panic!("no lines containing {needles:?} within {STARTUP_LIMIT:?}"));
+        found.into_iter().flatten().collect()
+    }
+
+    /// The output lines that arrived and were not read yet, without waiting.
+    pub fn lines_so_far(&mut self) -> Vec<String> {
+        let mut lines = Vec::new();
+        while let Ok(line) = self.lines.try_recv() {
+            lines.push(line);
+        }
+        lines
+    }
+
     /// Kills the process with SIGKILL, as a crashed node or an OOM kill
     /// would: no shutdown code runs.
     pub async fn kill(&mut self) {
@@ -118,4 +156,23 @@ impl Process {
 pub fn logged_address(line: &str) -> String {
     let log: serde_json::Value = serde_json::from_str(line).unwrap();
     log["fields"]["address"].as_str().unwrap().to_owned()
+}
+
+/// A token signed with `secret`, minted by the service's own `token`
+/// command (`args` such as `["--sub", "carol", "--role", "user"]`).
+pub async fn mint_token(secret: &str, args: &[&str]) -> String {
+    let minted = Command::new(binary("parley-service"))
+        .arg("token")
+        .args(args)
+        .env_clear()
+        .env("PARLEY_JWT_SECRET", secret)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        minted.status.success(),
+        "parley-service token {args:?}: {}",
+        String::from_utf8_lossy(&minted.stderr)
+    );
+    String::from_utf8(minted.stdout).unwrap().trim().to_owned()
 }

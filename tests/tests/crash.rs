@@ -1,14 +1,16 @@
 //! A replica killed mid-reply (SIGKILL: no shutdown code runs) leaves an
 //! open hold. After a restart the reaper closes it once its lease ends,
 //! charging the progress the replica recorded, with exactly one usage record
-//! — and never charges it again.
+//! — and never charges it again. On the embedded store (the restart opens
+//! the same file) and on MongoDB (the restart connects to the same database).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
-use parley_e2e::{Process, logged_address};
+use parley_e2e::{Process, logged_address, mint_token};
+use parley_test_support::env;
 use serde_json::{Value, json};
 
 const SECRET: &str = "e2e-crash-secret-of-enough-length-0123456789";
@@ -18,10 +20,27 @@ const LEASE_SECONDS: u64 = 3;
 /// reaper ticks and the restart itself, with room for a loaded machine.
 const SETTLE_LIMIT: Duration = Duration::from_secs(30);
 
-fn environment(data_dir: &std::path::Path) -> Vec<(&'static str, String)> {
-    vec![
+/// Where the replica keeps its data; a restart finds it there again.
+enum Data {
+    Embedded(tempfile::TempDir),
+    MongoDb { database: String },
+}
+
+impl Data {
+    fn embedded() -> Self {
+        Self::Embedded(tempfile::tempdir().unwrap())
+    }
+
+    fn mongodb() -> Self {
+        Self::MongoDb {
+            database: env::unique_name("parley_crash").replace('-', "_"),
+        }
+    }
+}
+
+fn environment(data: &Data) -> Vec<(&'static str, String)> {
+    let mut environment = vec![
         ("PARLEY_LISTEN", "127.0.0.1:0".to_owned()),
-        ("PARLEY_DATA_DIR", data_dir.display().to_string()),
         ("PARLEY_JWT_SECRET", SECRET.to_owned()),
         ("PARLEY_INITIAL_CREDITS", "10".to_owned()),
         ("PARLEY_HOLD_LEASE_SECONDS", LEASE_SECONDS.to_string()),
@@ -29,26 +48,24 @@ fn environment(data_dir: &std::path::Path) -> Vec<(&'static str, String)> {
         ("PARLEY_SIMULATED_FIRST_TOKEN_MILLIS", "0".to_owned()),
         ("PARLEY_SIMULATED_TOKENS_PER_SECOND", "20".to_owned()),
         ("PARLEY_SIMULATED_REPLY_TOKENS", "1000".to_owned()),
-    ]
+    ];
+    match data {
+        Data::Embedded(dir) => {
+            environment.push(("PARLEY_DATA_DIR", dir.path().display().to_string()));
+        }
+        Data::MongoDb { database } => {
+            environment.push(("PARLEY_MONGODB_URI", env::mongodb_uri()));
+            environment.push(("PARLEY_MONGODB_DATABASE", database.clone()));
+        }
+    }
+    environment
 }
 
-async fn start(data_dir: &std::path::Path) -> (Process, String) {
-    let mut process = Process::start("parley-service", &[], &environment(data_dir));
+async fn start(data: &Data) -> (Process, String) {
+    let mut process = Process::start("parley-service", &[], &environment(data));
     let serving = process.wait_for_line("\"serving\"").await;
     let base = format!("http://{}", logged_address(&serving));
     (process, base)
-}
-
-async fn mint_token() -> String {
-    let minted = tokio::process::Command::new(parley_e2e::binary("parley-service"))
-        .args(["token", "--sub", "carol", "--role", "user", "--ttl", "1h"])
-        .env_clear()
-        .env("PARLEY_JWT_SECRET", SECRET)
-        .output()
-        .await
-        .unwrap();
-    assert!(minted.status.success());
-    String::from_utf8(minted.stdout).unwrap().trim().to_owned()
 }
 
 async fn get(http: &reqwest::Client, url: String, token: &str) -> Value {
@@ -58,11 +75,20 @@ async fn get(http: &reqwest::Client, url: String, token: &str) -> Value {
 }
 
 #[tokio::test]
-async fn a_killed_replica_leaves_a_hold_the_reaper_settles_once_after_restart() {
-    let data_dir = tempfile::tempdir().unwrap();
-    let token = mint_token().await;
+async fn on_the_embedded_store_a_killed_replica_leaves_a_hold_the_reaper_settles_once_after_restart()
+ {
+    killed_and_restarted(Data::embedded()).await;
+}
+
+#[tokio::test]
+async fn on_mongodb_a_killed_replica_leaves_a_hold_the_reaper_settles_once_after_restart() {
+    killed_and_restarted(Data::mongodb()).await;
+}
+
+async fn killed_and_restarted(data: Data) {
+    let token = mint_token(SECRET, &["--sub", "carol", "--role", "user", "--ttl", "1h"]).await;
     let http = reqwest::Client::new();
-    let (mut process, base) = start(data_dir.path()).await;
+    let (mut process, base) = start(&data).await;
     let session: Value = http
         .post(format!("{base}/api/chat/sessions"))
         .bearer_auth(&token)
@@ -101,7 +127,7 @@ async fn a_killed_replica_leaves_a_hold_the_reaper_settles_once_after_restart() 
     process.kill().await;
     drop(events);
 
-    let (mut process, base) = start(data_dir.path()).await;
+    let (mut process, base) = start(&data).await;
     let records = tokio::time::timeout(SETTLE_LIMIT, async {
         loop {
             let usage = get(&http, format!("{base}/api/credits/usage"), &token).await;
@@ -123,10 +149,11 @@ async fn a_killed_replica_leaves_a_hold_the_reaper_settles_once_after_restart() 
     // what the client had received.
     let output = record["outputTokens"].as_u64().unwrap();
     assert!(output > 0 && output <= 1000, "{record}");
-    // 7 input tokens ("tell me a long story please", 27 characters) at 1/1k
-    // and the output at 2/1k: what the built-in route charges.
-    assert_eq!(record["inputTokens"], 7);
-    let charged_micros = 7 * 1_000 + output * 2_000;
+    // 11 input tokens ("tell me a long story please": 27 bytes, 7 tokens,
+    // and 4 for the turn) at 1/1k and the output at 2/1k: what the built-in
+    // route charges.
+    assert_eq!(record["inputTokens"], 11);
+    let charged_micros = 11 * 1_000 + output * 2_000;
     let charged = record["charged"].as_f64().unwrap();
     assert!(
         (charged * 1e6 - charged_micros as f64).abs() < 0.5,
@@ -140,6 +167,21 @@ async fn a_killed_replica_leaves_a_hold_the_reaper_settles_once_after_restart() 
         (balance["balance"].as_f64().unwrap() - expected).abs() < 1e-9,
         "{balance}"
     );
+
+    // A turn is stored whole (the question with its reply) when the reply
+    // ends; the killed one was never stored, so the session holds no half
+    // turn. Its charge is traceable through the record's id, which starts
+    // with the chat session's.
+    assert!(
+        record["sessionId"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{session}/")),
+        "{record}"
+    );
+    let stored = get(&http, format!("{base}/api/chat/sessions/{session}"), &token).await;
+    assert_eq!(stored["messages"], json!([]), "{stored}");
+    assert_eq!(stored["messageCount"], 0, "{stored}");
 
     // Later reaper passes find nothing more to charge.
     tokio::time::sleep(Duration::from_secs(3)).await;

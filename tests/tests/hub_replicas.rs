@@ -2,22 +2,20 @@
 //! one MongoDB-wire server and one Redis. An owner re-attaches on the other
 //! replica with no gap and no duplicate, observers and consoles on one
 //! replica follow replies generated on the other, one reply per session
-//! holds across replicas, and a replica killed mid-reply is reported lost
-//! while the reaper settles its hold exactly once.
+//! holds across replicas, a terminating replica finishes the replies it
+//! generates for owners re-attached elsewhere, and a replica killed mid-reply
+//! is reported lost while the reaper settles its hold exactly once.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 
-use eventsource_stream::{Event, Eventsource};
-use futures::StreamExt;
-use futures::stream::BoxStream;
-use parley_e2e::{Process, logged_address};
+use eventsource_stream::Event;
+use parley_e2e::{Process, logged_address, mint_token};
 use parley_test_support::env;
+use parley_test_support::sse::{Events, PROMPTLY, data, events, next, until};
 use serde_json::{Value, json};
 
 const SECRET: &str = "e2e-hub-secret-of-enough-length-0123456789";
-/// Bound for anything that should happen promptly; never a wait.
-const PROMPTLY: Duration = Duration::from_secs(30);
 /// Heartbeats of the hub locks: a dead replica's reply is lost after five.
 const HEARTBEAT_MILLIS: u64 = 200;
 const LEASE_SECONDS: u64 = 3;
@@ -97,7 +95,7 @@ impl Replicas {
             .unwrap()
     }
 
-    async fn reply(&self, on: &Replica, token: &str, session: &str) -> BoxStream<'static, Event> {
+    async fn reply(&self, on: &Replica, token: &str, session: &str) -> Events {
         let response = self.post_stream(on, token, session).await;
         assert_eq!(response.status(), 200);
         events(response)
@@ -109,7 +107,7 @@ impl Replicas {
         path: &str,
         token: &str,
         last_event_id: Option<u64>,
-    ) -> BoxStream<'static, Event> {
+    ) -> Events {
         let mut request = self
             .http
             .get(format!("{}{path}", on.base))
@@ -145,47 +143,7 @@ impl Replica {
 }
 
 async fn token(sub: &str, role: &str, cohort: &str) -> String {
-    let minted = tokio::process::Command::new(parley_e2e::binary("parley-service"))
-        .args(["token", "--sub", sub, "--role", role, "--cohort", cohort])
-        .env_clear()
-        .env("PARLEY_JWT_SECRET", SECRET)
-        .output()
-        .await
-        .unwrap();
-    assert!(minted.status.success());
-    String::from_utf8(minted.stdout).unwrap().trim().to_owned()
-}
-
-fn events(response: reqwest::Response) -> BoxStream<'static, Event> {
-    response
-        .bytes_stream()
-        .eventsource()
-        .map(|event| event.unwrap())
-        .boxed()
-}
-
-async fn next(events: &mut BoxStream<'static, Event>) -> Event {
-    tokio::time::timeout(PROMPTLY, events.next())
-        .await
-        .expect("no event")
-        .expect("the stream ended")
-}
-
-/// Events until (and with) the first one named one of `last`.
-async fn until(events: &mut BoxStream<'static, Event>, last: &[&str]) -> Vec<Event> {
-    let mut seen = Vec::new();
-    loop {
-        let event = next(events).await;
-        let done = last.contains(&event.event.as_str());
-        seen.push(event);
-        if done {
-            return seen;
-        }
-    }
-}
-
-fn data(event: &Event) -> Value {
-    serde_json::from_str(&event.data).unwrap()
+    mint_token(SECRET, &["--sub", sub, "--role", role, "--cohort", cohort]).await
 }
 
 /// `(id, event, data)` of the reply's own events.
@@ -255,6 +213,92 @@ async fn an_owner_reattaches_on_the_other_replica_with_no_gap_and_no_duplicate()
         stored["messages"][1].get("incomplete").is_none(),
         "{stored}"
     );
+}
+
+/// Alice's reply starts on A; after five chunks her connection drops and
+/// she re-attaches on B while A is sent SIGTERM (and exits cleanly). Her
+/// token, the session, and the events read on A and then on B, with no gap
+/// and no duplicate across the two.
+async fn reattach_on_b_while_a_terminates(
+    replicas: &mut Replicas,
+) -> (String, String, Vec<Event>, Vec<Event>) {
+    let alice = token("alice", "user", "c1").await;
+    let session = replicas.session(&replicas.a, &alice).await;
+    let mut on_a = replicas.reply(&replicas.a, &alice, &session).await;
+    let mut first = Vec::new();
+    while first.iter().filter(|e: &&Event| e.event == "chunk").count() < 5 {
+        first.push(next(&mut on_a).await);
+    }
+    drop(on_a);
+    let last_seen = first.last().unwrap().id.parse::<u64>().unwrap();
+    let path = format!("/api/chat/sessions/{session}/stream");
+    let mut on_b = replicas
+        .sse(&replicas.b, &path, &alice, Some(last_seen))
+        .await;
+    let (exit, rest) = tokio::join!(
+        replicas.a.process.terminate(),
+        until(&mut on_b, &["complete", "error"])
+    );
+    assert!(exit.success(), "{exit}");
+    let mut whole = reply_events(&first);
+    whole.extend(reply_events(&rest));
+    let ids: Vec<u64> = whole.iter().map(|(id, _, _)| *id).collect();
+    assert_eq!(ids, (1..=ids.len() as u64).collect::<Vec<_>>());
+    (alice, session, first, rest)
+}
+
+/// A rolling update: the owner's connection left the replica being replaced
+/// (its load balancer dropped it) and re-attached on the other one. The old
+/// replica has no connection left, yet it generates the reply, so its
+/// shutdown lets the reply finish (within the stream drain) before it exits.
+#[tokio::test]
+async fn a_terminating_replica_finishes_a_reply_whose_owner_reattached_elsewhere() {
+    let mut replicas = Replicas::start().await;
+    let (alice, _, _, rest) = reattach_on_b_while_a_terminates(&mut replicas).await;
+    assert_eq!(rest.last().unwrap().event, "complete", "{rest:?}");
+    // Charged once, for the whole reply.
+    let usage = replicas
+        .get(&replicas.b, "/api/credits/usage", &alice)
+        .await;
+    let records = usage["records"].as_array().unwrap();
+    assert_eq!(records.len(), 1, "{usage}");
+    assert_eq!(records[0]["outcome"], "completed", "{usage}");
+}
+
+/// The same past the stream drain: the reply ends with `SHUTTING_DOWN` for
+/// its owner on the other replica, keeping its part, charged once for it.
+#[tokio::test]
+async fn past_the_stream_drain_a_terminating_replica_ends_the_reply_and_settles_it() {
+    let mut replicas = Replicas::start_with(&[
+        ("PARLEY_STREAM_DRAIN_SECONDS", "1"),
+        // 50 s at 20 tokens a second: far longer than the drain.
+        ("PARLEY_SIMULATED_REPLY_TOKENS", "1000"),
+    ])
+    .await;
+    let (alice, session, first, rest) = reattach_on_b_while_a_terminates(&mut replicas).await;
+    let ended = rest.last().unwrap();
+    assert_eq!(data(ended)["code"], "SHUTTING_DOWN", "{ended:?}");
+    let mut whole = reply_events(&first);
+    whole.extend(reply_events(&rest));
+    let stored = replicas
+        .get(
+            &replicas.b,
+            &format!("/api/chat/sessions/{session}"),
+            &alice,
+        )
+        .await;
+    assert_eq!(stored["messages"][1]["content"], text(&whole));
+    assert_eq!(stored["messages"][1]["incomplete"], true, "{stored}");
+    let usage = replicas
+        .get(&replicas.b, "/api/credits/usage", &alice)
+        .await;
+    let records = usage["records"].as_array().unwrap();
+    assert_eq!(records.len(), 1, "{usage}");
+    assert!(records[0]["charged"].as_f64().unwrap() > 0.0, "{usage}");
+    let balance = replicas
+        .get(&replicas.b, "/api/credits/balance", &alice)
+        .await;
+    assert_eq!(balance["held"], json!(0.0), "{balance}");
 }
 
 #[tokio::test]

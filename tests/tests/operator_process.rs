@@ -1,5 +1,6 @@
 //! The real `parley-operator` binary against the test kube-apiserver: serves
-//! its probes and metrics, and stops cleanly on SIGTERM.
+//! its probes and metrics, and stops cleanly on SIGTERM; without any cluster
+//! configuration, it says so in its log and exits non-zero.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use parley_e2e::Process;
@@ -42,5 +43,40 @@ async fn operator_serves_probes_and_stops_on_sigterm() {
     assert!(
         status.success(),
         "parley-operator exited with {status} after SIGTERM"
+    );
+}
+
+#[tokio::test]
+async fn without_a_cluster_the_operator_logs_why_and_exits_non_zero() {
+    // No service account (no KUBERNETES_SERVICE_HOST) and an empty HOME: no
+    // kubeconfig anywhere.
+    let home = tempfile::tempdir().unwrap();
+    let output = tokio::process::Command::new(parley_e2e::binary("parley-operator"))
+        .env_clear()
+        .env("HOME", home.path())
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "exited {}", output.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let error: serde_json::Value = stdout
+        .lines()
+        .chain(stderr.lines())
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .find(|log: &serde_json::Value| log["level"] == "ERROR")
+        .unwrap_or_else(|| panic!("no ERROR log line in:\n{stdout}{stderr}"));
+    let message = error["fields"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("no Kubernetes cluster configured") && message.contains("KUBECONFIG"),
+        "{message}"
+    );
+    assert!(
+        error["fields"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("kubeconfig"),
+        "the cause is logged too: {error}"
     );
 }

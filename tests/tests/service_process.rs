@@ -39,12 +39,18 @@ async fn local_mode_serves_prints_a_working_dev_token_and_stops_on_sigterm() {
     ];
     envs.push(("RUST_LOG", "info".to_owned()));
     let mut process = Process::start("parley-service", &[], &envs);
-    process.wait_for_line("Dev token for user").await;
-    let token = process.wait_for_line("eyJ").await.trim().to_owned();
-    let curl = process.wait_for_line("curl -s -X POST").await;
-    assert!(curl.contains(&token), "the curl line carries the dev token");
-    let serving = process.wait_for_line("\"serving\"").await;
-    let base = format!("http://{}", logged_address(&serving));
+    let lines = process
+        .wait_for_lines(&["Dev token for user", "curl -s -X POST", "\"serving\""])
+        .await;
+    let (curl, serving) = (&lines[1], &lines[2]);
+    // The ready-to-paste curl line carries the dev token.
+    let token = curl
+        .split_once("Bearer ")
+        .and_then(|(_, rest)| rest.split_once('\''))
+        .map(|(token, _)| token.to_owned())
+        .unwrap();
+    assert_eq!(token.split('.').count(), 3, "not a JWT: {token}");
+    let base = format!("http://{}", logged_address(serving));
     let http = reqwest::Client::new();
 
     assert_eq!(
@@ -86,10 +92,11 @@ async fn local_mode_serves_prints_a_working_dev_token_and_stops_on_sigterm() {
     assert_eq!(reply.status(), 200);
     let reply: Value = reply.json().await.unwrap();
     assert_eq!(reply["content"], "hello there");
-    // 3 tokens in at 1/1k, 2 out at 2/1k, from the 100 a dev account starts with.
+    // 7 tokens in (3 for the text, 4 for the turn) at 1/1k, 2 out at 2/1k,
+    // from the 100 a dev account starts with.
     assert_eq!(
         reply["credits"],
-        json!({"charged": 0.007, "remaining": 99.993})
+        json!({"charged": 0.011, "remaining": 99.989})
     );
 
     let unauthenticated = http

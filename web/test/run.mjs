@@ -2,6 +2,8 @@
 // each test/<kind>/*.test.ts is bundled by esbuild into .test-build/, then
 //   node test/run.mjs unit      the client library and Markdown tests
 //   node test/run.mjs browser   the browser tests (needs the service binary; see test/browser/harness.ts)
+// A further argument runs only the files whose name contains it:
+//   node test/run.mjs browser console
 
 import { spawnSync } from "node:child_process";
 import { readdirSync, rmSync } from "node:fs";
@@ -10,13 +12,13 @@ import { fileURLToPath } from "node:url";
 import * as esbuild from "esbuild";
 
 const here = dirname(fileURLToPath(import.meta.url));
-const kind = process.argv[2];
+const [kind, only = ""] = process.argv.slice(2);
 if (kind !== "unit" && kind !== "browser") {
   console.error("usage: node test/run.mjs unit|browser");
   process.exit(2);
 }
 const sources = readdirSync(join(here, kind))
-  .filter((name) => name.endsWith(".test.ts"))
+  .filter((name) => name.endsWith(".test.ts") && name.includes(only))
   .map((name) => join(here, kind, name));
 const out = join(here, "..", ".test-build", kind);
 rmSync(out, { recursive: true, force: true });

@@ -82,12 +82,7 @@ pub async fn run(context: Arc<Context>, shutdown: CancellationToken) {
         .graceful_shutdown_on(shutdown.cancelled_owned())
         .run(reconcile, error_policy, context.clone())
         .for_each(|result| {
-            match result {
-                Ok((object, _)) => {
-                    super::count_reconciled(&context.reconciled, CONTROLLER, &object)
-                }
-                Err(error) => tracing::debug!(%error, "chatdeployment reconcile did not complete"),
-            }
+            super::on_result(&context, CONTROLLER, result);
             std::future::ready(())
         })
         .await;
@@ -108,7 +103,14 @@ pub fn error_policy(chat: Arc<ChatDeployment>, error: &Error, context: Arc<Conte
 pub async fn reconcile(chat: Arc<ChatDeployment>, context: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     let result = reconcile_inner(&chat, &context).await;
-    context.record_outcome(CONTROLLER, &*chat, started, &result.as_ref().map(|_| ()));
+    let observed = chat.status.as_ref().and_then(|s| s.observed_generation);
+    context.record_outcome(
+        CONTROLLER,
+        &*chat,
+        observed,
+        started,
+        &result.as_ref().map(|_| ()),
+    );
     result
 }
 

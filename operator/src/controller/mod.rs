@@ -66,6 +66,9 @@ pub struct Context {
     pub namespace: Option<String>,
     pub reconciled: Arc<Reconciled>,
     pub backoff: Backoff,
+    /// Objects whose last reconciliation failed (key to the start of the
+    /// first failed attempt), for the pending gauge and time to converge.
+    pending: Mutex<HashMap<String, (&'static str, Instant)>>,
 }
 
 impl Context {
@@ -87,6 +90,7 @@ impl Context {
             namespace: settings.namespace,
             reconciled: settings.reconciled,
             backoff: Backoff::default(),
+            pending: Mutex::default(),
         }
     }
 
@@ -102,31 +106,75 @@ impl Context {
     }
 
     /// Records metrics and backoff state of one reconciliation of `object`.
+    /// `observed_generation` is the one its status had before: a success
+    /// counts towards time to converge only when it applied a change (a new
+    /// generation, or one that failed before), not on a resync.
     fn record_outcome<K: Resource>(
         &self,
         controller: &'static str,
         object: &K,
+        observed_generation: Option<i64>,
         started: Instant,
         result: &Result<(), &Error>,
     ) {
+        let labels = ControllerLabels { controller };
         self.metrics
             .reconcile_duration
-            .get_or_create(&ControllerLabels { controller })
+            .get_or_create(&labels)
             .observe(started.elapsed().as_secs_f64());
+        let key = object_key(
+            controller,
+            object.meta().namespace.as_deref(),
+            &object.name_any(),
+        );
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
         match result {
             Ok(()) => {
-                let namespace = object.meta().namespace.as_deref();
-                self.backoff
-                    .reset(&object_key(controller, namespace, &object.name_any()));
+                self.backoff.reset(&key);
+                let first_attempt = pending.remove(&key).map(|(_, since)| since);
+                let changed = observed_generation != object.meta().generation;
+                if let Some(since) = first_attempt.or(changed.then_some(started)) {
+                    self.metrics
+                        .time_to_converge
+                        .get_or_create(&labels)
+                        .observe(since.elapsed().as_secs_f64());
+                }
             }
             Err(error) => {
-                let labels = FailureLabels {
+                let failure = FailureLabels {
                     controller,
                     reason: error.kind(),
                 };
-                self.metrics.reconcile_failures.get_or_create(&labels).inc();
+                self.metrics
+                    .reconcile_failures
+                    .get_or_create(&failure)
+                    .inc();
+                pending.entry(key).or_insert((controller, started));
             }
         }
+        Self::count_pending(&self.metrics, &pending, controller);
+    }
+
+    /// Forgets an object that was deleted while it waited for a retry.
+    fn forget(&self, controller: &'static str, namespace: Option<&str>, name: &str) {
+        let key = object_key(controller, namespace, name);
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        if pending.remove(&key).is_some() {
+            self.backoff.reset(&key);
+            Self::count_pending(&self.metrics, &pending, controller);
+        }
+    }
+
+    fn count_pending(
+        metrics: &Metrics,
+        pending: &HashMap<String, (&'static str, Instant)>,
+        controller: &'static str,
+    ) {
+        let count = pending.values().filter(|(c, _)| *c == controller).count();
+        metrics
+            .pending_objects
+            .get_or_create(&ControllerLabels { controller })
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
     /// The retry delay after `error` on `object`, backing off by kind and count.
@@ -218,6 +266,32 @@ impl Default for Settings {
             reconciled: Arc::default(),
             discovery_interval: DISCOVERY_INTERVAL,
         }
+    }
+}
+
+/// Handles one result of a controller's stream: counts a completed
+/// reconciliation, forgets an object deleted while it waited for a retry.
+fn on_result<K, E, Q>(
+    context: &Context,
+    controller: &'static str,
+    result: Result<
+        (
+            kube::runtime::reflector::ObjectRef<K>,
+            kube::runtime::controller::Action,
+        ),
+        kube::runtime::controller::Error<E, Q>,
+    >,
+) where
+    K: Resource,
+    E: std::error::Error,
+    Q: std::error::Error,
+{
+    match result {
+        Ok((object, _)) => count_reconciled(&context.reconciled, controller, &object),
+        Err(kube::runtime::controller::Error::ObjectNotFound(object)) => {
+            context.forget(controller, object.namespace.as_deref(), &object.name);
+        }
+        Err(error) => tracing::debug!(%error, controller, "reconcile did not complete"),
     }
 }
 

@@ -54,12 +54,7 @@ pub async fn run(context: Arc<Context>, shutdown: CancellationToken) {
         .graceful_shutdown_on(shutdown.cancelled_owned())
         .run(reconcile, error_policy, context.clone())
         .for_each(|result| {
-            match result {
-                Ok((object, _)) => {
-                    super::count_reconciled(&context.reconciled, CONTROLLER, &object)
-                }
-                Err(error) => tracing::debug!(%error, "modelroute reconcile did not complete"),
-            }
+            super::on_result(&context, CONTROLLER, result);
             std::future::ready(())
         })
         .await;
@@ -79,7 +74,14 @@ pub fn error_policy(route: Arc<ModelRoute>, error: &Error, context: Arc<Context>
 pub async fn reconcile(route: Arc<ModelRoute>, context: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     let result = reconcile_inner(&route, &context).await;
-    context.record_outcome(CONTROLLER, &*route, started, &result.as_ref().map(|_| ()));
+    let observed = route.status.as_ref().and_then(|s| s.observed_generation);
+    context.record_outcome(
+        CONTROLLER,
+        &*route,
+        observed,
+        started,
+        &result.as_ref().map(|_| ()),
+    );
     result
 }
 

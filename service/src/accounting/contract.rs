@@ -17,7 +17,10 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::{Accounting, Caller};
 use crate::error::Error;
-use crate::ledger::{Balance, Closed, Credits, UsageOutcome, UsageRecord, decimal_credits};
+use crate::ledger::{
+    Balance, Closed, Credits, MAX_PAGE_NUMBER, MAX_PAGE_SIZE, UsageOutcome, UsageRecord,
+    decimal_credits,
+};
 
 /// Paths of the contract, shared by the router and the client.
 pub mod paths {
@@ -119,7 +122,7 @@ pub struct CalculateRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens: Option<u64>,
     /// The prompt text, when its token count is not known (estimated as
-    /// one token per four characters, rounded up).
+    /// one token per four bytes of UTF-8, rounded up).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }
@@ -158,7 +161,7 @@ pub struct CalculateResponse {
 pub struct CheckRequest {
     pub user_id: String,
     #[serde(with = "decimal_credits")]
-    #[schema(value_type = f64)]
+    #[schema(value_type = f64, minimum = 0)]
     pub required_credits: Credits,
     /// When given, must be a known route alias or model id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -205,6 +208,7 @@ pub struct CheckResponse {
 pub struct InitializeRequest {
     /// The caller's id for this reply (1 to 128 bytes), unique per account;
     /// finalize and abort name it again.
+    #[schema(min_length = 1, max_length = 128)]
     pub session_id: String,
     pub model_id: String,
     /// Estimated input (prompt) tokens.
@@ -220,13 +224,19 @@ pub struct InitializeRequest {
     /// so far, recorded so that a crashed caller is charged for them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_generated: Option<u64>,
+    /// Extension: the most output tokens the reply may generate, when the
+    /// caller asked for fewer than the model's maximum; the hold is priced
+    /// for the smaller of the two.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_output_tokens: Option<u64>,
 }
 
 impl ContractRequest for InitializeRequest {
     type Response = InitializeResponse;
 
     const REQUIRED: &'static [&'static str] = &["sessionId", "modelId", "estimatedTokens"];
-    const OPTIONAL: &'static [&'static str] = &["userId", "route", "tokensGenerated"];
+    const OPTIONAL: &'static [&'static str] =
+        &["userId", "route", "tokensGenerated", "maxOutputTokens"];
 
     fn answer<'a>(
         self,
@@ -259,6 +269,7 @@ pub struct InitializeResponse {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct FinalizeRequest {
+    #[schema(min_length = 1, max_length = 128)]
     pub session_id: String,
     /// Output tokens generated.
     pub actual_tokens: u64,
@@ -315,6 +326,7 @@ pub struct UsageDetails {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AbortRequest {
+    #[schema(min_length = 1, max_length = 128)]
     pub session_id: String,
     /// Output tokens generated before the end; 0 releases the whole hold.
     pub tokens_generated: u64,
@@ -437,14 +449,39 @@ pub struct AccountQuery {
     /// Another user's account (admins only); defaults to the caller's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_id: Option<String>,
-    /// Usage only: 1-based page (default 1).
+    /// Usage only: 1-based page (default 1), at most a million.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[param(minimum = 1)]
+    #[param(minimum = 1, maximum = 1_000_000)]
     pub page: Option<u32>,
     /// Usage only: records per page, 1 to 500 (default 50).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
+}
+
+/// Records per page of a usage answer when the query names none.
+pub const DEFAULT_USAGE_LIMIT: u32 = 50;
+
+impl AccountQuery {
+    /// The page number and size, defaulted and checked. A balance has no
+    /// pages but refuses the same values, as its document says.
+    pub fn page(&self) -> Result<(u32, u32), Error> {
+        let page = self.page.unwrap_or(1);
+        if !(1..=MAX_PAGE_NUMBER).contains(&page) {
+            return Err(Error::Validation {
+                field: "page",
+                message: format!("must be between 1 and {MAX_PAGE_NUMBER}"),
+            });
+        }
+        let limit = self.limit.unwrap_or(DEFAULT_USAGE_LIMIT);
+        if !(1..=MAX_PAGE_SIZE).contains(&limit) {
+            return Err(Error::Validation {
+                field: "limit",
+                message: format!("must be between 1 and {MAX_PAGE_SIZE}"),
+            });
+        }
+        Ok((page, limit))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -541,7 +578,7 @@ pub struct GrantRequest {
     pub user_id: String,
     /// Credits to add; more than zero.
     #[serde(with = "decimal_credits")]
-    #[schema(value_type = f64)]
+    #[schema(value_type = f64, exclusive_minimum = 0)]
     pub credits: Credits,
 }
 
@@ -616,6 +653,7 @@ mod tests {
             user_id: Some("u".into()),
             route: Some("r".into()),
             tokens_generated: Some(1),
+            max_output_tokens: Some(1),
         });
         let usage = UsageDetails {
             model_id: Some("m".into()),

@@ -34,8 +34,8 @@ use crate::auth::{Authenticator, Principal, Role, bearer_token};
 use crate::embedded_db::PendingDurability;
 use crate::error::Error;
 use crate::ledger::{
-    Closed, Credits, Hold, HoldRequest, Ledger, LedgerError, MAX_PAGE_SIZE, Page, Progress,
-    ReplyOutcome, Settlement,
+    Closed, Credits, Hold, HoldRequest, Ledger, LedgerError, Page, Progress, ReplyOutcome,
+    Settlement,
 };
 use crate::model_routes::RoutesCell;
 pub use crate::model_routes::{PriceBook, RoutePrice};
@@ -52,7 +52,6 @@ pub use metrics::AccountingMetrics;
 const MAX_SESSION_ID_BYTES: usize = 128;
 /// Longest request id the ledger accepts.
 const MAX_REQUEST_ID_BYTES: usize = 256;
-const DEFAULT_USAGE_LIMIT: u32 = 50;
 
 /// The authenticated caller and the token it presented (forwarded as is in
 /// external mode).
@@ -253,7 +252,7 @@ impl LocalAccounting {
             Some(alias) => routes.prices().lookup_target(alias, &request.model_id)?,
             None => routes.prices().lookup(&request.model_id)?,
         };
-        let amount = route.worst_case(request.estimated_tokens)?;
+        let amount = route.worst_case(request.estimated_tokens, request.max_output_tokens)?;
         let output_tokens = request.tokens_generated.unwrap_or(0);
         // Recorded as progress, this is what the reaper charges if the
         // caller never comes back: the prompt is spent once the hold stands.
@@ -353,7 +352,7 @@ impl Accounting for LocalAccounting {
             tokens: input_tokens.saturating_add(route.max_output_tokens),
             input_tokens,
             max_output_tokens: route.max_output_tokens,
-            required_credits: route.worst_case(input_tokens)?,
+            required_credits: route.worst_case(input_tokens, None)?,
         })
     }
 
@@ -454,21 +453,8 @@ impl Accounting for LocalAccounting {
     }
 
     async fn usage(&self, caller: &Caller, query: AccountQuery) -> Result<UsageResponse, Error> {
+        let (page, limit) = query.page()?;
         let user = account_of(caller, query.user_id)?;
-        let page = query.page.unwrap_or(1);
-        let limit = query.limit.unwrap_or(DEFAULT_USAGE_LIMIT);
-        if page == 0 {
-            return Err(Error::Validation {
-                field: "page",
-                message: "must be at least 1".into(),
-            });
-        }
-        if !(1..=MAX_PAGE_SIZE).contains(&limit) {
-            return Err(Error::Validation {
-                field: "limit",
-                message: format!("must be between 1 and {MAX_PAGE_SIZE}"),
-            });
-        }
         let records = self
             .ledger
             .usage(

@@ -1,8 +1,10 @@
 //! Authentication: JWT bearer tokens, HS256 with a shared secret and/or
-//! RS256/ES256 with keys from a JWKS URL. Authorization rules live in `policy`.
+//! RS256/ES256 with keys from a JWKS URL, and API keys (`keys`), accepted
+//! wherever a JWT is. Authorization rules live in `policy`.
 
 pub mod dev;
 mod jwks;
+pub mod keys;
 pub mod policy;
 
 use std::path::{Path, PathBuf};
@@ -24,6 +26,7 @@ pub use crate::identity::{Principal, Role};
 
 use crate::config::Config;
 use crate::error::Error;
+use crate::store::ApiKeyStore;
 
 /// Tokens longer than this are rejected before any parsing.
 const MAX_TOKEN_BYTES: usize = 8 * 1024;
@@ -162,6 +165,8 @@ pub struct Authenticator {
     issuer: Option<String>,
     audience: Option<String>,
     leeway: Duration,
+    /// Where API keys are looked up; without it, keys are refused.
+    keys: Option<Arc<dyn ApiKeyStore>>,
 }
 
 impl Authenticator {
@@ -180,16 +185,36 @@ impl Authenticator {
             issuer: settings.issuer,
             audience: settings.audience,
             leeway: settings.leeway,
+            keys: None,
         })
+    }
+
+    /// Also accepts the API keys in `keys`.
+    pub fn with_api_keys(mut self, keys: Arc<dyn ApiKeyStore>) -> Self {
+        self.keys = Some(keys);
+        self
     }
 
     pub async fn verify(&self, token: &str) -> Result<Principal, Error> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(Error::InvalidToken("token too long"));
         }
+        if keys::is_api_key(token) {
+            let store = self
+                .keys
+                .as_deref()
+                .ok_or(Error::InvalidToken("API keys are not accepted here"))?;
+            return keys::verify(store, token).await;
+        }
         // Unsupported algorithms (including `none`) fail to parse here.
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| Error::InvalidToken("malformed token or unsupported algorithm"))?;
+        // RFC 7515 §4.1.11: extensions marked critical must be understood,
+        // and this verifier implements none (`b64: false`, for one, changes
+        // what the signature covers).
+        if header.crit.is_some() {
+            return Err(Error::InvalidToken("unsupported critical header"));
+        }
         let jwks_key;
         let key = match header.alg {
             Algorithm::HS256 => self
@@ -300,9 +325,15 @@ where
     }
 }
 
-/// The token of an `Authorization: Bearer <token>` header.
+/// The token of the one `Authorization: Bearer <token>` header. Several
+/// Authorization headers are refused: a proxy that checked another one than
+/// the service would disagree about who is calling.
 pub fn bearer_token(headers: &HeaderMap) -> Result<&str, Error> {
-    let header = headers.get(AUTHORIZATION).ok_or(Error::MissingToken)?;
+    let mut values = headers.get_all(AUTHORIZATION).iter();
+    let header = values.next().ok_or(Error::MissingToken)?;
+    if values.next().is_some() {
+        return Err(Error::InvalidToken("more than one Authorization header"));
+    }
     let value = header
         .to_str()
         .map_err(|_| Error::InvalidToken("malformed Authorization"))?;

@@ -58,6 +58,7 @@
 
 mod embedded;
 mod error;
+mod instrumented;
 mod model;
 mod money;
 mod mongo;
@@ -69,9 +70,10 @@ pub use embedded::EmbeddedLedger;
 
 use crate::embedded_db::PendingDurability;
 pub use error::LedgerError;
+pub use instrumented::InstrumentedLedger;
 pub use model::{
-    Balance, Closed, Hold, HoldRequest, MAX_PAGE_SIZE, Page, PriceSettlement, Progress, ReapReport,
-    ReplyOutcome, Settlement, UsageOutcome, UsageRecord,
+    Balance, Closed, Hold, HoldRequest, MAX_PAGE_NUMBER, MAX_PAGE_SIZE, Page, PriceSettlement,
+    Progress, ReapReport, ReplyOutcome, Settlement, UsageOutcome, UsageRecord,
 };
 pub use money::{Credits, MICROS_PER_CREDIT, decimal_credits, price};
 pub use mongo::MongoLedger;

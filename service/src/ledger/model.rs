@@ -13,6 +13,9 @@ const MAX_ID_LEN: usize = 256;
 
 /// Most usage records one page may return.
 pub const MAX_PAGE_SIZE: u32 = 500;
+/// Highest page number asked of a listing (a million pages is past any
+/// account's history; larger numbers are refused, not read).
+pub const MAX_PAGE_NUMBER: u32 = 1_000_000;
 
 /// Reserve credits for one request before it runs, or refresh the hold of
 /// one that runs.

@@ -11,6 +11,11 @@ use super::LedgerError;
 /// Micro-credits in one credit.
 pub const MICROS_PER_CREDIT: u64 = 1_000_000;
 
+/// The largest amount a JSON number may carry: up to it, a µcredit count
+/// travels through a double exactly (see [`decimal_credits`]); past it, a
+/// number would be read as a neighbouring amount.
+pub const MAX_JSON_CREDITS: f64 = 1_000_000_000.0;
+
 /// An amount of credits, counted in integer micro-credits (1 credit =
 /// 1_000_000 µcredits). Arithmetic is checked: an overflow is an error, never
 /// a wrap-around or a saturated "allow".
@@ -70,11 +75,15 @@ impl Credits {
 
     /// Converts a configured price such as `0.25` (a JSON number, hence a
     /// float) exactly: the float's shortest round-trip decimal text is parsed,
-    /// so `0.1` is 100_000 µcredits, not 99_999. Negative, non-finite or
-    /// finer-than-µcredit values are rejected.
+    /// so `0.1` is 100_000 µcredits, not 99_999. Negative, non-finite,
+    /// finer-than-µcredit or larger-than-[`MAX_JSON_CREDITS`] values are
+    /// rejected.
     pub fn from_credits_f64(credits: f64) -> Result<Self, LedgerError> {
         if !credits.is_finite() || credits.is_sign_negative() {
             return Err(LedgerError::InvalidAmount(credits.to_string()));
+        }
+        if credits > MAX_JSON_CREDITS {
+            return Err(LedgerError::AmountOutOfRange);
         }
         Credits::parse_decimal(&credits.to_string())
     }
@@ -124,7 +133,9 @@ pub fn price(
 /// Credits as JSON numbers in decimal credits. Serialized through `f64`:
 /// a µcredit count below 2^53 divided by 10^6 is the double nearest the
 /// decimal, whose shortest representation is that decimal again, so amounts
-/// up to a billion credits round-trip exactly.
+/// up to a billion credits ([`MAX_JSON_CREDITS`]) round-trip exactly; larger
+/// ones are refused when read (found by the `accounting_bodies` fuzz target:
+/// 9719925474.9931 came back one µcredit off).
 pub mod decimal_credits {
     use serde::{Deserialize, Deserializer, Serializer};
 

@@ -32,9 +32,18 @@ impl RoutePrice {
         }
     }
 
-    /// The most a request with `input_tokens` may cost: the hold.
-    pub fn worst_case(&self, input_tokens: u64) -> Result<Credits, LedgerError> {
-        self.cost(input_tokens, self.max_output_tokens)
+    /// The most a request with `input_tokens` may cost: the hold. A request
+    /// asking for at most `max_output_tokens` is held for the smaller of that
+    /// and the target's maximum.
+    pub fn worst_case(
+        &self,
+        input_tokens: u64,
+        max_output_tokens: Option<u64>,
+    ) -> Result<Credits, LedgerError> {
+        let output_tokens = max_output_tokens.map_or(self.max_output_tokens, |asked| {
+            asked.min(self.max_output_tokens)
+        });
+        self.cost(input_tokens, output_tokens)
     }
 
     pub fn cost(&self, input_tokens: u64, output_tokens: u64) -> Result<Credits, LedgerError> {
@@ -128,6 +137,7 @@ mod tests {
             circuit_breaker: parley_crds::CircuitBreaker::default(),
             guardrail_identifier: None,
             guardrail_version: None,
+            context_tokens: None,
         }
     }
 
@@ -141,6 +151,7 @@ mod tests {
             targets,
             capabilities: Vec::new(),
             content_policy: None,
+            system_prompt: None,
         }
     }
 
@@ -165,7 +176,16 @@ mod tests {
         assert_eq!(fast_nova.pricing.input_per_1k, Price::from_micros(500_000));
         // 9 input tokens at 0.5/1k plus 1000 output tokens at 1.5/1k.
         assert_eq!(
-            fast_nova.worst_case(9).unwrap(),
+            fast_nova.worst_case(9, None).unwrap(),
+            Credits::from_micros(1_504_500)
+        );
+        // Asking for fewer output tokens holds less; asking for more, no more.
+        assert_eq!(
+            fast_nova.worst_case(9, Some(10)).unwrap(),
+            Credits::from_micros(19_500)
+        );
+        assert_eq!(
+            fast_nova.worst_case(9, Some(5000)).unwrap(),
             Credits::from_micros(1_504_500)
         );
         assert!(book.lookup_target("fast", "big").is_err());

@@ -79,9 +79,15 @@ fn conversation(
     Ok((system, messages))
 }
 
-fn inference_config(max_output_tokens: u32) -> InferenceConfiguration {
+/// Converse's `inferenceConfig`: the token limit, and the sampling the caller
+/// asked for (absent fields leave the model's defaults).
+fn inference_config(request: &CompletionRequest) -> InferenceConfiguration {
+    let sampling = &request.sampling;
     InferenceConfiguration::builder()
-        .max_tokens(i32::try_from(max_output_tokens).unwrap_or(i32::MAX))
+        .max_tokens(i32::try_from(request.max_output_tokens).unwrap_or(i32::MAX))
+        .set_temperature(sampling.temperature)
+        .set_top_p(sampling.top_p)
+        .set_stop_sequences((!sampling.stop.is_empty()).then(|| sampling.stop.clone()))
         .build()
 }
 
@@ -112,6 +118,7 @@ fn call_guardrail(guardrail: Guardrail) -> GuardrailConfiguration {
 impl Provider for BedrockProvider {
     async fn stream(&self, request: CompletionRequest) -> Result<ProviderStream, ProviderError> {
         let deadline = TokenDeadline::start(request.timeout);
+        let inference = inference_config(&request);
         let (system, messages) = conversation(request.turns)?;
         let call = self
             .client
@@ -119,7 +126,7 @@ impl Provider for BedrockProvider {
             .model_id(request.model)
             .set_system(system_prompts(system))
             .set_messages(Some(messages))
-            .inference_config(inference_config(request.max_output_tokens))
+            .inference_config(inference)
             .set_guardrail_config(request.guardrail.map(stream_guardrail))
             .send();
         let output = deadline
@@ -137,6 +144,7 @@ impl Provider for BedrockProvider {
 
     async fn complete(&self, request: CompletionRequest) -> Result<Completion, ProviderError> {
         let deadline = TokenDeadline::start(request.timeout);
+        let inference = inference_config(&request);
         let (system, messages) = conversation(request.turns)?;
         let call = self
             .client
@@ -144,7 +152,7 @@ impl Provider for BedrockProvider {
             .model_id(request.model)
             .set_system(system_prompts(system))
             .set_messages(Some(messages))
-            .inference_config(inference_config(request.max_output_tokens))
+            .inference_config(inference)
             .set_guardrail_config(request.guardrail.map(call_guardrail))
             .send();
         let output = deadline

@@ -30,19 +30,33 @@ pub enum Role {
     Assistant,
 }
 
+/// Bytes of UTF-8 counted as one token by [`estimate_tokens`].
+pub const BYTES_PER_TOKEN: usize = 4;
+/// Tokens a turn costs besides its text: chat formats wrap each message in
+/// a role and delimiters, three or four tokens in the common templates.
+pub const TOKENS_PER_TURN: u32 = 4;
+
 /// Tokens of a text estimated before any model counted them: one per four
-/// characters, rounded up (close to real tokenizers on English prose). Holds
-/// are priced with it, and replies whose provider reported no usage are
-/// charged with it (marked estimated).
+/// bytes of UTF-8, rounded up (close to real tokenizers on English prose,
+/// and more for text whose characters take several bytes). There is no
+/// tokenizer here; this is the one estimate, used with
+/// [`estimate_input_tokens`] to fit prompts to context windows, to price
+/// holds, and to charge replies whose provider reported no usage (marked
+/// estimated).
 pub fn estimate_tokens(text: &str) -> u32 {
-    u32::try_from(text.chars().count().div_ceil(4)).unwrap_or(u32::MAX)
+    u32::try_from(text.len().div_ceil(BYTES_PER_TOKEN)).unwrap_or(u32::MAX)
+}
+
+/// Estimated tokens of one turn: its text and [`TOKENS_PER_TURN`].
+pub fn estimate_turn_tokens(turn: &ChatTurn) -> u32 {
+    estimate_tokens(&turn.text).saturating_add(TOKENS_PER_TURN)
 }
 
 /// Estimated input tokens of a conversation.
 pub fn estimate_input_tokens(turns: &[ChatTurn]) -> u32 {
     turns
         .iter()
-        .map(|turn| estimate_tokens(&turn.text))
+        .map(estimate_turn_tokens)
         .fold(0, u32::saturating_add)
 }
 
@@ -63,7 +77,7 @@ impl ChatTurn {
 }
 
 /// One request to one target of a route.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct CompletionRequest {
     /// The provider's model id, e.g. `amazon.nova-micro-v1:0`.
     pub model: String,
@@ -74,6 +88,7 @@ pub struct CompletionRequest {
     pub timeout: Duration,
     /// A Bedrock Guardrail to apply (only ever set on `bedrock` targets).
     pub guardrail: Option<Guardrail>,
+    pub sampling: Sampling,
 }
 
 /// A Bedrock Guardrail, by identifier and version.
@@ -91,6 +106,16 @@ pub struct Intervention {
     /// What it flagged, as policy labels (`topic:Homework`, `content:VIOLENCE`,
     /// `word:PROFANITY`, `pii:EMAIL`, …), never the matched text.
     pub flagged: Vec<String>,
+}
+
+/// How the model picks its tokens, as the caller asked; `None` and no stop
+/// sequences leave the model's defaults.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Sampling {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    /// Texts that end the reply when generated (not part of the reply).
+    pub stop: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

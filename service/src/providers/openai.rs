@@ -57,6 +57,12 @@ struct ChatRequest<'a> {
     model: &'a str,
     messages: Vec<WireMessage<'a>>,
     max_tokens: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f32>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    stop: &'a [String],
     stream: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     stream_options: Option<StreamOptions>,
@@ -91,6 +97,9 @@ impl<'a> ChatRequest<'a> {
             model: &request.model,
             messages,
             max_tokens: request.max_output_tokens,
+            temperature: request.sampling.temperature,
+            top_p: request.sampling.top_p,
+            stop: &request.sampling.stop,
             stream,
             stream_options: stream.then_some(StreamOptions {
                 include_usage: true,
@@ -180,7 +189,15 @@ fn transport_error(error: reqwest::Error) -> ProviderError {
     } else {
         ProviderErrorKind::Unavailable
     };
-    ProviderError::new(kind, error.to_string())
+    // reqwest's own message names only the URL; the cause is in its sources.
+    let mut message = error.to_string();
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    ProviderError::new(kind, message)
 }
 
 fn finish_reason(reason: &str) -> StopReason {
@@ -244,12 +261,7 @@ impl Provider for OpenAiProvider {
             .bound(self.send(&ChatRequest::new(&request, true)))
             .await??;
         let body: ResponseBody = Box::pin(response.bytes_stream());
-        let reply = ChatReply {
-            events: body.eventsource(),
-            stop_reason: None,
-            usage: None,
-        };
-        Ok(reply_stream(reply, deadline))
+        Ok(reply_stream(ChatReply::new(body), deadline))
     }
 
     async fn complete(&self, request: CompletionRequest) -> Result<Completion, ProviderError> {
@@ -290,7 +302,26 @@ struct ChatReply {
     usage: Option<Usage>,
 }
 
+/// The provider stream of a streamed chat completion whose body is
+/// `chunks`, read as `stream` reads a server's answer (for the fuzz targets).
+#[cfg(feature = "fuzzing")]
+pub fn read_streamed_body(
+    chunks: Vec<bytes::Bytes>,
+    timeout: std::time::Duration,
+) -> ProviderStream {
+    let body: ResponseBody = Box::pin(futures::stream::iter(chunks.into_iter().map(Ok)));
+    reply_stream(ChatReply::new(body), TokenDeadline::start(timeout))
+}
+
 impl ChatReply {
+    fn new(body: ResponseBody) -> Self {
+        Self {
+            events: body.eventsource(),
+            stop_reason: None,
+            usage: None,
+        }
+    }
+
     fn finished(&mut self) -> ReplyStep {
         ReplyStep::Finished {
             // A server that sends `[DONE]` without a finish reason has

@@ -1,7 +1,9 @@
 //! A deterministic built-in model: the default for local runs, demos and load
 //! tests. It answers by echoing the words of the last user turn at a
 //! configured pace: one output token per whitespace-separated word, input
-//! tokens as [`estimate_input_tokens`] counts them.
+//! tokens as [`estimate_input_tokens`] counts them. A stop sequence ends the
+//! reply where it would first appear (what was streamed before stays); the
+//! temperature and top-p are accepted and change nothing.
 
 use std::num::NonZeroU32;
 use std::ops::Range;
@@ -60,6 +62,9 @@ struct Generation {
     last_token_at: Instant,
     ending: Vec<ProviderEvent>,
     done: bool,
+    stop: Vec<String>,
+    /// The reply so far, kept only to find stop sequences.
+    written: String,
 }
 
 impl Generation {
@@ -99,6 +104,8 @@ impl Generation {
             last_token_at: started,
             ending: Vec::new(),
             done: false,
+            stop: request.sampling.stop,
+            written: String::new(),
         }
     }
 
@@ -110,14 +117,7 @@ impl Generation {
             return None;
         }
         if self.sent == self.reply_tokens {
-            self.done = true;
-            self.ending.push(ProviderEvent::Finished {
-                stop_reason: self.stop_reason.clone(),
-            });
-            return Some(Ok(ProviderEvent::Usage(Usage {
-                input_tokens: self.input_tokens,
-                output_tokens: self.sent,
-            })));
+            return Some(Ok(self.finish(self.stop_reason.clone())));
         }
         let due = self.first_token_at + self.interval * self.sent;
         let give_up_at = self.last_token_at + self.timeout;
@@ -131,7 +131,7 @@ impl Generation {
         self.last_token_at = Instant::now();
         let index = usize::try_from(self.sent).unwrap_or_default() % self.words.len();
         let word = &self.source[self.words[index].clone()];
-        let delta = if self.sent == 0 {
+        let mut delta = if self.sent == 0 {
             word.to_owned()
         } else {
             let mut delta = String::with_capacity(word.len() + 1);
@@ -139,8 +139,42 @@ impl Generation {
             delta.push_str(word);
             delta
         };
+        if !self.stop.is_empty() && self.truncate_at_stop(&mut delta) {
+            if delta.is_empty() {
+                return Some(Ok(self.finish(StopReason::StopSequence)));
+            }
+            self.reply_tokens = self.sent + 1;
+            self.stop_reason = StopReason::StopSequence;
+        }
         self.sent += 1;
         Some(Ok(ProviderEvent::Delta(delta)))
+    }
+
+    /// Cuts `delta` where a stop sequence first appears in the reply with it;
+    /// whether one did.
+    fn truncate_at_stop(&mut self, delta: &mut String) -> bool {
+        let before = self.written.len();
+        self.written.push_str(delta);
+        let Some(at) = self
+            .stop
+            .iter()
+            .filter_map(|stop| self.written.find(stop.as_str()))
+            .min()
+        else {
+            return false;
+        };
+        delta.truncate(at.saturating_sub(before));
+        true
+    }
+
+    /// The usage event, with `Finished` queued after it.
+    fn finish(&mut self, stop_reason: StopReason) -> ProviderEvent {
+        self.done = true;
+        self.ending.push(ProviderEvent::Finished { stop_reason });
+        ProviderEvent::Usage(Usage {
+            input_tokens: self.input_tokens,
+            output_tokens: self.sent,
+        })
     }
 }
 

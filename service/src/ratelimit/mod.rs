@@ -193,6 +193,7 @@ struct LimitLabels {
 #[derive(Clone, Default)]
 pub struct RateLimitMetrics {
     limited: Family<LimitLabels, Counter>,
+    unavailable: Counter,
 }
 
 impl RateLimitMetrics {
@@ -203,7 +204,18 @@ impl RateLimitMetrics {
             "Requests refused by a per-user limit, by limit",
             metrics.limited.clone(),
         );
+        registry.register(
+            "parley_rate_limiter_unavailable",
+            "Decisions the shared rate limiter (Redis) could not make; requests fail closed",
+            metrics.unavailable.clone(),
+        );
         metrics
+    }
+
+    /// Counts a decision the shared limiter could not make and builds its error.
+    fn unavailable(&self, cause: impl std::fmt::Display) -> Error {
+        self.unavailable.inc();
+        Error::RateLimiterUnavailable(cause.to_string())
     }
 
     /// Counts a refusal and builds its error.

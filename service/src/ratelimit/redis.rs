@@ -5,17 +5,16 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use redis::{RedisError, Script};
 
 use super::{Quota, RateLimitMetrics, RateLimiter, RateLimits, Scope, StreamGuard, WINDOW, limit};
 use crate::error::Error;
+use crate::shared_redis;
 
 /// A replica that dies with open streams leaks its slots; they vanish this
 /// long after the scope's last stream started.
 const STREAM_SLOT_TTL: Duration = Duration::from_secs(15 * 60);
-/// Redis answers in well under a millisecond; a slow answer is an outage.
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// KEYS: requests window, tokens window. ARGV: requests limit, tokens limit
 /// (0: none), window ms. Returns {0} when admitted, {1, ms} when the
@@ -94,16 +93,10 @@ impl RedisRateLimiter {
         limits: RateLimits,
         metrics: RateLimitMetrics,
     ) -> Result<Self, Error> {
-        let client = redis::Client::open(url)
-            .map_err(|error| Error::Config(format!("invalid PARLEY_REDIS_URL: {error}")))?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_connection_timeout(Some(RESPONSE_TIMEOUT))
-            .set_number_of_retries(1);
-        let connection = client
-            .get_connection_manager_with_config(config)
+        let client = shared_redis::client(url)?;
+        let connection = shared_redis::connect(&client)
             .await
-            .map_err(unavailable)?;
+            .map_err(|error| Error::RateLimiterUnavailable(error.to_string()))?;
         Ok(RedisRateLimiter {
             limits,
             connection,
@@ -120,10 +113,6 @@ impl RedisRateLimiter {
     fn key(&self, quota: &Quota, counter: &str) -> String {
         format!("{}:{counter}:{}", self.key_prefix, quota.key)
     }
-}
-
-fn unavailable(error: RedisError) -> Error {
-    Error::RateLimiterUnavailable(error.to_string())
 }
 
 fn millis(duration: Duration) -> u64 {
@@ -151,7 +140,7 @@ impl RateLimiter for RedisRateLimiter {
             .arg(millis(WINDOW))
             .invoke_async(&mut self.connection.clone())
             .await
-            .map_err(unavailable)?;
+            .map_err(|error| self.metrics.unavailable(error))?;
         match verdict {
             0 => Ok(()),
             1 => Err(self.metrics.refuse(limit::REQUESTS, wait(pttl))),
@@ -173,7 +162,7 @@ impl RateLimiter for RedisRateLimiter {
             .arg(millis(STREAM_SLOT_TTL))
             .invoke_async(&mut self.connection.clone())
             .await
-            .map_err(unavailable)?;
+            .map_err(|error| self.metrics.unavailable(error))?;
         if taken != 1 {
             return Err(self.metrics.refuse(limit::STREAMS, Duration::from_secs(1)));
         }
@@ -202,7 +191,7 @@ impl RateLimiter for RedisRateLimiter {
             .arg(millis(WINDOW))
             .invoke_async(&mut self.connection.clone())
             .await
-            .map_err(unavailable)?;
+            .map_err(|error| self.metrics.unavailable(error))?;
         match verdict {
             0 => Ok(()),
             _ => Err(self.metrics.refuse(limit::TOKENS, wait(pttl))),

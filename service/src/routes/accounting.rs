@@ -11,7 +11,8 @@ use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{FromRequest, Query, Request, State};
 use axum::routing::{self, MethodRouter};
-use serde_json::Value;
+use serde_json::{Value, json};
+use utoipa::openapi::link::LinkBuilder;
 use utoipa::openapi::path::{HttpMethod, OperationBuilder, ParameterIn, Paths};
 use utoipa::openapi::request_body::RequestBodyBuilder;
 use utoipa::openapi::security::SecurityRequirement;
@@ -42,21 +43,23 @@ pub fn routes() -> OpenApiRouter<AppState> {
 }
 
 /// What the OpenAPI document says an endpoint answers: its 200 and the error
-/// statuses of its own. Every endpoint also answers [`UNAUTHORIZED`] and
-/// [`RATE_LIMITED`].
+/// statuses of its own (those of the token, body and query come from
+/// `standard_errors`).
 struct Answers {
     ok: &'static str,
     errors: &'static [(u16, &'static str)],
 }
 
-const UNAUTHORIZED: (u16, &str) = (401, "Missing or invalid token");
-/// The rate limiter stands in front of every `/api/` path.
-const RATE_LIMITED: (u16, &str) = (429, "Rate limited");
 const FOREIGN_ACCOUNT: (u16, &str) = (403, "Another user's account");
 const NO_SESSION: (u16, &str) = (404, "`STREAMING_SESSION_NOT_FOUND`");
 const INVALID_FIELDS: (u16, &str) = (400, "`INVALID_FIELDS`");
 const UNAVAILABLE: (u16, &str) = (503, "Ledger or accounting unavailable");
 const UNAVAILABLE_DENIED: (u16, &str) = (503, "Ledger or accounting unavailable: denied");
+const INVALID_SESSION_ID: (u16, &str) = (
+    422,
+    "`VALIDATION_FAILED`: sessionId too long with the account's user id",
+);
+const INVALID_PAGE: (u16, &str) = (422, "`VALIDATION_FAILED`: page or limit out of range");
 
 const CALCULATE: Answers = Answers {
     ok: "Worst-case price",
@@ -88,37 +91,51 @@ const INITIALIZE: Answers = Answers {
         ),
         FOREIGN_ACCOUNT,
         (409, "This sessionId was already finalized or aborted"),
+        INVALID_SESSION_ID,
         UNAVAILABLE_DENIED,
     ],
 };
 
 const FINALIZE: Answers = Answers {
     ok: "Charged once; a repeat answers the first record with replayed: true",
-    errors: &[INVALID_FIELDS, FOREIGN_ACCOUNT, NO_SESSION, UNAVAILABLE],
-};
-
-const ABORT: Answers = Answers {
-    ok: "Released (no tokens) or charged once for the tokens generated",
-    errors: &[INVALID_FIELDS, FOREIGN_ACCOUNT, NO_SESSION, UNAVAILABLE],
-};
-
-const BALANCE: Answers = Answers {
-    ok: "Balance, open holds and available credits",
-    errors: &[FOREIGN_ACCOUNT, UNAVAILABLE],
-};
-
-const USAGE: Answers = Answers {
-    ok: "Usage records, newest first",
     errors: &[
+        INVALID_FIELDS,
         FOREIGN_ACCOUNT,
-        (422, "page or limit out of range"),
+        NO_SESSION,
+        INVALID_SESSION_ID,
         UNAVAILABLE,
     ],
 };
 
+const ABORT: Answers = Answers {
+    ok: "Released (no tokens) or charged once for the tokens generated",
+    errors: &[
+        INVALID_FIELDS,
+        FOREIGN_ACCOUNT,
+        NO_SESSION,
+        INVALID_SESSION_ID,
+        UNAVAILABLE,
+    ],
+};
+
+const BALANCE: Answers = Answers {
+    ok: "Balance, open holds and available credits",
+    errors: &[FOREIGN_ACCOUNT, INVALID_PAGE, UNAVAILABLE],
+};
+
+const USAGE: Answers = Answers {
+    ok: "Usage records, newest first",
+    errors: &[FOREIGN_ACCOUNT, INVALID_PAGE, UNAVAILABLE],
+};
+
 const GRANT: Answers = Answers {
     ok: "The account after the grant",
-    errors: &[INVALID_FIELDS, (403, "Not an admin"), UNAVAILABLE],
+    errors: &[
+        INVALID_FIELDS,
+        (403, "Not an admin"),
+        (422, "`VALIDATION_FAILED`: zero credits"),
+        UNAVAILABLE,
+    ],
 };
 
 /// A contract request body; missing and unknown fields are named in a 400
@@ -151,6 +168,7 @@ async fn report<R: AccountReport>(
     query: Result<Query<AccountQuery>, QueryRejection>,
 ) -> Result<Json<R>, Error> {
     let Query(query) = query.map_err(|rejection| Error::InvalidQuery(rejection.body_text()))?;
+    query.page()?;
     R::read(state.accounting.as_ref(), &caller, query)
         .await
         .map(Json)
@@ -213,18 +231,45 @@ fn endpoint<Response: ToSchema>(
         .response("200", ok)
         .security(SecurityRequirement::new("bearer", Vec::<String>::new()));
     let error_body = schema_ref::<ErrorBody>(&mut schemas);
-    let mut errors: Vec<_> = [UNAUTHORIZED, RATE_LIMITED]
-        .iter()
-        .chain(answers.errors)
-        .collect();
-    errors.sort_by_key(|(status, _)| *status);
-    for (status, description) in errors {
+    for (status, description) in answers.errors {
         let response = json_response(description, error_body.clone());
         operation = operation.response(status.to_string(), response);
     }
     let mut paths = Paths::new();
     paths.add_path_operation(path, vec![method], operation.build());
     (schemas, paths, handler)
+}
+
+/// OpenAPI links from an opened hold to its finalize and abort, so clients
+/// and API fuzzers can chain them.
+pub(super) fn link_holds(openapi: &mut utoipa::openapi::OpenApi) {
+    let endings = [
+        (
+            "finalize",
+            json!({"sessionId": "$response.body#/sessionId", "userId": "$response.body#/userId", "actualTokens": 1, "success": true}),
+        ),
+        (
+            "abort",
+            json!({"sessionId": "$response.body#/sessionId", "userId": "$response.body#/userId", "tokensGenerated": 1}),
+        ),
+    ];
+    let opened = openapi
+        .paths
+        .paths
+        .get_mut(paths::INITIALIZE)
+        .and_then(|item| item.post.as_mut())
+        .and_then(|operation| operation.responses.responses.get_mut("200"));
+    if let Some(RefOr::T(response)) = opened {
+        for (operation_id, body) in endings {
+            let link = LinkBuilder::new()
+                .operation_id(operation_id)
+                .request_body(Some(body))
+                .build();
+            response
+                .links
+                .insert(operation_id.to_owned(), RefOr::T(link));
+        }
+    }
 }
 
 /// A reference to `T`'s component schema, which joins `schemas` with every

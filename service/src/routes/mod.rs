@@ -5,16 +5,19 @@
 
 mod accounting;
 mod dev;
+mod keys;
 mod observe;
+mod openai;
 mod ops;
 mod pages;
 mod replies;
 mod sessions;
+mod standard_errors;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
-use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderName, HeaderValue, StatusCode, Uri};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -31,10 +34,12 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::auth::bearer_token;
+use crate::connections::BodyReadTimedOut;
 use crate::error::Error;
 use crate::metrics::track_requests;
 use crate::ratelimit::Scope;
 use crate::state::AppState;
+use openai::OpenAiError;
 
 /// Where the OpenAPI document is served.
 pub const OPENAPI_PATH: &str = "/api/openapi.json";
@@ -48,6 +53,8 @@ pub const OPENAPI_PATH: &str = "/api/openapi.json";
         (name = "credits", description = "Seed-compatible accounting: prices, checks, holds, balances"),
         (name = "replies", description = "Model replies, whole or streamed, and the models offered"),
         (name = "observation", description = "Supervisors and admins watching replies live, and the audit of it"),
+        (name = "keys", description = "API keys for programs, usable wherever a token is"),
+        (name = "openai", description = "The OpenAI-compatible API: chat completions (whole or streamed) and models, metered and observable like chat replies"),
         (name = "operations", description = "Liveness, readiness and metrics"),
         (name = "dev", description = "Dev sign-in, present only in local mode on the generated dev secret"),
     )
@@ -60,7 +67,10 @@ impl Modify for BearerAuth {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let scheme = HttpBuilder::new()
             .scheme(HttpAuthScheme::Bearer)
-            .bearer_format("JWT")
+            .bearer_format("JWT or API key")
+            .description(Some(
+                "A JWT, or an API key (`pk_…`, from `POST /api/keys`) acting as its creator",
+            ))
             .build();
         openapi
             .components
@@ -88,6 +98,9 @@ pub fn app(state: AppState) -> Router {
         .routes(routes!(observe::observe_session))
         .routes(routes!(observe::live))
         .routes(routes!(observe::audit))
+        .routes(routes!(keys::create_key, keys::list_keys))
+        .routes(routes!(keys::delete_key))
+        .merge(openai::routes())
         .routes(routes!(ops::health))
         .routes(routes!(ops::ready))
         .routes(routes!(ops::metrics));
@@ -96,7 +109,10 @@ pub fn app(state: AppState) -> Router {
     } else {
         api
     };
-    let (router, openapi) = api.split_for_parts();
+    let (router, mut openapi) = api.split_for_parts();
+    standard_errors::add_standard_errors(&mut openapi);
+    sessions::document_session_operations(&mut openapi);
+    accounting::link_holds(&mut openapi);
     let document = openapi_json(&openapi);
     let http_stack = ServiceBuilder::new()
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
@@ -132,12 +148,16 @@ pub fn app(state: AppState) -> Router {
             }),
         )
         .merge(pages::router())
-        .fallback(|| async { Error::EndpointNotFound })
-        .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
-        .layer(middleware::from_fn_with_state(
+        // Only on the routes: a path or method that does not exist is 404 or
+        // 405 whatever token comes with it.
+        .route_layer(middleware::from_fn_with_state(
             state.clone(),
             limit_requests,
         ))
+        .fallback(|uri: Uri| async move { in_the_shape_of(&uri, Error::EndpointNotFound) })
+        .method_not_allowed_fallback(|uri: Uri| async move {
+            in_the_shape_of(&uri, Error::MethodNotAllowed)
+        })
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
         .layer(middleware::from_fn_with_state(
             state.http_metrics.clone(),
@@ -147,16 +167,30 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Middleware applying the requests limit to authenticated `/api/` calls.
-/// The verified caller is left in the request's extensions, so the handler
-/// does not verify the token again; unauthenticated requests pass through
-/// to be refused by their handler.
+/// The error in the shape of the API `uri` belongs to: the OpenAI-compatible
+/// one under `/v1/`, the chat API's elsewhere.
+fn in_the_shape_of(uri: &Uri, error: Error) -> Response {
+    if uri.path().starts_with(OPENAI_PREFIX) {
+        OpenAiError::from(error).into_response()
+    } else {
+        error.into_response()
+    }
+}
+
+/// Where the OpenAI-compatible API lives.
+const OPENAI_PREFIX: &str = "/v1/";
+
+/// Middleware applying the requests limit to authenticated `/api/` and
+/// `/v1/` calls. The verified caller is left in the request's extensions, so
+/// the handler does not verify the token again; unauthenticated requests
+/// pass through to be refused by their handler.
 async fn limit_requests(
     State(state): State<AppState>,
     mut request: Request,
     next: Next,
 ) -> Response {
-    if !request.uri().path().starts_with("/api/") {
+    let path = request.uri().path();
+    if !path.starts_with("/api/") && !path.starts_with(OPENAI_PREFIX) {
         return next.run(request).await;
     }
     let Ok(token) = bearer_token(request.headers()) else {
@@ -164,14 +198,14 @@ async fn limit_requests(
     };
     let principal = match state.auth.verify(token).await {
         Ok(principal) => principal,
-        Err(error) => return error.into_response(),
+        Err(error) => return in_the_shape_of(request.uri(), error),
     };
     if let Err(error) = state
         .rate_limiter
         .admit_request(Scope::User(&principal.sub))
         .await
     {
-        return error.into_response();
+        return in_the_shape_of(request.uri(), error);
     }
     request.extensions_mut().insert(principal);
     next.run(request).await
@@ -226,6 +260,9 @@ where
                 Err(Error::MalformedJson(error.body_text()))
             }
             Err(JsonRejection::MissingJsonContentType(_)) => Err(Error::UnsupportedMediaType),
+            Err(other) if let Some(timeout) = BodyReadTimedOut::find(&other) => {
+                Err(Error::RequestTimeout(timeout))
+            }
             Err(other) if other.status() == StatusCode::PAYLOAD_TOO_LARGE => {
                 Err(Error::PayloadTooLarge {
                     limit: state.limits.max_body_bytes,

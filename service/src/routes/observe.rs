@@ -80,7 +80,7 @@ impl From<Observation> for ObservationView {
     tag = "observation",
     params(("id" = String, Path, description = "Session id, 24 hexadecimal characters")),
     responses(
-        (status = 200, description = "SSE: the running reply's events from its first (`model`, `chunk`, `complete`/`error`, with the owner's ids) framed by `observe` {sessionId, userId, replyId, state: started|ended, outcome}; between replies the stream waits for the next; `error` `OBSERVER_TOO_SLOW` ends an observer that falls behind", content_type = "text/event-stream"),
+        (status = 200, description = "SSE: the running reply's events from its first (`model`, `chunk`, `complete`/`error`, with the owner's ids) framed by `observe` {sessionId, userId, replyId, state: started|ended, message (on started: the question), outcome (on ended)}; between replies the stream waits for the next; `error` `OBSERVER_TOO_SLOW` ends an observer that falls behind", content_type = "text/event-stream"),
         (status = 400, description = "Invalid session id", body = ErrorBody),
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 403, description = "Observation is turned off in this deployment", body = ErrorBody),
@@ -125,7 +125,7 @@ pub async fn observe_session(
     path = "/api/observe/live",
     tag = "observation",
     responses(
-        (status = 200, description = "SSE: `replies` {replies: [{replyId, sessionId, userId, userCohorts, route, startedAt}]} (the replies in flight in the caller's cohorts; admins: all), then `started` {reply} and `ended` {reply, outcome} as they happen; a new `replies` list replaces the old one", content_type = "text/event-stream"),
+        (status = 200, description = "SSE: `replies` {replies: [{replyId, sessionId, userId, userCohorts, route, message, startedAt}]} (the replies in flight in the caller's cohorts; admins: all), then `started` {reply} and `ended` {reply, outcome} as they happen; a new `replies` list replaces the old one", content_type = "text/event-stream"),
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 403, description = "Not a supervisor or admin, or observation is turned off", body = ErrorBody),
         (status = 503, description = "Reply hub unavailable", body = ErrorBody),

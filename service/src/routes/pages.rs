@@ -26,8 +26,9 @@ use crate::state::AppState;
 /// Every file of `web/dist` as (URL path, bytes).
 static FILES: &[(&str, &[u8])] = include!(concat!(env!("OUT_DIR"), "/web_assets.rs"));
 
-/// Client-side routes of the app, each answered with `index.html`.
-pub const PAGE_PATHS: &[&str] = &["/"];
+/// Client-side routes of the app, each answered with `index.html`: the chat,
+/// and the supervisor console's live replies, audit and credits.
+pub const PAGE_PATHS: &[&str] = &["/", "/console", "/console/audit", "/console/credits"];
 
 const INDEX: &str = "/index.html";
 

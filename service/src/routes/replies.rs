@@ -13,22 +13,27 @@ use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use parley_crds::Credits;
 use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
 use utoipa::ToSchema;
 
 use super::sessions::{session_id, validate_message};
 use super::{ApiJson, event_stream};
 use crate::accounting::Caller;
 use crate::auth::Principal;
+use crate::context_window::{Conversation, history_budget};
+use crate::embedded_db::PendingDurability;
 use crate::error::{Error, ErrorBody};
 use crate::ledger::Credits as Amount;
 use crate::ledger::decimal_credits;
-use crate::providers::{ChatTurn, Role as TurnRole, estimate_input_tokens};
+use crate::providers::{ChatTurn, Role as TurnRole, Sampling};
 use crate::ratelimit::Scope;
 use crate::state::AppState;
-use crate::store::{Message, MessageRole, ObjectId};
+use crate::store::{HistoryBudget, Message, MessageRole, ObjectId, SessionTail};
 use crate::stream::billing::{Charge, ReplyBill};
-use crate::stream::reply::{self, ReplyRequest};
-use crate::stream::{FinishedReply, Paid, ReplyInfo, ReplyStream};
+use crate::stream::reply;
+use crate::stream::{
+    Api, Audience, FinishedReply, Paid, ReplyInfo, ReplyRequest, ReplyStream, SessionRecord,
+};
 
 /// Header of a whole (JSON) reply: the caller's available credits after it.
 pub const CREDITS_REMAINING_HEADER: &str = "x-parley-credits-remaining";
@@ -36,7 +41,9 @@ pub const CREDITS_REMAINING_HEADER: &str = "x-parley-credits-remaining";
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct SendMessageRequest {
-    /// The user's message.
+    /// The user's message; not blank, and at most the configured number of
+    /// characters.
+    #[schema(min_length = 1)]
     message: String,
     /// Model route alias for this reply; defaults to the session's route.
     route: Option<String>,
@@ -83,10 +90,10 @@ pub struct CreditsView {
 #[serde(rename_all = "camelCase")]
 pub struct PriceView {
     /// Credits per 1000 input tokens.
-    #[schema(value_type = String)]
+    #[schema(value_type = f64)]
     input_per_1k: Credits,
     /// Credits per 1000 output tokens.
-    #[schema(value_type = String)]
+    #[schema(value_type = f64)]
     output_per_1k: Credits,
 }
 
@@ -155,7 +162,7 @@ pub async fn list_models(State(state): State<AppState>, caller: Principal) -> Js
         (status = 402, description = "The caller cannot afford the reply's worst case (balance and price in the body)", body = ErrorBody),
         (status = 404, description = "No such session owned by the caller", body = ErrorBody),
         (status = 409, description = "A reply is already in progress", body = ErrorBody),
-        (status = 422, description = "Invalid fields", body = ErrorBody),
+        (status = 422, description = "Invalid fields, or `MESSAGE_TOO_LONG_FOR_MODEL`: the message with the route's system prompt and room for the reply fits no target's context window (refused before any credit is held)", body = ErrorBody),
         (status = 429, description = "A per-user limit was hit, or every target was throttled", body = ErrorBody),
         (status = 502, description = "The model failed", body = ErrorBody),
         (status = 503, description = "Model, store, ledger or rate limiter unavailable, or shutting down", body = ErrorBody),
@@ -199,7 +206,7 @@ pub async fn send_message(
         (status = 402, description = "The caller cannot afford the reply's worst case (balance and price in the body)", body = ErrorBody),
         (status = 404, description = "No such session owned by the caller", body = ErrorBody),
         (status = 409, description = "A reply is already in progress", body = ErrorBody),
-        (status = 422, description = "Invalid fields", body = ErrorBody),
+        (status = 422, description = "Invalid fields, or `MESSAGE_TOO_LONG_FOR_MODEL`: the message with the route's system prompt and room for the reply fits no target's context window (refused before any credit is held)", body = ErrorBody),
         (status = 429, description = "A per-user limit was hit", body = ErrorBody),
         (status = 503, description = "Store, ledger or rate limiter unavailable, or shutting down", body = ErrorBody),
     ),
@@ -229,6 +236,7 @@ pub async fn stream_reply(
         (status = 400, description = "Invalid session id", body = ErrorBody),
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 404, description = "No reply of the caller in progress for this session", body = ErrorBody),
+        (status = 422, description = "`VALIDATION_FAILED`: a Last-Event-ID that is not an event id", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -259,6 +267,9 @@ pub async fn reattach(
         .ok_or(Error::NoActiveReply)?;
     Ok(sse_response(&state, &reply, after))
 }
+
+/// The task generating a reply; it ends with the reply.
+pub(super) type ReplyTask = JoinHandle<Result<FinishedReply, Error>>;
 
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -302,26 +313,16 @@ pub async fn stop_reply(
     }))
 }
 
-/// Validates, resolves the route, registers the reply in the hub, takes a
-/// stream slot and holds the worst case — every refusal is an error response
-/// before any provider is called — and starts generating.
+/// Validates, resolves the route, registers the reply in the hub, and starts
+/// it through [`launch`].
 async fn start_reply(
     state: &AppState,
     caller: Caller,
     id: ObjectId,
     request: SendMessageRequest,
-) -> Result<
-    (
-        Arc<ReplyStream>,
-        tokio::task::JoinHandle<Result<FinishedReply, Error>>,
-    ),
-    Error,
-> {
+) -> Result<(Arc<ReplyStream>, ReplyTask), Error> {
     let replies = &state.replies;
-    // From SIGTERM on, running replies finish but no new one starts here.
-    if replies.draining.is_cancelled() {
-        return Err(Error::ShuttingDown);
-    }
+    refuse_when_shutting_down(state)?;
     validate_message(&request.message, state.limits.max_message_chars, "message")?;
     let requested = match (request.route, request.model_id) {
         (Some(route), Some(model_id)) if route != model_id => {
@@ -332,26 +333,40 @@ async fn start_reply(
         }
         (route, model_id) => route.or(model_id),
     };
-    // Waited on before the reply's first event, overlapping the model call.
-    let (session, read) = state.sessions.get_applied(id).await?;
     let principal = &caller.principal;
-    // Only owners add to a session; anyone else learns nothing about it.
-    if session.summary.user_id != principal.sub {
-        return Err(Error::SessionNotFound);
-    }
     let routes = replies.routes.snapshot();
+    let user_message = Message::new(MessageRole::User, request.message);
+    let new_turn = ChatTurn::new(TurnRole::User, user_message.content.clone());
+    // The session names the route unless the request does, so the session
+    // is read as far back as the named route, or else any route the caller
+    // may use, could send (an unknown route is refused below, once the
+    // session's owner is checked).
+    let named_route = requested
+        .as_deref()
+        .and_then(|alias| routes.resolve(Some(alias), principal.role).ok());
+    let budget = match named_route {
+        Some(route) => history_budget([route], &new_turn, None),
+        None => history_budget(routes.usable_by(principal.role), &new_turn, None),
+    };
+    // Waited on before the reply's first event, overlapping the model call.
+    let (session, read) = owned_session(state, id, principal, budget).await?;
     let alias = requested.as_deref().unwrap_or(&session.summary.route);
     let route = routes.resolve(Some(alias), principal.role)?.clone();
-    let user_message = Message::new(MessageRole::User, request.message);
-    let mut turns: Vec<ChatTurn> = session
-        .messages
+    let history = session
+        .newest_messages
         .into_iter()
         .map(|message| ChatTurn {
             role: turn_role(message.role),
             text: message.content,
         })
         .collect();
-    turns.push(ChatTurn::new(TurnRole::User, user_message.content.clone()));
+    let conversation = Conversation::new(
+        route.system_prompt.as_deref(),
+        Vec::new(),
+        history,
+        new_turn,
+    );
+    let prompts = conversation.prompts(&route, None)?;
     let user_id = principal.sub.clone();
     let reply = replies
         .hub
@@ -360,31 +375,95 @@ async fn start_reply(
             user_id.clone(),
             session.summary.user_cohorts,
             route.alias.clone(),
+            user_message.content.clone(),
         ))
         .await?;
-    let input_tokens = u64::from(estimate_input_tokens(&turns));
-    let paid = match pay_upfront(state, caller, id, &route, input_tokens).await {
+    let request = ReplyRequest {
+        api: Api::Chat,
+        user_id,
+        route,
+        prompts,
+        max_output_tokens: None,
+        sampling: Sampling::default(),
+        record: Some(SessionRecord {
+            session_id: id,
+            user_message,
+        }),
+    };
+    let audience = Audience {
+        hub: Some(Arc::clone(&reply)),
+        connection: None,
+    };
+    let task = launch(state, caller, request, read, audience).await?;
+    Ok((reply, task))
+}
+
+/// Session `id` with its newest messages within `budget`, as read for a
+/// new reply, if `principal` owns it: only owners add to a session, and
+/// anyone else learns nothing about it. What was read may not be durable
+/// yet (see [`launch`]).
+pub(super) async fn owned_session(
+    state: &AppState,
+    id: ObjectId,
+    principal: &Principal,
+    budget: HistoryBudget,
+) -> Result<(SessionTail, PendingDurability), Error> {
+    let (session, read) = state.sessions.get_tail_applied(id, budget).await?;
+    if session.summary.user_id != principal.sub {
+        return Err(Error::SessionNotFound);
+    }
+    Ok((session, read))
+}
+
+/// From SIGTERM on, running replies finish but no new one starts.
+pub(super) fn refuse_when_shutting_down(state: &AppState) -> Result<(), Error> {
+    if state.replies.draining.is_cancelled() {
+        return Err(Error::ShuttingDown);
+    }
+    Ok(())
+}
+
+/// Starts a reply either API has validated and routed (and, when it has a
+/// session, registered in the hub): takes the stream slots and holds the
+/// worst case — every refusal is an error before any provider is called,
+/// and takes the hub entry back — then generates in a task of its own.
+pub(super) async fn launch(
+    state: &AppState,
+    caller: Caller,
+    request: ReplyRequest,
+    read: PendingDurability,
+    audience: Audience,
+) -> Result<ReplyTask, Error> {
+    let origin = match &request.record {
+        Some(record) => record.session_id.to_hex(),
+        None => request.api.as_str().to_owned(),
+    };
+    let paid = pay_upfront(
+        state,
+        caller,
+        &origin,
+        &request.route,
+        &request.input_tokens(),
+        request.max_output_tokens,
+    )
+    .await;
+    let paid = match paid {
         Ok(paid) => paid,
         Err(error) => {
-            replies.hub.withdraw(&reply).await;
+            if let Some(reply) = &audience.hub {
+                state.replies.hub.withdraw(reply).await;
+            }
             return Err(error);
         }
     };
-    let task = reply::spawn(
-        Arc::clone(replies),
+    Ok(reply::spawn(
+        Arc::clone(&state.replies),
         Arc::clone(&state.sessions),
-        Arc::clone(&reply),
-        ReplyRequest {
-            session_id: id,
-            user_id,
-            route,
-            turns,
-            user_message,
-        },
+        audience,
+        request,
         read,
         paid,
-    );
-    Ok((reply, task))
+    ))
 }
 
 /// A stream slot of the user's, and when the route sets limits a slot and a
@@ -392,9 +471,10 @@ async fn start_reply(
 async fn pay_upfront(
     state: &AppState,
     caller: Caller,
-    session: ObjectId,
+    origin: &str,
     route: &parley_crds::ModelRouteSpec,
-    input_tokens: u64,
+    input_tokens: &[Option<u64>],
+    max_output_tokens: Option<u32>,
 ) -> Result<Paid, Error> {
     let limiter = &state.rate_limiter;
     let user = caller.principal.sub.as_str();
@@ -407,9 +487,10 @@ async fn pay_upfront(
     let opened = ReplyBill::open(
         Arc::clone(&state.accounting),
         caller,
-        &session.to_hex(),
+        origin,
         route,
         input_tokens,
+        max_output_tokens,
     )
     .await?;
     Ok(Paid {

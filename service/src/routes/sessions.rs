@@ -6,12 +6,17 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use utoipa::openapi::RefOr;
+use utoipa::openapi::link::LinkBuilder;
+use utoipa::openapi::path::ParameterIn;
+use utoipa::openapi::schema::{ObjectBuilder, Type};
 use utoipa::{IntoParams, ToSchema};
 
 use super::ApiJson;
 use crate::auth::Principal;
 use crate::auth::policy::{Access, Owner, may_access};
 use crate::error::{Error, ErrorBody};
+use crate::ledger::MAX_PAGE_NUMBER;
 use crate::state::AppState;
 use crate::store::{
     Message, MessageRole, NewSession, ObjectId, PageRequest, Session, SessionSummary, TokenTotals,
@@ -28,14 +33,18 @@ const MAX_OBSERVERS_SHOWN: u32 = 20;
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CreateSessionRequest {
-    /// Defaults to "New Chat".
-    #[schema(max_length = 200)]
+    /// Defaults to "New Chat"; not blank.
+    #[schema(min_length = 1, max_length = 200)]
     title: Option<String>,
     /// Model route alias; defaults to `default`.
+    #[schema(pattern = r"^[A-Za-z0-9._:/-]{1,128}$")]
     route: Option<String>,
     /// The seed API's name for `route`; when both are given they must agree.
+    #[schema(pattern = r"^[A-Za-z0-9._:/-]{1,128}$")]
     model_id: Option<String>,
-    /// A first user message stored with the session.
+    /// A first user message stored with the session; not blank, and at most
+    /// the configured number of characters.
+    #[schema(min_length = 1)]
     initial_message: Option<String>,
 }
 
@@ -50,8 +59,8 @@ pub struct RenameSessionRequest {
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
-    /// 1-based page number (default 1).
-    #[param(minimum = 1)]
+    /// 1-based page number (default 1), at most a million.
+    #[param(minimum = 1, maximum = 1_000_000)]
     page: Option<u32>,
     /// Page size, 1 to 100 (default 20).
     #[param(minimum = 1, maximum = 100)]
@@ -167,10 +176,7 @@ pub struct DeletedView {
     request_body = CreateSessionRequest,
     responses(
         (status = 201, description = "Created", body = SessionView),
-        (status = 400, description = "Malformed JSON", body = ErrorBody),
-        (status = 401, description = "Missing or invalid token", body = ErrorBody),
-        (status = 413, description = "Body too large", body = ErrorBody),
-        (status = 415, description = "Not JSON", body = ErrorBody),
+        (status = 409, description = "`TOO_MANY_SESSIONS`: the caller keeps the most sessions allowed", body = ErrorBody),
         (status = 422, description = "Invalid fields", body = ErrorBody),
         (status = 503, description = "Store unavailable", body = ErrorBody),
     ),
@@ -197,6 +203,7 @@ pub async fn create_session(
             vec![Message::new(MessageRole::User, text)]
         }
     };
+    ensure_below_session_limit(&state, &caller.sub).await?;
     let new = NewSession::new(caller.sub, caller.cohorts, title, route, messages);
     let session = state.sessions.create(new).await?;
     Ok((StatusCode::CREATED, Json(session_view(session))))
@@ -209,8 +216,6 @@ pub async fn create_session(
     params(ListQuery),
     responses(
         (status = 200, description = "The caller's sessions", body = SessionListView),
-        (status = 400, description = "Malformed query", body = ErrorBody),
-        (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 422, description = "Page or limit out of range", body = ErrorBody),
         (status = 503, description = "Store unavailable", body = ErrorBody),
     ),
@@ -233,10 +238,10 @@ pub async fn list_sessions(
 /// A page of a listing from its query parameters (page 1 and 20 items by default).
 pub(super) fn page_request(page: Option<u32>, limit: Option<u32>) -> Result<PageRequest, Error> {
     let page = page.unwrap_or(1);
-    if page == 0 {
+    if !(1..=MAX_PAGE_NUMBER).contains(&page) {
         return Err(Error::Validation {
             field: "page",
-            message: "must be at least 1".into(),
+            message: format!("must be between 1 and {MAX_PAGE_NUMBER}"),
         });
     }
     let limit = limit.unwrap_or(DEFAULT_PAGE_LIMIT);
@@ -257,7 +262,6 @@ pub(super) fn page_request(page: Option<u32>, limit: Option<u32>) -> Result<Page
     responses(
         (status = 200, description = "The session with its messages and who observed it", body = SessionWithObserversView),
         (status = 400, description = "Invalid session id", body = ErrorBody),
-        (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 404, description = "No such session visible to the caller", body = ErrorBody),
         (status = 503, description = "Store unavailable", body = ErrorBody),
     ),
@@ -325,7 +329,6 @@ pub async fn rename_session(
     responses(
         (status = 200, description = "Deleted", body = DeletedView),
         (status = 400, description = "Invalid session id", body = ErrorBody),
-        (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 404, description = "No such session owned by the caller", body = ErrorBody),
         (status = 503, description = "Store unavailable", body = ErrorBody),
     ),
@@ -353,7 +356,6 @@ pub async fn delete_session(
     responses(
         (status = 200, description = "The session's messages, oldest first", body = MessagesView),
         (status = 400, description = "Invalid session id", body = ErrorBody),
-        (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 404, description = "No such session visible to the caller", body = ErrorBody),
         (status = 503, description = "Store unavailable", body = ErrorBody),
     ),
@@ -369,6 +371,24 @@ pub async fn list_messages(
         session_id: session.summary.id.to_hex(),
         messages: session.messages.into_iter().map(message_view).collect(),
     }))
+}
+
+/// Refuses a new session to a user who keeps the most allowed. Two creates
+/// at once may both pass: the limit bounds storage, it is not an exact quota.
+async fn ensure_below_session_limit(state: &AppState, user_id: &str) -> Result<(), Error> {
+    let limit = state.limits.max_sessions_per_user;
+    if limit == 0 {
+        return Ok(());
+    }
+    let kept = state
+        .sessions
+        .list(user_id, PageRequest { page: 1, limit: 1 })
+        .await?
+        .total;
+    if kept >= limit {
+        return Err(Error::TooManySessions { limit });
+    }
+    Ok(())
 }
 
 /// The session if `caller` may read it; "not found" otherwise, so ids of
@@ -390,6 +410,9 @@ async fn readable_session(
     }
 }
 
+/// What [`session_id`] accepts, as the document says it.
+const SESSION_ID_PATTERN: &str = "^[0-9a-fA-F]{24}$";
+
 pub(super) fn session_id(path: Result<Path<String>, PathRejection>) -> Result<ObjectId, Error> {
     let Path(text) = path.map_err(|_| Error::InvalidSessionId)?;
     if text.len() != 24 {
@@ -406,7 +429,8 @@ fn validate_title(title: String) -> Result<String, Error> {
             message: "must not be blank".into(),
         });
     }
-    if trimmed.chars().count() > MAX_TITLE_CHARS {
+    // Counted before trimming, as the document's maxLength counts.
+    if title.chars().count() > MAX_TITLE_CHARS {
         return Err(Error::Validation {
             field: "title",
             message: format!("must be at most {MAX_TITLE_CHARS} characters"),
@@ -498,5 +522,57 @@ fn session_view(session: Session) -> SessionView {
     SessionView {
         summary: summary_view(session.summary),
         messages: session.messages.into_iter().map(message_view).collect(),
+    }
+}
+
+/// Every operation on `/api/chat/sessions/{id}…`: its `id` parameter is
+/// documented as [`session_id`] checks it, and a created session
+/// (`sessionId`) links to it, so clients and API fuzzers can chain them.
+pub(super) fn document_session_operations(openapi: &mut utoipa::openapi::OpenApi) {
+    const SESSION_PATH: &str = "/api/chat/sessions/{id}";
+    let id_schema = ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some(SESSION_ID_PATTERN))
+        .build();
+    let mut links = Vec::new();
+    for (path, item) in &mut openapi.paths.paths {
+        if !path.starts_with(SESSION_PATH) {
+            continue;
+        }
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ];
+        for operation in operations.into_iter().flatten() {
+            for parameter in operation.parameters.iter_mut().flatten() {
+                if let RefOr::T(parameter) = parameter
+                    && parameter.name == "id"
+                    && parameter.parameter_in == ParameterIn::Path
+                {
+                    parameter.schema = Some(RefOr::T(id_schema.clone().into()));
+                }
+            }
+            if let Some(id) = &operation.operation_id {
+                let link = LinkBuilder::new()
+                    .operation_id(id)
+                    .parameter("id", "$response.body#/sessionId")
+                    .build();
+                links.push((id.clone(), link));
+            }
+        }
+    }
+    let created = openapi
+        .paths
+        .paths
+        .get_mut("/api/chat/sessions")
+        .and_then(|item| item.post.as_mut())
+        .and_then(|operation| operation.responses.responses.get_mut("201"));
+    if let Some(RefOr::T(response)) = created {
+        for (name, link) in links {
+            response.links.insert(name, RefOr::T(link));
+        }
     }
 }

@@ -19,13 +19,15 @@ use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
-use redb::{ReadableTable, TableDefinition};
+use redb::{ReadTransaction, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use super::embedded_common::{
+    EmbeddedStore, decode, encode, from_millis, millis_key, storage_error,
+};
 use super::{
-    Message, MessageRole, NewSession, ObjectId, PageRequest, Session, SessionPage, SessionStore,
-    SessionSummary, TokenTotals, now,
+    HistoryBudget, Message, MessageRole, NewSession, ObjectId, PageRequest, Session, SessionPage,
+    SessionStore, SessionSummary, SessionTail, TokenTotals, now,
 };
 use crate::embedded_db::{EmbeddedDb, PendingDurability};
 use crate::error::Error;
@@ -63,11 +65,6 @@ struct MessageRecord<'a> {
     incomplete: bool,
 }
 
-#[derive(Clone)]
-pub struct EmbeddedStore {
-    database: Arc<EmbeddedDb>,
-}
-
 impl EmbeddedStore {
     /// Opens (or creates) `path`, creating the tables.
     pub async fn open(path: &Path) -> Result<Self, Error> {
@@ -82,16 +79,11 @@ impl EmbeddedStore {
                 transaction.open_table(MESSAGES).map_err(storage_error)?;
                 transaction.open_table(BY_USER).map_err(storage_error)?;
                 transaction.open_table(USER_COUNTS).map_err(storage_error)?;
+                super::embedded_keys::create_tables(transaction)?;
                 super::embedded_audit::create_tables(transaction)
             })
             .await?;
         Ok(Self { database })
-    }
-
-    /// The database file, shared with other embedded stores (redb allows one
-    /// open handle per file).
-    pub fn database(&self) -> &Arc<EmbeddedDb> {
-        &self.database
     }
 }
 
@@ -166,39 +158,42 @@ impl SessionStore for EmbeddedStore {
     }
 
     async fn get(&self, id: ObjectId) -> Result<Session, Error> {
-        let (session, pending) = self.get_applied(id).await?;
-        pending.wait::<Error>().await?;
-        Ok(session)
+        self.database
+            .read(move |transaction| {
+                let summary = read_summary(transaction, id)?;
+                let messages = transaction
+                    .open_table(MESSAGES)
+                    .map_err(storage_error)?
+                    .range(session_messages(id))
+                    .map_err(storage_error)?
+                    .map(|entry| message(entry.map_err(storage_error)?.1.value()))
+                    .collect::<Result<Vec<_>, Error>>()?;
+                Ok(Session { summary, messages })
+            })
+            .await
     }
 
-    async fn get_applied(&self, id: ObjectId) -> Result<(Session, PendingDurability), Error> {
+    async fn get_tail_applied(
+        &self,
+        id: ObjectId,
+        budget: HistoryBudget,
+    ) -> Result<(SessionTail, PendingDurability), Error> {
         self.database
             .read_applied(move |transaction| {
-                let sessions = transaction.open_table(SESSIONS).map_err(storage_error)?;
-                let record = sessions
-                    .get(id.bytes())
-                    .map_err(storage_error)?
-                    .ok_or(Error::SessionNotFound)?;
-                let record: SessionRecord = decode(record.value())?;
+                let summary = read_summary(transaction, id)?;
                 let messages_table = transaction.open_table(MESSAGES).map_err(storage_error)?;
-                let messages = messages_table
-                    .range((id.bytes(), 0)..=(id.bytes(), u32::MAX))
-                    .map_err(storage_error)?
-                    .map(|entry| {
-                        let (_, value) = entry.map_err(storage_error)?;
-                        let record: MessageRecord<'_> = decode(value.value())?;
-                        Ok(Message {
-                            id: record.id,
-                            role: record.role,
-                            content: record.content.into_owned(),
-                            timestamp: from_millis(record.timestamp_ms)?,
-                            incomplete: record.incomplete,
-                        })
-                    })
-                    .collect::<Result<Vec<_>, Error>>()?;
-                Ok(Session {
-                    summary: summary(id, record)?,
-                    messages,
+                // Decoded newest first, and only as many as the budget takes.
+                let mut newest_first = budget.take_newest(
+                    messages_table
+                        .range(session_messages(id))
+                        .map_err(storage_error)?
+                        .rev()
+                        .map(|entry| message(entry.map_err(storage_error)?.1.value())),
+                )?;
+                newest_first.reverse();
+                Ok(SessionTail {
+                    summary,
+                    newest_messages: newest_first,
                 })
             })
             .await
@@ -273,7 +268,7 @@ impl SessionStore for EmbeddedStore {
                 sessions.remove(id.bytes()).map_err(storage_error)?;
                 let mut messages = transaction.open_table(MESSAGES).map_err(storage_error)?;
                 messages
-                    .retain_in((id.bytes(), 0)..=(id.bytes(), u32::MAX), |_, _| false)
+                    .retain_in(session_messages(id), |_, _| false)
                     .map_err(storage_error)?;
                 let mut by_user = transaction.open_table(BY_USER).map_err(storage_error)?;
                 by_user
@@ -401,42 +396,32 @@ fn summary(id: ObjectId, record: SessionRecord) -> Result<SessionSummary, Error>
     })
 }
 
+/// The record of session `id` as a summary; `SessionNotFound` if there is none.
+fn read_summary(transaction: &ReadTransaction, id: ObjectId) -> Result<SessionSummary, Error> {
+    let sessions = transaction.open_table(SESSIONS).map_err(storage_error)?;
+    let record = sessions
+        .get(id.bytes())
+        .map_err(storage_error)?
+        .ok_or(Error::SessionNotFound)?;
+    summary(id, decode(record.value())?)
+}
+
+/// The keys of session `id`'s messages, in order.
+fn session_messages(id: ObjectId) -> std::ops::RangeInclusive<(Id, u32)> {
+    (id.bytes(), 0)..=(id.bytes(), u32::MAX)
+}
+
+fn message(encoded: &[u8]) -> Result<Message, Error> {
+    let record: MessageRecord<'_> = decode(encoded)?;
+    Ok(Message {
+        id: record.id,
+        role: record.role,
+        content: record.content.into_owned(),
+        timestamp: from_millis(record.timestamp_ms)?,
+        incomplete: record.incomplete,
+    })
+}
+
 fn sequence(index: usize) -> Result<u32, Error> {
     u32::try_from(index).map_err(|_| Error::Store("too many messages in one session".into()))
-}
-
-/// Index key for a timestamp; timestamps before 1970 sort first.
-pub(super) fn millis_key(millis: i64) -> u64 {
-    u64::try_from(millis).unwrap_or(0)
-}
-
-pub(super) fn from_millis(millis: i64) -> Result<DateTime<Utc>, Error> {
-    DateTime::from_timestamp_millis(millis)
-        .ok_or_else(|| Error::Store(format!("timestamp {millis} out of range")))
-}
-
-pub(super) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, Error> {
-    serde_json::to_vec(value).map_err(|error| Error::Store(format!("encoding a record: {error}")))
-}
-
-pub(super) fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, Error> {
-    serde_json::from_slice(bytes)
-        .map_err(|error| Error::Store(format!("decoding a record: {error}")))
-}
-
-impl From<redb::Error> for Error {
-    fn from(error: redb::Error) -> Self {
-        storage_error(error)
-    }
-}
-
-/// I/O failures are outages (503, retryable); anything else is an internal error.
-pub(super) fn storage_error(error: impl Into<redb::Error>) -> Error {
-    match error.into() {
-        redb::Error::Io(error) => Error::StoreUnavailable(format!("embedded store I/O: {error}")),
-        redb::Error::PreviousIo | redb::Error::DatabaseClosed => {
-            Error::StoreUnavailable("embedded store closed after an I/O error".into())
-        }
-        other => Error::Store(format!("embedded store: {other}")),
-    }
 }

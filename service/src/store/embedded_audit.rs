@@ -21,8 +21,10 @@ use super::audit::{
     AuditQuery, BlockAudit, BlockDirection, BlockKind, BlockPage, BlockQuery, Observation,
     ObservationAudit, ObservationEnd, ObservationPage, PolicyBlock,
 };
-use super::embedded::{decode, encode, from_millis, millis_key, storage_error};
-use super::{CohortScope, EmbeddedStore, ObjectId, PageRequest};
+use super::embedded_common::{
+    EmbeddedStore, decode, encode, from_millis, millis_key, storage_error,
+};
+use super::{CohortScope, ObjectId, PageRequest};
 use crate::error::Error;
 
 type Id = [u8; 12];

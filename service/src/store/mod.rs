@@ -8,8 +8,14 @@
 pub mod audit;
 mod embedded;
 mod embedded_audit;
+mod embedded_common;
+mod embedded_keys;
+mod instrumented;
+pub mod keys;
 mod mongo;
 mod mongo_audit;
+mod mongo_common;
+mod mongo_keys;
 
 use async_trait::async_trait;
 use chrono::{DateTime, SubsecRound, Utc};
@@ -19,8 +25,10 @@ pub use audit::{
     AuditQuery, BlockAudit, BlockDirection, BlockKind, BlockPage, BlockQuery, CohortScope,
     Observation, ObservationAudit, ObservationEnd, ObservationPage, PolicyBlock,
 };
-pub use embedded::EmbeddedStore;
-pub use mongo::MongoStore;
+pub use embedded_common::EmbeddedStore;
+pub use instrumented::InstrumentedStore;
+pub use keys::{ApiKey, ApiKeyStore};
+pub use mongo_common::MongoStore;
 pub use mongodb::bson::oid::ObjectId;
 
 use crate::embedded_db::PendingDurability;
@@ -82,6 +90,51 @@ pub struct SessionSummary {
 pub struct Session {
     pub summary: SessionSummary,
     pub messages: Vec<Message>,
+}
+
+/// A session with only its newest messages, as a reply reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionTail {
+    pub summary: SessionSummary,
+    /// The newest messages within the [`HistoryBudget`] asked for, oldest first.
+    pub newest_messages: Vec<Message>,
+}
+
+/// How much of a session's history a reply may read: the newest messages,
+/// newest first, until one more would pass `max_messages` or bring their
+/// contents past `max_bytes` (UTF-8). Whatever a prompt can hold is within
+/// it, so a reply's read does not grow with the session's length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryBudget {
+    pub max_messages: u32,
+    pub max_bytes: u64,
+}
+
+impl HistoryBudget {
+    /// No history: the session's summary only.
+    pub const NONE: Self = Self {
+        max_messages: 0,
+        max_bytes: 0,
+    };
+
+    /// The first messages of `newest_first` (a session's, from its
+    /// newest) that fit the budget, newest first; decoding stops there.
+    fn take_newest(
+        self,
+        newest_first: impl Iterator<Item = Result<Message, Error>>,
+    ) -> Result<Vec<Message>, Error> {
+        let mut bytes: u64 = 0;
+        let mut kept = Vec::new();
+        for message in newest_first.take(self.max_messages as usize) {
+            let message = message?;
+            bytes = bytes.saturating_add(message.content.len() as u64);
+            if bytes > self.max_bytes {
+                break;
+            }
+            kept.push(message);
+        }
+        Ok(kept)
+    }
 }
 
 /// A session about to be created; `Session::from` gives what the store will hold.
@@ -171,12 +224,16 @@ pub trait SessionStore: Send + Sync {
     /// Any user's session; callers apply `auth::policy`.
     async fn get(&self, id: ObjectId) -> Result<Session, Error>;
 
-    /// [`SessionStore::get`] without waiting until what it read is durable
-    /// (the embedded store commits in groups): the caller waits on the
-    /// answer's [`PendingDurability`] before it shows anything resting on it.
-    async fn get_applied(&self, id: ObjectId) -> Result<(Session, PendingDurability), Error> {
-        Ok((self.get(id).await?, PendingDurability::none()))
-    }
+    /// Any user's session with only its newest messages within `budget`
+    /// (what a reply may send), without waiting until what it read is
+    /// durable (the embedded store commits in groups): the caller waits on
+    /// the answer's [`PendingDurability`] before it shows anything resting
+    /// on it.
+    async fn get_tail_applied(
+        &self,
+        id: ObjectId,
+        budget: HistoryBudget,
+    ) -> Result<(SessionTail, PendingDurability), Error>;
 
     /// `user_id`'s sessions, most recently updated first.
     async fn list(&self, user_id: &str, page: PageRequest) -> Result<SessionPage, Error>;

@@ -7,17 +7,18 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use mongodb::bson::{self, Document, doc};
 use mongodb::options::{ClientOptions, IndexOptions, ReturnDocument};
-use mongodb::{Client, Collection, Database, IndexModel};
+use mongodb::{Client, Collection, IndexModel};
 use serde::{Deserialize, Serialize};
 
+use super::mongo_common::{MongoStore, bson_time, count, mongo_error, utc};
 use super::{
-    Message, MessageRole, NewSession, ObjectId, PageRequest, Session, SessionPage, SessionStore,
-    SessionSummary, TokenTotals, now,
+    HistoryBudget, Message, MessageRole, NewSession, ObjectId, PageRequest, Session, SessionPage,
+    SessionStore, SessionSummary, SessionTail, TokenTotals, now,
 };
+use crate::embedded_db::PendingDurability;
 use crate::error::Error;
 
 const COLLECTION: &str = "chat_sessions";
@@ -62,12 +63,6 @@ struct TokenTotalsDocument {
     output: i64,
 }
 
-#[derive(Clone)]
-pub struct MongoStore {
-    database: Database,
-    sessions: Collection<SessionDocument>,
-}
-
 impl MongoStore {
     /// Connects and creates the indexes.
     pub async fn connect(uri: &str, database: &str) -> Result<Self, Error> {
@@ -88,9 +83,9 @@ impl MongoStore {
         Ok(store)
     }
 
-    /// The database, shared with other MongoDB-backed stores.
-    pub fn database(&self) -> &Database {
-        &self.database
+    /// The sessions collection, typed (a clone of a handle, no I/O).
+    fn sessions(&self) -> Collection<SessionDocument> {
+        self.sessions.clone_with_type()
     }
 
     async fn create_indexes(&self) -> Result<(), Error> {
@@ -102,10 +97,11 @@ impl MongoStore {
                     .build(),
             )
             .build();
-        self.sessions
+        self.sessions()
             .create_index(by_user)
             .await
             .map_err(mongo_error)?;
+        super::mongo_keys::create_indexes(self).await?;
         super::mongo_audit::create_indexes(self).await
     }
 }
@@ -135,7 +131,7 @@ impl SessionStore for MongoStore {
             token_totals: TokenTotalsDocument::default(),
             message_count: count(summary.message_count),
         };
-        self.sessions
+        self.sessions()
             .insert_one(document)
             .await
             .map_err(mongo_error)?;
@@ -144,7 +140,7 @@ impl SessionStore for MongoStore {
 
     async fn get(&self, id: ObjectId) -> Result<Session, Error> {
         let document = self
-            .sessions
+            .sessions()
             .find_one(doc! { "_id": id })
             .await
             .map_err(mongo_error)?
@@ -152,15 +148,42 @@ impl SessionStore for MongoStore {
         Ok(session(document))
     }
 
+    async fn get_tail_applied(
+        &self,
+        id: ObjectId,
+        budget: HistoryBudget,
+    ) -> Result<(SessionTail, PendingDurability), Error> {
+        // `$slice` sends only the newest `max_messages`; the byte budget,
+        // which the server cannot apply in a projection, is applied here.
+        let newest = -i64::from(budget.max_messages);
+        let document = self
+            .sessions()
+            .find_one(doc! { "_id": id })
+            .projection(doc! { "messages": { "$slice": newest } })
+            .await
+            .map_err(mongo_error)?
+            .ok_or(Error::SessionNotFound)?;
+        let Session { summary, messages } = session(document);
+        let mut newest_first = budget.take_newest(messages.into_iter().rev().map(Ok))?;
+        newest_first.reverse();
+        let tail = SessionTail {
+            summary,
+            newest_messages: newest_first,
+        };
+        // Acknowledged writes are durable as the deployment's write concern
+        // makes them: nothing to wait on.
+        Ok((tail, PendingDurability::none()))
+    }
+
     async fn list(&self, user_id: &str, page: PageRequest) -> Result<SessionPage, Error> {
         let filter = doc! { "userId": user_id };
         let total = self
-            .sessions
+            .sessions()
             .count_documents(filter.clone())
             .await
             .map_err(mongo_error)?;
         let sessions = self
-            .sessions
+            .sessions()
             .find(filter)
             .sort(doc! { "updatedAt": -1, "_id": -1 })
             .skip(page.offset())
@@ -182,7 +205,7 @@ impl SessionStore for MongoStore {
         title: &str,
     ) -> Result<SessionSummary, Error> {
         let document = self
-            .sessions
+            .sessions()
             .find_one_and_update(
                 doc! { "_id": id, "userId": user_id },
                 doc! { "$set": { "title": title } },
@@ -197,7 +220,7 @@ impl SessionStore for MongoStore {
 
     async fn delete(&self, id: ObjectId, user_id: &str) -> Result<(), Error> {
         let result = self
-            .sessions
+            .sessions()
             .delete_one(doc! { "_id": id, "userId": user_id })
             .await
             .map_err(mongo_error)?;
@@ -230,7 +253,7 @@ impl SessionStore for MongoStore {
             "$set": { "updatedAt": bson_time(now()) },
         };
         let result = self
-            .sessions
+            .sessions()
             .update_one(doc! { "_id": id, "userId": user_id }, update)
             .await
             .map_err(mongo_error)?;
@@ -279,32 +302,5 @@ fn session(document: SessionDocument) -> Session {
                 incomplete: message.incomplete,
             })
             .collect(),
-    }
-}
-
-pub(super) fn bson_time(timestamp: DateTime<Utc>) -> bson::DateTime {
-    bson::DateTime::from_millis(timestamp.timestamp_millis())
-}
-
-/// BSON dates span more than chrono's range; out-of-range ones clamp.
-pub(super) fn utc(timestamp: bson::DateTime) -> DateTime<Utc> {
-    DateTime::from_timestamp_millis(timestamp.timestamp_millis())
-        .unwrap_or(DateTime::<Utc>::MAX_UTC)
-}
-
-/// BSON has no unsigned integers; counts beyond i64 saturate.
-pub(super) fn count(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
-}
-
-/// Connection-level failures are outages (503, retryable); anything else is internal.
-pub(super) fn mongo_error(error: mongodb::error::Error) -> Error {
-    use mongodb::error::ErrorKind;
-    match *error.kind {
-        ErrorKind::ServerSelection { .. }
-        | ErrorKind::Io(_)
-        | ErrorKind::ConnectionPoolCleared { .. }
-        | ErrorKind::DnsResolve { .. } => Error::StoreUnavailable(error.to_string()),
-        _ => Error::Store(error.to_string()),
     }
 }

@@ -9,12 +9,13 @@ use mongodb::options::IndexOptions;
 use mongodb::{Collection, IndexModel};
 use serde::{Deserialize, Serialize};
 
+use super::ObjectId;
 use super::audit::{
     AuditQuery, BlockAudit, BlockDirection, BlockKind, BlockPage, BlockQuery, CohortScope,
     Observation, ObservationAudit, ObservationEnd, ObservationPage, PolicyBlock,
 };
-use super::mongo::{bson_time, mongo_error, utc};
-use super::{MongoStore, ObjectId, PageRequest};
+use super::mongo_common::{MongoStore, bson_time, mongo_error, utc};
+use super::{ObjectId, PageRequest};
 use crate::error::Error;
 
 const COLLECTION: &str = "observation_audit";

@@ -28,13 +28,18 @@ const SETTLE_RETRY_DELAYS: [Duration; 2] = [Duration::from_millis(100), Duration
 pub struct ReplyBill {
     accounting: Arc<dyn Accounting>,
     caller: Caller,
-    /// The hold's streaming-session id: the chat session's id and a UUID,
-    /// unique per reply and telling whose usage record it is.
+    /// The hold's streaming-session id: the chat session's id (or the API of
+    /// a reply kept in no session) and a UUID, unique per reply and telling
+    /// whose usage record it is.
     request_id: String,
     route: String,
     /// The target the hold is priced for now.
     model: String,
+    /// Estimated input tokens of that target's prompt.
     input_tokens: u64,
+    /// The most output tokens the caller asked for, when fewer than the
+    /// targets' maximum: the hold is priced for them.
+    max_output_tokens: Option<u32>,
     lease_expires_at: DateTime<Utc>,
 }
 
@@ -69,27 +74,40 @@ pub struct Charge {
 }
 
 impl ReplyBill {
-    /// Holds the worst case of the route's first target, or — when the route
-    /// allows downgrading — of the first target in chain order the caller can
-    /// afford. Any refusal or failure is returned before a provider is called.
+    /// Holds the worst case of the route's first target the prompt fits,
+    /// or — when the route allows downgrading — of the first such target in
+    /// chain order the caller can afford. `input_tokens` has the estimated
+    /// input of each target's prompt (`None`: the prompt fits no window of
+    /// that target, which is skipped). Any refusal or failure is returned
+    /// before a provider is called. `origin` starts the hold's id: the chat
+    /// session, or the API of a reply kept in no session.
     pub async fn open(
         accounting: Arc<dyn Accounting>,
         caller: Caller,
-        chat_session: &str,
+        origin: &str,
         route: &ModelRouteSpec,
-        input_tokens: u64,
+        input_tokens: &[Option<u64>],
+        max_output_tokens: Option<u32>,
     ) -> Result<Opened, Error> {
         let mut bill = ReplyBill {
             accounting,
             caller,
-            request_id: format!("{chat_session}/{}", uuid::Uuid::new_v4()),
+            request_id: format!("{origin}/{}", uuid::Uuid::new_v4()),
             route: route.alias.clone(),
             model: String::new(),
-            input_tokens,
+            input_tokens: 0,
+            max_output_tokens,
             lease_expires_at: DateTime::<Utc>::MIN_UTC,
         };
         let mut first_refusal = None;
-        for (index, target) in route.targets.iter().enumerate() {
+        let fitting = route
+            .targets
+            .iter()
+            .zip(input_tokens)
+            .enumerate()
+            .filter_map(|(index, (target, tokens))| Some((index, target, (*tokens)?)));
+        for (index, target, tokens) in fitting {
+            bill.input_tokens = tokens;
             let held = bill
                 .accounting
                 .initialize_applied(&bill.caller, bill.initialize_request(target, None))
@@ -101,7 +119,7 @@ impl ReplyBill {
                         bill,
                         pending,
                         first_target: index,
-                        downgraded: index > 0,
+                        downgraded: first_refusal.is_some(),
                     });
                 }
                 Err(refusal @ Error::Ledger(LedgerError::InsufficientCredits { .. }))
@@ -117,9 +135,10 @@ impl ReplyBill {
             .unwrap_or_else(|| Error::Config(format!("route `{}` has no targets", route.alias))))
     }
 
-    /// Re-prices the hold for a fallback target (a dearer one needs the
-    /// difference to be available).
-    pub async fn reprice(&mut self, target: &RouteTarget) -> Result<(), Error> {
+    /// Re-prices the hold for a fallback target and its prompt of
+    /// `input_tokens` (a dearer one needs the difference to be available).
+    pub async fn reprice(&mut self, target: &RouteTarget, input_tokens: u64) -> Result<(), Error> {
+        self.input_tokens = input_tokens;
         self.initialize(target, None).await
     }
 
@@ -159,6 +178,7 @@ impl ReplyBill {
             user_id: None,
             route: Some(self.route.clone()),
             tokens_generated,
+            max_output_tokens: self.max_output_tokens.map(u64::from),
         }
     }
 

@@ -10,6 +10,7 @@ use std::io::Write;
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
 
+use super::events::ReplyEvent;
 use crate::ledger::Credits;
 use crate::ledger::decimal_credits;
 
@@ -72,6 +73,56 @@ pub struct ErrorData<'a> {
 /// One SSE frame: `id`, `event` and the JSON `data` of one event.
 pub fn frame<T: Serialize>(id: u64, event: &str, data: &T) -> Bytes {
     encode(Some(id), event, data)
+}
+
+/// The frame of event `id` of a reply on `route`.
+pub fn reply_frame(id: u64, event: &ReplyEvent, route: &str) -> Bytes {
+    match event {
+        ReplyEvent::Model {
+            model,
+            fallback_applied,
+            downgraded,
+        } => frame(
+            id,
+            "model",
+            &ModelData {
+                model,
+                route,
+                fallback_applied: *fallback_applied,
+                downgraded: *downgraded,
+            },
+        ),
+        ReplyEvent::Chunk { text, total_tokens } => frame(
+            id,
+            "chunk",
+            &ChunkData {
+                text,
+                tokens: 1,
+                total_tokens: *total_tokens,
+            },
+        ),
+        ReplyEvent::Complete {
+            usage,
+            message_id,
+            charge,
+            ..
+        } => frame(
+            id,
+            "complete",
+            &CompleteData {
+                usage: UsageData {
+                    input_tokens: usage.input_tokens,
+                    output_tokens: usage.output_tokens,
+                },
+                message_id: &message_id.to_hex(),
+                credits: charge.map(|charge| CreditsData {
+                    charged: charge.charged,
+                    remaining: charge.remaining,
+                }),
+            },
+        ),
+        ReplyEvent::Error { code, message } => frame(id, "error", &ErrorData { code, message }),
+    }
 }
 
 /// An SSE frame without an `id`: an event about the stream itself (an

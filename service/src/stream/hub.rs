@@ -56,6 +56,9 @@ pub struct ReplyInfo {
     /// The owner's cohorts, as the session records them.
     pub user_cohorts: Vec<String>,
     pub route: String,
+    /// The user's message this reply answers (stored with the reply when
+    /// it ends), so observers see the question before the answer.
+    pub message: String,
     pub started_at: DateTime<Utc>,
 }
 
@@ -65,6 +68,7 @@ impl ReplyInfo {
         user_id: String,
         user_cohorts: Vec<String>,
         route: String,
+        message: String,
     ) -> Self {
         Self {
             reply_id: uuid::Uuid::now_v7().simple().to_string(),
@@ -72,6 +76,7 @@ impl ReplyInfo {
             user_id,
             user_cohorts,
             route,
+            message,
             started_at: crate::store::now(),
         }
     }
@@ -750,7 +755,13 @@ mod tests {
     }
 
     fn info(session: ObjectId) -> ReplyInfo {
-        ReplyInfo::new(session, "alice".into(), vec!["c1".into()], "default".into())
+        ReplyInfo::new(
+            session,
+            "alice".into(),
+            vec!["c1".into()],
+            "default".into(),
+            "hello".into(),
+        )
     }
 
     #[tokio::test]

@@ -14,12 +14,16 @@ pub struct StreamLabels {
     /// completed, failed (before output), interrupted (error after output),
     /// abandoned (client gone), shutdown.
     pub outcome: &'static str,
+    /// Which API asked: `chat` or `openai`.
+    pub api: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TokenLabels {
     pub direction: &'static str,
     pub model: String,
+    /// Which API asked: `chat` or `openai`.
+    pub api: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -49,7 +53,7 @@ impl ReplyMetrics {
         };
         registry.register(
             "parley_streams",
-            "Replies by route, model and outcome",
+            "Replies by route, model, outcome and API (chat, openai)",
             metrics.streams.clone(),
         );
         registry.register(
@@ -64,7 +68,7 @@ impl ReplyMetrics {
         );
         registry.register(
             "parley_tokens",
-            "Tokens by direction (input, output) and model",
+            "Tokens by direction (input, output), model and API (chat, openai)",
             metrics.tokens.clone(),
         );
         registry.register(

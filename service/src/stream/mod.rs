@@ -3,6 +3,7 @@
 //! of any client connection, and live observation.
 
 pub mod billing;
+pub mod events;
 pub mod frames;
 pub mod hub;
 pub mod metrics;
@@ -14,11 +15,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+pub use events::ReplyEvent;
 pub use hub::{Hub, HubSettings, ReplyInfo, ReplyStream};
 pub use metrics::{HubMetrics, ReplyMetrics};
 pub use relay::{Relay, RelaySettings};
-pub use reply::{FinishedReply, Paid, ReplyRequest};
+pub use reply::{Api, Audience, FinishedReply, Paid, ReplyRequest, SessionRecord};
 
 use crate::model_routes::{ProviderRegistry, RoutesCell};
 
@@ -43,6 +46,11 @@ pub struct Replies {
     /// ready and starts no reply; observers and consoles end at once (they
     /// reconnect to another replica); running replies go on.
     pub draining: CancellationToken,
+    /// The tasks generating replies on this replica, settlement included.
+    /// The shutdown waits for them (within the stream drain), not only for
+    /// open connections: a reply whose client re-attached on another replica
+    /// has no connection here but still generates here.
+    pub generating: TaskTracker,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -177,6 +185,7 @@ impl Replies {
             settings,
             shutdown: CancellationToken::new(),
             draining: CancellationToken::new(),
+            generating: TaskTracker::new(),
         }
     }
 }

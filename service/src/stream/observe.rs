@@ -37,6 +37,10 @@ struct ObserveData<'a> {
     user_id: &'a str,
     reply_id: &'a str,
     state: &'static str,
+    /// On `started`: the user's message the reply answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<&'a str>,
+    /// On `ended`: how the reply ended.
     #[serde(skip_serializing_if = "Option::is_none")]
     outcome: Option<&'a str>,
 }
@@ -207,7 +211,7 @@ impl Watch {
 }
 
 fn observe_event(reply: &ReplyStream, state: &'static str) -> Bytes {
-    let outcome = (state == "ended").then(|| reply.outcome()).flatten();
+    let started = state == "started";
     unnumbered(
         "observe",
         &ObserveData {
@@ -215,7 +219,8 @@ fn observe_event(reply: &ReplyStream, state: &'static str) -> Bytes {
             user_id: &reply.info.user_id,
             reply_id: &reply.info.reply_id,
             state,
-            outcome,
+            message: started.then_some(reply.info.message.as_str()),
+            outcome: (!started).then(|| reply.outcome()).flatten(),
         },
     )
 }

@@ -28,7 +28,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::aio::{ConnectionManager, MultiplexedConnection};
 use redis::streams::StreamReadReply;
 use redis::{AsyncConnectionConfig, RedisError, Script};
 use serde::{Deserialize, Serialize};
@@ -40,10 +40,9 @@ use super::frames::{ErrorData, frame};
 use super::hub::{Announcement, ReplyInfo, ReplyStream, lock};
 use super::metrics::HubMetrics;
 use crate::error::Error;
+use crate::shared_redis::{self, RESPONSE_TIMEOUT};
 use crate::store::ObjectId;
 
-/// Redis answers in well under a millisecond; a slow answer is an outage.
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// A lock not renewed for this many heartbeats means its replica is gone.
 const HEARTBEATS_TO_LOSE: u32 = 5;
 /// Events a mirror reads per call, and a writer sends per round trip. A
@@ -142,16 +141,8 @@ impl Relay {
         settings: RelaySettings,
         metrics: HubMetrics,
     ) -> Result<Self, Error> {
-        let client = redis::Client::open(url)
-            .map_err(|error| Error::Config(format!("invalid PARLEY_REDIS_URL: {error}")))?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_connection_timeout(Some(RESPONSE_TIMEOUT))
-            .set_number_of_retries(1);
-        let commands = client
-            .get_connection_manager_with_config(config)
-            .await
-            .map_err(unavailable)?;
+        let client = shared_redis::client(url)?;
+        let commands = shared_redis::connect(&client).await.map_err(unavailable)?;
         Ok(Self {
             client,
             commands,

@@ -1,27 +1,31 @@
-//! Generating one reply: try the route's targets in order until one produces
-//! output (fallback happens only before the first chunk, re-pricing the
-//! hold), publish every event to the hub, accumulate the text from the typed
-//! deltas, store the user message with the reply in one append, and pay:
-//! settle what was used, or release the hold when nothing was produced.
+//! Generating one reply, for either API: try the route's targets in order
+//! until one produces output (fallback happens only before the first chunk,
+//! re-pricing the hold), publish every event (to the hub as SSE frames, to
+//! the request's own connection as typed events), accumulate the text from
+//! the typed deltas, store the user message with the reply in one append
+//! when the reply has a session, and pay: settle what was used, or release
+//! the hold when nothing was produced.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use parley_crds::{FallbackCondition, ModelRouteSpec, RouteTarget};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::Replies;
 use super::billing::{Charge, Ending, Opened, ReplyBill};
-use super::frames::{ChunkData, CompleteData, CreditsData, ErrorData, ModelData, UsageData, frame};
+use super::events::ReplyEvent;
+use super::frames::reply_frame;
 use super::hub::ReplyStream;
 use super::metrics::{FallbackLabels, StreamLabels, TokenLabels};
+use crate::context_window::{Prompt, output_tokens};
 use crate::embedded_db::PendingDurability;
 use crate::error::{Error, upstream_code};
 use crate::providers::{
-    ChatTurn, CompletionRequest, ProviderError, ProviderErrorKind, ProviderEvent, Usage,
-    estimate_input_tokens,
+    CompletionRequest, ProviderError, ProviderErrorKind, ProviderEvent, Sampling, StopReason, Usage,
 };
 use crate::ratelimit::{RateLimiter, Scope, StreamGuard};
 use crate::store::{Message, MessageRole, ObjectId, SessionStore, TokenTotals};
@@ -32,22 +36,86 @@ const RENEW_RETRY: Duration = Duration::from_secs(1);
 /// the output so far, which is what the reaper charges if this replica dies.
 const MAX_RENEW_INTERVAL: Duration = Duration::from_secs(15);
 
+/// Which API asked for a reply (the `api` label of its metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Api {
+    /// `/api/chat/sessions/{id}/…`
+    Chat,
+    /// `/v1/chat/completions`
+    OpenAi,
+}
+
+impl Api {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Chat => "chat",
+            Self::OpenAi => "openai",
+        }
+    }
+}
+
 /// What a reply needs, all owned: the task outlives the request.
 pub struct ReplyRequest {
-    pub session_id: ObjectId,
+    pub api: Api,
     pub user_id: String,
     /// The route as it was when the request arrived (reloads do not touch it).
     pub route: ModelRouteSpec,
-    /// The conversation so far, ending with the new user turn.
-    pub turns: Vec<ChatTurn>,
+    /// The prompt of each of the route's targets, fitted to its context
+    /// window and ending with the new user turn; `None` for a target the
+    /// prompt cannot fit, which the reply skips.
+    pub prompts: Vec<Option<Prompt>>,
+    /// The most output tokens the caller asked for; each target's own
+    /// maximum applies too.
+    pub max_output_tokens: Option<u32>,
+    pub sampling: Sampling,
+    /// Where the exchange is stored; `None`: nowhere (the usage record is
+    /// all that is kept).
+    pub record: Option<SessionRecord>,
+}
+
+impl ReplyRequest {
+    /// The first target after `index` that the prompt fits.
+    fn next_target_after(&self, index: usize) -> Option<usize> {
+        (index + 1..self.prompts.len()).find(|&next| self.prompt(next).is_some())
+    }
+
+    /// Estimated input tokens of each target's prompt, for the hold.
+    pub fn input_tokens(&self) -> Vec<Option<u64>> {
+        self.prompts
+            .iter()
+            .map(|prompt| prompt.as_ref().map(|prompt| u64::from(prompt.input_tokens)))
+            .collect()
+    }
+
+    fn prompt(&self, index: usize) -> Option<&Prompt> {
+        self.prompts.get(index).and_then(Option::as_ref)
+    }
+}
+
+/// The chat session a reply is stored in, with the message it answers.
+pub struct SessionRecord {
+    pub session_id: ObjectId,
     pub user_message: Message,
 }
 
-/// A reply that ran to its end and was stored.
+/// Who receives a reply's events.
+pub struct Audience {
+    /// The session's hub entry: the chat API's owner connections and
+    /// observers read its frames. `None`: nobody can follow the reply.
+    pub hub: Option<Arc<ReplyStream>>,
+    /// The request's own connection (OpenAI-compatible API), which gets the
+    /// typed events. It cannot re-attach, so the reply is cancelled as soon
+    /// as it is gone; without one, the reply ends when the hub's owners have
+    /// been gone for the grace period.
+    pub connection: Option<mpsc::UnboundedSender<ReplyEvent>>,
+}
+
+/// A reply that ran to its end (and was stored, when it has a session).
 #[derive(Debug, Clone)]
 pub struct FinishedReply {
     pub message: Message,
     pub usage: Usage,
+    pub stop_reason: StopReason,
     pub model: String,
     pub route: String,
     pub fallback_applied: bool,
@@ -71,28 +139,32 @@ pub struct Paid {
 pub fn spawn(
     replies: Arc<Replies>,
     sessions: Arc<dyn SessionStore>,
-    reply: Arc<ReplyStream>,
+    audience: Audience,
     request: ReplyRequest,
     read: PendingDurability,
     paid: Paid,
 ) -> JoinHandle<Result<FinishedReply, Error>> {
-    tokio::spawn(async move {
+    let generating = replies.generating.clone();
+    generating.spawn(async move {
         replies.metrics.active.inc();
         let Paid {
             opened,
             stream_slot,
             rate_limiter,
         } = paid;
-        replies.hub.start(&reply);
+        if let Some(reply) = &audience.hub {
+            replies.hub.start(reply);
+        }
         let mut generation = Generation {
             replies: &replies,
             sessions: sessions.as_ref(),
-            reply: &reply,
+            audience: &audience,
             request: &request,
             rate_limiter: rate_limiter.as_ref(),
             bill: Some(opened.bill),
             unconfirmed: Some(read.and(opened.pending)),
             first_target: opened.first_target,
+            current_target: opened.first_target,
             downgraded: opened.downgraded,
             next_id: 1,
             started: Instant::now(),
@@ -100,7 +172,9 @@ pub fn spawn(
         };
         let result = generation.run().await;
         let outcome = generation.outcome;
-        replies.hub.finish(&reply, outcome);
+        if let Some(reply) = &audience.hub {
+            replies.hub.finish(reply, outcome);
+        }
         replies.metrics.active.dec();
         stream_slot.release().await;
         result
@@ -110,7 +184,7 @@ pub fn spawn(
 struct Generation<'a> {
     replies: &'a Replies,
     sessions: &'a dyn SessionStore,
-    reply: &'a ReplyStream,
+    audience: &'a Audience,
     request: &'a ReplyRequest,
     rate_limiter: &'a dyn RateLimiter,
     /// The reply's hold; taken when it is settled or released.
@@ -119,6 +193,8 @@ struct Generation<'a> {
     /// known durable; taken before the first event is shown.
     unconfirmed: Option<PendingDurability>,
     first_target: usize,
+    /// The target being tried now.
+    current_target: usize,
     downgraded: bool,
     next_id: u64,
     started: Instant,
@@ -144,6 +220,14 @@ enum Stop {
     Unpaid(Error),
 }
 
+/// A reply the model finished.
+struct Completed {
+    text: String,
+    used: Used,
+    stop_reason: StopReason,
+    fallback_applied: bool,
+}
+
 /// What a reply used, and whether the provider reported it.
 #[derive(Debug, Clone, Copy)]
 struct Used {
@@ -153,20 +237,23 @@ struct Used {
 
 impl Generation<'_> {
     async fn run(&mut self) -> Result<FinishedReply, Error> {
-        let route = &self.request.route;
-        let mut index = self.first_target;
-        while let Some(target) = route.targets.get(index) {
+        let request = self.request;
+        let route = &request.route;
+        let mut next = Some(self.first_target);
+        while let Some(index) = next
+            && let (Some(target), Some(prompt)) = (route.targets.get(index), request.prompt(index))
+        {
+            self.current_target = index;
             let fallback_applied = index > self.first_target;
-            if fallback_applied && let Err(error) = self.reprice(target).await {
+            if fallback_applied && let Err(error) = self.reprice(target, prompt).await {
                 return self.unaffordable_fallback(target, error).await;
             }
-            match self.attempt(target, fallback_applied).await {
+            match self.attempt(target, prompt, fallback_applied).await {
                 Attempt::Done(result) => return result,
                 Attempt::FallBack(error) => {
-                    index += 1;
-                    let next = route
-                        .targets
-                        .get(index)
+                    next = request.next_target_after(index);
+                    let next = next
+                        .and_then(|index| route.targets.get(index))
                         .map_or("", |next| next.model.as_str());
                     tracing::warn!(
                         route = %route.alias, from = %target.model, to = %next,
@@ -192,9 +279,9 @@ impl Generation<'_> {
         )))
     }
 
-    async fn reprice(&mut self, target: &RouteTarget) -> Result<(), Error> {
+    async fn reprice(&mut self, target: &RouteTarget, prompt: &Prompt) -> Result<(), Error> {
         match self.bill.as_mut() {
-            Some(bill) => bill.reprice(target).await,
+            Some(bill) => bill.reprice(target, u64::from(prompt.input_tokens)).await,
             None => Ok(()),
         }
     }
@@ -208,27 +295,30 @@ impl Generation<'_> {
     ) -> Result<FinishedReply, Error> {
         tracing::warn!(route = %self.request.route.alias, model = %target.model, %error, "the fallback target could not be held");
         self.release("the fallback target could not be held").await;
-        self.publish(
-            "error",
-            &ErrorData {
-                code: error.code(),
-                message: "the fallback model could not be paid for",
-            },
-        );
+        self.publish(ReplyEvent::Error {
+            code: error.code(),
+            message: "the fallback model could not be paid for".into(),
+        });
         self.ended(target, "unpaid");
         Err(error)
     }
 
-    async fn attempt(&mut self, target: &RouteTarget, fallback_applied: bool) -> Attempt {
+    async fn attempt(
+        &mut self,
+        target: &RouteTarget,
+        prompt: &Prompt,
+        fallback_applied: bool,
+    ) -> Attempt {
         let provider = match self.replies.providers.for_target(target).await {
             Ok(provider) => provider,
             Err(error) => return self.failed_before_output(target, error).await,
         };
         let request = CompletionRequest {
             model: target.model.clone(),
-            turns: self.request.turns.clone(),
-            max_output_tokens: target.max_output_tokens,
+            turns: prompt.turns.clone(),
+            max_output_tokens: output_tokens(target, self.request.max_output_tokens),
             timeout: Duration::from_secs(u64::from(target.timeout_seconds)),
+            sampling: self.request.sampling.clone(),
         };
         let opened = tokio::select! {
             opened = provider.stream(request) => opened,
@@ -275,25 +365,27 @@ impl Generation<'_> {
                         announced = true;
                     }
                     deltas = deltas.saturating_add(1);
-                    let chunk = ChunkData {
-                        text: &delta,
-                        tokens: 1,
-                        total_tokens: deltas,
-                    };
-                    self.publish("chunk", &chunk);
                     text.push_str(&delta);
+                    self.publish(ReplyEvent::Chunk {
+                        text: delta,
+                        total_tokens: deltas,
+                    });
                 }
                 Some(Ok(ProviderEvent::Usage(reported))) => usage = Some(reported),
-                Some(Ok(ProviderEvent::Finished { .. })) => {
+                Some(Ok(ProviderEvent::Finished { stop_reason })) => {
                     if !announced && let Err(error) = self.announce(target, fallback_applied).await
                     {
                         let stop = Stop::Unpaid(error);
                         return Attempt::Done(self.stopped(target, stop, "", 0, None).await);
                     }
                     let used = self.used(usage, deltas);
-                    return Attempt::Done(
-                        self.complete(target, text, used, fallback_applied).await,
-                    );
+                    let ending = Completed {
+                        text,
+                        used,
+                        stop_reason,
+                        fallback_applied,
+                    };
+                    return Attempt::Done(self.complete(target, ending).await);
                 }
                 Some(Err(error)) if !announced => {
                     return self.failed_before_output(target, error).await;
@@ -352,8 +444,9 @@ impl Generation<'_> {
         }
     }
 
-    /// Resolves when the reply must stop: owner gone past the grace period,
-    /// the shutdown drain is over, or the reply ran its longest.
+    /// Resolves when the reply must stop: its connection gone, or its
+    /// owners gone past the grace period; the shutdown drain is over; or the
+    /// reply ran its longest.
     async fn stop(&self) -> Stop {
         let too_long = async {
             match self.replies.settings.max_duration {
@@ -361,8 +454,15 @@ impl Generation<'_> {
                 None => std::future::pending().await,
             }
         };
+        let abandoned = async {
+            match (&self.audience.connection, &self.audience.hub) {
+                (Some(connection), _) => connection.closed().await,
+                (None, Some(reply)) => reply.abandoned().await,
+                (None, None) => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            () = self.reply.abandoned() => Stop::Abandoned,
+            () = abandoned => Stop::Abandoned,
             () = self.replies.shutdown.cancelled() => Stop::ShuttingDown,
             () = too_long => Stop::MaxDuration,
         }
@@ -375,22 +475,17 @@ impl Generation<'_> {
     ) -> Attempt {
         let is_last = self
             .request
-            .route
-            .targets
-            .last()
-            .is_none_or(|last| std::ptr::eq(last, target));
+            .next_target_after(self.current_target)
+            .is_none();
         if !is_last && falls_back_on(&self.request.route, error.kind) {
             return Attempt::FallBack(error);
         }
         tracing::warn!(route = %self.request.route.alias, model = %target.model, %error, "reply failed before any output");
         self.release("the model failed before any output").await;
-        self.publish(
-            "error",
-            &ErrorData {
-                code: upstream_code(error.kind),
-                message: &format!("the model failed ({})", error.kind),
-            },
-        );
+        self.publish(ReplyEvent::Error {
+            code: upstream_code(error.kind),
+            message: format!("the model failed ({})", error.kind),
+        });
         self.ended(target, "failed");
         Attempt::Done(Err(Error::Upstream(error)))
     }
@@ -408,16 +503,13 @@ impl Generation<'_> {
         let stored = self
             .store_partial(target, text, used, "interrupted", Ending::Failed)
             .await;
-        self.publish(
-            "error",
-            &ErrorData {
-                code: upstream_code(error.kind),
-                message: &format!(
-                    "the model failed mid-reply ({}); the partial reply was saved",
-                    error.kind
-                ),
-            },
-        );
+        self.publish(ReplyEvent::Error {
+            code: upstream_code(error.kind),
+            message: format!(
+                "the model failed mid-reply ({}); the partial reply was saved",
+                error.kind
+            ),
+        });
         stored?;
         Err(Error::Upstream(error))
     }
@@ -431,11 +523,7 @@ impl Generation<'_> {
         usage: Option<Usage>,
     ) -> Result<FinishedReply, Error> {
         let (outcome, error, message) = match stop {
-            Stop::Abandoned => (
-                "abandoned",
-                Error::NoActiveReply,
-                "the client left and did not come back",
-            ),
+            Stop::Abandoned => ("abandoned", Error::NoActiveReply, "the client left"),
             Stop::ShuttingDown => (
                 "shutdown",
                 Error::ShuttingDown,
@@ -466,7 +554,10 @@ impl Generation<'_> {
             self.release("the reply stopped before any output").await;
             self.ended(target, outcome);
         }
-        self.publish("error", &ErrorData { code, message });
+        self.publish(ReplyEvent::Error {
+            code,
+            message: message.to_owned(),
+        });
         Err(error)
     }
 
@@ -474,43 +565,36 @@ impl Generation<'_> {
     async fn complete(
         &mut self,
         target: &RouteTarget,
-        text: String,
-        used: Used,
-        fallback_applied: bool,
+        completed: Completed,
     ) -> Result<FinishedReply, Error> {
+        let Completed {
+            text,
+            used,
+            stop_reason,
+            fallback_applied,
+        } = completed;
         let message = Message::new(MessageRole::Assistant, text);
         // The tokens were generated whether or not the store took them.
         let (stored, charge) = self
             .store_and_pay(target, &message, used, "completed", Ending::Completed)
             .await;
         if let Err(error) = stored {
-            self.publish(
-                "error",
-                &ErrorData {
-                    code: error.code(),
-                    message: "the reply could not be saved",
-                },
-            );
+            self.publish(ReplyEvent::Error {
+                code: error.code(),
+                message: "the reply could not be saved".into(),
+            });
             return Err(error);
         }
-        let message_id = message.id.to_hex();
-        self.publish(
-            "complete",
-            &CompleteData {
-                usage: UsageData {
-                    input_tokens: used.usage.input_tokens,
-                    output_tokens: used.usage.output_tokens,
-                },
-                message_id: &message_id,
-                credits: charge.map(|charge| CreditsData {
-                    charged: charge.charged,
-                    remaining: charge.remaining,
-                }),
-            },
-        );
+        self.publish(ReplyEvent::Complete {
+            usage: used.usage,
+            stop_reason: stop_reason.clone(),
+            message_id: message.id,
+            charge,
+        });
         Ok(FinishedReply {
             message,
             usage: used.usage,
+            stop_reason,
             model: target.model.clone(),
             route: self.request.route.alias.clone(),
             fallback_applied,
@@ -558,8 +642,8 @@ impl Generation<'_> {
         )
     }
 
-    /// Appends the user message and the reply in one step and counts the
-    /// outcome.
+    /// Appends the user message and the reply in one step, when the reply
+    /// has a session, and counts the outcome.
     async fn store(
         &self,
         target: &RouteTarget,
@@ -567,19 +651,23 @@ impl Generation<'_> {
         usage: Usage,
         outcome: &'static str,
     ) -> Result<(), Error> {
-        let totals = TokenTotals {
-            input: u64::from(usage.input_tokens),
-            output: u64::from(usage.output_tokens),
+        let appended = match &self.request.record {
+            Some(record) => {
+                let totals = TokenTotals {
+                    input: u64::from(usage.input_tokens),
+                    output: u64::from(usage.output_tokens),
+                };
+                self.sessions
+                    .append_messages(
+                        record.session_id,
+                        &self.request.user_id,
+                        &[record.user_message.clone(), message.clone()],
+                        totals,
+                    )
+                    .await
+            }
+            None => Ok(()),
         };
-        let appended = self
-            .sessions
-            .append_messages(
-                self.request.session_id,
-                &self.request.user_id,
-                &[self.request.user_message.clone(), message.clone()],
-                totals,
-            )
-            .await;
         self.count(target, outcome);
         self.count_tokens(target, usage);
         appended
@@ -622,24 +710,29 @@ impl Generation<'_> {
             .metrics
             .time_to_first_token
             .observe(self.started.elapsed().as_secs_f64());
-        let model = ModelData {
-            model: &target.model,
-            route: &self.request.route.alias,
+        self.publish(ReplyEvent::Model {
+            model: target.model.clone(),
             fallback_applied,
             downgraded: self.downgraded,
-        };
-        self.publish("model", &model);
+        });
         Ok(())
     }
 
-    fn publish<T: serde::Serialize>(&mut self, event: &str, data: &T) {
-        self.reply
-            .publish(self.next_id, frame(self.next_id, event, data));
+    /// Gives the next event to the hub, as a frame, and to the connection.
+    fn publish(&mut self, event: ReplyEvent) {
+        if let Some(reply) = &self.audience.hub {
+            let frame = reply_frame(self.next_id, &event, &self.request.route.alias);
+            reply.publish(self.next_id, frame);
+        }
         self.next_id += 1;
+        if let Some(connection) = &self.audience.connection {
+            // A connection that is gone stops the reply through `stop`.
+            let _ = connection.send(event);
+        }
     }
 
     /// Reported usage, or an estimate when the provider reported none
-    /// (input: estimated from the conversation; output: one token per delta).
+    /// (input: the estimate of the prompt sent; output: one token per delta).
     fn used(&self, reported: Option<Usage>, deltas: u32) -> Used {
         match reported {
             Some(usage) => Used {
@@ -648,7 +741,10 @@ impl Generation<'_> {
             },
             None => Used {
                 usage: Usage {
-                    input_tokens: estimate_input_tokens(&self.request.turns),
+                    input_tokens: self
+                        .request
+                        .prompt(self.current_target)
+                        .map_or(0, |prompt| prompt.input_tokens),
                     output_tokens: deltas,
                 },
                 estimated: true,
@@ -670,6 +766,7 @@ impl Generation<'_> {
                 route: self.request.route.alias.clone(),
                 model: target.model.clone(),
                 outcome,
+                api: self.request.api.as_str(),
             })
             .inc();
     }
@@ -685,6 +782,7 @@ impl Generation<'_> {
                 .get_or_create(&TokenLabels {
                     direction,
                     model: target.model.clone(),
+                    api: self.request.api.as_str(),
                 })
                 .inc_by(u64::from(tokens));
         }

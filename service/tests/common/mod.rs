@@ -1,5 +1,8 @@
 //! Helpers shared by the service's integration tests.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(dead_code, unused_macros, clippy::unwrap_used, clippy::expect_used)]
+
+pub mod openapi;
+pub mod server;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,6 +12,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use http_body_util::BodyExt;
 use parley_service::accounting::{AccountingMetrics, LocalAccounting};
+use parley_service::auth::dev::DevTokens;
 use parley_service::auth::{AuthSettings, Authenticator, Principal, Role, mint_token};
 use parley_service::ledger::{Credits, EmbeddedLedger, Ledger, LedgerSettings};
 use parley_service::metrics::HttpMetrics;
@@ -16,7 +20,9 @@ use parley_service::model_routes::{ProviderRegistry, Routes};
 use parley_service::providers::{SimulatedProvider, SimulatedSettings};
 use parley_service::ratelimit::{LocalRateLimiter, RateLimitMetrics, RateLimits};
 use parley_service::state::{AppState, Limits};
-use parley_service::store::{EmbeddedStore, MongoStore, ObservationAudit, SessionStore};
+use parley_service::store::{
+    ApiKeyStore, EmbeddedStore, MongoStore, ObservationAudit, SessionStore,
+};
 use parley_service::stream::{Replies, ReplySettings};
 use prometheus_client::registry::Registry;
 use serde_json::Value;
@@ -26,6 +32,7 @@ use tower::ServiceExt;
 pub const SECRET: &[u8] = b"integration-test-secret";
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
 pub const MAX_MESSAGE_CHARS: usize = 1000;
+pub const MAX_SESSIONS_PER_USER: u64 = 50;
 
 pub fn hs256_authenticator() -> Authenticator {
     Authenticator::new(AuthSettings {
@@ -59,10 +66,10 @@ pub async fn embedded_ledger(store: &EmbeddedStore) -> Arc<dyn Ledger> {
     Arc::new(ledger)
 }
 
-/// A store of sessions and of the observation audit, as both backends are.
-pub trait TestStore: SessionStore + ObservationAudit + 'static {}
+/// A store of sessions, API keys and the observation audit, as both backends are.
+pub trait TestStore: SessionStore + ObservationAudit + ApiKeyStore + 'static {}
 
-impl<S: SessionStore + ObservationAudit + 'static> TestStore for S {}
+impl<S: SessionStore + ObservationAudit + ApiKeyStore + 'static> TestStore for S {}
 
 /// The API state on these stores, with no rate limits.
 pub fn state_with<S: TestStore>(store: Arc<S>, ledger: Arc<dyn Ledger>) -> AppState {
@@ -107,19 +114,22 @@ pub fn state_with_replies<S: TestStore>(
         concurrent_streams: 0,
     };
     let rate_limiter = LocalRateLimiter::new(limits, RateLimitMetrics::register(&mut registry));
+    let keys: Arc<dyn ApiKeyStore> = Arc::clone(&store) as Arc<dyn ApiKeyStore>;
     AppState {
         replies,
         sessions: Arc::clone(&store) as Arc<dyn SessionStore>,
         audit: store,
+        keys: Arc::clone(&keys),
         accounting: Arc::new(accounting),
         rate_limiter: Arc::new(rate_limiter),
-        auth: Arc::new(hs256_authenticator()),
+        auth: Arc::new(hs256_authenticator().with_api_keys(keys)),
         registry: Arc::new(registry),
         http_metrics,
         dev_tokens: None,
         limits: Limits {
             max_body_bytes: MAX_BODY_BYTES,
             max_message_chars: MAX_MESSAGE_CHARS,
+            max_sessions_per_user: MAX_SESSIONS_PER_USER,
         },
     }
 }
@@ -162,9 +172,26 @@ impl TestApp {
         }
     }
 
+    /// As `new`, with the local mode's dev sign-in (`/api/dev/token`) on.
+    pub async fn with_dev_sign_in() -> Self {
+        let (store, dir) = embedded_store().await;
+        let mut state = state(&store).await;
+        state.dev_tokens = Some(dev_tokens());
+        Self {
+            router: parley_service::app(state),
+            store,
+            _dir: dir,
+        }
+    }
+
     pub async fn send(&self, request: Request<Body>) -> (StatusCode, Value) {
         send(&self.router, request).await
     }
+}
+
+/// Dev sign-in minting with the test secret.
+pub fn dev_tokens() -> Arc<DevTokens> {
+    Arc::new(DevTokens::new(SECRET.to_vec(), None, None))
 }
 
 pub fn token(sub: &str, role: Role, cohorts: &[&str]) -> String {
@@ -216,4 +243,31 @@ pub async fn create_session(router: &Router, token: &str, body: Value) -> String
 pub fn assert_retry_within_a_window(headers: &axum::http::HeaderMap) {
     let retry_after: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((1..=60).contains(&retry_after), "{retry_after}");
+}
+
+/// Runs each `case(store)` against the embedded store and against the real
+/// MongoDB-wire server: one conformance suite for every implementation of a
+/// store trait. Use with `#[macro_use] mod common;`.
+macro_rules! store_conformance {
+    ($($case:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let (store, _dir) = crate::common::embedded_store().await;
+                    crate::$case(std::sync::Arc::new(store)).await;
+                }
+            )*
+        }
+        mod mongo {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let store = crate::common::mongo_store().await;
+                    crate::$case(std::sync::Arc::new(store.clone())).await;
+                    crate::common::drop_mongo(store).await;
+                }
+            )*
+        }
+    };
 }

@@ -15,10 +15,12 @@ import {
   type ReplyEvent,
   type ReplyStream,
   type Session,
+  type SessionObserver,
   type SessionSummary,
 } from "../client/index.js";
 import { h, replaceChildren } from "./dom.js";
-import { credits, describeReplyError } from "./messages.js";
+import { finishReply, messageItem, modelAuthor, streamingReplyItem, userMessageItem } from "./message-items.js";
+import { credits, describeReplyError, observersSummary, personWithRole, when } from "./messages.js";
 import { renderMarkdown } from "./render-markdown.js";
 import type { AppContext } from "./shell.js";
 
@@ -32,6 +34,7 @@ interface LiveReply {
   checkpoint: ReplyCheckpoint;
   /** The user's message and the reply, until the stored ones replace them. */
   elements: HTMLElement[];
+  author: HTMLElement;
   body: HTMLElement;
   meta: HTMLElement;
   item: HTMLElement;
@@ -63,6 +66,8 @@ class ChatPage {
   /** Focused when a chat is opened, so a screen reader hears which. */
   private readonly title = h("h2", { id: "conversation-title", class: "conversation-title", tabindex: -1 });
   private readonly titleActions = h("div", { class: "title-actions" });
+  /** Who watched this conversation: one folded line, opened on demand. */
+  private readonly observedBy = h("details", { class: "observed-by", hidden: true });
   /** Scrolls by itself; focusable so a keyboard can scroll it. */
   private readonly messageList = h("ol", { class: "messages", "aria-labelledby": "conversation-title", tabindex: 0 });
   private readonly emptyState = h("p", { class: "empty" });
@@ -124,7 +129,7 @@ class ChatPage {
     const conversation = h(
       "section",
       { class: "conversation", "aria-labelledby": "conversation-title" },
-      h("div", { class: "conversation-head" }, this.title, this.titleActions),
+      h("div", { class: "conversation-head" }, this.title, this.titleActions, this.observedBy),
       this.emptyState,
       this.messageList,
       this.notice,
@@ -240,6 +245,7 @@ class ChatPage {
     history.replaceState(null, "", url);
     this.renderSessionList();
     this.showHeader();
+    this.showObservers(session?.observedBy ?? []);
     if (session === null) {
       replaceChildren(this.messageList);
       this.emptyState.textContent = "Start a new chat, or just send a message.";
@@ -315,6 +321,56 @@ class ChatPage {
     replaceChildren(this.titleActions, rename, remove);
   }
 
+  private showObservers(observers: SessionObserver[]): void {
+    this.observedBy.hidden = observers.length === 0;
+    if (observers.length === 0) {
+      replaceChildren(this.observedBy);
+      return;
+    }
+    const open = this.observedBy.open;
+    replaceChildren(
+      this.observedBy,
+      h("summary", {}, `Observed by ${observersSummary(observers)}`),
+      h(
+        "ul",
+        {},
+        ...observers.map((observer) =>
+          h(
+            "li",
+            {},
+            `${personWithRole(observer.observerId, observer.observerRole)}: `,
+            h("time", { datetime: observer.startedAt }, when(observer.startedAt)),
+            " – ",
+            observer.endedAt === undefined
+              ? "watching now"
+              : h("time", { datetime: observer.endedAt }, when(observer.endedAt)),
+          ),
+        ),
+      ),
+      h(
+        "p",
+        { class: "help" },
+        "Supervisors of your cohorts and administrators may watch replies as they are written. Each time is listed here.",
+      ),
+    );
+    this.observedBy.open = open;
+  }
+
+  /** After a reply: who watched it may have changed. */
+  private async refreshObservers(): Promise<void> {
+    const session = this.current;
+    if (session === null) return;
+    try {
+      const fresh = await this.context.client.getSession(session.sessionId);
+      if (this.current !== session) return;
+      session.observedBy = fresh.observedBy;
+      this.showObservers(fresh.observedBy ?? []);
+    } catch (error) {
+      // Not worth a notice: the list shows again when the chat is opened.
+      this.context.fail(error);
+    }
+  }
+
   private confirmDelete(): void {
     const session = this.current;
     if (session === null || this.live !== null) return;
@@ -380,39 +436,18 @@ class ChatPage {
   // ---- messages -------------------------------------------------------
 
   private messageItem(message: Message): HTMLElement {
-    if (message.role === "user") return this.userItem(message.content);
-    const body = h("div", { class: "body" }, renderMarkdown(message.content));
-    const meta = h("p", { class: "meta" });
-    const cost = this.costs.get(message.id);
-    if (message.incomplete) meta.append("Incomplete reply. ");
-    if (cost !== undefined) meta.append(`Cost ${credits(cost)} credits.`);
-    return h(
-      "li",
-      { class: "message assistant", "data-message-id": message.id },
-      h("h3", { class: "author" }, "Assistant"),
-      body,
-      meta,
-    );
-  }
-
-  private userItem(text: string): HTMLElement {
-    return h("li", { class: "message user" }, h("h3", { class: "author" }, "You"), h("div", { class: "body plain" }, text));
+    return messageItem(message, "You", (reply) => {
+      const cost = this.costs.get(reply.id);
+      return `${reply.incomplete ? "Incomplete reply. " : ""}${cost === undefined ? "" : `Cost ${credits(cost)} credits.`}`;
+    });
   }
 
   private liveItems(checkpoint: ReplyCheckpoint): Omit<LiveReply, "stream"> {
-    const body = h("div", { class: "body" });
-    const meta = h("p", { class: "meta" }, "Writing…");
-    const item = h(
-      "li",
-      { class: "message assistant streaming", "aria-busy": "true" },
-      h("h3", { class: "author" }, "Assistant"),
-      body,
-      meta,
-    );
-    const elements = [this.userItem(checkpoint.message), item];
+    const { item, author, body, meta } = streamingReplyItem();
+    const elements = [userMessageItem(checkpoint.message, "You"), item];
     this.messageList.append(...elements);
     this.emptyState.hidden = true;
-    return { checkpoint, elements, body, meta, item, renderScheduled: false };
+    return { checkpoint, elements, author, body, meta, item, renderScheduled: false };
   }
 
   // ---- replies --------------------------------------------------------
@@ -500,6 +535,7 @@ class ChatPage {
         this.finish(live, parts.join(" "));
         this.context.announce(`Reply complete. ${parts.join(" ")} ${live.checkpoint.text}`);
         void this.refreshSessions();
+        void this.refreshObservers();
         break;
       }
       case "error": {
@@ -510,6 +546,7 @@ class ChatPage {
         else this.say(sentence);
         void this.context.refreshBalance();
         void this.refreshSessions();
+        void this.refreshObservers();
         break;
       }
       case "reattached":
@@ -528,11 +565,7 @@ class ChatPage {
   }
 
   private showModel(live: LiveReply, data: { model: string; fallbackApplied: boolean; downgraded: boolean }): void {
-    const notes = [data.fallbackApplied ? "fallback" : "", data.downgraded ? "downgraded to what you can afford" : ""]
-      .filter((note) => note !== "")
-      .join(", ");
-    const author = live.item.querySelector(".author");
-    if (author) author.textContent = `Assistant · ${data.model}${notes === "" ? "" : ` (${notes})`}`;
+    live.author.textContent = modelAuthor(data, "downgraded to what you can afford");
   }
 
   private scheduleRender(live: LiveReply): void {
@@ -551,9 +584,7 @@ class ChatPage {
   }
 
   private finish(live: LiveReply, meta: string): void {
-    live.item.classList.remove("streaming");
-    live.item.removeAttribute("aria-busy");
-    live.meta.textContent = meta;
+    finishReply(live.item, live.meta, meta);
   }
 
   private async stop(): Promise<void> {

@@ -1,6 +1,7 @@
 /** What the page says about errors and amounts, in one place. */
 
 import {
+  ForbiddenError,
   InsufficientCreditsError,
   InvalidRequestError,
   NetworkError,
@@ -10,6 +11,8 @@ import {
   ServiceUnavailableError,
   UnauthorizedError,
   type ErrorEventData,
+  type Role,
+  type SessionObserver,
 } from "../client/index.js";
 
 /** Credits with up to 6 decimals, trailing zeros dropped. */
@@ -42,6 +45,11 @@ export function describeError(error: unknown): string {
     return `The service is unavailable right now (${error.code}). Try again ${wait === undefined ? "shortly" : `in ${wait} s`}.`;
   }
   if (error instanceof UnauthorizedError) return `Your sign-in was refused (${error.message}). Sign in again.`;
+  if (error instanceof ForbiddenError) {
+    return error.code === "OBSERVATION_DISABLED"
+      ? "Watching replies is turned off on this service."
+      : `You are not allowed to do that (${error.message}).`;
+  }
   if (error instanceof NotFoundError) return "That chat no longer exists.";
   if (error instanceof InvalidRequestError) return `The service refused the request: ${error.message}.`;
   if (error instanceof NetworkError) return `The service cannot be reached: ${error.message}.`;
@@ -70,5 +78,76 @@ export function describeReplyError(data: ErrorEventData): string {
       return data.code.startsWith("MODEL_")
         ? `The model failed (${data.code}). Try again or pick another model.`
         : `The reply ended early: ${data.message} (${data.code}).`;
+  }
+}
+
+/** A moment: the time alone today, else the date and time (the reader's locale). */
+export function when(iso: string, now: Date = new Date()): string {
+  const date = new Date(iso);
+  if (Number.isNaN(date.getTime())) return iso;
+  const today = date.toDateString() === now.toDateString();
+  return today
+    ? date.toLocaleTimeString(undefined, { hour: "2-digit", minute: "2-digit", second: "2-digit" })
+    : date.toLocaleString(undefined, { dateStyle: "medium", timeStyle: "short" });
+}
+
+/** "supervisors and admins" */
+export function rolesList(roles: ReadonlyArray<Role>): string {
+  const names = roles.map((role) => `${role}s`);
+  return names.length <= 1 ? (names[0] ?? "") : `${names.slice(0, -1).join(", ")} and ${names.at(-1)}`;
+}
+
+/** "sam (supervisor)" */
+export function personWithRole(id: string, role: string): string {
+  return `${id} (${role})`;
+}
+
+/** Who observed a conversation, each once, newest first: "sam (supervisor) and 2 others". */
+export function observersSummary(observers: ReadonlyArray<SessionObserver>): string {
+  const people = [...new Set(observers.map((observer) => personWithRole(observer.observerId, observer.observerRole)))];
+  const shown = people.slice(0, 2);
+  const others = people.length - shown.length;
+  return others === 0 ? shown.join(" and ") : `${shown.join(", ")} and ${others} other${others === 1 ? "" : "s"}`;
+}
+
+/** How a reply ended, from the outcome the service reports. */
+export function replyOutcome(outcome: string | undefined): string {
+  switch (outcome) {
+    case "completed":
+      return "completed";
+    case "failed":
+      return "failed (the model)";
+    case "interrupted":
+      return "cut short by the model";
+    case "abandoned":
+      return "stopped (the user stopped it or left)";
+    case "shutdown":
+      return "cut short by a service restart";
+    case "unpaid":
+      return "cut short (credits could not be kept)";
+    case "max_duration":
+      return "cut short (too long)";
+    case "lost":
+      return "lost (its replica stopped)";
+    case undefined:
+      return "ended";
+    default:
+      return outcome;
+  }
+}
+
+/** How an observation ended, from the audit. */
+export function observationOutcome(outcome: string | undefined): string {
+  switch (outcome) {
+    case "left":
+      return "left";
+    case "too_slow":
+      return "cut off (fell behind)";
+    case "shutdown":
+      return "service restarted";
+    case undefined:
+      return "";
+    default:
+      return outcome;
   }
 }

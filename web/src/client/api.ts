@@ -11,18 +11,25 @@ import {
   NotFoundError,
   ServiceUnavailableError,
 } from "./errors.js";
-import { readSse, type SseEvent } from "./sse.js";
+import { liveEvent, observeEvent, replyEvent } from "./events.js";
+import { followEvents, type FollowOptions } from "./follow.js";
+import { reconnectDelay, sleep } from "./retry.js";
+import { readSse } from "./sse.js";
 import type {
+  AuditPage,
   Balance,
   DevSignIn,
   DevToken,
+  LiveEvent,
   ModelInfo,
+  ObserveEvent,
   ReplyEvent,
   Role,
   SendMessage,
   Session,
   SessionList,
   SessionSummary,
+  UsagePage,
 } from "./types.js";
 
 export type FetchLike = (input: string, init: RequestInit) => Promise<Response>;
@@ -52,7 +59,6 @@ interface RequestOptions {
 }
 
 const SESSION_ID = /^[0-9a-f]{24}$/;
-const MAX_RECONNECT_DELAY_MS = 5000;
 
 export class ParleyClient {
   private readonly baseUrl: string;
@@ -91,8 +97,52 @@ export class ParleyClient {
     return answer.models;
   }
 
-  balance(): Promise<Balance> {
-    return this.json("GET", "/api/credits/balance");
+  /** The caller's credits, or (admins only) `userId`'s. */
+  balance(userId?: string): Promise<Balance> {
+    return this.json("GET", `/api/credits/balance${query({ userId })}`);
+  }
+
+  /** What the caller's replies (admins: `userId`'s) held and were charged, newest first. */
+  usage(options: { userId?: string; page?: number; limit?: number } = {}): Promise<UsagePage> {
+    return this.json("GET", `/api/credits/usage${query(options)}`);
+  }
+
+  /** Adds `credits` to `userId`'s account (admins only); answers the new balance. */
+  grantCredits(userId: string, credits: number): Promise<Balance> {
+    return this.json("POST", "/api/admin/credits/grant", { body: { userId, credits } });
+  }
+
+  /**
+   * Watches a session's replies (supervisors of its owner's cohorts, and
+   * admins): the running reply from its first event, then every later one,
+   * each framed by `observe` events. After `reconnected` the running reply
+   * starts over from its first event: reset what shows it. Ends with
+   * `too-slow` when the service cut this observer; throws the refusal
+   * otherwise (404 for a session the caller may not observe, 403
+   * `OBSERVATION_DISABLED`). Close it with `options.signal`.
+   */
+  observeSession(sessionId: string, options: FollowOptions = {}): AsyncGenerator<ObserveEvent> {
+    const path = `${sessionPath(sessionId)}/observe`;
+    return followEvents(
+      (signal) => this.eventStream(path, signal),
+      observeEvent,
+      (event) => event.type === "too-slow",
+      options,
+    );
+  }
+
+  /**
+   * The replies in flight in the caller's cohorts (admins: all), live:
+   * `replies` (the whole list: first, and again after a reconnection), then
+   * `started` and `ended`. Supervisors and admins only (users: 403).
+   */
+  liveReplies(options: FollowOptions = {}): AsyncGenerator<LiveEvent> {
+    return followEvents((signal) => this.eventStream("/api/observe/live", signal), liveEvent, () => false, options);
+  }
+
+  /** Observations of users in the caller's cohorts (admins: all), newest first. */
+  observationAudit(options: { userId?: string; page?: number; limit?: number } = {}): Promise<AuditPage> {
+    return this.json("GET", `/api/observe/audit${query(options)}`);
   }
 
   /** Whether this service offers dev sign-in (local mode only); `null` when not. */
@@ -161,6 +211,10 @@ export class ParleyClient {
     }
     if (!response.ok) throw await apiError(response);
     return response;
+  }
+
+  private eventStream(path: string, signal: AbortSignal): Promise<Response> {
+    return this.request("GET", path, { signal, headers: { Accept: "text/event-stream" } });
   }
 
   private async json<T>(method: string, path: string, options: RequestOptions = {}): Promise<T> {
@@ -278,7 +332,7 @@ export class ReplyStream implements AsyncIterable<ReplyEvent> {
       if (failures > this.maxReconnects) {
         throw new NetworkError("the connection to the reply was lost and could not be re-established");
       }
-      await sleep(this.delay(failures), this.signal);
+      await sleep(reconnectDelay(failures, this.firstDelayMs, this.serverDelayMs), this.signal);
       try {
         response = await this.reattach();
       } catch (error) {
@@ -313,47 +367,6 @@ export class ReplyStream implements AsyncIterable<ReplyEvent> {
     }
   }
 
-  private delay(failures: number): number {
-    if (this.serverDelayMs !== undefined) return this.serverDelayMs;
-    return Math.min(this.firstDelayMs * 2 ** (failures - 1), MAX_RECONNECT_DELAY_MS);
-  }
-}
-
-/** The events the service sends (each with its SSE `id`). */
-export type ServerReplyEvent = Extract<ReplyEvent, { id: number }>;
-
-/** The typed reply event of an SSE event; `null` for events this client does not know. */
-export function replyEvent(sse: SseEvent): ServerReplyEvent | null {
-  const id = Number(sse.lastEventId);
-  if (!Number.isSafeInteger(id) || id <= 0) return null;
-  let data: unknown;
-  try {
-    data = JSON.parse(sse.data);
-  } catch {
-    return null;
-  }
-  if (typeof data !== "object" || data === null) return null;
-  const fields = data as Record<string, unknown>;
-  switch (sse.type) {
-    case "model":
-      return typeof fields.model === "string"
-        ? { type: "model", id, data: data as Extract<ReplyEvent, { type: "model" }>["data"] }
-        : null;
-    case "chunk":
-      return typeof fields.text === "string"
-        ? { type: "chunk", id, data: data as Extract<ReplyEvent, { type: "chunk" }>["data"] }
-        : null;
-    case "complete":
-      return typeof fields.messageId === "string"
-        ? { type: "complete", id, data: data as Extract<ReplyEvent, { type: "complete" }>["data"] }
-        : null;
-    case "error":
-      return typeof fields.code === "string"
-        ? { type: "error", id, data: data as Extract<ReplyEvent, { type: "error" }>["data"] }
-        : null;
-    default:
-      return null;
-  }
 }
 
 function responseBody(response: Response): ReadableStream<Uint8Array> {
@@ -370,20 +383,12 @@ function sessionPath(sessionId: string): string {
   return `/api/chat/sessions/${checkedSessionId(sessionId)}`;
 }
 
-function sleep(milliseconds: number, signal: AbortSignal): Promise<void> {
-  return new Promise((resolve, reject) => {
-    if (signal.aborted) {
-      reject(signal.reason);
-      return;
-    }
-    const timer = setTimeout(() => {
-      signal.removeEventListener("abort", onAbort);
-      resolve();
-    }, milliseconds);
-    const onAbort = (): void => {
-      clearTimeout(timer);
-      reject(signal.reason);
-    };
-    signal.addEventListener("abort", onAbort, { once: true });
-  });
+/** A query string of the defined `fields` (`""` when none). */
+function query(fields: Record<string, string | number | undefined>): string {
+  const params = new URLSearchParams();
+  for (const [name, value] of Object.entries(fields)) {
+    if (value !== undefined && value !== "") params.set(name, String(value));
+  }
+  const text = params.toString();
+  return text === "" ? "" : `?${text}`;
 }

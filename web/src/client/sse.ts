@@ -138,16 +138,19 @@ export class SseParser {
 /**
  * The events of a response body, read with its `ReadableStream` reader.
  * Ends when the body ends; throws what reading throws (a dropped connection,
- * or an `AbortError` when the request's signal is aborted).
+ * or an `AbortError` when the request's signal is aborted). `onComment`
+ * hears comments such as the service's `: ping` keep-alives.
  */
 export async function* readSse(
   body: ReadableStream<Uint8Array>,
   onRetry?: (milliseconds: number) => void,
+  onComment?: (text: string) => void,
 ): AsyncGenerator<SseEvent> {
   const queue: SseEvent[] = [];
   const parser = new SseParser({
     event: (event) => queue.push(event),
     retry: onRetry,
+    comment: onComment,
   });
   const reader = body.getReader();
   try {

@@ -30,6 +30,17 @@ export interface Message {
 
 export interface Session extends SessionSummary {
   messages: Message[];
+  /** Who observed this session's replies, newest first (at most 20; `GET` of one session only). */
+  observedBy?: SessionObserver[];
+}
+
+/** One observation of a session, as its owner sees it. */
+export interface SessionObserver {
+  observerId: string;
+  observerRole: "supervisor" | "admin";
+  startedAt: string;
+  /** Absent while the observation goes on. */
+  endedAt?: string;
 }
 
 export interface SessionList {
@@ -54,6 +65,118 @@ export interface Balance {
   held: number;
   available: number;
 }
+
+/** One usage record of an account: what one reply held and was charged. */
+export interface UsageRecord {
+  requestId: string;
+  sessionId: string;
+  route: string;
+  modelId: string;
+  inputTokens: number;
+  outputTokens: number;
+  held: number;
+  charged: number;
+  /** Cost above the hold, not charged. */
+  overage: number;
+  outcome: "completed" | "cancelled" | "failed" | "released" | "reaped" | "expired";
+  /** The tokens come from progress reports, not a final count. */
+  estimated: boolean;
+  startedAt: string;
+  settledAt: string;
+}
+
+export interface UsagePage {
+  userId: string;
+  page: number;
+  limit: number;
+  /** Newest first; fewer than `limit` on the last page. */
+  records: UsageRecord[];
+}
+
+export interface Pagination {
+  total: number;
+  page: number;
+  limit: number;
+  pages: number;
+}
+
+/** One observation in the audit. */
+export interface ObservationRecord {
+  id: string;
+  observerId: string;
+  observerRole: "supervisor" | "admin";
+  observedUserId: string;
+  sessionId: string;
+  startedAt: string;
+  /** Absent while the observation goes on (or when its replica died). */
+  endedAt?: string;
+  /** How it ended: `left`, `too_slow` or `shutdown`. */
+  outcome?: string;
+}
+
+export interface AuditPage {
+  /** Newest first. */
+  observations: ObservationRecord[];
+  pagination: Pagination;
+}
+
+/** A reply in flight, as a console sees it. */
+export interface ReplyInfo {
+  /** Unique per reply (a session has one reply at a time, many over time). */
+  replyId: string;
+  sessionId: string;
+  /** The session's owner. */
+  userId: string;
+  userCohorts: string[];
+  route: string;
+  /** The user's message the reply answers. */
+  message: string;
+  startedAt: string;
+}
+
+/**
+ * One event of the console's live list (`GET /api/observe/live`). `replies`
+ * replaces the whole list (it comes first, and again after the stream fell
+ * behind or re-connected); `started` and `ended` change it. The client adds
+ * `reconnecting` and `reconnected` around a dropped connection.
+ */
+export type LiveEvent =
+  | { type: "replies"; replies: ReplyInfo[] }
+  | { type: "started"; reply: ReplyInfo }
+  /** `outcome`: completed, failed, interrupted, abandoned, shutdown, unpaid, max_duration, lost. */
+  | { type: "ended"; reply: ReplyInfo; outcome: string }
+  | ConnectionEvent;
+
+/** Data of an observer's `observe` event: a reply of the session starts or ends. */
+export interface ObserveEventData {
+  sessionId: string;
+  userId: string;
+  replyId: string;
+  state: "started" | "ended";
+  /** On `started`: the user's message the reply answers. */
+  message?: string;
+  /** On `ended`: completed, failed, interrupted, abandoned, shutdown, unpaid, max_duration, lost. */
+  outcome?: string;
+}
+
+/**
+ * One event of an observed session (`GET …/observe`): each reply is framed
+ * by `observe` started/ended, and its events are the owner's (`model`,
+ * `chunk`, `complete`, `error`, with the owner's ids). `too-slow`: the
+ * service cut this observer because it fell behind (the stream ends). After
+ * `reconnected` the running reply is replayed from its first event, so a
+ * view of it starts over.
+ */
+export type ObserveEvent =
+  | Extract<ReplyEvent, { id: number }>
+  | { type: "observe"; data: ObserveEventData }
+  | { type: "too-slow"; data: ErrorEventData }
+  | ConnectionEvent;
+
+/** Added by the client around a dropped connection of a console's stream. */
+export type ConnectionEvent =
+  | { type: "reconnecting"; attempt: number; delayMs: number }
+  | { type: "reconnected" };
 
 export interface DevSignIn {
   ttlSeconds: number;

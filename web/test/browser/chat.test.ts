@@ -6,51 +6,32 @@
 
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
-import type { BrowserContext, Page } from "playwright-core";
+import type { Page } from "playwright-core";
 
 import {
+  PACE,
   assertAccessible,
+  assertGrewOverTime,
+  browserForTests,
   captureBothWidths,
-  launchBrowser,
+  devSignIn as signIn,
+  finishedReply,
+  lastReply,
+  recordGrowth,
   routesFile,
+  send,
+  settled,
   startFailingModelServer,
   startService,
-  watchForProblems,
+  tabTo,
+  words,
   type Service,
 } from "./harness.js";
 
-/** Paced replies: about 12 words a second. */
-const PACE = {
-  PARLEY_SIMULATED_FIRST_TOKEN_MILLIS: "300",
-  PARLEY_SIMULATED_TOKENS_PER_SECOND: "12",
-  PARLEY_SIMULATED_REPLY_TOKENS: "0",
-};
-
-/** Words w1 … wN: a prompt the simulated model echoes word by word. */
-function words(count: number, prefix = "w"): string {
-  return Array.from({ length: count }, (_, index) => `${prefix}${index + 1}`).join(" ");
-}
-
-let browser: { context: BrowserContext; close(): Promise<void> };
-
-before(async () => {
-  browser = await launchBrowser();
-});
-
-after(async () => {
-  await browser?.close();
-});
-
-/** A new tab with its problems watched. */
-async function newPage(): Promise<{ page: Page; problems: string[] }> {
-  const page = await browser.context.newPage();
-  return { page, problems: watchForProblems(page) };
-}
+const { newPage } = browserForTests();
 
 async function devSignIn(page: Page, service: Service, sub: string): Promise<void> {
-  await page.goto(`${service.base}/`);
-  await page.getByLabel("User id").fill(sub);
-  await page.getByRole("button", { name: "Dev sign-in" }).click();
+  await signIn(page, service, sub);
   await page.getByRole("textbox", { name: "Message" }).waitFor();
 }
 
@@ -59,33 +40,6 @@ async function tokenSignIn(page: Page, service: Service, token: string): Promise
   await page.getByLabel("Bearer token (JWT)").fill(token);
   await page.getByRole("button", { name: "Sign in", exact: true }).click();
   await page.getByRole("textbox", { name: "Message" }).waitFor();
-}
-
-async function send(page: Page, message: string): Promise<void> {
-  await page.getByRole("textbox", { name: "Message" }).fill(message);
-  await page.getByRole("button", { name: "Send" }).click();
-}
-
-const lastReply = (page: Page) => page.locator(".messages .message.assistant").last();
-
-/** Waits until the last reply is over (its meta line says how) and returns its text. */
-async function finishedReply(page: Page, meta: RegExp = /Cost .* credits/): Promise<string> {
-  const reply = lastReply(page);
-  await reply.locator(".meta", { hasText: meta }).waitFor({ timeout: 30_000 });
-  return (await reply.locator(".body").textContent()) ?? "";
-}
-
-/** Records the streaming reply's text length at every DOM change, with the time. */
-async function recordGrowth(page: Page): Promise<void> {
-  await page.evaluate(() => {
-    const record: Array<[number, number]> = [];
-    (window as unknown as { growth: typeof record }).growth = record;
-    const list = document.querySelector(".messages") as Element;
-    new MutationObserver(() => {
-      const body = list.querySelector(".message.assistant.streaming .body");
-      if (body) record.push([performance.now(), (body.textContent ?? "").length]);
-    }).observe(list, { subtree: true, childList: true, characterData: true });
-  });
 }
 
 async function api<T>(service: Service, page: Page, path: string): Promise<T> {
@@ -105,11 +59,6 @@ async function storedSession(service: Service, page: Page): Promise<StoredSessio
   const id = new URL(page.url()).searchParams.get("session");
   assert.ok(id, "the page names its chat in the URL");
   return api<StoredSession>(service, page, `/api/chat/sessions/${id}`);
-}
-
-/** Two animation frames: layout and paint have caught up. */
-async function settled(page: Page): Promise<void> {
-  await page.evaluate(() => new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done))));
 }
 
 describe("chat page on the simulated model", () => {
@@ -142,17 +91,12 @@ describe("chat page on the simulated model", () => {
     await page.getByRole("link", { name: "Streaming, watched" }).waitFor();
 
     const prompt = words(40);
-    await recordGrowth(page);
+    await recordGrowth(page, ".messages");
     await send(page, prompt);
     const text = await finishedReply(page);
     assert.equal(text, prompt);
 
-    const growth = await page.evaluate(() => (window as unknown as { growth: Array<[number, number]> }).growth);
-    const lengths = [...new Set(growth.map(([, length]) => length))];
-    assert.ok(lengths.length >= 8, `the reply grew in ${lengths.length} steps: ${lengths.join(", ")}`);
-    assert.deepEqual(lengths, [...lengths].sort((a, b) => a - b), "the text only grows");
-    const [first, last] = [growth[0], growth.at(-1)];
-    assert.ok(first && last && last[0] - first[0] > 1000, "growth is spread over time, chunk by chunk");
+    const { lengths } = await assertGrewOverTime(page);
     assert.ok((lengths[0] ?? 0) < prompt.length / 4, "the first text shown is a small part of the reply");
 
     const meta = (await lastReply(page).locator(".meta").textContent()) ?? "";
@@ -193,37 +137,18 @@ describe("chat page on the simulated model", () => {
     const { page, problems } = await newPage();
     await page.goto(`${service.base}/`);
     await page.getByRole("button", { name: "Dev sign-in" }).waitFor();
-    const focused = (): Promise<string> =>
-      page.evaluate(() => {
-        const element = document.activeElement as HTMLElement | null;
-        if (element === null || element === document.body) return "";
-        const labels = (element as HTMLInputElement).labels;
-        const label = labels && labels.length > 0 ? labels[0]?.textContent : null;
-        const labelledBy = element.getAttribute("aria-labelledby");
-        const byId = labelledBy === null ? null : document.getElementById(labelledBy)?.textContent;
-        return (element.getAttribute("aria-label") ?? byId ?? label ?? element.textContent ?? "").trim();
-      });
-    /** Presses Tab until `name` has the focus; the names passed on the way. */
-    const tabTo = async (name: string): Promise<string[]> => {
-      const passed: string[] = [];
-      for (let presses = 0; presses < 30; presses++) {
-        await page.keyboard.press("Tab");
-        const now = await focused();
-        passed.push(now);
-        if (now === name) return passed;
-      }
-      throw new Error(`Tab never reached ${name}: ${passed.join(" | ")}`);
-    };
-    assert.deepEqual(await tabTo("User id"), ["Bearer token (JWT)", "Sign in", "User id"]);
+    assert.deepEqual(await tabTo(page, "User id"), ["Bearer token (JWT)", "Sign in", "User id"]);
     await page.keyboard.press("Control+A");
     await page.keyboard.type("kim");
-    assert.deepEqual(await tabTo("Dev sign-in"), ["Role", "Cohorts", "Dev sign-in"]);
+    assert.deepEqual(await tabTo(page, "Dev sign-in"), ["Role", "Cohorts", "Dev sign-in"]);
     await page.keyboard.press("Enter");
     await page.getByRole("textbox", { name: "Message" }).waitFor();
+    // The message list is named by the conversation's heading, which is set once the chats have loaded.
+    await page.getByRole("heading", { name: "No chat open" }).waitFor();
 
     // Reading order: header, chats, conversation, composer.
     await page.locator("body").focus();
-    const order = await tabTo("Send");
+    const order = await tabTo(page, "Send");
     // "No chat open" is the message list, scrollable by keyboard.
     assert.deepEqual(order, ["Skip to content", "Chat", "Sign out", "New chat", "No chat open", "Model", "Message", "Send"]);
     // The skip link leads to the content.

@@ -5,13 +5,15 @@
  * and a throttling OpenAI-compatible stand-in for fallback.
  */
 
+import assert from "node:assert/strict";
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createServer, type Server } from "node:http";
-import type { AddressInfo } from "node:net";
+import { connect, createServer as createTcpServer, type AddressInfo, type Socket } from "node:net";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { createRequire } from "node:module";
+import { after, before } from "node:test";
 import { fileURLToPath } from "node:url";
 import { chromium, type BrowserContext, type Page } from "playwright-core";
 
@@ -125,6 +127,27 @@ export async function launchBrowser(): Promise<{ context: BrowserContext; close(
     async close() {
       await context.close();
       rmSync(profile, { recursive: true, force: true });
+    },
+  };
+}
+
+/**
+ * One Chromium for the tests of a file: started before them, closed after.
+ * `newPage` opens a tab whose problems are watched.
+ */
+export function browserForTests(): { newPage(): Promise<{ page: Page; problems: string[] }> } {
+  let browser: { context: BrowserContext; close(): Promise<void> } | undefined;
+  before(async () => {
+    browser = await launchBrowser();
+  });
+  after(async () => {
+    await browser?.close();
+  });
+  return {
+    async newPage() {
+      if (browser === undefined) throw new Error("the browser is started before the tests");
+      const page = await browser.context.newPage();
+      return { page, problems: watchForProblems(page) };
     },
   };
 }
@@ -256,4 +279,146 @@ export function routesFile(yaml: string): string {
   const path = join(dir, "routes.yaml");
   writeFileSync(path, yaml);
   return path;
+}
+
+/** Paced replies on the simulated model: about 12 words a second. */
+export const PACE = {
+  PARLEY_SIMULATED_FIRST_TOKEN_MILLIS: "300",
+  PARLEY_SIMULATED_TOKENS_PER_SECOND: "12",
+  PARLEY_SIMULATED_REPLY_TOKENS: "0",
+};
+
+/** Words w1 … wN: a prompt the simulated model echoes word by word. */
+export function words(count: number, prefix = "w"): string {
+  return Array.from({ length: count }, (_, index) => `${prefix}${index + 1}`).join(" ");
+}
+
+/** Starts recording the length of the reply being written in `listSelector` at every DOM change, with the time. */
+export async function recordGrowth(page: Page, listSelector: string): Promise<void> {
+  await page.evaluate((selector) => {
+    const record: Array<[number, number]> = [];
+    (window as unknown as { growth: typeof record }).growth = record;
+    const list = document.querySelector(selector) as Element;
+    new MutationObserver(() => {
+      const body = list.querySelector(".message.assistant.streaming .body");
+      if (body) record.push([performance.now(), (body.textContent ?? "").length]);
+    }).observe(list, { subtree: true, childList: true, characterData: true });
+  }, listSelector);
+}
+
+/**
+ * Checks what `recordGrowth` saw: the text grew in many steps, only grew,
+ * and over more than a second (chunk by chunk, not at once). Returns the
+ * distinct lengths in order.
+ */
+export async function assertGrewOverTime(page: Page): Promise<{ lengths: number[] }> {
+  const growth = await page.evaluate(() => (window as unknown as { growth: Array<[number, number]> }).growth);
+  const lengths = [...new Set(growth.map(([, length]) => length))];
+  assert.ok(lengths.length >= 8, `the reply grew in ${lengths.length} steps: ${lengths.join(", ")}`);
+  assert.deepEqual(lengths, [...lengths].sort((a, b) => a - b), "the text only grows");
+  const [first, last] = [growth[0], growth.at(-1)];
+  assert.ok(first && last && last[0] - first[0] > 1000, "growth is spread over time, chunk by chunk");
+  return { lengths };
+}
+
+/** Sends `message` from the chat page. */
+export async function send(page: Page, message: string): Promise<void> {
+  await page.getByRole("textbox", { name: "Message" }).fill(message);
+  await page.getByRole("button", { name: "Send" }).click();
+}
+
+/** The chat page's last reply. */
+export const lastReply = (page: Page) => page.locator(".messages .message.assistant").last();
+
+/** Waits until the chat page's last reply is over (its meta line says how) and returns its text. */
+export async function finishedReply(page: Page, meta: RegExp = /Cost .* credits/): Promise<string> {
+  const reply = lastReply(page);
+  await reply.locator(".meta", { hasText: meta }).waitFor({ timeout: 30_000 });
+  return (await reply.locator(".body").textContent()) ?? "";
+}
+
+/** Dev sign-in on the page at `path` (default `/`) as `sub`, with a role and cohorts; resolves once signed in. */
+export async function devSignIn(
+  page: Page,
+  service: Service,
+  sub: string,
+  options: { role?: "user" | "supervisor" | "admin"; cohorts?: string[]; path?: string } = {},
+): Promise<void> {
+  await page.goto(`${service.base}${options.path ?? "/"}`);
+  await page.getByLabel("User id").fill(sub);
+  await page.getByLabel("Role").selectOption(options.role ?? "user");
+  await page.getByLabel("Cohorts").fill((options.cohorts ?? []).join(", "));
+  await page.getByRole("button", { name: "Dev sign-in" }).click();
+  await page.getByRole("button", { name: "Sign out" }).waitFor();
+}
+
+/** Two animation frames: layout and paint have caught up. */
+export async function settled(page: Page): Promise<void> {
+  await page.evaluate(() => new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done))));
+}
+
+/** The accessible name of the focused element, as the keyboard tests compare it. */
+export function focusedName(page: Page): Promise<string> {
+  return page.evaluate(() => {
+    const element = document.activeElement as HTMLElement | null;
+    if (element === null || element === document.body) return "";
+    const labels = (element as HTMLInputElement).labels;
+    const label = labels && labels.length > 0 ? labels[0]?.textContent : null;
+    const labelledBy = element.getAttribute("aria-labelledby");
+    const byId = labelledBy === null ? null : document.getElementById(labelledBy)?.textContent;
+    return (element.getAttribute("aria-label") ?? byId ?? label ?? element.textContent ?? "").trim();
+  });
+}
+
+/** Presses Tab until `name` has the focus; the names passed on the way. */
+export async function tabTo(page: Page, name: string): Promise<string[]> {
+  const passed: string[] = [];
+  for (let presses = 0; presses < 30; presses++) {
+    await page.keyboard.press("Tab");
+    const now = await focusedName(page);
+    passed.push(now);
+    if (now === name) return passed;
+  }
+  throw new Error(`Tab never reached ${name}: ${passed.join(" | ")}`);
+}
+
+/**
+ * A TCP proxy in front of the service whose connections the test can cut
+ * (`drop`), as a network failure would: the browser sees its streams break.
+ */
+export async function startCuttableProxy(
+  target: string,
+): Promise<{ base: string; drop(): number; close(): Promise<void> }> {
+  const { hostname, port } = new URL(target);
+  const sockets = new Set<Socket>();
+  const track = (socket: Socket): void => {
+    sockets.add(socket);
+    socket.once("close", () => sockets.delete(socket));
+  };
+  const server = createTcpServer((client) => {
+    const upstream = connect(Number(port), hostname);
+    track(client);
+    track(upstream);
+    client.pipe(upstream);
+    upstream.pipe(client);
+    client.once("error", () => upstream.destroy());
+    upstream.once("error", () => client.destroy());
+    client.once("close", () => upstream.destroy());
+    upstream.once("close", () => client.destroy());
+  });
+  await new Promise<void>((listening) => server.listen(0, "127.0.0.1", listening));
+  const address = server.address() as AddressInfo;
+  return {
+    base: `http://127.0.0.1:${address.port}`,
+    drop() {
+      const count = sockets.size;
+      for (const socket of sockets) socket.destroy();
+      return count;
+    },
+    close: () =>
+      new Promise((closed) => {
+        for (const socket of sockets) socket.destroy();
+        server.close(() => closed());
+      }),
+  };
 }

@@ -4,7 +4,6 @@ import { test } from "node:test";
 import {
   InsufficientCreditsError,
   NetworkError,
-  ParleyClient,
   RateLimitedError,
   ReplyCheckpoints,
   ReplyInProgressError,
@@ -15,91 +14,7 @@ import {
   type ReplyCheckpoint,
   type ReplyEvent,
 } from "../../src/client/index.js";
-
-const SESSION = "0123456789abcdef01234567";
-const encoder = new TextEncoder();
-
-interface Call {
-  method: string;
-  url: string;
-  headers: Record<string, string>;
-  body: unknown;
-}
-
-type Answer = Response | Error | ((call: Call) => Response | Error);
-
-/** A fake `fetch` answering from a queue, recording every call. */
-function fakeFetch(answers: Answer[]): { fetch: (url: string, init: RequestInit) => Promise<Response>; calls: Call[] } {
-  const calls: Call[] = [];
-  const fetch = async (url: string, init: RequestInit): Promise<Response> => {
-    const call: Call = {
-      method: init.method ?? "GET",
-      url,
-      headers: { ...(init.headers as Record<string, string>) },
-      body: typeof init.body === "string" ? JSON.parse(init.body) : undefined,
-    };
-    calls.push(call);
-    init.signal?.throwIfAborted();
-    const next = answers.shift();
-    if (next === undefined) throw new Error(`unexpected call ${call.method} ${url}`);
-    const answer = typeof next === "function" ? next(call) : next;
-    if (answer instanceof Error) throw answer;
-    return answer;
-  };
-  return { fetch, calls };
-}
-
-function frame(id: number, event: string, data: unknown): string {
-  return `id: ${id}\nevent: ${event}\ndata: ${JSON.stringify(data)}\n\n`;
-}
-
-const MODEL = frame(1, "model", { model: "sim", route: "default", fallbackApplied: false, downgraded: false });
-const chunk = (id: number, text: string): string => frame(id, "chunk", { text, tokens: 1, totalTokens: id - 1 });
-const COMPLETE = (id: number): string =>
-  frame(id, "complete", {
-    usage: { inputTokens: 3, outputTokens: 4 },
-    messageId: "fedcba9876543210fedcba98",
-    credits: { charged: 0.012, remaining: 99.988 },
-  });
-
-/** An SSE response; with `dropAfter`, the connection breaks after that text. */
-function sse(text: string, options: { drop?: boolean; chunkSize?: number } = {}): Response {
-  const bytes = encoder.encode(text);
-  const size = options.chunkSize ?? 7;
-  let at = 0;
-  // Pulled piece by piece: an error only after everything before it was read
-  // (erroring a stream discards what is still queued).
-  const body = new ReadableStream<Uint8Array>(
-    {
-      pull(controller) {
-        if (at < bytes.length) {
-          controller.enqueue(bytes.slice(at, at + size));
-          at += size;
-        } else if (options.drop) {
-          controller.error(new TypeError("network error"));
-        } else {
-          controller.close();
-        }
-      },
-    },
-    { highWaterMark: 0 },
-  );
-  return new Response(body, { status: 200, headers: { "content-type": "text/event-stream" } });
-}
-
-function error(status: number, body: object, headers: Record<string, string> = {}): Response {
-  return new Response(JSON.stringify(body), { status, headers: { "content-type": "application/json", ...headers } });
-}
-
-function client(fetch: (url: string, init: RequestInit) => Promise<Response>): ParleyClient {
-  return new ParleyClient({ token: () => "T0KEN", fetch });
-}
-
-async function collect(events: AsyncIterable<ReplyEvent>): Promise<ReplyEvent[]> {
-  const out: ReplyEvent[] = [];
-  for await (const event of events) out.push(event);
-  return out;
-}
+import { COMPLETE, MODEL, SESSION, chunk, client, collect, encoder, error, fakeFetch, sse } from "./fakes.js";
 
 function text(events: ReplyEvent[]): string {
   return events.map((event) => (event.type === "chunk" ? event.data.text : "")).join("");

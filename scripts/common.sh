@@ -1,0 +1,54 @@
+# shellcheck shell=bash
+# Helpers shared by the scripts that install and start test servers. Sourced, not
+# run: the caller sets LOG_NAME first.
+
+log() { printf '[%s] %s\n' "$LOG_NAME" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+apt_install() { # Debian packages, only the missing ones
+  local missing=()
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  log "apt-get install ${missing[*]}"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+wait_for() { # description, seconds, command...
+  local what=$1 secs=$2; shift 2
+  local deadline=$((SECONDS + secs))
+  until "$@" >/dev/null 2>&1; do
+    [ $SECONDS -lt $deadline ] || die "$what did not come up within ${secs}s"
+    sleep 0.2
+  done
+}
+
+write_kubeconfig() { # file, name, server URL, CA file, bearer token
+  cat >"$1" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: $2
+  cluster:
+    server: $3
+    certificate-authority: $4
+users:
+- name: $2-admin
+  user:
+    token: $5
+contexts:
+- name: $2
+  context: {cluster: $2, user: $2-admin}
+current-context: $2
+EOF
+}

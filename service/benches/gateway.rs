@@ -1,0 +1,454 @@
+//! The reply path as a gateway: the release service binary in front of a
+//! zero-latency OpenAI-compatible mock upstream (N-token streamed replies),
+//! with everything a deployment does on (JWT, credits held and settled,
+//! rate limits counted, replies stored in the embedded store), driven by
+//! closed-loop clients that each stream replies one after another in one
+//! chat session of their own.
+//!
+//! Run: `cargo bench -p parley-service --bench gateway` (optionally
+//! `PARLEY_BENCH_CONCURRENCY=1,10,100`, `PARLEY_BENCH_SECONDS=10` per level,
+//! `PARLEY_BENCH_TOKENS=64` per reply, `PARLEY_BENCH_SESSION_REPLIES=500`).
+//! For each level it prints replies/s, time to first token p50/p99 through
+//! the service and straight from the mock (the same clients, the same run),
+//! the service's CPU time per reply (from /proc), and its peak RSS; then the
+//! mock alone (the harness's floor); then the cost of the 1st and the last
+//! replies of one long session, which should not grow with its length.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::routing::post;
+use bytes::Bytes;
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+use parley_service::auth::{Principal, Role, mint_token};
+use tokio::process::{Child, Command};
+
+const SECRET: &str = "bench-secret";
+const MODEL: &str = "mock-64";
+
+#[tokio::main]
+async fn main() {
+    let levels = parley_test_support::bench::numbers("PARLEY_BENCH_CONCURRENCY", &[1, 10, 100]);
+    let seconds = parley_test_support::bench::numbers("PARLEY_BENCH_SECONDS", &[10])[0];
+    let tokens = parley_test_support::bench::numbers("PARLEY_BENCH_TOKENS", &[64])[0];
+    let session_replies =
+        parley_test_support::bench::numbers("PARLEY_BENCH_SESSION_REPLIES", &[500])[0];
+    let duration = Duration::from_secs(seconds as u64);
+    let mock = Mock::start(tokens).await;
+    let client = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(usize::MAX)
+        .build()
+        .unwrap();
+    let server = Server::start(&mock.base).await;
+    println!(
+        "{tokens}-token replies, {seconds} s per level, each client one session; \
+         the mock and the clients share the machine with the service"
+    );
+    println!(
+        "| clients | replies/s | TTFT p50 / p99 through Parley | TTFT p50 / p99 from the mock | added p50 | CPU per reply | peak RSS | failed replies |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for clients in levels.iter().copied() {
+        let direct = closed_loop(clients, duration, |_| {
+            let (client, base) = (client.clone(), mock.base.clone());
+            move |_: usize| {
+                let (client, base) = (client.clone(), base.clone());
+                async move { direct_reply(&client, &base).await }
+            }
+        })
+        .await;
+        let sessions = server.sessions(&client, clients).await;
+        let cpu_before = server.cpu_seconds();
+        let through = closed_loop(clients, duration, |index| {
+            let (client, base) = (client.clone(), server.base.clone());
+            let (token, session) = sessions[index].clone();
+            move |_: usize| {
+                let (client, base, token, session) =
+                    (client.clone(), base.clone(), token.clone(), session.clone());
+                async move { service_reply(&client, &base, &token, &session).await }
+            }
+        })
+        .await;
+        let cpu = server.cpu_seconds() - cpu_before;
+        println!(
+            "| {clients} | {:.0} | {:.2} / {:.2} ms | {:.2} / {:.2} ms | +{:.2} ms | {:.3} ms | {:.0} MiB | {} |",
+            through.rate(),
+            through.ttft(0.50) * 1e3,
+            through.ttft(0.99) * 1e3,
+            direct.ttft(0.50) * 1e3,
+            direct.ttft(0.99) * 1e3,
+            (through.ttft(0.50) - direct.ttft(0.50)) * 1e3,
+            cpu / through.replies() as f64 * 1e3,
+            server.peak_rss_bytes() as f64 / 1048576.0,
+            through.failures(),
+        );
+    }
+    let floor = closed_loop(*levels.last().unwrap(), duration, |_| {
+        let (client, base) = (client.clone(), mock.base.clone());
+        move |_: usize| {
+            let (client, base) = (client.clone(), base.clone());
+            async move { direct_reply(&client, &base).await }
+        }
+    })
+    .await;
+    println!(
+        "the mock alone at {} clients: {:.0} replies/s",
+        levels.last().unwrap(),
+        floor.rate()
+    );
+
+    // One session growing reply by reply: the first and the last tenth.
+    let (token, session) = server.sessions(&client, 1).await.remove(0);
+    let tenth = (session_replies / 10).max(1);
+    let mut costs = Vec::new();
+    for part in 0..10 {
+        let cpu_before = server.cpu_seconds();
+        let mut ttft = Vec::with_capacity(tenth);
+        for _ in 0..tenth {
+            // A failed reply (printed) is no sample.
+            match service_reply(&client, &server.base, &token, &session).await {
+                Ok(first) => ttft.push(first),
+                Err(code) => eprintln!("one session: a reply failed: {code}"),
+            }
+        }
+        let cpu = server.cpu_seconds() - cpu_before;
+        costs.push((cpu / tenth as f64, percentile(&mut ttft, 0.50)));
+        if part == 0 || part == 9 {
+            println!(
+                "one session, replies {}-{}: CPU per reply {:.3} ms, TTFT p50 {:.2} ms",
+                part * tenth + 1,
+                (part + 1) * tenth,
+                costs[part].0 * 1e3,
+                costs[part].1 * 1e3
+            );
+        }
+    }
+    println!(
+        "last tenth / first tenth: CPU per reply x{:.2}, TTFT p50 x{:.2}",
+        costs[9].0 / costs[0].0,
+        costs[9].1 / costs[0].1
+    );
+    server.stop().await;
+}
+
+/// TTFTs of completed replies, the failed ones by error code, and the time
+/// they took.
+struct Run {
+    ttft: Vec<f64>,
+    failed: BTreeMap<String, usize>,
+    elapsed: Duration,
+}
+
+impl Run {
+    fn replies(&self) -> usize {
+        self.ttft.len()
+    }
+
+    fn rate(&self) -> f64 {
+        self.replies() as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn failures(&self) -> String {
+        if self.failed.is_empty() {
+            return "none".to_owned();
+        }
+        let counts: Vec<String> = self
+            .failed
+            .iter()
+            .map(|(code, count)| format!("{count} {code}"))
+            .collect();
+        counts.join(", ")
+    }
+
+    fn ttft(&self, q: f64) -> f64 {
+        percentile(&mut self.ttft.clone(), q)
+    }
+}
+
+/// `clients` tasks, each running `reply` one after another until `duration`
+/// is over; every TTFT.
+async fn closed_loop<M, R, F>(clients: usize, duration: Duration, make: M) -> Run
+where
+    M: Fn(usize) -> R,
+    R: Fn(usize) -> F + Send + 'static,
+    F: std::future::Future<Output = Result<f64, String>> + Send,
+{
+    let over = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|index| {
+            let reply = make(index);
+            let over = Arc::clone(&over);
+            tokio::spawn(async move {
+                let mut ttft = Vec::new();
+                let mut failed = Vec::new();
+                let mut round = 0;
+                while !over.load(Ordering::Relaxed) {
+                    match reply(round).await {
+                        Ok(first) => ttft.push(first),
+                        Err(code) => failed.push(code),
+                    }
+                    round += 1;
+                }
+                (ttft, failed)
+            })
+        })
+        .collect();
+    tokio::time::sleep(duration).await;
+    over.store(true, Ordering::Relaxed);
+    let mut ttft = Vec::new();
+    let mut failed = BTreeMap::new();
+    for task in tasks {
+        let (first, codes) = task.await.unwrap();
+        ttft.extend(first);
+        for code in codes {
+            *failed.entry(code).or_insert(0) += 1;
+        }
+    }
+    Run {
+        ttft,
+        failed,
+        elapsed: started.elapsed(),
+    }
+}
+
+/// Streams one reply through the service; its TTFT (request to first chunk),
+/// or the error code it failed with.
+async fn service_reply(
+    client: &reqwest::Client,
+    base: &str,
+    token: &str,
+    session: &str,
+) -> Result<f64, String> {
+    let started = Instant::now();
+    let response = client
+        .post(format!("{base}/api/chat/sessions/{session}/stream"))
+        .bearer_auth(token)
+        .json(&serde_json::json!({"message": "one two three four five six seven eight"}))
+        .send()
+        .await
+        .unwrap();
+    if response.status() != 200 {
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        return Err(body["code"].as_str().unwrap_or("HTTP error").to_owned());
+    }
+    let mut events = response.bytes_stream().eventsource();
+    let mut first = None;
+    while let Some(event) = events.next().await {
+        let event = event.unwrap();
+        match event.event.as_str() {
+            "chunk" => {
+                first.get_or_insert(started.elapsed().as_secs_f64());
+            }
+            "complete" => break,
+            "error" => {
+                let body: serde_json::Value = serde_json::from_str(&event.data).unwrap_or_default();
+                return Err(body["code"].as_str().unwrap_or("error event").to_owned());
+            }
+            _ => {}
+        }
+    }
+    Ok(first.expect("no chunk"))
+}
+
+/// Streams one reply straight from the mock; its TTFT.
+async fn direct_reply(client: &reqwest::Client, base: &str) -> Result<f64, String> {
+    let started = Instant::now();
+    let response = client
+        .post(format!("{base}/chat/completions"))
+        .json(&serde_json::json!({
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "one two three four five six seven eight"}],
+            "max_tokens": 64,
+            "stream": true,
+            "stream_options": {"include_usage": true},
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut events = response.bytes_stream().eventsource();
+    let mut first = None;
+    while let Some(event) = events.next().await {
+        let event = event.unwrap();
+        if event.data == "[DONE]" {
+            break;
+        }
+        first.get_or_insert(started.elapsed().as_secs_f64());
+    }
+    Ok(first.expect("no chunk"))
+}
+
+/// A zero-latency OpenAI-compatible upstream: every streamed reply is the
+/// same `tokens` chunks, a finish and usage, sent at once.
+struct Mock {
+    base: String,
+}
+
+impl Mock {
+    async fn start(tokens: usize) -> Self {
+        let mut body = String::new();
+        let chunk = |delta: &str, finish: &str| {
+            format!(
+                "data: {{\"id\":\"mock\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":\"{MODEL}\",\"choices\":[{{\"index\":0,\"delta\":{delta},\"finish_reason\":{finish}}}]}}\n\n"
+            )
+        };
+        body.push_str(&chunk("{\"role\":\"assistant\",\"content\":\"\"}", "null"));
+        for index in 0..tokens {
+            body.push_str(&chunk(&format!("{{\"content\":\" t{index}\"}}"), "null"));
+        }
+        body.push_str(&chunk("{}", "\"stop\""));
+        body.push_str(&format!(
+            "data: {{\"id\":\"mock\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":\"{MODEL}\",\"choices\":[],\"usage\":{{\"prompt_tokens\":12,\"completion_tokens\":{tokens},\"total_tokens\":{}}}}}\n\ndata: [DONE]\n\n",
+            tokens + 12
+        ));
+        let body = Bytes::from(body);
+        let app = Router::new().route(
+            "/v1/chat/completions",
+            post(move || {
+                let body = body.clone();
+                async move { ([("content-type", "text/event-stream")], body) }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Self {
+            base: format!("http://{address}/v1"),
+        }
+    }
+}
+
+struct Server {
+    child: Child,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    async fn start(upstream: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let routes = dir.path().join("routes.yaml");
+        std::fs::write(
+            &routes,
+            format!(
+                "routes:\n  - alias: default\n    targets:\n      - provider: openai\n        model: {MODEL}\n        pricing: {{inputPer1k: 0.001, outputPer1k: 0.001}}\n        maxOutputTokens: 64\n"
+            ),
+        )
+        .unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(env!("CARGO_BIN_EXE_parley-service"))
+            .env("PARLEY_LISTEN", format!("127.0.0.1:{port}"))
+            .env("PARLEY_DATA_DIR", dir.path().join("data"))
+            .env("PARLEY_ROUTES_FILE", &routes)
+            .env("PARLEY_OPENAI_BASE_URL", upstream)
+            .env("PARLEY_JWT_SECRET", SECRET)
+            .env("PARLEY_INITIAL_CREDITS", "1000000")
+            // Limits stay on (every request and token is counted) but are
+            // never reached.
+            .env("PARLEY_RATE_LIMIT_REQUESTS_PER_MINUTE", "1000000000")
+            .env("PARLEY_RATE_LIMIT_TOKENS_PER_MINUTE", "1000000000000")
+            .env("PARLEY_RATE_LIMIT_CONCURRENT_STREAMS", "1000")
+            .env("PARLEY_REATTACH_GRACE_SECONDS", "0")
+            .env("PARLEY_SHUTDOWN_DRAIN_SECONDS", "2")
+            .env("PARLEY_STREAM_DRAIN_SECONDS", "0")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let server = Self {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+        };
+        parley_test_support::bench::wait_until_ready(&server.base).await;
+        server
+    }
+
+    /// A user and a session of its own for each of `clients`.
+    async fn sessions(&self, client: &reqwest::Client, clients: usize) -> Vec<(String, String)> {
+        let mut sessions = Vec::with_capacity(clients);
+        for index in 0..clients {
+            let token = mint_token(
+                SECRET.as_bytes(),
+                &Principal {
+                    sub: format!("gateway-{index}-{}", uuid::Uuid::new_v4().simple()),
+                    role: Role::User,
+                    cohorts: Vec::new(),
+                },
+                Duration::from_secs(3600),
+                None,
+                None,
+            )
+            .unwrap();
+            let session: serde_json::Value = client
+                .post(format!("{}/api/chat/sessions", self.base))
+                .bearer_auth(&token)
+                .json(&serde_json::json!({}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            sessions.push((token, session["sessionId"].as_str().unwrap().to_owned()));
+        }
+        sessions
+    }
+
+    fn proc_status_kib(&self, field: &str) -> u64 {
+        let pid = self.child.id().unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(field))
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    fn peak_rss_bytes(&self) -> u64 {
+        self.proc_status_kib("VmHWM:") * 1024
+    }
+
+    /// User plus system CPU time of the service so far.
+    fn cpu_seconds(&self) -> f64 {
+        let pid = self.child.id().unwrap();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        // Fields after the command name (which may contain spaces).
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .collect();
+        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+        // Linux reports CPU time in clock ticks of 1/100 s.
+        ticks / 100.0
+    }
+
+    async fn stop(mut self) {
+        self.child.start_kill().unwrap();
+        self.child.wait().await.unwrap();
+    }
+}
+
+fn percentile(samples: &mut [f64], q: f64) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    let index = ((samples.len() as f64 - 1.0) * q).round() as usize;
+    samples[index]
+}

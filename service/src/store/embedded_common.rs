@@ -1,0 +1,60 @@
+//! What every table of the embedded store shares: the store's handle (one
+//! redb file) and how records and timestamps are encoded. The tables' own
+//! modules (sessions, audit, API keys) build on it.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::embedded_db::EmbeddedDb;
+use crate::error::Error;
+
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    pub(super) database: Arc<EmbeddedDb>,
+}
+
+impl EmbeddedStore {
+    /// The database file, shared with other embedded stores (redb allows one
+    /// open handle per file).
+    pub fn database(&self) -> &Arc<EmbeddedDb> {
+        &self.database
+    }
+}
+
+/// Index key for a timestamp; timestamps before 1970 sort first.
+pub(super) fn millis_key(millis: i64) -> u64 {
+    u64::try_from(millis).unwrap_or(0)
+}
+
+pub(super) fn from_millis(millis: i64) -> Result<DateTime<Utc>, Error> {
+    DateTime::from_timestamp_millis(millis)
+        .ok_or_else(|| Error::Store(format!("timestamp {millis} out of range")))
+}
+
+pub(super) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, Error> {
+    serde_json::to_vec(value).map_err(|error| Error::Store(format!("encoding a record: {error}")))
+}
+
+pub(super) fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, Error> {
+    serde_json::from_slice(bytes)
+        .map_err(|error| Error::Store(format!("decoding a record: {error}")))
+}
+
+impl From<redb::Error> for Error {
+    fn from(error: redb::Error) -> Self {
+        storage_error(error)
+    }
+}
+
+/// I/O failures are outages (503, retryable); anything else is an internal error.
+pub(super) fn storage_error(error: impl Into<redb::Error>) -> Error {
+    match error.into() {
+        redb::Error::Io(error) => Error::StoreUnavailable(format!("embedded store I/O: {error}")),
+        redb::Error::PreviousIo | redb::Error::DatabaseClosed => {
+            Error::StoreUnavailable("embedded store closed after an I/O error".into())
+        }
+        other => Error::Store(format!("embedded store: {other}")),
+    }
+}
