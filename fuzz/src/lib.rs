@@ -320,6 +320,7 @@ pub fn bedrock_stream(data: &[u8]) {
         model: "anthropic.claude-3-haiku-20240307-v1:0".into(),
         turns: vec![ChatTurn::new(TurnRole::User, "hello")],
         max_output_tokens: 64,
+        guardrail: None,
         sampling: Sampling::default(),
         timeout: READ_TIMEOUT,
     };

@@ -374,6 +374,7 @@ async fn direct_ttft(n: usize, rounds: usize, reply_tokens: u32) -> Vec<f64> {
                             turns: vec![ChatTurn::new(TurnRole::User, QUESTION)],
                             max_output_tokens: 1024,
                             timeout: Duration::from_secs(60),
+                            guardrail: None,
                             sampling: Sampling::default(),
                         })
                         .await

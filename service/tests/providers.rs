@@ -50,6 +50,7 @@ fn request(model: &str, timeout: Duration) -> CompletionRequest {
         ],
         max_output_tokens: 128,
         timeout,
+        guardrail: None,
         sampling: Sampling::default(),
     }
 }
@@ -57,6 +58,7 @@ fn request(model: &str, timeout: Duration) -> CompletionRequest {
 /// `request` with every sampling setting a caller may give.
 fn sampled(model: &str) -> CompletionRequest {
     CompletionRequest {
+        guardrail: None,
         sampling: Sampling {
             temperature: Some(0.25),
             top_p: Some(0.5),
@@ -633,6 +635,7 @@ async fn simulated_stops_where_a_stop_sequence_first_appears() {
         reply_tokens: Some(7),
     });
     let stopped = |stop: &[&str]| CompletionRequest {
+        guardrail: None,
         sampling: Sampling {
             stop: stop.iter().map(|s| (*s).to_owned()).collect(),
             ..Sampling::default()

@@ -160,14 +160,17 @@ mod tests {
         file.routes
     }
 
-    fn candidates(routes: &[ModelRouteSpec], available: i64) -> Vec<Candidate<'_>> {
+    fn candidates(routes: &[ModelRouteSpec], available: u64) -> Vec<Candidate<'_>> {
         routes
             .iter()
             .map(|route| {
                 let cost = route.targets[0].pricing.cost(0, 1000).unwrap();
                 Candidate {
                     route,
-                    answering: (cost.micros() <= available * 1_000_000).then_some((0, cost)),
+                    answering: {
+                        let micros = u64::try_from(cost.micros()).unwrap();
+                        (micros <= available * 1_000_000).then_some((0, Credits::from_micros(micros)))
+                    },
                     primary_open: false,
                     is_default: route.alias == "default",
                 }
@@ -175,10 +178,10 @@ mod tests {
             .collect()
     }
 
-    fn pick(available: i64, task: &str, priority: Priority) -> Option<String> {
+    fn pick(available: u64, task: &str, priority: Priority) -> Option<String> {
         let routes = routes();
         let candidates = candidates(&routes, available);
-        recommend(&candidates, task, priority, Credits::from_whole(available))
+        recommend(&candidates, task, priority, Credits::from_micros(available * 1_000_000))
             .map(|r| r.alias)
     }
 
@@ -200,7 +203,7 @@ mod tests {
         let routes = routes();
         let mut candidates = candidates(&routes, 100);
         candidates[2].primary_open = true;
-        let best = recommend(&candidates, "code", Priority::Cost, Credits::from_whole(100)).unwrap();
+        let best = recommend(&candidates, "code", Priority::Cost, Credits::from_micros(100_000_000)).unwrap();
         assert_eq!(best.alias, "coder");
         assert!(best.reason.contains("match the task `code`"), "{}", best.reason);
         assert!(best.reason.contains("at most 10 of your 100"), "{}", best.reason);

@@ -9,7 +9,6 @@ use mongodb::options::IndexOptions;
 use mongodb::{Collection, IndexModel};
 use serde::{Deserialize, Serialize};
 
-use super::ObjectId;
 use super::audit::{
     AuditQuery, BlockAudit, BlockDirection, BlockKind, BlockPage, BlockQuery, CohortScope,
     Observation, ObservationAudit, ObservationEnd, ObservationPage, PolicyBlock,

@@ -25,7 +25,7 @@ use crate::context_window::{Prompt, output_tokens};
 use crate::embedded_db::PendingDurability;
 use crate::error::{Error, upstream_code};
 use crate::providers::{
-    CompletionRequest, ProviderError, ProviderErrorKind, ProviderEvent, Sampling, StopReason, Usage,
+    CompletionRequest, Guardrail, ProviderError, ProviderErrorKind, ProviderEvent, Sampling, StopReason, Usage,
 };
 use crate::ratelimit::{RateLimiter, Scope, StreamGuard};
 use crate::store::{Message, MessageRole, ObjectId, SessionStore, TokenTotals};
@@ -319,6 +319,7 @@ impl Generation<'_> {
             max_output_tokens: output_tokens(target, self.request.max_output_tokens),
             timeout: Duration::from_secs(u64::from(target.timeout_seconds)),
             sampling: self.request.sampling.clone(),
+            guardrail: guardrail(target),
         };
         let opened = tokio::select! {
             opened = provider.stream(request) => opened,
@@ -787,6 +788,15 @@ impl Generation<'_> {
                 .inc_by(u64::from(tokens));
         }
     }
+}
+
+/// The target's Bedrock Guardrail, when it declares one (validation makes
+/// sure only `bedrock` targets do, always with a version).
+fn guardrail(target: &RouteTarget) -> Option<Guardrail> {
+    Some(Guardrail {
+        identifier: target.guardrail_identifier.clone()?,
+        version: target.guardrail_version.clone()?,
+    })
 }
 
 fn ended_early() -> ProviderError {

@@ -134,7 +134,7 @@ impl ModelList {
 pub fn finish_reason(stop: &StopReason) -> &'static str {
     match stop {
         StopReason::MaxTokens => "length",
-        StopReason::ContentFiltered => "content_filter",
+        StopReason::ContentFiltered | StopReason::GuardrailIntervened(_) => "content_filter",
         StopReason::EndTurn | StopReason::StopSequence | StopReason::Other(_) => "stop",
     }
 }
