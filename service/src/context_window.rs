@@ -54,6 +54,21 @@ pub struct Overflow {
 }
 
 impl Conversation {
+    /// Every user turn's text, the new message last: what the content
+    /// policy checks and masks.
+    pub fn user_texts_mut(&mut self) -> impl Iterator<Item = &mut String> {
+        self.history
+            .iter_mut()
+            .filter(|turn| turn.role == Role::User)
+            .chain(std::iter::once(&mut self.message))
+            .map(|turn| &mut turn.text)
+    }
+
+    /// The new user message.
+    pub fn message_text(&self) -> &str {
+        &self.message.text
+    }
+
     /// `system_prompt` (the route's) goes before `instructions`.
     pub fn new(
         system_prompt: Option<&str>,

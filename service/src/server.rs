@@ -27,13 +27,15 @@ use crate::ledger::{
 };
 use crate::metrics::{HttpMetrics, OperationMetrics};
 use crate::model_routes::RoutesSource;
+use crate::policy::BlockRecorder;
 use crate::ratelimit::{
     LocalRateLimiter, RateLimitMetrics, RateLimiter, RateLimits, RedisRateLimiter,
 };
 use crate::routes::app;
 use crate::state::{AppState, Limits};
 use crate::store::{
-    ApiKeyStore, EmbeddedStore, InstrumentedStore, MongoStore, ObservationAudit, SessionStore,
+    ApiKeyStore, BlockAudit, EmbeddedStore, InstrumentedStore, MongoStore, ObservationAudit,
+    SessionStore,
 };
 use crate::stream::Replies;
 
@@ -97,6 +99,13 @@ impl Backend {
     }
 
     pub fn audit(&self) -> Arc<dyn ObservationAudit> {
+        match self {
+            Self::Embedded(store) => Arc::new(store.clone()),
+            Self::Mongo(store) => Arc::new(store.clone()),
+        }
+    }
+
+    pub fn block_audit(&self) -> Arc<dyn BlockAudit> {
         match self {
             Self::Embedded(store) => Arc::new(store.clone()),
             Self::Mongo(store) => Arc::new(store.clone()),
@@ -205,7 +214,9 @@ pub async fn serve_listener(
     if let Some(dev_tokens) = &dev_tokens {
         announce_dev_token(dev_tokens, address)?;
     }
+    let blocks = Arc::new(BlockRecorder::new(backend.block_audit(), &mut registry));
     let state = AppState {
+        blocks,
         dev_tokens: offer_dev_sign_in(dev_tokens, address),
         sessions: Arc::new(InstrumentedStore::new(backend.sessions(), store_metrics)),
         audit: backend.audit(),

@@ -10,6 +10,7 @@ use crate::accounting::Accounting;
 use crate::auth::Authenticator;
 use crate::auth::dev::DevTokens;
 use crate::metrics::HttpMetrics;
+use crate::policy::BlockRecorder;
 use crate::ratelimit::RateLimiter;
 use crate::store::{ApiKeyStore, ObservationAudit, SessionStore};
 use crate::stream::Replies;
@@ -19,6 +20,8 @@ pub struct AppState {
     pub sessions: Arc<dyn SessionStore>,
     /// Who observed whose replies, in the same store as the sessions.
     pub audit: Arc<dyn ObservationAudit>,
+    /// Content-policy blocks: their audit (same store) and metric.
+    pub blocks: Arc<BlockRecorder>,
     /// API keys, in the same store as the sessions (the authenticator
     /// looks them up too).
     pub keys: Arc<dyn ApiKeyStore>,

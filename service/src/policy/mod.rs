@@ -15,7 +15,7 @@ mod rules;
 
 use std::sync::Arc;
 
-use parley_crds::RuleAction;
+use parley_crds::{RouteTarget, RuleAction};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -24,12 +24,15 @@ use prometheus_client::registry::Registry;
 pub use output::{Filtered, OutputFilter};
 pub use rules::{CompiledRule, PolicyBook, ReplyPolicy, RuleSource, RuleTest};
 
+use crate::providers::Intervention;
 use crate::store::{BlockAudit, BlockDirection, BlockKind, ObjectId, PolicyBlock, now};
 
 /// What a mask leaves in place of a match.
 pub const MASK: &str = "***";
 /// What a stored reply ends with when a block cut it.
 pub const REDACTION_MARK: &str = "[removed by the content policy]";
+/// What the user is told when a guardrail blocked their message or reply.
+const GUARDRAIL_REASON: &str = "This content is not allowed by the model's guardrail.";
 /// Characters of context kept on each side of a match in an audit excerpt.
 const EXCERPT_CONTEXT_CHARS: usize = 20;
 
@@ -47,6 +50,23 @@ pub struct Block {
 }
 
 impl Block {
+    /// A Bedrock Guardrail intervened on `target`'s call: the row names the
+    /// guardrail and keeps what it flagged (policy names, never the text).
+    pub fn by_guardrail(target: &RouteTarget, intervention: &Intervention) -> Self {
+        let guardrail = target.guardrail_identifier.as_deref().unwrap_or("unknown");
+        Self {
+            direction: if intervention.on_input {
+                BlockDirection::Input
+            } else {
+                BlockDirection::Output
+            },
+            kind: BlockKind::Guardrail,
+            rule: format!("guardrail:{guardrail}"),
+            reason: GUARDRAIL_REASON.to_owned(),
+            excerpt: (!intervention.flagged.is_empty()).then(|| intervention.flagged.join(", ")),
+        }
+    }
+
     fn by_rule(rule: &CompiledRule, direction: BlockDirection, excerpt: Option<String>) -> Self {
         Self {
             direction,
@@ -62,8 +82,9 @@ impl Block {
 }
 
 impl ReplyPolicy {
-    /// The message as it may be stored and sent (masked), or the block.
-    pub fn check_input(&self, text: &str) -> Result<String, Block> {
+    /// The message masked (`None`: nothing to mask, send it as it is), or
+    /// the block.
+    pub fn check_input(&self, text: &str) -> Result<Option<String>, Block> {
         let mut masks = Vec::new();
         for rule in self.input_rules() {
             match (&rule.test, rule.action) {
@@ -83,7 +104,7 @@ impl ReplyPolicy {
                 }
             }
         }
-        Ok(masked(text, 0, text.len(), masks))
+        Ok((!masks.is_empty()).then(|| masked(text, 0, text.len(), masks)))
     }
 }
 
@@ -230,12 +251,13 @@ routes:
         let adult = policy(ROUTES, &["older"]);
         assert_eq!(
             adult.check_input("my id is 123-45-6789, heck").unwrap(),
-            "my id is ***, heck"
+            Some("my id is ***, heck".to_owned())
         );
+        assert_eq!(adult.check_input("nothing to mask").unwrap(), None);
         let young = policy(ROUTES, &["young", "x"]);
         assert_eq!(
             young.check_input("HECK, my id is 123-45-6789").unwrap(),
-            "***, my id is ***"
+            Some("***, my id is ***".to_owned())
         );
         let block = young.check_input("where is the Answer Key?").unwrap_err();
         assert_eq!(

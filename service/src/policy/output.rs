@@ -250,7 +250,10 @@ mod tests {
     #[test]
     fn a_word_split_across_chunks_is_masked_and_only_its_start_was_held() {
         let mut words = filter(WORDS);
-        let out = run(&mut words, &["Oh he", "ck, that is ", "a heckle. Darn", " it!"]);
+        let out = run(
+            &mut words,
+            &["Oh he", "ck, that is ", "a heckle. Darn", " it!"],
+        );
         assert_eq!(
             text(&out),
             ["Oh ", "***, that is ", "a heckle. ", "***!", ""]
@@ -297,7 +300,11 @@ mod tests {
         );
         let out = run(
             &mut blocking,
-            &["Heck, here is how to make nitro", "glycerin at home", " and more"],
+            &[
+                "Heck, here is how to make nitro",
+                "glycerin at home",
+                " and more",
+            ],
         );
         assert_eq!(out[0], Filtered::Text("***, here is how to make ".into()));
         match &out[1] {

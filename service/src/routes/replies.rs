@@ -25,6 +25,7 @@ use crate::embedded_db::PendingDurability;
 use crate::error::{Error, ErrorBody};
 use crate::ledger::Credits as Amount;
 use crate::ledger::decimal_credits;
+use crate::policy::{BlockContext, ReplyPolicy};
 use crate::providers::{ChatTurn, Role as TurnRole, Sampling};
 use crate::ratelimit::Scope;
 use crate::state::AppState;
@@ -32,7 +33,8 @@ use crate::store::{HistoryBudget, Message, MessageRole, ObjectId, SessionTail};
 use crate::stream::billing::{Charge, ReplyBill};
 use crate::stream::reply;
 use crate::stream::{
-    Api, Audience, FinishedReply, Paid, ReplyInfo, ReplyRequest, ReplyStream, SessionRecord,
+    Api, Audience, ContentCheck, FinishedReply, Paid, ReplyInfo, ReplyRequest, ReplyStream,
+    SessionRecord,
 };
 
 /// Header of a whole (JSON) reply: the caller's available credits after it.
@@ -335,8 +337,7 @@ async fn start_reply(
     };
     let principal = &caller.principal;
     let routes = replies.routes.snapshot();
-    let user_message = Message::new(MessageRole::User, request.message);
-    let new_turn = ChatTurn::new(TurnRole::User, user_message.content.clone());
+    let new_turn = ChatTurn::new(TurnRole::User, request.message.as_str());
     // The session names the route unless the request does, so the session
     // is read as far back as the named route, or else any route the caller
     // may use, could send (an unknown route is refused below, once the
@@ -352,6 +353,18 @@ async fn start_reply(
     let (session, read) = owned_session(state, id, principal, budget).await?;
     let alias = requested.as_deref().unwrap_or(&session.summary.route);
     let route = routes.resolve(Some(alias), principal.role)?.clone();
+    let policy = routes.policy_for(&route.alias, &principal.cohorts);
+    let masked = check_message(
+        state,
+        principal,
+        &policy,
+        &route.alias,
+        Some(id),
+        &request.message,
+    )
+    .await?;
+    let user_message = Message::new(MessageRole::User, masked.unwrap_or(request.message));
+    let new_turn = ChatTurn::new(TurnRole::User, user_message.content.as_str());
     let history = session
         .newest_messages
         .into_iter()
@@ -389,6 +402,7 @@ async fn start_reply(
             session_id: id,
             user_message,
         }),
+        content: content_check(state, principal, policy),
     };
     let audience = Audience {
         hub: Some(Arc::clone(&reply)),
@@ -396,6 +410,49 @@ async fn start_reply(
     };
     let task = launch(state, caller, request, read, audience).await?;
     Ok((reply, task))
+}
+
+/// The message as the content policy lets it be sent and stored: masked
+/// (`None`: as it is), or `CONTENT_BLOCKED` — recorded in the audit —
+/// before any credit is held or model called.
+pub(super) async fn check_message(
+    state: &AppState,
+    principal: &Principal,
+    policy: &ReplyPolicy,
+    route: &str,
+    session_id: Option<ObjectId>,
+    text: &str,
+) -> Result<Option<String>, Error> {
+    match policy.check_input(text) {
+        Ok(allowed) => Ok(allowed),
+        Err(block) => {
+            let context = BlockContext {
+                user_id: principal.sub.clone(),
+                user_cohorts: principal.cohorts.clone(),
+                session_id,
+                route: route.to_owned(),
+                model: None,
+            };
+            state.blocks.record(&block, &context).await;
+            Err(Error::ContentBlocked {
+                rule: block.rule,
+                reason: block.reason,
+            })
+        }
+    }
+}
+
+/// What the reply's output must pass, and where a block is recorded.
+pub(super) fn content_check(
+    state: &AppState,
+    principal: &Principal,
+    policy: ReplyPolicy,
+) -> ContentCheck {
+    ContentCheck {
+        policy,
+        recorder: Arc::clone(&state.blocks),
+        user_cohorts: principal.cohorts.clone(),
+    }
 }
 
 /// Session `id` with its newest messages within `budget`, as read for a

@@ -169,7 +169,8 @@ mod tests {
                     route,
                     answering: {
                         let micros = u64::try_from(cost.micros()).unwrap();
-                        (micros <= available * 1_000_000).then_some((0, Credits::from_micros(micros)))
+                        (micros <= available * 1_000_000)
+                            .then_some((0, Credits::from_micros(micros)))
                     },
                     primary_open: false,
                     is_default: route.alias == "default",
@@ -181,21 +182,38 @@ mod tests {
     fn pick(available: u64, task: &str, priority: Priority) -> Option<String> {
         let routes = routes();
         let candidates = candidates(&routes, available);
-        recommend(&candidates, task, priority, Credits::from_micros(available * 1_000_000))
-            .map(|r| r.alias)
+        recommend(
+            &candidates,
+            task,
+            priority,
+            Credits::from_micros(available * 1_000_000),
+        )
+        .map(|r| r.alias)
     }
 
     #[test]
     fn the_task_comes_first_then_the_priority_among_what_is_affordable() {
-        assert_eq!(pick(100, "code", Priority::Quality).as_deref(), Some("coder"));
+        assert_eq!(
+            pick(100, "code", Priority::Quality).as_deref(),
+            Some("coder")
+        );
         assert_eq!(pick(100, "code", Priority::Cost).as_deref(), Some("quick"));
-        assert_eq!(pick(100, "write some code", Priority::Speed).as_deref(), Some("quick"));
-        assert_eq!(pick(100, "chat", Priority::Cost).as_deref(), Some("default"));
+        assert_eq!(
+            pick(100, "write some code", Priority::Speed).as_deref(),
+            Some("quick")
+        );
+        assert_eq!(
+            pick(100, "chat", Priority::Cost).as_deref(),
+            Some("default")
+        );
         // Unaffordable routes are never recommended, whatever the task.
         assert_eq!(pick(5, "code", Priority::Quality).as_deref(), Some("quick"));
         assert_eq!(pick(0, "chat", Priority::Cost), None);
         // No route lists the task: the priority alone decides.
-        assert_eq!(pick(100, "poetry", Priority::Quality).as_deref(), Some("coder"));
+        assert_eq!(
+            pick(100, "poetry", Priority::Quality).as_deref(),
+            Some("coder")
+        );
     }
 
     #[test]
@@ -203,9 +221,23 @@ mod tests {
         let routes = routes();
         let mut candidates = candidates(&routes, 100);
         candidates[2].primary_open = true;
-        let best = recommend(&candidates, "code", Priority::Cost, Credits::from_micros(100_000_000)).unwrap();
+        let best = recommend(
+            &candidates,
+            "code",
+            Priority::Cost,
+            Credits::from_micros(100_000_000),
+        )
+        .unwrap();
         assert_eq!(best.alias, "coder");
-        assert!(best.reason.contains("match the task `code`"), "{}", best.reason);
-        assert!(best.reason.contains("at most 10 of your 100"), "{}", best.reason);
+        assert!(
+            best.reason.contains("match the task `code`"),
+            "{}",
+            best.reason
+        );
+        assert!(
+            best.reason.contains("at most 10 of your 100"),
+            "{}",
+            best.reason
+        );
     }
 }

@@ -83,7 +83,12 @@ pub(super) async fn create_indexes(store: &MongoStore) -> Result<(), Error> {
 }
 
 /// The filter of a listing: one user's, within the cohorts the scope allows.
-fn listing_filter(user_field: &str, user: Option<&String>, cohorts_field: &str, scope: &CohortScope) -> Document {
+fn listing_filter(
+    user_field: &str,
+    user: Option<&String>,
+    cohorts_field: &str,
+    scope: &CohortScope,
+) -> Document {
     let mut filter = Document::new();
     if let Some(user) = user {
         filter.insert(user_field, user);

@@ -21,9 +21,10 @@ pub use events::ReplyEvent;
 pub use hub::{Hub, HubSettings, ReplyInfo, ReplyStream};
 pub use metrics::{HubMetrics, ReplyMetrics};
 pub use relay::{Relay, RelaySettings};
-pub use reply::{Api, Audience, FinishedReply, Paid, ReplyRequest, SessionRecord};
+pub use reply::{Api, Audience, ContentCheck, FinishedReply, Paid, ReplyRequest, SessionRecord};
 
 use crate::model_routes::{ProviderRegistry, RoutesCell};
+use crate::routing::Breakers;
 
 /// How long a reply's events stay in Redis when replies have no time limit.
 const UNLIMITED_REPLY_KEPT: Duration = Duration::from_secs(24 * 3600);
@@ -36,6 +37,8 @@ const MIN_RELAY_LINGER: Duration = Duration::from_secs(60);
 pub struct Replies {
     pub routes: Arc<RoutesCell>,
     pub providers: ProviderRegistry,
+    /// Per-target circuit breakers: a failing target is skipped at once.
+    pub breakers: Breakers,
     pub hub: Arc<Hub>,
     pub metrics: ReplyMetrics,
     pub settings: ReplySettings,
@@ -144,9 +147,18 @@ impl Replies {
                 Some(relay)
             }
         };
+        // Every replica sees one breaker per target when they share Redis.
+        let breakers = match redis_url {
+            None => Breakers::local(registry),
+            Some(url) => {
+                let prefix = format!("{}:breakers", config.hub_key_prefix);
+                Breakers::shared(url, &prefix, registry).await?
+            }
+        };
         Ok(Self::with_relay(
             routes,
             providers,
+            breakers,
             settings,
             relay,
             hub_metrics,
@@ -154,7 +166,7 @@ impl Replies {
         ))
     }
 
-    /// Replies kept in this process only (no relay).
+    /// Replies kept in this process only (no relay, breakers of its own).
     pub fn new(
         routes: crate::model_routes::Routes,
         providers: ProviderRegistry,
@@ -162,12 +174,22 @@ impl Replies {
         registry: &mut prometheus_client::registry::Registry,
     ) -> Self {
         let hub_metrics = HubMetrics::register(registry);
-        Self::with_relay(routes, providers, settings, None, hub_metrics, registry)
+        let breakers = Breakers::local(registry);
+        Self::with_relay(
+            routes,
+            providers,
+            breakers,
+            settings,
+            None,
+            hub_metrics,
+            registry,
+        )
     }
 
     pub fn with_relay(
         routes: crate::model_routes::Routes,
         providers: ProviderRegistry,
+        breakers: Breakers,
         settings: ReplySettings,
         relay: Option<Relay>,
         hub_metrics: HubMetrics,
@@ -180,6 +202,7 @@ impl Replies {
         Self {
             routes: Arc::new(RoutesCell::new(routes, registry)),
             providers,
+            breakers,
             hub: Hub::new(hub_settings, relay, hub_metrics),
             metrics: ReplyMetrics::register(registry),
             settings,

@@ -1,10 +1,11 @@
 //! Generating one reply, for either API: try the route's targets in order
 //! until one produces output (fallback happens only before the first chunk,
-//! re-pricing the hold), publish every event (to the hub as SSE frames, to
-//! the request's own connection as typed events), accumulate the text from
-//! the typed deltas, store the user message with the reply in one append
-//! when the reply has a session, and pay: settle what was used, or release
-//! the hold when nothing was produced.
+//! re-pricing the hold; a target whose circuit breaker is open is skipped
+//! at once), pass the output through the content policy, publish every
+//! event (to the hub as SSE frames, to the request's own connection as
+//! typed events), accumulate the text shown, store the user message with
+//! the reply in one append when the reply has a session, and pay: settle
+//! what was used, or release the hold when nothing was produced.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,11 +25,16 @@ use super::metrics::{FallbackLabels, StreamLabels, TokenLabels};
 use crate::context_window::{Prompt, output_tokens};
 use crate::embedded_db::PendingDurability;
 use crate::error::{Error, upstream_code};
+use crate::policy::{
+    Block, BlockContext, BlockRecorder, Filtered, OutputFilter, REDACTION_MARK, ReplyPolicy,
+};
 use crate::providers::{
-    CompletionRequest, Guardrail, ProviderError, ProviderErrorKind, ProviderEvent, Sampling, StopReason, Usage,
+    CompletionRequest, Guardrail, ProviderError, ProviderErrorKind, ProviderEvent, Sampling,
+    StopReason, Usage,
 };
 use crate::ratelimit::{RateLimiter, Scope, StreamGuard};
-use crate::store::{Message, MessageRole, ObjectId, SessionStore, TokenTotals};
+use crate::routing::Admission;
+use crate::store::{BlockDirection, Message, MessageRole, ObjectId, SessionStore, TokenTotals};
 
 /// Renewal attempts after a failed one come at most this far apart.
 const RENEW_RETRY: Duration = Duration::from_secs(1);
@@ -71,6 +77,17 @@ pub struct ReplyRequest {
     /// Where the exchange is stored; `None`: nowhere (the usage record is
     /// all that is kept).
     pub record: Option<SessionRecord>,
+    /// What the reply's output must pass.
+    pub content: ContentCheck,
+}
+
+/// The content policy a reply's output passes (its input passed it before
+/// the reply was paid for), and where a block is recorded.
+pub struct ContentCheck {
+    pub policy: ReplyPolicy,
+    pub recorder: Arc<BlockRecorder>,
+    /// The user's cohorts, for the audit row of a block.
+    pub user_cohorts: Vec<String>,
 }
 
 impl ReplyRequest {
@@ -165,6 +182,7 @@ pub fn spawn(
             unconfirmed: Some(read.and(opened.pending)),
             first_target: opened.first_target,
             current_target: opened.first_target,
+            admission: Admission::Closed,
             downgraded: opened.downgraded,
             next_id: 1,
             started: Instant::now(),
@@ -195,6 +213,8 @@ struct Generation<'a> {
     first_target: usize,
     /// The target being tried now.
     current_target: usize,
+    /// What the current target's circuit breaker said about trying it.
+    admission: Admission,
     downgraded: bool,
     next_id: u64,
     started: Instant,
@@ -244,6 +264,17 @@ impl Generation<'_> {
             && let (Some(target), Some(prompt)) = (route.targets.get(index), request.prompt(index))
         {
             self.current_target = index;
+            self.admission = self.replies.breakers.admit(&route.alias, target).await;
+            if self.admission == Admission::Open {
+                next = request.next_target_after(index);
+                match next.and_then(|index| route.targets.get(index)) {
+                    Some(after) => {
+                        self.skipped_open(target, after);
+                        continue;
+                    }
+                    None => return self.every_target_open(target).await,
+                }
+            }
             let fallback_applied = index > self.first_target;
             if fallback_applied && let Err(error) = self.reprice(target, prompt).await {
                 return self.unaffordable_fallback(target, error).await;
@@ -277,6 +308,41 @@ impl Generation<'_> {
             ProviderErrorKind::Unavailable,
             "the route has no targets",
         )))
+    }
+
+    /// An open target is skipped without a call: the next one answers now,
+    /// not after another timeout.
+    fn skipped_open(&self, target: &RouteTarget, next: &RouteTarget) {
+        tracing::info!(
+            route = %self.request.route.alias, from = %target.model, to = %next.model,
+            "circuit breaker open; skipping to the next target"
+        );
+        self.replies
+            .metrics
+            .fallbacks
+            .get_or_create(&FallbackLabels {
+                from: target.model.clone(),
+                to: next.model.clone(),
+                reason: "circuit_open",
+            })
+            .inc();
+    }
+
+    /// The last target left is open too: the reply fails at once, before
+    /// any output, releasing the hold.
+    async fn every_target_open(&mut self, target: &RouteTarget) -> Result<FinishedReply, Error> {
+        let error = ProviderError::new(
+            ProviderErrorKind::Unavailable,
+            "the circuit breaker of every target left is open",
+        );
+        tracing::warn!(route = %self.request.route.alias, model = %target.model, "every target left is open; failing at once");
+        self.release("every target's circuit breaker is open").await;
+        self.publish(ReplyEvent::Error {
+            code: upstream_code(error.kind),
+            message: "the model is unavailable; try again shortly".into(),
+        });
+        self.ended(target, "failed");
+        Err(Error::Upstream(error))
     }
 
     async fn reprice(&mut self, target: &RouteTarget, prompt: &Prompt) -> Result<(), Error> {
@@ -329,6 +395,7 @@ impl Generation<'_> {
             Ok(stream) => stream,
             Err(error) => return self.failed_before_output(target, error).await,
         };
+        let mut filter = OutputFilter::new(&self.request.content.policy);
         let mut text = String::new();
         let mut deltas: u32 = 0;
         let mut usage = None;
@@ -366,11 +433,15 @@ impl Generation<'_> {
                         announced = true;
                     }
                     deltas = deltas.saturating_add(1);
-                    text.push_str(&delta);
-                    self.publish(ReplyEvent::Chunk {
-                        text: delta,
-                        total_tokens: deltas,
-                    });
+                    match filter.push(delta) {
+                        Filtered::Text(shown) => self.show(&mut text, shown, deltas),
+                        Filtered::Blocked { shown, block } => {
+                            drop(stream);
+                            self.show(&mut text, shown, deltas);
+                            let used = self.used(usage, deltas);
+                            return Attempt::Done(self.blocked(target, block, text, used).await);
+                        }
+                    }
                 }
                 Some(Ok(ProviderEvent::Usage(reported))) => usage = Some(reported),
                 Some(Ok(ProviderEvent::Finished { stop_reason })) => {
@@ -380,6 +451,17 @@ impl Generation<'_> {
                         return Attempt::Done(self.stopped(target, stop, "", 0, None).await);
                     }
                     let used = self.used(usage, deltas);
+                    match filter.finish() {
+                        Filtered::Text(shown) => self.show(&mut text, shown, deltas),
+                        Filtered::Blocked { shown, block } => {
+                            self.show(&mut text, shown, deltas);
+                            return Attempt::Done(self.blocked(target, block, text, used).await);
+                        }
+                    }
+                    if let StopReason::GuardrailIntervened(intervention) = &stop_reason {
+                        let block = Block::by_guardrail(target, intervention);
+                        return Attempt::Done(self.blocked(target, block, text, used).await);
+                    }
                     let ending = Completed {
                         text,
                         used,
@@ -474,6 +556,7 @@ impl Generation<'_> {
         target: &RouteTarget,
         error: ProviderError,
     ) -> Attempt {
+        self.breaker_failed(target, error.kind).await;
         let is_last = self
             .request
             .next_target_after(self.current_target)
@@ -500,6 +583,7 @@ impl Generation<'_> {
         usage: Option<Usage>,
     ) -> Result<FinishedReply, Error> {
         tracing::warn!(route = %self.request.route.alias, model = %target.model, %error, "reply interrupted after output");
+        self.breaker_failed(target, error.kind).await;
         let used = self.used(usage, deltas);
         let stored = self
             .store_partial(target, text, used, "interrupted", Ending::Failed)
@@ -513,6 +597,70 @@ impl Generation<'_> {
         });
         stored?;
         Err(Error::Upstream(error))
+    }
+
+    /// Throttling, outages and timeouts count against the target's breaker;
+    /// other errors (a bad request, a refused key) say nothing of its health.
+    async fn breaker_failed(&self, target: &RouteTarget, kind: ProviderErrorKind) {
+        if matches!(
+            kind,
+            ProviderErrorKind::Throttled
+                | ProviderErrorKind::Unavailable
+                | ProviderErrorKind::Timeout
+        ) {
+            self.replies
+                .breakers
+                .failed(&self.request.route.alias, target, self.admission)
+                .await;
+        }
+    }
+
+    /// A content rule or the target's guardrail blocked the reply: what was
+    /// shown is stored marked redacted and paid for (its tokens were
+    /// generated), the block is recorded, and the reply ends with
+    /// `CONTENT_BLOCKED`. A guardrail that blocked the user's message keeps
+    /// nothing of the exchange but its usage.
+    async fn blocked(
+        &mut self,
+        target: &RouteTarget,
+        block: Block,
+        text: String,
+        used: Used,
+    ) -> Result<FinishedReply, Error> {
+        let content = &self.request.content;
+        let context = BlockContext {
+            user_id: self.request.user_id.clone(),
+            user_cohorts: content.user_cohorts.clone(),
+            session_id: self.request.record.as_ref().map(|record| record.session_id),
+            route: self.request.route.alias.clone(),
+            model: Some(target.model.clone()),
+        };
+        content.recorder.record(&block, &context).await;
+        let stored = if block.direction == BlockDirection::Input {
+            let bill = self.bill.take();
+            self.ended(target, "blocked");
+            self.count_tokens(target, used.usage);
+            self.pay(bill, Ending::Failed, used).await;
+            Ok(())
+        } else {
+            let redacted = if text.is_empty() {
+                REDACTION_MARK.to_owned()
+            } else {
+                format!("{text}\n\n{REDACTION_MARK}")
+            };
+            self.store_partial(target, redacted, used, "blocked", Ending::Failed)
+                .await
+        };
+        let error = Error::ContentBlocked {
+            rule: block.rule,
+            reason: block.reason,
+        };
+        self.publish(ReplyEvent::Error {
+            code: error.code(),
+            message: error.to_string(),
+        });
+        stored?;
+        Err(error)
     }
 
     async fn stopped(
@@ -707,6 +855,11 @@ impl Generation<'_> {
         if let Some(unconfirmed) = self.unconfirmed.take() {
             unconfirmed.wait::<Error>().await?;
         }
+        // The target answered: a probe closes its breaker.
+        self.replies
+            .breakers
+            .answered(&self.request.route.alias, target, self.admission)
+            .await;
         self.replies
             .metrics
             .time_to_first_token
@@ -717,6 +870,19 @@ impl Generation<'_> {
             downgraded: self.downgraded,
         });
         Ok(())
+    }
+
+    /// Shows output that passed the content policy (nothing when it is
+    /// all held back for now).
+    fn show(&mut self, text: &mut String, shown: String, deltas: u32) {
+        if shown.is_empty() {
+            return;
+        }
+        text.push_str(&shown);
+        self.publish(ReplyEvent::Chunk {
+            text: shown,
+            total_tokens: deltas,
+        });
     }
 
     /// Gives the next event to the hub, as a frame, and to the connection.

@@ -17,11 +17,12 @@ use parley_service::auth::{AuthSettings, Authenticator, Principal, Role, mint_to
 use parley_service::ledger::{Credits, EmbeddedLedger, Ledger, LedgerSettings};
 use parley_service::metrics::HttpMetrics;
 use parley_service::model_routes::{ProviderRegistry, Routes};
+use parley_service::policy::BlockRecorder;
 use parley_service::providers::{SimulatedProvider, SimulatedSettings};
 use parley_service::ratelimit::{LocalRateLimiter, RateLimitMetrics, RateLimits};
 use parley_service::state::{AppState, Limits};
 use parley_service::store::{
-    ApiKeyStore, EmbeddedStore, MongoStore, ObservationAudit, SessionStore,
+    ApiKeyStore, BlockAudit, EmbeddedStore, MongoStore, ObservationAudit, SessionStore,
 };
 use parley_service::stream::{Replies, ReplySettings};
 use prometheus_client::registry::Registry;
@@ -66,10 +67,10 @@ pub async fn embedded_ledger(store: &EmbeddedStore) -> Arc<dyn Ledger> {
     Arc::new(ledger)
 }
 
-/// A store of sessions, API keys and the observation audit, as both backends are.
-pub trait TestStore: SessionStore + ObservationAudit + ApiKeyStore + 'static {}
+/// A store of sessions, API keys and the audits, as both backends are.
+pub trait TestStore: SessionStore + ObservationAudit + BlockAudit + ApiKeyStore + 'static {}
 
-impl<S: SessionStore + ObservationAudit + ApiKeyStore + 'static> TestStore for S {}
+impl<S: SessionStore + ObservationAudit + BlockAudit + ApiKeyStore + 'static> TestStore for S {}
 
 /// The API state on these stores, with no rate limits.
 pub fn state_with<S: TestStore>(store: Arc<S>, ledger: Arc<dyn Ledger>) -> AppState {
@@ -115,7 +116,9 @@ pub fn state_with_replies<S: TestStore>(
     };
     let rate_limiter = LocalRateLimiter::new(limits, RateLimitMetrics::register(&mut registry));
     let keys: Arc<dyn ApiKeyStore> = Arc::clone(&store) as Arc<dyn ApiKeyStore>;
+    let block_audit = Arc::clone(&store) as Arc<dyn BlockAudit>;
     AppState {
+        blocks: Arc::new(BlockRecorder::new(block_audit, &mut registry)),
         replies,
         sessions: Arc::clone(&store) as Arc<dyn SessionStore>,
         audit: store,

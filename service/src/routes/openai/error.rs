@@ -188,6 +188,7 @@ fn api_code(error: &Error) -> String {
             "context_length_exceeded"
         }
         Error::MessageTooLongForModel { .. } => "context_length_exceeded",
+        Error::ContentBlocked { .. } => "content_policy_violation",
         other => return other.code().to_ascii_lowercase(),
     };
     code.to_owned()
@@ -197,7 +198,9 @@ fn api_param(error: &Error) -> Option<String> {
     match error {
         Error::UnknownRoute { .. } | Error::UnknownModel { .. } => Some("model".to_owned()),
         Error::Validation { field, .. } => Some((*field).to_owned()),
-        Error::MessageTooLongForModel { .. } => Some("messages".to_owned()),
+        Error::MessageTooLongForModel { .. } | Error::ContentBlocked { .. } => {
+            Some("messages".to_owned())
+        }
         _ => None,
     }
 }

@@ -40,7 +40,8 @@ use wire::{ChatCompletion, ChatCompletionChunk, ChunkEncoder, Completion, ModelL
 
 use super::event_stream;
 use super::replies::{
-    CREDITS_REMAINING_HEADER, ReplyTask, launch, owned_session, refuse_when_shutting_down,
+    CREDITS_REMAINING_HEADER, ReplyTask, check_message, content_check, launch, owned_session,
+    refuse_when_shutting_down,
 };
 use crate::accounting::Caller;
 use crate::auth::Principal;
@@ -100,16 +101,24 @@ pub async fn chat_completions(
     let principal = &caller.principal;
     let route = routes.resolve_model(&asked.model, principal.role)?.clone();
     // Refused before any session, credit or model is touched.
-    let prompts = asked
-        .conversation(route.system_prompt.as_deref())
-        .prompts(&route, asked.max_output_tokens())?;
+    let mut conversation = asked.conversation(route.system_prompt.as_deref());
+    let policy = routes.policy_for(&route.alias, &principal.cohorts);
+    for text in conversation.user_texts_mut() {
+        if let Some(masked) =
+            check_message(&state, principal, &policy, &route.alias, session, text).await?
+        {
+            *text = masked;
+        }
+    }
+    let prompts = conversation.prompts(&route, asked.max_output_tokens())?;
     let (record, read, hub) = match session {
         None => (None, PendingDurability::none(), None),
         Some(id) => {
             // The request carries the conversation: the session is only
             // checked and appended to.
             let (session, read) = owned_session(&state, id, principal, HistoryBudget::NONE).await?;
-            let user_message = Message::new(MessageRole::User, asked.last_user_text());
+            let user_message =
+                Message::new(MessageRole::User, conversation.message_text().to_owned());
             let reply = state
                 .replies
                 .hub
@@ -136,6 +145,7 @@ pub async fn chat_completions(
         max_output_tokens: asked.max_output_tokens(),
         sampling: asked.sampling(),
         record,
+        content: content_check(&state, principal, policy),
     };
     let (connection, events) = mpsc::unbounded_channel();
     let audience = Audience {

@@ -256,14 +256,6 @@ impl ChatCompletionRequest {
         let history = turns.split_off(leading);
         Conversation::new(system_prompt, turns, history, message)
     }
-
-    /// The text of the last message, the user's (checked by `parse`).
-    pub fn last_user_text(&self) -> String {
-        self.messages
-            .last()
-            .map(ChatMessage::text)
-            .unwrap_or_default()
-    }
 }
 
 fn take<T: DeserializeOwned>(
@@ -468,7 +460,6 @@ mod tests {
         );
         assert_eq!(prompt.turns[0].text, "route rules");
         assert_eq!(prompt.turns[4].text, "one\ntwo");
-        assert_eq!(request.last_user_text(), "one\ntwo");
     }
 
     #[test]
