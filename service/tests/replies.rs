@@ -20,7 +20,9 @@ use parley_service::model_routes::{ProviderRegistry, Routes, watch_routes_file};
 use parley_service::providers::{
     BedrockProvider, OpenAiProvider, SimulatedProvider, SimulatedSettings,
 };
-use parley_service::store::EmbeddedStore;
+use parley_service::store::{
+    BlockAudit, BlockDirection, BlockQuery, CohortScope, EmbeddedStore, PageRequest,
+};
 use parley_service::stream::{Replies, ReplySettings};
 use parley_test_support::bedrock::BedrockStandIn;
 use parley_test_support::openai::OpenAiStandIn;
@@ -114,6 +116,7 @@ routes:
 
 struct Harness {
     address: SocketAddr,
+    store: EmbeddedStore,
     bedrock: BedrockStandIn,
     openai: OpenAiStandIn,
     replies: Arc<Replies>,
@@ -195,6 +198,7 @@ impl Harness {
         });
         Self {
             address,
+            store,
             bedrock,
             openai,
             replies,
@@ -1488,4 +1492,382 @@ async fn a_fallback_whose_window_cannot_hold_the_message_is_skipped() {
     // Re-priced for the last target: 14 input tokens and 20 output at 2/1k.
     let usage = harness.get_json("/api/credits/usage", &token).await;
     assert_eq!(usage["records"][0]["held"], json!(0.068), "{usage}");
+}
+
+// ---------------------------------------------------------------------------
+// Circuit breakers: a failing target is skipped at once.
+
+const GUARDED_PRIMARY: &str = "guarded-primary";
+const GUARDED_SECONDARY: &str = "guarded-secondary";
+/// The primary's timeout: an open breaker answers well within it.
+const GUARDED_TIMEOUT: Duration = Duration::from_secs(2);
+
+const GUARDED_ROUTE: &str = "
+  - alias: guarded
+    fallbackOn: [throttled, unavailable, timeout]
+    targets:
+      - provider: bedrock
+        model: guarded-primary
+        pricing: {inputPer1k: 1, outputPer1k: 1}
+        maxOutputTokens: 64
+        timeoutSeconds: 2
+        circuitBreaker: {failureThreshold: 2, windowSeconds: 60, cooldownSeconds: 3}
+      - provider: bedrock
+        model: guarded-secondary
+        pricing: {inputPer1k: 1, outputPer1k: 1}
+        maxOutputTokens: 64
+";
+
+impl Harness {
+    /// One reply on `route` in a new session: which model answered, and
+    /// how long its `model` event took.
+    async fn answered_by(&self, token: &str, route: &str) -> (String, Duration) {
+        let session = self.session(token).await;
+        let started = std::time::Instant::now();
+        let mut stream = self
+            .stream(token, &session, json!({"message": "hi", "route": route}))
+            .await;
+        let first = next(&mut stream).await;
+        let waited = started.elapsed();
+        assert_eq!(first.event, "model", "{first:?}");
+        let rest = drain(stream).await;
+        assert_eq!(rest.last().unwrap().event, "complete", "{rest:?}");
+        (data(&first)["model"].as_str().unwrap().to_owned(), waited)
+    }
+
+    fn calls_to(&self, model: &str) -> usize {
+        self.bedrock
+            .calls()
+            .iter()
+            .filter(|call| call.model == model)
+            .count()
+    }
+
+    async fn metrics(&self) -> String {
+        self.client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+#[tokio::test]
+async fn a_failing_target_opens_its_breaker_then_one_probe_after_the_cooldown_decides() {
+    let harness = Harness::start(Duration::from_secs(30), 30).await;
+    harness.add_routes(GUARDED_ROUTE);
+    harness.bedrock.set_script(
+        GUARDED_PRIMARY,
+        Script::reply(["never"]).with_fault(Fault::Stall { after_deltas: 0 }),
+    );
+    harness
+        .bedrock
+        .set_script(GUARDED_SECONDARY, Script::reply(["from the second"]));
+    let token = user();
+
+    // Two timeouts within the window open the breaker; each reply waited
+    // for the timeout before falling back.
+    for _ in 0..2 {
+        let (model, waited) = harness.answered_by(&token, "guarded").await;
+        assert_eq!(model, GUARDED_SECONDARY);
+        assert!(waited >= GUARDED_TIMEOUT, "{waited:?}");
+    }
+    assert_eq!(harness.calls_to(GUARDED_PRIMARY), 2);
+
+    // Open: the primary is not called, and the first token comes without
+    // another timeout's wait.
+    let (model, waited) = harness.answered_by(&token, "guarded").await;
+    assert_eq!(model, GUARDED_SECONDARY);
+    println!("time to the model event with the primary's breaker open: {waited:?}");
+    assert!(waited < GUARDED_TIMEOUT, "{waited:?}");
+    assert_eq!(harness.calls_to(GUARDED_PRIMARY), 2);
+    let metrics = harness.metrics().await;
+    for line in [
+        "parley_target_state{route=\"guarded\",model=\"guarded-primary\"} 2",
+        "parley_breaker_transitions_total{route=\"guarded\",model=\"guarded-primary\",to=\"open\"} 1",
+        "parley_fallbacks_total{from=\"guarded-primary\",to=\"guarded-secondary\",reason=\"circuit_open\"} 1",
+        "parley_fallbacks_total{from=\"guarded-primary\",to=\"guarded-secondary\",reason=\"timeout\"} 2",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from\n{metrics}");
+    }
+
+    // After the cooldown one probe goes to the primary; it fails (fast, an
+    // outage this time), so the breaker opens again and the next reply
+    // skips the primary once more.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    harness.bedrock.set_script(
+        GUARDED_PRIMARY,
+        Script::rejected(Rejection::ServiceUnavailable),
+    );
+    let (model, _) = harness.answered_by(&token, "guarded").await;
+    assert_eq!(model, GUARDED_SECONDARY);
+    assert_eq!(harness.calls_to(GUARDED_PRIMARY), 3, "one probe");
+    let (model, _) = harness.answered_by(&token, "guarded").await;
+    assert_eq!(model, GUARDED_SECONDARY);
+    assert_eq!(harness.calls_to(GUARDED_PRIMARY), 3, "open again");
+
+    // After the next cooldown the probe succeeds and closes the breaker.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    harness
+        .bedrock
+        .set_script(GUARDED_PRIMARY, Script::reply(["back again"]));
+    for expected_calls in [4, 5] {
+        let (model, _) = harness.answered_by(&token, "guarded").await;
+        assert_eq!(model, GUARDED_PRIMARY);
+        assert_eq!(harness.calls_to(GUARDED_PRIMARY), expected_calls);
+    }
+    let metrics = harness.metrics().await;
+    for line in [
+        "parley_target_state{route=\"guarded\",model=\"guarded-primary\"} 0",
+        "parley_breaker_transitions_total{route=\"guarded\",model=\"guarded-primary\",to=\"open\"} 2",
+        "parley_breaker_transitions_total{route=\"guarded\",model=\"guarded-primary\",to=\"half_open\"} 2",
+        "parley_breaker_transitions_total{route=\"guarded\",model=\"guarded-primary\",to=\"closed\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from\n{metrics}");
+    }
+}
+
+#[tokio::test]
+async fn the_last_target_left_is_tried_even_when_its_breaker_is_open() {
+    let harness = Harness::start(Duration::from_secs(30), 30).await;
+    harness.add_routes(
+        "
+  - alias: single
+    fallbackOn: [throttled, unavailable, timeout]
+    targets:
+      - provider: bedrock
+        model: single-model
+        pricing: {inputPer1k: 1, outputPer1k: 1}
+        maxOutputTokens: 64
+        circuitBreaker: {failureThreshold: 1, cooldownSeconds: 600}
+",
+    );
+    harness
+        .bedrock
+        .set_script("single-model", Script::rejected(Rejection::Throttled));
+    let token = user();
+    for _ in 0..2 {
+        let session = harness.session(&token).await;
+        let response = harness
+            .post(
+                &format!("/api/chat/sessions/{session}/messages"),
+                &token,
+                json!({"message": "hi", "route": "single"}),
+            )
+            .await;
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    }
+    // Open after the first failure, yet the only target is still asked:
+    // failing at once would gain nothing, and it answers as soon as it can.
+    harness
+        .bedrock
+        .set_script("single-model", Script::reply(["fine now"]));
+    let (model, _) = harness.answered_by(&token, "single").await;
+    assert_eq!(model, "single-model");
+    assert_eq!(harness.calls_to("single-model"), 3);
+}
+
+// ---------------------------------------------------------------------------
+// Content policy: on the user's message before anything is paid for, on the
+// reply as it streams.
+
+const POLICED_MODEL: &str = "policed-model";
+
+const POLICED_ROUTE: &str = "
+  - alias: policed
+    contentPolicy:
+      rules:
+        - {name: cheating, words: [answer key], direction: input, reason: Ask your teacher for help instead.}
+        - {name: password, words: [password], action: mask}
+        - {name: weapons, words: [explosive], direction: output}
+    targets:
+      - provider: bedrock
+        model: policed-model
+        pricing: {inputPer1k: 1, outputPer1k: 1}
+        maxOutputTokens: 64
+";
+
+impl Harness {
+    async fn blocks(&self) -> Vec<parley_service::store::PolicyBlock> {
+        let query = BlockQuery {
+            user: None,
+            scope: CohortScope::All,
+            page: PageRequest {
+                page: 1,
+                limit: 100,
+            },
+        };
+        self.store.blocks(&query).await.unwrap().blocks
+    }
+}
+
+#[tokio::test]
+async fn a_blocked_message_never_reaches_the_model_and_holds_nothing() {
+    let harness = Harness::start(Duration::from_secs(30), 30).await;
+    harness.add_routes(POLICED_ROUTE);
+    let token = user();
+    let session = harness.session(&token).await;
+    let message = "Where can I find the Answer Key for tomorrow?";
+    for endpoint in ["stream", "messages"] {
+        let response = harness
+            .post(
+                &format!("/api/chat/sessions/{session}/{endpoint}"),
+                &token,
+                json!({"message": message, "route": "policed"}),
+            )
+            .await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{endpoint}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["code"], "CONTENT_BLOCKED", "{body}");
+        assert_eq!(body["message"], "Ask your teacher for help instead.");
+    }
+    let response = harness
+        .post(
+            "/v1/chat/completions",
+            &token,
+            json!({"model": "policed", "messages": [{"role": "user", "content": message}]}),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "content_policy_violation", "{body}");
+    assert_eq!(
+        body["error"]["message"],
+        "Ask your teacher for help instead."
+    );
+
+    assert!(harness.bedrock.calls().is_empty(), "the model was called");
+    let usage = harness.get_json("/api/credits/usage", &token).await;
+    assert_eq!(usage["records"], json!([]), "a hold was taken: {usage}");
+    assert_eq!(
+        harness.stored(&session, &token).await["messages"],
+        json!([])
+    );
+
+    let blocks = harness.blocks().await;
+    assert_eq!(blocks.len(), 3);
+    for block in &blocks {
+        assert_eq!(
+            (block.direction, block.rule.as_str(), block.route.as_str()),
+            (BlockDirection::Input, "cheating", "policed")
+        );
+        assert_eq!(block.user_cohorts, ["c1"]);
+        assert_eq!(block.model, None);
+        let excerpt = block.excerpt.as_deref().unwrap();
+        // Twenty characters of context on each side, never the match.
+        assert_eq!(excerpt, "here can I find the *** for tomorrow?");
+    }
+    // Newest first: the OpenAI call named no session.
+    let sessions: Vec<Option<String>> = blocks
+        .iter()
+        .map(|block| block.session_id.map(|id| id.to_hex()))
+        .collect();
+    assert_eq!(sessions, [None, Some(session.clone()), Some(session)]);
+    let metrics = harness.metrics().await;
+    let line =
+        "parley_content_blocks_total{route=\"policed\",direction=\"input\",rule=\"cheating\"} 3";
+    assert!(metrics.contains(line), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_masked_word_is_masked_in_the_message_and_across_chunks_of_the_reply() {
+    let harness = Harness::start(Duration::from_secs(30), 30).await;
+    harness.add_routes(POLICED_ROUTE);
+    harness.bedrock.set_script(
+        POLICED_MODEL,
+        Script::reply(["Your pass", "word is ", "hunter2; the PASSWORD", " is safe"]),
+    );
+    let token = user();
+    let session = harness.session(&token).await;
+    let events = drain(
+        harness
+            .stream(
+                &token,
+                &session,
+                json!({"message": "is my password safe?", "route": "policed"}),
+            )
+            .await,
+    )
+    .await;
+    assert_eq!(events.last().unwrap().event, "complete", "{events:?}");
+    let shown = chunk_text(&events);
+    assert_eq!(shown, "Your *** is hunter2; the *** is safe");
+    // The model got the masked message; the session keeps what was shown.
+    let sent = &harness.bedrock.calls()[0].body;
+    assert_eq!(sent["messages"][0]["content"][0]["text"], "is my *** safe?");
+    let stored = harness.stored(&session, &token).await;
+    assert_eq!(stored["messages"][0]["content"], "is my *** safe?");
+    assert_eq!(stored["messages"][1]["content"], shown);
+    assert!(harness.blocks().await.is_empty(), "masks are not blocks");
+}
+
+#[tokio::test]
+async fn a_blocking_rule_mid_reply_ends_it_with_the_partial_stored_redacted_and_settled() {
+    let harness = Harness::start(Duration::from_secs(30), 30).await;
+    harness.add_routes(POLICED_ROUTE);
+    harness.bedrock.set_script(
+        POLICED_MODEL,
+        Script::reply([
+            "Here is how ",
+            "to make an explo",
+            "sive at home",
+            " and more",
+        ])
+        .with_usage(10, 4),
+    );
+    let token = user();
+    let session = harness.session(&token).await;
+    let events = drain(
+        harness
+            .stream(
+                &token,
+                &session,
+                json!({"message": "chemistry?", "route": "policed"}),
+            )
+            .await,
+    )
+    .await;
+    let last = events.last().unwrap();
+    assert_eq!(last.event, "error", "{events:?}");
+    assert_eq!(data(last)["code"], "CONTENT_BLOCKED");
+    assert_eq!(
+        data(last)["message"],
+        "this content is not allowed here",
+        "a rule without a reason gets the generic sentence"
+    );
+    let shown = chunk_text(&events);
+    assert_eq!(shown, "Here is how to make an ");
+
+    let stored = harness.stored(&session, &token).await;
+    let reply = &stored["messages"][1];
+    assert_eq!(
+        reply["content"],
+        format!("{shown}\n\n[removed by the content policy]")
+    );
+    assert_eq!(reply["incomplete"], true);
+    let usage = harness.get_json("/api/credits/usage", &token).await;
+    let record = &usage["records"][0];
+    assert_eq!(record["outcome"], "failed", "{usage}");
+    assert!(record["charged"].as_f64().unwrap() > 0.0, "{usage}");
+    assert_eq!(
+        harness.get_json("/api/credits/balance", &token).await["held"],
+        json!(0.0)
+    );
+
+    let blocks = harness.blocks().await;
+    assert_eq!(blocks.len(), 1);
+    let block = &blocks[0];
+    assert_eq!(
+        (block.direction, block.rule.as_str(), block.model.as_deref()),
+        (BlockDirection::Output, "weapons", Some(POLICED_MODEL))
+    );
+    assert_eq!(block.session_id.map(|id| id.to_hex()), Some(session));
+    assert!(!block.excerpt.as_deref().unwrap().contains("explosive"));
+    let metrics = harness.metrics().await;
+    let line =
+        "parley_content_blocks_total{route=\"policed\",direction=\"output\",rule=\"weapons\"} 1";
+    assert!(metrics.contains(line), "{metrics}");
 }

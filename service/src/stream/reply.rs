@@ -265,15 +265,15 @@ impl Generation<'_> {
         {
             self.current_target = index;
             self.admission = self.replies.breakers.admit(&route.alias, target).await;
-            if self.admission == Admission::Open {
-                next = request.next_target_after(index);
-                match next.and_then(|index| route.targets.get(index)) {
-                    Some(after) => {
-                        self.skipped_open(target, after);
-                        continue;
-                    }
-                    None => return self.every_target_open(target).await,
-                }
+            // An open target is skipped while another is left; the last one
+            // is tried anyway, as failing at once would gain nothing.
+            if self.admission == Admission::Open
+                && let Some(after_index) = request.next_target_after(index)
+                && let Some(after) = route.targets.get(after_index)
+            {
+                self.skipped_open(target, after);
+                next = Some(after_index);
+                continue;
             }
             let fallback_applied = index > self.first_target;
             if fallback_applied && let Err(error) = self.reprice(target, prompt).await {
@@ -326,23 +326,6 @@ impl Generation<'_> {
                 reason: "circuit_open",
             })
             .inc();
-    }
-
-    /// The last target left is open too: the reply fails at once, before
-    /// any output, releasing the hold.
-    async fn every_target_open(&mut self, target: &RouteTarget) -> Result<FinishedReply, Error> {
-        let error = ProviderError::new(
-            ProviderErrorKind::Unavailable,
-            "the circuit breaker of every target left is open",
-        );
-        tracing::warn!(route = %self.request.route.alias, model = %target.model, "every target left is open; failing at once");
-        self.release("every target's circuit breaker is open").await;
-        self.publish(ReplyEvent::Error {
-            code: upstream_code(error.kind),
-            message: "the model is unavailable; try again shortly".into(),
-        });
-        self.ended(target, "failed");
-        Err(Error::Upstream(error))
     }
 
     async fn reprice(&mut self, target: &RouteTarget, prompt: &Prompt) -> Result<(), Error> {
