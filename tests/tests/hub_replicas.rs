@@ -4,13 +4,17 @@
 //! replica follow replies generated on the other, one reply per session
 //! holds across replicas, a terminating replica finishes the replies it
 //! generates for owners re-attached elsewhere, and a replica killed mid-reply
-//! is reported lost while the reaper settles its hold exactly once.
+//! is reported lost while the reaper settles its hold exactly once. The
+//! replicas also share each target's circuit breaker: failures seen by one
+//! open it for both.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 
 use eventsource_stream::Event;
 use parley_e2e::{Process, logged_address, mint_token};
+use parley_test_support::bedrock::BedrockStandIn;
+use parley_test_support::script::{Rejection, Script};
 use parley_test_support::env;
 use parley_test_support::sse::{Events, PROMPTLY, data, events, next, until};
 use serde_json::{Value, json};
@@ -482,4 +486,80 @@ async fn a_replica_killed_mid_reply_is_reported_lost_and_its_hold_settled_once()
     let ended = until(&mut again, &["complete", "error"]).await;
     assert_eq!(ended.last().unwrap().event, "complete");
     assert!(replicas.b.process.terminate().await.success());
+}
+
+const BREAKER_ROUTES: &str = "
+routes:
+  - alias: default
+    fallbackOn: [throttled, unavailable, timeout]
+    targets:
+      - provider: bedrock
+        model: shared-primary
+        pricing: {inputPer1k: 1, outputPer1k: 1}
+        maxOutputTokens: 64
+        circuitBreaker: {failureThreshold: 2, cooldownSeconds: 600}
+      - provider: bedrock
+        model: shared-secondary
+        pricing: {inputPer1k: 1, outputPer1k: 1}
+        maxOutputTokens: 64
+";
+
+#[tokio::test]
+async fn failures_seen_by_one_replica_open_the_breaker_for_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let routes = dir.path().join("routes.yaml");
+    std::fs::write(&routes, BREAKER_ROUTES).unwrap();
+    let bedrock = BedrockStandIn::start().await.unwrap();
+    bedrock.set_script("shared-primary", Script::rejected(Rejection::Throttled));
+    bedrock.set_script("shared-secondary", Script::reply(["from ", "the second"]));
+    let routes = routes.display().to_string();
+    let endpoint = bedrock.base_url();
+    let replicas = Replicas::start_with(&[
+        ("PARLEY_ROUTES_FILE", &routes),
+        ("PARLEY_BEDROCK_ENDPOINT_URL", &endpoint),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_ACCESS_KEY_ID", "AKIDSTANDIN"),
+        ("AWS_SECRET_ACCESS_KEY", "secret"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ])
+    .await;
+    let user = token("breaker-user", "user", "c1").await;
+    let answered_by = |replica: &'static str| {
+        let replicas = &replicas;
+        let user = &user;
+        async move {
+            let on = if replica == "a" { &replicas.a } else { &replicas.b };
+            let session = replicas.session(on, user).await;
+            let mut stream = replicas.reply(on, user, &session).await;
+            let model = next(&mut stream).await;
+            assert_eq!(model.event, "model");
+            data(&model)["model"].as_str().unwrap().to_owned()
+        }
+    };
+    let primary_calls = || {
+        bedrock
+            .calls()
+            .iter()
+            .filter(|call| call.model == "shared-primary")
+            .count()
+    };
+    // Two throttles on replica A open the primary's breaker...
+    for _ in 0..2 {
+        assert_eq!(answered_by("a").await, "shared-secondary");
+    }
+    assert_eq!(primary_calls(), 2);
+    // ...and replica B, which never saw a failure, skips it at once.
+    assert_eq!(answered_by("b").await, "shared-secondary");
+    assert_eq!(primary_calls(), 2);
+    let metrics = replicas
+        .http
+        .get(format!("{}/metrics", replicas.b.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let open = "parley_target_state{route=\"default\",model=\"shared-primary\"} 2";
+    assert!(metrics.contains(open), "{metrics}");
 }
