@@ -12,13 +12,16 @@ use futures::StreamExt;
 use parley_service::providers::estimate_turn_tokens;
 use parley_service::providers::simulated::count_tokens;
 use parley_service::providers::{
-    BedrockProvider, ChatTurn, CompletionRequest, OpenAiProvider, Provider, ProviderErrorKind,
-    ProviderEvent, ProviderStream, Role, Sampling, SimulatedProvider, SimulatedSettings,
-    StopReason, Usage,
+    BedrockProvider, ChatTurn, CompletionRequest, Guardrail, Intervention, OpenAiProvider,
+    Provider, ProviderErrorKind, ProviderEvent, ProviderStream, Role, Sampling, SimulatedProvider,
+    SimulatedSettings, StopReason, Usage,
 };
 use parley_test_support::bedrock::BedrockStandIn;
 use parley_test_support::openai::OpenAiStandIn;
-use parley_test_support::script::{Fault, Rejection, Script, StreamFailure};
+use parley_test_support::script::{
+    Fault, GuardrailFinding, GuardrailIntervention, RecordedGuardrail, Rejection, Script,
+    StreamFailure,
+};
 
 const BEDROCK_MODEL: &str = "anthropic.claude-3-haiku-20240307-v1:0";
 const OPENAI_MODEL: &str = "smollm2-135m";
@@ -342,6 +345,217 @@ async fn bedrock_broken_connection_is_unavailable() {
     let mut expected = deltas(&["a"]);
     expected.push(Err(ProviderErrorKind::Unavailable));
     assert_eq!(drain(stream).await, expected);
+}
+
+/// `request` through the guardrail `gr-homework`, version 3.
+fn guarded(model: &str) -> CompletionRequest {
+    CompletionRequest {
+        guardrail: Some(Guardrail {
+            identifier: "gr-homework".into(),
+            version: "3".into(),
+        }),
+        ..request(model, PROMPTLY)
+    }
+}
+
+/// The guardrail as the stand-in saw it: `guarded`'s, trace on.
+fn recorded_guardrail() -> Option<RecordedGuardrail> {
+    Some(RecordedGuardrail {
+        identifier: "gr-homework".into(),
+        version: "3".into(),
+        trace: Some("enabled".into()),
+    })
+}
+
+/// Words in `request`'s turns: the stand-in's default input tokens.
+const REQUEST_WORDS: u32 = 9;
+
+fn topic(name: &str) -> GuardrailFinding {
+    GuardrailFinding::Topic(name.into())
+}
+
+fn content(filter: &str) -> GuardrailFinding {
+    GuardrailFinding::Content(filter.into())
+}
+
+fn blocked(on_input: bool, flagged: &[&str]) -> StopReason {
+    StopReason::GuardrailIntervened(Intervention {
+        on_input,
+        flagged: flagged.iter().map(|f| (*f).to_owned()).collect(),
+    })
+}
+
+#[tokio::test]
+async fn bedrock_guardrail_on_the_output_ends_the_stream_after_the_deltas_sent() {
+    let standin = BedrockStandIn::start().await.unwrap();
+    let guardrail = GuardrailIntervention::on_output(3, [topic("Homework"), content("VIOLENCE")]);
+    standin.set_script(
+        BEDROCK_MODEL,
+        Script::reply(["One", " two", " three", " four", " five"]).with_guardrail(guardrail),
+    );
+
+    let stream = bedrock(&standin)
+        .stream(guarded(BEDROCK_MODEL))
+        .await
+        .unwrap();
+    // The deltas Bedrock let through stay sent; its blocked message follows.
+    let mut expected = deltas(&[
+        "One",
+        " two",
+        " three",
+        GuardrailIntervention::DEFAULT_BLOCKED_MESSAGE,
+    ]);
+    expected.push(Ok(ProviderEvent::Usage(Usage {
+        input_tokens: REQUEST_WORDS,
+        output_tokens: 3,
+    })));
+    expected.push(Ok(ProviderEvent::Finished {
+        stop_reason: blocked(false, &["content:VIOLENCE", "topic:Homework"]),
+    }));
+    assert_eq!(drain(stream).await, expected);
+
+    let call = &standin.calls()[0];
+    assert!(call.streaming);
+    assert_eq!(call.guardrail, recorded_guardrail());
+    // Synchronous: Bedrock checks each chunk before sending it.
+    assert_eq!(
+        call.body.pointer("/guardrailConfig/streamProcessingMode"),
+        Some(&serde_json::json!("sync"))
+    );
+}
+
+#[tokio::test]
+async fn bedrock_guardrail_on_the_input_blocks_before_the_model_runs() {
+    let standin = BedrockStandIn::start().await.unwrap();
+    let guardrail = GuardrailIntervention::on_input([
+        GuardrailFinding::Pii {
+            entity: "EMAIL".into(),
+            matched: "kim@example.com".into(),
+        },
+        GuardrailFinding::ManagedWords {
+            list: "PROFANITY".into(),
+            matched: "darn".into(),
+        },
+        GuardrailFinding::CustomWord("essay".into()),
+        GuardrailFinding::Regex {
+            name: "STUDENT_ID".into(),
+            matched: "S-1234".into(),
+        },
+    ])
+    .with_blocked_message("This message breaks the school's rules.");
+    standin.set_script(
+        BEDROCK_MODEL,
+        Script::reply(["never", " sent"]).with_guardrail(guardrail),
+    );
+
+    let stream = bedrock(&standin)
+        .stream(guarded(BEDROCK_MODEL))
+        .await
+        .unwrap();
+    let mut expected = deltas(&["This message breaks the school's rules."]);
+    expected.push(Ok(ProviderEvent::Usage(Usage {
+        input_tokens: REQUEST_WORDS,
+        output_tokens: 0,
+    })));
+    // Policy labels only: the matched texts never leave the provider.
+    expected.push(Ok(ProviderEvent::Finished {
+        stop_reason: blocked(
+            true,
+            &[
+                "pii:EMAIL",
+                "regex:STUDENT_ID",
+                "word:CUSTOM",
+                "word:PROFANITY",
+            ],
+        ),
+    }));
+    assert_eq!(drain(stream).await, expected);
+    assert_eq!(standin.calls()[0].guardrail, recorded_guardrail());
+}
+
+#[tokio::test]
+async fn bedrock_guardrail_on_complete_replaces_the_reply_with_its_message() {
+    let standin = BedrockStandIn::start().await.unwrap();
+    let provider = bedrock(&standin);
+    let reply = Script::reply(["Hel", "lo", " there"]);
+
+    standin.push_script(
+        BEDROCK_MODEL,
+        reply
+            .clone()
+            .with_guardrail(GuardrailIntervention::on_output(2, [content("HATE")])),
+    );
+    let completion = provider.complete(guarded(BEDROCK_MODEL)).await.unwrap();
+    // Not streamed: nothing of the model's reply gets out.
+    assert_eq!(
+        completion.text,
+        GuardrailIntervention::DEFAULT_BLOCKED_MESSAGE
+    );
+    assert_eq!(completion.stop_reason, blocked(false, &["content:HATE"]));
+    assert_eq!(
+        completion.usage,
+        Some(Usage {
+            input_tokens: REQUEST_WORDS,
+            output_tokens: 2
+        })
+    );
+
+    standin.push_script(
+        BEDROCK_MODEL,
+        reply.with_guardrail(GuardrailIntervention::on_input([topic("Homework")])),
+    );
+    let completion = provider.complete(guarded(BEDROCK_MODEL)).await.unwrap();
+    assert_eq!(
+        completion.text,
+        GuardrailIntervention::DEFAULT_BLOCKED_MESSAGE
+    );
+    assert_eq!(completion.stop_reason, blocked(true, &["topic:Homework"]));
+
+    let calls = standin.calls();
+    assert_eq!(calls.len(), 2);
+    for call in calls {
+        assert!(!call.streaming);
+        assert_eq!(call.guardrail, recorded_guardrail());
+    }
+}
+
+#[tokio::test]
+async fn bedrock_without_a_guardrail_in_the_request_nothing_intervenes() {
+    let standin = BedrockStandIn::start().await.unwrap();
+    let provider = bedrock(&standin);
+    standin.set_script(
+        BEDROCK_MODEL,
+        Script::reply(["Hel", "lo"])
+            .with_guardrail(GuardrailIntervention::on_input([topic("Homework")])),
+    );
+
+    let stream = provider
+        .stream(request(BEDROCK_MODEL, PROMPTLY))
+        .await
+        .unwrap();
+    let mut expected = deltas(&["Hel", "lo"]);
+    expected.push(Ok(ProviderEvent::Usage(Usage {
+        input_tokens: REQUEST_WORDS,
+        output_tokens: 2,
+    })));
+    expected.push(Ok(ProviderEvent::Finished {
+        stop_reason: StopReason::EndTurn,
+    }));
+    assert_eq!(drain(stream).await, expected);
+
+    let completion = provider
+        .complete(request(BEDROCK_MODEL, PROMPTLY))
+        .await
+        .unwrap();
+    assert_eq!(completion.text, "Hello");
+    assert_eq!(completion.stop_reason, StopReason::EndTurn);
+
+    let calls = standin.calls();
+    assert_eq!(calls.len(), 2);
+    for call in calls {
+        assert_eq!(call.guardrail, None);
+        assert!(call.body.get("guardrailConfig").is_none());
+    }
 }
 
 // ---------------------------------------------------------------- openai

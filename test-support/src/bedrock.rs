@@ -4,7 +4,8 @@
 //! expects: REST-JSON for `Converse`, `application/vnd.amazon.eventstream`
 //! frames for `ConverseStream`, errors as HTTP statuses with
 //! `x-amzn-ErrorType` or as exception frames inside the stream. What it answers
-//! is scripted per model id ([`Script`]).
+//! is scripted per model id ([`Script`]), a guardrail's intervention included
+//! ([`GuardrailIntervention`]).
 
 use std::io;
 use std::time::{Duration, Instant};
@@ -17,12 +18,12 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::script::{
-    Fault, RecordedCall, Rejection, Script, ScriptedUsage, Scripts, Stop, StreamFailure,
-    count_words,
+    Fault, GuardrailChecked, GuardrailFinding, GuardrailIntervention, RecordedCall,
+    RecordedGuardrail, Rejection, Script, ScriptedUsage, Scripts, Stop, StreamFailure, count_words,
 };
 use crate::serve::{Performance, Server, StandIn, WireFormat, streamed_body};
 
@@ -99,6 +100,122 @@ fn stop_reason(stop: Stop) -> &'static str {
     }
 }
 
+const GUARDRAIL_INTERVENED: &str = "guardrail_intervened";
+
+/// The request's `guardrailConfig`, if it carries one.
+fn guardrail_config(body: &Value) -> Option<RecordedGuardrail> {
+    let config = body.get("guardrailConfig")?;
+    let field = |name: &str| config.get(name).and_then(Value::as_str).map(str::to_owned);
+    Some(RecordedGuardrail {
+        identifier: field("guardrailIdentifier")?,
+        version: field("guardrailVersion")?,
+        trace: field("trace"),
+    })
+}
+
+/// A guardrail's intervention on one call, as the client is told of it.
+struct Blocked {
+    /// The guardrail's blocked message, sent as the reply's content.
+    message: String,
+    /// The `trace.guardrail` object, when the request enabled the trace.
+    trace: Option<Value>,
+}
+
+/// The call's script as its guardrail leaves it. When the request carries a
+/// guardrail and the script says it intervenes: only the model's deltas
+/// before the intervention (they are its output tokens), no fault, and what
+/// the client is told instead of the rest.
+fn apply_guardrail(
+    script: Script,
+    config: Option<&RecordedGuardrail>,
+) -> (Script, Option<Blocked>) {
+    let (Some(config), Some(intervention)) = (config, script.guardrail.clone()) else {
+        return (script, None);
+    };
+    let mut deltas = script.deltas;
+    deltas.truncate(intervention.deltas_before());
+    let generated = Script {
+        deltas,
+        fault: None,
+        guardrail: None,
+        ..script
+    };
+    let traced = matches!(config.trace.as_deref(), Some("enabled" | "enabled_full"));
+    let blocked = Blocked {
+        trace: traced.then(|| guardrail_trace(&config.identifier, &intervention)),
+        message: intervention.blocked_message,
+    };
+    (generated, Some(blocked))
+}
+
+/// `GuardrailTraceAssessment`: assessments keyed by guardrail identifier.
+/// A blocked output comes with the (passed) assessment of the input.
+fn guardrail_trace(identifier: &str, intervention: &GuardrailIntervention) -> Value {
+    let keyed = |value: Value| Value::Object(Map::from_iter([(identifier.to_owned(), value)]));
+    let assessment = guardrail_assessment(&intervention.findings);
+    match intervention.checked {
+        GuardrailChecked::Input => json!({ "inputAssessment": keyed(assessment) }),
+        GuardrailChecked::Output { .. } => json!({
+            "inputAssessment": keyed(json!({})),
+            "outputAssessments": keyed(json!([assessment])),
+        }),
+    }
+}
+
+/// `GuardrailAssessment`: each finding under its policy, as blocked.
+fn guardrail_assessment(findings: &[GuardrailFinding]) -> Value {
+    let mut topics = Vec::new();
+    let mut filters = Vec::new();
+    let mut custom_words = Vec::new();
+    let mut managed_word_lists = Vec::new();
+    let mut pii_entities = Vec::new();
+    let mut regexes = Vec::new();
+    for finding in findings {
+        match finding {
+            GuardrailFinding::Topic(name) => topics.push(json!({
+                "name": name, "type": "DENY", "action": "BLOCKED", "detected": true,
+            })),
+            GuardrailFinding::Content(filter) => filters.push(json!({
+                "type": filter, "confidence": "HIGH", "filterStrength": "HIGH",
+                "action": "BLOCKED", "detected": true,
+            })),
+            GuardrailFinding::CustomWord(word) => custom_words.push(json!({
+                "match": word, "action": "BLOCKED", "detected": true,
+            })),
+            GuardrailFinding::ManagedWords { list, matched } => managed_word_lists.push(json!({
+                "match": matched, "type": list, "action": "BLOCKED", "detected": true,
+            })),
+            GuardrailFinding::Pii { entity, matched } => pii_entities.push(json!({
+                "match": matched, "type": entity, "action": "BLOCKED", "detected": true,
+            })),
+            GuardrailFinding::Regex { name, matched } => regexes.push(json!({
+                "name": name, "match": matched, "action": "BLOCKED", "detected": true,
+            })),
+        }
+    }
+    // Bedrock leaves out the policies that detected nothing.
+    let mut assessment = Map::new();
+    if !topics.is_empty() {
+        assessment.insert("topicPolicy".into(), json!({ "topics": topics }));
+    }
+    if !filters.is_empty() {
+        assessment.insert("contentPolicy".into(), json!({ "filters": filters }));
+    }
+    if !custom_words.is_empty() || !managed_word_lists.is_empty() {
+        assessment.insert(
+            "wordPolicy".into(),
+            json!({ "customWords": custom_words, "managedWordLists": managed_word_lists }),
+        );
+    }
+    if !pii_entities.is_empty() || !regexes.is_empty() {
+        assessment.insert(
+            "sensitiveInformationPolicy".into(),
+            json!({ "piiEntities": pii_entities, "regexes": regexes }),
+        );
+    }
+    Value::Object(assessment)
+}
+
 fn usage_json(usage: ScriptedUsage) -> Value {
     json!({
         "inputTokens": usage.input_tokens,
@@ -161,6 +278,14 @@ fn rejection_response(rejection: Rejection) -> Response {
     error_response(status, error_type, message)
 }
 
+/// A call the stand-in answers.
+struct Accepted {
+    /// The script as the request's guardrail leaves it ([`apply_guardrail`]).
+    script: Script,
+    request_words: u32,
+    blocked: Option<Blocked>,
+}
+
 /// Reads the call, records it and picks its script, or answers with the
 /// error Bedrock would send.
 fn accept_call(
@@ -169,7 +294,7 @@ fn accept_call(
     streaming: bool,
     headers: &HeaderMap,
     body: &[u8],
-) -> Result<(Script, u32), Box<Response>> {
+) -> Result<Accepted, Box<Response>> {
     let body: Value = serde_json::from_slice(body).map_err(|e| {
         Box::new(error_response(
             StatusCode::BAD_REQUEST,
@@ -182,17 +307,26 @@ fn accept_call(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    let guardrail = guardrail_config(&body);
     let call = RecordedCall {
         model,
         streaming,
         body,
         authorization,
+        guardrail: guardrail.clone(),
     };
     let model = call.model.clone();
     match state.scripts.take(call) {
         Some(script) => match script.fault {
             Some(Fault::Reject(rejection)) => Err(Box::new(rejection_response(rejection))),
-            _ => Ok((script, words)),
+            _ => {
+                let (script, blocked) = apply_guardrail(script, guardrail.as_ref());
+                Ok(Accepted {
+                    script,
+                    request_words: words,
+                    blocked,
+                })
+            }
         },
         None => Err(Box::new(error_response(
             StatusCode::NOT_FOUND,
@@ -208,7 +342,11 @@ async fn converse(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (script, words) = match accept_call(&state, model, false, &headers, &body) {
+    let Accepted {
+        script,
+        request_words,
+        blocked,
+    } = match accept_call(&state, model, false, &headers, &body) {
         Ok(accepted) => accepted,
         Err(response) => return *response,
     };
@@ -256,12 +394,20 @@ async fn converse(
                 .into_response()
         }
         None | Some(Fault::Reject(_)) => {
-            let reply = json!({
-                "output": { "message": { "role": "assistant", "content": [{ "text": sent.concat() }] } },
-                "stopReason": stop_reason(script.stop),
-                "usage": usage_json(script.usage_for(words)),
+            // A blocked reply is replaced whole by the guardrail's message.
+            let (text, stop) = match &blocked {
+                Some(blocked) => (blocked.message.clone(), GUARDRAIL_INTERVENED),
+                None => (sent.concat(), stop_reason(script.stop)),
+            };
+            let mut reply = json!({
+                "output": { "message": { "role": "assistant", "content": [{ "text": text }] } },
+                "stopReason": stop,
+                "usage": usage_json(script.usage_for(request_words)),
                 "metrics": { "latencyMs": latency_ms(started.elapsed()) },
             });
+            if let Some(trace) = blocked.and_then(|b| b.trace) {
+                reply["trace"] = json!({ "guardrail": trace });
+            }
             (
                 StatusCode::OK,
                 [(header::CONTENT_TYPE, "application/json")],
@@ -278,13 +424,22 @@ async fn converse_stream(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (script, words) = match accept_call(&state, model, true, &headers, &body) {
+    let Accepted {
+        script,
+        request_words,
+        blocked,
+    } = match accept_call(&state, model, true, &headers, &body) {
         Ok(accepted) => accepted,
         Err(response) => return *response,
     };
+    let mut performance = Performance::new(script, request_words);
+    if let Some(blocked) = &blocked {
+        // The deltas already sent stay; the guardrail's message follows.
+        performance.deltas.push(blocked.message.clone());
+    }
     let body = streamed_body(
-        Performance::new(script, words),
-        EventStream,
+        performance,
+        EventStream { blocked },
         state.scripts.clone(),
         state.shutdown.clone(),
     );
@@ -293,7 +448,10 @@ async fn converse_stream(
 }
 
 /// ConverseStream's `application/vnd.amazon.eventstream` frames.
-struct EventStream;
+struct EventStream {
+    /// The guardrail's intervention, which ends the reply.
+    blocked: Option<Blocked>,
+}
 
 fn string_header(name: &'static str, value: &'static str) -> Header {
     Header::new(name, HeaderValue::String(value.into()))
@@ -334,16 +492,21 @@ impl WireFormat for EventStream {
         usage: ScriptedUsage,
         elapsed: Duration,
     ) -> io::Result<Vec<Bytes>> {
+        let stop = match &self.blocked {
+            Some(_) => GUARDRAIL_INTERVENED,
+            None => stop_reason(stop),
+        };
+        let mut metadata = json!({
+            "usage": usage_json(usage),
+            "metrics": { "latencyMs": latency_ms(elapsed) },
+        });
+        if let Some(trace) = self.blocked.as_ref().and_then(|b| b.trace.clone()) {
+            metadata["trace"] = json!({ "guardrail": trace });
+        }
         Ok(vec![
             event("contentBlockStop", &json!({ "contentBlockIndex": 0 }))?,
-            event("messageStop", &json!({ "stopReason": stop_reason(stop) }))?,
-            event(
-                "metadata",
-                &json!({
-                    "usage": usage_json(usage),
-                    "metrics": { "latencyMs": latency_ms(elapsed) },
-                }),
-            )?,
+            event("messageStop", &json!({ "stopReason": stop }))?,
+            event("metadata", &metadata)?,
         ])
     }
 

@@ -217,6 +217,7 @@ async fn chat_completions(
         streaming,
         body,
         authorization,
+        guardrail: None,
     };
     let Some(script) = state.scripts.take(call) else {
         return error_response(

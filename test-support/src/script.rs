@@ -25,6 +25,8 @@ pub struct Script {
     pub usage: Option<ScriptedUsage>,
     /// Something going wrong instead of (or in the middle of) the reply.
     pub fault: Option<Fault>,
+    /// A Bedrock Guardrail stepping in (Bedrock stand-in only).
+    pub guardrail: Option<GuardrailIntervention>,
 }
 
 impl Script {
@@ -40,6 +42,7 @@ impl Script {
             stop: Stop::EndTurn,
             usage: None,
             fault: None,
+            guardrail: None,
         }
     }
 
@@ -68,6 +71,11 @@ impl Script {
 
     pub fn with_fault(mut self, fault: Fault) -> Self {
         self.fault = Some(fault);
+        self
+    }
+
+    pub fn with_guardrail(mut self, guardrail: GuardrailIntervention) -> Self {
+        self.guardrail = Some(guardrail);
         self
     }
 
@@ -149,6 +157,91 @@ pub enum StreamFailure {
     ServiceUnavailable,
 }
 
+/// A Bedrock Guardrail that steps in on a call. As on Bedrock, it acts only
+/// on requests that carry a `guardrailConfig`; others are answered as if the
+/// script had no guardrail. Its intervention replaces the rest of the reply,
+/// a scripted fault included; a rejected call is rejected before it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuardrailIntervention {
+    pub checked: GuardrailChecked,
+    /// What its policies detected, in the trace.
+    pub findings: Vec<GuardrailFinding>,
+    /// The guardrail's configured blocked-input or blocked-output message,
+    /// which Bedrock sends as the reply's content.
+    pub blocked_message: String,
+}
+
+impl GuardrailIntervention {
+    /// Bedrock's default blocked message for a guardrail made in the console.
+    pub const DEFAULT_BLOCKED_MESSAGE: &str = "Sorry, the model cannot answer this question.";
+
+    /// Blocks the request before the model runs: no model output at all.
+    pub fn on_input<I: IntoIterator<Item = GuardrailFinding>>(findings: I) -> Self {
+        Self::new(GuardrailChecked::Input, findings)
+    }
+
+    /// Blocks the reply after the model's first `after_deltas` deltas. A
+    /// stream has sent those already; a non-streamed reply is replaced whole.
+    pub fn on_output<I: IntoIterator<Item = GuardrailFinding>>(
+        after_deltas: usize,
+        findings: I,
+    ) -> Self {
+        Self::new(GuardrailChecked::Output { after_deltas }, findings)
+    }
+
+    fn new<I: IntoIterator<Item = GuardrailFinding>>(
+        checked: GuardrailChecked,
+        findings: I,
+    ) -> Self {
+        Self {
+            checked,
+            findings: findings.into_iter().collect(),
+            blocked_message: Self::DEFAULT_BLOCKED_MESSAGE.to_owned(),
+        }
+    }
+
+    pub fn with_blocked_message(mut self, message: impl Into<String>) -> Self {
+        self.blocked_message = message.into();
+        self
+    }
+
+    /// How many of the model's deltas come before the intervention.
+    pub(crate) fn deltas_before(&self) -> usize {
+        match self.checked {
+            GuardrailChecked::Input => 0,
+            GuardrailChecked::Output { after_deltas } => after_deltas,
+        }
+    }
+}
+
+/// Which side of the conversation a guardrail blocked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuardrailChecked {
+    /// The user's input, before the model runs.
+    Input,
+    /// The model's output, after `after_deltas` deltas.
+    Output { after_deltas: usize },
+}
+
+/// One detection of a guardrail policy, named as Bedrock's trace names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GuardrailFinding {
+    /// A denied topic, by its name in the guardrail.
+    Topic(String),
+    /// A content filter, by type: `VIOLENCE`, `HATE`, `INSULTS`, `SEXUAL`,
+    /// `MISCONDUCT`, `PROMPT_ATTACK`.
+    Content(String),
+    /// A managed word list, by type (`PROFANITY`), and the word matched.
+    ManagedWords { list: String, matched: String },
+    /// A custom word of the guardrail, the word matched.
+    CustomWord(String),
+    /// A PII entity: its type (`EMAIL`, `PHONE`, `NAME`, ...) and the text
+    /// it matched.
+    Pii { entity: String, matched: String },
+    /// A custom regex filter: its name and the text it matched.
+    Regex { name: String, matched: String },
+}
+
 /// One call a stand-in received.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RecordedCall {
@@ -158,6 +251,17 @@ pub struct RecordedCall {
     pub body: serde_json::Value,
     /// The `Authorization` header, if any.
     pub authorization: Option<String>,
+    /// The Bedrock `guardrailConfig` the request carried (never for OpenAI).
+    pub guardrail: Option<RecordedGuardrail>,
+}
+
+/// A Bedrock request's `guardrailConfig`, as sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordedGuardrail {
+    pub identifier: String,
+    pub version: String,
+    /// `enabled`, `enabled_full` or `disabled`; absent means disabled.
+    pub trace: Option<String>,
 }
 
 /// How many streaming responses were started, ran to their end (including a
