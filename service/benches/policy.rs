@@ -44,9 +44,30 @@ const ROUNDS: usize = 200;
 /// A plausible reply: words, numbers and punctuation, a few masked items.
 fn reply_chunks() -> Vec<String> {
     let words = [
-        " The", " answer", " depends", " on", " the", " heck", " experiment", ";", " call",
-        " 555-123-4567", " or", " write", " to", " teacher@school.edu", ".", " Numbers",
-        " like", " 123-45-6789", " are", " private", ",", " darn", " it", "!",
+        " The",
+        " answer",
+        " depends",
+        " on",
+        " the",
+        " heck",
+        " experiment",
+        ";",
+        " call",
+        " 555-123-4567",
+        " or",
+        " write",
+        " to",
+        " teacher@school.edu",
+        ".",
+        " Numbers",
+        " like",
+        " 123-45-6789",
+        " are",
+        " private",
+        ",",
+        " darn",
+        " it",
+        "!",
     ];
     (0..REPLY_TOKENS)
         .map(|index| words[index % words.len()].to_owned())

@@ -21,12 +21,14 @@ use parley_service::providers::{
     BedrockProvider, OpenAiProvider, SimulatedProvider, SimulatedSettings,
 };
 use parley_service::store::{
-    BlockAudit, BlockDirection, BlockQuery, CohortScope, EmbeddedStore, PageRequest,
+    BlockAudit, BlockDirection, BlockKind, BlockQuery, CohortScope, EmbeddedStore, PageRequest,
 };
 use parley_service::stream::{Replies, ReplySettings};
 use parley_test_support::bedrock::BedrockStandIn;
 use parley_test_support::openai::OpenAiStandIn;
-use parley_test_support::script::{Fault, Rejection, Script, StreamFailure};
+use parley_test_support::script::{
+    Fault, GuardrailFinding, GuardrailIntervention, Rejection, Script, StreamFailure,
+};
 use parley_test_support::sse::{Events, PROMPTLY, data, drain, events, next};
 use prometheus_client::registry::Registry;
 use reqwest::StatusCode;
@@ -1870,4 +1872,149 @@ async fn a_blocking_rule_mid_reply_ends_it_with_the_partial_stored_redacted_and_
     let line =
         "parley_content_blocks_total{route=\"policed\",direction=\"output\",rule=\"weapons\"} 1";
     assert!(metrics.contains(line), "{metrics}");
+}
+
+const GUARDED_BY_BEDROCK: &str = "
+  - alias: guardrailed
+    targets:
+      - provider: bedrock
+        model: guardrailed-model
+        pricing: {inputPer1k: 1, outputPer1k: 1}
+        maxOutputTokens: 64
+        guardrailIdentifier: school-guardrail
+        guardrailVersion: '2'
+";
+
+#[tokio::test]
+async fn a_guardrail_intervention_ends_the_reply_like_a_blocking_rule() {
+    let harness = Harness::start(Duration::from_secs(30), 30).await;
+    harness.add_routes(GUARDED_BY_BEDROCK);
+    harness.bedrock.set_script(
+        "guardrailed-model",
+        Script::reply(["The war ", "began when ", "the army ", "attacked"])
+            .with_usage(12, 3)
+            .with_guardrail(GuardrailIntervention::on_output(
+                2,
+                [
+                    GuardrailFinding::Content("VIOLENCE".into()),
+                    GuardrailFinding::Topic("Homework".into()),
+                ],
+            )),
+    );
+    let token = user();
+    let session = harness.session(&token).await;
+    let events = drain(
+        harness
+            .stream(
+                &token,
+                &session,
+                json!({"message": "history essay", "route": "guardrailed"}),
+            )
+            .await,
+    )
+    .await;
+    let last = events.last().unwrap();
+    assert_eq!(last.event, "error", "{events:?}");
+    assert_eq!(data(last)["code"], "CONTENT_BLOCKED");
+    // What Bedrock sent before and as its intervention was shown.
+    let shown = chunk_text(&events);
+    assert_eq!(
+        shown,
+        "The war began when Sorry, the model cannot answer this question."
+    );
+    // The guardrail named in the route reached Bedrock.
+    let call = &harness.bedrock.calls()[0];
+    let guardrail = call.guardrail.as_ref().unwrap();
+    assert_eq!(
+        (guardrail.identifier.as_str(), guardrail.version.as_str()),
+        ("school-guardrail", "2")
+    );
+
+    let stored = harness.stored(&session, &token).await;
+    let reply = &stored["messages"][1];
+    assert_eq!(
+        reply["content"],
+        format!("{shown}\n\n[removed by the content policy]")
+    );
+    assert_eq!(reply["incomplete"], true);
+    let usage = harness.get_json("/api/credits/usage", &token).await;
+    let record = &usage["records"][0];
+    assert_eq!(
+        (
+            &record["outcome"],
+            &record["inputTokens"],
+            &record["outputTokens"]
+        ),
+        (&json!("failed"), &json!(12), &json!(3)),
+        "{usage}"
+    );
+    let blocks = harness.blocks().await;
+    assert_eq!(blocks.len(), 1);
+    let block = &blocks[0];
+    assert_eq!(
+        (
+            block.direction,
+            block.kind,
+            block.rule.as_str(),
+            block.excerpt.as_deref()
+        ),
+        (
+            BlockDirection::Output,
+            BlockKind::Guardrail,
+            "guardrail:school-guardrail",
+            Some("content:VIOLENCE, topic:Homework")
+        )
+    );
+    let metrics = harness.metrics().await;
+    let line = "parley_content_blocks_total{route=\"guardrailed\",direction=\"output\",rule=\"guardrail:school-guardrail\"} 1";
+    assert!(metrics.contains(line), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_guardrail_blocking_the_message_keeps_nothing_and_releases_the_hold() {
+    let harness = Harness::start(Duration::from_secs(30), 30).await;
+    harness.add_routes(GUARDED_BY_BEDROCK);
+    harness.bedrock.set_script(
+        "guardrailed-model",
+        Script::reply(["never shown"]).with_guardrail(GuardrailIntervention::on_input([
+            GuardrailFinding::Pii {
+                entity: "EMAIL".into(),
+                matched: "kid@example.com".into(),
+            },
+        ])),
+    );
+    let token = user();
+    let session = harness.session(&token).await;
+    let response = harness
+        .post(
+            &format!("/api/chat/sessions/{session}/messages"),
+            &token,
+            json!({"message": "mail kid@example.com", "route": "guardrailed"}),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "CONTENT_BLOCKED", "{body}");
+    // The flagged message is not kept in the session, and with no output
+    // generated the hold is released, as for any reply failed before output.
+    assert_eq!(
+        harness.stored(&session, &token).await["messages"],
+        json!([])
+    );
+    let usage = harness.get_json("/api/credits/usage", &token).await;
+    let record = &usage["records"][0];
+    assert_eq!(
+        (&record["outcome"], &record["charged"]),
+        (&json!("released"), &json!(0.0)),
+        "{usage}"
+    );
+    assert_eq!(
+        harness.get_json("/api/credits/balance", &token).await["held"],
+        json!(0.0)
+    );
+    let blocks = harness.blocks().await;
+    assert_eq!(
+        (blocks[0].direction, blocks[0].excerpt.as_deref()),
+        (BlockDirection::Input, Some("pii:EMAIL"))
+    );
 }

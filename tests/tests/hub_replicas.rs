@@ -14,8 +14,8 @@ use std::time::Duration;
 use eventsource_stream::Event;
 use parley_e2e::{Process, logged_address, mint_token};
 use parley_test_support::bedrock::BedrockStandIn;
-use parley_test_support::script::{Rejection, Script};
 use parley_test_support::env;
+use parley_test_support::script::{Rejection, Script};
 use parley_test_support::sse::{Events, PROMPTLY, data, events, next, until};
 use serde_json::{Value, json};
 
@@ -528,7 +528,11 @@ async fn failures_seen_by_one_replica_open_the_breaker_for_both() {
         let replicas = &replicas;
         let user = &user;
         async move {
-            let on = if replica == "a" { &replicas.a } else { &replicas.b };
+            let on = if replica == "a" {
+                &replicas.a
+            } else {
+                &replicas.b
+            };
             let session = replicas.session(on, user).await;
             let mut stream = replicas.reply(on, user, &session).await;
             let model = next(&mut stream).await;

@@ -602,7 +602,8 @@ impl Generation<'_> {
     /// shown is stored marked redacted and paid for (its tokens were
     /// generated), the block is recorded, and the reply ends with
     /// `CONTENT_BLOCKED`. A guardrail that blocked the user's message keeps
-    /// nothing of the exchange but its usage.
+    /// nothing of the exchange in the session (with no output generated,
+    /// settling releases the hold).
     async fn blocked(
         &mut self,
         target: &RouteTarget,
