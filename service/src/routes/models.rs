@@ -273,7 +273,9 @@ fn answering_target(
         .iter()
         .map(|target| RoutePrice::of(route, target).worst_case(u64::from(input_tokens), None))
         .collect::<Result<Vec<Amount>, LedgerError>>()?;
-    let Some(&first_cost) = worst_cases.first() else {
+    // Credits would not help a route no target of which answers now.
+    let all_open = states.iter().all(|state| *state == BreakerState::Open);
+    let Some(&first_cost) = worst_cases.first().filter(|_| !all_open) else {
         return Ok(Reach::AllOpen);
     };
     let held = if route.downgrade_when_unaffordable {
