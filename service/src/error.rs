@@ -114,6 +114,10 @@ pub enum Error {
     ContentBlocked { rule: String, reason: String },
     #[error("no such API key of yours")]
     ApiKeyNotFound,
+    /// Every target of every route the caller may use has its circuit
+    /// breaker open: no reply could be answered now.
+    #[error("every route you may use is unavailable for now; retry later")]
+    NoRouteAvailable,
     #[error(transparent)]
     Ledger(#[from] LedgerError),
     #[error(transparent)]
@@ -187,6 +191,7 @@ impl Error {
             | Self::HubUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::ObservationDisabled => StatusCode::FORBIDDEN,
             Self::ContentBlocked { .. } => StatusCode::BAD_REQUEST,
+            Self::NoRouteAvailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::MissingToken | Self::InvalidToken(_) => StatusCode::UNAUTHORIZED,
             Self::SessionNotFound | Self::EndpointNotFound | Self::ApiKeyNotFound => {
                 StatusCode::NOT_FOUND
@@ -234,6 +239,7 @@ impl Error {
             Self::HubUnavailable(_) => "HUB_UNAVAILABLE",
             Self::ObservationDisabled => "OBSERVATION_DISABLED",
             Self::ContentBlocked { .. } => "CONTENT_BLOCKED",
+            Self::NoRouteAvailable => "NO_ROUTE_AVAILABLE",
             Self::MissingToken => "MISSING_TOKEN",
             Self::InvalidToken(_) => "INVALID_TOKEN",
             Self::AuthUnavailable(_) => "AUTH_UNAVAILABLE",
@@ -295,6 +301,7 @@ impl Error {
             | Self::ReplyInProgress
             | Self::ObservationDisabled
             | Self::ContentBlocked { .. }
+            | Self::NoRouteAvailable
             | Self::NoActiveReply
             | Self::ShuttingDown
             | Self::ReplyTooLong

@@ -206,6 +206,25 @@ const TABLE: &[Row] = &[
     ),
     row(
         "POST",
+        "/api/models/recommend",
+        Setup::Nothing,
+        |_| {
+            (
+                "/api/models/recommend".into(),
+                Some(json!({"task": "chat", "priority": "quality"})),
+            )
+        },
+        [401, 200, 200, 200, 200, 200],
+    ),
+    row(
+        "GET",
+        "/api/policy/blocks",
+        Setup::Nothing,
+        |_| ("/api/policy/blocks".into(), None),
+        [401, 403, 403, 200, 200, 200],
+    ),
+    row(
+        "POST",
         "/api/credits/calculate",
         Setup::Nothing,
         |_| {

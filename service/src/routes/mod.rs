@@ -6,10 +6,12 @@
 mod accounting;
 mod dev;
 mod keys;
+mod models;
 mod observe;
 mod openai;
 mod ops;
 mod pages;
+mod policy;
 mod replies;
 mod sessions;
 mod standard_errors;
@@ -51,8 +53,9 @@ pub const OPENAPI_PATH: &str = "/api/openapi.json";
     tags(
         (name = "sessions", description = "Chat sessions and their messages"),
         (name = "credits", description = "Seed-compatible accounting: prices, checks, holds, balances"),
-        (name = "replies", description = "Model replies, whole or streamed, and the models offered"),
+        (name = "replies", description = "Model replies, whole or streamed, the models offered and the one to use for a task"),
         (name = "observation", description = "Supervisors and admins watching replies live, and the audit of it"),
+        (name = "policy", description = "Content-policy blocks: what was refused or cut, for supervisors and admins"),
         (name = "keys", description = "API keys for programs, usable wherever a token is"),
         (name = "openai", description = "The OpenAI-compatible API: chat completions (whole or streamed) and models, metered and observable like chat replies"),
         (name = "operations", description = "Liveness, readiness and metrics"),
@@ -94,10 +97,12 @@ pub fn app(state: AppState) -> Router {
             replies::reattach,
             replies::stop_reply
         ))
-        .routes(routes!(replies::list_models))
+        .routes(routes!(models::list_models))
+        .routes(routes!(models::recommend_route))
         .routes(routes!(observe::observe_session))
         .routes(routes!(observe::live))
         .routes(routes!(observe::audit))
+        .routes(routes!(policy::blocks))
         .routes(routes!(keys::create_key, keys::list_keys))
         .routes(routes!(keys::delete_key))
         .merge(openai::routes())

@@ -134,7 +134,7 @@ pub async fn observe_session(
 )]
 pub async fn live(State(state): State<AppState>, caller: Principal) -> Result<Response, Error> {
     observation_enabled(&state)?;
-    let scope = observer_scope(&caller)?;
+    let scope = observer_scope(&caller, OBSERVERS_ONLY)?;
     let frames = live_replies(context(&state), scope).await?;
     Ok(event_stream(frames))
 }
@@ -159,7 +159,7 @@ pub async fn audit(
     caller: Principal,
     query: Result<Query<AuditParams>, QueryRejection>,
 ) -> Result<Json<AuditView>, Error> {
-    let scope = observer_scope(&caller)?;
+    let scope = observer_scope(&caller, OBSERVERS_ONLY)?;
     let Query(params) = query.map_err(|rejection| Error::InvalidQuery(rejection.body_text()))?;
     let page = page_request(params.page, params.limit)?;
     let found = state
@@ -188,14 +188,18 @@ fn observation_enabled(state: &AppState) -> Result<(), Error> {
     }
 }
 
-/// Whose observations the caller may see: admins all, supervisors their cohorts.
-fn observer_scope(caller: &Principal) -> Result<CohortScope, Error> {
+const OBSERVERS_ONLY: &str = "only supervisors and admins observe replies";
+
+/// Whose records the caller may see: admins all, supervisors their cohorts;
+/// users are refused with `refusal`.
+pub(super) fn observer_scope(
+    caller: &Principal,
+    refusal: &'static str,
+) -> Result<CohortScope, Error> {
     match caller.role {
         Role::Admin => Ok(CohortScope::All),
         Role::Supervisor => Ok(CohortScope::AnyOf(caller.cohorts.clone())),
-        Role::User => Err(Error::Forbidden(
-            "only supervisors and admins observe replies",
-        )),
+        Role::User => Err(Error::Forbidden(refusal)),
     }
 }
 

@@ -1,7 +1,6 @@
 //! Replies: whole (`POST …/messages`), streamed (`POST …/stream`, the
 //! response is the SSE stream) and re-attached (`GET …/stream` with
-//! `Last-Event-ID`) and stopped (`DELETE …/stream`), plus the models a
-//! caller may use.
+//! `Last-Event-ID`) and stopped (`DELETE …/stream`).
 
 use std::sync::Arc;
 
@@ -11,7 +10,6 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
-use parley_crds::Credits;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use utoipa::ToSchema;
@@ -86,69 +84,6 @@ pub struct CreditsView {
     #[serde(with = "decimal_credits")]
     #[schema(value_type = f64)]
     remaining: Amount,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct PriceView {
-    /// Credits per 1000 input tokens.
-    #[schema(value_type = f64)]
-    input_per_1k: Credits,
-    /// Credits per 1000 output tokens.
-    #[schema(value_type = f64)]
-    output_per_1k: Credits,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ModelView {
-    /// What to pass as `route` / `modelId`.
-    alias: String,
-    /// The first target's model.
-    model: String,
-    provider: &'static str,
-    /// Price of the first target (fallbacks may cost more or less).
-    pricing: PriceView,
-    max_output_tokens: u32,
-    is_default: bool,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ModelsView {
-    models: Vec<ModelView>,
-}
-
-#[utoipa::path(
-    get,
-    path = "/api/models",
-    tag = "replies",
-    responses(
-        (status = 200, description = "Routes the caller may use, with prices", body = ModelsView),
-        (status = 401, description = "Missing or invalid token", body = ErrorBody),
-    ),
-    security(("bearer" = []))
-)]
-pub async fn list_models(State(state): State<AppState>, caller: Principal) -> Json<ModelsView> {
-    let routes = state.replies.routes.snapshot();
-    let default_alias = routes.default_alias();
-    let models = routes
-        .usable_by(caller.role)
-        .filter_map(|route| {
-            let first = route.targets.first()?;
-            Some(ModelView {
-                alias: route.alias.clone(),
-                model: first.model.clone(),
-                provider: first.provider.as_str(),
-                pricing: PriceView {
-                    input_per_1k: first.pricing.input_per_1k,
-                    output_per_1k: first.pricing.output_per_1k,
-                },
-                max_output_tokens: first.max_output_tokens,
-                is_default: route.alias == default_alias,
-            })
-        })
-        .collect();
-    Json(ModelsView { models })
 }
 
 #[utoipa::path(

@@ -1,7 +1,8 @@
 /**
  * The chat page: the caller's chats (new, open, rename, delete), the open
- * conversation with replies streaming in, the model picker with prices, a
- * stop button, and what every reply cost. A reply running when the page is
+ * conversation with replies streaming in, the model picker with prices (the
+ * route the service recommends for chat picked first, and a note when a
+ * route's first model is unavailable), a stop button, and what every reply cost. A reply running when the page is
  * reloaded continues where it was (`ReplyCheckpoints`).
  */
 
@@ -27,6 +28,10 @@ import type { AppContext } from "./shell.js";
 const SESSION_PARAM = "session";
 const NEW_CHAT_TITLE = "New Chat";
 const TITLE_FROM_MESSAGE_CHARS = 60;
+/** What the model picker starts on: the service's pick for this task and priority. */
+const RECOMMEND_TASK = "chat";
+const RECOMMEND_PRIORITY = "quality";
+const PRIMARY_OPEN_NOTE = "Its first model is unavailable for now; the next one answers.";
 
 /** A reply being shown as it streams. */
 interface LiveReply {
@@ -52,6 +57,8 @@ class ChatPage {
   private sessions: SessionSummary[] = [];
   private current: Session | null = null;
   private models: ModelInfo[] = [];
+  /** The route the service recommends, when it could recommend one. */
+  private recommended: string | null = null;
   private live: LiveReply | null = null;
   /** What each reply of this visit cost, by message id. */
   private readonly costs = new Map<string, number>();
@@ -72,7 +79,13 @@ class ChatPage {
   private readonly messageList = h("ol", { class: "messages", "aria-labelledby": "conversation-title", tabindex: 0 });
   private readonly emptyState = h("p", { class: "empty" });
   private readonly notice = h("div", { class: "notice", role: "alert", hidden: true });
-  private readonly routePicker = h("select", { id: "route", name: "route" });
+  private readonly routePicker = h("select", {
+    id: "route",
+    name: "route",
+    "aria-describedby": "route-note",
+    on: { change: () => this.showRouteNote() },
+  });
+  private readonly routeNote = h("span", { id: "route-note", class: "route-note", hidden: true });
   private readonly input = h("textarea", {
     id: "message",
     name: "message",
@@ -104,7 +117,7 @@ class ChatPage {
     const composer = h(
       "form",
       { class: "composer", "aria-label": "Send a message" },
-      h("div", { class: "route-row" }, h("label", { for: "route" }, "Model"), this.routePicker),
+      h("div", { class: "route-row" }, h("label", { for: "route" }, "Model"), this.routePicker, this.routeNote),
       h("label", { for: "message", class: "sr-only" }, "Message"),
       this.input,
       h(
@@ -139,12 +152,18 @@ class ChatPage {
   }
 
   async start(): Promise<void> {
-    const [models, sessions] = await Promise.all([
+    const [models, recommended, sessions] = await Promise.all([
       this.context.client.listModels().catch((error: unknown) => this.failed(error, [] as ModelInfo[])),
+      // Nothing affordable or a failure: the deployment's default route instead.
+      this.context.client
+        .recommendModel(RECOMMEND_TASK, RECOMMEND_PRIORITY)
+        .then((recommendation) => recommendation.alias)
+        .catch(() => null),
       this.context.client.listSessions().catch((error: unknown) => this.failed(error, null)),
       this.context.refreshBalance(),
     ]);
     this.models = models;
+    this.recommended = recommended;
     this.sessions = sessions?.sessions ?? [];
     this.renderRoutes();
     this.renderSessionList();
@@ -258,6 +277,7 @@ class ChatPage {
     this.routePicker.value = this.models.some((model) => model.alias === session.route)
       ? session.route
       : this.defaultRoute();
+    this.showRouteNote();
     this.scrollToEnd(true);
   }
 
@@ -422,15 +442,26 @@ class ChatPage {
         h(
           "option",
           { value: model.alias },
-          `${model.alias} — ${model.model}, ${model.pricing.inputPer1k} in / ${model.pricing.outputPer1k} out credits per 1k tokens`,
+          `${model.alias} — ${model.model}, ${model.pricing.inputPer1k} in / ${model.pricing.outputPer1k} out credits per 1k tokens` +
+            (model.primaryOpen ? " (first model unavailable)" : ""),
         ),
       ),
     );
     this.routePicker.value = this.defaultRoute();
+    this.showRouteNote();
   }
 
+  /** The recommended route if it is offered, else the deployment's default. */
   private defaultRoute(): string {
-    return (this.models.find((model) => model.isDefault) ?? this.models[0])?.alias ?? "";
+    const recommended = this.models.find((model) => model.alias === this.recommended);
+    return (recommended ?? this.models.find((model) => model.isDefault) ?? this.models[0])?.alias ?? "";
+  }
+
+  /** Says when the picked route's first model is skipped for now. */
+  private showRouteNote(): void {
+    const picked = this.models.find((model) => model.alias === this.routePicker.value);
+    this.routeNote.hidden = picked?.primaryOpen !== true;
+    this.routeNote.textContent = this.routeNote.hidden ? "" : PRIMARY_OPEN_NOTE;
   }
 
   // ---- messages -------------------------------------------------------

@@ -22,6 +22,8 @@ import type {
   DevToken,
   LiveEvent,
   ModelInfo,
+  Priority,
+  Recommendation,
   ObserveEvent,
   ReplyEvent,
   Role,
@@ -95,6 +97,11 @@ export class ParleyClient {
   async listModels(): Promise<ModelInfo[]> {
     const answer = await this.json<{ models: ModelInfo[] }>("GET", "/api/models");
     return answer.models;
+  }
+
+  /** The best route for `task` the caller may use and can afford now (402 when none is affordable). */
+  recommendModel(task: string, priority: Priority): Promise<Recommendation> {
+    return this.json("POST", "/api/models/recommend", { body: { task, priority } });
   }
 
   /** The caller's credits, or (admins only) `userId`'s. */

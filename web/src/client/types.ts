@@ -57,6 +57,28 @@ export interface ModelInfo {
   pricing: { inputPer1k: string; outputPer1k: string };
   maxOutputTokens: number;
   isDefault: boolean;
+  /** The first target's circuit breaker: `open` while it fails, when replies skip it for the next target. */
+  primaryState: "closed" | "half_open" | "open";
+  primaryOpen: boolean;
+  /** What the route is good for (`chat`, `code`, `fast`…). */
+  capabilities: string[];
+}
+
+/** What matters most when choosing a route for a task. */
+export type Priority = "quality" | "cost" | "speed";
+
+/** `POST /api/models/recommend`: the best route the caller may use and can afford now. */
+export interface Recommendation {
+  alias: string;
+  /** The target that would answer now. */
+  model: string;
+  /** The most a reply costs on it, in credits. */
+  worstCase: number;
+  /** The caller's available credits. */
+  available: number;
+  primaryState: ModelInfo["primaryState"];
+  /** Why this route, in one sentence. */
+  reason: string;
 }
 
 export interface Balance {

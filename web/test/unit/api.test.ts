@@ -240,3 +240,30 @@ test("a reload at any event resumes from the checkpoint with the same final text
     assert.equal(checkpoints.load(), null, "cleared once the reply is over");
   }
 });
+
+test("the recommended route is asked for with the task and priority; a refusal is a typed error", async () => {
+  const recommendation = {
+    alias: "quick",
+    model: "tiny",
+    worstCase: 2.5,
+    available: 10,
+    primaryState: "closed",
+    reason: "quick: its capabilities match the task `chat`.",
+  };
+  const { fetch, calls } = fakeFetch([
+    new Response(JSON.stringify(recommendation), { status: 200, headers: { "content-type": "application/json" } }),
+    error(402, {
+      code: "INSUFFICIENT_CREDITS",
+      message: "insufficient credits",
+      balance: 1,
+      available: 0.5,
+      requiredCredits: 2.5,
+    }),
+  ]);
+  const parley = client(fetch);
+  assert.deepEqual(await parley.recommendModel("chat", "quality"), recommendation);
+  assert.equal(calls[0]?.method, "POST");
+  assert.equal(calls[0]?.url, "/api/models/recommend");
+  assert.deepEqual(calls[0]?.body, { task: "chat", priority: "quality" });
+  await assert.rejects(parley.recommendModel("chat", "cost"), InsufficientCreditsError);
+});
