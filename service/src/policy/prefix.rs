@@ -65,7 +65,19 @@ impl PrefixDfa {
                 Err(_) => return true,
             }
         }
-        !state.is_dead()
+        // The DFA reports a match one byte late, so a state that is not dead
+        // may only be carrying a match that ended before the last byte. The
+        // position is alive if some next byte keeps the DFA going: a thread
+        // still running, or a match ending right at the end of the text
+        // (which what follows may still cut, e.g. at a `\b`).
+        let classes = self.dfa.byte_classes();
+        classes
+            .representatives(0..=255)
+            .filter_map(|unit| unit.as_u8())
+            .any(|byte| match self.dfa.next_state(cache, state, byte) {
+                Ok(next) => !next.is_dead(),
+                Err(_) => true,
+            })
     }
 }
 

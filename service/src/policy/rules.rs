@@ -28,7 +28,7 @@ pub enum RuleTest {
     /// replies, which are checked as they stream.
     Pattern {
         regex: Regex,
-        prefix: Option<PrefixDfa>,
+        prefix: Option<Box<PrefixDfa>>,
     },
     /// `maxLength`, in characters.
     MaxLength(usize),
@@ -51,7 +51,7 @@ impl CompiledRule {
             RuleMatcher::MaxLength(max) => RuleTest::MaxLength(max),
             RuleMatcher::Pattern { regex, .. } => {
                 let prefix = if rule.direction.covers_output() {
-                    Some(PrefixDfa::new(regex.as_str())?)
+                    Some(Box::new(PrefixDfa::new(regex.as_str())?))
                 } else {
                     None
                 };

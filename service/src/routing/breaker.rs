@@ -113,7 +113,7 @@ fn millis(duration: Duration) -> u64 {
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| millis(since))
+        .map_or(0, millis)
 }
 
 /// Where breakers keep their state. Both implementations run the same state
