@@ -14,7 +14,7 @@ use regex_syntax::hir::Look;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::routes_file::{ProblemKind, RouteProblem, is_valid_name};
+use crate::problems::{ProblemKind, RouteProblem, is_valid_name};
 
 /// Longest pattern text, in bytes.
 pub const PATTERN_MAX_LEN: usize = 1024;

@@ -6,6 +6,7 @@ mod chat_deployment;
 mod content_policy;
 mod credits;
 mod model_route;
+mod problems;
 mod routes_file;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

@@ -3,13 +3,14 @@
 //! validation both sides run before they accept routes.
 
 use std::collections::{HashMap, HashSet};
-use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
 use crate::content_policy::{CohortPolicy, collect_rule_problems};
 use crate::model_route::{ModelRouteSpec, Provider};
+use crate::problems::is_valid_name;
+pub use crate::problems::{ALIAS_MAX_LEN, ProblemKind, RouteProblem, RouteProblems};
 
 /// Key of the routes document in the operator's `<name>-routes` ConfigMap.
 pub const ROUTES_CONFIGMAP_KEY: &str = "routes.yaml";
@@ -22,7 +23,6 @@ pub const FAILURE_THRESHOLD_LIMIT: u32 = 1000;
 pub const CONTEXT_TOKENS_LIMIT: u32 = 10_000_000;
 /// Characters of a route's system prompt.
 pub const SYSTEM_PROMPT_MAX_CHARS: usize = 65_536;
-pub const ALIAS_MAX_LEN: usize = 63;
 /// Longest capability tag.
 pub const CAPABILITY_MAX_LEN: usize = 32;
 
@@ -308,18 +308,6 @@ pub fn collect_cohort_policy_problems(
     }
 }
 
-/// Aliases and rule names: 1-63 lowercase letters, digits, `.`, `_` or `-`,
-/// starting and ending with a letter or digit.
-pub(crate) fn is_valid_name(name: &str) -> bool {
-    let bytes = name.as_bytes();
-    let inner_ok = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(b);
-    let edge_ok = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
-    name.len() <= ALIAS_MAX_LEN
-        && edge_ok(bytes.first())
-        && edge_ok(bytes.last())
-        && bytes.iter().all(inner_ok)
-}
-
 /// Capability tags: 1-32 lowercase letters, digits or `-`.
 fn is_valid_tag(tag: &str) -> bool {
     !tag.is_empty()
@@ -328,106 +316,6 @@ fn is_valid_tag(tag: &str) -> bool {
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
-
-/// What is wrong with a route; [`ProblemKind::reason`] is the condition reason.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ProblemKind {
-    EmptyChain,
-    InvalidAlias,
-    NoAllowedRoles,
-    EmptyModel,
-    DuplicateTarget,
-    NegativePrice,
-    TooPrecise,
-    LimitOutOfRange,
-    DuplicateAlias,
-    UnknownDefaultRoute,
-    InvalidCapability,
-    InvalidGuardrail,
-    InvalidContentRule,
-    InvalidPattern,
-}
-
-impl ProblemKind {
-    /// CamelCase reason for Kubernetes conditions and events.
-    pub fn reason(self) -> &'static str {
-        match self {
-            ProblemKind::EmptyChain => "EmptyChain",
-            ProblemKind::InvalidAlias => "InvalidAlias",
-            ProblemKind::NoAllowedRoles => "NoAllowedRoles",
-            ProblemKind::EmptyModel => "EmptyModel",
-            ProblemKind::DuplicateTarget => "DuplicateTarget",
-            ProblemKind::NegativePrice => "NegativePrice",
-            ProblemKind::TooPrecise => "TooPrecise",
-            ProblemKind::LimitOutOfRange => "LimitOutOfRange",
-            ProblemKind::DuplicateAlias => "DuplicateAlias",
-            ProblemKind::UnknownDefaultRoute => "UnknownDefaultRoute",
-            ProblemKind::InvalidCapability => "InvalidCapability",
-            ProblemKind::InvalidGuardrail => "InvalidGuardrail",
-            ProblemKind::InvalidContentRule => "InvalidContentRule",
-            ProblemKind::InvalidPattern => "InvalidPattern",
-        }
-    }
-}
-
-/// One problem, located by a field path such as `routes[1].targets[0].model`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RouteProblem {
-    pub path: String,
-    pub kind: ProblemKind,
-    pub message: String,
-}
-
-impl RouteProblem {
-    pub fn new(path: String, kind: ProblemKind, message: String) -> Self {
-        Self {
-            path,
-            kind,
-            message,
-        }
-    }
-}
-
-impl fmt::Display for RouteProblem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.path, self.message)
-    }
-}
-
-/// Every problem found in a route or routes file (never empty).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RouteProblems(pub Vec<RouteProblem>);
-
-impl RouteProblems {
-    fn result(problems: Vec<RouteProblem>) -> Result<(), Self> {
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(Self(problems))
-        }
-    }
-
-    /// The reason of the first problem, for a condition's `reason`.
-    pub fn reason(&self) -> &'static str {
-        self.0
-            .first()
-            .map_or("Invalid", |problem| problem.kind.reason())
-    }
-}
-
-impl fmt::Display for RouteProblems {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (index, problem) in self.0.iter().enumerate() {
-            if index > 0 {
-                f.write_str("; ")?;
-            }
-            write!(f, "{problem}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for RouteProblems {}
 
 #[cfg(test)]
 mod tests {

@@ -1,5 +1,5 @@
 //! Circuit breakers shared by every replica through Redis: the state machine
-//! of [`super::breaker::LocalBreakers`], one Lua script per decision.
+//! of [`super::breaker_store::LocalBreakers`], one Lua script per decision.
 //!
 //! Keys, under the deployment's prefix `p` and a breaker's key `k` (the
 //! route alias's length, the alias and the model):
@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Script};
 
-use super::breaker::{Admission, BreakerState, BreakerStore, Settings};
+use super::breaker_store::{Admission, BreakerState, BreakerStore, Settings};
 use crate::error::Error;
 
 /// The breaker sits on every reply's path: a Redis that does not answer

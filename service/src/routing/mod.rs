@@ -4,7 +4,9 @@
 
 pub mod breaker;
 mod breaker_redis;
+mod breaker_store;
 pub mod recommend;
 
-pub use breaker::{Admission, BreakerState, BreakerStore, Breakers, LocalBreakers, Settings};
+pub use breaker::Breakers;
 pub use breaker_redis::RedisBreakers;
+pub use breaker_store::{Admission, BreakerState, BreakerStore, LocalBreakers, Settings};
