@@ -158,6 +158,10 @@ pub struct LocalBreakers {
 impl LocalBreakers {
     fn with_cell<T>(&self, key: &str, act: impl FnOnce(&mut Cell) -> T) -> T {
         let mut cells = self.cells.lock().unwrap_or_else(PoisonError::into_inner);
+        // Every reply asks: the key is copied only the first time it is seen.
+        if let Some(cell) = cells.get_mut(key) {
+            return act(cell);
+        }
         act(cells.entry(key.to_owned()).or_default())
     }
 }
