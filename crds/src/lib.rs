@@ -8,6 +8,7 @@ mod credits;
 mod model_route;
 mod problems;
 mod routes_file;
+mod tokens;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
@@ -33,6 +34,7 @@ pub use routes_file::{
     ProblemKind, ROUTES_CONFIGMAP_KEY, RouteProblem, RouteProblems, RoutesFile,
     SYSTEM_PROMPT_MAX_CHARS, TIMEOUT_SECONDS_LIMIT, collect_cohort_policy_problems,
 };
+pub use tokens::{BYTES_PER_TOKEN, TOKENS_PER_TURN, estimate_tokens};
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]

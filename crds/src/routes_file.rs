@@ -11,6 +11,7 @@ use crate::content_policy::{CohortPolicy, collect_rule_problems};
 use crate::model_route::{ModelRouteSpec, Provider};
 use crate::problems::is_valid_name;
 pub use crate::problems::{ALIAS_MAX_LEN, ProblemKind, RouteProblem, RouteProblems};
+use crate::tokens::{TOKENS_PER_TURN, estimate_tokens};
 
 /// Key of the routes document in the operator's `<name>-routes` ConfigMap.
 pub const ROUTES_CONFIGMAP_KEY: &str = "routes.yaml";
@@ -230,6 +231,31 @@ impl ModelRouteSpec {
                         target.max_output_tokens
                     ),
                 );
+            }
+            // The system prompt goes with every reply: beside the reply's
+            // maximum output it must leave room for a message of one token
+            // (a window no larger than the output is reported above).
+            if let Some(system_prompt) = &self.system_prompt
+                && target.context_tokens() > target.max_output_tokens
+            {
+                let prompt_tokens = estimate_tokens(system_prompt).saturating_add(TOKENS_PER_TURN);
+                let needed = prompt_tokens
+                    .saturating_add(TOKENS_PER_TURN + 1)
+                    .saturating_add(target.max_output_tokens);
+                let window = target.context_tokens();
+                if needed > window {
+                    push(
+                        format!("{path}.systemPrompt"),
+                        ProblemKind::LimitOutOfRange,
+                        format!(
+                            "the system prompt (about {prompt_tokens} tokens) and maxOutputTokens \
+                             ({}) leave no room for a message in the context window of \
+                             targets[{index}] ({window} tokens); shorten the prompt, lower \
+                             maxOutputTokens or raise contextTokens",
+                            target.max_output_tokens
+                        ),
+                    );
+                }
             }
             if target.timeout_seconds == 0 || target.timeout_seconds > TIMEOUT_SECONDS_LIMIT {
                 push(
@@ -565,6 +591,36 @@ routes:
         ] {
             assert!(!written.contains(absent), "{written}");
         }
+    }
+
+    #[test]
+    fn a_system_prompt_must_leave_room_for_a_message_in_every_window() {
+        // 400 bytes: 100 tokens, 104 with its turn; with 100 of output and a
+        // 5-token message that is 209.
+        let route = |window: u32| {
+            format!(
+                "routes:\n  - alias: default\n    systemPrompt: {}\n    targets:\n      \
+                 - {{provider: openai, model: a, pricing: {{inputPer1k: 1, outputPer1k: 1}}, \
+                 maxOutputTokens: 100, contextTokens: {window}}}\n",
+                "x".repeat(400)
+            )
+        };
+        RoutesFile::from_yaml(&route(209))
+            .unwrap()
+            .validate()
+            .unwrap();
+        let problems = RoutesFile::from_yaml(&route(208))
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert_eq!(problems.0.len(), 1, "{problems}");
+        assert_eq!(problems.0[0].path, "routes[0].systemPrompt");
+        assert!(
+            problems.0[0]
+                .message
+                .contains("about 104 tokens) and maxOutputTokens (100) leave no room"),
+            "{problems}"
+        );
     }
 
     #[test]
