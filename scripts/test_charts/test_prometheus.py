@@ -61,6 +61,10 @@ ROUTES = {
         {"alias": "pricey", "allowedRoles": ["user"],
          "targets": [{"provider": "simulated", "model": "simulated-gold",
                       "pricing": {"inputPer1k": 1000000, "outputPer1k": 1000000}, "maxOutputTokens": 64}]},
+        {"alias": "policed", "allowedRoles": ["user"],
+         "contentPolicy": {"rules": [{"name": "homework", "words": ["answer key"], "direction": "input"}]},
+         "targets": [{"provider": "simulated", "model": "simulated-policed",
+                      "pricing": {"inputPer1k": 1, "outputPer1k": 2}, "maxOutputTokens": 64}]},
         {"alias": "limited", "allowedRoles": ["user"], "limits": {"requestsPerMinute": 1},
          "targets": [{"provider": "simulated", "model": "simulated-small",
                       "pricing": {"inputPer1k": 1, "outputPer1k": 2}, "maxOutputTokens": 64}]},
@@ -171,7 +175,7 @@ def stack(tmp_path_factory):
         token = mint_token("alice")
         admin = mint_token("ada", "admin")
         sessions = {}
-        for route in ("default", "pricey", "limited"):
+        for route in ("default", "pricey", "limited", "policed"):
             status, body = http("POST", f"{a_url}/api/chat/sessions", {"title": route, "route": route}, token)
             assert status == 201, body
             sessions[route] = json.loads(body)["sessionId"]
@@ -200,6 +204,7 @@ def stack(tmp_path_factory):
                 while b'"state":"ended"' not in watching.readline():
                     pass
             expect("unaffordable reply", http("POST", f"{a_url}/api/chat/sessions/{sessions['pricey']}/messages", {"message": "gold"}, token)[0], {402})
+            expect("blocked message", http("POST", f"{a_url}/api/chat/sessions/{sessions['policed']}/messages", {"message": "the answer key please"}, token)[0], {400})
             expect("limited route", http("POST", f"{a_url}/api/chat/sessions/{sessions['limited']}/messages", {"message": "once"}, token)[0], {200, 429})
             expect("session create", http("POST", f"{a_url}/api/chat/sessions", {"title": "more"}, token)[0], {201})
             expect("missing session", http("GET", f"{a_url}/api/chat/sessions/{secrets.token_hex(12)}", None, token)[0], {404})
