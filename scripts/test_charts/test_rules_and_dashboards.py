@@ -27,7 +27,7 @@ def write_rules(path: Path, rules: list[dict]) -> None:
 
 def test_alert_rules_pass_promtool_check(tmp_path):
     rules = alert_rules()
-    assert len(rules) == 8
+    assert len(rules) == 9
     write_rules(tmp_path / "rules.yaml", rules)
     promtool("check", "rules", "rules.yaml", cwd=tmp_path)
 
@@ -69,6 +69,11 @@ FIRING = {
                    'parley_fallbacks_total{namespace="quiet",from="a",to="b",reason="throttled"}': "0+6x30",
                    'parley_streams_total{namespace="quiet",route="default",model="a",outcome="completed"}': "0+60x30"},
         "at": "20m", "labels": {"namespace": "chat"}, "value": "50%"},
+    "ParleyTargetOpen": {
+        "series": {'parley_target_state{namespace="chat",pod="a",route="default",model="m"}': "2x40",
+                   'parley_target_state{namespace="chat",pod="a",route="default",model="n"}': "1x40",
+                   'parley_target_state{namespace="quiet",pod="b",route="default",model="m"}': "0x40"},
+        "at": "20m", "labels": {"namespace": "chat", "route": "default", "model": "m"}, "value": "2"},
     "ParleySlowFirstToken": {
         "series": {'parley_time_to_first_token_seconds_bucket{namespace="chat",le="1"}': "0x30",
                    'parley_time_to_first_token_seconds_bucket{namespace="chat",le="10"}': "0+60x30",
