@@ -337,6 +337,7 @@ routes:
         model: busy-model
         pricing: {inputPer1k: 1, outputPer1k: 1}
         maxOutputTokens: 256
+        circuitBreaker: {failureThreshold: 1, cooldownSeconds: 600}
       - provider: simulated
         model: simulated-fallback
         pricing: {inputPer1k: 1, outputPer1k: 2}
@@ -373,6 +374,20 @@ routes:
     assert.equal(await finishedReply(page), prompt);
     assert.equal(await lastReply(page).locator(".author").textContent(), "Assistant · simulated-fallback (fallback)");
     assert.ok((models.calls.get("busy-model") ?? 0) >= 1, "the throttled target was tried first");
+
+    // That throttle opened busy-model's breaker: after a reload the picker
+    // says so, and the next reply goes straight to the fallback.
+    const busyCalls = models.calls.get("busy-model");
+    await page.reload();
+    await picker.locator("option").first().filter({ hasText: "(first model unavailable)" }).waitFor({ state: "attached" });
+    assert.equal(
+      await page.locator("#route-note").textContent(),
+      "Its first model is unavailable for now; the next one answers.",
+    );
+    await captureBothWidths(page, "chat-primary-open", () => settled(page));
+    await send(page, words(4, "g"));
+    assert.equal(await finishedReply(page), words(4, "g"));
+    assert.equal(models.calls.get("busy-model"), busyCalls, "the open target was skipped");
 
     await picker.selectOption("down");
     await send(page, "are you there");
