@@ -20,86 +20,25 @@
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use chrono::{DateTime, Utc};
 use futures::Stream;
-use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::frames::PING;
 use super::metrics::HubMetrics;
-use super::relay::{Relay, RelayWriter};
+use super::relay::{Relay, RelayWriter, RelayedReply};
+use super::shared::{Announcement, ReplyInfo, lock};
 use crate::error::Error;
 use crate::store::ObjectId;
 
 /// Announcements a replica keeps for subscribers that fall behind; one that
 /// falls further behind re-reads the hub's state.
 const ANNOUNCEMENTS_KEPT: usize = 1024;
-
-/// A reply as observers and consoles see it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ReplyInfo {
-    /// Unique per reply (a session has one reply at a time, many over time).
-    pub reply_id: String,
-    /// 24 hexadecimal characters.
-    #[serde(with = "object_id_hex")]
-    #[schema(value_type = String)]
-    pub session_id: ObjectId,
-    /// The session's owner.
-    pub user_id: String,
-    /// The owner's cohorts, as the session records them.
-    pub user_cohorts: Vec<String>,
-    pub route: String,
-    /// The user's message this reply answers (stored with the reply when
-    /// it ends), so observers see the question before the answer.
-    pub message: String,
-    pub started_at: DateTime<Utc>,
-}
-
-impl ReplyInfo {
-    pub fn new(
-        session_id: ObjectId,
-        user_id: String,
-        user_cohorts: Vec<String>,
-        route: String,
-        message: String,
-    ) -> Self {
-        Self {
-            reply_id: uuid::Uuid::now_v7().simple().to_string(),
-            session_id,
-            user_id,
-            user_cohorts,
-            route,
-            message,
-            started_at: crate::store::now(),
-        }
-    }
-}
-
-/// A reply starting or ending, on this replica or (with a relay) any.
-#[derive(Debug, Clone)]
-pub enum Announcement {
-    Started(Arc<ReplyInfo>),
-    Ended {
-        reply: Arc<ReplyInfo>,
-        /// As counted in `parley_streams_total`: completed, failed, …
-        outcome: String,
-    },
-}
-
-impl Announcement {
-    pub fn reply(&self) -> &Arc<ReplyInfo> {
-        match self {
-            Self::Started(reply) | Self::Ended { reply, .. } => reply,
-        }
-    }
-}
 
 #[derive(Debug, Clone, Copy)]
 pub struct HubSettings {
@@ -344,7 +283,7 @@ impl Hub {
             let relay = Arc::clone(relay);
             let reading = Arc::clone(&mirror);
             self.tasks.spawn(async move {
-                let outcome = relay.follow(&reading, hub.stop.clone()).await;
+                let outcome = relay.follow(reading.as_ref(), hub.stop.clone()).await;
                 hub.finish_mirror(&reading, outcome);
             });
         }
@@ -614,7 +553,7 @@ impl ReplyStream {
                     // An owner following on another replica keeps it going too.
                     let writer = lock(&reply.relay).clone();
                     if let Some(writer) = writer {
-                        writer.owner_gone(&reply, still_gone).await;
+                        writer.owner_gone(reply.as_ref(), still_gone).await;
                     }
                     if still_gone() {
                         reply.abandoned.cancel();
@@ -622,6 +561,28 @@ impl ReplyStream {
                 }
             }
         });
+    }
+}
+
+impl RelayedReply for ReplyStream {
+    fn info(&self) -> &Arc<ReplyInfo> {
+        &self.info
+    }
+
+    fn stop(&self) {
+        ReplyStream::stop(self);
+    }
+
+    fn owners_attached(&self) -> usize {
+        ReplyStream::owners_attached(self)
+    }
+
+    fn is_finished(&self) -> bool {
+        ReplyStream::is_finished(self)
+    }
+
+    fn publish_at(&self, id: u64, frame: Bytes, produced: SystemTime) {
+        ReplyStream::publish_at(self, id, frame, produced);
     }
 }
 
@@ -710,28 +671,6 @@ impl Subscriber {
                 _ = self.ping.tick() => return Some(Bytes::from_static(PING)),
             }
         }
-    }
-}
-
-pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The guarded data stays consistent even if a holder panicked (every
-    // critical section is a single push, insert or copy).
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Session ids as 24 hexadecimal characters in JSON.
-mod object_id_hex {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    use crate::store::ObjectId;
-
-    pub fn serialize<S: Serializer>(id: &ObjectId, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&id.to_hex())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectId, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        ObjectId::parse_str(&text).map_err(serde::de::Error::custom)
     }
 }
 

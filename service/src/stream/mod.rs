@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod observe;
 pub mod relay;
 pub mod reply;
+pub mod shared;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,10 +19,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use events::ReplyEvent;
-pub use hub::{Hub, HubSettings, ReplyInfo, ReplyStream};
+pub use hub::{Hub, HubSettings, ReplyStream};
 pub use metrics::{HubMetrics, ReplyMetrics};
 pub use relay::{Relay, RelaySettings};
 pub use reply::{Api, Audience, ContentCheck, FinishedReply, Paid, ReplyRequest, SessionRecord};
+pub use shared::{Announcement, ReplyInfo};
 
 use crate::model_routes::{ProviderRegistry, RoutesCell};
 use crate::routing::Breakers;

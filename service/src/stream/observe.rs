@@ -24,8 +24,9 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
 use super::frames::{ErrorData, PING, unnumbered};
-use super::hub::{Announcement, Fed, Hub, ObserverFeed, ReplyInfo, ReplyStream};
+use super::hub::{Fed, Hub, ObserverFeed, ReplyStream};
 use super::metrics::OutcomeLabels;
+use super::shared::{Announcement, ReplyInfo};
 use crate::error::Error;
 use crate::store::{CohortScope, ObjectId, Observation, ObservationAudit, ObservationEnd, now};
 

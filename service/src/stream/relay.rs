@@ -37,11 +37,24 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::frames::{ErrorData, frame};
-use super::hub::{Announcement, ReplyInfo, ReplyStream, lock};
 use super::metrics::HubMetrics;
+use super::shared::{Announcement, ReplyInfo, lock};
 use crate::error::Error;
 use crate::shared_redis::{self, RESPONSE_TIMEOUT};
 use crate::store::ObjectId;
+
+/// A reply stream of the hub as the relay handles it: the relay holds the
+/// session's lock for the replies generated here (and stops one when another
+/// replica asks), and feeds the mirrors of replies generated elsewhere.
+pub(super) trait RelayedReply: Send + Sync {
+    fn info(&self) -> &Arc<ReplyInfo>;
+    /// Ends the reply at once, as its owner's stop does.
+    fn stop(&self);
+    fn owners_attached(&self) -> usize;
+    fn is_finished(&self) -> bool;
+    /// Appends an event, produced at `produced` on the generating replica.
+    fn publish_at(&self, id: u64, frame: Bytes, produced: SystemTime);
+}
 
 /// A lock not renewed for this many heartbeats means its replica is gone.
 const HEARTBEATS_TO_LOSE: u32 = 5;
@@ -115,7 +128,7 @@ pub struct Relay {
 /// A reply this replica generates, as its heartbeat sees it.
 struct Held {
     reply_id: String,
-    reply: Weak<ReplyStream>,
+    reply: Weak<dyn RelayedReply>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -196,8 +209,13 @@ impl Relay {
 
     /// Takes the session's lock for `reply`; `false` when another reply
     /// holds it.
-    pub(super) async fn reserve(&self, reply: &Arc<ReplyStream>) -> Result<bool, Error> {
-        let info = &reply.info;
+    pub(super) async fn reserve<R: RelayedReply + 'static>(
+        &self,
+        reply: &Arc<R>,
+    ) -> Result<bool, Error> {
+        let info = reply.info();
+        let weak = Arc::downgrade(reply);
+        let weak: Weak<dyn RelayedReply> = weak;
         let taken: Option<String> = redis::cmd("SET")
             .arg(self.session_lock(info.session_id))
             .arg(&info.reply_id)
@@ -212,7 +230,7 @@ impl Relay {
                 info.session_id,
                 Held {
                     reply_id: info.reply_id.clone(),
-                    reply: Arc::downgrade(reply),
+                    reply: weak,
                 },
             );
         }
@@ -395,7 +413,7 @@ impl Relay {
                 () = stop.cancelled() => return,
                 _ = ticks.tick() => {}
             }
-            let held: Vec<(ObjectId, String, Weak<ReplyStream>)> = lock(&self.held)
+            let held: Vec<(ObjectId, String, Weak<dyn RelayedReply>)> = lock(&self.held)
                 .iter()
                 .map(|(session, held)| (*session, held.reply_id.clone(), held.reply.clone()))
                 .collect();
@@ -567,12 +585,12 @@ impl Relay {
     /// how it ended.
     pub(super) async fn follow(
         &self,
-        mirror: &ReplyStream,
+        mirror: &dyn RelayedReply,
         stop: CancellationToken,
     ) -> &'static str {
         let mut reader = MirrorReader {
             mirror,
-            events: self.reply_events(&mirror.info.reply_id),
+            events: self.reply_events(&mirror.info().reply_id),
             cursor: "0-0".to_owned(),
             last_event: 0,
             unreachable_since: None,
@@ -621,18 +639,18 @@ impl Relay {
                 }
             }
             if mirror.owners_attached() > 0 {
-                self.owner_follows(&mirror.info.reply_id).await;
+                self.owner_follows(&mirror.info().reply_id).await;
             }
         }
     }
 
-    async fn still_running(&self, mirror: &ReplyStream) -> bool {
+    async fn still_running(&self, mirror: &dyn RelayedReply) -> bool {
         let holder: Result<Option<String>, _> = redis::cmd("GET")
-            .arg(self.session_lock(mirror.info.session_id))
+            .arg(self.session_lock(mirror.info().session_id))
             .query_async(&mut self.commands.clone())
             .await;
         match holder {
-            Ok(holder) => holder.as_deref() == Some(mirror.info.reply_id.as_str()),
+            Ok(holder) => holder.as_deref() == Some(mirror.info().reply_id.as_str()),
             // Unknown: the next read decides.
             Err(_) => true,
         }
@@ -718,7 +736,7 @@ impl RelayWriter {
 
     /// Waits while the reply's owner follows it on another replica and
     /// `gone_here` holds.
-    pub(super) async fn owner_gone(&self, reply: &ReplyStream, gone_here: impl Fn() -> bool) {
+    pub(super) async fn owner_gone(&self, reply: &dyn RelayedReply, gone_here: impl Fn() -> bool) {
         while gone_here()
             && !reply.is_finished()
             && self.relay.owner_elsewhere(&self.info.reply_id).await
@@ -738,7 +756,7 @@ enum Step {
 }
 
 struct MirrorReader<'a> {
-    mirror: &'a ReplyStream,
+    mirror: &'a dyn RelayedReply,
     events: String,
     /// The last entry id read.
     cursor: String,
@@ -801,9 +819,9 @@ impl MirrorReader<'_> {
 
     /// Ends the mirror with an `error` event: the reply can no longer be followed.
     fn lost(&mut self, why: &'static str) -> &'static str {
-        tracing::warn!(reply = %self.mirror.info.reply_id, why, "a reply followed through the hub was lost");
+        tracing::warn!(reply = %self.mirror.info().reply_id, why, "a reply followed through the hub was lost");
         self.last_event += 1;
-        self.mirror.publish(
+        self.mirror.publish_at(
             self.last_event,
             frame(
                 self.last_event,
@@ -813,6 +831,7 @@ impl MirrorReader<'_> {
                     message: why,
                 },
             ),
+            SystemTime::now(),
         );
         "lost"
     }
