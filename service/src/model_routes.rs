@@ -380,9 +380,13 @@ impl ProviderRegistry {
             ProviderKind::Bedrock => Ok(Arc::clone(
                 self.bedrock
                     .get_or_init(|| async {
-                        let provider =
-                            BedrockProvider::from_environment(self.bedrock_endpoint_url.as_deref())
-                                .await;
+                        // Boxed: loading the AWS configuration is a future of
+                        // many KiB, and unboxed every reply task would keep
+                        // room for it while it streams (it runs once).
+                        let provider = Box::pin(BedrockProvider::from_environment(
+                            self.bedrock_endpoint_url.as_deref(),
+                        ))
+                        .await;
                         Arc::new(provider) as Arc<dyn Provider>
                     })
                     .await,

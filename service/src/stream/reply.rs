@@ -276,8 +276,8 @@ impl Generation<'_> {
                 continue;
             }
             let fallback_applied = index > self.first_target;
-            if fallback_applied && let Err(error) = self.reprice(target, prompt).await {
-                return self.unaffordable_fallback(target, error).await;
+            if fallback_applied && let Err(error) = Box::pin(self.reprice(target, prompt)).await {
+                return Box::pin(self.unaffordable_fallback(target, error)).await;
             }
             match self.attempt(target, prompt, fallback_applied).await {
                 Attempt::Done(result) => return result,
@@ -303,7 +303,7 @@ impl Generation<'_> {
             }
         }
         // `attempt` only falls back when a next target exists.
-        self.release("the route has no targets").await;
+        Box::pin(self.release("the route has no targets")).await;
         Err(Error::Upstream(ProviderError::new(
             ProviderErrorKind::Unavailable,
             "the route has no targets",
@@ -352,6 +352,10 @@ impl Generation<'_> {
         Err(error)
     }
 
+    /// One target's attempt. The reply task lives as long as its stream and
+    /// is as large as its largest await, so every ending (and the rarely
+    /// reached renewal and announcement) is boxed: an open stream then keeps
+    /// only the streaming loop's state, not the ending's store-and-pay.
     async fn attempt(
         &mut self,
         target: &RouteTarget,
@@ -360,7 +364,7 @@ impl Generation<'_> {
     ) -> Attempt {
         let provider = match self.replies.providers.for_target(target).await {
             Ok(provider) => provider,
-            Err(error) => return self.failed_before_output(target, error).await,
+            Err(error) => return Box::pin(self.failed_before_output(target, error)).await,
         };
         let request = CompletionRequest {
             model: target.model.clone(),
@@ -372,11 +376,11 @@ impl Generation<'_> {
         };
         let opened = tokio::select! {
             opened = provider.stream(request) => opened,
-            stop = self.stop() => return Attempt::Done(self.stopped(target, stop, "", 0, None).await),
+            stop = self.stop() => return Attempt::Done(Box::pin(self.stopped(target, stop, "", 0, None)).await),
         };
         let mut stream = match opened {
             Ok(stream) => stream,
-            Err(error) => return self.failed_before_output(target, error).await,
+            Err(error) => return Box::pin(self.failed_before_output(target, error)).await,
         };
         let mut filter = OutputFilter::new(&self.request.content.policy);
         let mut text = String::new();
@@ -391,15 +395,15 @@ impl Generation<'_> {
                 stop = self.stop() => {
                     // Dropping the stream drops the upstream request.
                     drop(stream);
-                    return Attempt::Done(self.stopped(target, stop, &text, deltas, usage).await);
+                    return Attempt::Done(Box::pin(self.stopped(target, stop, &text, deltas, usage)).await);
                 }
                 () = &mut renewal => {
-                    match self.renew(target, deltas).await {
+                    match Box::pin(self.renew(target, deltas)).await {
                         Ok(next) => renewal.as_mut().reset(next),
                         Err(error) => {
                             drop(stream);
                             let stop = Stop::Unpaid(error);
-                            return Attempt::Done(self.stopped(target, stop, &text, deltas, usage).await);
+                            return Attempt::Done(Box::pin(self.stopped(target, stop, &text, deltas, usage)).await);
                         }
                     }
                     continue;
@@ -408,10 +412,13 @@ impl Generation<'_> {
             match item {
                 Some(Ok(ProviderEvent::Delta(delta))) => {
                     if !announced {
-                        if let Err(error) = self.announce(target, fallback_applied).await {
+                        if let Err(error) = Box::pin(self.announce(target, fallback_applied)).await
+                        {
                             drop(stream);
                             let stop = Stop::Unpaid(error);
-                            return Attempt::Done(self.stopped(target, stop, "", 0, None).await);
+                            return Attempt::Done(
+                                Box::pin(self.stopped(target, stop, "", 0, None)).await,
+                            );
                         }
                         announced = true;
                     }
@@ -422,28 +429,37 @@ impl Generation<'_> {
                             drop(stream);
                             self.show(&mut text, shown, deltas);
                             let used = self.used(usage, deltas);
-                            return Attempt::Done(self.blocked(target, block, text, used).await);
+                            return Attempt::Done(
+                                Box::pin(self.blocked(target, block, text, used)).await,
+                            );
                         }
                     }
                 }
                 Some(Ok(ProviderEvent::Usage(reported))) => usage = Some(reported),
                 Some(Ok(ProviderEvent::Finished { stop_reason })) => {
-                    if !announced && let Err(error) = self.announce(target, fallback_applied).await
+                    if !announced
+                        && let Err(error) = Box::pin(self.announce(target, fallback_applied)).await
                     {
                         let stop = Stop::Unpaid(error);
-                        return Attempt::Done(self.stopped(target, stop, "", 0, None).await);
+                        return Attempt::Done(
+                            Box::pin(self.stopped(target, stop, "", 0, None)).await,
+                        );
                     }
                     let used = self.used(usage, deltas);
                     match filter.finish() {
                         Filtered::Text(shown) => self.show(&mut text, shown, deltas),
                         Filtered::Blocked { shown, block } => {
                             self.show(&mut text, shown, deltas);
-                            return Attempt::Done(self.blocked(target, block, text, used).await);
+                            return Attempt::Done(
+                                Box::pin(self.blocked(target, block, text, used)).await,
+                            );
                         }
                     }
                     if let StopReason::GuardrailIntervened(intervention) = &stop_reason {
                         let block = Block::by_guardrail(target, intervention);
-                        return Attempt::Done(self.blocked(target, block, text, used).await);
+                        return Attempt::Done(
+                            Box::pin(self.blocked(target, block, text, used)).await,
+                        );
                     }
                     let ending = Completed {
                         text,
@@ -451,22 +467,22 @@ impl Generation<'_> {
                         stop_reason,
                         fallback_applied,
                     };
-                    return Attempt::Done(self.complete(target, ending).await);
+                    return Attempt::Done(Box::pin(self.complete(target, ending)).await);
                 }
                 Some(Err(error)) if !announced => {
-                    return self.failed_before_output(target, error).await;
+                    return Box::pin(self.failed_before_output(target, error)).await;
                 }
                 None if !announced => {
-                    return self.failed_before_output(target, ended_early()).await;
+                    return Box::pin(self.failed_before_output(target, ended_early())).await;
                 }
                 Some(Err(error)) => {
                     return Attempt::Done(
-                        self.interrupted(target, error, text, deltas, usage).await,
+                        Box::pin(self.interrupted(target, error, text, deltas, usage)).await,
                     );
                 }
                 None => {
                     return Attempt::Done(
-                        self.interrupted(target, ended_early(), text, deltas, usage)
+                        Box::pin(self.interrupted(target, ended_early(), text, deltas, usage))
                             .await,
                     );
                 }
