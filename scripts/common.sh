@@ -52,3 +52,14 @@ contexts:
 current-context: $2
 EOF
 }
+
+# The workspace's binaries in target/debug, built as `cargo nextest run
+# --workspace` builds them: with the features that the tests'
+# dev-dependencies add (tokio's test-util among them). A plain
+# `cargo build --bins` resolves features without those, so it compiles tokio
+# and every crate above it a second time (minutes, and gigabytes of target/)
+# and replaces the binaries the tests ran. After the rust suite it compiles
+# nothing.
+build_test_binaries() {
+  cargo build --locked --workspace --bins --tests >&2
+}

@@ -4,7 +4,7 @@
 # Prints each image's size; can also save both as docker-archive tarballs, the
 # format `ctr images import` and `kind load image-archive` read.
 #
-#   scripts/images.sh [--repository PREFIX] [--tag TAG] [--base IMAGE] [--save DIR] [--profile NAME]
+#   scripts/images.sh [--repository PREFIX] [--tag TAG] [--base IMAGE] [--save DIR] [--profile NAME] [--prebuilt]
 #   scripts/images.sh [--profile NAME] --context-only DIR
 #
 #   --repository PREFIX  name prefix (env PARLEY_IMAGE_REPOSITORY; default ghcr.io/parley-dev)
@@ -19,9 +19,12 @@
 #                        to build on the published base.
 #   --save DIR           also write DIR/parley-service.tar and DIR/parley-operator.tar
 #   --profile NAME       cargo profile of the binaries (env PARLEY_IMAGES_PROFILE;
-#                        default release, what is published). `dev` reuses what
-#                        `cargo build --workspace --bins` made: no extra compile,
-#                        for tests and Tilt; the images are larger and slower.
+#                        default release, what is published). `dev` compiles
+#                        little after a debug build, for Tilt; the images are
+#                        larger and slower.
+#   --prebuilt           package the binaries already in the profile's
+#                        directory, without cargo: the test scripts build them
+#                        first as the test suite does (scripts/common.sh).
 #   --context-only DIR   build the binaries and lay out the build context in DIR
 #                        (what the Tiltfile builds its images from); no image.
 #                        Files that did not change are left alone, so that
@@ -39,6 +42,7 @@ tag="${PARLEY_IMAGE_TAG:-}"
 base="${PARLEY_BASE_IMAGE:-}"
 save_dir=""
 context_only=""
+prebuilt=""
 profile="${PARLEY_IMAGES_PROFILE:-release}"
 BINARIES=(parley-service parley-operator)
 # What the base holds: the shared libraries the binaries load (ldd: libc,
@@ -59,6 +63,7 @@ while [ $# -gt 0 ]; do
     --save) save_dir=${2:?--save needs a directory}; shift 2 ;;
     --context-only) context_only=${2:?--context-only needs a directory}; shift 2 ;;
     --profile) profile=${2:?--profile needs a cargo profile}; shift 2 ;;
+    --prebuilt) prebuilt=1; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
@@ -179,10 +184,13 @@ profile_dir="$target_dir/$([ "$profile" = dev ] && echo debug || echo "$profile"
 # The Dockerfile's build context: the two binaries and the empty directory
 # that becomes the service's data directory.
 build_context() { # dir
-  log "cargo build --profile $profile (${BINARIES[*]})"
-  cargo build --profile "$profile" --locked -p parley-service -p parley-operator --bins >&2
+  if [ -z "$prebuilt" ]; then
+    log "cargo build --profile $profile (${BINARIES[*]})"
+    cargo build --profile "$profile" --locked -p parley-service -p parley-operator --bins >&2
+  fi
   mkdir -p "$1/data"
   for binary in "${BINARIES[@]}"; do
+    [ -x "$profile_dir/$binary" ] || die "no $profile_dir/$binary to package"
     cmp -s "$profile_dir/$binary" "$1/$binary" || cp "$profile_dir/$binary" "$1/$binary"
   done
 }

@@ -10,7 +10,7 @@
 #   PARLEY_API_FUZZ_EXAMPLES=1000 scripts/test-api-fuzz.sh    a longer run
 #   PARLEY_API_FUZZ_SEED=42 scripts/test-api-fuzz.sh          replay one seed
 #
-# It builds the binary (cargo, CARGO_TARGET_DIR honoured) and finds the
+# It builds the binaries as the test suite does (CARGO_TARGET_DIR honoured) and finds the
 # Python tools through PARLEY_TEST_PYTHON, or installs them with
 # scripts/test-env.sh. Reports land in $PARLEY_API_FUZZ_REPORTS (default: a
 # temporary directory, printed at the end).
@@ -33,7 +33,10 @@ fi
 schemathesis="$(dirname "$python")/schemathesis"
 [ -x "$schemathesis" ] || { log "no schemathesis next to $python: run scripts/test-env.sh install"; exit 1; }
 
-cargo build --locked -p parley-service --bin parley-service
+LOG_NAME=api-fuzz
+# shellcheck source=scripts/common.sh
+source scripts/common.sh
+build_test_binaries
 binary="${CARGO_TARGET_DIR:-target}/debug/parley-service"
 
 data_dir=$(mktemp -d /tmp/parley-api-fuzz-data.XXXXXX)

@@ -35,7 +35,10 @@ if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
 fi
 
 # The binaries the live test runs, and crdgen, whose output the CRDs chart must render.
-cargo build -p parley-service -p parley-operator -p parley-crds --bins
+LOG_NAME=test-charts
+# shellcheck source=scripts/common.sh
+source scripts/common.sh
+build_test_binaries
 
 if [ -z "${PARLEY_TEST_KUBECONFIG:-}" ]; then
   env_dir=$(mktemp -d /tmp/parley-charts-env.XXXXXX)

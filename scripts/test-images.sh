@@ -12,7 +12,7 @@
 #   - the operator without any cluster configuration: a clear log line and a
 #     non-zero exit, not a panic.
 # The binaries are the dev profile's, by default: what scripts/test.sh's
-# `cargo build --workspace --bins` already made, so the suite compiles
+# rust suite built and tested, so the suite compiles
 # nothing (a cold release build costs about 25 CPU-minutes). Checking the
 # release images, as published: PARLEY_TEST_IMAGES_PROFILE=release.
 # Runs alone (as root on Debian; installs podman and runc when missing):
@@ -30,7 +30,13 @@ podman_run() {
 
 started=$SECONDS
 profile=${PARLEY_TEST_IMAGES_PROFILE:-dev}
-built=$(scripts/images.sh --profile "$profile")
+images_args=(--profile "$profile")
+if [ "$profile" = dev ]; then
+  # shellcheck source=scripts/common.sh
+  (LOG_NAME=test-images && source scripts/common.sh && build_test_binaries)
+  images_args+=(--prebuilt)
+fi
+built=$(scripts/images.sh "${images_args[@]}")
 log "images built in $((SECONDS - started))s; sizes with the $profile profile's binaries:"
 printf '%s\n' "$built"
 service_image=$(awk '$1 == "parley-service" {print $2}' <<<"$built")

@@ -11,5 +11,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 : "${PARLEY_TEST_MONGODB_URI:?no test servers: run scripts/test-env.sh start DIR && source DIR/env}"
-cargo build --workspace --bins
-cargo nextest run -p parley-e2e --profile load --no-capture
+LOG_NAME=test-load
+# shellcheck source=scripts/common.sh
+source scripts/common.sh
+build_test_binaries
+# --workspace, not -p parley-e2e: the same features as every other test
+# build, so nothing compiles twice; the profile picks the one binary.
+cargo nextest run --workspace --profile load --no-capture

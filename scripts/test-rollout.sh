@@ -60,7 +60,14 @@ trap cleanup EXIT
 
 started=$SECONDS
 mkdir -p "$work/images"
-scripts/images.sh --profile "${PARLEY_TEST_IMAGES_PROFILE:-dev}" --repository ghcr.io/parley-dev --tag "$tag" --save "$work/images" >/dev/null \
+profile=${PARLEY_TEST_IMAGES_PROFILE:-dev}
+images_args=(--profile "$profile")
+if [ "$profile" = dev ]; then
+  # shellcheck source=scripts/common.sh
+  (LOG_NAME=test-rollout && source scripts/common.sh && build_test_binaries)
+  images_args+=(--prebuilt)
+fi
+scripts/images.sh "${images_args[@]}" --repository ghcr.io/parley-dev --tag "$tag" --save "$work/images" >/dev/null \
   || fail "scripts/images.sh could not build the images"
 timing "images built and saved" $((SECONDS - started))
 
@@ -74,7 +81,9 @@ PARLEY_TEST_BIND_ADDRESS="$PARLEY_CLUSTER_GATEWAY" scripts/test-env.sh start "$e
 source "$env_dir/env"
 
 started=$SECONDS
-PARLEY_IMAGE_TAG="$tag" cargo nextest run -p parley-e2e --test cluster --profile cluster \
+# --workspace, not -p parley-e2e: the features of every other test build,
+# so nothing compiles twice; the profile picks the one binary.
+PARLEY_IMAGE_TAG="$tag" cargo nextest run --workspace --profile cluster \
   --no-capture || fail "tests/tests/cluster.rs failed (its output is above)"
 timing "cluster test (tests/tests/cluster.rs)" $((SECONDS - started))
 

@@ -20,6 +20,18 @@ scripts/test-env.sh start "$env_dir"
 # shellcheck disable=SC1091
 source "$env_dir/env"
 
+# The smaller of the free space where cargo writes and where the tests do.
+free_gib() {
+  df -P --block-size=1G "${CARGO_TARGET_DIR:-.}" /tmp | awk 'NR > 1 {print $4}' | sort -n | head -1
+}
+# What a cold run of every suite takes at its peak: target/ (about 7 GiB),
+# the images and the cluster's containers, the test servers' data.
+needed_gib=12
+if [ "$(free_gib)" -lt "$needed_gib" ]; then
+  echo "WARNING: $(free_gib) GiB of disk free; a cold run needs about $needed_gib GiB" \
+    "and fails in odd places (ENOSPC) without them" >&2
+fi
+
 summary=()
 reasons=()
 failed=0
@@ -30,7 +42,7 @@ suite() { # name, command...
   shift
   echo "=== suite $name"
   "$@" 2>&1 | tee "$env_dir/suite-$name.log" || { status=FAILED; failed=1; }
-  summary+=("$(printf '%-10s %-7s %5ss' "$name" "$status" $((SECONDS - started)))")
+  summary+=("$(printf '%-10s %-7s %5ss %5s GiB free' "$name" "$status" $((SECONDS - started)) "$(free_gib)")")
   if [ "$status" = FAILED ]; then
     while IFS= read -r line; do reasons+=("$name: $line"); done < <(
       grep -E 'FAILED|LEFTOVER|panicked at|^error|not ok|✖|Error:|failed' "$env_dir/suite-$name.log" \
@@ -38,8 +50,10 @@ suite() { # name, command...
   fi
 }
 
-# The end-to-end tests start the real binaries.
-suite rust bash -c 'cargo build --workspace --bins && cargo nextest run --workspace --no-fail-fast "$@"' _ "$@"
+# The end-to-end tests start the real binaries, which cargo builds with the
+# tests (every package with a binary has integration tests): the later suites
+# use the same builds (scripts/common.sh, build_test_binaries).
+suite rust cargo nextest run --workspace --no-fail-fast "$@"
 suite load scripts/test-load.sh
 suite api-fuzz scripts/test-api-fuzz.sh
 suite fuzz scripts/test-fuzz.sh

@@ -48,13 +48,13 @@ def wait_until(what: str, check: Callable[[], Any], limit: float = START_LIMIT, 
 
 
 def binary(name: str) -> Path:
-    """A workspace binary, as `cargo build --workspace --bins` left it."""
+    """A workspace binary, as `cargo build --workspace --bins --tests` left it."""
     metadata = subprocess.run(
         ["cargo", "metadata", "--format-version", "1", "--no-deps"],
         cwd=REPO, check=True, capture_output=True, text=True,
     )
     path = Path(json.loads(metadata.stdout)["target_directory"]) / "debug" / name
-    assert path.exists(), f"{path} is not built: run `cargo build --workspace --bins` (scripts/test-charts.sh does)"
+    assert path.exists(), f"{path} is not built: run `cargo build --workspace --bins --tests` (scripts/test-charts.sh does)"
     return path
 
 

@@ -22,7 +22,7 @@ pub fn binary(name: &str) -> PathBuf {
     let path = dir.join(name);
     assert!(
         path.exists(),
-        "{} is not built: run `cargo build --workspace --bins` (scripts/test.sh does)",
+        "{} is not built: run `cargo build --workspace --bins --tests` (scripts/test.sh does)",
         path.display()
     );
     path
