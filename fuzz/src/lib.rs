@@ -318,7 +318,7 @@ pub fn bedrock_stream(data: &[u8]) {
     *answer.lock().unwrap_or_else(PoisonError::into_inner) = (status, Bytes::copy_from_slice(body));
     let request = CompletionRequest {
         model: "anthropic.claude-3-haiku-20240307-v1:0".into(),
-        turns: vec![ChatTurn::new(TurnRole::User, "hello")],
+        turns: vec![ChatTurn::new(TurnRole::User, "hello")].into(),
         max_output_tokens: 64,
         guardrail: None,
         sampling: Sampling::default(),

@@ -371,7 +371,7 @@ async fn direct_ttft(n: usize, rounds: usize, reply_tokens: u32) -> Vec<f64> {
                     let mut stream = provider
                         .stream(CompletionRequest {
                             model: "sim".into(),
-                            turns: vec![ChatTurn::new(TurnRole::User, QUESTION)],
+                            turns: vec![ChatTurn::new(TurnRole::User, QUESTION)].into(),
                             max_output_tokens: 1024,
                             timeout: Duration::from_secs(60),
                             guardrail: None,

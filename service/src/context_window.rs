@@ -18,6 +18,8 @@
 //!   ([`history_budget`]), so neither the read nor the prompt grows with the
 //!   session's length.
 
+use std::sync::Arc;
+
 use parley_crds::{ModelRouteSpec, RouteTarget};
 
 use crate::error::Error;
@@ -42,7 +44,7 @@ pub struct Conversation {
 /// the hold is priced for).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Prompt {
-    pub turns: Vec<ChatTurn>,
+    pub turns: Arc<[ChatTurn]>,
     pub input_tokens: u32,
 }
 
@@ -327,7 +329,7 @@ mod tests {
         let conversation = Conversation::new(None, Vec::new(), history, turn(Role::User, 10));
         // Room for one turn: only the answer would fit, without its question.
         let prompt = conversation.fit(30, 5).unwrap();
-        assert_eq!(prompt.turns, std::slice::from_ref(&conversation.message));
+        assert_eq!(*prompt.turns, *std::slice::from_ref(&conversation.message));
         assert_eq!(prompt.input_tokens, 10);
     }
 

@@ -50,7 +50,8 @@ fn request(model: &str, timeout: Duration) -> CompletionRequest {
             ChatTurn::new(Role::User, "Say hello"),
             ChatTurn::new(Role::Assistant, "Hello."),
             ChatTurn::new(Role::User, "Again, with feeling"),
-        ],
+        ]
+        .into(),
         max_output_tokens: 128,
         timeout,
         guardrail: None,

@@ -56,14 +56,14 @@ impl BedrockProvider {
 /// The Converse form of the conversation: system prompts apart, the other
 /// turns as messages.
 fn conversation(
-    turns: Vec<ChatTurn>,
+    turns: &[ChatTurn],
 ) -> Result<(Vec<SystemContentBlock>, Vec<Message>), ProviderError> {
     let mut system = Vec::new();
     let mut messages = Vec::with_capacity(turns.len());
     for turn in turns {
         let role = match turn.role {
             Role::System => {
-                system.push(SystemContentBlock::Text(turn.text));
+                system.push(SystemContentBlock::Text(turn.text.clone()));
                 continue;
             }
             Role::User => ConversationRole::User,
@@ -71,7 +71,7 @@ fn conversation(
         };
         let message = Message::builder()
             .role(role)
-            .content(ContentBlock::Text(turn.text))
+            .content(ContentBlock::Text(turn.text.clone()))
             .build()
             .map_err(|e| ProviderError::new(ProviderErrorKind::InvalidRequest, e.to_string()))?;
         messages.push(message);
@@ -119,7 +119,7 @@ impl Provider for BedrockProvider {
     async fn stream(&self, request: CompletionRequest) -> Result<ProviderStream, ProviderError> {
         let deadline = TokenDeadline::start(request.timeout);
         let inference = inference_config(&request);
-        let (system, messages) = conversation(request.turns)?;
+        let (system, messages) = conversation(&request.turns)?;
         let call = self
             .client
             .converse_stream()
@@ -145,7 +145,7 @@ impl Provider for BedrockProvider {
     async fn complete(&self, request: CompletionRequest) -> Result<Completion, ProviderError> {
         let deadline = TokenDeadline::start(request.timeout);
         let inference = inference_config(&request);
-        let (system, messages) = conversation(request.turns)?;
+        let (system, messages) = conversation(&request.turns)?;
         let call = self
             .client
             .converse()

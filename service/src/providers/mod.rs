@@ -11,6 +11,7 @@ mod reply;
 pub mod simulated;
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -66,7 +67,8 @@ impl ChatTurn {
 pub struct CompletionRequest {
     /// The provider's model id, e.g. `amazon.nova-micro-v1:0`.
     pub model: String,
-    pub turns: Vec<ChatTurn>,
+    /// Shared with the reply's prompt: an attempt copies no turn.
+    pub turns: Arc<[ChatTurn]>,
     pub max_output_tokens: u32,
     /// The target's timeout: bounds the time to the first token and every
     /// gap between tokens (for `complete`, the whole call).

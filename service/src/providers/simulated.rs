@@ -75,10 +75,10 @@ impl Generation {
         let input_tokens = estimate_input_tokens(&request.turns);
         let last_user_text = request
             .turns
-            .into_iter()
+            .iter()
             .rev()
             .find(|turn| turn.role == Role::User && count_tokens(&turn.text) > 0)
-            .map_or_else(|| SILENT_PROMPT_REPLY.to_owned(), |turn| turn.text);
+            .map_or_else(|| SILENT_PROMPT_REPLY.to_owned(), |turn| turn.text.clone());
         let words = word_ranges(&last_user_text);
         let natural_length = settings
             .reply_tokens

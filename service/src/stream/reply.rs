@@ -368,15 +368,17 @@ impl Generation<'_> {
         };
         let request = CompletionRequest {
             model: target.model.clone(),
-            turns: prompt.turns.clone(),
+            turns: Arc::clone(&prompt.turns),
             max_output_tokens: output_tokens(target, self.request.max_output_tokens),
             timeout: Duration::from_secs(u64::from(target.timeout_seconds)),
             sampling: self.request.sampling.clone(),
             guardrail: guardrail(target),
         };
+        let stop = self.stop();
+        tokio::pin!(stop);
         let opened = tokio::select! {
             opened = provider.stream(request) => opened,
-            stop = self.stop() => return Attempt::Done(Box::pin(self.stopped(target, stop, "", 0, None)).await),
+            stop = &mut stop => return Attempt::Done(Box::pin(self.stopped(target, stop, "", 0, None)).await),
         };
         let mut stream = match opened {
             Ok(stream) => stream,
@@ -392,7 +394,7 @@ impl Generation<'_> {
         loop {
             let item = tokio::select! {
                 item = stream.next() => item,
-                stop = self.stop() => {
+                stop = &mut stop => {
                     // Dropping the stream drops the upstream request.
                     drop(stream);
                     return Attempt::Done(Box::pin(self.stopped(target, stop, &text, deltas, usage)).await);
@@ -528,25 +530,37 @@ impl Generation<'_> {
 
     /// Resolves when the reply must stop: its connection gone, or its
     /// owners gone past the grace period; the shutdown drain is over; or the
-    /// reply ran its longest.
-    async fn stop(&self) -> Stop {
-        let too_long = async {
-            match self.replies.settings.max_duration {
-                Some(longest) => tokio::time::sleep_until(self.started + longest).await,
-                None => std::future::pending().await,
+    /// reply ran its longest. An attempt makes it once and polls it for
+    /// every chunk: making it registers a timer and two token waiters, each
+    /// under a lock.
+    fn stop(&self) -> impl Future<Output = Stop> + Send + 'static {
+        let deadline = self
+            .replies
+            .settings
+            .max_duration
+            .map(|longest| self.started + longest);
+        let connection = self.audience.connection.clone();
+        let hub = self.audience.hub.clone();
+        let shutdown = self.replies.shutdown.clone();
+        async move {
+            let too_long = async {
+                match deadline {
+                    Some(deadline) => tokio::time::sleep_until(deadline).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let abandoned = async {
+                match (&connection, &hub) {
+                    (Some(connection), _) => connection.closed().await,
+                    (None, Some(reply)) => reply.abandoned().await,
+                    (None, None) => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = abandoned => Stop::Abandoned,
+                () = shutdown.cancelled() => Stop::ShuttingDown,
+                () = too_long => Stop::MaxDuration,
             }
-        };
-        let abandoned = async {
-            match (&self.audience.connection, &self.audience.hub) {
-                (Some(connection), _) => connection.closed().await,
-                (None, Some(reply)) => reply.abandoned().await,
-                (None, None) => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            () = abandoned => Stop::Abandoned,
-            () = self.replies.shutdown.cancelled() => Stop::ShuttingDown,
-            () = too_long => Stop::MaxDuration,
         }
     }
 
