@@ -24,7 +24,8 @@ use parley_crds::{ModelRouteSpec, RouteTarget};
 
 use crate::error::Error;
 use crate::providers::{
-    BYTES_PER_TOKEN, ChatTurn, Role, TOKENS_PER_TURN, estimate_input_tokens, estimate_turn_tokens,
+    BYTES_PER_TOKEN, ChatTurn, PromptTurns, Role, TOKENS_PER_TURN, estimate_input_tokens,
+    estimate_turn_tokens,
 };
 use crate::store::HistoryBudget;
 
@@ -44,7 +45,7 @@ pub struct Conversation {
 /// the hold is priced for).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Prompt {
-    pub turns: Arc<[ChatTurn]>,
+    pub turns: PromptTurns,
     pub input_tokens: u32,
 }
 
@@ -99,6 +100,13 @@ impl Conversation {
     /// The prompt for a window of `context_tokens` that must leave
     /// `output_tokens` for the reply.
     pub fn fit(&self, context_tokens: u32, output_tokens: u32) -> Result<Prompt, Overflow> {
+        let cut = self.cut(context_tokens, output_tokens)?;
+        Ok(self.clone().into_turns().prompt(cut))
+    }
+
+    /// Where a window of `context_tokens` that must leave `output_tokens`
+    /// for the reply cuts the history.
+    fn cut(&self, context_tokens: u32, output_tokens: u32) -> Result<Cut, Overflow> {
         let allowance = context_tokens.saturating_sub(output_tokens);
         let fixed = self.fixed_tokens();
         if fixed > allowance {
@@ -125,34 +133,41 @@ impl Conversation {
             input_tokens -= estimate_turn_tokens(turn);
             first_kept += 1;
         }
-        let turns = self
-            .instructions
-            .iter()
-            .chain(&self.history[first_kept..])
-            .chain(std::iter::once(&self.message))
-            .cloned()
-            .collect();
-        Ok(Prompt {
-            turns,
+        Ok(Cut {
+            dropped_history: first_kept,
             input_tokens,
         })
+    }
+
+    /// Every turn in the order sent, in one allocation that every target's
+    /// prompt shares (the texts move, none is copied).
+    fn into_turns(self) -> SharedTurns {
+        let instructions = self.instructions.len();
+        let mut turns = self.instructions;
+        turns.reserve_exact(self.history.len() + 1);
+        turns.extend(self.history);
+        turns.push(self.message);
+        SharedTurns {
+            turns: turns.into(),
+            instructions,
+        }
     }
 
     /// The prompt for each target of `route`, in chain order; `None` for a
     /// target whose window the instructions and message do not fit (the
     /// reply skips it). `MessageTooLongForModel` when they fit none.
     pub fn prompts(
-        &self,
+        self,
         route: &ModelRouteSpec,
         asked_output_tokens: Option<u32>,
     ) -> Result<Vec<Option<Prompt>>, Error> {
         let mut smallest_overflow: Option<(Overflow, u32)> = None;
-        let prompts: Vec<Option<Prompt>> = route
+        let cuts: Vec<Option<Cut>> = route
             .targets
             .iter()
             .map(|target| {
                 let context_tokens = target.context_tokens();
-                let fitted = self.fit(context_tokens, output_tokens(target, asked_output_tokens));
+                let fitted = self.cut(context_tokens, output_tokens(target, asked_output_tokens));
                 if let Err(overflow) = fitted {
                     let over = overflow.needed_tokens.saturating_sub(context_tokens);
                     if smallest_overflow.is_none_or(|(smallest, window)| {
@@ -165,13 +180,43 @@ impl Conversation {
             })
             .collect();
         match smallest_overflow {
-            Some((overflow, context_tokens)) if prompts.iter().all(Option::is_none) => {
+            Some((overflow, context_tokens)) if cuts.iter().all(Option::is_none) => {
                 Err(Error::MessageTooLongForModel {
                     needed_tokens: overflow.needed_tokens,
                     context_tokens,
                 })
             }
-            _ => Ok(prompts),
+            _ => {
+                let turns = self.into_turns();
+                Ok(cuts
+                    .into_iter()
+                    .map(|cut| cut.map(|cut| turns.prompt(cut)))
+                    .collect())
+            }
+        }
+    }
+}
+
+/// How much of the history a target's window leaves out.
+#[derive(Clone, Copy, Debug)]
+struct Cut {
+    /// The oldest turns of the history, not sent.
+    dropped_history: usize,
+    input_tokens: u32,
+}
+
+/// A conversation's turns in the order sent, shared by its prompts.
+struct SharedTurns {
+    turns: Arc<[ChatTurn]>,
+    instructions: usize,
+}
+
+impl SharedTurns {
+    fn prompt(&self, cut: Cut) -> Prompt {
+        let dropped = self.instructions..self.instructions + cut.dropped_history;
+        Prompt {
+            turns: PromptTurns::new(Arc::clone(&self.turns), dropped),
+            input_tokens: cut.input_tokens,
         }
     }
 }
@@ -247,9 +292,14 @@ mod tests {
             .collect()
     }
 
+    /// The turns a prompt sends.
+    fn sent(prompt: &Prompt) -> Vec<ChatTurn> {
+        prompt.turns.iter().cloned().collect()
+    }
+
     fn kept_history(prompt: &Prompt, instructions: usize) -> Vec<String> {
-        let turns = &prompt.turns[instructions..prompt.turns.len() - 1];
-        turns
+        let sent = sent(prompt);
+        sent[instructions..sent.len() - 1]
             .iter()
             .map(|turn| turn.text[0..1].to_owned())
             .collect()
@@ -272,7 +322,7 @@ mod tests {
         let prompt = conversation.fit(100, 20).unwrap();
         assert_eq!(kept_history(&prompt, 0), ["4", "5", "6", "7", "8", "9"]);
         assert_eq!(prompt.input_tokens, 66);
-        assert_eq!(prompt.turns.last(), Some(&conversation.message));
+        assert_eq!(prompt.turns.iter().next_back(), Some(&conversation.message));
         assert_eq!(prompt.input_tokens, estimate_input_tokens(&prompt.turns));
     }
 
@@ -299,8 +349,8 @@ mod tests {
             Conversation::new(Some(&system), instructions, history(), turn(Role::User, 6));
         // 80 - 14 - 12 - 6 = 48: four turns fit.
         let prompt = conversation.fit(100, 20).unwrap();
-        assert_eq!(prompt.turns[0], ChatTurn::new(Role::System, system));
-        assert_eq!(prompt.turns[1].role, Role::System);
+        assert_eq!(sent(&prompt)[0], ChatTurn::new(Role::System, system));
+        assert_eq!(sent(&prompt)[1].role, Role::System);
         assert_eq!(kept_history(&prompt, 2), ["6", "7", "8", "9"]);
         assert_eq!(prompt.input_tokens, 72);
     }
@@ -329,7 +379,7 @@ mod tests {
         let conversation = Conversation::new(None, Vec::new(), history, turn(Role::User, 10));
         // Room for one turn: only the answer would fit, without its question.
         let prompt = conversation.fit(30, 5).unwrap();
-        assert_eq!(*prompt.turns, *std::slice::from_ref(&conversation.message));
+        assert_eq!(sent(&prompt), [conversation.message.clone()]);
         assert_eq!(prompt.input_tokens, 10);
     }
 
@@ -361,7 +411,7 @@ mod tests {
             history(),
             turn(Role::User, 10),
         );
-        let prompts = conversation.prompts(&route, None).unwrap();
+        let prompts = conversation.clone().prompts(&route, None).unwrap();
         let kept: Vec<Option<usize>> = prompts
             .iter()
             .map(|prompt| prompt.as_ref().map(|p| p.turns.len()))
@@ -370,7 +420,7 @@ mod tests {
         // none (the message fits exactly); 200 - 100 - 20 = 80, eight.
         assert_eq!(kept, [Some(4), Some(2), Some(10)]);
         // The caller asking for fewer output tokens leaves more room.
-        let prompts = conversation.prompts(&route, Some(80)).unwrap();
+        let prompts = conversation.clone().prompts(&route, Some(80)).unwrap();
         assert_eq!(prompts[2].as_ref().map(|p| p.turns.len()), Some(12));
         let tight = super::tests::route(&[(60, 20), (39, 20)]);
         let prompts = conversation.prompts(&tight, None).unwrap();

@@ -18,7 +18,7 @@ use aws_sdk_bedrockruntime::types::{
 
 use super::reply::{ReplySource, ReplyStep, reply_stream};
 use super::{
-    ChatTurn, Completion, CompletionRequest, Guardrail, Intervention, Provider, ProviderError,
+    Completion, CompletionRequest, Guardrail, Intervention, PromptTurns, Provider, ProviderError,
     ProviderErrorKind, ProviderStream, Role, StopReason, TokenDeadline, Usage,
     mentions_context_window, tokens,
 };
@@ -56,7 +56,7 @@ impl BedrockProvider {
 /// The Converse form of the conversation: system prompts apart, the other
 /// turns as messages.
 fn conversation(
-    turns: &[ChatTurn],
+    turns: &PromptTurns,
 ) -> Result<(Vec<SystemContentBlock>, Vec<Message>), ProviderError> {
     let mut system = Vec::new();
     let mut messages = Vec::with_capacity(turns.len());

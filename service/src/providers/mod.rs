@@ -11,6 +11,9 @@ mod reply;
 pub mod simulated;
 
 use std::fmt;
+use std::iter::Chain;
+use std::ops::Range;
+use std::slice;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,9 +42,9 @@ pub fn estimate_turn_tokens(turn: &ChatTurn) -> u32 {
 }
 
 /// Estimated input tokens of a conversation.
-pub fn estimate_input_tokens(turns: &[ChatTurn]) -> u32 {
+pub fn estimate_input_tokens<'a>(turns: impl IntoIterator<Item = &'a ChatTurn>) -> u32 {
     turns
-        .iter()
+        .into_iter()
         .map(estimate_turn_tokens)
         .fold(0, u32::saturating_add)
 }
@@ -62,13 +65,66 @@ impl ChatTurn {
     }
 }
 
+/// The turns of one prompt: its conversation's turns, which every target's
+/// prompt and every attempt share, less the oldest history that did not fit
+/// the target's window. Sending a prompt copies no turn.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PromptTurns {
+    conversation: Arc<[ChatTurn]>,
+    /// What is not sent (an empty range when everything fits).
+    dropped: Range<usize>,
+}
+
+impl PromptTurns {
+    /// `conversation` less the turns at `dropped`.
+    pub fn new(conversation: Arc<[ChatTurn]>, dropped: Range<usize>) -> Self {
+        let end = dropped.end.min(conversation.len());
+        Self {
+            dropped: dropped.start.min(end)..end,
+            conversation,
+        }
+    }
+
+    /// The turns sent, in order.
+    pub fn iter(&self) -> SentTurns<'_> {
+        let (before, after) = self.conversation.split_at(self.dropped.start);
+        before.iter().chain(&after[self.dropped.len()..])
+    }
+
+    pub fn len(&self) -> usize {
+        self.conversation.len() - self.dropped.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl From<Vec<ChatTurn>> for PromptTurns {
+    /// Every turn sent.
+    fn from(turns: Vec<ChatTurn>) -> Self {
+        Self::new(turns.into(), 0..0)
+    }
+}
+
+/// The turns a prompt sends: those before the dropped ones, then those after.
+pub type SentTurns<'a> = Chain<slice::Iter<'a, ChatTurn>, slice::Iter<'a, ChatTurn>>;
+
+impl<'a> IntoIterator for &'a PromptTurns {
+    type Item = &'a ChatTurn;
+    type IntoIter = SentTurns<'a>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
 /// One request to one target of a route.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CompletionRequest {
     /// The provider's model id, e.g. `amazon.nova-micro-v1:0`.
     pub model: String,
-    /// Shared with the reply's prompt: an attempt copies no turn.
-    pub turns: Arc<[ChatTurn]>,
+    pub turns: PromptTurns,
     pub max_output_tokens: u32,
     /// The target's timeout: bounds the time to the first token and every
     /// gap between tokens (for `complete`, the whole call).

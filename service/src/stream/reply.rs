@@ -368,7 +368,7 @@ impl Generation<'_> {
         };
         let request = CompletionRequest {
             model: target.model.clone(),
-            turns: Arc::clone(&prompt.turns),
+            turns: prompt.turns.clone(),
             max_output_tokens: output_tokens(target, self.request.max_output_tokens),
             timeout: Duration::from_secs(u64::from(target.timeout_seconds)),
             sampling: self.request.sampling.clone(),

@@ -110,15 +110,16 @@ pub async fn chat_completions(
             *text = masked;
         }
     }
+    // What the session stores of the request, kept before the prompts take it.
+    let stored_message = session.map(|_| conversation.message_text().to_owned());
     let prompts = conversation.prompts(&route, asked.max_output_tokens())?;
-    let (record, read, hub) = match session {
+    let (record, read, hub) = match session.zip(stored_message) {
         None => (None, PendingDurability::none(), None),
-        Some(id) => {
+        Some((id, stored_message)) => {
             // The request carries the conversation: the session is only
             // checked and appended to.
             let (session, read) = owned_session(&state, id, principal, HistoryBudget::NONE).await?;
-            let user_message =
-                Message::new(MessageRole::User, conversation.message_text().to_owned());
+            let user_message = Message::new(MessageRole::User, stored_message);
             let reply = state
                 .replies
                 .hub

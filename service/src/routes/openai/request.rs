@@ -458,8 +458,9 @@ mod tests {
                 Role::User
             ]
         );
-        assert_eq!(prompt.turns[0].text, "route rules");
-        assert_eq!(prompt.turns[4].text, "one\ntwo");
+        let texts: Vec<&str> = prompt.turns.iter().map(|turn| turn.text.as_str()).collect();
+        assert_eq!(texts[0], "route rules");
+        assert_eq!(texts[4], "one\ntwo");
     }
 
     #[test]
