@@ -379,7 +379,7 @@ mod tests {
         let conversation = Conversation::new(None, Vec::new(), history, turn(Role::User, 10));
         // Room for one turn: only the answer would fit, without its question.
         let prompt = conversation.fit(30, 5).unwrap();
-        assert_eq!(sent(&prompt), [conversation.message.clone()]);
+        assert_eq!(sent(&prompt), std::slice::from_ref(&conversation.message));
         assert_eq!(prompt.input_tokens, 10);
     }
 
