@@ -38,7 +38,16 @@ impl OpenAiProvider {
     }
 
     async fn send(&self, body: &ChatRequest<'_>) -> Result<reqwest::Response, ProviderError> {
-        let mut request = self.client.post(&self.completions_url).json(body);
+        // Sized once: a prompt of a long session is tens of KiB, which a
+        // growing buffer would copy several times over.
+        let mut encoded = Vec::with_capacity(body.encoded_size_hint());
+        serde_json::to_writer(&mut encoded, body)
+            .map_err(|e| ProviderError::new(ProviderErrorKind::InvalidRequest, e.to_string()))?;
+        let mut request = self
+            .client
+            .post(&self.completions_url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(encoded);
         if let Some(api_key) = &self.api_key {
             request = request.bearer_auth(api_key);
         }
@@ -80,6 +89,16 @@ struct StreamOptions {
 }
 
 impl<'a> ChatRequest<'a> {
+    /// About the size of the encoded request: the texts, and room for the
+    /// rest (fields, roles, a few escapes).
+    fn encoded_size_hint(&self) -> usize {
+        self.messages
+            .iter()
+            .map(|message| message.content.len() + 48)
+            .sum::<usize>()
+            + 256
+    }
+
     fn new(request: &'a CompletionRequest, stream: bool) -> Self {
         let messages = request
             .turns
