@@ -23,7 +23,7 @@ use redb::{ReadTransaction, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::embedded_common::{
-    EmbeddedStore, decode, encode, from_millis, millis_key, storage_error,
+    EmbeddedStore, decode, encode, from_millis, millis_key, object_id, storage_error,
 };
 use super::{
     HistoryBudget, Message, MessageRole, NewSession, ObjectId, PageRequest, Session, SessionPage,
@@ -56,6 +56,7 @@ struct SessionRecord {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct MessageRecord<'a> {
+    #[serde(with = "object_id")]
     id: ObjectId,
     role: MessageRole,
     #[serde(borrow)]

@@ -42,6 +42,33 @@ pub(super) fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, Error
         .map_err(|error| Error::Store(format!("decoding a record: {error}")))
 }
 
+/// An ObjectId field of a record, in the form its `Serialize` writes to JSON
+/// (`{"$oid": "<24 hex digits>"}`), read without the generic BSON visitor,
+/// which allocates a document for every id (a session's history read
+/// decodes one per message).
+pub(super) mod object_id {
+    use std::borrow::Cow;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use crate::store::ObjectId;
+
+    #[derive(Deserialize)]
+    struct Extended<'a> {
+        #[serde(rename = "$oid", borrow)]
+        hex: Cow<'a, str>,
+    }
+
+    pub fn serialize<S: Serializer>(id: &ObjectId, serializer: S) -> Result<S::Ok, S::Error> {
+        id.serialize(serializer)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectId, D::Error> {
+        let extended = Extended::deserialize(deserializer)?;
+        ObjectId::parse_str(&extended.hex).map_err(serde::de::Error::custom)
+    }
+}
+
 impl From<redb::Error> for Error {
     fn from(error: redb::Error) -> Self {
         storage_error(error)
@@ -56,5 +83,40 @@ pub(super) fn storage_error(error: impl Into<redb::Error>) -> Error {
             Error::StoreUnavailable("embedded store closed after an I/O error".into())
         }
         other => Error::Store(format!("embedded store: {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::{Deserialize, Serialize};
+
+    use super::object_id;
+    use crate::store::ObjectId;
+
+    /// A record as rows were written before the codec: the id through its
+    /// own `Serialize`.
+    #[derive(Serialize, Deserialize)]
+    struct Plain {
+        id: ObjectId,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    struct Coded {
+        #[serde(with = "object_id")]
+        id: ObjectId,
+    }
+
+    #[test]
+    fn the_object_id_codec_reads_and_writes_the_rows_format() {
+        let id = ObjectId::new();
+        let row = serde_json::to_vec(&Plain { id }).unwrap();
+        assert_eq!(
+            String::from_utf8(row.clone()).unwrap(),
+            format!(r#"{{"id":{{"$oid":"{}"}}}}"#, id.to_hex())
+        );
+        assert_eq!(serde_json::from_slice::<Coded>(&row).unwrap().id, id);
+        assert_eq!(serde_json::to_vec(&Coded { id }).unwrap(), row);
+        assert!(serde_json::from_slice::<Coded>(br#"{"id":{"$oid":"not hex"}}"#).is_err());
+        assert!(serde_json::from_slice::<Coded>(br#"{"id":"0123456789abcdef01234567"}"#).is_err());
     }
 }
