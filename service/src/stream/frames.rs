@@ -132,8 +132,12 @@ pub fn unnumbered<T: Serialize>(event: &str, data: &T) -> Bytes {
     encode(None, event, data)
 }
 
+/// Room for a chunk's frame with a few words of text, so that the common
+/// frame is one allocation (64 bytes was too small for any chunk).
+const FRAME_CAPACITY: usize = 160;
+
 fn encode<T: Serialize>(id: Option<u64>, event: &str, data: &T) -> Bytes {
-    let mut buffer = BytesMut::with_capacity(64).writer();
+    let mut buffer = BytesMut::with_capacity(FRAME_CAPACITY).writer();
     // Writing to memory cannot fail, and serializing these plain structs
     // cannot either; a failure would leave a truncated frame, so say so.
     let header = match id {
