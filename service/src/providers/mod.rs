@@ -9,6 +9,7 @@ pub mod bedrock;
 pub mod openai;
 mod reply;
 pub mod simulated;
+mod sse;
 
 use std::fmt;
 use std::iter::Chain;

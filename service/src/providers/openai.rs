@@ -4,12 +4,12 @@
 use std::pin::Pin;
 
 use async_trait::async_trait;
-use eventsource_stream::{EventStream, Eventsource};
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 
 use super::reply::{ReplySource, ReplyStep, reply_stream};
+use super::sse::SseData;
 use super::{
     Completion, CompletionRequest, Provider, ProviderError, ProviderErrorKind, ProviderStream,
     Role, StopReason, TokenDeadline, Usage, mentions_context_window,
@@ -312,11 +312,9 @@ impl Provider for OpenAiProvider {
 }
 
 type ResponseBody = Pin<Box<dyn Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>;
-type SseEvents = EventStream<ResponseBody>;
-
 /// A streamed chat completion being read.
 struct ChatReply {
-    events: SseEvents,
+    events: SseData<ResponseBody>,
     stop_reason: Option<StopReason>,
     usage: Option<Usage>,
 }
@@ -335,7 +333,7 @@ pub fn read_streamed_body(
 impl ChatReply {
     fn new(body: ResponseBody) -> Self {
         Self {
-            events: body.eventsource(),
+            events: SseData::new(body),
             stop_reason: None,
             usage: None,
         }
@@ -353,24 +351,23 @@ impl ChatReply {
 
 impl ReplySource for ChatReply {
     async fn step(&mut self) -> ReplyStep {
-        let event = match self.events.next().await {
+        let chunk = match self.events.next().await {
             // Some servers close without `[DONE]` after the finish reason.
-            None if self.stop_reason.is_some() => return self.finished(),
+            None if self.stop_reason.is_some() => None,
             None => {
                 return ReplyStep::Failed(ProviderError::new(
                     ProviderErrorKind::Unavailable,
                     "the stream ended before the reply finished",
                 ));
             }
-            Some(Err(error)) => return ReplyStep::Failed(sse_error(error)),
-            Some(Ok(event)) => event,
+            Some(Err(error)) => return ReplyStep::Failed(transport_error(error)),
+            Some(Ok(b"[DONE]")) => None,
+            Some(Ok(data)) => Some(serde_json::from_slice::<Chunk>(data)),
         };
-        if event.data == "[DONE]" {
-            return self.finished();
-        }
-        let chunk: Chunk = match serde_json::from_str(&event.data) {
-            Ok(chunk) => chunk,
-            Err(e) => {
+        let chunk = match chunk {
+            None => return self.finished(),
+            Some(Ok(chunk)) => chunk,
+            Some(Err(e)) => {
                 return ReplyStep::Failed(ProviderError::new(
                     ProviderErrorKind::Other,
                     format!("unreadable stream chunk: {e}"),
@@ -393,13 +390,6 @@ impl ReplySource for ChatReply {
             Some(text) if !text.is_empty() => ReplyStep::Delta(text),
             _ => ReplyStep::Nothing,
         }
-    }
-}
-
-fn sse_error(error: eventsource_stream::EventStreamError<reqwest::Error>) -> ProviderError {
-    match error {
-        eventsource_stream::EventStreamError::Transport(error) => transport_error(error),
-        other => ProviderError::new(ProviderErrorKind::Other, other.to_string()),
     }
 }
 
