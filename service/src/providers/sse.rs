@@ -179,7 +179,11 @@ mod tests {
         for first in 0..=STREAM.len() {
             for second in first..=STREAM.len() {
                 let pieces = [&STREAM[..first], &STREAM[first..second], &STREAM[second..]];
-                assert_eq!(read(&pieces).await, EXPECTED, "split at {first} and {second}");
+                assert_eq!(
+                    read(&pieces).await,
+                    EXPECTED,
+                    "split at {first} and {second}"
+                );
             }
         }
     }

@@ -43,9 +43,9 @@ pub(super) fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, Error
 }
 
 /// An ObjectId field of a record, in the form its `Serialize` writes to JSON
-/// (`{"$oid": "<24 hex digits>"}`), read without the generic BSON visitor,
-/// which allocates a document for every id (a session's history read
-/// decodes one per message).
+/// (`{"$oid": "<24 hex digits>"}`), read without allocating: the generic
+/// BSON visitor builds a document for every id and `ObjectId::parse_str` a
+/// vector (a session's history read decodes one per message).
 pub(super) mod object_id {
     use std::borrow::Cow;
 
@@ -65,7 +65,22 @@ pub(super) mod object_id {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectId, D::Error> {
         let extended = Extended::deserialize(deserializer)?;
-        ObjectId::parse_str(&extended.hex).map_err(serde::de::Error::custom)
+        parse_hex(extended.hex.as_bytes())
+            .map(ObjectId::from_bytes)
+            .ok_or_else(|| serde::de::Error::custom("an ObjectId is 24 hex digits"))
+    }
+
+    fn parse_hex(hex: &[u8]) -> Option<[u8; 12]> {
+        let digit = |byte: u8| char::from(byte).to_digit(16);
+        let mut bytes = [0; 12];
+        if hex.len() != 2 * bytes.len() {
+            return None;
+        }
+        for (byte, pair) in bytes.iter_mut().zip(hex.chunks_exact(2)) {
+            // Two hex digits: at most 0xff.
+            *byte = u8::try_from(digit(pair[0])? << 4 | digit(pair[1])?).ok()?;
+        }
+        Some(bytes)
     }
 }
 
@@ -117,6 +132,16 @@ mod tests {
         assert_eq!(serde_json::from_slice::<Coded>(&row).unwrap().id, id);
         assert_eq!(serde_json::to_vec(&Coded { id }).unwrap(), row);
         assert!(serde_json::from_slice::<Coded>(br#"{"id":{"$oid":"not hex"}}"#).is_err());
+        assert!(
+            serde_json::from_slice::<Coded>(br#"{"id":{"$oid":"0123456789abcdef0123456g"}}"#)
+                .is_err()
+        );
+        assert!(
+            serde_json::from_slice::<Coded>(br#"{"id":{"$oid":"0123456789abcdef012345678"}}"#)
+                .is_err()
+        );
+        let upper = format!(r#"{{"id":{{"$oid":"{}"}}}}"#, id.to_hex().to_uppercase());
+        assert_eq!(serde_json::from_str::<Coded>(&upper).unwrap().id, id);
         assert!(serde_json::from_slice::<Coded>(br#"{"id":"0123456789abcdef01234567"}"#).is_err());
     }
 }
