@@ -98,7 +98,9 @@ impl Conversation {
     }
 
     /// The prompt for a window of `context_tokens` that must leave
-    /// `output_tokens` for the reply.
+    /// `output_tokens` for the reply (replies go through [`Self::prompts`],
+    /// which shares the turns among every target's prompt).
+    #[cfg(test)]
     pub fn fit(&self, context_tokens: u32, output_tokens: u32) -> Result<Prompt, Overflow> {
         let cut = self.cut(context_tokens, output_tokens)?;
         Ok(self.clone().into_turns().prompt(cut))

@@ -132,8 +132,8 @@ pub fn unnumbered<T: Serialize>(event: &str, data: &T) -> Bytes {
     encode(None, event, data)
 }
 
-/// Room for a chunk's frame with a few words of text, so that the common
-/// frame is one allocation (64 bytes was too small for any chunk).
+/// Room for a chunk's frame with a few words of text: a chunk of a word or
+/// two fits 64 bytes, a longer one made the buffer grow.
 const FRAME_CAPACITY: usize = 160;
 
 fn encode<T: Serialize>(id: Option<u64>, event: &str, data: &T) -> Bytes {
