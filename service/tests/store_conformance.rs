@@ -26,6 +26,7 @@ store_conformance!(
     concurrent_appends_lose_nothing,
     text_survives_byte_for_byte,
     a_tail_read_returns_the_newest_messages_within_the_budget,
+    tail_reads_between_appends_follow_the_session,
 );
 
 fn new_session(user: &str, title: &str, messages: Vec<Message>) -> NewSession {
@@ -440,6 +441,57 @@ async fn a_tail_read_returns_the_newest_messages_within_the_budget(store: Arc<dy
         store
             .get_tail_applied(ObjectId::new(), HistoryBudget::NONE)
             .await,
+        Err(Error::SessionNotFound)
+    ));
+}
+
+/// What a reply reads, reply after reply (the embedded store answers from
+/// its cache of session tails then): always the newest messages of the
+/// whole session within the budget, whichever budget, and nothing once the
+/// session is deleted.
+async fn tail_reads_between_appends_follow_the_session(store: Arc<dyn SessionStore>) {
+    let created = store
+        .create(new_session("alice", "Growing", Vec::new()))
+        .await
+        .unwrap();
+    let id = created.summary.id;
+    let budgets = [(6, 1_000), (6, 1_000), (100, 1_000), (3, 1_000), (100, 45)];
+    for round in 0..25 {
+        let pair = [
+            Message::new(MessageRole::User, format!("question {round}")),
+            Message::new(MessageRole::Assistant, "answer ".repeat(round % 4)),
+        ];
+        store
+            .append_messages(id, "alice", &pair, TokenTotals::default())
+            .await
+            .unwrap();
+        let (max_messages, max_bytes) = budgets[round % budgets.len()];
+        let (tail, read) = store
+            .get_tail_applied(
+                id,
+                HistoryBudget {
+                    max_messages,
+                    max_bytes,
+                },
+            )
+            .await
+            .unwrap();
+        read.wait::<Error>().await.unwrap();
+        let mut expected = Vec::new();
+        let mut bytes = 0;
+        for message in store.get(id).await.unwrap().messages.into_iter().rev() {
+            bytes += message.content.len() as u64;
+            if expected.len() == max_messages as usize || bytes > max_bytes {
+                break;
+            }
+            expected.insert(0, message);
+        }
+        assert_eq!(tail.newest_messages, expected, "round {round}");
+        assert_eq!(tail.summary.message_count, 2 * (round as u64 + 1));
+    }
+    store.delete(id, "alice").await.unwrap();
+    assert!(matches!(
+        store.get_tail_applied(id, HistoryBudget::NONE).await,
         Err(Error::SessionNotFound)
     ));
 }

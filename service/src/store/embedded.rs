@@ -19,12 +19,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use redb::{ReadTransaction, ReadableTable, TableDefinition};
+use redb::{ReadOnlyTable, ReadTransaction, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::embedded_common::{
     EmbeddedStore, decode, encode, from_millis, millis_key, object_id, storage_error,
 };
+use super::embedded_tails::{self, ReadMessages, SessionTails};
 use super::{
     HistoryBudget, Message, MessageRole, NewSession, ObjectId, PageRequest, Session, SessionPage,
     SessionStore, SessionSummary, SessionTail, TokenTotals, now,
@@ -84,7 +85,10 @@ impl EmbeddedStore {
                 super::embedded_audit::create_tables(transaction)
             })
             .await?;
-        Ok(Self { database })
+        Ok(Self {
+            database,
+            tails: Arc::new(SessionTails::new(embedded_tails::CAPACITY_BYTES)),
+        })
     }
 }
 
@@ -179,22 +183,19 @@ impl SessionStore for EmbeddedStore {
         id: ObjectId,
         budget: HistoryBudget,
     ) -> Result<(SessionTail, PendingDurability), Error> {
+        let tails = Arc::clone(&self.tails);
         self.database
             .read_applied(move |transaction| {
                 let summary = read_summary(transaction, id)?;
-                let messages_table = transaction.open_table(MESSAGES).map_err(storage_error)?;
-                // Decoded newest first, and only as many as the budget takes.
-                let mut newest_first = budget.take_newest(
-                    messages_table
-                        .range(session_messages(id))
-                        .map_err(storage_error)?
-                        .rev()
-                        .map(|entry| message(entry.map_err(storage_error)?.1.value())),
-                )?;
-                newest_first.reverse();
+                let count = sequence(summary.message_count as usize)?;
+                let mut messages = MessageRows {
+                    table: transaction.open_table(MESSAGES).map_err(storage_error)?,
+                    id,
+                };
+                let newest_messages = tails.newest(id, count, budget, &mut messages)?;
                 Ok(SessionTail {
                     summary,
-                    newest_messages: newest_first,
+                    newest_messages,
                 })
             })
             .await
@@ -291,9 +292,11 @@ impl SessionStore for EmbeddedStore {
                         .insert(user_id.as_str(), count - 1)
                         .map_err(storage_error)?;
                 }
-                Ok(())
+                Ok::<_, Error>(())
             })
-            .await
+            .await?;
+        self.tails.forget(id);
+        Ok(())
     }
 
     async fn append_messages(
@@ -410,6 +413,35 @@ fn read_summary(transaction: &ReadTransaction, id: ObjectId) -> Result<SessionSu
 /// The keys of session `id`'s messages, in order.
 fn session_messages(id: ObjectId) -> std::ops::RangeInclusive<(Id, u32)> {
     (id.bytes(), 0)..=(id.bytes(), u32::MAX)
+}
+
+/// Session `id`'s rows of the messages table, as one read transaction sees them.
+struct MessageRows {
+    table: ReadOnlyTable<(Id, u32), &'static [u8]>,
+    id: ObjectId,
+}
+
+impl ReadMessages for MessageRows {
+    fn read_range(&mut self, from: u32, count: u32) -> Result<Vec<Message>, Error> {
+        self.table
+            .range((self.id.bytes(), from)..(self.id.bytes(), count))
+            .map_err(storage_error)?
+            .map(|entry| message(entry.map_err(storage_error)?.1.value()))
+            .collect()
+    }
+
+    fn read_newest(&mut self, count: u32, budget: HistoryBudget) -> Result<Vec<Message>, Error> {
+        // Decoded newest first, and only as many as the budget takes.
+        let mut newest_first = budget.take_newest(
+            self.table
+                .range((self.id.bytes(), 0)..(self.id.bytes(), count))
+                .map_err(storage_error)?
+                .rev()
+                .map(|entry| message(entry.map_err(storage_error)?.1.value())),
+        )?;
+        newest_first.reverse();
+        Ok(newest_first)
+    }
 }
 
 fn message(encoded: &[u8]) -> Result<Message, Error> {

@@ -7,12 +7,15 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::embedded_tails::SessionTails;
 use crate::embedded_db::EmbeddedDb;
 use crate::error::Error;
 
 #[derive(Clone)]
 pub struct EmbeddedStore {
     pub(super) database: Arc<EmbeddedDb>,
+    /// The newest messages of recently replied-to sessions.
+    pub(super) tails: Arc<SessionTails>,
 }
 
 impl EmbeddedStore {

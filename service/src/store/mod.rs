@@ -10,6 +10,7 @@ mod embedded;
 mod embedded_audit;
 mod embedded_common;
 mod embedded_keys;
+mod embedded_tails;
 mod instrumented;
 pub mod keys;
 mod mongo;

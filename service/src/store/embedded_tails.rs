@@ -1,0 +1,366 @@
+//! The newest messages of recently replied-to sessions, kept in memory so
+//! that a reply reads from redb only the session's record and the messages
+//! appended since its previous reply, not its whole history window again:
+//! decoding that window (JSON rows) was the largest item of the service's
+//! own code in the reply path's profile.
+//!
+//! The cache is checked against what the reply's read transaction sees, not
+//! kept up to date by the writes: messages are only ever appended under
+//! increasing sequence numbers and never rewritten, so the messages below
+//! the record's `message_count` are the same in every transaction that sees
+//! them, and an entry is as good as a read of the sequences it holds. That
+//! holds whatever order transactions and cache updates run in, so there is
+//! no lock across a transaction. Only this process writes the redb file.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Mutex, PoisonError};
+
+use super::{HistoryBudget, Message, ObjectId};
+use crate::error::Error;
+
+/// What the cache may hold, in bytes of message text and per-message
+/// overhead, over all sessions: a few thousand sessions' default windows
+/// (8,192 tokens, about 32 KiB of text each).
+pub(super) const CAPACITY_BYTES: usize = 64 << 20;
+
+/// Counted per cached message besides its text: the `Message` itself and
+/// the allocator's share.
+const MESSAGE_OVERHEAD_BYTES: usize = 96;
+
+pub(super) struct SessionTails {
+    capacity_bytes: usize,
+    entries: Mutex<Entries>,
+}
+
+#[derive(Default)]
+struct Entries {
+    by_session: HashMap<ObjectId, Tail>,
+    bytes: usize,
+    /// Advances on every use; an entry's `used` is the value at its last use.
+    clock: u64,
+}
+
+/// The newest messages of one session, from sequence `first` on.
+struct Tail {
+    first: u32,
+    messages: VecDeque<Message>,
+    /// The budget that left out message `first - 1` (none when `first` is
+    /// 0): any budget within it leaves that message out too, since the
+    /// newest messages only grow.
+    cut_by: HistoryBudget,
+    bytes: usize,
+    used: u64,
+}
+
+impl Tail {
+    fn end(&self) -> u32 {
+        self.first + self.messages.len() as u32
+    }
+}
+
+/// Reads a session's messages from the store, in the transaction whose
+/// record said the session has `count` of them.
+pub(super) trait ReadMessages {
+    /// The messages at sequences `from..count`, oldest first.
+    fn read_range(&mut self, from: u32, count: u32) -> Result<Vec<Message>, Error>;
+
+    /// The newest messages within `budget`, oldest first.
+    fn read_newest(&mut self, count: u32, budget: HistoryBudget) -> Result<Vec<Message>, Error>;
+}
+
+impl SessionTails {
+    pub(super) fn new(capacity_bytes: usize) -> Self {
+        Self {
+            capacity_bytes,
+            entries: Mutex::default(),
+        }
+    }
+
+    /// The newest messages of session `id`, which has `count` messages,
+    /// within `budget`, oldest first: what the cache holds, and through
+    /// `store` only what was appended since, unless the budget reaches back
+    /// past what is held.
+    pub(super) fn newest(
+        &self,
+        id: ObjectId,
+        count: u32,
+        budget: HistoryBudget,
+        store: &mut impl ReadMessages,
+    ) -> Result<Vec<Message>, Error> {
+        // Taken out while the store is read, so the lock is never held
+        // across I/O; a concurrent reply to the same session reads it whole.
+        let mut tail = match self.take(id).filter(|tail| tail.first <= count) {
+            Some(mut tail) => {
+                if tail.end() > count {
+                    // Cached from a newer transaction than this one: what
+                    // this one sees is a prefix, and what cut it is unknown.
+                    tail.messages.truncate((count - tail.first) as usize);
+                    tail.cut_by = HistoryBudget::NONE;
+                }
+                if tail.end() < count {
+                    tail.messages.extend(store.read_range(tail.end(), count)?);
+                }
+                tail
+            }
+            None => Tail {
+                first: count,
+                messages: VecDeque::new(),
+                cut_by: HistoryBudget::NONE,
+                bytes: 0,
+                used: 0,
+            },
+        };
+        let kept = match budget_reach(&tail, budget) {
+            Some(kept) => kept,
+            None => {
+                let messages = store.read_newest(count, budget)?;
+                tail.first = count.saturating_sub(messages.len() as u32);
+                tail.messages = messages.into();
+                tail.cut_by = HistoryBudget::NONE;
+                tail.messages.len()
+            }
+        };
+        let dropped = tail.messages.len() - kept;
+        tail.messages.drain(..dropped);
+        tail.first += dropped as u32;
+        // A wider budget that cut further back says nothing of a newer cut.
+        if dropped > 0 || (tail.first > 0 && !budget_within(budget, tail.cut_by)) {
+            tail.cut_by = budget;
+        }
+        tail.bytes = tail.messages.iter().map(message_bytes).sum();
+        let newest = tail.messages.iter().cloned().collect();
+        self.put(id, tail);
+        Ok(newest)
+    }
+
+    /// Forgets session `id` (deleted).
+    pub(super) fn forget(&self, id: ObjectId) {
+        drop(self.take(id));
+    }
+
+    fn take(&self, id: ObjectId) -> Option<Tail> {
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        let tail = entries.by_session.remove(&id)?;
+        entries.bytes -= tail.bytes;
+        Some(tail)
+    }
+
+    fn put(&self, id: ObjectId, mut tail: Tail) {
+        if tail.bytes > self.capacity_bytes {
+            return;
+        }
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        entries.clock += 1;
+        tail.used = entries.clock;
+        entries.bytes += tail.bytes;
+        if let Some(replaced) = entries.by_session.insert(id, tail) {
+            entries.bytes -= replaced.bytes;
+        }
+        if entries.bytes > self.capacity_bytes {
+            entries.evict_to(self.capacity_bytes - self.capacity_bytes / 8);
+        }
+    }
+}
+
+impl Entries {
+    /// Drops the least recently used entries until at most `bytes` are
+    /// held: one scan for many entries, so its cost is shared by the puts
+    /// that filled the room it makes.
+    fn evict_to(&mut self, bytes: usize) {
+        let mut by_use: Vec<(u64, ObjectId, usize)> = self
+            .by_session
+            .iter()
+            .map(|(id, tail)| (tail.used, *id, tail.bytes))
+            .collect();
+        by_use.sort_unstable_by_key(|(used, _, _)| *used);
+        for (_, id, size) in by_use {
+            if self.bytes <= bytes {
+                break;
+            }
+            self.by_session.remove(&id);
+            self.bytes -= size;
+        }
+    }
+}
+
+/// How many of `tail`'s newest messages `budget` keeps, or `None` when it
+/// could reach past the oldest one held, to messages that are not.
+fn budget_reach(tail: &Tail, budget: HistoryBudget) -> Option<usize> {
+    let mut bytes: u64 = 0;
+    for (taken, message) in tail.messages.iter().rev().enumerate() {
+        bytes = bytes.saturating_add(message.content.len() as u64);
+        if taken as u64 >= u64::from(budget.max_messages) || bytes > budget.max_bytes {
+            return Some(taken);
+        }
+    }
+    let all = tail.messages.len();
+    let reaches_no_further = tail.first == 0
+        || all as u64 >= u64::from(budget.max_messages)
+        || budget_within(budget, tail.cut_by);
+    reaches_no_further.then_some(all)
+}
+
+fn budget_within(budget: HistoryBudget, wider: HistoryBudget) -> bool {
+    budget.max_messages <= wider.max_messages && budget.max_bytes <= wider.max_bytes
+}
+
+fn message_bytes(message: &Message) -> usize {
+    message.content.len() + MESSAGE_OVERHEAD_BYTES
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+    use crate::store::MessageRole;
+
+    /// A session's messages as the store holds them, counting what is read.
+    struct Rows {
+        messages: Vec<Message>,
+        decoded: usize,
+    }
+
+    impl ReadMessages for Rows {
+        fn read_range(&mut self, from: u32, count: u32) -> Result<Vec<Message>, Error> {
+            let read = self.messages[from as usize..count as usize].to_vec();
+            self.decoded += read.len();
+            Ok(read)
+        }
+
+        fn read_newest(
+            &mut self,
+            count: u32,
+            budget: HistoryBudget,
+        ) -> Result<Vec<Message>, Error> {
+            let mut newest = reference(&self.messages[..count as usize], budget);
+            self.decoded += newest.len();
+            newest.shrink_to_fit();
+            Ok(newest)
+        }
+    }
+
+    /// What a read of the whole session gives.
+    fn reference(messages: &[Message], budget: HistoryBudget) -> Vec<Message> {
+        let mut newest_first = budget
+            .take_newest(messages.iter().rev().cloned().map(Ok))
+            .unwrap();
+        newest_first.reverse();
+        newest_first
+    }
+
+    fn message(rng: &mut StdRng) -> Message {
+        let length = rng.random_range(0..40);
+        Message::new(MessageRole::User, "x".repeat(length))
+    }
+
+    fn budget(max_messages: u32, max_bytes: u64) -> HistoryBudget {
+        HistoryBudget {
+            max_messages,
+            max_bytes,
+        }
+    }
+
+    #[test]
+    fn a_growing_session_is_read_once_then_only_what_was_appended() {
+        let tails = SessionTails::new(CAPACITY_BYTES);
+        let id = ObjectId::new();
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut rows = Rows {
+            messages: (0..300).map(|_| message(&mut rng)).collect(),
+            decoded: 0,
+        };
+        let window = budget(1_000, 2_000);
+        let first = tails.newest(id, 300, window, &mut rows).unwrap();
+        assert_eq!(first, reference(&rows.messages, window));
+        assert_eq!(rows.decoded, first.len());
+        for reply in 0..50 {
+            rows.messages.push(message(&mut rng));
+            rows.messages.push(message(&mut rng));
+            rows.decoded = 0;
+            let count = rows.messages.len() as u32;
+            let newest = tails.newest(id, count, window, &mut rows).unwrap();
+            assert_eq!(newest, reference(&rows.messages, window), "reply {reply}");
+            assert_eq!(
+                rows.decoded, 2,
+                "reply {reply} decoded only the new messages"
+            );
+        }
+    }
+
+    /// Whatever the budgets, the counts seen (older transactions too) and
+    /// the eviction, the answer is the one a full read gives.
+    #[test]
+    fn the_cache_answers_as_a_full_read_would() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let tails = SessionTails::new(4_000);
+        let ids: Vec<ObjectId> = (0..4).map(|_| ObjectId::new()).collect();
+        let mut sessions: Vec<Rows> = (0..4)
+            .map(|_| Rows {
+                messages: Vec::new(),
+                decoded: 0,
+            })
+            .collect();
+        for step in 0..5_000 {
+            let which = rng.random_range(0..ids.len());
+            let rows = &mut sessions[which];
+            for _ in 0..rng.random_range(0..3) {
+                rows.messages.push(message(&mut rng));
+            }
+            let len = rows.messages.len() as u32;
+            // Now and then a transaction that began before the newest appends.
+            let count = len - rng.random_range(0..=len.min(3));
+            let window = budget(rng.random_range(0..30), rng.random_range(0..600));
+            let newest = tails.newest(ids[which], count, window, rows).unwrap();
+            assert_eq!(
+                newest,
+                reference(&rows.messages[..count as usize], window),
+                "step {step}"
+            );
+            let held = tails.entries.lock().unwrap().bytes;
+            assert!(held <= 4_000, "step {step}: {held} bytes held");
+        }
+    }
+
+    #[test]
+    fn the_least_recently_used_sessions_are_evicted_first() {
+        let tails = SessionTails::new(10 * (MESSAGE_OVERHEAD_BYTES + 10));
+        let window = budget(100, 10_000);
+        let mut rows = Rows {
+            messages: vec![Message::new(MessageRole::User, "0123456789".into()); 3],
+            decoded: 0,
+        };
+        let (first, second, third, fourth) = (
+            ObjectId::new(),
+            ObjectId::new(),
+            ObjectId::new(),
+            ObjectId::new(),
+        );
+        for id in [first, second, third, first] {
+            tails.newest(id, 3, window, &mut rows).unwrap();
+        }
+        // Nine messages are held; three more pass the capacity.
+        tails.newest(fourth, 3, window, &mut rows).unwrap();
+        let entries = tails.entries.lock().unwrap();
+        assert!(!entries.by_session.contains_key(&second));
+        assert!(entries.by_session.contains_key(&first));
+        assert!(entries.by_session.contains_key(&fourth));
+        assert!(entries.bytes <= 10 * (MESSAGE_OVERHEAD_BYTES + 10));
+    }
+
+    #[test]
+    fn a_deleted_session_is_forgotten() {
+        let tails = SessionTails::new(CAPACITY_BYTES);
+        let id = ObjectId::new();
+        let mut rows = Rows {
+            messages: vec![Message::new(MessageRole::User, "hello".into())],
+            decoded: 0,
+        };
+        tails.newest(id, 1, budget(10, 100), &mut rows).unwrap();
+        tails.forget(id);
+        let entries = tails.entries.lock().unwrap();
+        assert!(entries.by_session.is_empty());
+        assert_eq!(entries.bytes, 0);
+    }
+}
