@@ -89,10 +89,7 @@ async fn create_and_append(
             vec!["c1".into()],
             format!("bench {n}"),
             "default".into(),
-            vec![Message::new(
-                MessageRole::User,
-                "hello, how are you?".into(),
-            )],
+            vec![Message::new(MessageRole::User, "hello, how are you?")],
         );
         let started = Instant::now();
         let created = store.create(session).await.unwrap();

@@ -59,7 +59,7 @@ pub struct Overflow {
 impl Conversation {
     /// Every user turn's text, the new message last: what the content
     /// policy checks and masks.
-    pub fn user_texts_mut(&mut self) -> impl Iterator<Item = &mut String> {
+    pub fn user_texts_mut(&mut self) -> impl Iterator<Item = &mut Arc<str>> {
         self.history
             .iter_mut()
             .filter(|turn| turn.role == Role::User)
@@ -287,9 +287,9 @@ mod tests {
                 } else {
                     Role::Assistant
                 };
-                let mut turn = turn(role, 10);
-                turn.text.replace_range(0..1, &index.to_string());
-                turn
+                let mut text = turn(role, 10).text.to_string();
+                text.replace_range(0..1, &index.to_string());
+                ChatTurn::new(role, text)
             })
             .collect()
     }

@@ -618,7 +618,7 @@ async fn appends_show_in_session_and_list() {
     let alice = alice();
     let id = create_session(&app.router, &alice, json!({"title": "x"})).await;
     let oid = ObjectId::parse_str(&id).unwrap();
-    let reply = Message::new(MessageRole::Assistant, "hello \"there\"\n🦀".into());
+    let reply = Message::new(MessageRole::Assistant, "hello \"there\"\n🦀");
     app.store
         .append_messages(
             oid,

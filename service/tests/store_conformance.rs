@@ -52,7 +52,7 @@ async fn ping_answers(store: Arc<dyn SessionStore>) {
 }
 
 async fn create_then_get_round_trips(store: Arc<dyn SessionStore>) {
-    let first = Message::new(MessageRole::User, "hello".into());
+    let first = Message::new(MessageRole::User, "hello");
     let created = store
         .create(new_session("alice", "Greetings", vec![first.clone()]))
         .await
@@ -107,7 +107,7 @@ async fn list_is_newest_first_paginated_and_per_user(store: Arc<dyn SessionStore
         .append_messages(
             ids[0],
             "alice",
-            &[Message::new(MessageRole::User, "up".into())],
+            &[Message::new(MessageRole::User, "up")],
             TokenTotals::default(),
         )
         .await
@@ -149,7 +149,7 @@ async fn list_is_newest_first_paginated_and_per_user(store: Arc<dyn SessionStore
 }
 
 async fn delete_removes_only_the_owners_session(store: Arc<dyn SessionStore>) {
-    let message = Message::new(MessageRole::User, "bye".into());
+    let message = Message::new(MessageRole::User, "bye");
     let id = store
         .create(new_session("alice", "doomed", vec![message]))
         .await
@@ -184,7 +184,7 @@ async fn delete_removes_only_the_owners_session(store: Arc<dyn SessionStore>) {
 }
 
 async fn rename_changes_only_the_owners_title(store: Arc<dyn SessionStore>) {
-    let message = Message::new(MessageRole::User, "hello".into());
+    let message = Message::new(MessageRole::User, "hello");
     let created = store
         .create(new_session("alice", "before", vec![message.clone()]))
         .await
@@ -234,8 +234,8 @@ async fn append_adds_messages_and_tokens(store: Arc<dyn SessionStore>) {
     let id = created.summary.id;
     next_millisecond().await;
     let batch = [
-        Message::new(MessageRole::User, "question".into()),
-        Message::new(MessageRole::Assistant, "answer".into()),
+        Message::new(MessageRole::User, "question"),
+        Message::new(MessageRole::Assistant, "answer"),
     ];
     store
         .append_messages(
@@ -286,7 +286,7 @@ async fn append_to_another_users_session_is_not_found(store: Arc<dyn SessionStor
         .unwrap()
         .summary
         .id;
-    let intrusion = [Message::new(MessageRole::User, "hi from mallory".into())];
+    let intrusion = [Message::new(MessageRole::User, "hi from mallory")];
     let result = store
         .append_messages(
             id,
@@ -351,7 +351,7 @@ async fn concurrent_appends_lose_nothing(store: Arc<dyn SessionStore>) {
     let mut writers = HashSet::new();
     for pair in session.messages.chunks(2) {
         let writer = pair[0].content.strip_prefix('q').unwrap();
-        assert_eq!(pair[1].content, format!("a{writer}"));
+        assert_eq!(&*pair[1].content, format!("a{writer}"));
         assert!(writers.insert(writer.to_owned()));
     }
     assert_eq!(writers.len(), WRITERS);
@@ -365,12 +365,12 @@ async fn text_survives_byte_for_byte(store: Arc<dyn SessionStore>) {
         .create(new_session(
             "ali.ce$",
             title,
-            vec![Message::new(MessageRole::User, text.into())],
+            vec![Message::new(MessageRole::User, text)],
         ))
         .await
         .unwrap();
     let session = store.get(created.summary.id).await.unwrap();
-    assert_eq!(session.messages[0].content, text);
+    assert_eq!(&*session.messages[0].content, text);
     assert_eq!(session.summary.title, title);
     let listed = store
         .list("ali.ce$", PageRequest { page: 1, limit: 5 })

@@ -113,7 +113,7 @@ async fn verify(dir: &Path, acknowledged: &Acknowledged) {
             let contents: BTreeSet<&str> = session
                 .messages
                 .iter()
-                .map(|message| message.content.as_str())
+                .map(|message| &*message.content)
                 .collect();
             for content in appended {
                 assert!(contents.contains(content.as_str()), "{content} lost");

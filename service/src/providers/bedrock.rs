@@ -63,7 +63,7 @@ fn conversation(
     for turn in turns {
         let role = match turn.role {
             Role::System => {
-                system.push(SystemContentBlock::Text(turn.text.clone()));
+                system.push(SystemContentBlock::Text(turn.text.to_string()));
                 continue;
             }
             Role::User => ConversationRole::User,
@@ -71,7 +71,7 @@ fn conversation(
         };
         let message = Message::builder()
             .role(role)
-            .content(ContentBlock::Text(turn.text.clone()))
+            .content(ContentBlock::Text(turn.text.to_string()))
             .build()
             .map_err(|e| ProviderError::new(ProviderErrorKind::InvalidRequest, e.to_string()))?;
         messages.push(message);

@@ -54,11 +54,12 @@ pub fn estimate_input_tokens<'a>(turns: impl IntoIterator<Item = &'a ChatTurn>) 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChatTurn {
     pub role: Role,
-    pub text: String,
+    /// Shared with the stored message it was read from: a prompt copies no text.
+    pub text: Arc<str>,
 }
 
 impl ChatTurn {
-    pub fn new(role: Role, text: impl Into<String>) -> Self {
+    pub fn new(role: Role, text: impl Into<Arc<str>>) -> Self {
         Self {
             role,
             text: text.into(),

@@ -78,7 +78,10 @@ impl Generation {
             .iter()
             .rev()
             .find(|turn| turn.role == Role::User && count_tokens(&turn.text) > 0)
-            .map_or_else(|| SILENT_PROMPT_REPLY.to_owned(), |turn| turn.text.clone());
+            .map_or_else(
+                || SILENT_PROMPT_REPLY.to_owned(),
+                |turn| turn.text.to_string(),
+            );
         let words = word_ranges(&last_user_text);
         let natural_length = settings
             .reply_tokens

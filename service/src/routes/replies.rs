@@ -299,7 +299,7 @@ async fn start_reply(
     )
     .await?;
     let user_message = Message::new(MessageRole::User, masked.unwrap_or(request.message));
-    let new_turn = ChatTurn::new(TurnRole::User, user_message.content.as_str());
+    let new_turn = ChatTurn::new(TurnRole::User, Arc::clone(&user_message.content));
     let history = session
         .newest_messages
         .into_iter()
@@ -323,7 +323,7 @@ async fn start_reply(
             user_id.clone(),
             session.summary.user_cohorts,
             route.alias.clone(),
-            user_message.content.clone(),
+            user_message.content.to_string(),
         ))
         .await?;
     let request = ReplyRequest {
@@ -509,7 +509,7 @@ fn reply_view(session: ObjectId, finished: FinishedReply) -> ReplyView {
         session_id: session.to_hex(),
         message_id: finished.message.id.to_hex(),
         role: finished.message.role,
-        content: finished.message.content,
+        content: finished.message.content.to_string(),
         timestamp: finished.message.timestamp,
         usage: UsageView {
             input_tokens: finished.usage.input_tokens,

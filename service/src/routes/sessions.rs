@@ -512,7 +512,7 @@ fn message_view(message: Message) -> MessageView {
     MessageView {
         id: message.id.to_hex(),
         role: message.role,
-        content: message.content,
+        content: message.content.to_string(),
         timestamp: message.timestamp,
         incomplete: message.incomplete,
     }

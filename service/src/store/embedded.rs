@@ -449,7 +449,7 @@ fn message(encoded: &[u8]) -> Result<Message, Error> {
     Ok(Message {
         id: record.id,
         role: record.role,
-        content: record.content.into_owned(),
+        content: record.content.into(),
         timestamp: from_millis(record.timestamp_ms)?,
         incomplete: record.incomplete,
     })

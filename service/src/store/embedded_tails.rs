@@ -328,7 +328,7 @@ mod tests {
         let tails = SessionTails::new(10 * (MESSAGE_OVERHEAD_BYTES + 10));
         let window = budget(100, 10_000);
         let mut rows = Rows {
-            messages: vec![Message::new(MessageRole::User, "0123456789".into()); 3],
+            messages: vec![Message::new(MessageRole::User, "0123456789"); 3],
             decoded: 0,
         };
         let (first, second, third, fourth) = (
@@ -354,7 +354,7 @@ mod tests {
         let tails = SessionTails::new(CAPACITY_BYTES);
         let id = ObjectId::new();
         let mut rows = Rows {
-            messages: vec![Message::new(MessageRole::User, "hello".into())],
+            messages: vec![Message::new(MessageRole::User, "hello")],
             decoded: 0,
         };
         tails.newest(id, 1, budget(10, 100), &mut rows).unwrap();

@@ -18,6 +18,8 @@ mod mongo_audit;
 mod mongo_common;
 mod mongo_keys;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use chrono::{DateTime, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
@@ -47,18 +49,19 @@ pub enum MessageRole {
 pub struct Message {
     pub id: ObjectId,
     pub role: MessageRole,
-    pub content: String,
+    /// Shared, not copied, by the cache of session tails and the prompts.
+    pub content: Arc<str>,
     pub timestamp: DateTime<Utc>,
     /// A reply cut short (upstream error, cancellation) after some output.
     pub incomplete: bool,
 }
 
 impl Message {
-    pub fn new(role: MessageRole, content: String) -> Self {
+    pub fn new(role: MessageRole, content: impl Into<Arc<str>>) -> Self {
         Self {
             id: ObjectId::new(),
             role,
-            content,
+            content: content.into(),
             timestamp: now(),
             incomplete: false,
         }

@@ -269,7 +269,7 @@ fn message_document(message: &Message) -> MessageDocument {
     MessageDocument {
         id: message.id,
         role: message.role,
-        content: message.content.clone(),
+        content: message.content.to_string(),
         timestamp: bson_time(message.timestamp),
         incomplete: message.incomplete,
     }
@@ -297,7 +297,7 @@ fn session(document: SessionDocument) -> Session {
             .map(|message| Message {
                 id: message.id,
                 role: message.role,
-                content: message.content,
+                content: message.content.into(),
                 timestamp: utc(message.timestamp),
                 incomplete: message.incomplete,
             })

@@ -107,7 +107,7 @@ pub async fn chat_completions(
         if let Some(masked) =
             check_message(&state, principal, &policy, &route.alias, session, text).await?
         {
-            *text = masked;
+            *text = masked.into();
         }
     }
     // What the session stores of the request, kept before the prompts take it.
@@ -128,7 +128,7 @@ pub async fn chat_completions(
                     principal.sub.clone(),
                     session.summary.user_cohorts,
                     route.alias.clone(),
-                    user_message.content.clone(),
+                    user_message.content.to_string(),
                 ))
                 .await?;
             let record = SessionRecord {

@@ -458,7 +458,7 @@ mod tests {
                 Role::User
             ]
         );
-        let texts: Vec<&str> = prompt.turns.iter().map(|turn| turn.text.as_str()).collect();
+        let texts: Vec<&str> = prompt.turns.iter().map(|turn| &*turn.text).collect();
         assert_eq!(texts[0], "route rules");
         assert_eq!(texts[4], "one\ntwo");
     }
