@@ -13,6 +13,13 @@
 //! the service's CPU time per reply (from /proc), and its peak RSS; then the
 //! mock alone (the harness's floor); then the cost of the 1st and the last
 //! replies of one long session, which should not grow with its length.
+//!
+//! Times on a shared machine move 20–30% from run to run. Two settings make
+//! comparisons steadier: `PARLEY_BENCH_SERVICE=<path>` runs another build of
+//! the service (an A/B in one sitting), and `PARLEY_BENCH_CALLGRIND=1` runs
+//! the service under valgrind's callgrind and adds the instructions it
+//! executed per reply, a count the machine's load does not move (times
+//! under valgrind are many times slower and mean nothing then).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -47,14 +54,23 @@ async fn main() {
         .build()
         .unwrap();
     let server = Server::start(&mock.base).await;
+    let counted = server.callgrind.is_some();
     println!(
         "{tokens}-token replies, {seconds} s per level, each client one session; \
          the mock and the clients share the machine with the service"
     );
     println!(
-        "| clients | replies/s | TTFT p50 / p99 through Parley | TTFT p50 / p99 from the mock | added p50 | CPU per reply | peak RSS | failed replies |"
+        "| clients | replies/s | TTFT p50 / p99 through Parley | TTFT p50 / p99 from the mock | added p50 | CPU per reply | peak RSS | failed replies |{}",
+        if counted {
+            " instructions per reply |"
+        } else {
+            ""
+        }
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "|---|---|---|---|---|---|---|---|{}",
+        if counted { "---|" } else { "" }
+    );
     for clients in levels.iter().copied() {
         let direct = closed_loop(clients, duration, |_| {
             let (client, base) = (client.clone(), mock.base.clone());
@@ -66,6 +82,7 @@ async fn main() {
         .await;
         let sessions = server.sessions(&client, clients).await;
         let cpu_before = server.cpu_seconds();
+        server.zero_instructions();
         let through = closed_loop(clients, duration, |index| {
             let (client, base) = (client.clone(), server.base.clone());
             let (token, session) = sessions[index].clone();
@@ -77,8 +94,12 @@ async fn main() {
         })
         .await;
         let cpu = server.cpu_seconds() - cpu_before;
+        let instructions = server
+            .instructions()
+            .map(|count| format!(" {:.0} |", count as f64 / through.replies() as f64))
+            .unwrap_or_default();
         println!(
-            "| {clients} | {:.0} | {:.2} / {:.2} ms | {:.2} / {:.2} ms | +{:.2} ms | {:.3} ms | {:.0} MiB | {} |",
+            "| {clients} | {:.0} | {:.2} / {:.2} ms | {:.2} / {:.2} ms | +{:.2} ms | {:.3} ms | {:.0} MiB | {} |{instructions}",
             through.rate(),
             through.ttft(0.50) * 1e3,
             through.ttft(0.99) * 1e3,
@@ -110,6 +131,7 @@ async fn main() {
     let mut costs = Vec::new();
     for part in 0..10 {
         let cpu_before = server.cpu_seconds();
+        server.zero_instructions();
         let mut ttft = Vec::with_capacity(tenth);
         for _ in 0..tenth {
             // A failed reply (printed) is no sample.
@@ -119,22 +141,45 @@ async fn main() {
             }
         }
         let cpu = server.cpu_seconds() - cpu_before;
-        costs.push((cpu / tenth as f64, percentile(&mut ttft, 0.50)));
+        let instructions = server
+            .instructions()
+            .map_or(0.0, |count| count as f64 / tenth as f64);
+        costs.push((
+            cpu / tenth as f64,
+            percentile(&mut ttft, 0.50),
+            instructions,
+        ));
         if part == 0 || part == 9 {
             println!(
-                "one session, replies {}-{}: CPU per reply {:.3} ms, TTFT p50 {:.2} ms",
+                "one session, replies {}-{}: CPU per reply {:.3} ms, TTFT p50 {:.2} ms{}",
                 part * tenth + 1,
                 (part + 1) * tenth,
                 costs[part].0 * 1e3,
-                costs[part].1 * 1e3
+                costs[part].1 * 1e3,
+                if counted {
+                    format!(", {instructions:.0} instructions per reply")
+                } else {
+                    String::new()
+                }
             );
         }
     }
     println!(
-        "last tenth / first tenth: CPU per reply x{:.2}, TTFT p50 x{:.2}",
+        "last tenth / first tenth: CPU per reply x{:.2}, TTFT p50 x{:.2}{}",
         costs[9].0 / costs[0].0,
-        costs[9].1 / costs[0].1
+        costs[9].1 / costs[0].1,
+        if counted {
+            format!(", instructions per reply x{:.2}", costs[9].2 / costs[0].2)
+        } else {
+            String::new()
+        }
     );
+    if let Some(counts) = &server.callgrind {
+        println!(
+            "callgrind's counts, one file per level and per tenth: {}.*",
+            counts.display()
+        );
+    }
     server.stop().await;
 }
 
@@ -329,6 +374,8 @@ impl Mock {
 struct Server {
     child: Child,
     base: String,
+    /// Where callgrind writes its counts, when the service runs under it.
+    callgrind: Option<std::path::PathBuf>,
     _dir: tempfile::TempDir,
 }
 
@@ -348,7 +395,31 @@ impl Server {
             .local_addr()
             .unwrap()
             .port();
-        let child = Command::new(env!("CARGO_BIN_EXE_parley-service"))
+        let binary = std::env::var("PARLEY_BENCH_SERVICE")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_parley-service").to_owned());
+        // Kept after the run, for `callgrind_annotate`.
+        let callgrind = std::env::var_os("PARLEY_BENCH_CALLGRIND")
+            .is_some_and(|value| value == "1")
+            .then(|| {
+                let kept = tempfile::Builder::new()
+                    .prefix("parley-gateway-callgrind.")
+                    .tempdir()
+                    .unwrap()
+                    .keep();
+                kept.join("callgrind.out")
+            });
+        let mut command = match &callgrind {
+            Some(counts) => {
+                let mut command = Command::new("valgrind");
+                command
+                    .arg("--tool=callgrind")
+                    .arg(format!("--callgrind-out-file={}", counts.display()))
+                    .arg(&binary);
+                command
+            }
+            None => Command::new(&binary),
+        };
+        let child = command
             .env("PARLEY_LISTEN", format!("127.0.0.1:{port}"))
             .env("PARLEY_DATA_DIR", dir.path().join("data"))
             .env("PARLEY_ROUTES_FILE", &routes)
@@ -372,6 +443,7 @@ impl Server {
         let server = Self {
             child,
             base: format!("http://127.0.0.1:{port}"),
+            callgrind,
             _dir: dir,
         };
         parley_test_support::bench::wait_until_ready(&server.base).await;
@@ -419,6 +491,50 @@ impl Server {
             .unwrap()
             .parse()
             .unwrap()
+    }
+
+    /// Under callgrind: counting starts again from zero.
+    fn zero_instructions(&self) {
+        if self.callgrind.is_some() {
+            self.callgrind_control("-z");
+        }
+    }
+
+    /// Under callgrind: the instructions the service executed since the
+    /// counts were last zeroed.
+    fn instructions(&self) -> Option<u64> {
+        let counts = self.callgrind.as_ref()?;
+        self.callgrind_control("-d");
+        // Each dump is a file of its own: `<out>.<n>`, the newest the highest.
+        let prefix = format!("{}.", counts.file_name()?.to_str()?);
+        let newest = std::fs::read_dir(counts.parent()?)
+            .unwrap()
+            .filter_map(|entry| {
+                let name = entry.unwrap().file_name().into_string().ok()?;
+                let number: u32 = name.strip_prefix(&prefix)?.parse().ok()?;
+                Some((number, counts.with_file_name(name)))
+            })
+            .max()?
+            .1;
+        let dump = std::fs::read_to_string(newest).unwrap();
+        dump.lines()
+            .find_map(|line| {
+                line.strip_prefix("summary: ")
+                    .or(line.strip_prefix("totals: "))
+            })
+            .and_then(|count| count.split_whitespace().next())
+            .map(|count| count.parse().unwrap())
+    }
+
+    fn callgrind_control(&self, action: &str) {
+        let pid = self.child.id().unwrap().to_string();
+        let status = std::process::Command::new("callgrind_control")
+            .args([action, &pid])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("callgrind_control (valgrind) runs");
+        assert!(status.success(), "callgrind_control {action} {pid} failed");
     }
 
     fn peak_rss_bytes(&self) -> u64 {
