@@ -27,6 +27,7 @@ use crate::providers::{
     BYTES_PER_TOKEN, ChatTurn, PromptTurns, Role, TOKENS_PER_TURN, estimate_input_tokens,
     estimate_turn_tokens,
 };
+use crate::shared_text::SharedText;
 use crate::store::HistoryBudget;
 
 /// A reply's conversation before it is fitted to a target's window.
@@ -59,7 +60,7 @@ pub struct Overflow {
 impl Conversation {
     /// Every user turn's text, the new message last: what the content
     /// policy checks and masks.
-    pub fn user_texts_mut(&mut self) -> impl Iterator<Item = &mut Arc<str>> {
+    pub fn user_texts_mut(&mut self) -> impl Iterator<Item = &mut SharedText> {
         self.history
             .iter_mut()
             .filter(|turn| turn.role == Role::User)

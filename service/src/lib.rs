@@ -18,6 +18,7 @@ pub mod routes;
 pub mod routing;
 pub mod server;
 pub mod shared_redis;
+pub mod shared_text;
 pub mod state;
 pub mod store;
 pub mod stream;

@@ -23,6 +23,8 @@ use futures::stream::BoxStream;
 use futures::{Future, StreamExt};
 use tokio::time::Instant;
 
+use crate::shared_text::SharedText;
+
 pub use bedrock::BedrockProvider;
 pub use openai::OpenAiProvider;
 pub use simulated::{SimulatedProvider, SimulatedSettings};
@@ -55,11 +57,11 @@ pub fn estimate_input_tokens<'a>(turns: impl IntoIterator<Item = &'a ChatTurn>) 
 pub struct ChatTurn {
     pub role: Role,
     /// Shared with the stored message it was read from: a prompt copies no text.
-    pub text: Arc<str>,
+    pub text: SharedText,
 }
 
 impl ChatTurn {
-    pub fn new(role: Role, text: impl Into<Arc<str>>) -> Self {
+    pub fn new(role: Role, text: impl Into<SharedText>) -> Self {
         Self {
             role,
             text: text.into(),

@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use futures::Stream;
 use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use super::reply::{ReplySource, ReplyStep, reply_stream};
 use super::sse::SseData;
@@ -80,7 +81,16 @@ struct ChatRequest<'a> {
 #[derive(Serialize)]
 struct WireMessage<'a> {
     role: &'static str,
-    content: &'a str,
+    content: WireContent<'a>,
+}
+
+/// A message's text: as its JSON string, encoded once per message (a
+/// session's history is sent again with every reply), or as text.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum WireContent<'a> {
+    Encoded(&'a RawValue),
+    Text(&'a str),
 }
 
 #[derive(Serialize)]
@@ -94,7 +104,10 @@ impl<'a> ChatRequest<'a> {
     fn encoded_size_hint(&self) -> usize {
         self.messages
             .iter()
-            .map(|message| message.content.len() + 48)
+            .map(|message| match message.content {
+                WireContent::Encoded(json) => json.get().len() + 48,
+                WireContent::Text(text) => text.len() + 48,
+            })
             .sum::<usize>()
             + 256
     }
@@ -109,7 +122,10 @@ impl<'a> ChatRequest<'a> {
                     Role::User => "user",
                     Role::Assistant => "assistant",
                 },
-                content: &turn.text,
+                content: turn
+                    .text
+                    .json()
+                    .map_or(WireContent::Text(&turn.text), WireContent::Encoded),
             })
             .collect();
         Self {

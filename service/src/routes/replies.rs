@@ -299,7 +299,7 @@ async fn start_reply(
     )
     .await?;
     let user_message = Message::new(MessageRole::User, masked.unwrap_or(request.message));
-    let new_turn = ChatTurn::new(TurnRole::User, Arc::clone(&user_message.content));
+    let new_turn = ChatTurn::new(TurnRole::User, user_message.content.clone());
     let history = session
         .newest_messages
         .into_iter()

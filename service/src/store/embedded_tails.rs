@@ -23,8 +23,9 @@ use crate::error::Error;
 /// (8,192 tokens, about 32 KiB of text each).
 pub(super) const CAPACITY_BYTES: usize = 64 << 20;
 
-/// Counted per cached message besides its text: the `Message` itself and
-/// the allocator's share.
+/// Counted per cached message besides its text (twice: the text, and its
+/// JSON form once a prompt has encoded it): the `Message`, the shared
+/// text's header and the allocator's share.
 const MESSAGE_OVERHEAD_BYTES: usize = 96;
 
 pub(super) struct SessionTails {
@@ -205,7 +206,7 @@ fn budget_within(budget: HistoryBudget, wider: HistoryBudget) -> bool {
 }
 
 fn message_bytes(message: &Message) -> usize {
-    message.content.len() + MESSAGE_OVERHEAD_BYTES
+    2 * message.content.len() + MESSAGE_OVERHEAD_BYTES
 }
 
 #[cfg(test)]
@@ -325,7 +326,7 @@ mod tests {
 
     #[test]
     fn the_least_recently_used_sessions_are_evicted_first() {
-        let tails = SessionTails::new(10 * (MESSAGE_OVERHEAD_BYTES + 10));
+        let tails = SessionTails::new(10 * (MESSAGE_OVERHEAD_BYTES + 20));
         let window = budget(100, 10_000);
         let mut rows = Rows {
             messages: vec![Message::new(MessageRole::User, "0123456789"); 3],
@@ -346,7 +347,7 @@ mod tests {
         assert!(!entries.by_session.contains_key(&second));
         assert!(entries.by_session.contains_key(&first));
         assert!(entries.by_session.contains_key(&fourth));
-        assert!(entries.bytes <= 10 * (MESSAGE_OVERHEAD_BYTES + 10));
+        assert!(entries.bytes <= 10 * (MESSAGE_OVERHEAD_BYTES + 20));
     }
 
     #[test]

@@ -18,8 +18,6 @@ mod mongo_audit;
 mod mongo_common;
 mod mongo_keys;
 
-use std::sync::Arc;
-
 use async_trait::async_trait;
 use chrono::{DateTime, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
@@ -36,6 +34,7 @@ pub use mongodb::bson::oid::ObjectId;
 
 use crate::embedded_db::PendingDurability;
 use crate::error::Error;
+use crate::shared_text::SharedText;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -50,14 +49,14 @@ pub struct Message {
     pub id: ObjectId,
     pub role: MessageRole,
     /// Shared, not copied, by the cache of session tails and the prompts.
-    pub content: Arc<str>,
+    pub content: SharedText,
     pub timestamp: DateTime<Utc>,
     /// A reply cut short (upstream error, cancellation) after some output.
     pub incomplete: bool,
 }
 
 impl Message {
-    pub fn new(role: MessageRole, content: impl Into<Arc<str>>) -> Self {
+    pub fn new(role: MessageRole, content: impl Into<SharedText>) -> Self {
         Self {
             id: ObjectId::new(),
             role,
