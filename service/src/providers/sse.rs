@@ -103,7 +103,7 @@ where
             if line[0] == b':' {
                 continue;
             }
-            let (field, value) = match line.iter().position(|&byte| byte == b':') {
+            let (field, value) = match memchr::memchr(b':', line) {
                 Some(colon) => {
                     let value = &line[colon + 1..];
                     (&line[..colon], value.strip_prefix(b" ").unwrap_or(value))
@@ -130,9 +130,7 @@ where
 /// first half of a CRLF: the line is complete only once the next byte (or
 /// the end of the body) says so.
 fn line_at(buffer: &[u8], ended: bool) -> Option<(usize, usize)> {
-    let end = buffer
-        .iter()
-        .position(|&byte| byte == b'\n' || byte == b'\r')?;
+    let end = memchr::memchr2(b'\n', b'\r', buffer)?;
     match (buffer[end], buffer.get(end + 1)) {
         (b'\r', Some(b'\n')) => Some((end, 2)),
         (b'\r', None) if !ended => None,
