@@ -420,3 +420,45 @@ fn stream_error(error: &WireError) -> ProviderError {
     };
     ProviderError::new(kind, error.message.clone())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::providers::{ChatTurn, Sampling};
+
+    /// History texts go out as the JSON each one was encoded to once: the
+    /// request must carry the text itself, neither escaped twice nor raw.
+    #[test]
+    fn message_texts_are_sent_as_json_strings_of_the_text() {
+        let texts = [
+            "plain",
+            "quote \" backslash \\ newline \n",
+            "é 🦀 \u{1}",
+            "",
+        ];
+        let turns: Vec<ChatTurn> = texts
+            .iter()
+            .map(|text| ChatTurn::new(Role::User, *text))
+            .collect();
+        // Encoded already (as by an earlier reply of the session) and not.
+        assert!(turns[0].text.json().is_some());
+        let request = CompletionRequest {
+            model: "m".into(),
+            turns: turns.into(),
+            max_output_tokens: 16,
+            timeout: std::time::Duration::from_secs(1),
+            guardrail: None,
+            sampling: Sampling::default(),
+        };
+        let body = serde_json::to_vec(&ChatRequest::new(&request, true)).unwrap();
+        let sent: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let contents: Vec<&str> = sent["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|message| message["content"].as_str().unwrap())
+            .collect();
+        assert_eq!(contents, texts);
+        assert!(body.len() <= ChatRequest::new(&request, true).encoded_size_hint());
+    }
+}
