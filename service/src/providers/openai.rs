@@ -6,7 +6,8 @@ use std::pin::Pin;
 use async_trait::async_trait;
 use futures::Stream;
 use reqwest::StatusCode;
-use serde::{Deserialize, Serialize};
+use serde::de::{IgnoredAny, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 
 use super::reply::{ReplySource, ReplyStep, reply_stream};
@@ -246,12 +247,37 @@ fn finish_reason(reason: &str) -> StopReason {
 
 #[derive(Deserialize)]
 struct Chunk {
-    #[serde(default)]
-    choices: Vec<ChunkChoice>,
+    /// The first choice (Parley asks for one): read without collecting
+    /// the array, which cost an allocation per token.
+    #[serde(default, rename = "choices", deserialize_with = "first_choice")]
+    choice: Option<ChunkChoice>,
     #[serde(default)]
     usage: Option<WireUsage>,
     #[serde(default)]
     error: Option<WireError>,
+}
+
+/// The first element of an array of choices; the others are skipped.
+fn first_choice<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<ChunkChoice>, D::Error> {
+    struct First;
+
+    impl<'de> Visitor<'de> for First {
+        type Value = Option<ChunkChoice>;
+
+        fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            formatter.write_str("an array of choices")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut choices: A) -> Result<Self::Value, A::Error> {
+            let first = choices.next_element()?;
+            while choices.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(first)
+        }
+    }
+
+    deserializer.deserialize_seq(First)
 }
 
 #[derive(Deserialize)]
@@ -396,7 +422,7 @@ impl ReplySource for ChatReply {
         if let Some(usage) = chunk.usage {
             self.usage = Some(usage.into());
         }
-        let Some(choice) = chunk.choices.into_iter().next() else {
+        let Some(choice) = chunk.choice else {
             return ReplyStep::Nothing;
         };
         if let Some(reason) = choice.finish_reason {
@@ -425,6 +451,25 @@ fn stream_error(error: &WireError) -> ProviderError {
 mod tests {
     use super::*;
     use crate::providers::{ChatTurn, Sampling};
+
+    #[test]
+    fn a_chunk_gives_its_first_choice() {
+        let chunk: Chunk = serde_json::from_str(
+            r#"{"id":"x","choices":[{"delta":{"content":"a"}},{"delta":{"content":"b"}}]}"#,
+        )
+        .unwrap();
+        let delta = chunk.choice.and_then(|choice| choice.delta);
+        assert_eq!(delta.and_then(|delta| delta.content).as_deref(), Some("a"));
+        for no_choice in [
+            r#"{"choices":[]}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#,
+            r#"{"object":"chat.completion.chunk"}"#,
+        ] {
+            let chunk: Chunk = serde_json::from_str(no_choice).unwrap();
+            assert!(chunk.choice.is_none(), "{no_choice}");
+        }
+        assert!(serde_json::from_str::<Chunk>(r#"{"choices":{"delta":{}}}"#).is_err());
+    }
 
     /// History texts go out as the JSON each one was encoded to once: the
     /// request must carry the text itself, neither escaped twice nor raw.
