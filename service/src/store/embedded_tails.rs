@@ -28,6 +28,9 @@ pub(super) const CAPACITY_BYTES: usize = 64 << 20;
 /// text's header and the allocator's share.
 const MESSAGE_OVERHEAD_BYTES: usize = 96;
 
+/// Counted per cached session besides its messages: its map slot and tail.
+const SESSION_OVERHEAD_BYTES: usize = 128;
+
 pub(super) struct SessionTails {
     capacity_bytes: usize,
     entries: Mutex<Entries>,
@@ -128,7 +131,8 @@ impl SessionTails {
         if dropped > 0 || (tail.first > 0 && !budget_within(budget, tail.cut_by)) {
             tail.cut_by = budget;
         }
-        tail.bytes = tail.messages.iter().map(message_bytes).sum();
+        tail.bytes =
+            SESSION_OVERHEAD_BYTES + tail.messages.iter().map(message_bytes).sum::<usize>();
         let newest = tail.messages.iter().cloned().collect();
         self.put(id, tail);
         Ok(newest)
@@ -147,7 +151,9 @@ impl SessionTails {
     }
 
     fn put(&self, id: ObjectId, mut tail: Tail) {
-        if tail.bytes > self.capacity_bytes {
+        // An empty tail saves no read (a reply without history, such as an
+        // OpenAI-compatible request naming its session).
+        if tail.messages.is_empty() || tail.bytes > self.capacity_bytes {
             return;
         }
         let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
@@ -326,7 +332,10 @@ mod tests {
 
     #[test]
     fn the_least_recently_used_sessions_are_evicted_first() {
-        let tails = SessionTails::new(10 * (MESSAGE_OVERHEAD_BYTES + 20));
+        // Three sessions of three 10-byte messages fit; a fourth does not.
+        let session = SESSION_OVERHEAD_BYTES + 3 * (MESSAGE_OVERHEAD_BYTES + 20);
+        let capacity = 3 * session + session / 2;
+        let tails = SessionTails::new(capacity);
         let window = budget(100, 10_000);
         let mut rows = Rows {
             messages: vec![Message::new(MessageRole::User, "0123456789"); 3],
@@ -341,13 +350,29 @@ mod tests {
         for id in [first, second, third, first] {
             tails.newest(id, 3, window, &mut rows).unwrap();
         }
-        // Nine messages are held; three more pass the capacity.
         tails.newest(fourth, 3, window, &mut rows).unwrap();
         let entries = tails.entries.lock().unwrap();
         assert!(!entries.by_session.contains_key(&second));
         assert!(entries.by_session.contains_key(&first));
         assert!(entries.by_session.contains_key(&fourth));
-        assert!(entries.bytes <= 10 * (MESSAGE_OVERHEAD_BYTES + 20));
+        assert!(entries.by_session.contains_key(&third));
+        assert_eq!(entries.bytes, 3 * session);
+    }
+
+    #[test]
+    fn a_read_without_history_caches_nothing() {
+        let tails = SessionTails::new(CAPACITY_BYTES);
+        let mut rows = Rows {
+            messages: vec![Message::new(MessageRole::User, "hello"); 3],
+            decoded: 0,
+        };
+        for _ in 0..100 {
+            let newest = tails
+                .newest(ObjectId::new(), 3, HistoryBudget::NONE, &mut rows)
+                .unwrap();
+            assert!(newest.is_empty());
+        }
+        assert!(tails.entries.lock().unwrap().by_session.is_empty());
     }
 
     #[test]
