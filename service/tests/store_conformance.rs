@@ -11,7 +11,7 @@ use std::sync::Arc;
 use parley_service::Error;
 use parley_service::store::{
     HistoryBudget, Message, MessageRole, NewSession, ObjectId, PageRequest, SessionStore,
-    SessionSummary, TokenTotals, now,
+    SessionSummary, SessionTail, TokenTotals, now,
 };
 
 store_conformance!(
@@ -37,6 +37,27 @@ fn new_session(user: &str, title: &str, messages: Vec<Message>) -> NewSession {
         "default".into(),
         messages,
     )
+}
+
+/// Session `id` as a reply reads it, once what was read is durable.
+async fn read_tail(
+    store: &dyn SessionStore,
+    id: ObjectId,
+    max_messages: u32,
+    max_bytes: u64,
+) -> SessionTail {
+    let (tail, read) = store
+        .get_tail_applied(
+            id,
+            HistoryBudget {
+                max_messages,
+                max_bytes,
+            },
+        )
+        .await
+        .unwrap();
+    read.wait::<Error>().await.unwrap();
+    tail
 }
 
 /// Waits until the millisecond clock moves, so timestamps compare strictly.
@@ -405,17 +426,7 @@ async fn a_tail_read_returns_the_newest_messages_within_the_budget(store: Arc<dy
     let tail = |max_messages: u32, max_bytes: u64| {
         let store = Arc::clone(&store);
         async move {
-            let (tail, read) = store
-                .get_tail_applied(
-                    id,
-                    HistoryBudget {
-                        max_messages,
-                        max_bytes,
-                    },
-                )
-                .await
-                .unwrap();
-            read.wait::<Error>().await.unwrap();
+            let tail = read_tail(store.as_ref(), id, max_messages, max_bytes).await;
             assert_eq!(tail.summary.message_count, 10);
             assert_eq!(tail.summary.user_id, "alice");
             tail.newest_messages
@@ -466,17 +477,7 @@ async fn tail_reads_between_appends_follow_the_session(store: Arc<dyn SessionSto
             .await
             .unwrap();
         let (max_messages, max_bytes) = budgets[round % budgets.len()];
-        let (tail, read) = store
-            .get_tail_applied(
-                id,
-                HistoryBudget {
-                    max_messages,
-                    max_bytes,
-                },
-            )
-            .await
-            .unwrap();
-        read.wait::<Error>().await.unwrap();
+        let tail = read_tail(store.as_ref(), id, max_messages, max_bytes).await;
         let mut expected = Vec::new();
         let mut bytes = 0;
         for message in store.get(id).await.unwrap().messages.into_iter().rev() {

@@ -166,13 +166,8 @@ impl SessionStore for EmbeddedStore {
         self.database
             .read(move |transaction| {
                 let summary = read_summary(transaction, id)?;
-                let messages = transaction
-                    .open_table(MESSAGES)
-                    .map_err(storage_error)?
-                    .range(session_messages(id))
-                    .map_err(storage_error)?
-                    .map(|entry| message(entry.map_err(storage_error)?.1.value()))
-                    .collect::<Result<Vec<_>, Error>>()?;
+                let count = sequence(summary.message_count as usize)?;
+                let messages = MessageRows::open(transaction, id)?.read_range(0, count)?;
                 Ok(Session { summary, messages })
             })
             .await
@@ -188,10 +183,7 @@ impl SessionStore for EmbeddedStore {
             .read_applied(move |transaction| {
                 let summary = read_summary(transaction, id)?;
                 let count = sequence(summary.message_count as usize)?;
-                let mut messages = MessageRows {
-                    table: transaction.open_table(MESSAGES).map_err(storage_error)?,
-                    id,
-                };
+                let mut messages = MessageRows::open(transaction, id)?;
                 let newest_messages = tails.newest(id, count, budget, &mut messages)?;
                 Ok(SessionTail {
                     summary,
@@ -419,6 +411,15 @@ fn session_messages(id: ObjectId) -> std::ops::RangeInclusive<(Id, u32)> {
 struct MessageRows {
     table: ReadOnlyTable<(Id, u32), &'static [u8]>,
     id: ObjectId,
+}
+
+impl MessageRows {
+    fn open(transaction: &ReadTransaction, id: ObjectId) -> Result<Self, Error> {
+        Ok(Self {
+            table: transaction.open_table(MESSAGES).map_err(storage_error)?,
+            id,
+        })
+    }
 }
 
 impl ReadMessages for MessageRows {
