@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parley_service::embedded_db::EmbeddedDb;
+use parley_service::embedded_db::{DEFAULT_CACHE_BYTES, EmbeddedDb};
 use parley_service::ledger::{
     Credits, EmbeddedLedger, Hold, HoldRequest, Ledger, LedgerSettings, MongoLedger, Progress,
     ReplyOutcome, Settlement,
@@ -120,7 +120,7 @@ async fn main() {
     if bench::store_selected("embedded") {
         let dir = tempfile::tempdir().unwrap();
         let db = Arc::new(
-            EmbeddedDb::open(&dir.path().join("bench.redb"))
+            EmbeddedDb::open(&dir.path().join("bench.redb"), DEFAULT_CACHE_BYTES)
                 .await
                 .unwrap(),
         );

@@ -10,6 +10,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parley_service::embedded_db::DEFAULT_CACHE_BYTES;
 use parley_service::store::{
     EmbeddedStore, Message, MessageRole, MongoStore, NewSession, SessionStore, TokenTotals,
 };
@@ -23,7 +24,7 @@ const SESSIONS_APPENDED_PER_TASK: usize = 5;
 async fn main() {
     if bench::store_selected("embedded") {
         let dir = tempfile::tempdir().unwrap();
-        let embedded = EmbeddedStore::open(&dir.path().join("bench.redb"))
+        let embedded = EmbeddedStore::open(&dir.path().join("bench.redb"), DEFAULT_CACHE_BYTES)
             .await
             .unwrap();
         run("embedded (redb)", Arc::new(embedded)).await;

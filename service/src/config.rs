@@ -55,6 +55,17 @@ pub struct Config {
         global = true
     )]
     pub listen: SocketAddr,
+    /// Threads for blocking work (embedded-store reads). Each holds its own
+    /// allocator caches, so a small pool keeps memory down; reads are short,
+    /// and on two cores more threads add switches, not throughput.
+    #[arg(
+        long,
+        env = "PARLEY_BLOCKING_THREADS",
+        default_value_t = 4,
+        value_parser = clap::value_parser!(u16).range(1..),
+        global = true
+    )]
+    pub blocking_threads: u16,
     /// Directory of the embedded store and of the generated dev secret.
     #[arg(
         long,
@@ -63,6 +74,16 @@ pub struct Config {
         global = true
     )]
     pub data_dir: PathBuf,
+    /// Page cache of the embedded store, in MiB. The store's file grows with
+    /// every session; its cache does not.
+    #[arg(
+        long,
+        env = "PARLEY_STORE_CACHE_MIB",
+        default_value_t = (crate::embedded_db::DEFAULT_CACHE_BYTES >> 20) as u32,
+        value_parser = clap::value_parser!(u32).range(1..),
+        global = true
+    )]
+    pub store_cache_mib: u32,
     /// MongoDB URI; when set, MongoDB replaces the embedded store.
     #[arg(
         long,
@@ -463,6 +484,25 @@ mod tests {
         assert!(parse_duration("1w").is_err());
         assert!(parse_duration("h").is_err());
         assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn memory_settings_have_bounded_defaults_and_refuse_zero() {
+        let cli = Cli::try_parse_from(["parley-service"]).unwrap();
+        assert_eq!(cli.config.blocking_threads, 4);
+        assert_eq!(cli.config.store_cache_mib, 32);
+        let cli = Cli::try_parse_from([
+            "parley-service",
+            "--blocking-threads",
+            "16",
+            "--store-cache-mib",
+            "256",
+        ])
+        .unwrap();
+        assert_eq!(cli.config.blocking_threads, 16);
+        assert_eq!(cli.config.store_cache_mib, 256);
+        assert!(Cli::try_parse_from(["parley-service", "--blocking-threads", "0"]).is_err());
+        assert!(Cli::try_parse_from(["parley-service", "--store-cache-mib", "0"]).is_err());
     }
 
     #[test]

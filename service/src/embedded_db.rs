@@ -60,6 +60,11 @@ pub enum OpenError {
 /// faster than the writer runs them each still waits a bounded time.
 const MAX_BATCH: usize = 512;
 
+/// The default of redb's page cache (`PARLEY_STORE_CACHE_MIB`): enough for the
+/// pages every reply touches (accounts, open holds, the newest message rows);
+/// redb's own default (1 GiB) would let the cache grow with the file.
+pub const DEFAULT_CACHE_BYTES: usize = 32 << 20;
+
 /// The database with its writer thread. Operations run on the blocking pool
 /// (reads) or the writer thread (writes), never on async workers.
 pub struct EmbeddedDb {
@@ -72,8 +77,9 @@ pub struct EmbeddedDb {
 }
 
 impl EmbeddedDb {
-    /// Opens (or creates) the database file `path` and starts its writer.
-    pub async fn open(path: &Path) -> Result<Self, OpenError> {
+    /// Opens (or creates) the database file `path`, with a page cache of
+    /// `cache_bytes`, and starts its writer.
+    pub async fn open(path: &Path, cache_bytes: usize) -> Result<Self, OpenError> {
         let path = path.to_owned();
         let database = tokio::task::spawn_blocking(move || {
             if let Some(parent) = path.parent() {
@@ -82,7 +88,10 @@ impl EmbeddedDb {
                     source,
                 })?;
             }
-            Database::create(&path).map_err(|source| OpenError::Open { path, source })
+            Database::builder()
+                .set_cache_size(cache_bytes)
+                .create(&path)
+                .map_err(|source| OpenError::Open { path, source })
         })
         .await??;
         Self::new(database)
@@ -504,6 +513,46 @@ mod tests {
             db.durable.borrow().through,
             db.newest_commit.load(Ordering::SeqCst)
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_larger_than_its_cache_reads_back_whole_after_reopening() {
+        const ROWS: u64 = 2_000;
+        const ROW: TableDefinition<u64, &[u8]> = TableDefinition::new("rows");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("small-cache.redb");
+        let row = vec![7_u8; 1_024];
+        for reopened in [false, true] {
+            // 2 MB of rows through a 64 KiB cache.
+            let db = EmbeddedDb::open(&path, 64 << 10).await.unwrap();
+            if !reopened {
+                let row = row.clone();
+                db.write(move |transaction| {
+                    let mut table = transaction.open_table(ROW)?;
+                    for number in 0..ROWS {
+                        table.insert(number, row.as_slice())?;
+                    }
+                    Ok::<_, redb::Error>(())
+                })
+                .await
+                .unwrap();
+            }
+            let row = row.clone();
+            let matching = db
+                .read(move |transaction| {
+                    let table = transaction.open_table(ROW)?;
+                    let mut matching = 0;
+                    for number in 0..ROWS {
+                        if table.get(number)?.is_some_and(|value| value.value() == row) {
+                            matching += 1;
+                        }
+                    }
+                    Ok::<_, redb::Error>(matching)
+                })
+                .await
+                .unwrap();
+            assert_eq!(matching, ROWS);
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -61,7 +61,10 @@ impl Backend {
             }
             None => {
                 let path = config.data_dir.join(EMBEDDED_DB_FILE);
-                let store = EmbeddedStore::open(&path).await?;
+                let cache_bytes = usize::try_from(config.store_cache_mib)
+                    .unwrap_or(usize::MAX)
+                    .saturating_mul(1 << 20);
+                let store = EmbeddedStore::open(&path, cache_bytes).await?;
                 tracing::info!(path = %path.display(), "using the embedded store");
                 Ok(Self::Embedded(store))
             }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use parley_service::embedded_db::EmbeddedDb;
+use parley_service::embedded_db::{DEFAULT_CACHE_BYTES, EmbeddedDb};
 use parley_service::ledger::{
     Credits, EmbeddedLedger, HoldRequest, Ledger, LedgerError, LedgerSettings, MongoLedger, Page,
     PriceSettlement, Progress, ReplyOutcome, Settlement, price,
@@ -64,7 +64,7 @@ impl EmbeddedStore {
     async fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let db = Arc::new(
-            EmbeddedDb::open(&dir.path().join("parley.redb"))
+            EmbeddedDb::open(&dir.path().join("parley.redb"), DEFAULT_CACHE_BYTES)
                 .await
                 .unwrap(),
         );
@@ -904,7 +904,7 @@ async fn embedded_ledger_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("parley.redb");
     {
-        let db = Arc::new(EmbeddedDb::open(&path).await.unwrap());
+        let db = Arc::new(EmbeddedDb::open(&path, DEFAULT_CACHE_BYTES).await.unwrap());
         let ledger = EmbeddedLedger::new(db, SETTINGS).await.unwrap();
         ledger
             .grant("quinn", Credits::from_micros(1_000_000))
@@ -915,7 +915,7 @@ async fn embedded_ledger_survives_a_restart() {
             .await
             .unwrap();
     }
-    let db = Arc::new(EmbeddedDb::open(&path).await.unwrap());
+    let db = Arc::new(EmbeddedDb::open(&path, DEFAULT_CACHE_BYTES).await.unwrap());
     let ledger = EmbeddedLedger::new(db, SETTINGS).await.unwrap();
     let balance = ledger.balance("quinn").await.unwrap();
     assert_eq!(

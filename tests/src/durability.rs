@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use parley_service::embedded_db::DEFAULT_CACHE_BYTES;
 use parley_service::ledger::{
     Credits, EmbeddedLedger, HoldRequest, Ledger, LedgerSettings, PriceSettlement, ReplyOutcome,
     Settlement,
@@ -21,7 +22,9 @@ pub const SETTINGS: LedgerSettings = LedgerSettings {
 const WRITERS: usize = 64;
 
 pub async fn open(dir: &Path) -> (EmbeddedStore, EmbeddedLedger) {
-    let store = EmbeddedStore::open(&dir.join("parley.redb")).await.unwrap();
+    let store = EmbeddedStore::open(&dir.join("parley.redb"), DEFAULT_CACHE_BYTES)
+        .await
+        .unwrap();
     let ledger = EmbeddedLedger::new(Arc::clone(store.database()), SETTINGS)
         .await
         .unwrap();

@@ -68,9 +68,10 @@ struct MessageRecord<'a> {
 }
 
 impl EmbeddedStore {
-    /// Opens (or creates) `path`, creating the tables.
-    pub async fn open(path: &Path) -> Result<Self, Error> {
-        Self::new(Arc::new(EmbeddedDb::open(path).await?)).await
+    /// Opens (or creates) `path` with a page cache of `cache_bytes`,
+    /// creating the tables.
+    pub async fn open(path: &Path, cache_bytes: usize) -> Result<Self, Error> {
+        Self::new(Arc::new(EmbeddedDb::open(path, cache_bytes).await?)).await
     }
 
     /// The store in `database`, creating the tables.

@@ -14,6 +14,7 @@ use http_body_util::BodyExt;
 use parley_service::accounting::{AccountingMetrics, LocalAccounting};
 use parley_service::auth::dev::DevTokens;
 use parley_service::auth::{AuthSettings, Authenticator, Principal, Role, mint_token};
+use parley_service::embedded_db::DEFAULT_CACHE_BYTES;
 use parley_service::ledger::{Credits, EmbeddedLedger, Ledger, LedgerSettings};
 use parley_service::metrics::HttpMetrics;
 use parley_service::model_routes::{ProviderRegistry, Routes};
@@ -139,7 +140,7 @@ pub fn state_with_replies<S: TestStore>(
 
 pub async fn embedded_store() -> (EmbeddedStore, TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let store = EmbeddedStore::open(&dir.path().join("parley.redb"))
+    let store = EmbeddedStore::open(&dir.path().join("parley.redb"), DEFAULT_CACHE_BYTES)
         .await
         .unwrap();
     (store, dir)
