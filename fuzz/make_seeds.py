@@ -134,6 +134,22 @@ def openai_seeds():
                   + "data: [DONE]\n\n")
     write("openai_stream", "role-first", b"\x20\x60\xa0" + role_first.encode())
     write("openai_stream", "crlf-comments", b"\x01\x02\x03" + (": keep-alive\r\n\r\n" + chunk("x").replace("\n", "\r\n")).encode())
+    # One chunk's JSON each: the shapes the fast path reads, and near misses
+    # it must leave to serde_json.
+    chunks = {
+        "openai": '{"id":"chatcmpl-B9","object":"chat.completion.chunk","created":1727000000,"model":"gpt-4o-mini",'
+                  '"system_fingerprint":"fp_1","choices":[{"index":0,"delta":{"content":" Hello"},"logprobs":null,'
+                  '"finish_reason":null}],"usage":null}',
+        "role-first": '{"choices":[{"index":0,"delta":{"role":"assistant","content":"","refusal":null},"finish_reason":null}]}',
+        "finish": '{"id":"x","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}',
+        "escapes": '{ "choices" : [ { "delta" : { "content" : "a\\n\\"b\\"\\t\u00e9 \\u00e9" } } ] }',
+        "usage": '{"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":64,"total_tokens":76}}',
+        "two-choices": '{"choices":[{"delta":{"content":"a"}},{"delta":{"content":"b"}}]}',
+        "duplicate": '{"choices":[{"delta":{"content":"a","content":"b"}}]}',
+        "numbers": '{"created":-0,"index":01,"x":1.5e3,"choices":[]}',
+    }
+    for name, body in chunks.items():
+        write("openai_chunk", name, body)
 
 
 def eventstream_message(headers, payload):
@@ -213,6 +229,8 @@ DICTIONARIES = {
                       '"stop"', '"length"', '"content_filter"', '"usage"', '"prompt_tokens"',
                       '"completion_tokens"', '"error"', '"message"', '"code"', '"type"', '"rate_limit_exceeded"',
                       '"context_length_exceeded"', "null", '""', "\n\n", "\r\n", ": ping"],
+    "openai_chunk": ['"choices"', '"delta"', '"content"', '"finish_reason"', '"usage"', '"error"', '"index"',
+                     "null", "true", "false", '""', "\\u00e9", "\\n", "\\\"", "[]", "{}", "-0", "1e3"],
     "bedrock_stream": [":event-type", ":message-type", ":exception-type", ":content-type", "event", "exception",
                        "messageStart", "contentBlockDelta", "contentBlockStop", "messageStop", "metadata",
                        "throttlingException", "validationException", "modelStreamErrorException",

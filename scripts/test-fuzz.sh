@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 seconds=${PARLEY_FUZZ_SECONDS:-15}
-targets=${PARLEY_FUZZ_TARGETS:-routes_file jwt sse_frames openai_stream bedrock_stream accounting_bodies}
+targets=${PARLEY_FUZZ_TARGETS:-routes_file jwt sse_frames openai_stream openai_chunk bedrock_stream accounting_bodies}
 work=${PARLEY_FUZZ_WORK:-$(mktemp -d /tmp/parley-fuzz.XXXXXX)}
 target_dir=${CARGO_TARGET_DIR:-$PWD/target}
 log() { printf '[fuzz] %s\n' "$*" >&2; }

@@ -262,6 +262,12 @@ pub fn openai_stream(data: &[u8]) {
     check_reply(&items);
 }
 
+/// An upstream chunk's JSON: whenever the fast path reads it, serde_json
+/// reads the same (see `providers::openai::check_chunk_fast_path`).
+pub fn openai_chunk(data: &[u8]) {
+    openai::check_chunk_fast_path(data);
+}
+
 /// The answer the in-memory Bedrock endpoint gives: status and body.
 type BedrockAnswer = Arc<Mutex<(u16, Bytes)>>;
 

@@ -10,12 +10,15 @@ use serde::de::{IgnoredAny, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 
+use self::chunk::{ChunkChoice, scan_first_choice};
 use super::reply::{ReplySource, ReplyStep, reply_stream};
 use super::sse::SseData;
 use super::{
     Completion, CompletionRequest, Provider, ProviderError, ProviderErrorKind, ProviderStream,
     Role, StopReason, TokenDeadline, Usage, mentions_context_window,
 };
+
+mod chunk;
 
 pub struct OpenAiProvider {
     client: reqwest::Client,
@@ -257,6 +260,37 @@ struct Chunk {
     error: Option<WireError>,
 }
 
+impl Chunk {
+    /// Reads a chunk on the fast path when it has the common shape, else
+    /// with serde_json: the same answer either way.
+    fn read(data: &[u8]) -> serde_json::Result<Self> {
+        match scan_first_choice(data) {
+            Some(choice) => Ok(Chunk {
+                choice,
+                usage: None,
+                error: None,
+            }),
+            None => serde_json::from_slice(data),
+        }
+    }
+}
+
+/// Whenever the fast path reads `data`, serde_json reads it the same (the
+/// `openai_chunk` fuzz target's property).
+#[cfg(any(test, feature = "fuzzing"))]
+pub fn check_chunk_fast_path(data: &[u8]) {
+    let Some(choice) = scan_first_choice(data) else {
+        return;
+    };
+    match serde_json::from_slice::<Chunk>(data) {
+        Ok(chunk) => {
+            assert!(chunk.usage.is_none() && chunk.error.is_none());
+            assert_eq!(chunk.choice, choice, "the fast path misread a chunk");
+        }
+        Err(error) => panic!("the fast path read a chunk serde_json refuses: {error}"),
+    }
+}
+
 /// The first element of an array of choices; the others are skipped.
 fn first_choice<'de, D: Deserializer<'de>>(
     deserializer: D,
@@ -278,20 +312,6 @@ fn first_choice<'de, D: Deserializer<'de>>(
     }
 
     deserializer.deserialize_seq(First)
-}
-
-#[derive(Deserialize)]
-struct ChunkChoice {
-    #[serde(default)]
-    delta: Option<ChunkDelta>,
-    #[serde(default)]
-    finish_reason: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct ChunkDelta {
-    #[serde(default)]
-    content: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -404,7 +424,7 @@ impl ReplySource for ChatReply {
             }
             Some(Err(error)) => return ReplyStep::Failed(transport_error(error)),
             Some(Ok(b"[DONE]")) => None,
-            Some(Ok(data)) => Some(serde_json::from_slice::<Chunk>(data)),
+            Some(Ok(data)) => Some(Chunk::read(data)),
         };
         let chunk = match chunk {
             None => return self.finished(),
@@ -451,6 +471,20 @@ fn stream_error(error: &WireError) -> ProviderError {
 mod tests {
     use super::*;
     use crate::providers::{ChatTurn, Sampling};
+
+    #[test]
+    fn the_fast_chunk_reader_agrees_with_serde_json() {
+        let seeds =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/openai_chunk");
+        let mut read_fast = 0;
+        for seed in std::fs::read_dir(seeds).unwrap() {
+            let data = std::fs::read(seed.unwrap().path()).unwrap();
+            check_chunk_fast_path(&data);
+            read_fast += usize::from(chunk::scan_first_choice(&data).is_some());
+        }
+        // Not only refusals: the common shapes take the fast path.
+        assert!(read_fast >= 3, "{read_fast} seeds read on the fast path");
+    }
 
     #[test]
     fn a_chunk_gives_its_first_choice() {
