@@ -60,7 +60,7 @@ async fn main() {
          the mock and the clients share the machine with the service"
     );
     println!(
-        "| clients | replies/s | TTFT p50 / p99 through Parley | TTFT p50 / p99 from the mock | added p50 | CPU per reply | peak RSS | failed replies |{}",
+        "| clients | replies/s | TTFT p50 / p99 through Parley | TTFT p50 / p99 from the mock | added p50 | CPU per reply (user + system) | peak RSS | failed replies |{}",
         if counted {
             " instructions per reply |"
         } else {
@@ -99,14 +99,14 @@ async fn main() {
             .map(|count| format!(" {:.0} |", count as f64 / through.replies() as f64))
             .unwrap_or_default();
         println!(
-            "| {clients} | {:.0} | {:.2} / {:.2} ms | {:.2} / {:.2} ms | +{:.2} ms | {:.3} ms | {:.0} MiB | {} |{instructions}",
+            "| {clients} | {:.0} | {:.2} / {:.2} ms | {:.2} / {:.2} ms | +{:.2} ms | {} | {:.0} MiB | {} |{instructions}",
             through.rate(),
             through.ttft(0.50) * 1e3,
             through.ttft(0.99) * 1e3,
             direct.ttft(0.50) * 1e3,
             direct.ttft(0.99) * 1e3,
             (through.ttft(0.50) - direct.ttft(0.50)) * 1e3,
-            cpu / through.replies() as f64 * 1e3,
+            cpu.per_reply(through.replies()),
             server.peak_rss_bytes() as f64 / 1048576.0,
             through.failures(),
         );
@@ -145,7 +145,7 @@ async fn main() {
             .instructions()
             .map_or(0.0, |count| count as f64 / tenth as f64);
         costs.push((
-            cpu / tenth as f64,
+            cpu.total() / tenth as f64,
             percentile(&mut ttft, 0.50),
             instructions,
         ));
@@ -541,8 +541,8 @@ impl Server {
         self.proc_status_kib("VmHWM:") * 1024
     }
 
-    /// User plus system CPU time of the service so far.
-    fn cpu_seconds(&self) -> f64 {
+    /// The service's CPU time so far, in user space and in the kernel.
+    fn cpu_seconds(&self) -> CpuSeconds {
         let pid = self.child.id().unwrap();
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
         // Fields after the command name (which may contain spaces).
@@ -552,14 +552,53 @@ impl Server {
             .1
             .split_whitespace()
             .collect();
-        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
         // Linux reports CPU time in clock ticks of 1/100 s.
-        ticks / 100.0
+        let seconds = |field: &str| field.parse::<f64>().unwrap() / 100.0;
+        CpuSeconds {
+            user: seconds(fields[11]),
+            system: seconds(fields[12]),
+        }
     }
 
     async fn stop(mut self) {
         self.child.start_kill().unwrap();
         self.child.wait().await.unwrap();
+    }
+}
+
+/// CPU time in user space and in the kernel (system calls, the network
+/// stack, page faults): they call for different remedies.
+#[derive(Clone, Copy)]
+struct CpuSeconds {
+    user: f64,
+    system: f64,
+}
+
+impl std::ops::Sub for CpuSeconds {
+    type Output = CpuSeconds;
+
+    fn sub(self, earlier: CpuSeconds) -> CpuSeconds {
+        CpuSeconds {
+            user: self.user - earlier.user,
+            system: self.system - earlier.system,
+        }
+    }
+}
+
+impl CpuSeconds {
+    fn total(self) -> f64 {
+        self.user + self.system
+    }
+
+    /// Milliseconds per reply: the total, then user + system.
+    fn per_reply(self, replies: usize) -> String {
+        let per = |seconds: f64| seconds / replies as f64 * 1e3;
+        format!(
+            "{:.3} ms ({:.3} + {:.3})",
+            per(self.total()),
+            per(self.user),
+            per(self.system)
+        )
     }
 }
 

@@ -3,21 +3,29 @@
 //!
 //! redb serializes write transactions, and a durable commit holds the write
 //! lock through its fsync, so one durable commit per operation caps writes at
-//! one per fsync. Here each write operation still runs in a write transaction
-//! of its own (the same atomicity and isolation as before), but one writer
-//! thread runs the queued operations in turn and commits them with
-//! `Durability::None`, which publishes a commit in memory without writing it,
-//! then ends the batch with an empty commit with `Durability::Immediate`. That
-//! commit writes the newest root and flushes every buffered page before its
-//! fsync, so it makes all the batch's commits durable (redb documents `None`
-//! as "not persisted to disk unless followed by a commit with
-//! `Durability::Immediate`"). Each operation is answered with the number of
-//! its commit as soon as it is applied, and the writer publishes how far
-//! commits are durable; `write` waits for that. Operations arriving meanwhile
-//! form the next batch, so one fsync
-//! serves every operation that was waiting. The cost: between durable commits
-//! the batch's pages stay in redb's write buffer, and pages its commits free
-//! are reused only after the durable commit.
+//! one per fsync; and every commit, durable or not, has a fixed cost (the
+//! table roots, the freed-page lists, the checksums of every page it
+//! touched) that dwarfs a small operation. So one writer thread takes the
+//! queued operations in turn and runs several of them in one write
+//! transaction, each seeing the effects of those before it, then commits it
+//! with `Durability::None`, which publishes the commit in memory without
+//! writing it, and answers them. It ends the batch with an empty commit with
+//! `Durability::Immediate`. That commit writes the newest root and flushes
+//! every buffered page before its fsync, so it makes all the batch's commits
+//! durable (redb documents `None` as "not persisted to disk unless followed
+//! by a commit with `Durability::Immediate`"). Each operation is answered
+//! with the number of its commit as soon as it is applied, and the writer
+//! publishes how far commits are durable; `write` waits for that.
+//! Operations arriving meanwhile form the next batch, so one fsync serves
+//! every operation that was waiting.
+//!
+//! An operation that fails must leave nothing behind, though it may have
+//! written before it failed, and redb cannot roll back part of a
+//! transaction. So its transaction is abandoned, the operations that ran
+//! before it in that transaction run again in a new one (they are `Fn` for
+//! this; on the same state they come to the same result), and the failed
+//! one runs again in a transaction of its own, which is rolled back: its
+//! failure is its answer.
 //!
 //! Readers see non-durable commits, so a read waits, before it answers, for a
 //! durable commit covering every commit it could have seen: nothing answered,
@@ -26,6 +34,7 @@
 //! [`PendingDurability`] the caller waits on before it shows anything that
 //! rests on them (a reply calls its model meanwhile).
 
+use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -59,6 +68,10 @@ pub enum OpenError {
 /// Caps the operations sharing one durable commit, so that when they arrive
 /// faster than the writer runs them each still waits a bounded time.
 const MAX_BATCH: usize = 512;
+
+/// Caps the operations sharing one write transaction: enough to spread a
+/// commit's fixed cost, few enough that the first of them is answered soon.
+const MAX_TRANSACTION: usize = 64;
 
 /// The default of redb's page cache (`PARLEY_STORE_CACHE_MIB`): enough for the
 /// pages every reply touches (accounts, open holds, the newest message rows);
@@ -122,14 +135,16 @@ impl EmbeddedDb {
         })
     }
 
-    /// Runs `operation` in a write transaction of its own and commits it when
-    /// it succeeds; answers once the commit is durable. A failed operation's
-    /// transaction is rolled back.
+    /// Runs `operation` in a write transaction and commits it when it
+    /// succeeds; answers once the commit is durable. A failed operation leaves
+    /// no effects. The operation may run more than once (see the module's
+    /// documentation); only the run that is committed, or the failure, is
+    /// answered.
     pub async fn write<T, E, F>(&self, operation: F) -> Result<T, E>
     where
         T: Send + 'static,
         E: From<redb::Error> + Send + 'static,
-        F: FnOnce(&WriteTransaction) -> Result<T, E> + Send + 'static,
+        F: Fn(&WriteTransaction) -> Result<T, E> + Send + 'static,
     {
         let (value, pending) = self.write_applied(operation).await?;
         pending.wait::<E>().await?;
@@ -143,23 +158,18 @@ impl EmbeddedDb {
     where
         T: Send + 'static,
         E: From<redb::Error> + Send + 'static,
-        F: FnOnce(&WriteTransaction) -> Result<T, E> + Send + 'static,
+        F: Fn(&WriteTransaction) -> Result<T, E> + Send + 'static,
     {
         let (answer, answered) = oneshot::channel();
-        let operation: Operation = Box::new(move |transaction| {
-            let result = transaction.map_err(E::from).and_then(operation);
-            Ran {
-                commit: result.is_ok(),
-                answer: Box::new(move |commit| {
-                    // A caller that stopped waiting leaves the effects in place,
-                    // as a finished transaction would.
-                    let _ = answer.send((result, commit));
-                }),
-            }
+        let queued = Box::new(QueuedWrite {
+            operation,
+            outcome: None,
+            answer,
         });
         self.operations
-            .send(operation)
+            .send(queued)
             .map_err(|_| E::from(redb::Error::DatabaseClosed))?;
+        // A panicking operation drops its answer.
         let (result, commit) = answered.await.map_err(|_| E::from(panicked()))?;
         self.applied(result, commit?).await
     }
@@ -268,16 +278,68 @@ fn panicked() -> redb::Error {
     redb::Error::TransactionPoisoned
 }
 
-/// A queued write operation: runs in the transaction it is given (or learns
-/// why there is none) and says what to do next.
-type Operation = Box<dyn FnOnce(Result<&WriteTransaction, redb::Error>) -> Ran + Send>;
+/// A write operation waiting for the writer.
+type Operation = Box<dyn Queued>;
 
-/// An operation that ran: whether its transaction is to commit, and how to
-/// answer its caller with the number of that commit (of the newest one it
-/// saw, when it rolled back) or why the commit failed.
-struct Ran {
-    commit: bool,
-    answer: Box<dyn FnOnce(Result<u64, redb::Error>) + Send>,
+/// A write operation with the caller waiting for its answer.
+trait Queued: Send {
+    /// Runs in `transaction` and keeps the outcome (replacing that of an
+    /// earlier run); whether it succeeded.
+    fn run(&mut self, transaction: &WriteTransaction) -> bool;
+
+    /// Answers with the kept outcome and its commit: the number of the commit
+    /// that applied it, of the newest one it saw when it failed and was
+    /// rolled back, or why that commit failed.
+    fn answer(self: Box<Self>, commit: Result<u64, redb::Error>);
+
+    /// Answers with `error`, the reason it could not run, after it saw
+    /// commits up to `commit`.
+    fn refuse(self: Box<Self>, error: redb::Error, commit: u64);
+}
+
+/// The answer to a caller of [`EmbeddedDb::write_applied`].
+type Answer<T, E> = (Result<T, E>, Result<u64, redb::Error>);
+
+struct QueuedWrite<T, E, F> {
+    operation: F,
+    outcome: Option<Result<T, E>>,
+    answer: oneshot::Sender<Answer<T, E>>,
+}
+
+impl<T, E, F> Queued for QueuedWrite<T, E, F>
+where
+    T: Send,
+    E: From<redb::Error> + Send,
+    F: Fn(&WriteTransaction) -> Result<T, E> + Send,
+{
+    fn run(&mut self, transaction: &WriteTransaction) -> bool {
+        let outcome = (self.operation)(transaction);
+        let succeeded = outcome.is_ok();
+        self.outcome = Some(outcome);
+        succeeded
+    }
+
+    fn answer(self: Box<Self>, commit: Result<u64, redb::Error>) {
+        // A caller that stopped waiting leaves the effects in place, as a
+        // finished transaction would.
+        if let Some(outcome) = self.outcome {
+            let _ = self.answer.send((outcome, commit));
+        }
+    }
+
+    fn refuse(self: Box<Self>, error: redb::Error, commit: u64) {
+        let _ = self.answer.send((Err(E::from(error)), Ok(commit)));
+    }
+}
+
+/// How a run of the front operations in one transaction went.
+enum FrontRun {
+    /// Every one succeeded.
+    Succeeded,
+    /// The one at this position failed (the ones before it succeeded).
+    Failed(usize),
+    /// The one at this position panicked (the ones before it succeeded).
+    Panicked(usize),
 }
 
 /// How far commits are known durable, or known failed.
@@ -303,16 +365,20 @@ impl Writer {
                 continue;
             };
             let mut batch = Batch::default();
+            let mut waiting = VecDeque::from([first]);
             let mut taken = 1;
-            let mut next = Some(first);
-            while let Some(operation) = next {
-                next = if taken < MAX_BATCH {
-                    queue.try_recv().ok()
-                } else {
-                    None
-                };
-                taken += 1;
-                self.run_one(&database, operation, &mut numbered, &mut batch);
+            loop {
+                while waiting.len() < MAX_TRANSACTION && taken < MAX_BATCH {
+                    let Ok(operation) = queue.try_recv() else {
+                        break;
+                    };
+                    waiting.push_back(operation);
+                    taken += 1;
+                }
+                if waiting.is_empty() {
+                    break;
+                }
+                self.apply_front(&database, &mut waiting, &mut numbered, &mut batch);
             }
             // Every operation was answered as soon as it was applied; one
             // empty durable commit makes the whole batch durable.
@@ -329,44 +395,63 @@ impl Writer {
         }
     }
 
-    /// Runs one operation in its own transaction, commits it without fsync
-    /// when it succeeds and answers its caller.
-    fn run_one(
+    /// Runs the operations at the front of `waiting` in one transaction and
+    /// commits it without fsync; when one of them fails, commits those before
+    /// it alone or, when it is the first, rolls it back alone. Answers and
+    /// removes the operations it settled: at least one.
+    fn apply_front(
         &self,
         database: &Database,
-        operation: Operation,
+        waiting: &mut VecDeque<Operation>,
         numbered: &mut u64,
         batch: &mut Batch,
     ) {
-        let transaction =
-            database
-                .begin_write()
-                .map_err(redb::Error::from)
-                .and_then(|mut transaction| {
-                    transaction.set_durability(Durability::None)?;
-                    Ok(transaction)
-                });
-        let transaction = match transaction {
-            Ok(transaction) => transaction,
-            Err(error) => {
-                // The operation fails with the error; nothing to commit.
-                if let Ok(ran) = catch_unwind(AssertUnwindSafe(|| operation(Err(error)))) {
-                    (ran.answer)(Ok(*numbered));
+        let mut count = waiting.len();
+        loop {
+            let transaction = match begin_non_durable(database) {
+                Ok(transaction) => transaction,
+                Err(error) => {
+                    if let Some(operation) = waiting.pop_front() {
+                        operation.refuse(error, *numbered);
+                    }
+                    return;
                 }
-                return;
+            };
+            match run_front(&transaction, waiting, count) {
+                FrontRun::Succeeded => {
+                    let mut commit = self.commit(transaction, false, numbered, batch);
+                    for operation in waiting.drain(..count) {
+                        // One error for its caller; the others learn that
+                        // redb refuses writes after it.
+                        let theirs = match &commit {
+                            Ok(number) => Ok(*number),
+                            Err(_) => Err(redb::Error::PreviousIo),
+                        };
+                        operation.answer(std::mem::replace(&mut commit, theirs));
+                    }
+                    return;
+                }
+                FrontRun::Failed(0) => {
+                    // Rolled back as it is dropped: its failure is its answer.
+                    drop(transaction);
+                    if let Some(operation) = waiting.pop_front() {
+                        operation.answer(Ok(*numbered));
+                    }
+                    return;
+                }
+                // Its writes, if any, go with the transaction; those before it
+                // run again without it.
+                FrontRun::Failed(position) => count = position,
+                FrontRun::Panicked(position) => {
+                    // Its caller learns from the dropped answer.
+                    drop(waiting.remove(position));
+                    if position == 0 {
+                        return;
+                    }
+                    count = position;
+                }
             }
-        };
-        // A panicking operation drops its answer, and its transaction rolls
-        // back as it is dropped.
-        let Ok(ran) = catch_unwind(AssertUnwindSafe(|| operation(Ok(&transaction)))) else {
-            return;
-        };
-        if !ran.commit {
-            // Rolled back: its failure is its answer.
-            (ran.answer)(Ok(*numbered));
-            return;
         }
-        (ran.answer)(self.commit(transaction, false, numbered, batch));
     }
 
     /// An empty durable commit, making every commit before it durable.
@@ -410,6 +495,29 @@ impl Writer {
     }
 }
 
+fn begin_non_durable(database: &Database) -> Result<WriteTransaction, redb::Error> {
+    let mut transaction = database.begin_write()?;
+    transaction.set_durability(Durability::None)?;
+    Ok(transaction)
+}
+
+/// Runs the first `count` operations of `waiting` in `transaction`, in turn,
+/// until one fails.
+fn run_front(
+    transaction: &WriteTransaction,
+    waiting: &mut VecDeque<Operation>,
+    count: usize,
+) -> FrontRun {
+    for (position, operation) in waiting.iter_mut().take(count).enumerate() {
+        match catch_unwind(AssertUnwindSafe(|| operation.run(transaction))) {
+            Ok(true) => {}
+            Ok(false) => return FrontRun::Failed(position),
+            Err(_) => return FrontRun::Panicked(position),
+        }
+    }
+    FrontRun::Succeeded
+}
+
 /// What one batch of commits came to.
 #[derive(Default)]
 struct Batch {
@@ -426,7 +534,7 @@ mod tests {
 
     use futures::future::join_all;
     use redb::backends::InMemoryBackend;
-    use redb::{StorageBackend, TableDefinition};
+    use redb::{ReadableTable, StorageBackend, TableDefinition};
 
     use super::*;
 
@@ -465,7 +573,7 @@ mod tests {
         }
     }
 
-    fn insert(number: u64) -> impl FnOnce(&WriteTransaction) -> Result<(), redb::Error> {
+    fn insert(number: u64) -> impl Fn(&WriteTransaction) -> Result<(), redb::Error> {
         move |transaction| {
             transaction.open_table(NUMBERS)?.insert(number, number)?;
             Ok(())
@@ -513,6 +621,56 @@ mod tests {
             db.durable.borrow().through,
             db.newest_commit.load(Ordering::SeqCst)
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn operations_sharing_a_transaction_apply_once_and_a_failed_one_leaves_nothing() {
+        const COUNTER: u64 = u64::MAX;
+        let db = EmbeddedDb::new(
+            Database::builder()
+                .create_with_backend(InMemoryBackend::new())
+                .unwrap(),
+        )
+        .unwrap();
+        // Each operation adds one to a counter and answers what it made it;
+        // every third one fails after writing, and one panics after writing.
+        let results = join_all((0..600_u64).map(|number| {
+            db.write(move |transaction| {
+                let mut table = transaction.open_table(NUMBERS)?;
+                let counted = table.get(COUNTER)?.map_or(0, |value| value.value()) + 1;
+                table.insert(COUNTER, counted)?;
+                table.insert(number, number)?;
+                if number == 301 {
+                    panic!("an operation's bug");
+                }
+                if number % 3 == 0 {
+                    return Err(redb::Error::InvalidSavepoint);
+                }
+                Ok(counted)
+            })
+        }))
+        .await;
+        let mut counts = Vec::new();
+        for (number, result) in (0..600_u64).zip(results) {
+            match result {
+                Ok(counted) => counts.push(counted),
+                Err(redb::Error::InvalidSavepoint) => assert_eq!(number % 3, 0),
+                Err(redb::Error::TransactionPoisoned) => assert_eq!(number, 301),
+                Err(error) => panic!("operation {number} failed: {error}"),
+            }
+            let expected = (number % 3 != 0 && number != 301).then_some(number);
+            assert_eq!(
+                db.read(get(number)).await.unwrap(),
+                expected,
+                "row {number}"
+            );
+        }
+        // Each success was applied once, on the effects of those before it.
+        counts.sort_unstable();
+        let succeeded = counts.len() as u64;
+        assert_eq!(succeeded, 600 - 200 - 1);
+        assert_eq!(counts, (1..=succeeded).collect::<Vec<_>>());
+        assert_eq!(db.read(get(COUNTER)).await.unwrap(), Some(succeeded));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -60,11 +60,12 @@ impl EmbeddedLedger {
     }
 
     /// Runs `operation` in one write transaction and commits it only when it
-    /// succeeds; answers once the commit is durable.
+    /// succeeds; answers once the commit is durable. It may run more than
+    /// once ([`EmbeddedDb::write`]).
     async fn write<T, F>(&self, operation: F) -> Result<T, LedgerError>
     where
         T: Send + 'static,
-        F: FnOnce(&WriteTransaction, &LedgerSettings) -> Result<T, LedgerError> + Send + 'static,
+        F: Fn(&WriteTransaction, &LedgerSettings) -> Result<T, LedgerError> + Send + 'static,
     {
         let settings = self.settings;
         self.db.write(move |txn| operation(txn, &settings)).await
@@ -79,7 +80,9 @@ impl EmbeddedLedger {
             let mut usage = txn.open_table(USAGE).map_err(redb::Error::from)?;
             let Some(hold) = get_json::<Hold>(&holds, &request_id)? else {
                 let Some(record) = get_json::<UsageRecord>(&usage, &request_id)? else {
-                    return Err(LedgerError::HoldNotFound { request_id });
+                    return Err(LedgerError::HoldNotFound {
+                        request_id: request_id.clone(),
+                    });
                 };
                 let account = account_or_initial(&accounts, &record.user, settings)?;
                 return Ok(Closed {
@@ -148,14 +151,14 @@ impl Ledger for EmbeddedLedger {
                     .is_some()
                 {
                     return Err(LedgerError::HoldClosed {
-                        request_id: hold.request_id,
+                        request_id: hold.request_id.clone(),
                     });
                 }
                 balance.cover(hold.amount)?;
                 account.held = account.held.checked_add(hold.amount)?;
                 put_json(&mut accounts, &hold.user, &account)?;
                 put_json(&mut holds, &hold.request_id, &hold)?;
-                Ok(hold)
+                Ok(hold.clone())
             })
             .await
     }

@@ -245,7 +245,7 @@ impl SessionStore for EmbeddedStore {
             .write(move |transaction| {
                 let mut sessions = transaction.open_table(SESSIONS).map_err(storage_error)?;
                 let mut record = owned_record(&sessions, id, &user_id)?;
-                record.title = title;
+                record.title.clone_from(&title);
                 sessions
                     .insert(id.bytes(), encode(&record)?.as_slice())
                     .map_err(storage_error)?;
