@@ -30,7 +30,7 @@ use parley_service::providers::{
     BedrockProvider, ChatTurn, CompletionRequest, Provider, ProviderError, ProviderErrorKind,
     ProviderEvent, Role as TurnRole, Sampling, openai,
 };
-use parley_service::stream::frames::{ChunkData, ErrorData, PING, frame};
+use parley_service::stream::frames::{ChunkData, ErrorData, PING, chunk_frame, frame};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -143,7 +143,8 @@ fn cuts(control: &[u8], len: usize) -> Vec<usize> {
 /// The SSE frame writer: any text, cut into deltas anywhere, written as
 /// frames (with pings between) and delivered in pieces cut anywhere, reads
 /// back through a standard SSE parser as exactly that text, event by event;
-/// an error event's message too.
+/// an error event's message too. A chunk's hand-written frame is its data
+/// serialized, byte for byte.
 pub fn sse_frames(data: &[u8]) {
     let (control, text) = data.split_at(data.len().min(4));
     let text = String::from_utf8_lossy(text);
@@ -161,12 +162,15 @@ pub fn sse_frames(data: &[u8]) {
     deltas.push(&text[start..]);
     let mut wire = Vec::new();
     for (index, delta) in deltas.iter().enumerate() {
+        let (id, total_tokens) = (index as u64 + 1, u32::try_from(index).unwrap_or(u32::MAX));
+        let written = chunk_frame(id, delta, total_tokens);
         let data = ChunkData {
             text: delta,
             tokens: 1,
-            total_tokens: u32::try_from(index).unwrap_or(u32::MAX),
+            total_tokens,
         };
-        wire.extend_from_slice(&frame(index as u64 + 1, "chunk", &data));
+        assert_eq!(written, frame(id, "chunk", &data), "{delta:?}");
+        wire.extend_from_slice(&written);
         wire.extend_from_slice(PING);
     }
     let error = ErrorData {

@@ -26,6 +26,9 @@ pub struct ModelData<'a> {
     pub downgraded: bool,
 }
 
+/// A chunk's data. Its frames are written by [`chunk_frame`], which must
+/// write exactly what serializing this writes (tests and the `sse_frames`
+/// fuzz target compare the two).
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ChunkData<'a> {
@@ -90,15 +93,7 @@ pub fn reply_frame(id: u64, event: &ReplyEvent, route: &str) -> Bytes {
                 downgraded: *downgraded,
             },
         ),
-        ReplyEvent::Chunk { text, total_tokens } => frame(
-            id,
-            "chunk",
-            &ChunkData {
-                text,
-                tokens: 1,
-                total_tokens: *total_tokens,
-            },
-        ),
+        ReplyEvent::Chunk { text, total_tokens } => chunk_frame(id, text, *total_tokens),
         ReplyEvent::Complete {
             usage,
             message_id,
@@ -136,16 +131,7 @@ const FRAME_CAPACITY: usize = 160;
 
 fn encode<T: Serialize>(id: Option<u64>, event: &str, data: &T) -> Bytes {
     let mut buffer = BytesMut::with_capacity(FRAME_CAPACITY);
-    // The header is written by hand: `write!`'s formatting machinery cost a
-    // chunk's frame more instructions than its JSON.
-    if let Some(id) = id {
-        buffer.put_slice(b"id: ");
-        buffer.put_slice(itoa::Buffer::new().format(id).as_bytes());
-        buffer.put_u8(b'\n');
-    }
-    buffer.put_slice(b"event: ");
-    buffer.put_slice(event.as_bytes());
-    buffer.put_slice(b"\ndata: ");
+    put_header(&mut buffer, id, event);
     let mut writer = buffer.writer();
     // Serializing these plain structs into memory cannot fail; a failure
     // would leave a truncated frame, so say so.
@@ -155,6 +141,78 @@ fn encode<T: Serialize>(id: Option<u64>, event: &str, data: &T) -> Bytes {
     let mut buffer = writer.into_inner();
     buffer.put_slice(b"\n\n");
     buffer.freeze()
+}
+
+/// The frame of a chunk event: [`ChunkData`] with one token, written by
+/// hand. Chunks are nearly all of a reply's frames, and serde's map
+/// machinery cost more than the text in them.
+pub fn chunk_frame(id: u64, text: &str, total_tokens: u32) -> Bytes {
+    let mut buffer = BytesMut::with_capacity(FRAME_CAPACITY.max(text.len() + 80));
+    put_header(&mut buffer, Some(id), "chunk");
+    buffer.put_slice(b"{\"text\":");
+    put_json_string(&mut buffer, text);
+    buffer.put_slice(b",\"tokens\":1,\"totalTokens\":");
+    buffer.put_slice(itoa::Buffer::new().format(total_tokens).as_bytes());
+    buffer.put_slice(b"}\n\n");
+    buffer.freeze()
+}
+
+/// The lines before `data: `. Written by hand: `write!`'s formatting
+/// machinery cost a chunk's frame more instructions than its JSON.
+fn put_header(buffer: &mut BytesMut, id: Option<u64>, event: &str) {
+    if let Some(id) = id {
+        buffer.put_slice(b"id: ");
+        buffer.put_slice(itoa::Buffer::new().format(id).as_bytes());
+        buffer.put_u8(b'\n');
+    }
+    buffer.put_slice(b"event: ");
+    buffer.put_slice(event.as_bytes());
+    buffer.put_slice(b"\ndata: ");
+}
+
+/// How serde_json escapes each byte: 0 for none, `u` for `\u00XX`, else the
+/// letter after the backslash.
+const ESCAPES: [u8; 256] = {
+    let mut escapes = [0; 256];
+    let mut byte = 0;
+    while byte < 0x20 {
+        escapes[byte] = b'u';
+        byte += 1;
+    }
+    escapes[0x08] = b'b';
+    escapes[0x09] = b't';
+    escapes[0x0a] = b'n';
+    escapes[0x0c] = b'f';
+    escapes[0x0d] = b'r';
+    escapes[b'"' as usize] = b'"';
+    escapes[b'\\' as usize] = b'\\';
+    escapes
+};
+
+/// `text` as a JSON string, byte for byte as serde_json writes it: runs
+/// that need no escape are copied whole.
+fn put_json_string(buffer: &mut BytesMut, text: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bytes = text.as_bytes();
+    buffer.put_u8(b'"');
+    let mut run = 0;
+    for (at, &byte) in bytes.iter().enumerate() {
+        let escape = ESCAPES[usize::from(byte)];
+        if escape == 0 {
+            continue;
+        }
+        buffer.put_slice(&bytes[run..at]);
+        if escape == b'u' {
+            buffer.put_slice(b"\\u00");
+            buffer.put_u8(HEX[usize::from(byte >> 4)]);
+            buffer.put_u8(HEX[usize::from(byte & 0xf)]);
+        } else {
+            buffer.put_slice(&[b'\\', escape]);
+        }
+        run = at + 1;
+    }
+    buffer.put_slice(&bytes[run..]);
+    buffer.put_u8(b'"');
 }
 
 #[cfg(test)]
@@ -210,6 +268,50 @@ mod tests {
                 assert_eq!(ids, ["1", "2"]);
             }
         }
+    }
+
+    /// The hand-written chunk frame is the serialized [`ChunkData`], byte for
+    /// byte: every byte value alone and in text, and random text.
+    #[test]
+    fn a_chunk_frame_is_its_data_serialized() {
+        let serialized = |id: u64, text: &str, total_tokens: u32| {
+            let data = ChunkData {
+                text,
+                tokens: 1,
+                total_tokens,
+            };
+            frame(id, "chunk", &data)
+        };
+        let mut texts: Vec<String> = (0..=127_u8)
+            .map(|byte| char::from(byte).to_string())
+            .chain(["".into(), TORTURE.into(), "é\u{7f}\u{80}\u{ffff}".into()])
+            .collect();
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        for _ in 0..2_000 {
+            // xorshift: bytes weighted towards ASCII and control characters.
+            let length = (state % 40) as usize;
+            let text: String = (0..length)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    char::from_u32((state % 300) as u32).unwrap_or('x')
+                })
+                .collect();
+            texts.push(text);
+        }
+        for (index, text) in texts.iter().enumerate() {
+            let (id, total) = (index as u64 * 7919, index as u32 * 104_729);
+            assert_eq!(
+                chunk_frame(id, text, total),
+                serialized(id, text, total),
+                "{text:?}"
+            );
+        }
+        assert_eq!(
+            chunk_frame(u64::MAX, "a", u32::MAX),
+            serialized(u64::MAX, "a", u32::MAX)
+        );
     }
 
     /// One frame delivered byte by byte is still one event with the exact text.
