@@ -146,7 +146,7 @@ impl EmbeddedDb {
         E: From<redb::Error> + Send + 'static,
         F: Fn(&WriteTransaction) -> Result<T, E> + Send + 'static,
     {
-        let (value, pending) = self.write_applied(operation).await?;
+        let (value, pending) = self.queue(operation, Answered::Durable).await?;
         pending.wait::<E>().await?;
         Ok(value)
     }
@@ -160,17 +160,31 @@ impl EmbeddedDb {
         E: From<redb::Error> + Send + 'static,
         F: Fn(&WriteTransaction) -> Result<T, E> + Send + 'static,
     {
-        let (answer, answered) = oneshot::channel();
+        self.queue(operation, Answered::Applied).await
+    }
+
+    async fn queue<T, E, F>(
+        &self,
+        operation: F,
+        answered: Answered,
+    ) -> Result<(T, PendingDurability), E>
+    where
+        T: Send + 'static,
+        E: From<redb::Error> + Send + 'static,
+        F: Fn(&WriteTransaction) -> Result<T, E> + Send + 'static,
+    {
+        let (answer, answer_received) = oneshot::channel();
         let queued = Box::new(QueuedWrite {
             operation,
             outcome: None,
+            answered,
             answer,
         });
         self.operations
             .send(queued)
             .map_err(|_| E::from(redb::Error::DatabaseClosed))?;
         // A panicking operation drops its answer.
-        let (result, commit) = answered.await.map_err(|_| E::from(panicked()))?;
+        let (result, commit) = answer_received.await.map_err(|_| E::from(panicked()))?;
         self.applied(result, commit?).await
     }
 
@@ -281,8 +295,20 @@ fn panicked() -> redb::Error {
 /// A write operation waiting for the writer.
 type Operation = Box<dyn Queued>;
 
+/// When a write's caller goes on.
+#[derive(Clone, Copy, PartialEq)]
+enum Answered {
+    /// Once its commit is visible, durable or not.
+    Applied,
+    /// Once its commit is durable: the writer may as well commit it durably
+    /// at once.
+    Durable,
+}
+
 /// A write operation with the caller waiting for its answer.
 trait Queued: Send {
+    fn answered(&self) -> Answered;
+
     /// Runs in `transaction` and keeps the outcome (replacing that of an
     /// earlier run); whether it succeeded.
     fn run(&mut self, transaction: &WriteTransaction) -> bool;
@@ -303,6 +329,7 @@ type Answer<T, E> = (Result<T, E>, Result<u64, redb::Error>);
 struct QueuedWrite<T, E, F> {
     operation: F,
     outcome: Option<Result<T, E>>,
+    answered: Answered,
     answer: oneshot::Sender<Answer<T, E>>,
 }
 
@@ -312,6 +339,10 @@ where
     E: From<redb::Error> + Send,
     F: Fn(&WriteTransaction) -> Result<T, E> + Send,
 {
+    fn answered(&self) -> Answered {
+        self.answered
+    }
+
     fn run(&mut self, transaction: &WriteTransaction) -> bool {
         let outcome = (self.operation)(transaction);
         let succeeded = outcome.is_ok();
@@ -378,7 +409,8 @@ impl Writer {
                 if waiting.is_empty() {
                     break;
                 }
-                self.apply_front(&database, &mut waiting, &mut numbered, &mut batch);
+                let last = queue.is_empty() || taken >= MAX_BATCH;
+                self.apply_front(&database, &mut waiting, last, &mut numbered, &mut batch);
             }
             // Every operation was answered as soon as it was applied; one
             // empty durable commit makes the whole batch durable.
@@ -399,27 +431,38 @@ impl Writer {
     /// commits it without fsync; when one of them fails, commits those before
     /// it alone or, when it is the first, rolls it back alone. Answers and
     /// removes the operations it settled: at least one.
+    ///
+    /// When the batch would end with this commit (`last_of_batch` and no
+    /// operation left waiting) and none of its operations is answered before
+    /// it is durable, the commit is made durable itself: the same answers,
+    /// one commit fewer.
     fn apply_front(
         &self,
         database: &Database,
         waiting: &mut VecDeque<Operation>,
+        last_of_batch: bool,
         numbered: &mut u64,
         batch: &mut Batch,
     ) {
         let mut count = waiting.len();
         loop {
-            let transaction = match begin_non_durable(database) {
+            let transaction = match database.begin_write() {
                 Ok(transaction) => transaction,
                 Err(error) => {
                     if let Some(operation) = waiting.pop_front() {
-                        operation.refuse(error, *numbered);
+                        operation.refuse(error.into(), *numbered);
                     }
                     return;
                 }
             };
             match run_front(&transaction, waiting, count) {
                 FrontRun::Succeeded => {
-                    let mut commit = self.commit(transaction, false, numbered, batch);
+                    let durable = last_of_batch
+                        && count == waiting.len()
+                        && waiting
+                            .iter()
+                            .all(|operation| operation.answered() == Answered::Durable);
+                    let mut commit = self.commit(transaction, durable, numbered, batch);
                     for operation in waiting.drain(..count) {
                         // One error for its caller; the others learn that
                         // redb refuses writes after it.
@@ -469,7 +512,7 @@ impl Writer {
     /// how far commits are durable, or failed.
     fn commit(
         &self,
-        transaction: WriteTransaction,
+        mut transaction: WriteTransaction,
         durable: bool,
         numbered: &mut u64,
         batch: &mut Batch,
@@ -477,7 +520,16 @@ impl Writer {
         *numbered += 1;
         let number = *numbered;
         self.newest_commit.store(number, Ordering::SeqCst);
-        match transaction.commit() {
+        let durability = if durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        };
+        let committed = transaction
+            .set_durability(durability)
+            .map_err(redb::Error::from)
+            .and_then(|()| Ok(transaction.commit()?));
+        match committed {
             Ok(()) if durable => {
                 batch.durable_through = number;
                 batch.unflushed = false;
@@ -488,17 +540,11 @@ impl Writer {
                 // redb refuses writes after a failed commit; later ones of
                 // the batch fail too and are recorded the same way.
                 batch.unflushed = false;
-                return Err(error.into());
+                return Err(error);
             }
         }
         Ok(number)
     }
-}
-
-fn begin_non_durable(database: &Database) -> Result<WriteTransaction, redb::Error> {
-    let mut transaction = database.begin_write()?;
-    transaction.set_durability(Durability::None)?;
-    Ok(transaction)
 }
 
 /// Runs the first `count` operations of `waiting` in `transaction`, in turn,
@@ -671,6 +717,27 @@ mod tests {
         assert_eq!(succeeded, 600 - 200 - 1);
         assert_eq!(counts, (1..=succeeded).collect::<Vec<_>>());
         assert_eq!(db.read(get(COUNTER)).await.unwrap(), Some(succeeded));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lone_write_is_committed_durably_at_once_and_an_applied_one_is_flushed_after() {
+        let failing = Arc::new(AtomicBool::new(false));
+        let disk = FailingDisk {
+            memory: InMemoryBackend::new(),
+            failing: Arc::clone(&failing),
+        };
+        let db = EmbeddedDb::new(Database::builder().create_with_backend(disk).unwrap()).unwrap();
+        let commits = || db.newest_commit.load(Ordering::SeqCst);
+        // Waiting for durability anyway: one durable commit.
+        db.write(insert(1)).await.unwrap();
+        assert_eq!((commits(), db.durable.borrow().through), (1, 1));
+        // Answered before its fsync: its commit, then the durable one.
+        let ((), pending) = db.write_applied(insert(2)).await.unwrap();
+        pending.wait::<redb::Error>().await.unwrap();
+        assert_eq!((commits(), db.durable.borrow().through), (3, 3));
+        // A durable commit that fails fails its write.
+        failing.store(true, Ordering::SeqCst);
+        assert!(db.write(insert(3)).await.is_err());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
