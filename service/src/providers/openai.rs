@@ -260,18 +260,39 @@ struct Chunk {
     error: Option<WireError>,
 }
 
-impl Chunk {
-    /// Reads a chunk on the fast path when it has the common shape, else
-    /// with serde_json: the same answer either way.
-    fn read(data: &[u8]) -> serde_json::Result<Self> {
-        match scan_first_choice(data) {
-            Some(choice) => Ok(Chunk {
-                choice,
-                usage: None,
-                error: None,
-            }),
-            None => serde_json::from_slice(data),
+/// Reads a stream's chunks: on the fast path while they have the common
+/// shape, else with serde_json (the same answer either way). A server
+/// whose chunks have another shape (Azure's content filter results, for
+/// one) would have each chunk read twice, so after a few misses in a row
+/// the rest of its stream goes straight to serde_json.
+#[derive(Default)]
+struct ChunkReader {
+    misses_in_a_row: u8,
+}
+
+/// Misses in a row after which a stream's chunks skip the fast path. More
+/// than one: a stream's last chunk (`usage`) always misses.
+const FAST_PATH_MISSES: u8 = 3;
+
+impl ChunkReader {
+    fn read(&mut self, data: &[u8]) -> serde_json::Result<Chunk> {
+        if self.misses_in_a_row < FAST_PATH_MISSES {
+            if let Some(choice) = scan_first_choice(data) {
+                self.misses_in_a_row = 0;
+                return Ok(Chunk {
+                    choice,
+                    usage: None,
+                    error: None,
+                });
+            }
+            self.misses_in_a_row += 1;
         }
+        serde_json::from_slice(data)
+    }
+
+    #[cfg(test)]
+    fn tries_fast_path(&self) -> bool {
+        self.misses_in_a_row < FAST_PATH_MISSES
     }
 }
 
@@ -377,6 +398,7 @@ type ResponseBody = Pin<Box<dyn Stream<Item = reqwest::Result<bytes::Bytes>> + S
 /// A streamed chat completion being read.
 struct ChatReply {
     events: SseData<ResponseBody>,
+    chunks: ChunkReader,
     stop_reason: Option<StopReason>,
     usage: Option<Usage>,
 }
@@ -396,6 +418,7 @@ impl ChatReply {
     fn new(body: ResponseBody) -> Self {
         Self {
             events: SseData::new(body),
+            chunks: ChunkReader::default(),
             stop_reason: None,
             usage: None,
         }
@@ -424,7 +447,7 @@ impl ReplySource for ChatReply {
             }
             Some(Err(error)) => return ReplyStep::Failed(transport_error(error)),
             Some(Ok(b"[DONE]")) => None,
-            Some(Ok(data)) => Some(Chunk::read(data)),
+            Some(Ok(data)) => Some(self.chunks.read(data)),
         };
         let chunk = match chunk {
             None => return self.finished(),
@@ -484,6 +507,34 @@ mod tests {
         }
         // Not only refusals: the common shapes take the fast path.
         assert!(read_fast >= 3, "{read_fast} seeds read on the fast path");
+    }
+
+    /// A stream whose chunks miss the fast path stops trying it after a few
+    /// in a row; a stream's single miss (its `usage` chunk) does not, and
+    /// the answers are serde_json's either way.
+    #[test]
+    fn a_stream_of_other_shapes_stops_trying_the_fast_path() {
+        let common =
+            br#"{"id":"x","choices":[{"index":0,"delta":{"content":"a"},"finish_reason":null}]}"#;
+        let filtered = br#"{"id":"x","choices":[{"index":0,"delta":{"content":"a"},"finish_reason":null,"content_filter_results":{"hate":{"filtered":false}}}]}"#;
+        let usage = br#"{"id":"x","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#;
+        let text = |chunk: Chunk| chunk.choice.and_then(|c| c.delta).and_then(|d| d.content);
+        let mut reader = ChunkReader::default();
+        for data in [&common[..], usage, common, usage, common] {
+            assert_eq!(
+                text(reader.read(data).unwrap()),
+                text(serde_json::from_slice(data).unwrap())
+            );
+            assert!(reader.tries_fast_path());
+        }
+        let mut reader = ChunkReader::default();
+        for sent in 1..=u32::from(FAST_PATH_MISSES) + 2 {
+            assert_eq!(text(reader.read(filtered).unwrap()).as_deref(), Some("a"));
+            assert_eq!(reader.tries_fast_path(), sent < u32::from(FAST_PATH_MISSES));
+        }
+        // Given up for this stream, common chunks included.
+        assert_eq!(text(reader.read(common).unwrap()).as_deref(), Some("a"));
+        assert!(!reader.tries_fast_path());
     }
 
     #[test]
