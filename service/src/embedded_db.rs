@@ -17,7 +17,10 @@
 //! with the number of its commit as soon as it is applied, and the writer
 //! publishes how far commits are durable; `write` waits for that.
 //! Operations arriving meanwhile form the next batch, so one fsync serves
-//! every operation that was waiting.
+//! every operation that was waiting. When the batch's last transaction holds
+//! only operations whose callers wait for durability anyway (`write`, not
+//! `write_applied`), that transaction is committed durably itself instead of
+//! being followed by the empty one.
 //!
 //! An operation that fails must leave nothing behind, though it may have
 //! written before it failed, and redb cannot roll back part of a
