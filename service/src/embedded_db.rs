@@ -622,6 +622,26 @@ mod tests {
         }
     }
 
+    fn in_memory() -> EmbeddedDb {
+        EmbeddedDb::new(
+            Database::builder()
+                .create_with_backend(InMemoryBackend::new())
+                .unwrap(),
+        )
+        .unwrap()
+    }
+
+    /// A database whose fsync fails once the flag is set.
+    fn on_failing_disk() -> (EmbeddedDb, Arc<AtomicBool>) {
+        let failing = Arc::new(AtomicBool::new(false));
+        let disk = FailingDisk {
+            memory: InMemoryBackend::new(),
+            failing: Arc::clone(&failing),
+        };
+        let db = EmbeddedDb::new(Database::builder().create_with_backend(disk).unwrap()).unwrap();
+        (db, failing)
+    }
+
     fn insert(number: u64) -> impl Fn(&WriteTransaction) -> Result<(), redb::Error> {
         move |transaction| {
             transaction.open_table(NUMBERS)?.insert(number, number)?;
@@ -638,12 +658,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_writes_are_answered_and_a_failed_one_rolls_back_alone() {
-        let db = EmbeddedDb::new(
-            Database::builder()
-                .create_with_backend(InMemoryBackend::new())
-                .unwrap(),
-        )
-        .unwrap();
+        let db = in_memory();
         let results = join_all((0..500).map(|number| db.write(insert(number)))).await;
         assert!(results.iter().all(Result::is_ok));
         // A failed operation rolls back alone; the others of its batch commit.
@@ -675,12 +690,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn operations_sharing_a_transaction_apply_once_and_a_failed_one_leaves_nothing() {
         const COUNTER: u64 = u64::MAX;
-        let db = EmbeddedDb::new(
-            Database::builder()
-                .create_with_backend(InMemoryBackend::new())
-                .unwrap(),
-        )
-        .unwrap();
+        let db = in_memory();
         // Each operation adds one to a counter and answers what it made it;
         // every third one fails after writing, and one panics after writing.
         let results = join_all((0..600_u64).map(|number| {
@@ -724,12 +734,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_lone_write_is_committed_durably_at_once_and_an_applied_one_is_flushed_after() {
-        let failing = Arc::new(AtomicBool::new(false));
-        let disk = FailingDisk {
-            memory: InMemoryBackend::new(),
-            failing: Arc::clone(&failing),
-        };
-        let db = EmbeddedDb::new(Database::builder().create_with_backend(disk).unwrap()).unwrap();
+        let (db, failing) = on_failing_disk();
         let commits = || db.newest_commit.load(Ordering::SeqCst);
         // Waiting for durability anyway: one durable commit.
         db.write(insert(1)).await.unwrap();
@@ -785,12 +790,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_panicking_operation_fails_alone_and_the_writer_goes_on() {
-        let db = EmbeddedDb::new(
-            Database::builder()
-                .create_with_backend(InMemoryBackend::new())
-                .unwrap(),
-        )
-        .unwrap();
+        let db = in_memory();
         let panicking = db.write(|transaction| -> Result<(), redb::Error> {
             insert(1)(transaction)?;
             panic!("an operation's bug");
@@ -804,12 +804,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn applied_writes_are_seen_at_once_and_durable_only_after_their_fsync() {
-        let failing = Arc::new(AtomicBool::new(false));
-        let disk = FailingDisk {
-            memory: InMemoryBackend::new(),
-            failing: Arc::clone(&failing),
-        };
-        let db = EmbeddedDb::new(Database::builder().create_with_backend(disk).unwrap()).unwrap();
+        let (db, failing) = on_failing_disk();
         let (_, written) = db.write_applied(insert(1)).await.unwrap();
         let (seen, read) = db.read_applied(get(1)).await.unwrap();
         assert_eq!(seen, Some(1));
@@ -836,12 +831,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_fsync_fails_its_whole_batch_and_the_reads_that_could_see_it() {
-        let failing = Arc::new(AtomicBool::new(false));
-        let disk = FailingDisk {
-            memory: InMemoryBackend::new(),
-            failing: Arc::clone(&failing),
-        };
-        let db = EmbeddedDb::new(Database::builder().create_with_backend(disk).unwrap()).unwrap();
+        let (db, failing) = on_failing_disk();
         db.write(insert(0)).await.unwrap();
         failing.store(true, Ordering::SeqCst);
         let results = join_all((1..=100).map(|number| db.write(insert(number)))).await;

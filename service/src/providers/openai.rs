@@ -276,7 +276,7 @@ const FAST_PATH_MISSES: u8 = 3;
 
 impl ChunkReader {
     fn read(&mut self, data: &[u8]) -> serde_json::Result<Chunk> {
-        if self.misses_in_a_row < FAST_PATH_MISSES {
+        if self.tries_fast_path() {
             if let Some(choice) = scan_first_choice(data) {
                 self.misses_in_a_row = 0;
                 return Ok(Chunk {
@@ -290,7 +290,6 @@ impl ChunkReader {
         serde_json::from_slice(data)
     }
 
-    #[cfg(test)]
     fn tries_fast_path(&self) -> bool {
         self.misses_in_a_row < FAST_PATH_MISSES
     }
