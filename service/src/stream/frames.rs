@@ -132,25 +132,31 @@ const FRAME_CAPACITY: usize = 160;
 fn encode<T: Serialize>(id: Option<u64>, event: &str, data: &T) -> Bytes {
     let mut buffer = BytesMut::with_capacity(FRAME_CAPACITY);
     put_header(&mut buffer, id, event);
-    let mut writer = buffer.writer();
-    // Serializing these plain structs into memory cannot fail; a failure
-    // would leave a truncated frame, so say so.
-    if let Err(error) = serde_json::to_writer(&mut writer, data) {
-        tracing::error!(%error, event, "serializing an SSE event failed");
-    }
-    let mut buffer = writer.into_inner();
+    let mut buffer = put_json(buffer, event, data);
     buffer.put_slice(b"\n\n");
     buffer.freeze()
 }
 
-/// The frame of a chunk event: [`ChunkData`] with one token, written by
-/// hand. Chunks are nearly all of a reply's frames, and serde's map
-/// machinery cost more than the text in them.
+/// `data` as JSON at the end of `buffer`. Serializing these plain values
+/// into memory cannot fail; a failure would leave a truncated frame, so say
+/// so.
+fn put_json<T: Serialize + ?Sized>(buffer: BytesMut, event: &str, data: &T) -> BytesMut {
+    let mut writer = buffer.writer();
+    if let Err(error) = serde_json::to_writer(&mut writer, data) {
+        tracing::error!(%error, event, "serializing an SSE event failed");
+    }
+    writer.into_inner()
+}
+
+/// The frame of a chunk event: [`ChunkData`] with one token, its fields
+/// written by hand around serde_json's encoding of the text. Chunks are
+/// nearly all of a reply's frames, and serde's map machinery cost more than
+/// the text in them.
 pub fn chunk_frame(id: u64, text: &str, total_tokens: u32) -> Bytes {
     let mut buffer = BytesMut::with_capacity(FRAME_CAPACITY.max(text.len() + 80));
     put_header(&mut buffer, Some(id), "chunk");
     buffer.put_slice(b"{\"text\":");
-    put_json_string(&mut buffer, text);
+    let mut buffer = put_json(buffer, "chunk", text);
     buffer.put_slice(b",\"tokens\":1,\"totalTokens\":");
     buffer.put_slice(itoa::Buffer::new().format(total_tokens).as_bytes());
     buffer.put_slice(b"}\n\n");
@@ -168,51 +174,6 @@ fn put_header(buffer: &mut BytesMut, id: Option<u64>, event: &str) {
     buffer.put_slice(b"event: ");
     buffer.put_slice(event.as_bytes());
     buffer.put_slice(b"\ndata: ");
-}
-
-/// How serde_json escapes each byte: 0 for none, `u` for `\u00XX`, else the
-/// letter after the backslash.
-const ESCAPES: [u8; 256] = {
-    let mut escapes = [0; 256];
-    let mut byte = 0;
-    while byte < 0x20 {
-        escapes[byte] = b'u';
-        byte += 1;
-    }
-    escapes[0x08] = b'b';
-    escapes[0x09] = b't';
-    escapes[0x0a] = b'n';
-    escapes[0x0c] = b'f';
-    escapes[0x0d] = b'r';
-    escapes[b'"' as usize] = b'"';
-    escapes[b'\\' as usize] = b'\\';
-    escapes
-};
-
-/// `text` as a JSON string, byte for byte as serde_json writes it: runs
-/// that need no escape are copied whole.
-fn put_json_string(buffer: &mut BytesMut, text: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let bytes = text.as_bytes();
-    buffer.put_u8(b'"');
-    let mut run = 0;
-    for (at, &byte) in bytes.iter().enumerate() {
-        let escape = ESCAPES[usize::from(byte)];
-        if escape == 0 {
-            continue;
-        }
-        buffer.put_slice(&bytes[run..at]);
-        if escape == b'u' {
-            buffer.put_slice(b"\\u00");
-            buffer.put_u8(HEX[usize::from(byte >> 4)]);
-            buffer.put_u8(HEX[usize::from(byte & 0xf)]);
-        } else {
-            buffer.put_slice(&[b'\\', escape]);
-        }
-        run = at + 1;
-    }
-    buffer.put_slice(&bytes[run..]);
-    buffer.put_u8(b'"');
 }
 
 #[cfg(test)]
