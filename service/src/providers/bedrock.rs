@@ -117,7 +117,7 @@ fn call_guardrail(guardrail: Guardrail) -> GuardrailConfiguration {
 #[async_trait]
 impl Provider for BedrockProvider {
     async fn stream(&self, request: CompletionRequest) -> Result<ProviderStream, ProviderError> {
-        let deadline = TokenDeadline::start(request.timeout);
+        let mut deadline = TokenDeadline::start(request.timeout);
         let inference = inference_config(&request);
         let (system, messages) = conversation(&request.turns)?;
         let call = self
@@ -143,7 +143,7 @@ impl Provider for BedrockProvider {
     }
 
     async fn complete(&self, request: CompletionRequest) -> Result<Completion, ProviderError> {
-        let deadline = TokenDeadline::start(request.timeout);
+        let mut deadline = TokenDeadline::start(request.timeout);
         let inference = inference_config(&request);
         let (system, messages) = conversation(&request.turns)?;
         let call = self

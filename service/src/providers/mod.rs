@@ -12,16 +12,19 @@ pub mod simulated;
 mod sse;
 
 use std::fmt;
+use std::future::poll_fn;
 use std::iter::Chain;
 use std::ops::Range;
+use std::pin::{Pin, pin};
 use std::slice;
 use std::sync::Arc;
+use std::task::{Poll, ready};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 use futures::{Future, StreamExt};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use crate::shared_text::SharedText;
 
@@ -295,17 +298,25 @@ pub async fn collect(mut stream: ProviderStream) -> Result<Completion, ProviderE
 }
 
 /// The deadline for the next token: the first one within `timeout` of the
-/// start, every later one within `timeout` of the previous one.
+/// start, every later one within `timeout` of the previous one. One timer
+/// serves the whole reply: a token only moves `at` forward, and the timer,
+/// when it fires before `at`, is re-armed for it. That is a timer-wheel
+/// operation per timeout period instead of a timer registered and removed
+/// for every chunk the reply waits on.
 struct TokenDeadline {
     timeout: Duration,
     at: Instant,
+    /// Never later than `at`.
+    timer: Pin<Box<Sleep>>,
 }
 
 impl TokenDeadline {
     fn start(timeout: Duration) -> Self {
+        let at = Instant::now() + timeout;
         Self {
             timeout,
-            at: Instant::now() + timeout,
+            at,
+            timer: Box::pin(tokio::time::sleep_until(at)),
         }
     }
 
@@ -314,10 +325,22 @@ impl TokenDeadline {
         self.at = Instant::now() + self.timeout;
     }
 
-    async fn bound<F: Future>(&self, work: F) -> Result<F::Output, ProviderError> {
-        tokio::time::timeout_at(self.at, work)
-            .await
-            .map_err(|_| ProviderError::timed_out(self.timeout))
+    async fn bound<F: Future>(&mut self, work: F) -> Result<F::Output, ProviderError> {
+        let mut work = pin!(work);
+        poll_fn(|cx| {
+            if let Poll::Ready(output) = work.as_mut().poll(cx) {
+                return Poll::Ready(Ok(output));
+            }
+            loop {
+                ready!(self.timer.as_mut().poll(cx));
+                if self.timer.deadline() >= self.at {
+                    return Poll::Ready(Err(ProviderError::timed_out(self.timeout)));
+                }
+                let at = self.at;
+                self.timer.as_mut().reset(at);
+            }
+        })
+        .await
     }
 }
 
@@ -347,6 +370,28 @@ fn tokens(count: i32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_token_deadline_moves_with_each_token() {
+        let timeout = Duration::from_millis(400);
+        let mut deadline = TokenDeadline::start(timeout);
+        // Each wait is well within the timeout, all of them together past it:
+        // the timer armed at the start fires and is re-armed, not obeyed.
+        for _ in 0..6 {
+            deadline
+                .bound(tokio::time::sleep(Duration::from_millis(100)))
+                .await
+                .unwrap();
+            deadline.token_arrived();
+        }
+        let started = Instant::now();
+        let error = deadline
+            .bound(std::future::pending::<()>())
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind, ProviderErrorKind::Timeout);
+        assert!(started.elapsed() >= timeout, "{:?}", started.elapsed());
+    }
 
     #[test]
     fn context_window_wording_is_recognised() {

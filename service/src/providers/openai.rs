@@ -357,7 +357,7 @@ struct ResponseMessage {
 #[async_trait]
 impl Provider for OpenAiProvider {
     async fn stream(&self, request: CompletionRequest) -> Result<ProviderStream, ProviderError> {
-        let deadline = TokenDeadline::start(request.timeout);
+        let mut deadline = TokenDeadline::start(request.timeout);
         let response = deadline
             .bound(self.send(&ChatRequest::new(&request, true)))
             .await??;
@@ -366,7 +366,7 @@ impl Provider for OpenAiProvider {
     }
 
     async fn complete(&self, request: CompletionRequest) -> Result<Completion, ProviderError> {
-        let deadline = TokenDeadline::start(request.timeout);
+        let mut deadline = TokenDeadline::start(request.timeout);
         let call = async {
             let response = self.send(&ChatRequest::new(&request, false)).await?;
             response
