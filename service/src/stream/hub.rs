@@ -387,12 +387,16 @@ impl ReplyStream {
 
     /// Appends event `id`'s frame (only the reply's writer calls this).
     pub fn publish(&self, id: u64, frame: Bytes) {
-        self.publish_at(id, frame, SystemTime::now());
+        self.publish_at(id, frame, None);
     }
 
-    /// [`ReplyStream::publish`] of a frame produced at `produced` (a
-    /// mirror's frames were produced on another replica).
-    pub(super) fn publish_at(&self, id: u64, frame: Bytes, produced: SystemTime) {
+    /// [`ReplyStream::publish`] of a frame produced at `produced`: a
+    /// mirror's frames were produced on another replica; `None` is now, and
+    /// the clock is read only when an observer or the relay takes the time
+    /// (most frames have neither).
+    pub(super) fn publish_at(&self, id: u64, frame: Bytes, produced: Option<SystemTime>) {
+        let mut produced = produced;
+        let mut produced_at = move || *produced.get_or_insert_with(SystemTime::now);
         {
             let mut log = lock(&self.log);
             log.frames.push(frame.clone());
@@ -401,7 +405,7 @@ impl ReplyStream {
             log.observers.retain(|slot| {
                 match slot.live.try_send(LiveFrame {
                     frame: frame.clone(),
-                    produced,
+                    produced: produced_at(),
                 }) {
                     Ok(()) => true,
                     Err(mpsc::error::TrySendError::Full(_)) => {
@@ -414,7 +418,7 @@ impl ReplyStream {
         }
         self.appended.notify_waiters();
         if let Some(writer) = lock(&self.relay).as_ref() {
-            writer.event(id, frame, produced);
+            writer.event(id, frame, produced_at());
         }
     }
 
@@ -582,7 +586,7 @@ impl RelayedReply for ReplyStream {
     }
 
     fn publish_at(&self, id: u64, frame: Bytes, produced: SystemTime) {
-        ReplyStream::publish_at(self, id, frame, produced);
+        ReplyStream::publish_at(self, id, frame, Some(produced));
     }
 }
 
