@@ -306,17 +306,18 @@ pub async fn collect(mut stream: ProviderStream) -> Result<Completion, ProviderE
 struct TokenDeadline {
     timeout: Duration,
     at: Instant,
-    /// Never later than `at`.
-    timer: Pin<Box<Sleep>>,
+    /// Never later than `at`; made the first time the work has to wait, so
+    /// a reply whose chunks are always ready needs no timer (and a stream
+    /// may be made outside the runtime that reads it).
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl TokenDeadline {
     fn start(timeout: Duration) -> Self {
-        let at = Instant::now() + timeout;
         Self {
             timeout,
-            at,
-            timer: Box::pin(tokio::time::sleep_until(at)),
+            at: Instant::now() + timeout,
+            timer: None,
         }
     }
 
@@ -331,13 +332,16 @@ impl TokenDeadline {
             if let Poll::Ready(output) = work.as_mut().poll(cx) {
                 return Poll::Ready(Ok(output));
             }
+            let at = self.at;
+            let timer = self
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
             loop {
-                ready!(self.timer.as_mut().poll(cx));
-                if self.timer.deadline() >= self.at {
+                ready!(timer.as_mut().poll(cx));
+                if timer.deadline() >= at {
                     return Poll::Ready(Err(ProviderError::timed_out(self.timeout)));
                 }
-                let at = self.at;
-                self.timer.as_mut().reset(at);
+                timer.as_mut().reset(at);
             }
         })
         .await
