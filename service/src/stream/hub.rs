@@ -394,8 +394,7 @@ impl ReplyStream {
     /// mirror's frames were produced on another replica; `None` is now, and
     /// the clock is read only when an observer or the relay takes the time
     /// (most frames have neither).
-    pub(super) fn publish_at(&self, id: u64, frame: Bytes, produced: Option<SystemTime>) {
-        let mut produced = produced;
+    pub(super) fn publish_at(&self, id: u64, frame: Bytes, mut produced: Option<SystemTime>) {
         let mut produced_at = move || *produced.get_or_insert_with(SystemTime::now);
         {
             let mut log = lock(&self.log);
@@ -585,8 +584,8 @@ impl RelayedReply for ReplyStream {
         ReplyStream::is_finished(self)
     }
 
-    fn publish_at(&self, id: u64, frame: Bytes, produced: SystemTime) {
-        ReplyStream::publish_at(self, id, frame, Some(produced));
+    fn publish_at(&self, id: u64, frame: Bytes, produced: Option<SystemTime>) {
+        ReplyStream::publish_at(self, id, frame, produced);
     }
 }
 

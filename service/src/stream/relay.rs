@@ -52,8 +52,9 @@ pub(super) trait RelayedReply: Send + Sync {
     fn stop(&self);
     fn owners_attached(&self) -> usize;
     fn is_finished(&self) -> bool;
-    /// Appends an event, produced at `produced` on the generating replica.
-    fn publish_at(&self, id: u64, frame: Bytes, produced: SystemTime);
+    /// Appends an event, produced at `produced` on the generating replica
+    /// (`None`: now, read only if something takes the time).
+    fn publish_at(&self, id: u64, frame: Bytes, produced: Option<SystemTime>);
 }
 
 /// A lock not renewed for this many heartbeats means its replica is gone.
@@ -807,9 +808,7 @@ impl MirrorReader<'_> {
             let frame: Vec<u8> = entry.get("f").unwrap_or_default();
             let produced = entry
                 .get::<u64>("t")
-                .map_or_else(SystemTime::now, |micros| {
-                    UNIX_EPOCH + Duration::from_micros(micros)
-                });
+                .map(|micros| UNIX_EPOCH + Duration::from_micros(micros));
             self.last_event += 1;
             self.mirror
                 .publish_at(self.last_event, Bytes::from(frame), produced);
@@ -831,7 +830,7 @@ impl MirrorReader<'_> {
                     message: why,
                 },
             ),
-            SystemTime::now(),
+            None,
         );
         "lost"
     }
