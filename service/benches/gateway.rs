@@ -7,7 +7,8 @@
 //!
 //! Run: `cargo bench -p parley-service --bench gateway` (optionally
 //! `PARLEY_BENCH_CONCURRENCY=1,10,100`, `PARLEY_BENCH_SECONDS=10` per level,
-//! `PARLEY_BENCH_TOKENS=64` per reply, `PARLEY_BENCH_SESSION_REPLIES=500`).
+//! `PARLEY_BENCH_TOKENS=64` per reply, `PARLEY_BENCH_SESSION_REPLIES=500`, or
+//! 0 to leave the long session out).
 //! For each level it prints replies/s, time to first token p50/p99 through
 //! the service and straight from the mock (the same clients, the same run),
 //! the service's CPU time per reply (from /proc), and its peak RSS; then the
@@ -125,9 +126,24 @@ async fn main() {
         floor.rate()
     );
 
-    // One session growing reply by reply: the first and the last tenth.
-    let (token, session) = server.sessions(&client, 1).await.remove(0);
-    let tenth = (session_replies / 10).max(1);
+    // PARLEY_BENCH_SESSION_REPLIES=0 leaves the long session out.
+    if session_replies > 0 {
+        growing_session(&server, &client, session_replies, counted).await;
+    }
+    if let Some(counts) = &server.callgrind {
+        println!(
+            "callgrind's counts, one file per level and per tenth: {}.*",
+            counts.display()
+        );
+    }
+    server.stop().await;
+}
+
+/// One session growing reply by reply: the cost of its first and its last
+/// tenth of `replies`, which should not grow with its length.
+async fn growing_session(server: &Server, client: &reqwest::Client, replies: usize, counted: bool) {
+    let (token, session) = server.sessions(client, 1).await.remove(0);
+    let tenth = (replies / 10).max(1);
     let mut costs = Vec::new();
     for part in 0..10 {
         let cpu_before = server.cpu_seconds();
@@ -135,7 +151,7 @@ async fn main() {
         let mut ttft = Vec::with_capacity(tenth);
         for _ in 0..tenth {
             // A failed reply (printed) is no sample.
-            match service_reply(&client, &server.base, &token, &session).await {
+            match service_reply(client, &server.base, &token, &session).await {
                 Ok(first) => ttft.push(first),
                 Err(code) => eprintln!("one session: a reply failed: {code}"),
             }
@@ -174,13 +190,6 @@ async fn main() {
             String::new()
         }
     );
-    if let Some(counts) = &server.callgrind {
-        println!(
-            "callgrind's counts, one file per level and per tenth: {}.*",
-            counts.display()
-        );
-    }
-    server.stop().await;
 }
 
 /// TTFTs of completed replies, the failed ones by error code, and the time
