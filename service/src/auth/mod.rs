@@ -162,9 +162,11 @@ impl AuthSettings {
 pub struct Authenticator {
     hs256: Option<DecodingKey>,
     jwks: Option<JwksClient>,
-    issuer: Option<String>,
-    audience: Option<String>,
-    leeway: Duration,
+    /// The claims each algorithm's tokens must carry, built once: a
+    /// `Validation` holds sets of strings, too dear to build per request.
+    hs256_validation: Validation,
+    rs256_validation: Validation,
+    es256_validation: Validation,
     /// Where API keys are looked up; without it, keys are refused.
     keys: Option<Arc<dyn ApiKeyStore>>,
 }
@@ -177,14 +179,14 @@ impl Authenticator {
             ));
         }
         Ok(Self {
+            hs256_validation: validation(Algorithm::HS256, &settings),
+            rs256_validation: validation(Algorithm::RS256, &settings),
+            es256_validation: validation(Algorithm::ES256, &settings),
             hs256: settings
                 .hs256_secret
                 .as_deref()
                 .map(DecodingKey::from_secret),
             jwks: settings.jwks.map(JwksClient::new).transpose()?,
-            issuer: settings.issuer,
-            audience: settings.audience,
-            leeway: settings.leeway,
             keys: None,
         })
     }
@@ -216,11 +218,13 @@ impl Authenticator {
             return Err(Error::InvalidToken("unsupported critical header"));
         }
         let jwks_key;
-        let key = match header.alg {
-            Algorithm::HS256 => self
-                .hs256
-                .as_ref()
-                .ok_or(Error::InvalidToken("HS256 tokens are not accepted here"))?,
+        let (key, validation) = match header.alg {
+            Algorithm::HS256 => (
+                self.hs256
+                    .as_ref()
+                    .ok_or(Error::InvalidToken("HS256 tokens are not accepted here"))?,
+                &self.hs256_validation,
+            ),
             Algorithm::RS256 | Algorithm::ES256 => {
                 let jwks = self.jwks.as_ref().ok_or(Error::InvalidToken(
                     "RS256/ES256 tokens need a configured JWKS URL",
@@ -230,11 +234,16 @@ impl Authenticator {
                     .as_deref()
                     .ok_or(Error::InvalidToken("missing kid"))?;
                 jwks_key = jwks.key(kid, header.alg).await?;
-                jwks_key.as_ref()
+                let validation = if header.alg == Algorithm::RS256 {
+                    &self.rs256_validation
+                } else {
+                    &self.es256_validation
+                };
+                (jwks_key.as_ref(), validation)
             }
             _ => return Err(Error::InvalidToken("unsupported algorithm")),
         };
-        let principal = jsonwebtoken::decode::<Principal>(token, key, &self.validation(header.alg))
+        let principal = jsonwebtoken::decode::<Principal>(token, key, validation)
             .map_err(|error| Error::InvalidToken(rejection_reason(error.kind())))?
             .claims;
         if principal.sub.is_empty() || principal.sub.len() > 256 {
@@ -242,26 +251,27 @@ impl Authenticator {
         }
         Ok(principal)
     }
+}
 
-    fn validation(&self, algorithm: Algorithm) -> Validation {
-        let mut validation = Validation::new(algorithm);
-        validation.leeway = self.leeway.as_secs();
-        validation.validate_nbf = true;
-        let mut required = vec!["exp", "sub"];
-        if let Some(issuer) = &self.issuer {
-            validation.set_issuer(&[issuer]);
-            required.push("iss");
-        }
-        match &self.audience {
-            Some(audience) => {
-                validation.set_audience(&[audience]);
-                required.push("aud");
-            }
-            None => validation.validate_aud = false,
-        }
-        validation.set_required_spec_claims(&required);
-        validation
+/// What a token signed with `algorithm` must carry to be accepted.
+fn validation(algorithm: Algorithm, settings: &AuthSettings) -> Validation {
+    let mut validation = Validation::new(algorithm);
+    validation.leeway = settings.leeway.as_secs();
+    validation.validate_nbf = true;
+    let mut required = vec!["exp", "sub"];
+    if let Some(issuer) = &settings.issuer {
+        validation.set_issuer(&[issuer]);
+        required.push("iss");
     }
+    match &settings.audience {
+        Some(audience) => {
+            validation.set_audience(&[audience]);
+            required.push("aud");
+        }
+        None => validation.validate_aud = false,
+    }
+    validation.set_required_spec_claims(&required);
+    validation
 }
 
 fn rejection_reason(kind: &ErrorKind) -> &'static str {
