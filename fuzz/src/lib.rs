@@ -30,7 +30,7 @@ use parley_service::providers::{
     BedrockProvider, ChatTurn, CompletionRequest, Provider, ProviderError, ProviderErrorKind,
     ProviderEvent, Role as TurnRole, Sampling, openai,
 };
-use parley_service::stream::frames::{ChunkData, ErrorData, PING, chunk_frame, frame};
+use parley_service::stream::frames::{ChunkData, ErrorData, FrameArena, PING, chunk_frame, frame};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -161,9 +161,10 @@ pub fn sse_frames(data: &[u8]) {
     }
     deltas.push(&text[start..]);
     let mut wire = Vec::new();
+    let mut arena = FrameArena::default();
     for (index, delta) in deltas.iter().enumerate() {
         let (id, total_tokens) = (index as u64 + 1, u32::try_from(index).unwrap_or(u32::MAX));
-        let written = chunk_frame(id, delta, total_tokens);
+        let written = chunk_frame(&mut arena, id, delta, total_tokens);
         let data = ChunkData {
             text: delta,
             tokens: 1,

@@ -77,7 +77,7 @@ pub fn frame<T: Serialize>(id: u64, event: &str, data: &T) -> Bytes {
 }
 
 /// The frame of event `id` of a reply on `route`.
-pub fn reply_frame(id: u64, event: &ReplyEvent, route: &str) -> Bytes {
+pub fn reply_frame(arena: &mut FrameArena, id: u64, event: &ReplyEvent, route: &str) -> Bytes {
     match event {
         ReplyEvent::Model {
             model,
@@ -93,7 +93,7 @@ pub fn reply_frame(id: u64, event: &ReplyEvent, route: &str) -> Bytes {
                 downgraded: *downgraded,
             },
         ),
-        ReplyEvent::Chunk { text, total_tokens } => chunk_frame(id, text, *total_tokens),
+        ReplyEvent::Chunk { text, total_tokens } => chunk_frame(arena, id, text, *total_tokens),
         ReplyEvent::Complete {
             usage,
             message_id,
@@ -132,7 +132,7 @@ const FRAME_CAPACITY: usize = 160;
 fn encode<T: Serialize>(id: Option<u64>, event: &str, data: &T) -> Bytes {
     let mut buffer = BytesMut::with_capacity(FRAME_CAPACITY);
     put_header(&mut buffer, id, event);
-    let mut buffer = put_json(buffer, event, data);
+    put_json(&mut buffer, event, data);
     buffer.put_slice(b"\n\n");
     buffer.freeze()
 }
@@ -140,27 +140,60 @@ fn encode<T: Serialize>(id: Option<u64>, event: &str, data: &T) -> Bytes {
 /// `data` as JSON at the end of `buffer`. Serializing these plain values
 /// into memory cannot fail; a failure would leave a truncated frame, so say
 /// so.
-fn put_json<T: Serialize + ?Sized>(buffer: BytesMut, event: &str, data: &T) -> BytesMut {
-    let mut writer = buffer.writer();
-    if let Err(error) = serde_json::to_writer(&mut writer, data) {
+fn put_json<T: Serialize + ?Sized>(buffer: &mut BytesMut, event: &str, data: &T) {
+    if let Err(error) = serde_json::to_writer(buffer.writer(), data) {
         tracing::error!(%error, event, "serializing an SSE event failed");
     }
-    writer.into_inner()
+}
+
+/// Where a reply's chunk frames are written: each frame is split off one
+/// shared buffer, so a reply's frames cost a few allocations in all instead
+/// of two each (a buffer and the shared header `freeze` adds). The replay
+/// log keeps every frame until the reply ends, so the buffer holds nothing
+/// that would otherwise be freed sooner. It starts small, for replies held
+/// open with few chunks, and doubles up to [`FRAME_ARENA_MAX`].
+#[derive(Debug, Default)]
+pub struct FrameArena {
+    buffer: BytesMut,
+    next_capacity: usize,
+}
+
+/// The largest buffer a reply's frames are split off: a page.
+const FRAME_ARENA_MAX: usize = 4096;
+
+impl FrameArena {
+    /// The buffer, with room for `at_least` more bytes (a frame that turns
+    /// out larger still fits: the buffer grows, and frames split off before
+    /// keep their bytes).
+    fn room(&mut self, at_least: usize) -> &mut BytesMut {
+        if self.buffer.capacity() - self.buffer.len() < at_least {
+            let capacity = self.next_capacity.max(FRAME_CAPACITY).max(at_least);
+            self.next_capacity = (capacity * 2).min(FRAME_ARENA_MAX);
+            self.buffer = BytesMut::with_capacity(capacity);
+        }
+        &mut self.buffer
+    }
+
+    /// The frame written since the last one.
+    fn take(&mut self) -> Bytes {
+        self.buffer.split().freeze()
+    }
 }
 
 /// The frame of a chunk event: [`ChunkData`] with one token, its fields
 /// written by hand around serde_json's encoding of the text. Chunks are
 /// nearly all of a reply's frames, and serde's map machinery cost more than
 /// the text in them.
-pub fn chunk_frame(id: u64, text: &str, total_tokens: u32) -> Bytes {
-    let mut buffer = BytesMut::with_capacity(FRAME_CAPACITY.max(text.len() + 80));
-    put_header(&mut buffer, Some(id), "chunk");
+pub fn chunk_frame(arena: &mut FrameArena, id: u64, text: &str, total_tokens: u32) -> Bytes {
+    // The header, the keys and two numbers of up to 20 digits: under 128.
+    let buffer = arena.room(text.len() + 128);
+    put_header(buffer, Some(id), "chunk");
     buffer.put_slice(b"{\"text\":");
-    let mut buffer = put_json(buffer, "chunk", text);
+    put_json(buffer, "chunk", text);
     buffer.put_slice(b",\"tokens\":1,\"totalTokens\":");
     buffer.put_slice(itoa::Buffer::new().format(total_tokens).as_bytes());
     buffer.put_slice(b"}\n\n");
-    buffer.freeze()
+    arena.take()
 }
 
 /// The lines before `data: `. Written by hand: `write!`'s formatting
@@ -261,16 +294,20 @@ mod tests {
                 .collect();
             texts.push(text);
         }
+        // One arena for all, as a reply writes them: a frame split off
+        // keeps its bytes while later ones are written.
+        let mut arena = FrameArena::default();
+        let mut written = Vec::new();
         for (index, text) in texts.iter().enumerate() {
             let (id, total) = (index as u64 * 7919, index as u32 * 104_729);
-            assert_eq!(
-                chunk_frame(id, text, total),
-                serialized(id, text, total),
-                "{text:?}"
-            );
+            written.push(chunk_frame(&mut arena, id, text, total));
+        }
+        for (index, text) in texts.iter().enumerate() {
+            let (id, total) = (index as u64 * 7919, index as u32 * 104_729);
+            assert_eq!(written[index], serialized(id, text, total), "{text:?}");
         }
         assert_eq!(
-            chunk_frame(u64::MAX, "a", u32::MAX),
+            chunk_frame(&mut arena, u64::MAX, "a", u32::MAX),
             serialized(u64::MAX, "a", u32::MAX)
         );
     }

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use super::Replies;
 use super::billing::{Charge, Ending, Opened, ReplyBill};
 use super::events::ReplyEvent;
-use super::frames::reply_frame;
+use super::frames::{FrameArena, reply_frame};
 use super::hub::ReplyStream;
 use super::metrics::{FallbackLabels, StreamLabels, TokenLabels};
 use crate::context_window::{Prompt, output_tokens};
@@ -185,6 +185,7 @@ pub fn spawn(
             admission: Admission::Closed,
             downgraded: opened.downgraded,
             next_id: 1,
+            frames: FrameArena::default(),
             started: Instant::now(),
             outcome: "failed",
         };
@@ -217,6 +218,8 @@ struct Generation<'a> {
     admission: Admission,
     downgraded: bool,
     next_id: u64,
+    /// Where the hub's frames of this reply are written.
+    frames: FrameArena,
     started: Instant,
     /// How the reply ended, as counted in `parley_streams_total`.
     outcome: &'static str,
@@ -902,7 +905,12 @@ impl Generation<'_> {
     /// Gives the next event to the hub, as a frame, and to the connection.
     fn publish(&mut self, event: ReplyEvent) {
         if let Some(reply) = &self.audience.hub {
-            let frame = reply_frame(self.next_id, &event, &self.request.route.alias);
+            let frame = reply_frame(
+                &mut self.frames,
+                self.next_id,
+                &event,
+                &self.request.route.alias,
+            );
             reply.publish(self.next_id, frame);
         }
         self.next_id += 1;
