@@ -149,9 +149,10 @@ fn put_json<T: Serialize + ?Sized>(buffer: &mut BytesMut, event: &str, data: &T)
 /// Where a reply's chunk frames are written: each frame is split off one
 /// shared buffer, so a reply's frames cost a few allocations in all instead
 /// of two each (a buffer and the shared header `freeze` adds). The replay
-/// log keeps every frame until the reply ends, so the buffer holds nothing
-/// that would otherwise be freed sooner. It starts small, for replies held
-/// open with few chunks, and doubles up to [`FRAME_ARENA_MAX`].
+/// log keeps every frame until the reply ends, so the frames are freed no
+/// later than before; what the reply holds more is the unused end of its
+/// newest buffer. It starts small, for replies held open with few chunks,
+/// and doubles up to [`FRAME_ARENA_MAX`].
 #[derive(Debug, Default)]
 pub struct FrameArena {
     buffer: BytesMut,
@@ -296,14 +297,16 @@ mod tests {
         }
         // One arena for all, as a reply writes them: a frame split off
         // keeps its bytes while later ones are written.
+        let numbers = |index: usize| (index as u64 * 7919, index as u32 * 104_729);
         let mut arena = FrameArena::default();
-        let mut written = Vec::new();
+        let written: Vec<Bytes> = (0..texts.len())
+            .map(|index| {
+                let (id, total) = numbers(index);
+                chunk_frame(&mut arena, id, &texts[index], total)
+            })
+            .collect();
         for (index, text) in texts.iter().enumerate() {
-            let (id, total) = (index as u64 * 7919, index as u32 * 104_729);
-            written.push(chunk_frame(&mut arena, id, text, total));
-        }
-        for (index, text) in texts.iter().enumerate() {
-            let (id, total) = (index as u64 * 7919, index as u32 * 104_729);
+            let (id, total) = numbers(index);
             assert_eq!(written[index], serialized(id, text, total), "{text:?}");
         }
         assert_eq!(
