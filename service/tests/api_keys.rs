@@ -216,6 +216,11 @@ async fn key_requests_are_validated() {
     for (body, field) in [
         (json!({ "name": "" }), "name"),
         (json!({ "name": "x".repeat(101) }), "name"),
+        // Over the bound as sent, under it once trimmed.
+        (
+            json!({ "name": format!("\u{85}{}", "x".repeat(100)) }),
+            "name",
+        ),
         (
             json!({ "name": "late", "expiresAt": (Utc::now() - Duration::minutes(1)).to_rfc3339() }),
             "expiresAt",

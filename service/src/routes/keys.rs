@@ -103,8 +103,10 @@ pub async fn create_key(
             "API keys cannot create API keys; use a signed-in token",
         ));
     }
+    // The bound is on the name as sent, as the schema states it; the
+    // stored name is trimmed.
     let name = request.name.trim();
-    if name.is_empty() || name.chars().count() > MAX_NAME_CHARS {
+    if name.is_empty() || request.name.chars().count() > MAX_NAME_CHARS {
         return Err(Error::Validation {
             field: "name",
             message: format!("must be 1 to {MAX_NAME_CHARS} characters"),
