@@ -13,7 +13,9 @@
 //! the service and straight from the mock (the same clients, the same run),
 //! the service's CPU time per reply (from /proc), and its peak RSS; then the
 //! mock alone (the harness's floor); then the cost of the 1st and the last
-//! replies of one long session, which should not grow with its length.
+//! replies of one long session, which should not grow with its length; and
+//! last, whatever the service logged at warning level or above (the cause
+//! of any failed reply).
 //!
 //! Times on a shared machine move 20–30% from run to run. Two settings make
 //! comparisons steadier: `PARLEY_BENCH_SERVICE=<path>` runs another build of
@@ -135,6 +137,17 @@ async fn main() {
             "callgrind's counts, one file per level and per tenth: {}.*",
             counts.display()
         );
+    }
+    // A failed reply is rare here; the service's log says why.
+    let logged = server.logged();
+    if !logged.is_empty() {
+        println!(
+            "the service's log at warning level and above ({} lines; up to 10 shown):",
+            logged.len()
+        );
+        for line in logged.iter().take(10) {
+            println!("  {line}");
+        }
     }
     server.stop().await;
 }
@@ -385,6 +398,8 @@ struct Server {
     base: String,
     /// Where callgrind writes its counts, when the service runs under it.
     callgrind: Option<std::path::PathBuf>,
+    /// The service's log (`RUST_LOG=warn`: empty unless something failed).
+    log: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -392,6 +407,7 @@ impl Server {
     async fn start(upstream: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let routes = dir.path().join("routes.yaml");
+        let log = dir.path().join("service.log");
         std::fs::write(
             &routes,
             format!(
@@ -423,6 +439,7 @@ impl Server {
                 command
                     .arg("--tool=callgrind")
                     .arg(format!("--callgrind-out-file={}", counts.display()))
+                    .arg(format!("--log-file={}.log", counts.display()))
                     .arg(&binary);
                 command
             }
@@ -445,7 +462,7 @@ impl Server {
             .env("PARLEY_STREAM_DRAIN_SECONDS", "0")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .kill_on_drop(true)
             .spawn()
             .unwrap();
@@ -453,6 +470,7 @@ impl Server {
             child,
             base: format!("http://127.0.0.1:{port}"),
             callgrind,
+            log,
             _dir: dir,
         };
         parley_test_support::bench::wait_until_ready(&server.base).await;
@@ -567,6 +585,15 @@ impl Server {
             user: seconds(fields[11]),
             system: seconds(fields[12]),
         }
+    }
+
+    /// The lines the service has logged so far.
+    fn logged(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
     }
 
     async fn stop(mut self) {
