@@ -11,8 +11,8 @@
 //! 0 to leave the long session out).
 //! For each level it prints replies/s, time to first token p50/p99 through
 //! the service and straight from the mock (the same clients, the same run),
-//! the service's CPU time per reply (from /proc), and its peak RSS; then the
-//! mock alone (the harness's floor); then the cost of the 1st and the last
+//! the service's CPU time per reply (from /proc), its peak RSS, and the mean
+//! size of the request it sent the mock (the prompt); then the mock alone (the harness's floor); then the cost of the 1st and the last
 //! replies of one long session, which should not grow with its length; and
 //! last, whatever the service logged at warning level or above (the cause
 //! of any failed reply).
@@ -28,7 +28,7 @@
 use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -63,7 +63,7 @@ async fn main() {
          the mock and the clients share the machine with the service"
     );
     println!(
-        "| clients | replies/s | TTFT p50 / p99 through Parley | TTFT p50 / p99 from the mock | added p50 | CPU per reply (user + system) | peak RSS | failed replies |{}",
+        "| clients | replies/s | TTFT p50 / p99 through Parley | TTFT p50 / p99 from the mock | added p50 | CPU per reply (user + system) | peak RSS | request to the mock | failed replies |{}",
         if counted {
             " instructions per reply |"
         } else {
@@ -71,7 +71,7 @@ async fn main() {
         }
     );
     println!(
-        "|---|---|---|---|---|---|---|---|{}",
+        "|---|---|---|---|---|---|---|---|---|{}",
         if counted { "---|" } else { "" }
     );
     for clients in levels.iter().copied() {
@@ -86,6 +86,7 @@ async fn main() {
         let sessions = server.sessions(&client, clients).await;
         let cpu_before = server.cpu_seconds();
         server.zero_instructions();
+        mock.take_received();
         let through = closed_loop(clients, duration, |index| {
             let (client, base) = (client.clone(), server.base.clone());
             let (token, session) = sessions[index].clone();
@@ -97,12 +98,13 @@ async fn main() {
         })
         .await;
         let cpu = server.cpu_seconds() - cpu_before;
+        let request_bytes = mock.take_received();
         let instructions = server
             .instructions()
             .map(|count| format!(" {:.0} |", count as f64 / through.replies() as f64))
             .unwrap_or_default();
         println!(
-            "| {clients} | {:.0} | {:.2} / {:.2} ms | {:.2} / {:.2} ms | +{:.2} ms | {} | {:.0} MiB | {} |{instructions}",
+            "| {clients} | {:.0} | {:.2} / {:.2} ms | {:.2} / {:.2} ms | +{:.2} ms | {} | {:.0} MiB | {:.1} KiB | {} |{instructions}",
             through.rate(),
             through.ttft(0.50) * 1e3,
             through.ttft(0.99) * 1e3,
@@ -111,6 +113,7 @@ async fn main() {
             (through.ttft(0.50) - direct.ttft(0.50)) * 1e3,
             cpu.per_reply(through.replies()),
             server.peak_rss_bytes() as f64 / 1048576.0,
+            request_bytes / 1024.0,
             through.failures(),
         );
     }
@@ -357,6 +360,14 @@ async fn direct_reply(client: &reqwest::Client, base: &str) -> Result<f64, Strin
 /// same `tokens` chunks, a finish and usage, sent at once.
 struct Mock {
     base: String,
+    received: Arc<Received>,
+}
+
+/// Request bodies the mock received since [`Mock::take_received`].
+#[derive(Default)]
+struct Received {
+    requests: AtomicU64,
+    bytes: AtomicU64,
 }
 
 impl Mock {
@@ -377,9 +388,17 @@ impl Mock {
             tokens + 12
         ));
         let body = Bytes::from(body);
+        let received = Arc::new(Received::default());
+        let counters = Arc::clone(&received);
+        // The request is read whole, as by any real server: a server that
+        // answers without reading it closes the connection, and the service
+        // then meets a broken pooled connection now and then (a failed reply).
         let app = Router::new().route(
             "/v1/chat/completions",
-            post(move || {
+            post(move |request: Bytes| {
+                counters.requests.fetch_add(1, Ordering::Relaxed);
+                let bytes = request.len() as u64;
+                counters.bytes.fetch_add(bytes, Ordering::Relaxed);
                 let body = body.clone();
                 async move { ([("content-type", "text/event-stream")], body) }
             }),
@@ -389,7 +408,15 @@ impl Mock {
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         Self {
             base: format!("http://{address}/v1"),
+            received,
         }
+    }
+
+    /// The mean size of the request bodies received since the last call.
+    fn take_received(&self) -> f64 {
+        let requests = self.received.requests.swap(0, Ordering::Relaxed);
+        let bytes = self.received.bytes.swap(0, Ordering::Relaxed);
+        bytes as f64 / requests.max(1) as f64
     }
 }
 
