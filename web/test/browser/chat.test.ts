@@ -380,6 +380,9 @@ routes:
     const busyCalls = models.calls.get("busy-model");
     await page.reload();
     await picker.locator("option").first().filter({ hasText: "(first model unavailable)" }).waitFor({ state: "attached" });
+    // The routes are listed before the chat is opened, and until then the
+    // picker shows the recommended route; the note follows the chat's route.
+    await lastReply(page).locator(".body", { hasText: prompt }).waitFor();
     assert.equal(
       await page.locator("#route-note").textContent(),
       "Its first model is unavailable for now; the next one answers.",
