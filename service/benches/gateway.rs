@@ -12,8 +12,9 @@
 //! For each level it prints replies/s, time to first token p50/p99 through
 //! the service and straight from the mock (the same clients, the same run),
 //! the service's CPU time per reply (from /proc), its peak RSS, and the mean
-//! size of the request it sent the mock (the prompt); then the mock alone (the harness's floor); then the cost of the 1st and the last
-//! replies of one long session, which should not grow with its length; and
+//! size of the request it sent the mock (the prompt); then the mock alone
+//! (the harness's floor); then the cost of the 1st and the last replies of
+//! one long session, which should not grow with its length; and
 //! last, whatever the service logged at warning level or above (the cause
 //! of any failed reply).
 //!
