@@ -1,37 +1,44 @@
 //! A message's text as the store's cache of session tails, every prompt
-//! and every attempt share it: one allocation per message, and its JSON
-//! string form encoded at most once. A history message is sent again with
-//! every later reply of its session, and escaping it into the upstream
-//! request each time was the largest single item of a reply's instructions
-//! (callgrind, with the history window full).
+//! and every attempt share it: one allocation per message, holding the
+//! text and its JSON string form. A history message is sent again with
+//! every later reply of its session: escaping it into the upstream request
+//! each time was the largest single item of a reply's instructions
+//! (callgrind, with the history window full), and reaching the encoding
+//! through an allocation of its own cost a cache miss per message per reply
+//! (copying a full window into the request was a tenth of the service's
+//! samples at 100 clients, most of it waiting on memory).
 
 use std::borrow::Cow;
 use std::fmt;
 use std::ops::Deref;
-use std::sync::{Arc, OnceLock};
-
-use serde_json::value::RawValue;
+use std::sync::Arc;
 
 #[derive(Clone)]
-pub struct SharedText(Arc<Inner>);
-
-struct Inner {
-    text: Box<str>,
-    /// `None` only if the text could not be encoded, which a string always can.
-    json: OnceLock<Option<Box<RawValue>>>,
+pub struct SharedText {
+    /// The JSON string (quoted and escaped), then the text when escaping
+    /// changed it; otherwise the text is the JSON string between its quotes.
+    encoded: Arc<str>,
+    /// Where the JSON string ends in `encoded`.
+    json_len: usize,
 }
 
 impl SharedText {
     pub fn as_str(&self) -> &str {
-        &self.0.text
+        if self.encoded.len() > self.json_len {
+            &self.encoded[self.json_len..]
+        } else {
+            &self.encoded[1..self.json_len - 1]
+        }
     }
 
-    /// The text as a JSON string (quoted and escaped), encoded on first use.
-    pub fn json(&self) -> Option<&RawValue> {
-        self.0
-            .json
-            .get_or_init(|| serde_json::value::to_raw_value(&*self.0.text).ok())
-            .as_deref()
+    /// The text as a JSON string, quoted and escaped.
+    pub fn json(&self) -> &str {
+        &self.encoded[..self.json_len]
+    }
+
+    /// The bytes held for the text and its JSON form.
+    pub fn held_bytes(&self) -> usize {
+        self.encoded.len()
     }
 }
 
@@ -51,12 +58,52 @@ impl From<&str> for SharedText {
 
 impl From<String> for SharedText {
     fn from(text: String) -> Self {
-        Self(Arc::new(Inner {
-            text: text.into_boxed_str(),
-            json: OnceLock::new(),
-        }))
+        let mut encoded = String::with_capacity(text.len() + 2);
+        write_json_string(&text, &mut encoded);
+        let json_len = encoded.len();
+        // Escaping changed the text only if it lengthened it.
+        if json_len != text.len() + 2 {
+            encoded.push_str(&text);
+        }
+        Self {
+            encoded: encoded.into(),
+            json_len,
+        }
     }
 }
+
+/// Appends `text` to `out` as a JSON string (RFC 8259), escaped as
+/// serde_json escapes one: quote, backslash and control characters.
+fn write_json_string(text: &str, out: &mut String) {
+    out.push('"');
+    let mut plain_from = 0;
+    for (at, byte) in text.bytes().enumerate() {
+        let escape = match byte {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0x00..=0x1f => "",
+            _ => continue,
+        };
+        out.push_str(&text[plain_from..at]);
+        if escape.is_empty() {
+            out.push_str("\\u00");
+            out.push(char::from(HEX_DIGITS[usize::from(byte >> 4)]));
+            out.push(char::from(HEX_DIGITS[usize::from(byte & 0xf)]));
+        } else {
+            out.push_str(escape);
+        }
+        plain_from = at + 1;
+    }
+    out.push_str(&text[plain_from..]);
+    out.push('"');
+}
+
+const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
 
 impl From<Cow<'_, str>> for SharedText {
     fn from(text: Cow<'_, str>) -> Self {
@@ -89,20 +136,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_json_form_is_the_text_as_a_json_string() {
+    fn the_json_form_is_the_text_as_serde_json_encodes_it() {
+        let every_control: String = (0u8..0x20).map(char::from).collect();
         for text in [
             "",
             "plain",
             "quote \" backslash \\ newline \n tab \t",
-            "é 🦀 \u{1}",
+            "é 🦀 \u{1} \u{7f} \u{2028}",
+            "\"",
+            "ends with a newline\n",
+            every_control.as_str(),
         ] {
             let shared = SharedText::from(text);
-            let json = shared.json().unwrap();
-            assert_eq!(json.get(), serde_json::to_string(text).unwrap());
-            assert_eq!(serde_json::from_str::<String>(json.get()).unwrap(), text);
-            // Encoded once: the second call gives the same encoding.
-            assert!(std::ptr::eq(json, shared.json().unwrap()));
+            assert_eq!(shared.json(), serde_json::to_string(text).unwrap());
+            assert_eq!(serde_json::from_str::<String>(shared.json()).unwrap(), text);
             assert_eq!(&*shared, text);
+            assert_eq!(shared.len(), text.len());
         }
+    }
+
+    #[test]
+    fn a_text_escaping_leaves_alone_is_kept_once() {
+        let shared = SharedText::from("plain é 🦀");
+        assert_eq!(shared.encoded.len(), "plain é 🦀".len() + 2);
+        let escaped = SharedText::from("a\nb");
+        assert_eq!(&*escaped.encoded, "\"a\\nb\"a\nb");
     }
 }

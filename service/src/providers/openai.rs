@@ -8,14 +8,13 @@ use futures::Stream;
 use reqwest::StatusCode;
 use serde::de::{IgnoredAny, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
-use serde_json::value::RawValue;
 
 use self::chunk::{ChunkChoice, scan_first_choice};
 use super::reply::{ReplySource, ReplyStep, reply_stream};
 use super::sse::SseData;
 use super::{
-    Completion, CompletionRequest, Provider, ProviderError, ProviderErrorKind, ProviderStream,
-    Role, StopReason, TokenDeadline, Usage, mentions_context_window,
+    Completion, CompletionRequest, PromptTurns, Provider, ProviderError, ProviderErrorKind,
+    ProviderStream, Role, StopReason, TokenDeadline, Usage, mentions_context_window,
 };
 
 mod chunk;
@@ -43,10 +42,8 @@ impl OpenAiProvider {
     }
 
     async fn send(&self, body: &ChatRequest<'_>) -> Result<reqwest::Response, ProviderError> {
-        // Sized once: a prompt of a long session is tens of KiB, which a
-        // growing buffer would copy several times over.
-        let mut encoded = Vec::with_capacity(body.encoded_size_hint());
-        serde_json::to_writer(&mut encoded, body)
+        let encoded = body
+            .encode()
             .map_err(|e| ProviderError::new(ProviderErrorKind::InvalidRequest, e.to_string()))?;
         let mut request = self
             .client
@@ -66,10 +63,19 @@ impl OpenAiProvider {
     }
 }
 
-#[derive(Serialize)]
+/// A `/chat/completions` request. Its messages are written by hand: each
+/// text goes in as the JSON string it was encoded to once
+/// ([`crate::shared_text::SharedText::json`]), since a session's history
+/// is sent again with every reply.
 struct ChatRequest<'a> {
     model: &'a str,
-    messages: Vec<WireMessage<'a>>,
+    turns: &'a PromptTurns,
+    options: RequestOptions<'a>,
+}
+
+/// The fields after `messages`.
+#[derive(Serialize)]
+struct RequestOptions<'a> {
     max_tokens: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     temperature: Option<f32>,
@@ -83,67 +89,65 @@ struct ChatRequest<'a> {
 }
 
 #[derive(Serialize)]
-struct WireMessage<'a> {
-    role: &'static str,
-    content: WireContent<'a>,
-}
-
-/// A message's text: as its JSON string, encoded once per message (a
-/// session's history is sent again with every reply), or as text.
-#[derive(Serialize)]
-#[serde(untagged)]
-enum WireContent<'a> {
-    Encoded(&'a RawValue),
-    Text(&'a str),
-}
-
-#[derive(Serialize)]
 struct StreamOptions {
     include_usage: bool,
 }
 
 impl<'a> ChatRequest<'a> {
-    /// About the size of the encoded request: the texts, and room for the
-    /// rest (fields, roles, a few escapes).
-    fn encoded_size_hint(&self) -> usize {
-        self.messages
-            .iter()
-            .map(|message| match message.content {
-                WireContent::Encoded(json) => json.get().len() + 48,
-                WireContent::Text(text) => text.len() + 48,
-            })
-            .sum::<usize>()
-            + 256
-    }
-
     fn new(request: &'a CompletionRequest, stream: bool) -> Self {
-        let messages = request
-            .turns
-            .iter()
-            .map(|turn| WireMessage {
-                role: match turn.role {
-                    Role::System => "system",
-                    Role::User => "user",
-                    Role::Assistant => "assistant",
-                },
-                content: turn
-                    .text
-                    .json()
-                    .map_or(WireContent::Text(&turn.text), WireContent::Encoded),
-            })
-            .collect();
         Self {
             model: &request.model,
-            messages,
-            max_tokens: request.max_output_tokens,
-            temperature: request.sampling.temperature,
-            top_p: request.sampling.top_p,
-            stop: &request.sampling.stop,
-            stream,
-            stream_options: stream.then_some(StreamOptions {
-                include_usage: true,
-            }),
+            turns: &request.turns,
+            options: RequestOptions {
+                max_tokens: request.max_output_tokens,
+                temperature: request.sampling.temperature,
+                top_p: request.sampling.top_p,
+                stop: &request.sampling.stop,
+                stream,
+                stream_options: stream.then_some(StreamOptions {
+                    include_usage: true,
+                }),
+            },
         }
+    }
+
+    /// The request as JSON, in a buffer sized once: a long session's prompt
+    /// is tens of KiB, which a growing buffer would copy several times over.
+    fn encode(&self) -> Result<Vec<u8>, serde_json::Error> {
+        let mut body = Vec::with_capacity(self.encoded_size_hint());
+        body.extend_from_slice(br#"{"model":"#);
+        serde_json::to_writer(&mut body, self.model)?;
+        body.extend_from_slice(br#","messages":["#);
+        for (index, turn) in self.turns.iter().enumerate() {
+            if index > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(match turn.role {
+                Role::System => br#"{"role":"system","content":"#.as_slice(),
+                Role::User => br#"{"role":"user","content":"#,
+                Role::Assistant => br#"{"role":"assistant","content":"#,
+            });
+            body.extend_from_slice(turn.text.json().as_bytes());
+            body.push(b'}');
+        }
+        body.push(b']');
+        // The options close the request: their opening brace becomes the
+        // comma after `messages`.
+        let options_at = body.len();
+        serde_json::to_writer(&mut body, &self.options)?;
+        body[options_at] = b',';
+        Ok(body)
+    }
+
+    /// About the size of the encoded request: the texts, and room for the
+    /// rest (fields, roles).
+    fn encoded_size_hint(&self) -> usize {
+        self.turns
+            .iter()
+            .map(|turn| turn.text.json().len() + 40)
+            .sum::<usize>()
+            + self.model.len()
+            + 256
     }
 }
 
@@ -569,8 +573,6 @@ mod tests {
             .iter()
             .map(|text| ChatTurn::new(Role::User, *text))
             .collect();
-        // Encoded already (as by an earlier reply of the session) and not.
-        assert!(turns[0].text.json().is_some());
         let request = CompletionRequest {
             model: "m".into(),
             turns: turns.into(),
@@ -579,7 +581,7 @@ mod tests {
             guardrail: None,
             sampling: Sampling::default(),
         };
-        let body = serde_json::to_vec(&ChatRequest::new(&request, true)).unwrap();
+        let body = ChatRequest::new(&request, true).encode().unwrap();
         let sent: serde_json::Value = serde_json::from_slice(&body).unwrap();
         let contents: Vec<&str> = sent["messages"]
             .as_array()
@@ -589,5 +591,61 @@ mod tests {
             .collect();
         assert_eq!(contents, texts);
         assert!(body.len() <= ChatRequest::new(&request, true).encoded_size_hint());
+    }
+
+    /// The hand-written request is the OpenAI body: every field, in both
+    /// modes, with the optional ones left out when unset.
+    #[test]
+    fn the_request_is_an_openai_chat_completions_body() {
+        let mut request = CompletionRequest {
+            model: "m \"quoted\"".into(),
+            turns: vec![
+                ChatTurn::new(Role::System, "be brief"),
+                ChatTurn::new(Role::User, "hi"),
+                ChatTurn::new(Role::Assistant, "hello"),
+                ChatTurn::new(Role::User, "again"),
+            ]
+            .into(),
+            max_output_tokens: 64,
+            timeout: std::time::Duration::from_secs(1),
+            guardrail: None,
+            sampling: Sampling {
+                temperature: Some(0.5),
+                top_p: Some(0.25),
+                stop: vec!["END".into()],
+            },
+        };
+        let sent = |request: &CompletionRequest, stream| -> serde_json::Value {
+            serde_json::from_slice(&ChatRequest::new(request, stream).encode().unwrap()).unwrap()
+        };
+        let messages = serde_json::json!([
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "again"},
+        ]);
+        assert_eq!(
+            sent(&request, true),
+            serde_json::json!({
+                "model": "m \"quoted\"",
+                "messages": messages,
+                "max_tokens": 64,
+                "temperature": 0.5,
+                "top_p": 0.25,
+                "stop": ["END"],
+                "stream": true,
+                "stream_options": {"include_usage": true},
+            })
+        );
+        request.sampling = Sampling::default();
+        assert_eq!(
+            sent(&request, false),
+            serde_json::json!({
+                "model": "m \"quoted\"",
+                "messages": messages,
+                "max_tokens": 64,
+                "stream": false,
+            })
+        );
     }
 }

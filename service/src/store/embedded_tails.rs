@@ -23,9 +23,9 @@ use crate::error::Error;
 /// (8,192 tokens, about 32 KiB of text each).
 pub(super) const CAPACITY_BYTES: usize = 64 << 20;
 
-/// Counted per cached message besides its text (twice: the text, and its
-/// JSON form once a prompt has encoded it): the `Message`, the shared
-/// text's header and the allocator's share.
+/// Counted per cached message besides its text and JSON form
+/// ([`crate::shared_text::SharedText::held_bytes`]): the `Message`, the
+/// shared text's header and the allocator's share.
 const MESSAGE_OVERHEAD_BYTES: usize = 96;
 
 /// Counted per cached session besides its messages: its map slot and tail.
@@ -212,7 +212,7 @@ fn budget_within(budget: HistoryBudget, wider: HistoryBudget) -> bool {
 }
 
 fn message_bytes(message: &Message) -> usize {
-    2 * message.content.len() + MESSAGE_OVERHEAD_BYTES
+    message.content.held_bytes() + MESSAGE_OVERHEAD_BYTES
 }
 
 #[cfg(test)]
@@ -332,8 +332,9 @@ mod tests {
 
     #[test]
     fn the_least_recently_used_sessions_are_evicted_first() {
-        // Three sessions of three 10-byte messages fit; a fourth does not.
-        let session = SESSION_OVERHEAD_BYTES + 3 * (MESSAGE_OVERHEAD_BYTES + 20);
+        // Three sessions of three 10-byte messages (12 bytes with the
+        // quotes of their JSON form) fit; a fourth does not.
+        let session = SESSION_OVERHEAD_BYTES + 3 * (MESSAGE_OVERHEAD_BYTES + 12);
         let capacity = 3 * session + session / 2;
         let tails = SessionTails::new(capacity);
         let window = budget(100, 10_000);
