@@ -29,12 +29,14 @@ pub(super) trait ReplySource: Send + 'static {
 /// The provider stream of `source`: deltas, then `Usage` when reported and
 /// `Finished`, or one error, after which the stream ends.
 pub(super) fn reply_stream(source: impl ReplySource, deadline: TokenDeadline) -> ProviderStream {
-    let reader = ReplyReader {
+    // Boxed: each event moves the reader in and out of the stream's state,
+    // which would copy it whole (about 200 bytes) twice per token.
+    let reader = Box::new(ReplyReader {
         source,
         deadline,
         ending: Vec::new(),
         done: false,
-    };
+    });
     futures::stream::unfold(reader, |mut reader| async move {
         let item = reader.next().await?;
         Some((item, reader))

@@ -483,13 +483,15 @@ impl ReplyStream {
         ping: Duration,
     ) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
         let attachment = owner.then(|| Attachment::new(Arc::clone(self)));
-        let subscriber = Subscriber {
+        // Boxed: each frame moves the subscriber in and out of the stream's
+        // state, which would copy it whole (88 bytes).
+        let subscriber = Box::new(Subscriber {
             reply: Arc::clone(self),
             next: usize::try_from(after).unwrap_or(usize::MAX),
             pending: VecDeque::new(),
             ping: tokio::time::interval_at(tokio::time::Instant::now() + ping, ping),
             _attachment: attachment,
-        };
+        });
         futures::stream::unfold(subscriber, |mut subscriber| async move {
             subscriber
                 .next_frame()
