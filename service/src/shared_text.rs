@@ -50,20 +50,16 @@ impl Deref for SharedText {
     }
 }
 
+/// Encoding copies the text into the shared allocation, so an owned text
+/// is only read (the `String` and `Cow` conversions borrow it).
 impl From<&str> for SharedText {
     fn from(text: &str) -> Self {
-        text.to_owned().into()
-    }
-}
-
-impl From<String> for SharedText {
-    fn from(text: String) -> Self {
         let mut encoded = String::with_capacity(text.len() + 2);
-        write_json_string(&text, &mut encoded);
+        write_json_string(text, &mut encoded);
         let json_len = encoded.len();
         // Escaping changed the text only if it lengthened it.
         if json_len != text.len() + 2 {
-            encoded.push_str(&text);
+            encoded.push_str(text);
         }
         Self {
             encoded: encoded.into(),
@@ -72,8 +68,16 @@ impl From<String> for SharedText {
     }
 }
 
+impl From<String> for SharedText {
+    fn from(text: String) -> Self {
+        text.as_str().into()
+    }
+}
+
 /// Appends `text` to `out` as a JSON string (RFC 8259), escaped as
-/// serde_json escapes one: quote, backslash and control characters.
+/// serde_json escapes one: quote, backslash and control characters. Written
+/// here because serde_json's writer answers with a `Result` that a string
+/// never fails, and a text always has its JSON form.
 fn write_json_string(text: &str, out: &mut String) {
     out.push('"');
     let mut plain_from = 0;
@@ -107,7 +111,7 @@ const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
 
 impl From<Cow<'_, str>> for SharedText {
     fn from(text: Cow<'_, str>) -> Self {
-        text.into_owned().into()
+        Self::from(&*text)
     }
 }
 
