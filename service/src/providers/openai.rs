@@ -6,6 +6,7 @@ use std::pin::Pin;
 use async_trait::async_trait;
 use futures::Stream;
 use reqwest::StatusCode;
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use serde::de::{IgnoredAny, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -21,23 +22,46 @@ mod chunk;
 
 pub struct OpenAiProvider {
     client: reqwest::Client,
-    completions_url: String,
-    api_key: Option<String>,
+    /// Parsed once: a URL given as a string is parsed again for every request.
+    completions_url: reqwest::Url,
+    /// `Bearer {api_key}`, built once and marked sensitive.
+    authorization: Option<HeaderValue>,
 }
 
 impl OpenAiProvider {
     /// `base_url` as OpenAI clients take it, including the API version
     /// (`http://localhost:8000/v1`); `api_key` is sent as a bearer token.
+    /// Refuses a URL that does not parse, or a key that cannot be a header
+    /// value, here rather than at the first reply.
     pub fn new(base_url: &str, api_key: Option<String>) -> Result<Self, ProviderError> {
+        let invalid = |what: &str| ProviderError::new(ProviderErrorKind::Other, what.to_owned());
         let client = reqwest::Client::builder()
             // Deltas are small writes; do not let Nagle hold them back.
             .tcp_nodelay(true)
             .build()
             .map_err(|e| ProviderError::new(ProviderErrorKind::Other, e.to_string()))?;
+        let completions_url: reqwest::Url =
+            format!("{}/chat/completions", base_url.trim_end_matches('/'))
+                .parse()
+                .map_err(|e| invalid(&format!("the base URL {base_url:?} is not a URL: {e}")))?;
+        if !matches!(completions_url.scheme(), "http" | "https") {
+            return Err(invalid(&format!(
+                "the base URL {base_url:?} is not an http or https URL"
+            )));
+        }
+        let authorization = api_key
+            .map(|key| {
+                // The error does not repeat the key.
+                let mut value = HeaderValue::try_from(format!("Bearer {key}"))
+                    .map_err(|_| invalid("the API key cannot be sent as a header value"))?;
+                value.set_sensitive(true);
+                Ok(value)
+            })
+            .transpose()?;
         Ok(Self {
             client,
-            completions_url: format!("{}/chat/completions", base_url.trim_end_matches('/')),
-            api_key,
+            completions_url,
+            authorization,
         })
     }
 
@@ -47,11 +71,11 @@ impl OpenAiProvider {
             .map_err(|e| ProviderError::new(ProviderErrorKind::InvalidRequest, e.to_string()))?;
         let mut request = self
             .client
-            .post(&self.completions_url)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .post(self.completions_url.clone())
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
             .body(encoded);
-        if let Some(api_key) = &self.api_key {
-            request = request.bearer_auth(api_key);
+        if let Some(authorization) = &self.authorization {
+            request = request.header(AUTHORIZATION, authorization.clone());
         }
         let response = request.send().await.map_err(transport_error)?;
         if response.status().is_success() {
@@ -510,6 +534,26 @@ mod tests {
         }
         // Not only refusals: the common shapes take the fast path.
         assert!(read_fast >= 3, "{read_fast} seeds read on the fast path");
+    }
+
+    #[test]
+    fn a_base_url_or_key_that_cannot_be_sent_is_refused_at_construction() {
+        let provider = OpenAiProvider::new("http://localhost:8000/v1/", None).unwrap();
+        assert_eq!(
+            provider.completions_url.as_str(),
+            "http://localhost:8000/v1/chat/completions"
+        );
+        assert!(OpenAiProvider::new("http://local host/v1", None).is_err());
+        assert!(OpenAiProvider::new("localhost:8000/v1", None).is_err());
+        let Err(error) = OpenAiProvider::new("http://localhost/v1", Some("sk-\nsecret".into()))
+        else {
+            panic!("a key with a line break was accepted");
+        };
+        assert!(!error.message.contains("secret"), "{}", error.message);
+        let sent = OpenAiProvider::new("http://localhost/v1", Some("sk-1".into())).unwrap();
+        let authorization = sent.authorization.unwrap();
+        assert_eq!(authorization, "Bearer sk-1");
+        assert!(authorization.is_sensitive());
     }
 
     /// A stream whose chunks miss the fast path stops trying it after a few
