@@ -55,7 +55,8 @@ pub struct Config {
         global = true
     )]
     pub listen: SocketAddr,
-    /// Threads for blocking work (embedded-store reads). Each holds its own
+    /// Threads for blocking work (embedded-store reads, except a reply's
+    /// read of a session it replied to lately). Each holds its own
     /// allocator caches, so a small pool keeps memory down; reads are short,
     /// and on two cores more threads add switches, not throughput.
     #[arg(

@@ -5,7 +5,10 @@
 //! file, and actively maintained. Its write transactions are serialized, which
 //! makes a message append a plain read-check-write inside one transaction.
 //! Operations run through [`EmbeddedDb`]: reads on the blocking pool, writes
-//! on its writer thread, each in one transaction, answered once durable.
+//! on its writer thread, each in one transaction, answered once durable. A
+//! reply's read of a session it replied to lately (its record and the
+//! messages since, the rest from the session tails) is short and runs on
+//! the calling task instead.
 //!
 //! Layout:
 //! - `chat_sessions`: id -> session record (JSON, without messages)
@@ -179,6 +182,29 @@ impl SessionStore for EmbeddedStore {
         id: ObjectId,
         budget: HistoryBudget,
     ) -> Result<(SessionTail, PendingDurability), Error> {
+        // A session replied to lately is read here: its record and the
+        // messages since. Any other read may decode a whole history window
+        // and goes to the blocking pool.
+        if self.tails.holds(id) {
+            let (held, pending) = self
+                .database
+                .read_applied_inline(|transaction| -> Result<_, Error> {
+                    let summary = read_summary(transaction, id)?;
+                    let count = sequence(summary.message_count as usize)?;
+                    let mut messages = MessageRows::open(transaction, id)?;
+                    Ok(self
+                        .tails
+                        .newest_held(id, count, budget, &mut messages)?
+                        .map(|newest_messages| SessionTail {
+                            summary,
+                            newest_messages,
+                        }))
+                })
+                .await?;
+            if let Some(session) = held {
+                return Ok((session, pending));
+            }
+        }
         let tails = Arc::clone(&self.tails);
         self.database
             .read_applied(move |transaction| {

@@ -60,6 +60,21 @@ impl Tail {
     fn end(&self) -> u32 {
         self.first + self.messages.len() as u32
     }
+
+    /// Counts what it holds, after its messages changed.
+    fn measure(&mut self) {
+        self.bytes =
+            SESSION_OVERHEAD_BYTES + self.messages.iter().map(message_bytes).sum::<usize>();
+    }
+}
+
+/// How far back a read of the cache may go to the store.
+#[derive(Clone, Copy)]
+enum Reach {
+    /// Only the messages appended since what is held.
+    HeldOnly,
+    /// As far back as the budget reaches.
+    AsFarAsNeeded,
 }
 
 /// Reads a session's messages from the store, in the transaction whose
@@ -91,9 +106,51 @@ impl SessionTails {
         budget: HistoryBudget,
         store: &mut impl ReadMessages,
     ) -> Result<Vec<Message>, Error> {
+        let newest = self.newest_within(id, count, budget, store, Reach::AsFarAsNeeded)?;
+        // Reading as far as needed always answers.
+        Ok(newest.unwrap_or_default())
+    }
+
+    /// Whether session `id` has an entry: a read of it will most likely
+    /// need only the messages appended since.
+    pub(super) fn holds(&self, id: ObjectId) -> bool {
+        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        entries.by_session.contains_key(&id)
+    }
+
+    /// [`Self::newest`] when it can answer from what the cache holds and the
+    /// messages appended since; `None` (the cache as it was) when the
+    /// session has no entry, or `budget` reaches back past it.
+    pub(super) fn newest_held(
+        &self,
+        id: ObjectId,
+        count: u32,
+        budget: HistoryBudget,
+        store: &mut impl ReadMessages,
+    ) -> Result<Option<Vec<Message>>, Error> {
+        self.newest_within(id, count, budget, store, Reach::HeldOnly)
+    }
+
+    fn newest_within(
+        &self,
+        id: ObjectId,
+        count: u32,
+        budget: HistoryBudget,
+        store: &mut impl ReadMessages,
+        reach: Reach,
+    ) -> Result<Option<Vec<Message>>, Error> {
         // Taken out while the store is read, so the lock is never held
         // across I/O; a concurrent reply to the same session reads it whole.
-        let mut tail = match self.take(id).filter(|tail| tail.first <= count) {
+        let held = self.take(id);
+        let held = match (held, reach) {
+            (Some(tail), Reach::HeldOnly) if tail.first > count => {
+                self.put(id, tail);
+                return Ok(None);
+            }
+            (None, Reach::HeldOnly) => return Ok(None),
+            (held, _) => held.filter(|tail| tail.first <= count),
+        };
+        let mut tail = match held {
             Some(mut tail) => {
                 if tail.end() > count {
                     // Cached from a newer transaction than this one: what
@@ -114,9 +171,15 @@ impl SessionTails {
                 used: 0,
             },
         };
-        let kept = match budget_reach(&tail, budget) {
-            Some(kept) => kept,
-            None => {
+        let kept = match (budget_reach(&tail, budget), reach) {
+            (Some(kept), _) => kept,
+            (None, Reach::HeldOnly) => {
+                // What was read since is as good as ever for the next read.
+                tail.measure();
+                self.put(id, tail);
+                return Ok(None);
+            }
+            (None, Reach::AsFarAsNeeded) => {
                 let messages = store.read_newest(count, budget)?;
                 tail.first = count.saturating_sub(messages.len() as u32);
                 tail.messages = messages.into();
@@ -131,11 +194,10 @@ impl SessionTails {
         if dropped > 0 || (tail.first > 0 && !budget_within(budget, tail.cut_by)) {
             tail.cut_by = budget;
         }
-        tail.bytes =
-            SESSION_OVERHEAD_BYTES + tail.messages.iter().map(message_bytes).sum::<usize>();
+        tail.measure();
         let newest = tail.messages.iter().cloned().collect();
         self.put(id, tail);
-        Ok(newest)
+        Ok(Some(newest))
     }
 
     /// Forgets session `id` (deleted).
@@ -319,7 +381,16 @@ mod tests {
             // Now and then a transaction that began before the newest appends.
             let count = len - rng.random_range(0..=len.min(3));
             let window = budget(rng.random_range(0..30), rng.random_range(0..600));
-            let newest = tails.newest(ids[which], count, window, rows).unwrap();
+            // Half the time from what is held alone, when it can answer.
+            let held = if rng.random_bool(0.5) {
+                tails.newest_held(ids[which], count, window, rows).unwrap()
+            } else {
+                None
+            };
+            let newest = match held {
+                Some(newest) => newest,
+                None => tails.newest(ids[which], count, window, rows).unwrap(),
+            };
             assert_eq!(
                 newest,
                 reference(&rows.messages[..count as usize], window),
@@ -358,6 +429,47 @@ mod tests {
         assert!(entries.by_session.contains_key(&fourth));
         assert!(entries.by_session.contains_key(&third));
         assert_eq!(entries.bytes, 3 * session);
+    }
+
+    /// A read from the cache alone answers as a full read would, reading
+    /// only what was appended, and declines, leaving the cache as good as
+    /// before, when the session has no entry or the budget reaches past it.
+    #[test]
+    fn a_read_of_what_is_held_answers_as_a_full_read_or_declines() {
+        let tails = SessionTails::new(CAPACITY_BYTES);
+        let id = ObjectId::new();
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut rows = Rows {
+            messages: (0..100).map(|_| message(&mut rng)).collect(),
+            decoded: 0,
+        };
+        let window = budget(20, 2_000);
+        assert!(!tails.holds(id));
+        assert_eq!(tails.newest_held(id, 100, window, &mut rows).unwrap(), None);
+        assert_eq!(rows.decoded, 0);
+        tails.newest(id, 100, window, &mut rows).unwrap();
+        assert!(tails.holds(id));
+        rows.messages.push(message(&mut rng));
+        rows.messages.push(message(&mut rng));
+        rows.decoded = 0;
+        let held = tails.newest_held(id, 102, window, &mut rows).unwrap();
+        assert_eq!(held, Some(reference(&rows.messages, window)));
+        assert_eq!(rows.decoded, 2);
+        // A wider budget reaches past what is held: declined, but the
+        // messages read meanwhile stay cached.
+        rows.messages.push(message(&mut rng));
+        rows.decoded = 0;
+        let wider = budget(60, 2_000);
+        assert_eq!(tails.newest_held(id, 103, wider, &mut rows).unwrap(), None);
+        assert_eq!(rows.decoded, 1);
+        let held_bytes = tails.entries.lock().unwrap().bytes;
+        rows.decoded = 0;
+        let full = tails.newest(id, 103, window, &mut rows).unwrap();
+        assert_eq!(full, reference(&rows.messages, window));
+        assert_eq!(rows.decoded, 0, "the appended message was kept");
+        assert!(held_bytes >= tails.entries.lock().unwrap().bytes);
+        let all = tails.newest(id, 103, wider, &mut rows).unwrap();
+        assert_eq!(all, reference(&rows.messages, wider));
     }
 
     #[test]
