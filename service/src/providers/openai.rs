@@ -39,7 +39,7 @@ impl OpenAiProvider {
             // Deltas are small writes; do not let Nagle hold them back.
             .tcp_nodelay(true)
             .build()
-            .map_err(|e| ProviderError::new(ProviderErrorKind::Other, e.to_string()))?;
+            .map_err(|e| invalid(&e.to_string()))?;
         let completions_url: reqwest::Url =
             format!("{}/chat/completions", base_url.trim_end_matches('/'))
                 .parse()

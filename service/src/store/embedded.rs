@@ -189,16 +189,13 @@ impl SessionStore for EmbeddedStore {
             let (held, pending) = self
                 .database
                 .read_applied_inline(|transaction| -> Result<_, Error> {
-                    let summary = read_summary(transaction, id)?;
-                    let count = sequence(summary.message_count as usize)?;
-                    let mut messages = MessageRows::open(transaction, id)?;
-                    Ok(self
-                        .tails
-                        .newest_held(id, count, budget, &mut messages)?
-                        .map(|newest_messages| SessionTail {
-                            summary,
-                            newest_messages,
-                        }))
+                    let (summary, newest) = read_tail(transaction, id, |count, rows| {
+                        self.tails.newest_held(id, count, budget, rows)
+                    })?;
+                    Ok(newest.map(|newest_messages| SessionTail {
+                        summary,
+                        newest_messages,
+                    }))
                 })
                 .await?;
             if let Some(session) = held {
@@ -208,10 +205,9 @@ impl SessionStore for EmbeddedStore {
         let tails = Arc::clone(&self.tails);
         self.database
             .read_applied(move |transaction| {
-                let summary = read_summary(transaction, id)?;
-                let count = sequence(summary.message_count as usize)?;
-                let mut messages = MessageRows::open(transaction, id)?;
-                let newest_messages = tails.newest(id, count, budget, &mut messages)?;
+                let (summary, newest_messages) = read_tail(transaction, id, |count, rows| {
+                    tails.newest(id, count, budget, rows)
+                })?;
                 Ok(SessionTail {
                     summary,
                     newest_messages,
@@ -420,6 +416,21 @@ fn summary(id: ObjectId, record: SessionRecord) -> Result<SessionSummary, Error>
 }
 
 /// The record of session `id` as a summary; `SessionNotFound` if there is none.
+/// Session `id`'s record, and what `newest` takes from its messages: the
+/// rows as this transaction sees them, given their count from the same
+/// record.
+fn read_tail<T>(
+    transaction: &ReadTransaction,
+    id: ObjectId,
+    newest: impl FnOnce(u32, &mut MessageRows) -> Result<T, Error>,
+) -> Result<(SessionSummary, T), Error> {
+    let summary = read_summary(transaction, id)?;
+    let count = sequence(summary.message_count as usize)?;
+    let mut messages = MessageRows::open(transaction, id)?;
+    let newest = newest(count, &mut messages)?;
+    Ok((summary, newest))
+}
+
 fn read_summary(transaction: &ReadTransaction, id: ObjectId) -> Result<SessionSummary, Error> {
     let sessions = transaction.open_table(SESSIONS).map_err(storage_error)?;
     let record = sessions
