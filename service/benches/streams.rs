@@ -17,7 +17,9 @@
 //!   fresh server;
 //! - the server's RSS per open stream with N streams open at once.
 //!
-//! The server runs as a child process, so its RSS is its own.
+//! The server runs as a child process, so its RSS is its own;
+//! `PARLEY_BENCH_SERVICE=<path>` runs another build of it (an A/B in one
+//! sitting).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::Stdio;
@@ -117,7 +119,9 @@ impl Server {
             .local_addr()
             .unwrap()
             .port();
-        let child = Command::new(env!("CARGO_BIN_EXE_parley-service"))
+        let binary = std::env::var("PARLEY_BENCH_SERVICE")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_parley-service").to_owned());
+        let child = Command::new(binary)
             .env("PARLEY_LISTEN", format!("127.0.0.1:{port}"))
             .env("PARLEY_DATA_DIR", dir.path())
             .env("PARLEY_JWT_SECRET", SECRET)

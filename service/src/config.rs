@@ -491,7 +491,7 @@ mod tests {
     fn memory_settings_have_bounded_defaults_and_refuse_zero() {
         let cli = Cli::try_parse_from(["parley-service"]).unwrap();
         assert_eq!(cli.config.blocking_threads, 4);
-        assert_eq!(cli.config.store_cache_mib, 8);
+        assert_eq!(cli.config.store_cache_mib, 5);
         let cli = Cli::try_parse_from([
             "parley-service",
             "--blocking-threads",

@@ -28,9 +28,7 @@ const SETTLE_RETRY_DELAYS: [Duration; 2] = [Duration::from_millis(100), Duration
 pub struct ReplyBill {
     accounting: Arc<dyn Accounting>,
     caller: Caller,
-    /// The hold's streaming-session id: the chat session's id (or the API of
-    /// a reply kept in no session) and a UUID, unique per reply and telling
-    /// whose usage record it is.
+    /// The hold's streaming-session id ([`request_id`]).
     request_id: String,
     route: String,
     /// The target the hold is priced for now.
@@ -73,6 +71,16 @@ pub struct Charge {
     pub remaining: Credits,
 }
 
+/// A reply's hold id: `origin` (the chat session's id, or the API of a reply
+/// kept in no session), which tells whose usage record it is, then a UUID
+/// that is unique per reply and ordered by creation (version 7). The ledger
+/// keys usage records by this id, so a new reply's lookup and insert land
+/// beside its origin's previous one, on a page the store has cached; a
+/// random UUID sent each to a random page of the whole usage history.
+fn request_id(origin: &str) -> String {
+    format!("{origin}/{}", uuid::Uuid::now_v7())
+}
+
 impl ReplyBill {
     /// Holds the worst case of the route's first target the prompt fits,
     /// or — when the route allows downgrading — of the first such target in
@@ -92,7 +100,7 @@ impl ReplyBill {
         let mut bill = ReplyBill {
             accounting,
             caller,
-            request_id: format!("{origin}/{}", uuid::Uuid::new_v4()),
+            request_id: request_id(origin),
             route: route.alias.clone(),
             model: String::new(),
             input_tokens: 0,
@@ -274,5 +282,25 @@ impl ReplyBill {
         if let Err(error) = released {
             tracing::warn!(request_id = %self.request_id, %error, "releasing a hold failed; the reaper releases it when the lease ends");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::request_id;
+
+    #[test]
+    fn request_ids_of_one_origin_sort_in_the_order_they_were_made() {
+        let ids: Vec<String> = (0..1000)
+            .map(|_| request_id("65f0c0ffee0123456789abcd"))
+            .collect();
+        assert!(
+            ids.iter()
+                .all(|id| id.starts_with("65f0c0ffee0123456789abcd/"))
+        );
+        assert!(
+            ids.windows(2).all(|pair| pair[0] < pair[1]),
+            "ids made one after another (many in the same millisecond) must sort in that order"
+        );
     }
 }
