@@ -448,8 +448,8 @@ impl Server {
             .local_addr()
             .unwrap()
             .port();
-        let binary = std::env::var("PARLEY_BENCH_SERVICE")
-            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_parley-service").to_owned());
+        let binary =
+            parley_test_support::bench::service_binary(env!("CARGO_BIN_EXE_parley-service"));
         // Kept after the run, for `callgrind_annotate`.
         let callgrind = std::env::var_os("PARLEY_BENCH_CALLGRIND")
             .is_some_and(|value| value == "1")

@@ -119,8 +119,8 @@ impl Server {
             .local_addr()
             .unwrap()
             .port();
-        let binary = std::env::var("PARLEY_BENCH_SERVICE")
-            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_parley-service").to_owned());
+        let binary =
+            parley_test_support::bench::service_binary(env!("CARGO_BIN_EXE_parley-service"));
         let child = Command::new(binary)
             .env("PARLEY_LISTEN", format!("127.0.0.1:{port}"))
             .env("PARLEY_DATA_DIR", dir.path())

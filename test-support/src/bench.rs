@@ -21,6 +21,12 @@ pub fn numbers(var: &str, default: &[usize]) -> Vec<usize> {
     }
 }
 
+/// The service binary to benchmark: `PARLEY_BENCH_SERVICE` when set (another
+/// build, for an A/B in one sitting), else `built` (the bench's own build).
+pub fn service_binary(built: &str) -> String {
+    std::env::var("PARLEY_BENCH_SERVICE").unwrap_or_else(|_| built.to_owned())
+}
+
 /// Whether the store `name` is selected by `PARLEY_BENCH_STORES` (a
 /// comma-separated list, e.g. `embedded`); every store is when it is unset.
 pub fn store_selected(name: &str) -> bool {

@@ -415,7 +415,6 @@ fn summary(id: ObjectId, record: SessionRecord) -> Result<SessionSummary, Error>
     })
 }
 
-/// The record of session `id` as a summary; `SessionNotFound` if there is none.
 /// Session `id`'s record, and what `newest` takes from its messages: the
 /// rows as this transaction sees them, given their count from the same
 /// record.
@@ -431,6 +430,7 @@ fn read_tail<T>(
     Ok((summary, newest))
 }
 
+/// The record of session `id` as a summary; `SessionNotFound` if there is none.
 fn read_summary(transaction: &ReadTransaction, id: ObjectId) -> Result<SessionSummary, Error> {
     let sessions = transaction.open_table(SESSIONS).map_err(storage_error)?;
     let record = sessions
