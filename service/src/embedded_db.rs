@@ -617,14 +617,16 @@ mod tests {
 
     const NUMBERS: TableDefinition<u64, u64> = TableDefinition::new("numbers");
 
-    /// A disk whose fsync fails once `failing` is set.
+    /// A disk whose fsync fails once `failing` is set, and waits while
+    /// `holding` is.
     #[derive(Debug)]
-    struct FailingDisk {
+    struct TestDisk {
         memory: InMemoryBackend,
         failing: Arc<AtomicBool>,
+        holding: Arc<AtomicBool>,
     }
 
-    impl StorageBackend for FailingDisk {
+    impl StorageBackend for TestDisk {
         fn len(&self) -> Result<u64, io::Error> {
             self.memory.len()
         }
@@ -638,6 +640,9 @@ mod tests {
         }
 
         fn sync_data(&self) -> Result<(), io::Error> {
+            while self.holding.load(Ordering::SeqCst) {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
             if self.failing.load(Ordering::SeqCst) {
                 Err(io::Error::other("the disk failed"))
             } else {
@@ -659,14 +664,22 @@ mod tests {
         .unwrap()
     }
 
-    /// A database whose fsync fails once the flag is set.
-    fn on_failing_disk() -> (EmbeddedDb, Arc<AtomicBool>) {
+    /// A database whose fsync fails once the first flag is set, and waits
+    /// while the second is.
+    fn on_test_disk() -> (EmbeddedDb, Arc<AtomicBool>, Arc<AtomicBool>) {
         let failing = Arc::new(AtomicBool::new(false));
-        let disk = FailingDisk {
+        let holding = Arc::new(AtomicBool::new(false));
+        let disk = TestDisk {
             memory: InMemoryBackend::new(),
             failing: Arc::clone(&failing),
+            holding: Arc::clone(&holding),
         };
         let db = EmbeddedDb::new(Database::builder().create_with_backend(disk).unwrap()).unwrap();
+        (db, failing, holding)
+    }
+
+    fn on_failing_disk() -> (EmbeddedDb, Arc<AtomicBool>) {
+        let (db, failing, _) = on_test_disk();
         (db, failing)
     }
 
@@ -832,19 +845,35 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn applied_writes_are_seen_at_once_and_durable_only_after_their_fsync() {
-        let (db, failing) = on_failing_disk();
-        let (_, written) = db.write_applied(insert(1)).await.unwrap();
+        let (db, failing, holding) = on_test_disk();
+        // Answered, and seen by reads, while no fsync can end.
+        holding.store(true, Ordering::SeqCst);
+        let (_, written) = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            db.write_applied(insert(1)),
+        )
+        .await
+        .expect("an applied write waited for its fsync")
+        .unwrap();
         let (seen, read) = db.read_applied(get(1)).await.unwrap();
         assert_eq!(seen, Some(1));
         let (seen_inline, read_inline) = db.read_applied_inline(get(1)).await.unwrap();
         assert_eq!(seen_inline, Some(1));
-        written
-            .and(read)
-            .and(read_inline)
-            .and(PendingDurability::none())
-            .wait::<redb::Error>()
-            .await
-            .unwrap();
+        let mut pending = Box::pin(
+            written
+                .and(read)
+                .and(read_inline)
+                .and(PendingDurability::none())
+                .wait::<redb::Error>(),
+        );
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(100), &mut pending)
+                .await
+                .is_err(),
+            "an applied write was reported durable before its fsync ended"
+        );
+        holding.store(false, Ordering::SeqCst);
+        pending.await.unwrap();
         // Once fsync fails, no applied write is ever confirmed durable.
         failing.store(true, Ordering::SeqCst);
         let confirmed = join_all((2..=200).map(|number| {
