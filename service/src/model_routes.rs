@@ -133,9 +133,48 @@ impl Routes {
     /// otherwise `UnknownRoute` listing the aliases the role may use, so a
     /// forbidden route looks exactly like a missing one.
     pub fn resolve(&self, alias: Option<&str>, role: Role) -> Result<&ModelRouteSpec, Error> {
+        self.position_of(alias, role)
+            .map(|index| &self.file.routes[index])
+    }
+
+    /// [`Routes::resolve`], shared with the snapshot for a reply to keep.
+    pub fn resolve_shared(
+        self: &Arc<Self>,
+        alias: Option<&str>,
+        role: Role,
+    ) -> Result<SharedRoute, Error> {
+        self.position_of(alias, role).map(|index| self.share(index))
+    }
+
+    /// What the OpenAI-compatible API's `model` names: a route alias, or the
+    /// model id of a route's first target (the first such route `role` may
+    /// use, in file order), so the route's fallback, prices and limits apply
+    /// as they do to the alias. Otherwise `UnknownRoute`, as [`Routes::resolve`].
+    pub fn resolve_model(&self, name: &str, role: Role) -> Result<&ModelRouteSpec, Error> {
+        self.position_of_model(name, role)
+            .map(|index| &self.file.routes[index])
+    }
+
+    /// [`Routes::resolve_model`], shared with the snapshot for a reply to keep.
+    pub fn resolve_model_shared(
+        self: &Arc<Self>,
+        name: &str,
+        role: Role,
+    ) -> Result<SharedRoute, Error> {
+        self.position_of_model(name, role)
+            .map(|index| self.share(index))
+    }
+
+    fn share(self: &Arc<Self>, index: usize) -> SharedRoute {
+        SharedRoute {
+            routes: Arc::clone(self),
+            index,
+        }
+    }
+
+    fn position_of(&self, alias: Option<&str>, role: Role) -> Result<usize, Error> {
         let alias = alias.unwrap_or_else(|| self.default_alias());
-        self.usable_by(role)
-            .find(|route| route.alias == alias)
+        self.position_where(role, |route| route.alias == alias)
             .ok_or_else(|| Error::UnknownRoute {
                 requested: alias.to_owned(),
                 allowed: self
@@ -145,21 +184,48 @@ impl Routes {
             })
     }
 
-    /// What the OpenAI-compatible API's `model` names: a route alias, or the
-    /// model id of a route's first target (the first such route `role` may
-    /// use, in file order), so the route's fallback, prices and limits apply
-    /// as they do to the alias. Otherwise `UnknownRoute`, as [`Routes::resolve`].
-    pub fn resolve_model(&self, name: &str, role: Role) -> Result<&ModelRouteSpec, Error> {
-        self.resolve(Some(name), role).or_else(|unknown| {
-            self.usable_by(role)
-                .find(|route| {
-                    route
-                        .targets
-                        .first()
-                        .is_some_and(|first| first.model == name)
-                })
-                .ok_or(unknown)
+    fn position_of_model(&self, name: &str, role: Role) -> Result<usize, Error> {
+        self.position_of(Some(name), role).or_else(|unknown| {
+            self.position_where(role, |route| {
+                route
+                    .targets
+                    .first()
+                    .is_some_and(|first| first.model == name)
+            })
+            .ok_or(unknown)
         })
+    }
+
+    /// The first route `role` may use that `matches`, in file order.
+    fn position_where(
+        &self,
+        role: Role,
+        matches: impl Fn(&ModelRouteSpec) -> bool,
+    ) -> Option<usize> {
+        let role = crd_role(role);
+        self.file
+            .routes
+            .iter()
+            .position(|route| route.allowed_roles.contains(&role) && matches(route))
+    }
+}
+
+/// One route of a routes snapshot, kept by a reply as it was when the reply
+/// arrived: a reload swaps the current snapshot, never this one. Sharing the
+/// snapshot costs a reference count where a copy of the route cost four
+/// allocations per reply, and 166 bytes of every open stream.
+#[derive(Debug, Clone)]
+pub struct SharedRoute {
+    routes: Arc<Routes>,
+    /// Always an index of `routes.file.routes`: only the snapshot makes one.
+    index: usize,
+}
+
+impl std::ops::Deref for SharedRoute {
+    type Target = ModelRouteSpec;
+
+    fn deref(&self) -> &ModelRouteSpec {
+        &self.routes.file.routes[self.index]
     }
 }
 
@@ -455,6 +521,31 @@ routes:
                 other => panic!("expected UnknownRoute, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_shared_route_is_the_resolved_one_and_keeps_its_snapshot_across_reloads() {
+        let mut registry = Registry::default();
+        let cell = RoutesCell::new(Routes::from_yaml(TWO_ROUTES).unwrap(), &mut registry);
+        let routes = cell.snapshot();
+        let staff = routes.resolve_shared(Some("staff"), Role::Admin).unwrap();
+        assert_eq!(*staff, *routes.resolve(Some("staff"), Role::Admin).unwrap());
+        let by_model = routes.resolve_model_shared("sim", Role::User).unwrap();
+        assert_eq!(by_model.alias, "default");
+        for refused in [
+            routes.resolve_shared(Some("staff"), Role::User),
+            routes.resolve_model_shared("big", Role::User),
+        ] {
+            assert!(matches!(refused, Err(Error::UnknownRoute { .. })));
+        }
+        drop(routes);
+        // The reload replaces the cell's snapshot; the shared routes keep theirs.
+        assert!(cell.reload_from_yaml(&TWO_ROUTES.replace("model: big", "model: bigger"), "test"));
+        assert_eq!(staff.targets[0].model, "big");
+        assert_eq!(by_model.targets[0].model, "sim");
+        let reloaded = cell.snapshot();
+        let staff_now = reloaded.resolve(Some("staff"), Role::Admin).unwrap();
+        assert_eq!(staff_now.targets[0].model, "bigger");
     }
 
     #[tokio::test]

@@ -287,7 +287,7 @@ async fn start_reply(
     // Waited on before the reply's first event, overlapping the model call.
     let (session, read) = owned_session(state, id, principal, budget).await?;
     let alias = requested.as_deref().unwrap_or(&session.summary.route);
-    let route = routes.resolve(Some(alias), principal.role)?.clone();
+    let route = routes.resolve_shared(Some(alias), principal.role)?;
     let policy = routes.policy_for(&route.alias, &principal.cohorts);
     let masked = check_message(
         state,

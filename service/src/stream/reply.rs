@@ -25,6 +25,7 @@ use super::metrics::{FallbackLabels, StreamLabels, TokenLabels};
 use crate::context_window::{Prompt, output_tokens};
 use crate::embedded_db::PendingDurability;
 use crate::error::{Error, upstream_code};
+use crate::model_routes::SharedRoute;
 use crate::policy::{
     Block, BlockContext, BlockRecorder, Filtered, OutputFilter, REDACTION_MARK, ReplyPolicy,
 };
@@ -65,7 +66,7 @@ pub struct ReplyRequest {
     pub api: Api,
     pub user_id: String,
     /// The route as it was when the request arrived (reloads do not touch it).
-    pub route: ModelRouteSpec,
+    pub route: SharedRoute,
     /// The prompt of each of the route's targets, fitted to its context
     /// window and ending with the new user turn; `None` for a target the
     /// prompt cannot fit, which the reply skips.
@@ -164,26 +165,24 @@ pub fn spawn(
     let generating = replies.generating.clone();
     generating.spawn(async move {
         replies.metrics.active.inc();
-        let Paid {
-            opened,
-            stream_slot,
-            rate_limiter,
-        } = paid;
         if let Some(reply) = &audience.hub {
             replies.hub.start(reply);
         }
+        // `paid`'s fields are used in place, not bound to locals first: a
+        // local moved out of a captured value is a second copy of it in the
+        // task, for the whole reply (272 bytes of every open stream).
         let mut generation = Generation {
             replies: &replies,
             sessions: sessions.as_ref(),
             audience: &audience,
             request: &request,
-            rate_limiter: rate_limiter.as_ref(),
-            bill: Some(opened.bill),
-            unconfirmed: Some(read.and(opened.pending)),
-            first_target: opened.first_target,
-            current_target: opened.first_target,
+            rate_limiter: paid.rate_limiter.as_ref(),
+            bill: Some(paid.opened.bill),
+            unconfirmed: Some(read.and(paid.opened.pending)),
+            first_target: paid.opened.first_target,
+            current_target: paid.opened.first_target,
             admission: Admission::Closed,
-            downgraded: opened.downgraded,
+            downgraded: paid.opened.downgraded,
             next_id: 1,
             frames: FrameArena::default(),
             started: Instant::now(),
@@ -195,7 +194,7 @@ pub fn spawn(
             replies.hub.finish(reply, outcome);
         }
         replies.metrics.active.dec();
-        stream_slot.release().await;
+        paid.stream_slot.release().await;
         result
     })
 }

@@ -99,7 +99,7 @@ pub async fn chat_completions(
     let session = session_header(&headers)?;
     let routes = state.replies.routes.snapshot();
     let principal = &caller.principal;
-    let route = routes.resolve_model(&asked.model, principal.role)?.clone();
+    let route = routes.resolve_model_shared(&asked.model, principal.role)?;
     // Refused before any session, credit or model is touched.
     let mut conversation = asked.conversation(route.system_prompt.as_deref());
     let policy = routes.policy_for(&route.alias, &principal.cohorts);
