@@ -168,28 +168,31 @@ pub fn spawn(
         if let Some(reply) = &audience.hub {
             replies.hub.start(reply);
         }
-        // `paid`'s fields are used in place, not bound to locals first: a
-        // local moved out of a captured value is a second copy of it in the
-        // task, for the whole reply (272 bytes of every open stream).
-        let mut generation = Generation {
-            replies: &replies,
-            sessions: sessions.as_ref(),
-            audience: &audience,
-            request: &request,
-            rate_limiter: paid.rate_limiter.as_ref(),
-            bill: Some(paid.opened.bill),
-            unconfirmed: Some(read.and(paid.opened.pending)),
-            first_target: paid.opened.first_target,
-            current_target: paid.opened.first_target,
-            admission: Admission::Closed,
-            downgraded: paid.opened.downgraded,
-            next_id: 1,
-            frames: FrameArena::default(),
-            started: Instant::now(),
-            outcome: "failed",
+        // The task's size is every open stream's. `paid`'s fields are used
+        // in place, not bound to locals first: a local moved out of a
+        // captured value is a second copy of it in the task. The generation
+        // ends with its block, so the slot's release below is awaited
+        // without it.
+        let (result, outcome) = {
+            let mut generation = Generation {
+                replies: &replies,
+                sessions: sessions.as_ref(),
+                audience: &audience,
+                request: &request,
+                rate_limiter: paid.rate_limiter.as_ref(),
+                bill: Some(paid.opened.bill),
+                unconfirmed: Some(read.and(paid.opened.pending)),
+                first_target: paid.opened.first_target,
+                current_target: paid.opened.first_target,
+                admission: Admission::Closed,
+                downgraded: paid.opened.downgraded,
+                next_id: 1,
+                frames: FrameArena::default(),
+                started: Instant::now(),
+                outcome: "failed",
+            };
+            (generation.run().await, generation.outcome)
         };
-        let result = generation.run().await;
-        let outcome = generation.outcome;
         if let Some(reply) = &audience.hub {
             replies.hub.finish(reply, outcome);
         }
