@@ -122,11 +122,17 @@ impl Routes {
 
     /// Routes `role` may use, in file order.
     pub fn usable_by(&self, role: Role) -> impl Iterator<Item = &ModelRouteSpec> {
+        self.usable_with_positions(role).map(|(_, route)| route)
+    }
+
+    /// [`Routes::usable_by`], each with its position in the file.
+    fn usable_with_positions(&self, role: Role) -> impl Iterator<Item = (usize, &ModelRouteSpec)> {
         let role = crd_role(role);
         self.file
             .routes
             .iter()
-            .filter(move |route| route.allowed_roles.contains(&role))
+            .enumerate()
+            .filter(move |(_, route)| route.allowed_roles.contains(&role))
     }
 
     /// The route `alias` (the default one when `None`) if `role` may use it;
@@ -202,11 +208,9 @@ impl Routes {
         role: Role,
         matches: impl Fn(&ModelRouteSpec) -> bool,
     ) -> Option<usize> {
-        let role = crd_role(role);
-        self.file
-            .routes
-            .iter()
-            .position(|route| route.allowed_roles.contains(&role) && matches(route))
+        self.usable_with_positions(role)
+            .find(|(_, route)| matches(route))
+            .map(|(position, _)| position)
     }
 }
 
