@@ -7,10 +7,11 @@
 //! the reply in one append when the reply has a session, and pay: settle
 //! what was used, or release the hold when nothing was produced.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use parley_crds::{FallbackCondition, ModelRouteSpec, RouteTarget};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -30,8 +31,8 @@ use crate::policy::{
     Block, BlockContext, BlockRecorder, Filtered, OutputFilter, REDACTION_MARK, ReplyPolicy,
 };
 use crate::providers::{
-    CompletionRequest, Guardrail, ProviderError, ProviderErrorKind, ProviderEvent, Sampling,
-    StopReason, Usage,
+    CompletionRequest, Guardrail, Provider, ProviderError, ProviderErrorKind, ProviderEvent,
+    Sampling, StopReason, Usage,
 };
 use crate::ratelimit::{RateLimiter, Scope, StreamGuard};
 use crate::routing::Admission;
@@ -162,30 +163,38 @@ pub fn spawn(
     read: PendingDurability,
     paid: Paid,
 ) -> JoinHandle<Result<FinishedReply, Error>> {
+    let Paid {
+        opened,
+        stream_slot,
+        rate_limiter,
+    } = paid;
+    // The task's size is every open stream's, and a value moved out of a
+    // captured one is a second copy of it in the task: the bill and what
+    // the reply rests on are captured once, and the generation borrows them.
+    let mut bill = Some(opened.bill);
+    let mut unconfirmed = Some(read.and(opened.pending));
+    let (first_target, downgraded) = (opened.first_target, opened.downgraded);
     let generating = replies.generating.clone();
     generating.spawn(async move {
         replies.metrics.active.inc();
         if let Some(reply) = &audience.hub {
             replies.hub.start(reply);
         }
-        // The task's size is every open stream's. `paid`'s fields are used
-        // in place, not bound to locals first: a local moved out of a
-        // captured value is a second copy of it in the task. The generation
-        // ends with its block, so the slot's release below is awaited
-        // without it.
+        // The generation ends with its block, so the slot's release below
+        // is awaited without it.
         let (result, outcome) = {
             let mut generation = Generation {
                 replies: &replies,
                 sessions: sessions.as_ref(),
                 audience: &audience,
                 request: &request,
-                rate_limiter: paid.rate_limiter.as_ref(),
-                bill: Some(paid.opened.bill),
-                unconfirmed: Some(read.and(paid.opened.pending)),
-                first_target: paid.opened.first_target,
-                current_target: paid.opened.first_target,
+                rate_limiter: rate_limiter.as_ref(),
+                bill: &mut bill,
+                unconfirmed: &mut unconfirmed,
+                first_target,
+                current_target: first_target,
                 admission: Admission::Closed,
-                downgraded: paid.opened.downgraded,
+                downgraded,
                 next_id: 1,
                 frames: FrameArena::default(),
                 started: Instant::now(),
@@ -197,7 +206,7 @@ pub fn spawn(
             replies.hub.finish(reply, outcome);
         }
         replies.metrics.active.dec();
-        paid.stream_slot.release().await;
+        stream_slot.release().await;
         result
     })
 }
@@ -209,10 +218,10 @@ struct Generation<'a> {
     request: &'a ReplyRequest,
     rate_limiter: &'a dyn RateLimiter,
     /// The reply's hold; taken when it is settled or released.
-    bill: Option<ReplyBill>,
+    bill: &'a mut Option<ReplyBill>,
     /// What the reply rests on (its session read, its hold) until it is
     /// known durable; taken before the first event is shown.
-    unconfirmed: Option<PendingDurability>,
+    unconfirmed: &'a mut Option<PendingDurability>,
     first_target: usize,
     /// The target being tried now.
     current_target: usize,
@@ -226,6 +235,9 @@ struct Generation<'a> {
     /// How the reply ended, as counted in `parley_streams_total`.
     outcome: &'static str,
 }
+
+/// How one target's attempt ends, not yet awaited.
+type AttemptEnding<'a> = Pin<Box<dyn Future<Output = Attempt> + Send + 'a>>;
 
 /// How one target's attempt ended.
 enum Attempt {
@@ -284,7 +296,16 @@ impl Generation<'_> {
             if fallback_applied && let Err(error) = Box::pin(self.reprice(target, prompt)).await {
                 return Box::pin(self.unaffordable_fallback(target, error)).await;
             }
-            match self.attempt(target, prompt, fallback_applied).await {
+            // The provider is looked up here, not in `attempt`: the lookup's
+            // await would be laid out beside the attempt's streaming state.
+            let attempt = match self.replies.providers.for_target(target).await {
+                Ok(provider) => {
+                    self.attempt(provider.as_ref(), target, prompt, fallback_applied)
+                        .await
+                }
+                Err(error) => Box::pin(self.failed_before_output(target, error)).await,
+            };
+            match attempt {
                 Attempt::Done(result) => return result,
                 Attempt::FallBack(error) => {
                     next = request.next_target_after(index);
@@ -360,17 +381,17 @@ impl Generation<'_> {
     /// One target's attempt. The reply task lives as long as its stream and
     /// is as large as its largest await, so every ending (and the rarely
     /// reached renewal and announcement) is boxed: an open stream then keeps
-    /// only the streaming loop's state, not the ending's store-and-pay.
+    /// only the streaming loop's state, not the ending's store-and-pay. The
+    /// loop breaks out with its ending, unpolled, and the ending is awaited
+    /// once, after the loop's state is dropped: each ending awaited where it
+    /// arises gave its temporaries a place of their own beside that state.
     async fn attempt(
         &mut self,
+        provider: &dyn Provider,
         target: &RouteTarget,
         prompt: &Prompt,
         fallback_applied: bool,
     ) -> Attempt {
-        let provider = match self.replies.providers.for_target(target).await {
-            Ok(provider) => provider,
-            Err(error) => return Box::pin(self.failed_before_output(target, error)).await,
-        };
         let request = CompletionRequest {
             model: target.model.clone(),
             turns: prompt.turns.clone(),
@@ -379,122 +400,125 @@ impl Generation<'_> {
             sampling: self.request.sampling.clone(),
             guardrail: guardrail(target),
         };
-        let stop = self.stop();
-        tokio::pin!(stop);
-        let opened = tokio::select! {
-            opened = provider.stream(request) => opened,
-            stop = &mut stop => return Attempt::Done(Box::pin(self.stopped(target, stop, "", 0, None)).await),
-        };
-        let mut stream = match opened {
-            Ok(stream) => stream,
-            Err(error) => return Box::pin(self.failed_before_output(target, error)).await,
-        };
-        let mut filter = OutputFilter::new(&self.request.content.policy);
         let mut text = String::new();
-        let mut deltas: u32 = 0;
-        let mut usage = None;
-        let mut announced = false;
-        let renewal = tokio::time::sleep_until(self.next_renewal(false));
-        tokio::pin!(renewal);
-        loop {
-            let item = tokio::select! {
-                item = stream.next() => item,
-                stop = &mut stop => {
-                    // Dropping the stream drops the upstream request.
-                    drop(stream);
-                    return Attempt::Done(Box::pin(self.stopped(target, stop, &text, deltas, usage)).await);
-                }
-                () = &mut renewal => {
-                    match Box::pin(self.renew(target, deltas)).await {
-                        Ok(next) => renewal.as_mut().reset(next),
-                        Err(error) => {
-                            drop(stream);
-                            let stop = Stop::Unpaid(error);
-                            return Attempt::Done(Box::pin(self.stopped(target, stop, &text, deltas, usage)).await);
-                        }
-                    }
-                    continue;
-                }
+        let ending: AttemptEnding<'_> = 'attempt: {
+            let stop = self.stop();
+            tokio::pin!(stop);
+            let opened = tokio::select! {
+                opened = provider.stream(request) => opened,
+                stop = &mut stop => break 'attempt Box::pin(self.stopped(target, stop, "", 0, None).map(Attempt::Done)),
             };
-            match item {
-                Some(Ok(ProviderEvent::Delta(delta))) => {
-                    if !announced {
-                        if let Err(error) = Box::pin(self.announce(target, fallback_applied)).await
+            // Leaving the block drops the stream, and with it the upstream
+            // request, before the ending is awaited.
+            let mut stream = match opened {
+                Ok(stream) => stream,
+                Err(error) => break 'attempt Box::pin(self.failed_before_output(target, error)),
+            };
+            let mut filter = OutputFilter::new(&self.request.content.policy);
+            let mut deltas: u32 = 0;
+            let mut usage = None;
+            let mut announced = false;
+            let renewal = tokio::time::sleep_until(self.next_renewal(false));
+            tokio::pin!(renewal);
+            loop {
+                let item = tokio::select! {
+                    item = stream.next() => item,
+                    stop = &mut stop => {
+                        break 'attempt Box::pin(self.stopped(target, stop, &text, deltas, usage).map(Attempt::Done));
+                    }
+                    () = &mut renewal => {
+                        match Box::pin(self.renew(target, deltas)).await {
+                            Ok(next) => renewal.as_mut().reset(next),
+                            Err(error) => {
+                                let stop = Stop::Unpaid(error);
+                                break 'attempt Box::pin(self.stopped(target, stop, &text, deltas, usage).map(Attempt::Done));
+                            }
+                        }
+                        continue;
+                    }
+                };
+                match item {
+                    Some(Ok(ProviderEvent::Delta(delta))) => {
+                        if !announced {
+                            if let Err(error) =
+                                Box::pin(self.announce(target, fallback_applied)).await
+                            {
+                                let stop = Stop::Unpaid(error);
+                                break 'attempt Box::pin(
+                                    self.stopped(target, stop, "", 0, None).map(Attempt::Done),
+                                );
+                            }
+                            announced = true;
+                        }
+                        deltas = deltas.saturating_add(1);
+                        match filter.push(delta) {
+                            Filtered::Text(shown) => self.show(&mut text, shown, deltas),
+                            Filtered::Blocked { shown, block } => {
+                                self.show(&mut text, shown, deltas);
+                                let used = self.used(usage, deltas);
+                                break 'attempt Box::pin(
+                                    self.blocked(target, block, text, used).map(Attempt::Done),
+                                );
+                            }
+                        }
+                    }
+                    Some(Ok(ProviderEvent::Usage(reported))) => usage = Some(reported),
+                    Some(Ok(ProviderEvent::Finished { stop_reason })) => {
+                        if !announced
+                            && let Err(error) =
+                                Box::pin(self.announce(target, fallback_applied)).await
                         {
-                            drop(stream);
                             let stop = Stop::Unpaid(error);
-                            return Attempt::Done(
-                                Box::pin(self.stopped(target, stop, "", 0, None)).await,
+                            break 'attempt Box::pin(
+                                self.stopped(target, stop, "", 0, None).map(Attempt::Done),
                             );
                         }
-                        announced = true;
-                    }
-                    deltas = deltas.saturating_add(1);
-                    match filter.push(delta) {
-                        Filtered::Text(shown) => self.show(&mut text, shown, deltas),
-                        Filtered::Blocked { shown, block } => {
-                            drop(stream);
-                            self.show(&mut text, shown, deltas);
-                            let used = self.used(usage, deltas);
-                            return Attempt::Done(
-                                Box::pin(self.blocked(target, block, text, used)).await,
+                        let used = self.used(usage, deltas);
+                        match filter.finish() {
+                            Filtered::Text(shown) => self.show(&mut text, shown, deltas),
+                            Filtered::Blocked { shown, block } => {
+                                self.show(&mut text, shown, deltas);
+                                break 'attempt Box::pin(
+                                    self.blocked(target, block, text, used).map(Attempt::Done),
+                                );
+                            }
+                        }
+                        if let StopReason::GuardrailIntervened(intervention) = &stop_reason {
+                            let block = Block::by_guardrail(target, intervention);
+                            break 'attempt Box::pin(
+                                self.blocked(target, block, text, used).map(Attempt::Done),
                             );
                         }
+                        let ending = Completed {
+                            text,
+                            used,
+                            stop_reason,
+                            fallback_applied,
+                        };
+                        break 'attempt Box::pin(self.complete(target, ending).map(Attempt::Done));
                     }
-                }
-                Some(Ok(ProviderEvent::Usage(reported))) => usage = Some(reported),
-                Some(Ok(ProviderEvent::Finished { stop_reason })) => {
-                    if !announced
-                        && let Err(error) = Box::pin(self.announce(target, fallback_applied)).await
-                    {
-                        let stop = Stop::Unpaid(error);
-                        return Attempt::Done(
-                            Box::pin(self.stopped(target, stop, "", 0, None)).await,
+                    Some(Err(error)) if !announced => {
+                        break 'attempt Box::pin(self.failed_before_output(target, error));
+                    }
+                    None if !announced => {
+                        break 'attempt Box::pin(self.failed_before_output(target, ended_early()));
+                    }
+                    Some(Err(error)) => {
+                        break 'attempt Box::pin(
+                            self.interrupted(target, error, text, deltas, usage)
+                                .map(Attempt::Done),
                         );
                     }
-                    let used = self.used(usage, deltas);
-                    match filter.finish() {
-                        Filtered::Text(shown) => self.show(&mut text, shown, deltas),
-                        Filtered::Blocked { shown, block } => {
-                            self.show(&mut text, shown, deltas);
-                            return Attempt::Done(
-                                Box::pin(self.blocked(target, block, text, used)).await,
-                            );
-                        }
-                    }
-                    if let StopReason::GuardrailIntervened(intervention) = &stop_reason {
-                        let block = Block::by_guardrail(target, intervention);
-                        return Attempt::Done(
-                            Box::pin(self.blocked(target, block, text, used)).await,
+                    None => {
+                        break 'attempt Box::pin(
+                            self.interrupted(target, ended_early(), text, deltas, usage)
+                                .map(Attempt::Done),
                         );
                     }
-                    let ending = Completed {
-                        text,
-                        used,
-                        stop_reason,
-                        fallback_applied,
-                    };
-                    return Attempt::Done(Box::pin(self.complete(target, ending)).await);
-                }
-                Some(Err(error)) if !announced => {
-                    return Box::pin(self.failed_before_output(target, error)).await;
-                }
-                None if !announced => {
-                    return Box::pin(self.failed_before_output(target, ended_early())).await;
-                }
-                Some(Err(error)) => {
-                    return Attempt::Done(
-                        Box::pin(self.interrupted(target, error, text, deltas, usage)).await,
-                    );
-                }
-                None => {
-                    return Attempt::Done(
-                        Box::pin(self.interrupted(target, ended_early(), text, deltas, usage))
-                            .await,
-                    );
                 }
             }
-        }
+        };
+        ending.await
     }
 
     /// When to renew the hold next: a third of the way to the end of its
