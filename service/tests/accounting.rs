@@ -13,7 +13,8 @@ use std::sync::Arc;
 use axum::Router;
 use axum::http::StatusCode;
 use common::{TestApp, request, send, token};
-use parley_service::auth::Role;
+use parley_service::accounting::Caller;
+use parley_service::auth::{Principal, Role};
 use parley_service::config::Config;
 use parley_service::ledger::{Ledger, MongoLedger};
 use parley_service::ratelimit::{
@@ -38,6 +39,27 @@ async fn post(router: &Router, path: &str, token: &str, body: Value) -> (StatusC
 
 async fn get(router: &Router, path: &str, token: &str) -> (StatusCode, Value) {
     send(router, request("GET", path, Some(token), None)).await
+}
+
+/// A reply keeps its caller for as long as it streams; the built-in
+/// accounting reads only the principal, so the token is not kept (external
+/// mode keeps it: `external_mode_*` below settles with it).
+#[tokio::test]
+async fn the_built_in_accounting_keeps_no_token_for_a_reply() {
+    let (store, _dir) = common::embedded_store().await;
+    let state = common::state(&store).await;
+    let principal = Principal {
+        sub: "alice".into(),
+        role: Role::User,
+        cohorts: vec!["c1".into()],
+    };
+    let caller = Caller {
+        principal: principal.clone(),
+        token: alice(),
+    };
+    let retained = state.accounting.retained(caller);
+    assert_eq!(retained.principal, principal);
+    assert_eq!(retained.token, "");
 }
 
 #[tokio::test]

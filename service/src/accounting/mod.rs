@@ -58,6 +58,8 @@ const MAX_REQUEST_ID_BYTES: usize = 256;
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub principal: Principal,
+    /// Empty in a caller the built-in accounting retained for a reply
+    /// ([`Accounting::retained`]): it reads only the principal.
     pub token: String,
 }
 
@@ -120,6 +122,12 @@ pub trait Accounting: Send + Sync {
     async fn usage(&self, caller: &Caller, query: AccountQuery) -> Result<UsageResponse, Error>;
     async fn grant(&self, caller: &Caller, request: GrantRequest)
     -> Result<BalanceResponse, Error>;
+    /// What of `caller` a reply keeps for the calls after its hold (renewing
+    /// and settling it), for as long as it streams. All of it by default: a
+    /// remote accounting is called with the caller's token.
+    fn retained(&self, caller: Caller) -> Caller {
+        caller
+    }
 }
 
 /// The account `caller` acts on: `requested` if allowed, else its own.
@@ -335,6 +343,16 @@ impl LocalAccounting {
 
 #[async_trait]
 impl Accounting for LocalAccounting {
+    /// Without the token, which this accounting never reads: every open
+    /// stream keeps its caller, and an identity provider's token can be a
+    /// kilobyte or more.
+    fn retained(&self, caller: Caller) -> Caller {
+        Caller {
+            token: String::new(),
+            ..caller
+        }
+    }
+
     async fn calculate(
         &self,
         _caller: &Caller,

@@ -98,8 +98,8 @@ impl ReplyBill {
         max_output_tokens: Option<u32>,
     ) -> Result<Opened, Error> {
         let mut bill = ReplyBill {
+            caller: accounting.retained(caller),
             accounting,
-            caller,
             request_id: request_id(origin),
             route: route.alias.clone(),
             model: String::new(),
