@@ -239,6 +239,13 @@ struct Generation<'a> {
 /// How one target's attempt ends, not yet awaited.
 type AttemptEnding<'a> = Pin<Box<dyn Future<Output = Attempt> + Send + 'a>>;
 
+/// An ending that ends the reply, as the attempt's ending.
+fn finishing<'a>(
+    ending: impl Future<Output = Result<FinishedReply, Error>> + Send + 'a,
+) -> AttemptEnding<'a> {
+    Box::pin(ending.map(Attempt::Done))
+}
+
 /// How one target's attempt ended.
 enum Attempt {
     Done(Result<FinishedReply, Error>),
@@ -406,7 +413,7 @@ impl Generation<'_> {
             tokio::pin!(stop);
             let opened = tokio::select! {
                 opened = provider.stream(request) => opened,
-                stop = &mut stop => break 'attempt Box::pin(self.stopped(target, stop, "", 0, None).map(Attempt::Done)),
+                stop = &mut stop => break 'attempt finishing(self.stopped(target, stop, "", 0, None)),
             };
             // Leaving the block drops the stream, and with it the upstream
             // request, before the ending is awaited.
@@ -424,14 +431,14 @@ impl Generation<'_> {
                 let item = tokio::select! {
                     item = stream.next() => item,
                     stop = &mut stop => {
-                        break 'attempt Box::pin(self.stopped(target, stop, &text, deltas, usage).map(Attempt::Done));
+                        break 'attempt finishing(self.stopped(target, stop, &text, deltas, usage));
                     }
                     () = &mut renewal => {
                         match Box::pin(self.renew(target, deltas)).await {
                             Ok(next) => renewal.as_mut().reset(next),
                             Err(error) => {
                                 let stop = Stop::Unpaid(error);
-                                break 'attempt Box::pin(self.stopped(target, stop, &text, deltas, usage).map(Attempt::Done));
+                                break 'attempt finishing(self.stopped(target, stop, &text, deltas, usage));
                             }
                         }
                         continue;
@@ -444,9 +451,7 @@ impl Generation<'_> {
                                 Box::pin(self.announce(target, fallback_applied)).await
                             {
                                 let stop = Stop::Unpaid(error);
-                                break 'attempt Box::pin(
-                                    self.stopped(target, stop, "", 0, None).map(Attempt::Done),
-                                );
+                                break 'attempt finishing(self.stopped(target, stop, "", 0, None));
                             }
                             announced = true;
                         }
@@ -456,9 +461,7 @@ impl Generation<'_> {
                             Filtered::Blocked { shown, block } => {
                                 self.show(&mut text, shown, deltas);
                                 let used = self.used(usage, deltas);
-                                break 'attempt Box::pin(
-                                    self.blocked(target, block, text, used).map(Attempt::Done),
-                                );
+                                break 'attempt finishing(self.blocked(target, block, text, used));
                             }
                         }
                     }
@@ -469,25 +472,19 @@ impl Generation<'_> {
                                 Box::pin(self.announce(target, fallback_applied)).await
                         {
                             let stop = Stop::Unpaid(error);
-                            break 'attempt Box::pin(
-                                self.stopped(target, stop, "", 0, None).map(Attempt::Done),
-                            );
+                            break 'attempt finishing(self.stopped(target, stop, "", 0, None));
                         }
                         let used = self.used(usage, deltas);
                         match filter.finish() {
                             Filtered::Text(shown) => self.show(&mut text, shown, deltas),
                             Filtered::Blocked { shown, block } => {
                                 self.show(&mut text, shown, deltas);
-                                break 'attempt Box::pin(
-                                    self.blocked(target, block, text, used).map(Attempt::Done),
-                                );
+                                break 'attempt finishing(self.blocked(target, block, text, used));
                             }
                         }
                         if let StopReason::GuardrailIntervened(intervention) = &stop_reason {
                             let block = Block::by_guardrail(target, intervention);
-                            break 'attempt Box::pin(
-                                self.blocked(target, block, text, used).map(Attempt::Done),
-                            );
+                            break 'attempt finishing(self.blocked(target, block, text, used));
                         }
                         let ending = Completed {
                             text,
@@ -495,7 +492,7 @@ impl Generation<'_> {
                             stop_reason,
                             fallback_applied,
                         };
-                        break 'attempt Box::pin(self.complete(target, ending).map(Attempt::Done));
+                        break 'attempt finishing(self.complete(target, ending));
                     }
                     Some(Err(error)) if !announced => {
                         break 'attempt Box::pin(self.failed_before_output(target, error));
@@ -504,16 +501,18 @@ impl Generation<'_> {
                         break 'attempt Box::pin(self.failed_before_output(target, ended_early()));
                     }
                     Some(Err(error)) => {
-                        break 'attempt Box::pin(
-                            self.interrupted(target, error, text, deltas, usage)
-                                .map(Attempt::Done),
+                        break 'attempt finishing(
+                            self.interrupted(target, error, text, deltas, usage),
                         );
                     }
                     None => {
-                        break 'attempt Box::pin(
-                            self.interrupted(target, ended_early(), text, deltas, usage)
-                                .map(Attempt::Done),
-                        );
+                        break 'attempt finishing(self.interrupted(
+                            target,
+                            ended_early(),
+                            text,
+                            deltas,
+                            usage,
+                        ));
                     }
                 }
             }
