@@ -215,7 +215,6 @@ fn context(state: &AppState) -> ObservationContext {
     ObservationContext {
         hub: std::sync::Arc::clone(&state.replies.hub),
         audit: std::sync::Arc::clone(&state.audit),
-        ping: state.replies.settings.ping,
         shutdown: state.replies.draining.clone(),
     }
 }

@@ -157,7 +157,7 @@ pub async fn stream_reply(
 ) -> Result<Response, Error> {
     let id = session_id(id)?;
     let (reply, _task) = start_reply(&state, caller, id, request).await?;
-    Ok(sse_response(&state, &reply, 0))
+    Ok(sse_response(&reply, 0))
 }
 
 #[utoipa::path(
@@ -202,7 +202,7 @@ pub async fn reattach(
         .await?
         .filter(|reply| reply.info.user_id == caller.sub)
         .ok_or(Error::NoActiveReply)?;
-    Ok(sse_response(&state, &reply, after))
+    Ok(sse_response(&reply, after))
 }
 
 /// The task generating a reply; it ends with the reply.
@@ -492,8 +492,8 @@ async fn pay_upfront(
     })
 }
 
-fn sse_response(state: &AppState, reply: &Arc<ReplyStream>, after: u64) -> Response {
-    event_stream(reply.subscribe(after, true, state.replies.settings.ping))
+fn sse_response(reply: &Arc<ReplyStream>, after: u64) -> Response {
+    event_stream(reply.subscribe(after, true))
 }
 
 fn turn_role(role: MessageRole) -> TurnRole {

@@ -19,12 +19,16 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::Stream;
+use tokio::sync::futures::Notified;
 use tokio::sync::{Notify, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -47,6 +51,8 @@ pub struct HubSettings {
     pub grace: Duration,
     /// Live events an observer may be behind before it is cut.
     pub observer_buffer: usize,
+    /// Interval of `: ping` comments on streams waiting for events.
+    pub ping: Duration,
 }
 
 /// Every in-flight (and just finished) reply this process generates or mirrors.
@@ -59,18 +65,27 @@ pub struct Hub {
     /// Mirror readers and timers; ended by [`Hub::close`].
     tasks: TaskTracker,
     stop: CancellationToken,
+    pings: Pings,
 }
 
 impl Hub {
     pub fn new(settings: HubSettings, relay: Option<Relay>, metrics: HubMetrics) -> Arc<Self> {
-        let hub = Arc::new(Self {
+        let tasks = TaskTracker::new();
+        let stop = CancellationToken::new();
+        let hub = Arc::new_cyclic(|hub| Self {
             replies: Mutex::new(HashMap::new()),
             announcements: broadcast::channel(ANNOUNCEMENTS_KEPT).0,
             relay: relay.map(Arc::new),
             settings,
             metrics,
-            tasks: TaskTracker::new(),
-            stop: CancellationToken::new(),
+            pings: Pings {
+                period: settings.ping,
+                hub: hub.clone(),
+                tick: Arc::new(Notify::new()),
+                started: AtomicBool::new(false),
+            },
+            tasks,
+            stop,
         });
         if let Some(relay) = &hub.relay {
             hub.tasks
@@ -84,6 +99,21 @@ impl Hub {
 
     pub fn settings(&self) -> HubSettings {
         self.settings
+    }
+
+    /// The clock of every stream's `: ping` comments.
+    pub fn pings(&self) -> &Pings {
+        &self.pings
+    }
+
+    /// Every reply's subscribers that wait for events send a ping.
+    fn ping_replies(&self) {
+        // Collected first: waking thousands of replies under the map's lock
+        // would hold up every reply beginning meanwhile.
+        let replies: Vec<Arc<ReplyStream>> = lock(&self.replies).values().cloned().collect();
+        for reply in replies {
+            reply.ping();
+        }
     }
 
     /// Whether replies span replicas (through Redis).
@@ -107,6 +137,7 @@ impl Hub {
     /// another one is still running here or, with a relay, on any replica.
     /// Nothing is announced until [`Hub::start`].
     pub async fn begin(self: &Arc<Self>, info: ReplyInfo) -> Result<Arc<ReplyStream>, Error> {
+        self.pings.start(&self.tasks, &self.stop);
         let session = info.session_id;
         let reply = Arc::new(ReplyStream::new(
             Arc::new(info),
@@ -260,6 +291,7 @@ impl Hub {
     /// A local copy of another replica's reply, fed from the relay; one per
     /// reply, shared by every subscriber on this replica.
     fn mirror(self: &Arc<Self>, info: ReplyInfo) -> Arc<ReplyStream> {
+        self.pings.start(&self.tasks, &self.stop);
         let session = info.session_id;
         let mirror = {
             let mut replies = lock(&self.replies);
@@ -337,10 +369,19 @@ pub struct ReplyStream {
     appended: Notify,
     /// Set when the reply is paid for and generating.
     started: AtomicBool,
-    /// Cancelled when the last event has been appended.
-    finished: CancellationToken,
-    /// Cancelled when no owner connection came back within the grace period.
-    abandoned: CancellationToken,
+    /// Set when the last event has been appended.
+    finished: AtomicBool,
+    /// Set when no owner connection came back within the grace period, or
+    /// the owner stopped the reply.
+    abandoned: AtomicBool,
+    /// Wakes whoever waits for `finished` or `abandoned`. Two flags and one
+    /// `Notify` in place of two cancellation tokens: each token is an
+    /// allocation of its own (112 bytes) in every open stream, and a
+    /// waiter woken by the other flag only checks its own again.
+    ended: Notify,
+    /// The ping clock's ticks so far; each wakes the subscribers through
+    /// `appended`, and those waiting for events send a ping.
+    pings: AtomicU32,
     attached: AtomicUsize,
     /// Bumped on every detach, so an older grace timer cannot cancel a
     /// reply whose owner re-attached and left again later.
@@ -376,8 +417,10 @@ impl ReplyStream {
             log: Mutex::new(Log::default()),
             appended: Notify::new(),
             started: AtomicBool::new(false),
-            finished: CancellationToken::new(),
-            abandoned: CancellationToken::new(),
+            finished: AtomicBool::new(false),
+            abandoned: AtomicBool::new(false),
+            ended: Notify::new(),
+            pings: AtomicU32::new(0),
             attached: AtomicUsize::new(0),
             detaches: AtomicU64::new(0),
             grace,
@@ -429,16 +472,37 @@ impl ReplyStream {
             log.outcome = outcome;
             // Dropping the senders ends each observer's queue after what it holds.
             log.observers.clear();
-            self.finished.cancel();
+            self.finished.store(true, Ordering::Release);
         }
         self.appended.notify_waiters();
+        self.ended.notify_waiters();
         if let (Some(outcome), Some(writer)) = (outcome, lock(&self.relay).take()) {
             writer.finish(outcome);
         }
     }
 
     pub fn is_finished(&self) -> bool {
-        self.finished.is_cancelled()
+        self.finished.load(Ordering::Acquire)
+    }
+
+    /// Resolves once `flag` is set (a store followed by `ended`'s
+    /// `notify_waiters`).
+    fn until<'a>(&'a self, flag: &'a AtomicBool) -> FlagSet<'a> {
+        FlagSet {
+            ended: self.ended.notified(),
+            notify: &self.ended,
+            flag,
+        }
+    }
+
+    fn ping(&self) {
+        self.pings.fetch_add(1, Ordering::Release);
+        self.appended.notify_waiters();
+    }
+
+    fn abandon(&self) {
+        self.abandoned.store(true, Ordering::Release);
+        self.ended.notify_waiters();
     }
 
     fn is_started(&self) -> bool {
@@ -452,8 +516,8 @@ impl ReplyStream {
 
     /// Resolves when the owner has been gone for the whole grace period, or
     /// stopped the reply.
-    pub async fn abandoned(&self) {
-        self.abandoned.cancelled().await;
+    pub fn abandoned(&self) -> impl Future<Output = ()> + Send + '_ {
+        self.until(&self.abandoned)
     }
 
     /// Owner connections attached on this replica.
@@ -464,32 +528,32 @@ impl ReplyStream {
     /// The owner stops the reply: it ends as if abandoned, at once (what was
     /// generated is kept and charged).
     pub fn stop(&self) {
-        self.abandoned.cancel();
+        self.abandon();
     }
 
     /// Resolves once the last event has been appended (the reply is stored).
-    pub async fn finished(&self) {
-        self.finished.cancelled().await;
+    pub fn finished(&self) -> impl Future<Output = ()> + Send + '_ {
+        self.until(&self.finished)
     }
 
     /// The frames after event `after` (0: all), then every later one as it
-    /// is appended, with `: ping` comments while idle. An `owner`
-    /// subscription counts as attached: when the last one ends before the
-    /// reply does, the grace period starts.
+    /// is appended, with a `: ping` comment at each tick of the hub's ping
+    /// clock that finds it waiting. An `owner` subscription counts as
+    /// attached: when the last one ends before the reply does, the grace
+    /// period starts.
     pub fn subscribe(
         self: &Arc<Self>,
         after: u64,
         owner: bool,
-        ping: Duration,
     ) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
         let attachment = owner.then(|| Attachment::new(Arc::clone(self)));
         // Boxed: each frame moves the subscriber in and out of the stream's
-        // state, which would copy it whole (88 bytes).
+        // state, which would copy it whole.
         let subscriber = Box::new(Subscriber {
             reply: Arc::clone(self),
             next: usize::try_from(after).unwrap_or(usize::MAX),
             pending: VecDeque::new(),
-            ping: tokio::time::interval_at(tokio::time::Instant::now() + ping, ping),
+            pings_seen: self.pings.load(Ordering::Acquire),
             _attachment: attachment,
         });
         futures::stream::unfold(subscriber, |mut subscriber| async move {
@@ -544,7 +608,7 @@ impl ReplyStream {
         let reply = Arc::clone(self);
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             // No runtime means the process is ending; nothing to keep alive.
-            self.abandoned.cancel();
+            self.abandon();
             return;
         };
         runtime.spawn(async move {
@@ -553,7 +617,7 @@ impl ReplyStream {
                     && reply.detaches.load(Ordering::Acquire) == detach
             };
             tokio::select! {
-                () = reply.finished.cancelled() => {}
+                () = reply.finished() => {}
                 () = tokio::time::sleep(reply.grace) => {
                     // An owner following on another replica keeps it going too.
                     let writer = lock(&reply.relay).clone();
@@ -561,7 +625,7 @@ impl ReplyStream {
                         writer.owner_gone(reply.as_ref(), still_gone).await;
                     }
                     if still_gone() {
-                        reply.abandoned.cancel();
+                        reply.abandon();
                     }
                 }
             }
@@ -629,6 +693,40 @@ impl ObserverFeed {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// Waits for one of a reply's flags. A future of its own, not an `async`
+    /// block: the reply's task holds one beside its attempt, and a block
+    /// keeps copies of its references and of the pinned wait (120 bytes,
+    /// against these 80), which would take the task a size class up.
+    struct FlagSet<'a> {
+        #[pin]
+        ended: Notified<'a>,
+        notify: &'a Notify,
+        flag: &'a AtomicBool,
+    }
+}
+
+impl Future for FlagSet<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
+        loop {
+            // Polled, and so registered, before the flag is read: a flag set
+            // in between still wakes this.
+            let woken = this.ended.as_mut().poll(context).is_ready();
+            if this.flag.load(Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+            if !woken {
+                return Poll::Pending;
+            }
+            // Woken for the other flag: wait again.
+            this.ended.set(this.notify.notified());
+        }
+    }
+}
+
 /// An owner connection; dropping it (the client went away) detaches.
 struct Attachment(Arc<ReplyStream>);
 
@@ -649,7 +747,8 @@ struct Subscriber {
     reply: Arc<ReplyStream>,
     next: usize,
     pending: VecDeque<Bytes>,
-    ping: tokio::time::Interval,
+    /// The reply's ping count when this last looked.
+    pings_seen: u32,
     _attachment: Option<Attachment>,
 }
 
@@ -680,10 +779,12 @@ impl Subscriber {
             if finished {
                 return None;
             }
-            tokio::select! {
-                () = &mut appended => {}
-                _ = self.ping.tick() => return Some(Bytes::from_static(PING)),
+            let pings = self.reply.pings.load(Ordering::Acquire);
+            if pings != self.pings_seen {
+                self.pings_seen = pings;
+                return Some(Bytes::from_static(PING));
             }
+            appended.await;
         }
     }
 }
@@ -712,6 +813,56 @@ fn take_batch(pending: &mut VecDeque<Bytes>) -> Option<Bytes> {
     Some(batch.freeze())
 }
 
+/// The clock of every stream's `: ping` comments: one timer for the
+/// process, not one per open stream (a boxed timer of 112 bytes each, and
+/// an entry in the timer wheel). At each tick every reply wakes its
+/// subscribers through the wait for events they already have, and those
+/// still waiting send a ping, so an idle stream gets one every period; an
+/// observer or a console waits on the clock itself (there are few of
+/// them, and a shared wait costs a lock). It starts with the hub's first
+/// reply, so a hub made outside a runtime (tests) needs none.
+pub struct Pings {
+    period: Duration,
+    hub: Weak<Hub>,
+    tick: Arc<Notify>,
+    started: AtomicBool,
+}
+
+impl Pings {
+    fn start(&self, tasks: &TaskTracker, stop: &CancellationToken) {
+        // Loaded first: the swap writes, and every reply calls this.
+        if self.started.load(Ordering::Acquire) || self.started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let hub = self.hub.clone();
+        let tick = Arc::clone(&self.tick);
+        let stop = stop.clone();
+        let period = self.period;
+        tasks.spawn(async move {
+            let mut clock = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            // A late tick is not made up for: a ping only keeps idle streams
+            // alive.
+            clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = clock.tick() => {
+                        if let Some(hub) = hub.upgrade() {
+                            hub.ping_replies();
+                        }
+                        tick.notify_waiters();
+                    }
+                    () = stop.cancelled() => return,
+                }
+            }
+        });
+    }
+
+    /// Resolves at the next tick (for observers and consoles).
+    pub async fn tick(&self) {
+        self.tick.notified().await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -725,6 +876,7 @@ mod tests {
             HubSettings {
                 grace: LONG,
                 observer_buffer,
+                ping: LONG,
             },
             None,
             HubMetrics::register(&mut registry),
@@ -753,7 +905,7 @@ mod tests {
         for id in 1..=3 {
             reply.publish(id, Bytes::from(format!("{id}")));
         }
-        let late = reply.subscribe(2, false, LONG);
+        let late = reply.subscribe(2, false);
         reply.publish(4, Bytes::from_static(b"4"));
         hub.finish(&reply, "completed");
         let frames: Vec<_> = late.map(Result::unwrap).collect().await;
@@ -798,13 +950,75 @@ mod tests {
             LONG,
             Origin::Mirror,
         ));
-        let resumed = reply.subscribe(2, false, LONG);
+        let resumed = reply.subscribe(2, false);
         for id in 1..=3 {
             reply.publish(id, Bytes::from(format!("{id}")));
         }
         reply.close(Some("completed"));
         let frames: Vec<_> = resumed.map(Result::unwrap).collect().await;
         assert_eq!(frames, [Bytes::from_static(b"3")]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_streams_ping_at_each_tick_of_the_one_clock() {
+        let period = Duration::from_secs(15);
+        let mut registry = prometheus_client::registry::Registry::default();
+        let hub = Hub::new(
+            HubSettings {
+                grace: LONG,
+                observer_buffer: 16,
+                ping: period,
+            },
+            None,
+            HubMetrics::register(&mut registry),
+        );
+        let first = hub.begin(info(ObjectId::new())).await.unwrap();
+        let second = hub.begin(info(ObjectId::new())).await.unwrap();
+        let mut streams = [
+            Box::pin(first.subscribe(0, false)),
+            Box::pin(second.subscribe(0, false)),
+        ];
+        let started = tokio::time::Instant::now();
+        let [one, other] = &mut streams;
+        let (one, other) = futures::join!(one.next(), other.next());
+        assert_eq!(one.unwrap().unwrap(), Bytes::from_static(PING));
+        assert_eq!(other.unwrap().unwrap(), Bytes::from_static(PING));
+        // Both waited from the start, and one tick woke them both.
+        assert_eq!(started.elapsed(), period);
+        // A frame leaves at once, and the next ping comes at the next tick.
+        first.publish(1, Bytes::from_static(b"1"));
+        assert_eq!(streams[0].next().await.unwrap().unwrap(), "1");
+        assert_eq!(
+            streams[0].next().await.unwrap().unwrap(),
+            Bytes::from_static(PING)
+        );
+        assert_eq!(started.elapsed(), period * 2);
+        hub.finish(&first, "completed");
+        assert!(streams[0].next().await.is_none());
+        hub.close().await;
+    }
+
+    #[tokio::test]
+    async fn stopping_a_reply_wakes_who_waits_for_it_to_be_abandoned_not_finished() {
+        let hub = hub(16);
+        let reply = hub.begin(info(ObjectId::new())).await.unwrap();
+        let abandoned = tokio::spawn({
+            let reply = Arc::clone(&reply);
+            async move { reply.abandoned().await }
+        });
+        let finished = tokio::spawn({
+            let reply = Arc::clone(&reply);
+            async move { reply.finished().await }
+        });
+        tokio::task::yield_now().await;
+        reply.stop();
+        abandoned.await.unwrap();
+        assert!(!finished.is_finished() && !reply.is_finished());
+        hub.finish(&reply, "stopped");
+        finished.await.unwrap();
+        // Once set, a flag answers at once.
+        reply.abandoned().await;
+        reply.finished().await;
     }
 
     #[tokio::test]
@@ -815,9 +1029,9 @@ mod tests {
             grace,
             Origin::Local,
         ));
-        let first = reply.subscribe(0, true, LONG);
+        let first = reply.subscribe(0, true);
         drop(first);
-        let second = reply.subscribe(0, true, LONG);
+        let second = reply.subscribe(0, true);
         // Proving that something does not happen takes time: several grace
         // periods pass with the owner attached and the reply goes on.
         let kept = tokio::time::timeout(grace * 4, reply.abandoned()).await;

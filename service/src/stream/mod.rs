@@ -200,6 +200,7 @@ impl Replies {
         let hub_settings = HubSettings {
             grace: settings.grace,
             observer_buffer: settings.observer_buffer,
+            ping: settings.ping,
         };
         Self {
             routes: Arc::new(RoutesCell::new(routes, registry)),

@@ -14,7 +14,6 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures::Stream;
@@ -51,7 +50,6 @@ struct ObserveData<'a> {
 pub struct ObservationContext {
     pub hub: Arc<Hub>,
     pub audit: Arc<dyn ObservationAudit>,
-    pub ping: Duration,
     /// Cancelled when the service begins to shut down.
     pub shutdown: CancellationToken,
 }
@@ -68,7 +66,6 @@ pub async fn watch_session(
     let running = context.hub.running(observation.session_id).await?;
     context.audit.observation_started(&observation).await?;
     let guard = AuditGuard::new(&context, &observation);
-    let period = context.ping;
     let mut watch = Watch {
         session: observation.session_id,
         context,
@@ -76,7 +73,6 @@ pub async fn watch_session(
         following: None,
         last_followed: None,
         pending: VecDeque::new(),
-        ping: tokio::time::interval_at(tokio::time::Instant::now() + period, period),
         guard,
         ended: false,
     };
@@ -97,7 +93,6 @@ struct Watch {
     last_followed: Option<String>,
     /// Frames to give before anything else.
     pending: VecDeque<Bytes>,
-    ping: tokio::time::Interval,
     guard: AuditGuard,
     ended: bool,
 }
@@ -162,7 +157,7 @@ impl Watch {
                                 self.ended = true;
                             }
                         },
-                        _ = self.ping.tick() => return Some(Bytes::from_static(PING)),
+                        () = self.context.hub.pings().tick() => return Some(Bytes::from_static(PING)),
                     }
                 }
                 None => {
@@ -184,7 +179,7 @@ impl Watch {
                             Err(RecvError::Lagged(_)) => self.look_again().await,
                             Err(RecvError::Closed) => self.ended = true,
                         },
-                        _ = self.ping.tick() => {
+                        () = self.context.hub.pings().tick() => {
                             // Announcements from other replicas travel over
                             // Redis and may be lost: look again now and then.
                             if self.context.hub.is_shared() {
@@ -273,13 +268,11 @@ pub async fn live_replies(
 ) -> Result<impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static, Error> {
     let announcements = context.hub.announcements();
     let first = snapshot(&context.hub, &scope).await?;
-    let period = context.ping;
     let live = Live {
         context,
         scope,
         announcements,
         pending: VecDeque::from([first]),
-        ping: tokio::time::interval_at(tokio::time::Instant::now() + period, period),
     };
     Ok(futures::stream::unfold(live, |mut live| async move {
         live.next().await.map(|frame| (Ok(frame), live))
@@ -319,7 +312,6 @@ struct Live {
     scope: CohortScope,
     announcements: broadcast::Receiver<Announcement>,
     pending: VecDeque<Bytes>,
-    ping: tokio::time::Interval,
 }
 
 impl Live {
@@ -346,7 +338,7 @@ impl Live {
                     },
                     Err(RecvError::Closed) => return None,
                 },
-                _ = self.ping.tick() => return Some(Bytes::from_static(PING)),
+                () = self.context.hub.pings().tick() => return Some(Bytes::from_static(PING)),
             }
         }
     }
