@@ -7,16 +7,19 @@
 
 use std::num::NonZeroU32;
 use std::ops::Range;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::StreamExt;
-use tokio::time::Instant;
+use futures::Stream;
+use tokio::time::{Instant, Sleep};
 
 use super::{
     Completion, CompletionRequest, Provider, ProviderError, ProviderEvent, ProviderStream, Role,
     StopReason, Usage, collect, estimate_input_tokens,
 };
+use crate::shared_text::SharedText;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SimulatedSettings {
@@ -47,24 +50,31 @@ pub fn count_tokens(text: &str) -> u32 {
     u32::try_from(text.split_whitespace().count()).unwrap_or(u32::MAX)
 }
 
-/// A reply being generated: it borrows its words from the prompt by range,
-/// so each token costs one small `String` and nothing else.
-struct Generation {
-    source: String,
-    words: Vec<Range<usize>>,
-    reply_tokens: u32,
-    sent: u32,
-    stop_reason: StopReason,
-    input_tokens: u32,
-    first_token_at: Instant,
-    interval: Duration,
-    timeout: Duration,
-    last_token_at: Instant,
-    ending: Vec<ProviderEvent>,
-    done: bool,
-    stop: Vec<String>,
-    /// The reply so far, kept only to find stop sequences.
-    written: String,
+pin_project_lite::pin_project! {
+    /// A reply being generated, polled as the provider's stream itself: it
+    /// shares the prompt's text, finds each word from a cursor, and waits on
+    /// one timer, reset for each token.
+    struct Generation {
+        text: SharedText,
+        // Where the search for the next word starts, in `text`.
+        cursor: usize,
+        reply_tokens: u32,
+        sent: u32,
+        input_tokens: u32,
+        // Why the reply ends, as its `Finished` event will say.
+        stop_reason: StopReason,
+        phase: Phase,
+        // When the next token is due.
+        due: Instant,
+        interval: Duration,
+        timeout: Duration,
+        last_token_at: Instant,
+        stop: Vec<String>,
+        // The reply so far, kept only to find stop sequences.
+        written: String,
+        #[pin]
+        pace: Sleep,
+    }
 }
 
 impl Generation {
@@ -73,19 +83,15 @@ impl Generation {
         // Input is counted the way holds estimate it, so a simulated reply
         // costs exactly what was priced.
         let input_tokens = estimate_input_tokens(&request.turns);
-        let last_user_text = request
+        let (text, words) = request
             .turns
             .iter()
             .rev()
-            .find(|turn| turn.role == Role::User && count_tokens(&turn.text) > 0)
-            .map_or_else(
-                || SILENT_PROMPT_REPLY.to_owned(),
-                |turn| turn.text.to_string(),
-            );
-        let words = word_ranges(&last_user_text);
-        let natural_length = settings
-            .reply_tokens
-            .unwrap_or_else(|| u32::try_from(words.len()).unwrap_or(u32::MAX));
+            .filter(|turn| turn.role == Role::User)
+            .map(|turn| (turn.text.clone(), count_tokens(&turn.text)))
+            .find(|(_, words)| *words > 0)
+            .unwrap_or_else(|| (SharedText::from(SILENT_PROMPT_REPLY), 1));
+        let natural_length = settings.reply_tokens.unwrap_or(words);
         let (reply_tokens, stop_reason) = if natural_length > request.max_output_tokens {
             (request.max_output_tokens, StopReason::MaxTokens)
         } else {
@@ -94,47 +100,62 @@ impl Generation {
         let interval = settings
             .tokens_per_second
             .map_or(Duration::ZERO, |rate| Duration::from_secs(1) / rate.get());
+        let due = started + settings.first_token_latency;
         Self {
-            source: last_user_text,
-            words,
+            text,
+            cursor: 0,
             reply_tokens,
             sent: 0,
-            stop_reason,
             input_tokens,
-            first_token_at: started + settings.first_token_latency,
+            stop_reason,
+            phase: Phase::Streaming,
+            due,
             interval,
             timeout: request.timeout,
             last_token_at: started,
-            ending: Vec::new(),
-            done: false,
             stop: request.sampling.stop,
             written: String::new(),
+            pace: tokio::time::sleep_until(due),
         }
     }
+}
 
-    async fn next(&mut self) -> Option<Result<ProviderEvent, ProviderError>> {
-        if let Some(event) = self.ending.pop() {
-            return Some(Ok(event));
+impl Stream for Generation {
+    type Item = Result<ProviderEvent, ProviderError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let mut this = self.project();
+        match this.phase {
+            Phase::Streaming => {}
+            Phase::Finishing => {
+                *this.phase = Phase::Done;
+                let stop_reason = this.stop_reason.clone();
+                return Poll::Ready(Some(Ok(ProviderEvent::Finished { stop_reason })));
+            }
+            Phase::Done => return Poll::Ready(None),
         }
-        if self.done {
-            return None;
+        if this.sent == this.reply_tokens {
+            *this.phase = Phase::Finishing;
+            return Poll::Ready(Some(Ok(usage(*this.input_tokens, *this.sent))));
         }
-        if self.sent == self.reply_tokens {
-            return Some(Ok(self.finish(self.stop_reason.clone())));
+        let give_up_at = *this.last_token_at + *this.timeout;
+        // A real model this slow would hit the target's timeout too.
+        let times_out = *this.due > give_up_at;
+        let wake_at = if times_out { give_up_at } else { *this.due };
+        if this.pace.deadline() != wake_at {
+            this.pace.as_mut().reset(wake_at);
         }
-        let due = self.first_token_at + self.interval * self.sent;
-        let give_up_at = self.last_token_at + self.timeout;
-        if due > give_up_at {
-            // A real model this slow would hit the target's timeout too.
-            tokio::time::sleep_until(give_up_at).await;
-            self.done = true;
-            return Some(Err(ProviderError::timed_out(self.timeout)));
+        ready!(this.pace.poll(cx));
+        if times_out {
+            *this.phase = Phase::Done;
+            return Poll::Ready(Some(Err(ProviderError::timed_out(*this.timeout))));
         }
-        tokio::time::sleep_until(due).await;
-        self.last_token_at = Instant::now();
-        let index = usize::try_from(self.sent).unwrap_or_default() % self.words.len();
-        let word = &self.source[self.words[index].clone()];
-        let mut delta = if self.sent == 0 {
+        *this.last_token_at = Instant::now();
+        *this.due += *this.interval;
+        let word = next_word(this.text, *this.cursor);
+        *this.cursor = word.end;
+        let word = &this.text[word];
+        let mut delta = if *this.sent == 0 {
             word.to_owned()
         } else {
             let mut delta = String::with_capacity(word.len() + 1);
@@ -142,75 +163,68 @@ impl Generation {
             delta.push_str(word);
             delta
         };
-        if !self.stop.is_empty() && self.truncate_at_stop(&mut delta) {
+        if !this.stop.is_empty() && truncate_at_stop(this.written, this.stop, &mut delta) {
+            *this.stop_reason = StopReason::StopSequence;
             if delta.is_empty() {
-                return Some(Ok(self.finish(StopReason::StopSequence)));
+                *this.phase = Phase::Finishing;
+                return Poll::Ready(Some(Ok(usage(*this.input_tokens, *this.sent))));
             }
-            self.reply_tokens = self.sent + 1;
-            self.stop_reason = StopReason::StopSequence;
+            *this.reply_tokens = *this.sent + 1;
         }
-        self.sent += 1;
-        Some(Ok(ProviderEvent::Delta(delta)))
-    }
-
-    /// Cuts `delta` where a stop sequence first appears in the reply with it;
-    /// whether one did.
-    fn truncate_at_stop(&mut self, delta: &mut String) -> bool {
-        let before = self.written.len();
-        self.written.push_str(delta);
-        let Some(at) = self
-            .stop
-            .iter()
-            .filter_map(|stop| self.written.find(stop.as_str()))
-            .min()
-        else {
-            return false;
-        };
-        delta.truncate(at.saturating_sub(before));
-        true
-    }
-
-    /// The usage event, with `Finished` queued after it.
-    fn finish(&mut self, stop_reason: StopReason) -> ProviderEvent {
-        self.done = true;
-        self.ending.push(ProviderEvent::Finished { stop_reason });
-        ProviderEvent::Usage(Usage {
-            input_tokens: self.input_tokens,
-            output_tokens: self.sent,
-        })
+        *this.sent += 1;
+        Poll::Ready(Some(Ok(ProviderEvent::Delta(delta))))
     }
 }
 
-fn word_ranges(text: &str) -> Vec<Range<usize>> {
-    let mut words = Vec::new();
-    let mut start = None;
-    for (at, c) in text.char_indices() {
-        match (c.is_whitespace(), start) {
-            (true, Some(from)) => {
-                words.push(from..at);
-                start = None;
-            }
-            (false, None) => start = Some(at),
-            _ => {}
-        }
-    }
-    if let Some(from) = start {
-        words.push(from..text.len());
-    }
-    words
+/// Cuts `delta` where a stop sequence first appears in the reply with it
+/// (`written` so far); whether one did.
+fn truncate_at_stop(written: &mut String, stop: &[String], delta: &mut String) -> bool {
+    let before = written.len();
+    written.push_str(delta);
+    let Some(at) = stop
+        .iter()
+        .filter_map(|stop| written.find(stop.as_str()))
+        .min()
+    else {
+        return false;
+    };
+    delta.truncate(at.saturating_sub(before));
+    true
+}
+
+/// Where a reply is in its ending: its usage, then `Finished`.
+enum Phase {
+    Streaming,
+    /// The usage was sent; `Finished` is next.
+    Finishing,
+    Done,
+}
+
+fn usage(input_tokens: u32, output_tokens: u32) -> ProviderEvent {
+    ProviderEvent::Usage(Usage {
+        input_tokens,
+        output_tokens,
+    })
+}
+
+/// The first word of `text` at or after byte `from`, or its first word when
+/// none is left: a text's words in turn, over and over. `text` has a word.
+fn next_word(text: &str, from: usize) -> Range<usize> {
+    let word_after = |from: usize| {
+        let rest = text.get(from..)?;
+        let start = from + rest.find(|c: char| !c.is_whitespace())?;
+        let end = text[start..]
+            .find(char::is_whitespace)
+            .map_or(text.len(), |length| start + length);
+        Some(start..end)
+    };
+    word_after(from).or_else(|| word_after(0)).unwrap_or(0..0)
 }
 
 #[async_trait]
 impl Provider for SimulatedProvider {
     async fn stream(&self, request: CompletionRequest) -> Result<ProviderStream, ProviderError> {
-        let generation = Generation::new(self.settings, request);
-        Ok(
-            futures::stream::unfold(generation, |mut generation| async move {
-                let item = generation.next().await?;
-                Some((item, generation))
-            })
-            .boxed(),
-        )
+        Ok(Box::pin(Generation::new(self.settings, request)))
     }
 
     async fn complete(&self, request: CompletionRequest) -> Result<Completion, ProviderError> {
@@ -223,11 +237,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn words_are_found_like_split_whitespace() {
-        for text in ["", "  ", "one", " two  words ", "emoji 😀 中文\tand\nlines"] {
-            let ranges: Vec<&str> = word_ranges(text).into_iter().map(|r| &text[r]).collect();
+    fn words_come_in_turn_like_split_whitespace_and_start_over() {
+        for text in [" one ", " two  words ", "emoji 😀 中文\tand\nlines", "…"] {
             let expected: Vec<&str> = text.split_whitespace().collect();
-            assert_eq!(ranges, expected, "{text:?}");
+            let mut cursor = 0;
+            let mut words = Vec::new();
+            for _ in 0..expected.len() * 2 + 1 {
+                let word = next_word(text, cursor);
+                cursor = word.end;
+                words.push(&text[word]);
+            }
+            let cycled: Vec<&str> = expected.iter().cycle().take(words.len()).copied().collect();
+            assert_eq!(words, cycled, "{text:?}");
         }
     }
 }
