@@ -6,6 +6,7 @@ pub mod dev;
 mod jwks;
 pub mod keys;
 pub mod policy;
+mod verified;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,10 +18,11 @@ use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use jwks::JwksClient;
 pub use jwks::JwksSettings;
+use verified::VerifiedTokens;
 
 pub use crate::identity::{Principal, Role};
 
@@ -169,6 +171,26 @@ pub struct Authenticator {
     es256_validation: Validation,
     /// Where API keys are looked up; without it, keys are refused.
     keys: Option<Arc<dyn ApiKeyStore>>,
+    /// HS256 tokens verified lately, checked again for their times only.
+    verified: VerifiedTokens,
+}
+
+/// A verified token's claims: the principal, and the times within which
+/// the token may be taken again without checking its signature. Claims are
+/// read before they are validated, so a time that is missing or not whole
+/// seconds reads as `None` here, and the validation refuses it as before.
+#[derive(Deserialize)]
+struct VerifiedClaims {
+    #[serde(flatten)]
+    principal: Principal,
+    #[serde(default, deserialize_with = "seconds")]
+    exp: Option<u64>,
+    #[serde(default, deserialize_with = "seconds")]
+    nbf: Option<u64>,
+}
+
+fn seconds<'de, D: serde::Deserializer<'de>>(claim: D) -> Result<Option<u64>, D::Error> {
+    Ok(serde_json::Value::deserialize(claim)?.as_u64())
 }
 
 impl Authenticator {
@@ -188,6 +210,7 @@ impl Authenticator {
                 .map(DecodingKey::from_secret),
             jwks: settings.jwks.map(JwksClient::new).transpose()?,
             keys: None,
+            verified: VerifiedTokens::new(settings.leeway.as_secs()),
         })
     }
 
@@ -207,6 +230,10 @@ impl Authenticator {
                 .as_deref()
                 .ok_or(Error::InvalidToken("API keys are not accepted here"))?;
             return keys::verify(store, token).await;
+        }
+        let now = unix_now();
+        if let Some(verified) = now.and_then(|now| self.verified.get(token, now)) {
+            return verified;
         }
         // Unsupported algorithms (including `none`) fail to parse here.
         let header = jsonwebtoken::decode_header(token)
@@ -243,14 +270,26 @@ impl Authenticator {
             }
             _ => return Err(Error::InvalidToken("unsupported algorithm")),
         };
-        let principal = jsonwebtoken::decode::<Principal>(token, key, validation)
+        let claims = jsonwebtoken::decode::<VerifiedClaims>(token, key, validation)
             .map_err(|error| Error::InvalidToken(rejection_reason(error.kind())))?
             .claims;
+        let principal = claims.principal;
         if principal.sub.is_empty() || principal.sub.len() > 256 {
             return Err(Error::InvalidToken("sub must be 1 to 256 bytes"));
         }
+        if let (Algorithm::HS256, Some(now), Some(exp)) = (header.alg, now, claims.exp) {
+            self.verified
+                .insert(token, principal.clone(), exp, claims.nbf, now);
+        }
         Ok(principal)
     }
+}
+
+/// The time as token claims give it, in seconds since 1970; `None` for a
+/// clock before then, which keeps no verification.
+fn unix_now() -> Option<u64> {
+    let since_1970 = SystemTime::now().duration_since(UNIX_EPOCH).ok()?;
+    Some(since_1970.as_secs())
 }
 
 /// What a token signed with `algorithm` must carry to be accepted.
@@ -296,10 +335,7 @@ pub fn mint_token(
     issuer: Option<&str>,
     audience: Option<&str>,
 ) -> Result<String, Error> {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_err(|_| Error::Config("system clock is before 1970".into()))?
-        .as_secs();
+    let now = unix_now().ok_or_else(|| Error::Config("system clock is before 1970".into()))?;
     let claims = MintedClaims {
         sub: &principal.sub,
         role: principal.role,
@@ -396,6 +432,28 @@ mod tests {
         assert!(
             matches!(forged, Error::InvalidToken("bad signature")),
             "{forged:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_token_taken_again_is_refused_once_it_expires() {
+        let verifier = Authenticator::new(AuthSettings {
+            hs256_secret: Some(b"k".to_vec()),
+            jwks: None,
+            issuer: None,
+            audience: None,
+            leeway: Duration::ZERO,
+        })
+        .unwrap();
+        let token = mint_token(b"k", &alice(), Duration::from_secs(1), None, None).unwrap();
+        assert_eq!(verifier.verify(&token).await.unwrap(), alice());
+        assert_eq!(verifier.verify(&token).await.unwrap(), alice());
+        // `exp` is a whole second: past it by more than a second is expired.
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        let expired = verifier.verify(&token).await.unwrap_err();
+        assert!(
+            matches!(expired, Error::InvalidToken("token expired")),
+            "{expired:?}"
         );
     }
 
