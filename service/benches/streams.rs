@@ -245,22 +245,22 @@ async fn run_streams(
     clients: Vec<(String, Vec<Reply>)>,
     all_open: Option<Arc<tokio::sync::Barrier>>,
 ) -> Vec<f64> {
-    let tasks: Vec<_> = clients
-        .into_iter()
-        .map(|(token, replies)| {
-            let (client, base, all_open) = (client.clone(), base.clone(), all_open.clone());
-            tokio::spawn(async move {
-                let mut ttft = Vec::with_capacity(replies.len());
-                for reply in &replies {
-                    ttft.push(stream_one(&client, &base, reply, &token, all_open.as_deref()).await);
-                }
-                ttft
-            })
-        })
-        .collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (token, replies) in clients {
+        let (client, base, all_open) = (client.clone(), base.clone(), all_open.clone());
+        tasks.spawn(async move {
+            let mut ttft = Vec::with_capacity(replies.len());
+            for reply in &replies {
+                ttft.push(stream_one(&client, &base, reply, &token, all_open.as_deref()).await);
+            }
+            ttft
+        });
+    }
+    // In the order they end, so that a stream that failed is reported at
+    // once: with `all_open`, the others wait for it at the barrier forever.
     let mut ttft = Vec::new();
-    for task in tasks {
-        ttft.extend(task.await.unwrap());
+    while let Some(ended) = tasks.join_next().await {
+        ttft.extend(ended.unwrap());
     }
     ttft
 }
