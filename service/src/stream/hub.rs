@@ -70,8 +70,6 @@ pub struct Hub {
 
 impl Hub {
     pub fn new(settings: HubSettings, relay: Option<Relay>, metrics: HubMetrics) -> Arc<Self> {
-        let tasks = TaskTracker::new();
-        let stop = CancellationToken::new();
         let hub = Arc::new_cyclic(|hub| Self {
             replies: Mutex::new(HashMap::new()),
             announcements: broadcast::channel(ANNOUNCEMENTS_KEPT).0,
@@ -81,11 +79,11 @@ impl Hub {
             pings: Pings {
                 period: settings.ping,
                 hub: hub.clone(),
-                tick: Arc::new(Notify::new()),
+                tick: Notify::new(),
                 started: AtomicBool::new(false),
             },
-            tasks,
-            stop,
+            tasks: TaskTracker::new(),
+            stop: CancellationToken::new(),
         });
         if let Some(relay) = &hub.relay {
             hub.tasks
@@ -106,14 +104,16 @@ impl Hub {
         &self.pings
     }
 
-    /// Every reply's subscribers that wait for events send a ping.
-    fn ping_replies(&self) {
+    /// A tick of the ping clock: every reply's subscribers that wait for
+    /// events send a ping, and the observers waiting on the clock wake.
+    fn ping(&self) {
         // Collected first: waking thousands of replies under the map's lock
         // would hold up every reply beginning meanwhile.
         let replies: Vec<Arc<ReplyStream>> = lock(&self.replies).values().cloned().collect();
         for reply in replies {
             reply.ping();
         }
+        self.pings.tick.notify_waiters();
     }
 
     /// Whether replies span replicas (through Redis).
@@ -824,7 +824,7 @@ fn take_batch(pending: &mut VecDeque<Bytes>) -> Option<Bytes> {
 pub struct Pings {
     period: Duration,
     hub: Weak<Hub>,
-    tick: Arc<Notify>,
+    tick: Notify,
     started: AtomicBool,
 }
 
@@ -835,7 +835,6 @@ impl Pings {
             return;
         }
         let hub = self.hub.clone();
-        let tick = Arc::clone(&self.tick);
         let stop = stop.clone();
         let period = self.period;
         tasks.spawn(async move {
@@ -846,10 +845,9 @@ impl Pings {
             loop {
                 tokio::select! {
                     _ = clock.tick() => {
-                        if let Some(hub) = hub.upgrade() {
-                            hub.ping_replies();
-                        }
-                        tick.notify_waiters();
+                        // A hub dropped without being closed has no streams left.
+                        let Some(hub) = hub.upgrade() else { return };
+                        hub.ping();
                     }
                     () = stop.cancelled() => return,
                 }
