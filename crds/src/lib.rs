@@ -34,7 +34,7 @@ pub use routes_file::{
     ProblemKind, ROUTES_CONFIGMAP_KEY, RouteProblem, RouteProblems, RoutesFile,
     SYSTEM_PROMPT_MAX_CHARS, TIMEOUT_SECONDS_LIMIT, collect_cohort_policy_problems,
 };
-pub use tokens::{BYTES_PER_TOKEN, TOKENS_PER_TURN, estimate_tokens};
+pub use tokens::{BYTES_PER_TOKEN, TOKENS_PER_TURN, estimate_tokens, estimate_tokens_of_bytes};
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]

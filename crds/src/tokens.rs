@@ -15,5 +15,11 @@ pub const TOKENS_PER_TURN: u32 = 4;
 /// holds, and to charge replies whose provider reported no usage (marked
 /// estimated).
 pub fn estimate_tokens(text: &str) -> u32 {
-    u32::try_from(text.len().div_ceil(BYTES_PER_TOKEN)).unwrap_or(u32::MAX)
+    estimate_tokens_of_bytes(text.len())
+}
+
+/// [`estimate_tokens`] of a text `bytes` long, for a caller that knows the
+/// length without reading the text.
+pub fn estimate_tokens_of_bytes(bytes: usize) -> u32 {
+    u32::try_from(bytes.div_ceil(BYTES_PER_TOKEN)).unwrap_or(u32::MAX)
 }

@@ -27,4 +27,4 @@ pub mod telemetry;
 pub use error::Error;
 pub use routes::app;
 pub use server::serve;
-pub use state::AppState;
+pub use state::{AppState, Services};

@@ -32,7 +32,7 @@ use crate::ratelimit::{
     LocalRateLimiter, RateLimitMetrics, RateLimiter, RateLimits, RedisRateLimiter,
 };
 use crate::routes::app;
-use crate::state::{AppState, Limits};
+use crate::state::{AppState, Limits, Services};
 use crate::store::{
     ApiKeyStore, BlockAudit, EmbeddedStore, InstrumentedStore, MongoStore, ObservationAudit,
     SessionStore,
@@ -218,7 +218,7 @@ pub async fn serve_listener(
         announce_dev_token(dev_tokens, address)?;
     }
     let blocks = Arc::new(BlockRecorder::new(backend.block_audit(), &mut registry));
-    let state = AppState {
+    let state = AppState::new(Services {
         blocks,
         dev_tokens: offer_dev_sign_in(dev_tokens, address),
         sessions: Arc::new(InstrumentedStore::new(backend.sessions(), store_metrics)),
@@ -235,7 +235,7 @@ pub async fn serve_listener(
         accounting,
         rate_limiter,
         replies: Arc::clone(&replies),
-    };
+    });
 
     let server = connections::serve(
         listener,

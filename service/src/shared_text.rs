@@ -31,9 +31,26 @@ impl SharedText {
         }
     }
 
-    /// The text as a JSON string, quoted and escaped.
-    pub fn json(&self) -> &str {
-        &self.encoded[..self.json_len]
+    /// The text's length in bytes, from the handle alone (through `Deref`
+    /// the text is sliced, which reads the shared allocation's bytes at
+    /// the slice's ends).
+    pub fn len(&self) -> usize {
+        if self.encoded.len() > self.json_len {
+            self.encoded.len() - self.json_len
+        } else {
+            self.json_len - 2
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The text as a JSON string, quoted and escaped, as bytes: what the
+    /// request's encoder copies, without the check that slicing a `str`
+    /// makes of the bytes at the slice's ends.
+    pub fn json(&self) -> &[u8] {
+        &self.encoded.as_bytes()[..self.json_len]
     }
 
     /// The bytes held for the text and its JSON form.
@@ -152,8 +169,14 @@ mod tests {
             every_control.as_str(),
         ] {
             let shared = SharedText::from(text);
-            assert_eq!(shared.json(), serde_json::to_string(text).unwrap());
-            assert_eq!(serde_json::from_str::<String>(shared.json()).unwrap(), text);
+            assert_eq!(
+                shared.json(),
+                serde_json::to_string(text).unwrap().as_bytes()
+            );
+            assert_eq!(
+                serde_json::from_slice::<String>(shared.json()).unwrap(),
+                text
+            );
             assert_eq!(&*shared, text);
             assert_eq!(shared.len(), text.len());
         }

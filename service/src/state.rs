@@ -1,6 +1,7 @@
 //! What every handler can reach. Trait objects, so tests and later features
 //! swap implementations without touching the handlers.
 
+use std::ops::Deref;
 use std::sync::Arc;
 
 use axum::extract::FromRef;
@@ -15,8 +16,41 @@ use crate::ratelimit::RateLimiter;
 use crate::store::{ApiKeyStore, ObservationAudit, SessionStore};
 use crate::stream::Replies;
 
-#[derive(Clone, FromRef)]
-pub struct AppState {
+/// What every handler reaches, behind one `Arc`: the router clones its
+/// state for every request (the requests limit and the handler each take
+/// one), and one shared count to raise and lower beats eleven, which both
+/// cores raise and lower in turn.
+#[derive(Clone)]
+pub struct AppState(Arc<Services>);
+
+impl AppState {
+    pub fn new(services: Services) -> Self {
+        Self(Arc::new(services))
+    }
+}
+
+impl From<Services> for AppState {
+    fn from(services: Services) -> Self {
+        Self::new(services)
+    }
+}
+
+impl Deref for AppState {
+    type Target = Services;
+
+    fn deref(&self) -> &Services {
+        &self.0
+    }
+}
+
+/// For the extractors that verify the caller.
+impl FromRef<AppState> for Arc<Authenticator> {
+    fn from_ref(state: &AppState) -> Self {
+        Arc::clone(&state.auth)
+    }
+}
+
+pub struct Services {
     pub sessions: Arc<dyn SessionStore>,
     /// Who observed whose replies, in the same store as the sessions.
     pub audit: Arc<dyn ObservationAudit>,

@@ -40,11 +40,14 @@ pub enum Role {
     Assistant,
 }
 
+use parley_crds::estimate_tokens_of_bytes;
 pub use parley_crds::{BYTES_PER_TOKEN, TOKENS_PER_TURN, estimate_tokens};
 
-/// Estimated tokens of one turn: its text and [`TOKENS_PER_TURN`].
+/// Estimated tokens of one turn: its text and [`TOKENS_PER_TURN`]. From the
+/// text's length alone, which a window of turns is measured by without
+/// reading each one's text.
 pub fn estimate_turn_tokens(turn: &ChatTurn) -> u32 {
-    estimate_tokens(&turn.text).saturating_add(TOKENS_PER_TURN)
+    estimate_tokens_of_bytes(turn.text.len()).saturating_add(TOKENS_PER_TURN)
 }
 
 /// Estimated input tokens of a conversation.

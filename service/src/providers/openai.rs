@@ -151,7 +151,7 @@ impl<'a> ChatRequest<'a> {
                 Role::User => br#"{"role":"user","content":"#,
                 Role::Assistant => br#"{"role":"assistant","content":"#,
             });
-            body.extend_from_slice(turn.text.json().as_bytes());
+            body.extend_from_slice(turn.text.json());
             body.push(b'}');
         }
         body.push(b']');

@@ -82,7 +82,8 @@ impl Modify for BearerAuth {
     }
 }
 
-pub fn app(state: AppState) -> Router {
+pub fn app(state: impl Into<AppState>) -> Router {
+    let state = state.into();
     let api = OpenApiRouter::<AppState>::with_openapi(ApiDoc::openapi())
         .routes(routes!(sessions::create_session, sessions::list_sessions))
         .routes(routes!(

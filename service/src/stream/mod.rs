@@ -35,7 +35,7 @@ const UNLIMITED_REPLY_KEPT: Duration = Duration::from_secs(24 * 3600);
 /// and its end, or they would report it lost.
 const MIN_RELAY_LINGER: Duration = Duration::from_secs(60);
 
-/// Everything the reply endpoints need, as one field of `AppState`.
+/// Everything the reply endpoints need, as one field of the handlers' `Services`.
 pub struct Replies {
     pub routes: Arc<RoutesCell>,
     pub providers: ProviderRegistry,

@@ -21,7 +21,7 @@ use parley_service::model_routes::{ProviderRegistry, Routes};
 use parley_service::policy::BlockRecorder;
 use parley_service::providers::{SimulatedProvider, SimulatedSettings};
 use parley_service::ratelimit::{LocalRateLimiter, RateLimitMetrics, RateLimits};
-use parley_service::state::{AppState, Limits};
+use parley_service::state::{Limits, Services};
 use parley_service::store::{
     ApiKeyStore, BlockAudit, EmbeddedStore, MongoStore, ObservationAudit, SessionStore,
 };
@@ -56,7 +56,7 @@ pub const LEDGER_SETTINGS: LedgerSettings = LedgerSettings {
 
 /// The API state on `store`, with the built-in ledger on its database and no
 /// rate limits.
-pub async fn state(store: &EmbeddedStore) -> AppState {
+pub async fn state(store: &EmbeddedStore) -> Services {
     state_with(Arc::new(store.clone()), embedded_ledger(store).await)
 }
 
@@ -74,7 +74,7 @@ pub trait TestStore: SessionStore + ObservationAudit + BlockAudit + ApiKeyStore 
 impl<S: SessionStore + ObservationAudit + BlockAudit + ApiKeyStore + 'static> TestStore for S {}
 
 /// The API state on these stores, with no rate limits.
-pub fn state_with<S: TestStore>(store: Arc<S>, ledger: Arc<dyn Ledger>) -> AppState {
+pub fn state_with<S: TestStore>(store: Arc<S>, ledger: Arc<dyn Ledger>) -> Services {
     let mut registry = Registry::default();
     let replies = builtin_replies(&mut registry);
     state_with_replies(store, ledger, registry, replies)
@@ -101,7 +101,7 @@ pub fn state_with_replies<S: TestStore>(
     ledger: Arc<dyn Ledger>,
     mut registry: Registry,
     replies: Replies,
-) -> AppState {
+) -> Services {
     let http_metrics = HttpMetrics::register(&mut registry);
     let replies = Arc::new(replies);
     let accounting = LocalAccounting::new(
@@ -118,7 +118,7 @@ pub fn state_with_replies<S: TestStore>(
     let rate_limiter = LocalRateLimiter::new(limits, RateLimitMetrics::register(&mut registry));
     let keys: Arc<dyn ApiKeyStore> = Arc::clone(&store) as Arc<dyn ApiKeyStore>;
     let block_audit = Arc::clone(&store) as Arc<dyn BlockAudit>;
-    AppState {
+    Services {
         blocks: Arc::new(BlockRecorder::new(block_audit, &mut registry)),
         replies,
         sessions: Arc::clone(&store) as Arc<dyn SessionStore>,
