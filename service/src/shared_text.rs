@@ -10,7 +10,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::ops::Deref;
+use std::ops::{Deref, Range};
 use std::sync::Arc;
 
 #[derive(Clone)]
@@ -24,21 +24,23 @@ pub struct SharedText {
 
 impl SharedText {
     pub fn as_str(&self) -> &str {
-        if self.encoded.len() > self.json_len {
-            &self.encoded[self.json_len..]
-        } else {
-            &self.encoded[1..self.json_len - 1]
-        }
+        &self.encoded[self.text_range()]
     }
 
     /// The text's length in bytes, from the handle alone (through `Deref`
     /// the text is sliced, which reads the shared allocation's bytes at
     /// the slice's ends).
     pub fn len(&self) -> usize {
+        self.text_range().len()
+    }
+
+    /// Where the text is in `encoded`: after the JSON string when escaping
+    /// changed it, else the JSON string between its quotes.
+    fn text_range(&self) -> Range<usize> {
         if self.encoded.len() > self.json_len {
-            self.encoded.len() - self.json_len
+            self.json_len..self.encoded.len()
         } else {
-            self.json_len - 2
+            1..self.json_len - 1
         }
     }
 
