@@ -218,7 +218,7 @@ pub async fn serve_listener(
         announce_dev_token(dev_tokens, address)?;
     }
     let blocks = Arc::new(BlockRecorder::new(backend.block_audit(), &mut registry));
-    let state = AppState::new(Services {
+    let state = AppState::from(Services {
         blocks,
         dev_tokens: offer_dev_sign_in(dev_tokens, address),
         sessions: Arc::new(InstrumentedStore::new(backend.sessions(), store_metrics)),

@@ -23,15 +23,9 @@ use crate::stream::Replies;
 #[derive(Clone)]
 pub struct AppState(Arc<Services>);
 
-impl AppState {
-    pub fn new(services: Services) -> Self {
-        Self(Arc::new(services))
-    }
-}
-
 impl From<Services> for AppState {
     fn from(services: Services) -> Self {
-        Self::new(services)
+        Self(Arc::new(services))
     }
 }
 
