@@ -7,18 +7,22 @@ mod common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_credential_types::Credentials;
 use aws_credential_types::provider::SharedCredentialsProvider;
 use eventsource_stream::Event;
+use futures::StreamExt;
+use http_body_util::BodyExt;
 use parley_service::auth::Role;
 use parley_service::embedded_db::EmbeddedDb;
 use parley_service::ledger::{EmbeddedLedger, Ledger, MongoLedger};
 use parley_service::model_routes::{ProviderRegistry, Routes, watch_routes_file};
 use parley_service::providers::{
-    BedrockProvider, OpenAiProvider, SimulatedProvider, SimulatedSettings,
+    BedrockProvider, Completion, CompletionRequest, OpenAiProvider, Provider, ProviderError,
+    ProviderEvent, ProviderStream, SimulatedProvider, SimulatedSettings, StopReason, collect,
 };
 use parley_service::store::{
     BlockAudit, BlockDirection, BlockKind, BlockQuery, CohortScope, EmbeddedStore, PageRequest,
@@ -34,6 +38,7 @@ use prometheus_client::registry::Registry;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
 
 const PRIMARY: &str = "anthropic.claude-3-haiku-20240307-v1:0";
 const SECONDARY: &str = "amazon.nova-micro-v1:0";
@@ -2017,4 +2022,84 @@ async fn a_guardrail_blocking_the_message_keeps_nothing_and_releases_the_hold() 
         (blocks[0].direction, blocks[0].excerpt.as_deref()),
         (BlockDirection::Input, Some("pii:EMAIL"))
     );
+}
+
+/// A model whose whole reply is ready at once, as when an upstream's reply
+/// arrives in one read: `deltas` words, then the end. Counts the deltas the
+/// reply has taken from it.
+struct BurstProvider {
+    deltas: usize,
+    taken: Arc<AtomicUsize>,
+}
+
+#[async_trait::async_trait]
+impl Provider for BurstProvider {
+    async fn stream(&self, _request: CompletionRequest) -> Result<ProviderStream, ProviderError> {
+        let taken = Arc::clone(&self.taken);
+        let deltas = (0..self.deltas).map(move |_| {
+            taken.fetch_add(1, Ordering::SeqCst);
+            Ok(ProviderEvent::Delta("word ".into()))
+        });
+        let end = Ok(ProviderEvent::Finished {
+            stop_reason: StopReason::EndTurn,
+        });
+        Ok(futures::stream::iter(deltas.chain([end])).boxed())
+    }
+
+    async fn complete(&self, request: CompletionRequest) -> Result<Completion, ProviderError> {
+        collect(self.stream(request).await?).await
+    }
+}
+
+#[tokio::test]
+async fn the_first_token_of_a_burst_is_shown_before_the_rest_is_read() {
+    const DELTAS: usize = 300;
+    let (store, _dir) = common::embedded_store().await;
+    let taken = Arc::new(AtomicUsize::new(0));
+    let provider = BurstProvider {
+        deltas: DELTAS,
+        taken: Arc::clone(&taken),
+    };
+    let mut registry = Registry::default();
+    let replies = Replies::new(
+        Routes::builtin(),
+        ProviderRegistry::new(Arc::new(provider), None, None),
+        ReplySettings::new(),
+        &mut registry,
+    );
+    let ledger = common::embedded_ledger(&store).await;
+    let router = parley_service::app(common::state_with_replies(
+        Arc::new(store),
+        ledger,
+        registry,
+        replies,
+    ));
+    let token = user();
+    let session = common::create_session(&router, &token, json!({})).await;
+    let response = router
+        .oneshot(common::request(
+            "POST",
+            &format!("/api/chat/sessions/{session}/stream"),
+            Some(&token),
+            Some(json!({"message": "hello"})),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    let mut received = String::new();
+    let mut taken_when_shown = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.unwrap().into_data().unwrap();
+        received.push_str(std::str::from_utf8(&frame).unwrap());
+        if taken_when_shown.is_none() && received.contains("event: chunk") {
+            taken_when_shown = Some(taken.load(Ordering::SeqCst));
+        }
+    }
+    // On this test's single thread the reply would read the whole burst
+    // before the connection ran, had it not stepped aside after the first
+    // token.
+    assert_eq!(taken_when_shown, Some(1), "{received}");
+    assert_eq!(received.matches("event: chunk").count(), DELTAS);
+    assert!(received.contains("event: complete"), "{received}");
 }

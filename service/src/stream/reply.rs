@@ -446,7 +446,8 @@ impl Generation<'_> {
                 };
                 match item {
                     Some(Ok(ProviderEvent::Delta(delta))) => {
-                        if !announced {
+                        let first = !announced;
+                        if first {
                             if let Err(error) =
                                 Box::pin(self.announce(target, fallback_applied)).await
                             {
@@ -463,6 +464,12 @@ impl Generation<'_> {
                                 let used = self.used(usage, deltas);
                                 break 'attempt finishing(self.blocked(target, block, text, used));
                             }
+                        }
+                        if first {
+                            // Deltas that arrived together are read in one
+                            // go: the connection writes the first token's
+                            // frames before the rest of the burst is read.
+                            tokio::task::yield_now().await;
                         }
                     }
                     Some(Ok(ProviderEvent::Usage(reported))) => usage = Some(reported),
