@@ -63,3 +63,28 @@ EOF
 build_test_binaries() {
   cargo build --locked --workspace --bins --tests >&2
 }
+
+# Builds the release binaries and starts the gateway benchmark in the
+# background (20 s per phase; PARLEY_BENCH_SERVICE, when set, names the build
+# it runs), its output in a file; returns once the service's phase has begun,
+# with the benchmark's pid in `bench` and the service's in `service_pid`.
+start_gateway_bench() { # clients, replies in the long session, output file
+  cargo build --release -p parley-service --bins --benches
+  local service=${PARLEY_BENCH_SERVICE:-$PWD/target/release/parley-service}
+  PARLEY_BENCH_SERVICE=$service PARLEY_BENCH_CONCURRENCY=$1 PARLEY_BENCH_SECONDS=20 \
+    PARLEY_BENCH_SESSION_REPLIES=$2 \
+    cargo bench -q -p parley-service --bench gateway >"$3" 2>&1 &
+  bench=$!
+  # pgrep matches the first 15 characters of a process's name.
+  local name
+  name=$(basename "$service" | cut -c1-15)
+  service_pid=""
+  for _ in $(seq 1 240); do
+    service_pid=$(pgrep -n -x "$name" || true)
+    [ -n "$service_pid" ] && break
+    sleep 0.5
+  done
+  [ -n "$service_pid" ] || die "the benchmark's service did not start"
+  # The benchmark first measures the mock alone (20 s), then through Parley.
+  sleep 25
+}

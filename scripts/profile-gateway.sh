@@ -5,25 +5,17 @@
 # malloc's entry points counted as one). Needs perf (linux-perf) and root or
 # kernel.perf_event_paranoid <= 1.
 #   scripts/profile-gateway.sh            # 20 s per phase, 12 s sampled
+#   PARLEY_BENCH_SERVICE=/path/to/build scripts/profile-gateway.sh   # another build
 set -euo pipefail
 cd "$(dirname "$0")/.."
+LOG_NAME=profile-gateway
+# shellcheck source=scripts/common.sh
+. scripts/common.sh
 
 command -v perf >/dev/null || { echo "perf is not installed (apt-get install linux-perf)" >&2; exit 1; }
 out=$(mktemp -d /tmp/parley-profile.XXXXXX)
-cargo build --release -p parley-service --bins --benches
-PARLEY_BENCH_CONCURRENCY=100 PARLEY_BENCH_SECONDS=20 PARLEY_BENCH_SESSION_REPLIES=20 \
-  cargo bench -q -p parley-service --bench gateway >"$out/bench.txt" 2>&1 &
-bench=$!
-pid=""
-for _ in $(seq 1 240); do
-  pid=$(pgrep -n -x parley-service || true)
-  [ -n "$pid" ] && break
-  sleep 0.5
-done
-[ -n "$pid" ] || { echo "the benchmark's service did not start" >&2; exit 1; }
-# The benchmark first measures the mock alone (20 s), then through Parley.
-sleep 25
-perf record -F 499 -p "$pid" -o "$out/perf.data" -- sleep 12 >/dev/null 2>&1
+start_gateway_bench 100 20 "$out/bench.txt"
+perf record -F 499 -p "$service_pid" -o "$out/perf.data" -- sleep 12 >/dev/null 2>&1
 wait "$bench"
 cat "$out/bench.txt"
 echo "=== top symbols of the service's threads ($out/perf.data)"

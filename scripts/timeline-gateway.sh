@@ -13,33 +13,21 @@
 #   PARLEY_BENCH_SERVICE=/path/to/build scripts/timeline-gateway.sh   # another build
 set -euo pipefail
 cd "$(dirname "$0")/.."
+LOG_NAME=timeline-gateway
+# shellcheck source=scripts/common.sh
+. scripts/common.sh
 
 for tool in perf ss; do
   command -v "$tool" >/dev/null || { echo "$tool is not installed" >&2; exit 1; }
 done
 out=$(mktemp -d /tmp/parley-timeline.XXXXXX)
-cargo build --release -p parley-service --bins --benches
-service=${PARLEY_BENCH_SERVICE:-$PWD/target/release/parley-service}
-PARLEY_BENCH_SERVICE=$service PARLEY_BENCH_CONCURRENCY=1 PARLEY_BENCH_SECONDS=20 \
-  PARLEY_BENCH_SESSION_REPLIES=0 \
-  cargo bench -q -p parley-service --bench gateway >"$out/bench.txt" 2>&1 &
-bench=$!
-name=$(basename "$service" | cut -c1-15)
-pid=""
-for _ in $(seq 1 240); do
-  pid=$(pgrep -n -x "$name" || true)
-  [ -n "$pid" ] && break
-  sleep 0.5
-done
-[ -n "$pid" ] || { echo "the benchmark's service did not start" >&2; exit 1; }
-# The benchmark first measures the mock alone (20 s), then through Parley.
-sleep 27
+start_gateway_bench 1 0 "$out/bench.txt"
 # The service's sockets: those on its listening port carry client requests,
 # the others are its requests to the model.
-ss -tnpH state listening | grep "pid=$pid," | awk '{print $3}' | sed 's/.*://' >"$out/ports"
-ss -tnpH state established | grep "pid=$pid," >"$out/sockets"
+ss -tnpH state listening | grep "pid=$service_pid," | awk '{print $3}' | sed 's/.*://' >"$out/ports"
+ss -tnpH state established | grep "pid=$service_pid," >"$out/sockets"
 perf record -e 'syscalls:sys_enter_recvfrom,syscalls:sys_exit_recvfrom,syscalls:sys_enter_writev,syscalls:sys_enter_fdatasync,syscalls:sys_exit_fdatasync,syscalls:sys_enter_pwrite64' \
-  -p "$pid" -o "$out/trace.data" -- sleep 3 >/dev/null 2>&1
+  -p "$service_pid" -o "$out/trace.data" -- sleep 3 >/dev/null 2>&1
 wait "$bench"
 cat "$out/bench.txt"
 perf script -i "$out/trace.data" -F tid,time,event,trace 2>/dev/null >"$out/trace.txt"
