@@ -7,7 +7,7 @@ mod common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
@@ -2026,15 +2026,22 @@ async fn a_guardrail_blocking_the_message_keeps_nothing_and_releases_the_hold() 
 
 /// A model whose whole reply is ready at once, as when an upstream's reply
 /// arrives in one read: `deltas` words, then the end. Counts the deltas the
-/// reply has taken from it.
+/// reply has taken from it. Its first reply never comes when `stalls_first`
+/// is set, so that reply keeps generating; `stalled` says when it began.
 struct BurstProvider {
     deltas: usize,
     taken: Arc<AtomicUsize>,
+    stalls_first: AtomicBool,
+    stalled: Arc<tokio::sync::Notify>,
 }
 
 #[async_trait::async_trait]
 impl Provider for BurstProvider {
     async fn stream(&self, _request: CompletionRequest) -> Result<ProviderStream, ProviderError> {
+        if self.stalls_first.swap(false, Ordering::SeqCst) {
+            self.stalled.notify_one();
+            return Ok(futures::stream::pending().boxed());
+        }
         let taken = Arc::clone(&self.taken);
         let deltas = (0..self.deltas).map(move |_| {
             taken.fetch_add(1, Ordering::SeqCst);
@@ -2051,14 +2058,21 @@ impl Provider for BurstProvider {
     }
 }
 
-#[tokio::test]
-async fn the_first_token_of_a_burst_is_shown_before_the_rest_is_read() {
-    const DELTAS: usize = 300;
+const BURST: usize = 300;
+
+/// Streams a reply whose `BURST` deltas are all ready at once, on the test
+/// runtime's one worker, with another reply generating meanwhile or not;
+/// answers how many deltas the reply had taken when the connection showed
+/// the first token.
+async fn taken_when_a_burst_is_first_shown(another_reply_generating: bool) -> usize {
     let (store, _dir) = common::embedded_store().await;
     let taken = Arc::new(AtomicUsize::new(0));
+    let stalled = Arc::new(tokio::sync::Notify::new());
     let provider = BurstProvider {
-        deltas: DELTAS,
+        deltas: BURST,
         taken: Arc::clone(&taken),
+        stalls_first: AtomicBool::new(another_reply_generating),
+        stalled: Arc::clone(&stalled),
     };
     let mut registry = Registry::default();
     let replies = Replies::new(
@@ -2075,16 +2089,26 @@ async fn the_first_token_of_a_burst_is_shown_before_the_rest_is_read() {
         replies,
     ));
     let token = user();
-    let session = common::create_session(&router, &token, json!({})).await;
-    let response = router
-        .oneshot(common::request(
+    let stream = |session: String| {
+        router.clone().oneshot(common::request(
             "POST",
             &format!("/api/chat/sessions/{session}/stream"),
             Some(&token),
             Some(json!({"message": "hello"})),
         ))
-        .await
-        .unwrap();
+    };
+    // Kept open, unread, to the end of the test.
+    let _generating = if another_reply_generating {
+        let session = common::create_session(&router, &token, json!({})).await;
+        let response = stream(session).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        stalled.notified().await;
+        Some(response)
+    } else {
+        None
+    };
+    let session = common::create_session(&router, &token, json!({})).await;
+    let response = stream(session).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     let mut body = response.into_body();
     let mut received = String::new();
@@ -2096,10 +2120,22 @@ async fn the_first_token_of_a_burst_is_shown_before_the_rest_is_read() {
             taken_when_shown = Some(taken.load(Ordering::SeqCst));
         }
     }
+    assert_eq!(received.matches("event: chunk").count(), BURST);
+    assert!(received.contains("event: complete"), "{received}");
+    taken_when_shown.unwrap()
+}
+
+#[tokio::test]
+async fn the_first_token_of_a_burst_is_shown_before_the_rest_is_read() {
     // On this test's single thread the reply would read the whole burst
     // before the connection ran, had it not stepped aside after the first
     // token.
-    assert_eq!(taken_when_shown, Some(1), "{received}");
-    assert_eq!(received.matches("event: chunk").count(), DELTAS);
-    assert!(received.contains("event: complete"), "{received}");
+    assert_eq!(taken_when_a_burst_is_first_shown(false).await, 1);
+}
+
+#[tokio::test]
+async fn a_burst_is_read_whole_while_more_replies_generate_than_workers() {
+    // Two replies generating on one worker: the burst is read whole, and
+    // its first token leaves with the rest, in one write.
+    assert_eq!(taken_when_a_burst_is_first_shown(true).await, BURST);
 }

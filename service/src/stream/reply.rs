@@ -465,10 +465,7 @@ impl Generation<'_> {
                                 break 'attempt finishing(self.blocked(target, block, text, used));
                             }
                         }
-                        if first {
-                            // Deltas that arrived together are read in one
-                            // go: the connection writes the first token's
-                            // frames before the rest of the burst is read.
+                        if first && self.steps_aside_for_the_first_token() {
                             tokio::task::yield_now().await;
                         }
                     }
@@ -919,6 +916,19 @@ impl Generation<'_> {
             downgraded: self.downgraded,
         });
         Ok(())
+    }
+
+    /// Whether the reply steps aside after its first delta. Deltas that
+    /// arrived together are read in one go, so stepping aside lets the
+    /// connection write the first token before the rest of the burst is
+    /// read, at the cost of a write of its own. That pays while no more
+    /// replies generate than the runtime has workers; beyond that the first
+    /// token mostly waits for the queue of other replies' work, and the
+    /// extra write per reply is throughput lost.
+    fn steps_aside_for_the_first_token(&self) -> bool {
+        let workers = tokio::runtime::Handle::try_current()
+            .map_or(1, |runtime| runtime.metrics().num_workers());
+        usize::try_from(self.replies.metrics.active.get()).is_ok_and(|active| active <= workers)
     }
 
     /// Shows output that passed the content policy (nothing when it is
