@@ -43,10 +43,10 @@ for line in open(f"{out}/sockets"):
         clients.update(int(fd) for fd in re.findall(r"fd=(\d+)", line))
 events, entered = [], {}
 for line in open(f"{out}/trace.txt"):
-    found = re.match(r"\s*(\d+)\s+([\d.]+):\s+syscalls:sys_(\w+):\s*(.*)", line)
-    if not found:
+    parsed = re.match(r"\s*(\d+)\s+([\d.]+):\s+syscalls:sys_(\w+):\s*(.*)", line)
+    if not parsed:
         continue
-    tid, at, call, args = int(found[1]), float(found[2]) * 1e3, found[3], found[4]
+    tid, at, call, args = int(parsed[1]), float(parsed[2]) * 1e3, parsed[3], parsed[4]
     fd = re.search(r"fd: (0x[0-9a-f]+)", args)
     fd = int(fd[1], 16) if fd else None
     if call == "enter_recvfrom":

@@ -22,9 +22,8 @@ use common::{
 };
 use http_body_util::BodyExt;
 use parley_service::auth::Role;
-use parley_service::model_routes::{ProviderRegistry, Routes};
 use parley_service::providers::{SimulatedProvider, SimulatedSettings};
-use parley_service::stream::{Replies, ReplySettings};
+use parley_service::stream::Replies;
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 use tower::ServiceExt;
@@ -422,12 +421,7 @@ fn paced_replies(registry: &mut Registry) -> Replies {
         tokens_per_second: NonZeroU32::new(20),
         reply_tokens: Some(40),
     });
-    Replies::new(
-        Routes::builtin(),
-        ProviderRegistry::new(Arc::new(simulated), None, None),
-        ReplySettings::new(),
-        registry,
-    )
+    common::builtin_replies_on(simulated, registry)
 }
 
 /// Status and JSON body of one call; an event stream's body is not read

@@ -2075,12 +2075,7 @@ async fn taken_when_a_burst_is_first_shown(another_reply_generating: bool) -> us
         stalled: Arc::clone(&stalled),
     };
     let mut registry = Registry::default();
-    let replies = Replies::new(
-        Routes::builtin(),
-        ProviderRegistry::new(Arc::new(provider), None, None),
-        ReplySettings::new(),
-        &mut registry,
-    );
+    let replies = common::builtin_replies_on(provider, &mut registry);
     let ledger = common::embedded_ledger(&store).await;
     let router = parley_service::app(common::state_with_replies(
         Arc::new(store),

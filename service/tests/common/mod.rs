@@ -19,7 +19,7 @@ use parley_service::ledger::{Credits, EmbeddedLedger, Ledger, LedgerSettings};
 use parley_service::metrics::HttpMetrics;
 use parley_service::model_routes::{ProviderRegistry, Routes};
 use parley_service::policy::BlockRecorder;
-use parley_service::providers::{SimulatedProvider, SimulatedSettings};
+use parley_service::providers::{Provider, SimulatedProvider, SimulatedSettings};
 use parley_service::ratelimit::{LocalRateLimiter, RateLimitMetrics, RateLimits};
 use parley_service::state::{Limits, Services};
 use parley_service::store::{
@@ -87,9 +87,14 @@ pub fn builtin_replies(registry: &mut Registry) -> Replies {
         tokens_per_second: None,
         reply_tokens: None,
     });
+    builtin_replies_on(simulated, registry)
+}
+
+/// The built-in routes, every target answered by `provider`.
+pub fn builtin_replies_on(provider: impl Provider + 'static, registry: &mut Registry) -> Replies {
     Replies::new(
         Routes::builtin(),
-        ProviderRegistry::new(Arc::new(simulated), None, None),
+        ProviderRegistry::new(Arc::new(provider), None, None),
         ReplySettings::new(),
         registry,
     )
