@@ -8,6 +8,7 @@ mod common;
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use chrono::Utc;
 use parley_service::Error;
 use parley_service::store::{
     HistoryBudget, Message, MessageRole, NewSession, ObjectId, PageRequest, SessionStore,
@@ -468,10 +469,12 @@ async fn tail_reads_between_appends_follow_the_session(store: Arc<dyn SessionSto
     let id = created.summary.id;
     let budgets = [(6, 1_000), (6, 1_000), (100, 1_000), (3, 1_000), (100, 45)];
     for round in 0..25 {
-        let pair = [
-            Message::new(MessageRole::User, format!("question {round}")),
-            Message::new(MessageRole::Assistant, "answer ".repeat(round % 4)),
-        ];
+        let mut question = Message::new(MessageRole::User, format!("question {round}"));
+        // Finer than the stores keep: a tail read gives the time as stored.
+        question.timestamp = Utc::now();
+        let mut answer = Message::new(MessageRole::Assistant, "answer ".repeat(round % 4));
+        answer.incomplete = round % 3 == 0;
+        let pair = [question, answer];
         store
             .append_messages(id, "alice", &pair, TokenTotals::default())
             .await

@@ -22,6 +22,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use chrono::SubsecRound;
 use redb::{ReadOnlyTable, ReadTransaction, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
@@ -326,10 +327,12 @@ impl SessionStore for EmbeddedStore {
             .iter()
             .map(|message| encode(&message_record(message)))
             .collect::<Result<Vec<_>, Error>>()?;
-        self.database
+        let first = self
+            .database
             .write(move |transaction| {
                 let mut sessions = transaction.open_table(SESSIONS).map_err(storage_error)?;
                 let mut record = owned_record(&sessions, id, &user_id)?;
+                let first = record.message_count;
                 let mut messages_table = transaction.open_table(MESSAGES).map_err(storage_error)?;
                 for message in &encoded {
                     messages_table
@@ -364,9 +367,12 @@ impl SessionStore for EmbeddedStore {
                 sessions
                     .insert(id.bytes(), encode(&record)?.as_slice())
                     .map_err(storage_error)?;
-                Ok(())
+                Ok::<_, Error>(first)
             })
-            .await
+            .await?;
+        let stored: Vec<Message> = messages.iter().map(as_stored).collect();
+        self.tails.extend(id, first, &stored);
+        Ok(())
     }
 }
 
@@ -395,6 +401,15 @@ fn message_record(message: &Message) -> MessageRecord<'_> {
         content: std::borrow::Cow::Borrowed(&message.content),
         timestamp_ms: message.timestamp.timestamp_millis(),
         incomplete: message.incomplete,
+    }
+}
+
+/// `message` as a read of its row gives it back: its time to the
+/// millisecond, as the row keeps it.
+fn as_stored(message: &Message) -> Message {
+    Message {
+        timestamp: message.timestamp.trunc_subsecs(3),
+        ..message.clone()
     }
 }
 

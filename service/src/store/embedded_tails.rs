@@ -4,13 +4,16 @@
 //! decoding that window (JSON rows) was the largest item of the service's
 //! own code in the reply path's profile.
 //!
-//! The cache is checked against what the reply's read transaction sees, not
-//! kept up to date by the writes: messages are only ever appended under
-//! increasing sequence numbers and never rewritten, so the messages below
-//! the record's `message_count` are the same in every transaction that sees
-//! them, and an entry is as good as a read of the sequences it holds. That
-//! holds whatever order transactions and cache updates run in, so there is
-//! no lock across a transaction. Only this process writes the redb file.
+//! The cache is checked against what the reply's read transaction sees:
+//! messages are only ever appended under increasing sequence numbers and
+//! never rewritten, so the messages below the record's `message_count` are
+//! the same in every transaction that sees them, and an entry is as good as
+//! a read of the sequences it holds. That holds whatever order transactions
+//! and cache updates run in, so there is no lock across a transaction. A
+//! write that appended messages adds them to its session's entry when the
+//! entry ends where they begin (the reply's own two, most of the time), so
+//! the next reply does not decode them again; otherwise that reply reads
+//! them. Only this process writes the redb file.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, PoisonError};
@@ -195,9 +198,32 @@ impl SessionTails {
             tail.cut_by = budget;
         }
         tail.measure();
+        crate::shared_text::warm(tail.messages.iter().map(|message| &message.content));
         let newest = tail.messages.iter().cloned().collect();
         self.put(id, tail);
         Ok(Some(newest))
+    }
+
+    /// Adds `messages`, which a committed write appended to session `id`
+    /// at the sequences from `first` on, to its entry when the entry ends
+    /// where they begin, so that the next reply need not read them back.
+    /// Otherwise (no entry, or one taken out by a read or left behind by an
+    /// older transaction) the next read finds them in the store as before.
+    pub(super) fn extend(&self, id: ObjectId, first: u32, messages: &[Message]) {
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(tail) = entries.by_session.get_mut(&id) else {
+            return;
+        };
+        if tail.end() != first {
+            return;
+        }
+        let added: usize = messages.iter().map(message_bytes).sum();
+        tail.messages.extend(messages.iter().cloned());
+        tail.bytes += added;
+        entries.bytes += added;
+        if entries.bytes > self.capacity_bytes {
+            entries.evict_to(self.capacity_bytes - self.capacity_bytes / 8);
+        }
     }
 
     /// Forgets session `id` (deleted).
@@ -324,6 +350,14 @@ mod tests {
         Message::new(MessageRole::User, "x".repeat(length))
     }
 
+    /// A session of `count` random messages, none read yet.
+    fn random_rows(count: usize, rng: &mut StdRng) -> Rows {
+        Rows {
+            messages: (0..count).map(|_| message(rng)).collect(),
+            decoded: 0,
+        }
+    }
+
     fn budget(max_messages: u32, max_bytes: u64) -> HistoryBudget {
         HistoryBudget {
             max_messages,
@@ -331,31 +365,46 @@ mod tests {
         }
     }
 
+    /// Each reply reads only the two messages appended since the one
+    /// before, or nothing when their write added them, and a write's
+    /// messages after a gap are not added.
     #[test]
-    fn a_growing_session_is_read_once_then_only_what_was_appended() {
+    fn a_growing_session_is_read_once_then_only_what_the_cache_lacks() {
         let tails = SessionTails::new(CAPACITY_BYTES);
         let id = ObjectId::new();
         let mut rng = StdRng::seed_from_u64(7);
-        let mut rows = Rows {
-            messages: (0..300).map(|_| message(&mut rng)).collect(),
-            decoded: 0,
-        };
+        let mut rows = random_rows(300, &mut rng);
         let window = budget(1_000, 2_000);
         let first = tails.newest(id, 300, window, &mut rows).unwrap();
         assert_eq!(first, reference(&rows.messages, window));
         assert_eq!(rows.decoded, first.len());
         for reply in 0..50 {
+            let appended_at = rows.messages.len();
             rows.messages.push(message(&mut rng));
             rows.messages.push(message(&mut rng));
+            let added_by_write = reply % 2 == 0;
+            if added_by_write {
+                tails.extend(id, appended_at as u32, &rows.messages[appended_at..]);
+            }
             rows.decoded = 0;
             let count = rows.messages.len() as u32;
             let newest = tails.newest(id, count, window, &mut rows).unwrap();
             assert_eq!(newest, reference(&rows.messages, window), "reply {reply}");
-            assert_eq!(
-                rows.decoded, 2,
-                "reply {reply} decoded only the new messages"
-            );
+            let lacked = if added_by_write { 0 } else { 2 };
+            assert_eq!(rows.decoded, lacked, "reply {reply}");
         }
+        // Messages that do not begin where the entry ends are not added:
+        // the two before them never were, so all three are read.
+        rows.messages.push(message(&mut rng));
+        rows.messages.push(message(&mut rng));
+        let appended_at = rows.messages.len();
+        rows.messages.push(message(&mut rng));
+        tails.extend(id, appended_at as u32, &rows.messages[appended_at..]);
+        rows.decoded = 0;
+        let count = rows.messages.len() as u32;
+        let newest = tails.newest(id, count, window, &mut rows).unwrap();
+        assert_eq!(newest, reference(&rows.messages, window));
+        assert_eq!(rows.decoded, 3);
     }
 
     /// Whatever the budgets, the counts seen (older transactions too) and
@@ -374,8 +423,14 @@ mod tests {
         for step in 0..5_000 {
             let which = rng.random_range(0..ids.len());
             let rows = &mut sessions[which];
+            let appended_at = rows.messages.len();
             for _ in 0..rng.random_range(0..3) {
                 rows.messages.push(message(&mut rng));
+            }
+            // Half the time the write adds what it appended.
+            if rng.random_bool(0.5) {
+                let appended = &rows.messages[appended_at..];
+                tails.extend(ids[which], appended_at as u32, appended);
             }
             let len = rows.messages.len() as u32;
             // Now and then a transaction that began before the newest appends.
@@ -439,10 +494,7 @@ mod tests {
         let tails = SessionTails::new(CAPACITY_BYTES);
         let id = ObjectId::new();
         let mut rng = StdRng::seed_from_u64(5);
-        let mut rows = Rows {
-            messages: (0..100).map(|_| message(&mut rng)).collect(),
-            decoded: 0,
-        };
+        let mut rows = random_rows(100, &mut rng);
         let window = budget(20, 2_000);
         assert!(!tails.holds(id));
         assert_eq!(tails.newest_held(id, 100, window, &mut rows).unwrap(), None);
