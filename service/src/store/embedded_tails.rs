@@ -207,8 +207,9 @@ impl SessionTails {
     /// Adds `messages`, which a committed write appended to session `id`
     /// at the sequences from `first` on, to its entry when the entry ends
     /// where they begin, so that the next reply need not read them back.
-    /// Otherwise (no entry, or one taken out by a read or left behind by an
-    /// older transaction) the next read finds them in the store as before.
+    /// Otherwise (no entry, or one ending elsewhere: taken out by a read
+    /// meanwhile, or put back by a read of an older transaction) the next
+    /// read finds them in the store.
     pub(super) fn extend(&self, id: ObjectId, first: u32, messages: &[Message]) {
         let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(tail) = entries.by_session.get_mut(&id) else {
