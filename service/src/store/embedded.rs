@@ -370,8 +370,7 @@ impl SessionStore for EmbeddedStore {
                 Ok::<_, Error>(first)
             })
             .await?;
-        let stored: Vec<Message> = messages.iter().map(as_stored).collect();
-        self.tails.extend(id, first, &stored);
+        self.tails.extend(id, first, messages.iter().map(as_stored));
         Ok(())
     }
 }

@@ -210,7 +210,12 @@ impl SessionTails {
     /// Otherwise (no entry, or one ending elsewhere: taken out by a read
     /// meanwhile, or put back by a read of an older transaction) the next
     /// read finds them in the store.
-    pub(super) fn extend(&self, id: ObjectId, first: u32, messages: &[Message]) {
+    pub(super) fn extend(
+        &self,
+        id: ObjectId,
+        first: u32,
+        messages: impl IntoIterator<Item = Message>,
+    ) {
         let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(tail) = entries.by_session.get_mut(&id) else {
             return;
@@ -218,8 +223,11 @@ impl SessionTails {
         if tail.end() != first {
             return;
         }
-        let added: usize = messages.iter().map(message_bytes).sum();
-        tail.messages.extend(messages.iter().cloned());
+        let mut added = 0;
+        for message in messages {
+            added += message_bytes(&message);
+            tail.messages.push_back(message);
+        }
         tail.bytes += added;
         entries.bytes += added;
         if entries.bytes > self.capacity_bytes {
@@ -385,7 +393,8 @@ mod tests {
             rows.messages.push(message(&mut rng));
             let added_by_write = reply % 2 == 0;
             if added_by_write {
-                tails.extend(id, appended_at as u32, &rows.messages[appended_at..]);
+                let appended = rows.messages[appended_at..].iter().cloned();
+                tails.extend(id, appended_at as u32, appended);
             }
             rows.decoded = 0;
             let count = rows.messages.len() as u32;
@@ -400,7 +409,8 @@ mod tests {
         rows.messages.push(message(&mut rng));
         let appended_at = rows.messages.len();
         rows.messages.push(message(&mut rng));
-        tails.extend(id, appended_at as u32, &rows.messages[appended_at..]);
+        let appended = rows.messages[appended_at..].iter().cloned();
+        tails.extend(id, appended_at as u32, appended);
         rows.decoded = 0;
         let count = rows.messages.len() as u32;
         let newest = tails.newest(id, count, window, &mut rows).unwrap();
@@ -430,7 +440,7 @@ mod tests {
             }
             // Half the time the write adds what it appended.
             if rng.random_bool(0.5) {
-                let appended = &rows.messages[appended_at..];
+                let appended = rows.messages[appended_at..].iter().cloned();
                 tails.extend(ids[which], appended_at as u32, appended);
             }
             let len = rows.messages.len() as u32;
