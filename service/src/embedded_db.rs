@@ -46,6 +46,8 @@ use std::sync::{Arc, Weak};
 use redb::{Database, Durability, ReadTransaction, ReadableDatabase, WriteTransaction};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::embedded_tables::WriteTables;
+
 /// Why the database could not be opened. Its own type, so that this module
 /// stays below the crate's `Error` (which converts it).
 #[derive(Debug, thiserror::Error)]
@@ -152,7 +154,7 @@ impl EmbeddedDb {
     where
         T: Send + 'static,
         E: From<redb::Error> + Send + 'static,
-        F: Fn(&WriteTransaction) -> Result<T, E> + Send + 'static,
+        F: Fn(&mut WriteTables<'_>) -> Result<T, E> + Send + 'static,
     {
         let (value, pending) = self.queue(operation, Answered::Durable).await?;
         pending.wait::<E>().await?;
@@ -166,7 +168,7 @@ impl EmbeddedDb {
     where
         T: Send + 'static,
         E: From<redb::Error> + Send + 'static,
-        F: Fn(&WriteTransaction) -> Result<T, E> + Send + 'static,
+        F: Fn(&mut WriteTables<'_>) -> Result<T, E> + Send + 'static,
     {
         self.queue(operation, Answered::Applied).await
     }
@@ -179,7 +181,7 @@ impl EmbeddedDb {
     where
         T: Send + 'static,
         E: From<redb::Error> + Send + 'static,
-        F: Fn(&WriteTransaction) -> Result<T, E> + Send + 'static,
+        F: Fn(&mut WriteTables<'_>) -> Result<T, E> + Send + 'static,
     {
         let (answer, answer_received) = oneshot::channel();
         let queued = Box::new(QueuedWrite {
@@ -340,9 +342,9 @@ enum Answered {
 trait Queued: Send {
     fn answered(&self) -> Answered;
 
-    /// Runs in `transaction` and keeps the outcome (replacing that of an
-    /// earlier run); whether it succeeded.
-    fn run(&mut self, transaction: &WriteTransaction) -> bool;
+    /// Runs in the transaction of `tables` and keeps the outcome (replacing
+    /// that of an earlier run); whether it succeeded.
+    fn run(&mut self, tables: &mut WriteTables<'_>) -> bool;
 
     /// Answers with the kept outcome and its commit: the number of the commit
     /// that applied it, of the newest one it saw when it failed and was
@@ -368,14 +370,14 @@ impl<T, E, F> Queued for QueuedWrite<T, E, F>
 where
     T: Send,
     E: From<redb::Error> + Send,
-    F: Fn(&WriteTransaction) -> Result<T, E> + Send,
+    F: Fn(&mut WriteTables<'_>) -> Result<T, E> + Send,
 {
     fn answered(&self) -> Answered {
         self.answered
     }
 
-    fn run(&mut self, transaction: &WriteTransaction) -> bool {
-        let outcome = (self.operation)(transaction);
+    fn run(&mut self, tables: &mut WriteTables<'_>) -> bool {
+        let outcome = (self.operation)(tables);
         let succeeded = outcome.is_ok();
         self.outcome = Some(outcome);
         succeeded
@@ -579,14 +581,16 @@ impl Writer {
 }
 
 /// Runs the first `count` operations of `waiting` in `transaction`, in turn,
-/// until one fails.
+/// until one fails. They share the tables they open: each is opened once
+/// ([`WriteTables`]) and closed when this returns, before the commit.
 fn run_front(
     transaction: &WriteTransaction,
     waiting: &mut VecDeque<Operation>,
     count: usize,
 ) -> FrontRun {
+    let mut tables = WriteTables::new(transaction);
     for (position, operation) in waiting.iter_mut().take(count).enumerate() {
-        match catch_unwind(AssertUnwindSafe(|| operation.run(transaction))) {
+        match catch_unwind(AssertUnwindSafe(|| operation.run(&mut tables))) {
             Ok(true) => {}
             Ok(false) => return FrontRun::Failed(position),
             Err(_) => return FrontRun::Panicked(position),
@@ -614,6 +618,7 @@ mod tests {
     use redb::{ReadableTable, StorageBackend, TableDefinition};
 
     use super::*;
+    use crate::embedded_tables::SESSION_COUNTS;
 
     const NUMBERS: TableDefinition<u64, u64> = TableDefinition::new("numbers");
 
@@ -683,9 +688,12 @@ mod tests {
         (db, failing)
     }
 
-    fn insert(number: u64) -> impl Fn(&WriteTransaction) -> Result<(), redb::Error> {
-        move |transaction| {
-            transaction.open_table(NUMBERS)?.insert(number, number)?;
+    fn insert(number: u64) -> impl Fn(&mut WriteTables<'_>) -> Result<(), redb::Error> {
+        move |tables| {
+            tables
+                .transaction()
+                .open_table(NUMBERS)?
+                .insert(number, number)?;
             Ok(())
         }
     }
@@ -704,8 +712,8 @@ mod tests {
         assert!(results.iter().all(Result::is_ok));
         // A failed operation rolls back alone; the others of its batch commit.
         let results = join_all((500..600).map(|number| {
-            db.write(move |transaction| {
-                insert(number)(transaction)?;
+            db.write(move |tables| {
+                insert(number)(tables)?;
                 if number % 2 == 0 {
                     Ok(())
                 } else {
@@ -730,16 +738,17 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn operations_sharing_a_transaction_apply_once_and_a_failed_one_leaves_nothing() {
-        const COUNTER: u64 = u64::MAX;
+        const COUNTER: &str = "counter";
         let db = in_memory();
         // Each operation adds one to a counter and answers what it made it;
         // every third one fails after writing, and one panics after writing.
+        // They write through the table handles the transaction shares.
         let results = join_all((0..600_u64).map(|number| {
-            db.write(move |transaction| {
-                let mut table = transaction.open_table(NUMBERS)?;
-                let counted = table.get(COUNTER)?.map_or(0, |value| value.value()) + 1;
-                table.insert(COUNTER, counted)?;
-                table.insert(number, number)?;
+            db.write(move |tables| {
+                let counts = &mut tables.sessions()?.counts;
+                let counted = counts.get(COUNTER)?.map_or(0, |value| value.value()) + 1;
+                counts.insert(COUNTER, counted)?;
+                counts.insert(number.to_string().as_str(), number)?;
                 if number == 301 {
                     panic!("an operation's bug");
                 }
@@ -750,6 +759,12 @@ mod tests {
             })
         }))
         .await;
+        let count = |key: String| {
+            db.read(move |transaction| {
+                let counts = transaction.open_table(SESSION_COUNTS)?;
+                Ok::<_, redb::Error>(counts.get(key.as_str())?.map(|value| value.value()))
+            })
+        };
         let mut counts = Vec::new();
         for (number, result) in (0..600_u64).zip(results) {
             match result {
@@ -760,7 +775,7 @@ mod tests {
             }
             let expected = (number % 3 != 0 && number != 301).then_some(number);
             assert_eq!(
-                db.read(get(number)).await.unwrap(),
+                count(number.to_string()).await.unwrap(),
                 expected,
                 "row {number}"
             );
@@ -770,7 +785,7 @@ mod tests {
         let succeeded = counts.len() as u64;
         assert_eq!(succeeded, 600 - 200 - 1);
         assert_eq!(counts, (1..=succeeded).collect::<Vec<_>>());
-        assert_eq!(db.read(get(COUNTER)).await.unwrap(), Some(succeeded));
+        assert_eq!(count(COUNTER.to_owned()).await.unwrap(), Some(succeeded));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -801,8 +816,8 @@ mod tests {
             let db = EmbeddedDb::open(&path, 64 << 10).await.unwrap();
             if !reopened {
                 let row = row.clone();
-                db.write(move |transaction| {
-                    let mut table = transaction.open_table(ROW)?;
+                db.write(move |tables| {
+                    let mut table = tables.transaction().open_table(ROW)?;
                     for number in 0..ROWS {
                         table.insert(number, row.as_slice())?;
                     }
@@ -832,8 +847,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_panicking_operation_fails_alone_and_the_writer_goes_on() {
         let db = in_memory();
-        let panicking = db.write(|transaction| -> Result<(), redb::Error> {
-            insert(1)(transaction)?;
+        let panicking = db.write(|tables| -> Result<(), redb::Error> {
+            insert(1)(tables)?;
             panic!("an operation's bug");
         });
         let (panicked, written) = tokio::join!(panicking, db.write(insert(2)));

@@ -6,6 +6,7 @@ pub mod config;
 pub mod connections;
 pub mod context_window;
 pub mod embedded_db;
+pub mod embedded_tables;
 pub mod error;
 pub mod identity;
 pub mod ledger;

@@ -1,16 +1,18 @@
-//! The ledger in an embedded redb database. Each operation is one write
-//! transaction (redb serializes writers), run through [`EmbeddedDb`] and
-//! answered once durable.
+//! The ledger in an embedded redb database. Each operation is atomic and
+//! isolated: it runs through [`EmbeddedDb`], which may share a write
+//! transaction among several operations (and their open tables,
+//! [`LedgerTables`]), and is answered once durable.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use redb::{ReadableTable, ReadableTableMetadata, Table, TableDefinition, WriteTransaction};
+use redb::{ReadableTable, ReadableTableMetadata, Table};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::embedded_db::{EmbeddedDb, PendingDurability};
+use crate::embedded_tables::{ACCOUNTS, HOLDS, LedgerTables, USAGE, USAGE_BY_USER, WriteTables};
 
 use super::model::{
     CloseRequest, Closing, closing_record, new_hold, now_millis, refresh_hold, validate_id,
@@ -20,16 +22,7 @@ use super::{
     PriceSettlement, ReapReport, UsageOutcome, UsageRecord, log_reap_report,
 };
 
-/// user → [`AccountRow`] (JSON).
-const ACCOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("ledger_accounts");
-/// request id → open [`Hold`] (JSON).
-const HOLDS: TableDefinition<&str, &[u8]> = TableDefinition::new("ledger_holds");
-/// request id → [`UsageRecord`] (JSON): closed holds.
-const USAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("ledger_usage");
-/// (user, i64::MAX − settled-at ms, request id): a user's records, newest first.
-const USAGE_BY_USER: TableDefinition<(&str, i64, &str), ()> =
-    TableDefinition::new("ledger_usage_by_user");
-
+/// An account's row in [`ACCOUNTS`].
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct AccountRow {
     balance: Credits,
@@ -47,44 +40,36 @@ impl EmbeddedLedger {
     /// Creates the ledger's tables if they are missing.
     pub async fn new(db: Arc<EmbeddedDb>, settings: LedgerSettings) -> Result<Self, LedgerError> {
         let ledger = EmbeddedLedger { db, settings };
-        ledger
-            .write(|txn, _| {
-                txn.open_table(ACCOUNTS).map_err(redb::Error::from)?;
-                txn.open_table(HOLDS).map_err(redb::Error::from)?;
-                txn.open_table(USAGE).map_err(redb::Error::from)?;
-                txn.open_table(USAGE_BY_USER).map_err(redb::Error::from)?;
-                Ok(())
-            })
-            .await?;
+        // Lending an operation the ledger's tables creates them.
+        ledger.write(|_, _| Ok(())).await?;
         Ok(ledger)
     }
 
-    /// Runs `operation` in one write transaction and commits it only when it
-    /// succeeds; answers once the commit is durable. It may run more than
-    /// once ([`EmbeddedDb::write`]).
+    /// Runs `operation` on the ledger's tables in one write transaction and
+    /// commits it only when it succeeds; answers once the commit is
+    /// durable. It may run more than once ([`EmbeddedDb::write`]).
     async fn write<T, F>(&self, operation: F) -> Result<T, LedgerError>
     where
         T: Send + 'static,
-        F: Fn(&WriteTransaction, &LedgerSettings) -> Result<T, LedgerError> + Send + 'static,
+        F: Fn(&mut LedgerTables<'_>, &LedgerSettings) -> Result<T, LedgerError> + Send + 'static,
     {
         let settings = self.settings;
-        self.db.write(move |txn| operation(txn, &settings)).await
+        self.db
+            .write(move |tables| operation(ledger_tables(tables)?, &settings))
+            .await
     }
 
     async fn close(&self, request_id: &str, closing: CloseRequest) -> Result<Closed, LedgerError> {
         validate_id(request_id)?;
         let request_id = request_id.to_owned();
-        self.write(move |txn, settings| {
-            let mut holds = txn.open_table(HOLDS).map_err(redb::Error::from)?;
-            let mut accounts = txn.open_table(ACCOUNTS).map_err(redb::Error::from)?;
-            let mut usage = txn.open_table(USAGE).map_err(redb::Error::from)?;
-            let Some(hold) = get_json::<Hold>(&holds, &request_id)? else {
-                let Some(record) = get_json::<UsageRecord>(&usage, &request_id)? else {
+        self.write(move |tables, settings| {
+            let Some(hold) = get_json::<Hold>(&tables.holds, &request_id)? else {
+                let Some(record) = get_json::<UsageRecord>(&tables.usage, &request_id)? else {
                     return Err(LedgerError::HoldNotFound {
                         request_id: request_id.clone(),
                     });
                 };
-                let account = account_or_initial(&accounts, &record.user, settings)?;
+                let account = account_or_initial(&tables.accounts, &record.user, settings)?;
                 return Ok(Closed {
                     balance: Balance::new(account.balance, account.held)?,
                     record,
@@ -92,16 +77,7 @@ impl EmbeddedLedger {
                 });
             };
             let record = closing.record(&hold, now_millis())?;
-            let mut by_user = txn.open_table(USAGE_BY_USER).map_err(redb::Error::from)?;
-            let account = close_hold(
-                &mut holds,
-                &mut accounts,
-                &mut usage,
-                &mut by_user,
-                &hold,
-                &record,
-                settings,
-            )?;
+            let account = close_hold(tables, &hold, &record, settings)?;
             Ok(Closed {
                 balance: Balance::new(account.balance, account.held)?,
                 record,
@@ -128,23 +104,26 @@ impl Ledger for EmbeddedLedger {
         let hold = new_hold(&request, now)?;
         let settings = self.settings;
         self.db
-            .write_applied(move |txn| {
+            .write_applied(move |tables| {
                 let settings = &settings;
-                let mut holds = txn.open_table(HOLDS).map_err(redb::Error::from)?;
-                let mut accounts = txn.open_table(ACCOUNTS).map_err(redb::Error::from)?;
-                let mut account = account_or_initial(&accounts, &hold.user, settings)?;
+                let LedgerTables {
+                    accounts,
+                    holds,
+                    usage,
+                    ..
+                } = ledger_tables(tables)?;
+                let mut account = account_or_initial(accounts, &hold.user, settings)?;
                 let balance = Balance::new(account.balance, account.held)?;
-                if let Some(mut open) = get_json::<Hold>(&holds, &hold.request_id)? {
+                if let Some(mut open) = get_json::<Hold>(holds, &hold.request_id)? {
                     let previous = refresh_hold(&mut open, &request, balance, now)?;
                     account.held = account
                         .held
                         .checked_sub(previous)?
                         .checked_add(open.amount)?;
-                    put_json(&mut accounts, &open.user, &account)?;
-                    put_json(&mut holds, &open.request_id, &open)?;
+                    put_json(accounts, &open.user, &account)?;
+                    put_json(holds, &open.request_id, &open)?;
                     return Ok(open);
                 }
-                let usage = txn.open_table(USAGE).map_err(redb::Error::from)?;
                 if usage
                     .get(hold.request_id.as_str())
                     .map_err(redb::Error::from)?
@@ -156,8 +135,8 @@ impl Ledger for EmbeddedLedger {
                 }
                 balance.cover(hold.amount)?;
                 account.held = account.held.checked_add(hold.amount)?;
-                put_json(&mut accounts, &hold.user, &account)?;
-                put_json(&mut holds, &hold.request_id, &hold)?;
+                put_json(accounts, &hold.user, &account)?;
+                put_json(holds, &hold.request_id, &hold)?;
                 Ok(hold.clone())
             })
             .await
@@ -200,11 +179,10 @@ impl Ledger for EmbeddedLedger {
     async fn grant(&self, user: &str, amount: Credits) -> Result<Balance, LedgerError> {
         validate_id(user)?;
         let user = user.to_owned();
-        self.write(move |txn, settings| {
-            let mut accounts = txn.open_table(ACCOUNTS).map_err(redb::Error::from)?;
-            let mut account = account_or_initial(&accounts, &user, settings)?;
+        self.write(move |tables, settings| {
+            let mut account = account_or_initial(&tables.accounts, &user, settings)?;
             account.balance = account.balance.checked_add(amount)?;
-            put_json(&mut accounts, &user, &account)?;
+            put_json(&mut tables.accounts, &user, &account)?;
             Balance::new(account.balance, account.held)
         })
         .await
@@ -244,32 +222,20 @@ impl Ledger for EmbeddedLedger {
 
     async fn reap(&self, now: DateTime<Utc>) -> Result<ReapReport, LedgerError> {
         let report = self
-            .write(move |txn, settings| {
-                let mut holds = txn.open_table(HOLDS).map_err(redb::Error::from)?;
+            .write(move |tables, settings| {
                 let mut expired = Vec::new();
-                for entry in holds.iter().map_err(redb::Error::from)? {
+                for entry in tables.holds.iter().map_err(redb::Error::from)? {
                     let (_, value) = entry.map_err(redb::Error::from)?;
                     let hold: Hold = decode(value.value())?;
                     if hold.lease_expires_at <= now {
                         expired.push(hold);
                     }
                 }
-                let mut accounts = txn.open_table(ACCOUNTS).map_err(redb::Error::from)?;
-                let mut usage = txn.open_table(USAGE).map_err(redb::Error::from)?;
-                let mut by_user = txn.open_table(USAGE_BY_USER).map_err(redb::Error::from)?;
                 let mut report = ReapReport::default();
                 let settled_at = now_millis();
                 for hold in expired {
                     let record = closing_record(&hold, &Closing::Reap, settled_at);
-                    close_hold(
-                        &mut holds,
-                        &mut accounts,
-                        &mut usage,
-                        &mut by_user,
-                        &hold,
-                        &record,
-                        settings,
-                    )?;
+                    close_hold(tables, &hold, &record, settings)?;
                     if record.outcome == UsageOutcome::Expired {
                         report.released_without_usage.push(record);
                     } else {
@@ -287,14 +253,17 @@ impl Ledger for EmbeddedLedger {
 /// Replaces an open hold by its usage record and moves the money; returns
 /// the account after.
 fn close_hold(
-    holds: &mut Table<'_, &'static str, &'static [u8]>,
-    accounts: &mut Table<'_, &'static str, &'static [u8]>,
-    usage: &mut Table<'_, &'static str, &'static [u8]>,
-    by_user: &mut Table<'_, (&'static str, i64, &'static str), ()>,
+    tables: &mut LedgerTables<'_>,
     hold: &Hold,
     record: &UsageRecord,
     settings: &LedgerSettings,
 ) -> Result<AccountRow, LedgerError> {
+    let LedgerTables {
+        accounts,
+        holds,
+        usage,
+        usage_by_user,
+    } = tables;
     let mut account = account_or_initial(accounts, &hold.user, settings)?;
     account.held = account.held.checked_sub(hold.amount)?;
     account.balance = account.balance.checked_sub(record.charged)?;
@@ -304,7 +273,7 @@ fn close_hold(
         .map_err(redb::Error::from)?;
     put_json(usage, &record.request_id, record)?;
     let newest_first = i64::MAX - record.settled_at.timestamp_millis();
-    by_user
+    usage_by_user
         .insert(
             (
                 record.user.as_str(),
@@ -315,6 +284,13 @@ fn close_hold(
         )
         .map_err(redb::Error::from)?;
     Ok(account)
+}
+
+/// The ledger's tables in `tables`' transaction, opened on its first use.
+fn ledger_tables<'a, 'txn>(
+    tables: &'a mut WriteTables<'txn>,
+) -> Result<&'a mut LedgerTables<'txn>, LedgerError> {
+    Ok(tables.ledger().map_err(redb::Error::from)?)
 }
 
 fn account_or_initial(

@@ -10,7 +10,8 @@
 //! messages since, the rest from the session tails) is short and runs on
 //! the calling task instead.
 //!
-//! Layout:
+//! Layout ([`crate::embedded_tables`], which a write transaction's
+//! operations share):
 //! - `chat_sessions`: id -> session record (JSON, without messages)
 //! - `chat_session_messages`: (id, sequence) -> message (JSON); appends never
 //!   rewrite earlier messages
@@ -23,7 +24,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::SubsecRound;
-use redb::{ReadOnlyTable, ReadTransaction, ReadableTable, TableDefinition};
+use redb::{ReadOnlyTable, ReadTransaction, ReadableTable};
 use serde::{Deserialize, Serialize};
 
 use super::embedded_common::{
@@ -35,14 +36,10 @@ use super::{
     SessionStore, SessionSummary, SessionTail, TokenTotals, now,
 };
 use crate::embedded_db::{EmbeddedDb, PendingDurability};
+use crate::embedded_tables::{
+    MESSAGES, SESSION_COUNTS, SESSIONS, SESSIONS_BY_USER, SessionId, SessionTables, WriteTables,
+};
 use crate::error::Error;
-
-type Id = [u8; 12];
-
-const SESSIONS: TableDefinition<Id, &[u8]> = TableDefinition::new("chat_sessions");
-const MESSAGES: TableDefinition<(Id, u32), &[u8]> = TableDefinition::new("chat_session_messages");
-const BY_USER: TableDefinition<(&str, u64, Id), ()> = TableDefinition::new("chat_sessions_by_user");
-const USER_COUNTS: TableDefinition<&str, u64> = TableDefinition::new("chat_session_counts");
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -81,13 +78,10 @@ impl EmbeddedStore {
     /// The store in `database`, creating the tables.
     pub async fn new(database: Arc<EmbeddedDb>) -> Result<Self, Error> {
         database
-            .write(|transaction| {
-                transaction.open_table(SESSIONS).map_err(storage_error)?;
-                transaction.open_table(MESSAGES).map_err(storage_error)?;
-                transaction.open_table(BY_USER).map_err(storage_error)?;
-                transaction.open_table(USER_COUNTS).map_err(storage_error)?;
-                super::embedded_keys::create_tables(transaction)?;
-                super::embedded_audit::create_tables(transaction)
+            .write(|tables| {
+                session_tables(tables)?;
+                super::embedded_keys::create_tables(tables.transaction())?;
+                super::embedded_audit::create_tables(tables.transaction())
             })
             .await?;
         Ok(Self {
@@ -131,19 +125,20 @@ impl SessionStore for EmbeddedStore {
             .map(|message| encode(&message_record(message)))
             .collect::<Result<Vec<_>, Error>>()?;
         self.database
-            .write(move |transaction| {
-                let mut sessions = transaction.open_table(SESSIONS).map_err(storage_error)?;
-                sessions
+            .write(move |tables| {
+                let tables = session_tables(tables)?;
+                tables
+                    .sessions
                     .insert(id, encoded_record.as_slice())
                     .map_err(storage_error)?;
-                let mut messages = transaction.open_table(MESSAGES).map_err(storage_error)?;
                 for (index, message) in encoded_messages.iter().enumerate() {
-                    messages
+                    tables
+                        .messages
                         .insert((id, sequence(index)?), message.as_slice())
                         .map_err(storage_error)?;
                 }
-                let mut by_user = transaction.open_table(BY_USER).map_err(storage_error)?;
-                by_user
+                tables
+                    .by_user
                     .insert(
                         (
                             record.user_id.as_str(),
@@ -153,12 +148,13 @@ impl SessionStore for EmbeddedStore {
                         (),
                     )
                     .map_err(storage_error)?;
-                let mut counts = transaction.open_table(USER_COUNTS).map_err(storage_error)?;
-                let count = counts
+                let count = tables
+                    .counts
                     .get(record.user_id.as_str())
                     .map_err(storage_error)?
                     .map_or(0, |count| count.value());
-                counts
+                tables
+                    .counts
                     .insert(record.user_id.as_str(), count + 1)
                     .map_err(storage_error)?;
                 Ok::<_, Error>(())
@@ -222,12 +218,14 @@ impl SessionStore for EmbeddedStore {
         self.database
             .read(move |transaction| {
                 let total = transaction
-                    .open_table(USER_COUNTS)
+                    .open_table(SESSION_COUNTS)
                     .map_err(storage_error)?
                     .get(user_id.as_str())
                     .map_err(storage_error)?
                     .map_or(0, |count| count.value());
-                let by_user = transaction.open_table(BY_USER).map_err(storage_error)?;
+                let by_user = transaction
+                    .open_table(SESSIONS_BY_USER)
+                    .map_err(storage_error)?;
                 let sessions_table = transaction.open_table(SESSIONS).map_err(storage_error)?;
                 let offset = usize::try_from(page.offset()).unwrap_or(usize::MAX);
                 let sessions = by_user
@@ -265,9 +263,9 @@ impl SessionStore for EmbeddedStore {
         let user_id = user_id.to_owned();
         let title = title.to_owned();
         self.database
-            .write(move |transaction| {
-                let mut sessions = transaction.open_table(SESSIONS).map_err(storage_error)?;
-                let mut record = owned_record(&sessions, id, &user_id)?;
+            .write(move |tables| {
+                let sessions = &mut session_tables(tables)?.sessions;
+                let mut record = owned_record(sessions, id, &user_id)?;
                 record.title.clone_from(&title);
                 sessions
                     .insert(id.bytes(), encode(&record)?.as_slice())
@@ -280,31 +278,35 @@ impl SessionStore for EmbeddedStore {
     async fn delete(&self, id: ObjectId, user_id: &str) -> Result<(), Error> {
         let user_id = user_id.to_owned();
         self.database
-            .write(move |transaction| {
-                let mut sessions = transaction.open_table(SESSIONS).map_err(storage_error)?;
-                let record = owned_record(&sessions, id, &user_id)?;
-                sessions.remove(id.bytes()).map_err(storage_error)?;
-                let mut messages = transaction.open_table(MESSAGES).map_err(storage_error)?;
-                messages
+            .write(move |tables| {
+                let tables = session_tables(tables)?;
+                let record = owned_record(&tables.sessions, id, &user_id)?;
+                tables.sessions.remove(id.bytes()).map_err(storage_error)?;
+                tables
+                    .messages
                     .retain_in(session_messages(id), |_, _| false)
                     .map_err(storage_error)?;
-                let mut by_user = transaction.open_table(BY_USER).map_err(storage_error)?;
-                by_user
+                tables
+                    .by_user
                     .remove((
                         user_id.as_str(),
                         millis_key(record.updated_at_ms),
                         id.bytes(),
                     ))
                     .map_err(storage_error)?;
-                let mut counts = transaction.open_table(USER_COUNTS).map_err(storage_error)?;
-                let count = counts
+                let count = tables
+                    .counts
                     .get(user_id.as_str())
                     .map_err(storage_error)?
                     .map_or(0, |count| count.value());
                 if count <= 1 {
-                    counts.remove(user_id.as_str()).map_err(storage_error)?;
+                    tables
+                        .counts
+                        .remove(user_id.as_str())
+                        .map_err(storage_error)?;
                 } else {
-                    counts
+                    tables
+                        .counts
                         .insert(user_id.as_str(), count - 1)
                         .map_err(storage_error)?;
                 }
@@ -329,11 +331,15 @@ impl SessionStore for EmbeddedStore {
             .collect::<Result<Vec<_>, Error>>()?;
         let first = self
             .database
-            .write(move |transaction| {
-                let mut sessions = transaction.open_table(SESSIONS).map_err(storage_error)?;
-                let mut record = owned_record(&sessions, id, &user_id)?;
+            .write(move |tables| {
+                let SessionTables {
+                    sessions,
+                    messages: messages_table,
+                    by_user,
+                    ..
+                } = session_tables(tables)?;
+                let mut record = owned_record(sessions, id, &user_id)?;
                 let first = record.message_count;
-                let mut messages_table = transaction.open_table(MESSAGES).map_err(storage_error)?;
                 for message in &encoded {
                     messages_table
                         .insert((id.bytes(), record.message_count), message.as_slice())
@@ -343,7 +349,6 @@ impl SessionStore for EmbeddedStore {
                         .checked_add(1)
                         .ok_or_else(|| Error::Store(format!("session {id} is full")))?;
                 }
-                let mut by_user = transaction.open_table(BY_USER).map_err(storage_error)?;
                 by_user
                     .remove((
                         user_id.as_str(),
@@ -375,9 +380,16 @@ impl SessionStore for EmbeddedStore {
     }
 }
 
+/// The sessions' tables in `tables`' transaction, opened on its first use.
+fn session_tables<'a, 'txn>(
+    tables: &'a mut WriteTables<'txn>,
+) -> Result<&'a mut SessionTables<'txn>, Error> {
+    tables.sessions().map_err(storage_error)
+}
+
 /// The record of `user_id`'s session `id`; another user's session is "not found".
 fn owned_record(
-    sessions: &impl ReadableTable<Id, &'static [u8]>,
+    sessions: &impl ReadableTable<SessionId, &'static [u8]>,
     id: ObjectId,
     user_id: &str,
 ) -> Result<SessionRecord, Error> {
@@ -455,13 +467,13 @@ fn read_summary(transaction: &ReadTransaction, id: ObjectId) -> Result<SessionSu
 }
 
 /// The keys of session `id`'s messages, in order.
-fn session_messages(id: ObjectId) -> std::ops::RangeInclusive<(Id, u32)> {
+fn session_messages(id: ObjectId) -> std::ops::RangeInclusive<(SessionId, u32)> {
     (id.bytes(), 0)..=(id.bytes(), u32::MAX)
 }
 
 /// Session `id`'s rows of the messages table, as one read transaction sees them.
 struct MessageRows {
-    table: ReadOnlyTable<(Id, u32), &'static [u8]>,
+    table: ReadOnlyTable<(SessionId, u32), &'static [u8]>,
     id: ObjectId,
 }
 

@@ -82,7 +82,8 @@ impl ObservationAudit for EmbeddedStore {
         let session = observation.session_id.bytes();
         let encoded = encode(&record(observation))?;
         self.database()
-            .write(move |transaction| {
+            .write(move |tables| {
+                let transaction = tables.transaction();
                 let mut table = transaction
                     .open_table(OBSERVATIONS)
                     .map_err(storage_error)?;
@@ -111,7 +112,8 @@ impl ObservationAudit for EmbeddedStore {
         outcome: ObservationEnd,
     ) -> Result<(), Error> {
         self.database()
-            .write(move |transaction| {
+            .write(move |tables| {
+                let transaction = tables.transaction();
                 let mut table = transaction
                     .open_table(OBSERVATIONS)
                     .map_err(storage_error)?;
@@ -309,7 +311,8 @@ impl BlockAudit for EmbeddedStore {
             excerpt: block.excerpt.clone(),
         })?;
         self.database()
-            .write(move |transaction| {
+            .write(move |tables| {
+                let transaction = tables.transaction();
                 let mut table = transaction.open_table(BLOCKS).map_err(storage_error)?;
                 table
                     .insert(id, encoded.as_slice())

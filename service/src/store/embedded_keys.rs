@@ -57,7 +57,8 @@ impl ApiKeyStore for EmbeddedStore {
             expires_at_ms: key.expires_at.map(|at| at.timestamp_millis()),
         })?;
         self.database()
-            .write(move |transaction| {
+            .write(move |tables| {
+                let transaction = tables.transaction();
                 let mut keys = transaction.open_table(KEYS).map_err(storage_error)?;
                 keys.insert(id, encoded.as_slice()).map_err(storage_error)?;
                 let mut by_user = transaction.open_table(BY_USER).map_err(storage_error)?;
@@ -102,7 +103,8 @@ impl ApiKeyStore for EmbeddedStore {
     async fn delete_key(&self, id: ObjectId, owner: Option<&str>) -> Result<bool, Error> {
         let owner = owner.map(str::to_owned);
         self.database()
-            .write(move |transaction| {
+            .write(move |tables| {
+                let transaction = tables.transaction();
                 let mut keys = transaction.open_table(KEYS).map_err(storage_error)?;
                 let Some(key) = load(&keys, id.bytes())? else {
                     return Ok(false);
