@@ -922,6 +922,18 @@ async fn a_fallback_is_charged_at_the_answering_targets_price_exactly_once() {
             .starts_with(&format!("{session}/")),
         "{record}"
     );
+    // The service keys its replies' holds apart from the API's: naming
+    // the reply's session id there reaches no hold, and charges nothing.
+    let named = harness
+        .post(
+            "/api/streaming-sessions/abort",
+            &token,
+            json!({"sessionId": record["sessionId"], "tokensGenerated": 0}),
+        )
+        .await;
+    assert_eq!(named.status(), 404);
+    let named: Value = named.json().await.unwrap();
+    assert_eq!(named["code"], "STREAMING_SESSION_NOT_FOUND", "{named}");
     let balance = harness.get_json("/api/credits/balance", &token).await;
     assert_eq!(
         balance,

@@ -34,6 +34,20 @@ pub mod paths {
     pub const GRANT: &str = "/api/admin/credits/grant";
 }
 
+/// Who made a streaming session's id, which decides where its hold and
+/// usage record are kept. Never read from or sent in a body: a client of
+/// the API always names its own sessions, and cannot reach the ids the
+/// service makes for its replies.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SessionNaming {
+    /// A client of the API, with any id of 1 to 128 bytes.
+    #[default]
+    Client,
+    /// This service, for one of its replies: `<origin>/<UUID v7>`, unique
+    /// and ordered by the time it was made.
+    Reply,
+}
+
 /// A request body of the contract: its fields (for field-level errors), its
 /// answer, and the [`Accounting`] operation that answers it.
 pub trait ContractRequest: serde::de::DeserializeOwned + Send + 'static {
@@ -210,6 +224,9 @@ pub struct InitializeRequest {
     /// finalize and abort name it again.
     #[schema(min_length = 1, max_length = 128)]
     pub session_id: String,
+    /// Who made `session_id`.
+    #[serde(skip)]
+    pub named_by: SessionNaming,
     pub model_id: String,
     /// Estimated input (prompt) tokens.
     pub estimated_tokens: u64,
@@ -271,6 +288,9 @@ pub struct InitializeResponse {
 pub struct FinalizeRequest {
     #[schema(min_length = 1, max_length = 128)]
     pub session_id: String,
+    /// Who made `session_id`.
+    #[serde(skip)]
+    pub named_by: SessionNaming,
     /// Output tokens generated.
     pub actual_tokens: u64,
     /// False: the reply failed (with no tokens, nothing is charged).
@@ -328,6 +348,9 @@ pub struct UsageDetails {
 pub struct AbortRequest {
     #[schema(min_length = 1, max_length = 128)]
     pub session_id: String,
+    /// Who made `session_id`.
+    #[serde(skip)]
+    pub named_by: SessionNaming,
     /// Output tokens generated before the end; 0 releases the whole hold.
     pub tokens_generated: u64,
     /// Why the client stopped (the reply is recorded as cancelled).
@@ -648,6 +671,7 @@ mod tests {
         });
         fields_match(&InitializeRequest {
             session_id: "s".into(),
+            named_by: SessionNaming::Client,
             model_id: "m".into(),
             estimated_tokens: 1,
             user_id: Some("u".into()),
@@ -662,6 +686,7 @@ mod tests {
         };
         fields_match(&FinalizeRequest {
             session_id: "s".into(),
+            named_by: SessionNaming::Client,
             actual_tokens: 1,
             success: true,
             duration: Some(1),
@@ -670,6 +695,7 @@ mod tests {
         });
         fields_match(&AbortRequest {
             session_id: "s".into(),
+            named_by: SessionNaming::Client,
             tokens_generated: 1,
             reason: Some("r".into()),
             error: Some("e".into()),

@@ -43,7 +43,7 @@ use crate::providers::estimate_tokens;
 use contract::{
     AbortRequest, AccountQuery, BalanceResponse, CalculateRequest, CalculateResponse, CheckRequest,
     CheckResponse, FinalizeRequest, GrantRequest, InitializeRequest, InitializeResponse,
-    SettlementResponse, UsageDetails, UsageResponse,
+    SessionNaming, SettlementResponse, UsageDetails, UsageResponse,
 };
 pub use external::ExternalAccounting;
 pub use metrics::AccountingMetrics;
@@ -142,17 +142,38 @@ fn account_of(caller: &Caller, requested: Option<String>) -> Result<String, Erro
     }
 }
 
-/// The ledger request id of a streaming session: the account is part of the
-/// key, so one user can never address another user's hold, and the length
-/// prefix keeps `(user, session)` pairs from colliding.
-fn hold_key(user: &str, session_id: &str) -> Result<String, Error> {
+/// The ledger request id of a streaming session. The account is part of
+/// the key, so one user can never address another user's hold.
+///
+/// A client's session is keyed under its account, the length prefix
+/// keeping `(user, session)` pairs from colliding. A reply's session
+/// (`<origin>/<UUID v7>`, made by this service) is keyed by its UUID first:
+/// ordered by time across all accounts, the holds and usage records of the
+/// replies that one write transaction settles sit in the ledger's newest
+/// pages instead of each in a page of its account's history. Client keys
+/// start `acct:` and reply keys `reply:`, so neither reaches the other.
+fn hold_key(user: &str, session_id: &str, named_by: SessionNaming) -> Result<String, Error> {
     if session_id.is_empty() || session_id.len() > MAX_SESSION_ID_BYTES {
         return Err(Error::Validation {
             field: "sessionId",
             message: format!("must be 1 to {MAX_SESSION_ID_BYTES} bytes"),
         });
     }
-    let key = format!("acct:{}:{user}:{session_id}", user.len());
+    let key = match named_by {
+        SessionNaming::Client => format!("acct:{}:{user}:{session_id}", user.len()),
+        SessionNaming::Reply => {
+            let made = session_id
+                .rsplit_once('/')
+                .and_then(|(_, made)| uuid::Uuid::try_parse(made).ok())
+                .ok_or_else(|| Error::Validation {
+                    field: "sessionId",
+                    message: "a reply's id ends with a UUID".into(),
+                })?;
+            // The UUID's fixed length ends it, so `(UUID, user)` pairs
+            // cannot collide either.
+            format!("reply:{}:{user}", made.hyphenated())
+        }
+    };
     if key.len() > MAX_REQUEST_ID_BYTES {
         return Err(Error::Validation {
             field: "sessionId",
@@ -204,11 +225,12 @@ impl LocalAccounting {
         &self,
         caller: &Caller,
         session_id: String,
+        named_by: SessionNaming,
         user_id: Option<String>,
         ending: Ending,
     ) -> Result<SettlementResponse, Error> {
         let user = account_of(caller, user_id)?;
-        let request_id = hold_key(&user, &session_id)?;
+        let request_id = hold_key(&user, &session_id, named_by)?;
         let closed = match ending {
             Ending::Release => self.ledger.release(&request_id).await,
             Ending::Settle {
@@ -254,7 +276,7 @@ impl LocalAccounting {
         request: InitializeRequest,
     ) -> Result<(InitializeResponse, PendingDurability), Error> {
         let user = account_of(caller, request.user_id)?;
-        let request_id = hold_key(&user, &request.session_id)?;
+        let request_id = hold_key(&user, &request.session_id, request.named_by)?;
         let routes = self.routes.snapshot();
         let route = match &request.route {
             Some(alias) => routes.prices().lookup_target(alias, &request.model_id)?,
@@ -406,14 +428,23 @@ impl Accounting for LocalAccounting {
         caller: &Caller,
         request: FinalizeRequest,
     ) -> Result<SettlementResponse, Error> {
+        let FinalizeRequest {
+            session_id,
+            named_by,
+            actual_tokens,
+            success,
+            duration,
+            user_id,
+            usage,
+        } = request;
         tracing::info!(
-            session_id = %request.session_id,
-            actual_tokens = request.actual_tokens,
-            success = request.success,
-            duration_ms = request.duration,
+            %session_id,
+            actual_tokens,
+            success,
+            duration_ms = duration,
             "finalizing a streaming session"
         );
-        let ending = match (request.success, request.actual_tokens) {
+        let ending = match (success, actual_tokens) {
             (false, 0) => Ending::Release,
             (success, output_tokens) => Ending::Settle {
                 outcome: if success {
@@ -422,10 +453,10 @@ impl Accounting for LocalAccounting {
                     ReplyOutcome::Failed
                 },
                 output_tokens,
-                usage: request.usage,
+                usage,
             },
         };
-        self.close(caller, request.session_id, request.user_id, ending)
+        self.close(caller, session_id, named_by, user_id, ending)
             .await
     }
 
@@ -434,26 +465,35 @@ impl Accounting for LocalAccounting {
         caller: &Caller,
         request: AbortRequest,
     ) -> Result<SettlementResponse, Error> {
+        let AbortRequest {
+            session_id,
+            named_by,
+            tokens_generated,
+            reason,
+            error,
+            user_id,
+            usage,
+        } = request;
         tracing::info!(
-            session_id = %request.session_id,
-            tokens_generated = request.tokens_generated,
-            reason = request.reason.as_deref(),
-            error = request.error.as_deref(),
+            %session_id,
+            tokens_generated,
+            reason = reason.as_deref(),
+            error = error.as_deref(),
             "aborting a streaming session"
         );
-        let ending = match request.tokens_generated {
+        let ending = match tokens_generated {
             0 => Ending::Release,
             output_tokens => Ending::Settle {
-                outcome: if request.error.is_some() {
+                outcome: if error.is_some() {
                     ReplyOutcome::Failed
                 } else {
                     ReplyOutcome::Cancelled
                 },
                 output_tokens,
-                usage: request.usage,
+                usage,
             },
         };
-        self.close(caller, request.session_id, request.user_id, ending)
+        self.close(caller, session_id, named_by, user_id, ending)
             .await
     }
 
@@ -546,9 +586,51 @@ mod tests {
 
     #[test]
     fn hold_keys_never_collide_across_users() {
-        assert_ne!(hold_key("a:b", "c").unwrap(), hold_key("a", "b:c").unwrap());
-        assert!(hold_key("alice", "").is_err());
-        assert!(hold_key("alice", &"s".repeat(129)).is_err());
-        assert!(hold_key(&"u".repeat(200), &"s".repeat(100)).is_err());
+        let client = SessionNaming::Client;
+        assert_ne!(
+            hold_key("a:b", "c", client).unwrap(),
+            hold_key("a", "b:c", client).unwrap()
+        );
+        assert!(hold_key("alice", "", client).is_err());
+        assert!(hold_key("alice", &"s".repeat(129), client).is_err());
+        assert!(hold_key(&"u".repeat(200), &"s".repeat(100), client).is_err());
+        let reply = format!("65f0c0ffee0123456789abcd/{}", uuid::Uuid::now_v7());
+        assert_ne!(
+            hold_key("a:b", &reply, SessionNaming::Reply).unwrap(),
+            hold_key("a", &reply, SessionNaming::Reply).unwrap()
+        );
+    }
+
+    #[test]
+    fn a_client_naming_a_replys_session_reaches_another_hold() {
+        let reply = format!("65f0c0ffee0123456789abcd/{}", uuid::Uuid::now_v7());
+        assert_ne!(
+            hold_key("alice", &reply, SessionNaming::Client).unwrap(),
+            hold_key("alice", &reply, SessionNaming::Reply).unwrap()
+        );
+        assert!(
+            hold_key("alice", "65f0c0ffee0123456789abcd/7", SessionNaming::Reply).is_err(),
+            "a reply's id ends with the UUID that orders it"
+        );
+    }
+
+    #[test]
+    fn reply_holds_sort_in_the_order_they_were_made_whatever_their_account() {
+        let origins = [
+            "65f0c0ffee0123456789abcd",
+            "0000c0ffee0123456789abcd",
+            "openai",
+        ];
+        let keys: Vec<String> = (0..1000)
+            .map(|index| {
+                let user = ["zoe", "alice", "mallory"][index % 3];
+                let session = format!("{}/{}", origins[index % 3], uuid::Uuid::now_v7());
+                hold_key(user, &session, SessionNaming::Reply).unwrap()
+            })
+            .collect();
+        assert!(
+            keys.windows(2).all(|pair| pair[0] < pair[1]),
+            "one transaction's settlements must land beside each other in the ledger"
+        );
     }
 }

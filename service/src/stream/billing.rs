@@ -12,7 +12,8 @@ use chrono::{DateTime, Utc};
 use parley_crds::{ModelRouteSpec, RouteTarget};
 
 use crate::accounting::contract::{
-    AbortRequest, FinalizeRequest, InitializeRequest, InitializeResponse, UsageDetails,
+    AbortRequest, FinalizeRequest, InitializeRequest, InitializeResponse, SessionNaming,
+    UsageDetails,
 };
 use crate::accounting::{Accounting, Caller};
 use crate::embedded_db::PendingDurability;
@@ -74,9 +75,8 @@ pub struct Charge {
 /// A reply's hold id: `origin` (the chat session's id, or the API of a reply
 /// kept in no session), which tells whose usage record it is, then a UUID
 /// that is unique per reply and ordered by creation (version 7). The ledger
-/// keys usage records by this id, so a new reply's lookup and insert land
-/// beside its origin's previous one, on a page the store has cached; a
-/// random UUID sent each to a random page of the whole usage history.
+/// keys the hold by that UUID first (`SessionNaming::Reply`), so the
+/// replies one write transaction holds and settles share its newest pages.
 fn request_id(origin: &str) -> String {
     format!("{origin}/{}", uuid::Uuid::now_v7())
 }
@@ -181,6 +181,7 @@ impl ReplyBill {
     ) -> InitializeRequest {
         InitializeRequest {
             session_id: self.request_id.clone(),
+            named_by: SessionNaming::Reply,
             model_id: target.model.clone(),
             estimated_tokens: self.input_tokens,
             user_id: None,
@@ -219,6 +220,7 @@ impl ReplyBill {
                             &self.caller,
                             FinalizeRequest {
                                 session_id: self.request_id.clone(),
+                                named_by: SessionNaming::Reply,
                                 actual_tokens: output_tokens,
                                 success: ending == Ending::Completed,
                                 duration: None,
@@ -234,6 +236,7 @@ impl ReplyBill {
                             &self.caller,
                             AbortRequest {
                                 session_id: self.request_id.clone(),
+                                named_by: SessionNaming::Reply,
                                 tokens_generated: output_tokens,
                                 reason: Some("the reply was cut short".into()),
                                 error: None,
@@ -271,6 +274,7 @@ impl ReplyBill {
                 &self.caller,
                 AbortRequest {
                     session_id: self.request_id.clone(),
+                    named_by: SessionNaming::Reply,
                     tokens_generated: 0,
                     reason: None,
                     error: Some(why.to_owned()),
