@@ -82,7 +82,7 @@ impl<'a> Scope<'a> {
     fn quota(self, deployment: RateLimits) -> Quota {
         match self {
             Scope::User(user) => Quota {
-                key: format!("user:{user}"),
+                key: ["user:", user].concat(),
                 limits: deployment,
             },
             Scope::Route {
