@@ -6,11 +6,11 @@
 //! times are checked again. Tokens verified against JWKS keys are not kept:
 //! a key can be withdrawn, and a kept verification would outlive it.
 
-use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
 use crate::error::Error;
 use crate::identity::Principal;
+use foldhash::HashMap;
 
 /// Enough for the clients of a busy replica; past it, entries are dropped
 /// (see [`VerifiedTokens::insert`]), so memory stays bounded whatever the

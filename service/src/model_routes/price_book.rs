@@ -4,9 +4,9 @@
 //! prices the accounting API quotes, holds and charges are the prices of the
 //! targets that answer replies, reloaded with them.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
+use foldhash::{HashMap, HashMapExt};
 use parley_crds::{ModelRouteSpec, Pricing, RouteTarget};
 
 use crate::error::Error;

@@ -1,9 +1,9 @@
 //! Content rules compiled once per routes snapshot, and the rules that apply
 //! to one reply: its route's policy and the policies of the user's cohorts.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
+use foldhash::{HashMap, HashMapExt};
 use parley_crds::{ContentRule, RoutesFile, RuleAction, RuleDirection, RuleMatcher};
 use regex::Regex;
 

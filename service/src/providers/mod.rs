@@ -305,10 +305,18 @@ pub async fn collect(mut stream: ProviderStream) -> Result<Completion, ProviderE
 /// serves the whole reply: a token only moves `at` forward, and the timer,
 /// when it fires before `at`, is re-armed for it. That is a timer-wheel
 /// operation per timeout period instead of a timer registered and removed
-/// for every chunk the reply waits on.
+/// for every chunk the reply waits on. Nor is the clock read for every
+/// token: a token only marks that `at` moves, and `at` is set when the
+/// reader next has to wait. The tokens of one upstream read then cost one
+/// reading (a reply's 64 tokens read 64 times were half of its clock
+/// readings), and a deadline counts from the end of the burst that
+/// brought the last token instead of from the token, later by the
+/// microseconds the burst took to pass on.
 struct TokenDeadline {
     timeout: Duration,
     at: Instant,
+    /// A token arrived since `at` was set.
+    token_since: bool,
     /// Never later than `at`; made the first time the work has to wait, so
     /// a reply whose chunks are always ready needs no timer (and a stream
     /// may be made outside the runtime that reads it).
@@ -320,13 +328,14 @@ impl TokenDeadline {
         Self {
             timeout,
             at: Instant::now() + timeout,
+            token_since: false,
             timer: None,
         }
     }
 
-    /// A token arrived: the next one has `timeout` from now.
+    /// A token arrived: the next one has `timeout` from the next wait.
     fn token_arrived(&mut self) {
-        self.at = Instant::now() + self.timeout;
+        self.token_since = true;
     }
 
     async fn bound<F: Future>(&mut self, work: F) -> Result<F::Output, ProviderError> {
@@ -334,6 +343,10 @@ impl TokenDeadline {
         poll_fn(|cx| {
             if let Poll::Ready(output) = work.as_mut().poll(cx) {
                 return Poll::Ready(Ok(output));
+            }
+            if self.token_since {
+                self.at = Instant::now() + self.timeout;
+                self.token_since = false;
             }
             let at = self.at;
             let timer = self

@@ -1,12 +1,12 @@
 //! In-process limits: counters in a map split into shards by scope key, each
 //! shard behind its own short-held mutex.
 
-use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use foldhash::HashMap;
 use tokio::time::Instant;
 
 use super::{Quota, RateLimitMetrics, RateLimiter, RateLimits, Scope, StreamGuard, WINDOW, limit};
@@ -58,7 +58,7 @@ type Shard = Mutex<HashMap<String, Counters>>;
 pub struct LocalRateLimiter {
     limits: RateLimits,
     shards: Arc<[Shard]>,
-    hasher: std::collections::hash_map::RandomState,
+    hasher: foldhash::fast::RandomState,
     metrics: RateLimitMetrics,
 }
 
@@ -68,7 +68,7 @@ impl LocalRateLimiter {
         LocalRateLimiter {
             limits,
             shards: shards.into(),
-            hasher: std::collections::hash_map::RandomState::new(),
+            hasher: foldhash::fast::RandomState::default(),
             metrics,
         }
     }

@@ -2,11 +2,12 @@
 //! the store of one process ([`LocalBreakers`]); Redis, shared by every
 //! replica, follows the same machine in `breaker_redis`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
+use foldhash::HashMap;
 use parley_crds::RouteTarget;
 
 use crate::error::Error;

@@ -168,7 +168,7 @@ impl SessionStore for EmbeddedStore {
             .read(move |transaction| {
                 let summary = read_summary(transaction, id)?;
                 let count = sequence(summary.message_count as usize)?;
-                let messages = MessageRows::open(transaction, id)?.read_range(0, count)?;
+                let messages = MessageRows::new(transaction, id).read_range(0, count)?;
                 Ok(Session { summary, messages })
             })
             .await
@@ -447,11 +447,11 @@ fn summary(id: ObjectId, record: SessionRecord) -> Result<SessionSummary, Error>
 fn read_tail<T>(
     transaction: &ReadTransaction,
     id: ObjectId,
-    newest: impl FnOnce(u32, &mut MessageRows) -> Result<T, Error>,
+    newest: impl FnOnce(u32, &mut MessageRows<'_>) -> Result<T, Error>,
 ) -> Result<(SessionSummary, T), Error> {
     let summary = read_summary(transaction, id)?;
     let count = sequence(summary.message_count as usize)?;
-    let mut messages = MessageRows::open(transaction, id)?;
+    let mut messages = MessageRows::new(transaction, id);
     let newest = newest(count, &mut messages)?;
     Ok((summary, newest))
 }
@@ -471,35 +471,53 @@ fn session_messages(id: ObjectId) -> std::ops::RangeInclusive<(SessionId, u32)> 
     (id.bytes(), 0)..=(id.bytes(), u32::MAX)
 }
 
-/// Session `id`'s rows of the messages table, as one read transaction sees them.
-struct MessageRows {
-    table: ReadOnlyTable<(SessionId, u32), &'static [u8]>,
+/// Session `id`'s rows of the messages table, as one read transaction sees
+/// them. The table opens on the first read: a reply to a session whose tail
+/// the cache holds reads no rows, and opening a table costs a lookup in
+/// redb's table of tables and a dozen allocations for its type names.
+struct MessageRows<'txn> {
+    transaction: &'txn ReadTransaction,
+    table: Option<ReadOnlyTable<(SessionId, u32), &'static [u8]>>,
     id: ObjectId,
 }
 
-impl MessageRows {
-    fn open(transaction: &ReadTransaction, id: ObjectId) -> Result<Self, Error> {
-        Ok(Self {
-            table: transaction.open_table(MESSAGES).map_err(storage_error)?,
+impl<'txn> MessageRows<'txn> {
+    fn new(transaction: &'txn ReadTransaction, id: ObjectId) -> Self {
+        Self {
+            transaction,
+            table: None,
             id,
-        })
+        }
+    }
+
+    fn table(&mut self) -> Result<&ReadOnlyTable<(SessionId, u32), &'static [u8]>, Error> {
+        let table = match self.table.take() {
+            Some(table) => table,
+            None => self
+                .transaction
+                .open_table(MESSAGES)
+                .map_err(storage_error)?,
+        };
+        Ok(self.table.insert(table))
     }
 }
 
-impl ReadMessages for MessageRows {
+impl ReadMessages for MessageRows<'_> {
     fn read_range(&mut self, from: u32, count: u32) -> Result<Vec<Message>, Error> {
-        self.table
-            .range((self.id.bytes(), from)..(self.id.bytes(), count))
+        let id = self.id.bytes();
+        self.table()?
+            .range((id, from)..(id, count))
             .map_err(storage_error)?
             .map(|entry| message(entry.map_err(storage_error)?.1.value()))
             .collect()
     }
 
     fn read_newest(&mut self, count: u32, budget: HistoryBudget) -> Result<Vec<Message>, Error> {
+        let id = self.id.bytes();
         // Decoded newest first, and only as many as the budget takes.
         let mut newest_first = budget.take_newest(
-            self.table
-                .range((self.id.bytes(), 0)..(self.id.bytes(), count))
+            self.table()?
+                .range((id, 0)..(id, count))
                 .map_err(storage_error)?
                 .rev()
                 .map(|entry| message(entry.map_err(storage_error)?.1.value())),

@@ -15,11 +15,12 @@
 //! the next reply does not decode them again; otherwise that reply reads
 //! them. Only this process writes the redb file.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Mutex, PoisonError};
 
 use super::{HistoryBudget, Message, ObjectId};
 use crate::error::Error;
+use foldhash::HashMap;
 
 /// What the cache may hold, in bytes of message text and per-message
 /// overhead, over all sessions: a few thousand sessions' default windows

@@ -17,7 +17,7 @@
 //! plain memory and are never held across an await; subscribers copy
 //! `Bytes` handles (reference counts), never the frames themselves.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -27,6 +27,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::{BufMut, Bytes, BytesMut};
+use foldhash::{HashMap, HashMapExt};
 use futures::Stream;
 use tokio::sync::futures::Notified;
 use tokio::sync::{Notify, broadcast, mpsc};

@@ -285,11 +285,17 @@ impl<'a> Scanner<'a> {
             return None;
         }
         self.at += 1;
-        let mut text = Vec::new();
+        let rest = self.data.get(self.at..)?;
+        let length = first_stop(rest, Stop::Text)?;
+        if rest[length] == b'"' {
+            // Nearly every token: no escape, so one allocation of its size.
+            self.at += length + 1;
+            return std::str::from_utf8(&rest[..length]).ok().map(str::to_owned);
+        }
+        let mut text = Vec::with_capacity(length + 1);
+        let mut length = length;
         loop {
-            let rest = self.data.get(self.at..)?;
-            let length = first_stop(rest, Stop::Text)?;
-            text.extend_from_slice(&rest[..length]);
+            text.extend_from_slice(self.data.get(self.at..self.at + length)?);
             self.at += length;
             match self.data[self.at] {
                 b'"' => {
@@ -314,6 +320,7 @@ impl<'a> Scanner<'a> {
                 // A control character: JSON wants it escaped.
                 _ => return None,
             }
+            length = first_stop(self.data.get(self.at..)?, Stop::Text)?;
         }
     }
 }
