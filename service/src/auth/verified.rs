@@ -8,9 +8,10 @@
 
 use std::sync::{Mutex, PoisonError};
 
+use foldhash::HashMap;
+
 use crate::error::Error;
 use crate::identity::Principal;
-use foldhash::HashMap;
 
 /// Enough for the clients of a busy replica; past it, entries are dropped
 /// (see [`VerifiedTokens::insert`]), so memory stays bounded whatever the

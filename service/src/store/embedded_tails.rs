@@ -18,9 +18,10 @@
 use std::collections::VecDeque;
 use std::sync::{Mutex, PoisonError};
 
+use foldhash::HashMap;
+
 use super::{HistoryBudget, Message, ObjectId};
 use crate::error::Error;
-use foldhash::HashMap;
 
 /// What the cache may hold, in bytes of message text and per-message
 /// overhead, over all sessions: a few thousand sessions' default windows
