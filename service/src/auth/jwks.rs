@@ -3,10 +3,10 @@
 //! an unknown key id (at most once per `min_refresh_interval`, so forged key
 //! ids cannot make us hammer the issuer). Concurrent lookups share one fetch.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use foldhash::HashMap;
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, PublicKeyUse};

@@ -121,7 +121,7 @@ pub struct Relay {
     /// Tells this replica's announcements from others'.
     replica: String,
     /// The locks of the replies this replica generates, renewed each heartbeat.
-    held: Mutex<HashMap<ObjectId, Held>>,
+    held: Mutex<foldhash::HashMap<ObjectId, Held>>,
     metrics: HubMetrics,
     release: Script,
 }
@@ -162,7 +162,7 @@ impl Relay {
             commands,
             settings,
             replica: uuid::Uuid::new_v4().simple().to_string(),
-            held: Mutex::new(HashMap::new()),
+            held: Mutex::default(),
             metrics,
             release: Script::new(RELEASE),
         })
