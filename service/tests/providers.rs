@@ -9,6 +9,7 @@ use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_credential_types::Credentials;
 use aws_credential_types::provider::SharedCredentialsProvider;
 use futures::StreamExt;
+use hyper_util::client::proxy::matcher::Matcher;
 use parley_service::providers::estimate_turn_tokens;
 use parley_service::providers::simulated::count_tokens;
 use parley_service::providers::{
@@ -18,6 +19,7 @@ use parley_service::providers::{
 };
 use parley_test_support::bedrock::BedrockStandIn;
 use parley_test_support::openai::OpenAiStandIn;
+use parley_test_support::proxy::TcpProxy;
 use parley_test_support::script::{
     Fault, GuardrailFinding, GuardrailIntervention, RecordedGuardrail, Rejection, Script,
     StreamFailure,
@@ -596,6 +598,41 @@ async fn openai_streams_deltas_then_usage_then_finished() {
         serde_json::json!({"role": "system", "content": "You are terse."})
     );
     assert_eq!(call.body["messages"].as_array().unwrap().len(), 4);
+}
+
+/// An upstream the proxy settings cover is called through its proxy (a
+/// forward proxy is sent the whole URL, which the stand-in routes by its
+/// path). Its host does not resolve, so only the proxy can reach it.
+#[tokio::test]
+async fn openai_behind_a_proxy_is_called_through_it() {
+    let standin = OpenAiStandIn::start().await.unwrap();
+    standin.set_script(OPENAI_MODEL, Script::reply(AWKWARD));
+    let proxy = TcpProxy::start(standin.addr().to_string(), None)
+        .await
+        .unwrap();
+    let proxies = Matcher::builder()
+        .http(format!("http://{}", proxy.address()))
+        .build();
+    let provider = OpenAiProvider::with_proxies(
+        "http://upstream.invalid/v1",
+        Some("sk-standin".to_owned()),
+        &proxies,
+    )
+    .unwrap();
+
+    let stream = provider
+        .stream(request(OPENAI_MODEL, PROMPTLY))
+        .await
+        .unwrap();
+    let events = drain(stream).await;
+    assert_eq!(events[..AWKWARD.len()], deltas(&AWKWARD)[..]);
+    assert!(matches!(
+        events.last(),
+        Some(Ok(ProviderEvent::Finished { .. }))
+    ));
+    let call = &standin.calls()[0];
+    assert_eq!(call.authorization.as_deref(), Some("Bearer sk-standin"));
+    proxy.stop().await;
 }
 
 #[tokio::test]

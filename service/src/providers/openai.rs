@@ -4,9 +4,16 @@
 use std::pin::Pin;
 
 use async_trait::async_trait;
-use futures::Stream;
-use reqwest::StatusCode;
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use bytes::{Bytes, BytesMut};
+use futures::{Stream, StreamExt, TryStreamExt};
+use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use http::uri::Scheme;
+use http::{Method, Request, StatusCode, Uri};
+use http_body_util::{BodyDataStream, Full};
+use hyper_util::client::legacy::Client as PooledClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::proxy::matcher::Matcher;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::de::{IgnoredAny, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -21,34 +28,102 @@ use super::{
 mod chunk;
 
 pub struct OpenAiProvider {
-    client: reqwest::Client,
-    /// Parsed once: a URL given as a string is parsed again for every request.
-    completions_url: reqwest::Url,
+    transport: Transport,
     /// `Bearer {api_key}`, built once and marked sensitive.
     authorization: Option<HeaderValue>,
 }
+
+/// How requests reach the upstream, chosen once from its URL and the
+/// proxy settings.
+enum Transport {
+    /// A plain-HTTP upstream that no proxy setting covers (a model server
+    /// in the cluster): hyper's pooled client, without reqwest's layers
+    /// around it. Those (default headers, redirects, retries, a proxy
+    /// lookup and two URL parses per request) were 3.8% of the service's
+    /// CPU at 100 clients.
+    Direct {
+        /// Boxed, as reqwest boxes its own: the client is 120 bytes of handles.
+        client: Box<PooledClient<HttpConnector, Full<Bytes>>>,
+        completions: Uri,
+    },
+    /// TLS, or an upstream behind a proxy: reqwest, through the proxy the
+    /// settings name for the upstream, if any.
+    Reqwest {
+        client: reqwest::Client,
+        /// Parsed once: a URL given as a string is parsed again for every request.
+        completions: reqwest::Url,
+    },
+}
+
+/// An upstream answer's body, whichever client read it.
+type BodyError = Box<dyn std::error::Error + Send + Sync>;
+type ResponseBody = Pin<Box<dyn Stream<Item = Result<Bytes, BodyError>> + Send>>;
 
 impl OpenAiProvider {
     /// `base_url` as OpenAI clients take it, including the API version
     /// (`http://localhost:8000/v1`); `api_key` is sent as a bearer token.
     /// Refuses a URL that does not parse, or a key that cannot be a header
-    /// value, here rather than at the first reply.
+    /// value, here rather than at the first reply. Proxies come from the
+    /// environment (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`, `NO_PROXY`).
     pub fn new(base_url: &str, api_key: Option<String>) -> Result<Self, ProviderError> {
+        Self::with_proxies(base_url, api_key, &Matcher::from_system())
+    }
+
+    /// [`OpenAiProvider::new`] with the proxy settings given: an upstream
+    /// they cover is called through its proxy.
+    pub fn with_proxies(
+        base_url: &str,
+        api_key: Option<String>,
+        proxies: &Matcher,
+    ) -> Result<Self, ProviderError> {
         let invalid = |what: &str| ProviderError::new(ProviderErrorKind::Other, what.to_owned());
-        let client = reqwest::Client::builder()
-            // Deltas are small writes; do not let Nagle hold them back.
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| invalid(&e.to_string()))?;
-        let completions_url: reqwest::Url =
-            format!("{}/chat/completions", base_url.trim_end_matches('/'))
-                .parse()
-                .map_err(|e| invalid(&format!("the base URL {base_url:?} is not a URL: {e}")))?;
-        if !matches!(completions_url.scheme(), "http" | "https") {
+        let completions = format!("{}/chat/completions", base_url.trim_end_matches('/'));
+        let completions: reqwest::Url = completions
+            .parse()
+            .map_err(|e| invalid(&format!("the base URL {base_url:?} is not a URL: {e}")))?;
+        if !matches!(completions.scheme(), "http" | "https") {
             return Err(invalid(&format!(
                 "the base URL {base_url:?} is not an http or https URL"
             )));
         }
+        let uri: Uri = completions
+            .as_str()
+            .parse()
+            .map_err(|e| invalid(&format!("the base URL {base_url:?} is not a URI: {e}")))?;
+        let transport = if goes_direct(&uri, proxies) {
+            let mut connector = HttpConnector::new();
+            // Deltas are small writes; do not let Nagle hold them back.
+            connector.set_nodelay(true);
+            let client = PooledClient::builder(TokioExecutor::new())
+                // Idle connections are closed after the pool's timeout
+                // (90 s, as reqwest's) only with a timer.
+                .pool_timer(TokioTimer::new())
+                .build(connector);
+            Transport::Direct {
+                client: Box::new(client),
+                completions: uri,
+            }
+        } else {
+            let client = reqwest::Client::builder().tcp_nodelay(true);
+            // The settings are read once, here; reqwest is told the outcome
+            // rather than reading them again itself.
+            let client = match proxies.intercept(&uri) {
+                None => client.no_proxy(),
+                Some(proxy) => {
+                    let mut through = reqwest::Proxy::all(proxy.uri().to_string())
+                        .map_err(|e| invalid(&format!("the proxy is not usable: {e}")))?;
+                    if let Some(credentials) = proxy.basic_auth() {
+                        through = through.custom_http_auth(credentials.clone());
+                    }
+                    client.proxy(through)
+                }
+            };
+            let client = client.build().map_err(|e| invalid(&e.to_string()))?;
+            Transport::Reqwest {
+                client,
+                completions,
+            }
+        };
         let authorization = api_key
             .map(|key| {
                 // The error does not repeat the key.
@@ -59,32 +134,78 @@ impl OpenAiProvider {
             })
             .transpose()?;
         Ok(Self {
-            client,
-            completions_url,
+            transport,
             authorization,
         })
     }
 
-    async fn send(&self, body: &ChatRequest<'_>) -> Result<reqwest::Response, ProviderError> {
+    /// Sends `body`; the answer's body when the upstream accepted it.
+    async fn send(&self, body: &ChatRequest<'_>) -> Result<ResponseBody, ProviderError> {
         let encoded = body
             .encode()
             .map_err(|e| ProviderError::new(ProviderErrorKind::InvalidRequest, e.to_string()))?;
-        let mut request = self
-            .client
-            .post(self.completions_url.clone())
-            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-            .body(encoded);
-        if let Some(authorization) = &self.authorization {
-            request = request.header(AUTHORIZATION, authorization.clone());
+        let json = HeaderValue::from_static("application/json");
+        let (status, body): (StatusCode, ResponseBody) = match &self.transport {
+            Transport::Direct {
+                client,
+                completions,
+            } => {
+                let mut request = Request::new(Full::new(Bytes::from(encoded)));
+                *request.method_mut() = Method::POST;
+                *request.uri_mut() = completions.clone();
+                let headers = request.headers_mut();
+                headers.insert(CONTENT_TYPE, json);
+                if let Some(authorization) = &self.authorization {
+                    headers.insert(AUTHORIZATION, authorization.clone());
+                }
+                let response = client
+                    .request(request)
+                    .await
+                    .map_err(|e| transport_error(&e))?;
+                let status = response.status();
+                let body = BodyDataStream::new(response.into_body()).map_err(BodyError::from);
+                (status, Box::pin(body))
+            }
+            Transport::Reqwest {
+                client,
+                completions,
+            } => {
+                let mut request = client
+                    .post(completions.clone())
+                    .header(CONTENT_TYPE, json)
+                    .body(encoded);
+                if let Some(authorization) = &self.authorization {
+                    request = request.header(AUTHORIZATION, authorization.clone());
+                }
+                let response = request.send().await.map_err(|e| transport_error(&e))?;
+                let status = response.status();
+                (
+                    status,
+                    Box::pin(response.bytes_stream().map_err(BodyError::from)),
+                )
+            }
+        };
+        if status.is_success() {
+            return Ok(body);
         }
-        let response = request.send().await.map_err(transport_error)?;
-        if response.status().is_success() {
-            return Ok(response);
-        }
-        let status = response.status();
-        let body = response.bytes().await.unwrap_or_default();
+        let body = read_whole(body).await.unwrap_or_default();
         Err(rejection(status, &body))
     }
+}
+
+/// Whether requests to `uri` can skip reqwest: plain HTTP, and no proxy
+/// setting covers it.
+fn goes_direct(uri: &Uri, proxies: &Matcher) -> bool {
+    uri.scheme() == Some(&Scheme::HTTP) && proxies.intercept(uri).is_none()
+}
+
+/// All of `body`.
+async fn read_whole(mut body: ResponseBody) -> Result<Bytes, BodyError> {
+    let mut whole = BytesMut::new();
+    while let Some(bytes) = body.next().await {
+        whole.extend_from_slice(&bytes?);
+    }
+    Ok(whole.freeze())
 }
 
 /// A `/chat/completions` request. Its messages are written by hand: each
@@ -250,21 +371,36 @@ fn rejection(status: StatusCode, body: &[u8]) -> ProviderError {
     ProviderError::new(kind, format!("HTTP {status}: {}", error.message))
 }
 
-fn transport_error(error: reqwest::Error) -> ProviderError {
-    let kind = if error.is_timeout() {
+/// A failure to reach the upstream or to read its answer, with its causes
+/// (the clients' own messages name only the request).
+fn transport_error(error: &(dyn std::error::Error + 'static)) -> ProviderError {
+    let mut message = error.to_string();
+    let mut timed_out = is_timeout(error);
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        timed_out |= is_timeout(cause);
+        source = cause.source();
+    }
+    let kind = if timed_out {
         ProviderErrorKind::Timeout
     } else {
         ProviderErrorKind::Unavailable
     };
-    // reqwest's own message names only the URL; the cause is in its sources.
-    let mut message = error.to_string();
-    let mut source = std::error::Error::source(&error);
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
     ProviderError::new(kind, message)
+}
+
+fn is_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+    if let Some(error) = error.downcast_ref::<reqwest::Error>() {
+        error.is_timeout()
+    } else if let Some(error) = error.downcast_ref::<hyper::Error>() {
+        error.is_timeout()
+    } else if let Some(error) = error.downcast_ref::<std::io::Error>() {
+        error.kind() == std::io::ErrorKind::TimedOut
+    } else {
+        false
+    }
 }
 
 fn finish_reason(reason: &str) -> StopReason {
@@ -386,21 +522,23 @@ struct ResponseMessage {
 impl Provider for OpenAiProvider {
     async fn stream(&self, request: CompletionRequest) -> Result<ProviderStream, ProviderError> {
         let mut deadline = TokenDeadline::start(request.timeout);
-        let response = deadline
+        let body = deadline
             .bound(self.send(&ChatRequest::new(&request, true)))
             .await??;
-        let body: ResponseBody = Box::pin(response.bytes_stream());
         Ok(reply_stream(ChatReply::new(body), deadline))
     }
 
     async fn complete(&self, request: CompletionRequest) -> Result<Completion, ProviderError> {
         let mut deadline = TokenDeadline::start(request.timeout);
         let call = async {
-            let response = self.send(&ChatRequest::new(&request, false)).await?;
-            response
-                .json::<ChatResponse>()
-                .await
-                .map_err(transport_error)
+            let body = self.send(&ChatRequest::new(&request, false)).await?;
+            let body = read_whole(body).await.map_err(|e| transport_error(&*e))?;
+            serde_json::from_slice::<ChatResponse>(&body).map_err(|e| {
+                ProviderError::new(
+                    ProviderErrorKind::Unavailable,
+                    format!("the answer is not a chat completion: {e}"),
+                )
+            })
         };
         let response = deadline.bound(call).await??;
         let Some(choice) = response.choices.into_iter().next() else {
@@ -421,7 +559,6 @@ impl Provider for OpenAiProvider {
     }
 }
 
-type ResponseBody = Pin<Box<dyn Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>;
 /// A streamed chat completion being read.
 struct ChatReply {
     events: SseData<ResponseBody>,
@@ -472,7 +609,7 @@ impl ReplySource for ChatReply {
                     "the stream ended before the reply finished",
                 ));
             }
-            Some(Err(error)) => return ReplyStep::Failed(transport_error(error)),
+            Some(Err(error)) => return ReplyStep::Failed(transport_error(&*error)),
             Some(Ok(b"[DONE]")) => None,
             Some(Ok(data)) => Some(self.chunks.read(data)),
         };
@@ -539,10 +676,10 @@ mod tests {
     #[test]
     fn a_base_url_or_key_that_cannot_be_sent_is_refused_at_construction() {
         let provider = OpenAiProvider::new("http://localhost:8000/v1/", None).unwrap();
-        assert_eq!(
-            provider.completions_url.as_str(),
-            "http://localhost:8000/v1/chat/completions"
-        );
+        let Transport::Direct { completions, .. } = provider.transport else {
+            panic!("a plain-HTTP upstream without a proxy went through reqwest");
+        };
+        assert_eq!(completions, "http://localhost:8000/v1/chat/completions");
         assert!(OpenAiProvider::new("http://local host/v1", None).is_err());
         assert!(OpenAiProvider::new("localhost:8000/v1", None).is_err());
         let Err(error) = OpenAiProvider::new("http://localhost/v1", Some("sk-\nsecret".into()))
@@ -554,6 +691,28 @@ mod tests {
         let authorization = sent.authorization.unwrap();
         assert_eq!(authorization, "Bearer sk-1");
         assert!(authorization.is_sensitive());
+    }
+
+    /// Plain HTTP goes straight to the pooled client unless a proxy setting
+    /// covers the host; TLS and proxied upstreams go through reqwest.
+    #[test]
+    fn only_a_plain_http_upstream_outside_the_proxy_settings_goes_direct() {
+        let none = Matcher::builder().build();
+        let proxied = Matcher::builder()
+            .http("http://proxy.internal:3128")
+            .https("http://proxy.internal:3128")
+            .no("vllm.models.svc,127.0.0.1")
+            .build();
+        let direct = |url: &str, proxies: &Matcher| {
+            let provider = OpenAiProvider::with_proxies(url, None, proxies).unwrap();
+            matches!(provider.transport, Transport::Direct { .. })
+        };
+        assert!(direct("http://vllm.models.svc:8000/v1", &none));
+        assert!(!direct("https://api.openai.com/v1", &none));
+        assert!(!direct("http://ollama.example:11434/v1", &proxied));
+        assert!(direct("http://vllm.models.svc:8000/v1", &proxied));
+        assert!(direct("http://127.0.0.1:8000/v1", &proxied));
+        assert!(!direct("https://api.openai.com/v1", &proxied));
     }
 
     /// A stream whose chunks miss the fast path stops trying it after a few
