@@ -42,7 +42,8 @@ enum Transport {
     /// lookup and two URL parses per request) were 3.8% of the service's
     /// CPU at 100 clients.
     Direct {
-        /// Boxed, as reqwest boxes its own: the client is 120 bytes of handles.
+        /// Boxed (reqwest keeps its own behind an `Arc`): the client is 120
+        /// bytes of handles.
         client: Box<PooledClient<HttpConnector, Full<Bytes>>>,
         completions: Uri,
     },
