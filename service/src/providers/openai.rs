@@ -91,7 +91,10 @@ impl OpenAiProvider {
             .as_str()
             .parse()
             .map_err(|e| invalid(&format!("the base URL {base_url:?} is not a URI: {e}")))?;
-        let transport = if goes_direct(&uri, proxies) {
+        // The settings are read once, here: they choose the client, and
+        // reqwest is told the proxy they name rather than reading them again.
+        let proxy = proxies.intercept(&uri);
+        let transport = if proxy.is_none() && uri.scheme() == Some(&Scheme::HTTP) {
             let mut connector = HttpConnector::new();
             // Deltas are small writes; do not let Nagle hold them back.
             connector.set_nodelay(true);
@@ -106,9 +109,7 @@ impl OpenAiProvider {
             }
         } else {
             let client = reqwest::Client::builder().tcp_nodelay(true);
-            // The settings are read once, here; reqwest is told the outcome
-            // rather than reading them again itself.
-            let client = match proxies.intercept(&uri) {
+            let client = match proxy {
                 None => client.no_proxy(),
                 Some(proxy) => {
                     let mut through = reqwest::Proxy::all(proxy.uri().to_string())
@@ -192,12 +193,6 @@ impl OpenAiProvider {
         let body = read_whole(body).await.unwrap_or_default();
         Err(rejection(status, &body))
     }
-}
-
-/// Whether requests to `uri` can skip reqwest: plain HTTP, and no proxy
-/// setting covers it.
-fn goes_direct(uri: &Uri, proxies: &Matcher) -> bool {
-    uri.scheme() == Some(&Scheme::HTTP) && proxies.intercept(uri).is_none()
 }
 
 /// All of `body`.
