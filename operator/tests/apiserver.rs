@@ -421,17 +421,62 @@ fn service_monitor_crd() -> CustomResourceDefinition {
     .unwrap()
 }
 
-/// Deletes the CRD named `name` if it exists and waits (on a watch, bounded)
-/// until it is gone.
-async fn delete_crd(crds: &Api<CustomResourceDefinition>, name: &str) {
-    let uid = match crds.delete(name, &DeleteParams::default()).await {
-        Ok(either) => either.either(|crd| crd.uid(), |status| status.details.map(|d| d.uid)),
+/// Keeps a ServiceMonitor, and with it its CRD, from being deleted.
+const HOLD: &str = "parley.dev/test-hold";
+
+fn monitors(client: &Client, namespace: Option<&str>) -> Api<DynamicObject> {
+    let resource = parley_operator::build::service_monitor_resource();
+    match namespace {
+        Some(namespace) => Api::namespaced_with(client.clone(), namespace, &resource),
+        None => Api::all_with(client.clone(), &resource),
+    }
+}
+
+/// What the operator did to `object`, by its managed fields.
+fn operator_operations(object: &DynamicObject) -> Vec<String> {
+    object
+        .managed_fields()
+        .iter()
+        .filter(|entry| entry.manager.as_deref() == Some("parley-operator"))
+        .filter_map(|entry| entry.operation.clone())
+        .collect()
+}
+
+/// Lets go of every ServiceMonitor [`HOLD`] keeps.
+async fn release_monitors(client: &Client) {
+    let held = match monitors(client, None).list(&Default::default()).await {
+        Ok(list) => list.items,
         Err(kube::Error::Api(status)) if status.code == 404 => return,
-        Err(error) => panic!("deleting CRD {name}: {error}"),
+        Err(error) => panic!("listing ServiceMonitors: {error}"),
     };
-    let uid = uid.unwrap_or_default();
+    for monitor in held
+        .iter()
+        .filter(|m| m.finalizers().iter().any(|f| f == HOLD))
+    {
+        monitors(client, monitor.namespace().as_deref())
+            .patch(
+                &monitor.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+            )
+            .await
+            .unwrap();
+    }
+}
+
+/// Starts deleting the CRD named `name`; its uid, `None` when it is absent.
+async fn delete_crd(crds: &Api<CustomResourceDefinition>, name: &str) -> Option<String> {
+    match crds.delete(name, &DeleteParams::default()).await {
+        Ok(either) => either.either(|crd| crd.uid(), |status| status.details.map(|d| d.uid)),
+        Err(kube::Error::Api(status)) if status.code == 404 => None,
+        Err(error) => panic!("deleting CRD {name}: {error}"),
+    }
+}
+
+/// Waits (on a watch, bounded) until the CRD `name` with `uid` is gone.
+async fn wait_crd_deleted(crds: &Api<CustomResourceDefinition>, name: &str, uid: &str) {
     let gone =
-        kube::runtime::wait::await_condition(crds.clone(), name, conditions::is_deleted(&uid));
+        kube::runtime::wait::await_condition(crds.clone(), name, conditions::is_deleted(uid));
     tokio::time::timeout(cluster::WAIT, gone)
         .await
         .unwrap_or_else(|_| panic!("CRD {name} not deleted within {:?}", cluster::WAIT))
@@ -460,7 +505,10 @@ async fn a_service_monitor_crd_installed_after_start_is_used_without_a_restart()
     let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
     let crd = service_monitor_crd();
     // Left by an earlier run on the same server: start without it.
-    delete_crd(&crds, &crd.name_any()).await;
+    if let Some(uid) = delete_crd(&crds, &crd.name_any()).await {
+        release_monitors(&admin).await;
+        wait_crd_deleted(&crds, &crd.name_any(), &uid).await;
+    }
 
     let namespace = parley_test_support::env::fresh_namespace(&admin, "op").await;
     let operator = Operator::start_with(
@@ -483,12 +531,12 @@ async fn a_service_monitor_crd_installed_after_start_is_used_without_a_restart()
     // existing ChatDeployment, and the status stops listing it as off.
     crds.create(&PostParams::default(), &crd).await.unwrap();
     wait_for(&crds, &crd.name_any(), conditions::is_crd_established()).await;
-    let monitors: Api<DynamicObject> = Api::namespaced_with(
-        admin.clone(),
-        &namespace,
-        &parley_operator::build::service_monitor_resource(),
-    );
-    let monitor = wait_for(&monitors, "demo", |m: Option<&DynamicObject>| m.is_some()).await;
+    let monitors = monitors(&admin, Some(&namespace));
+    // Created, then its fields handed from the create to the operator's apply.
+    let monitor = wait_for(&monitors, "demo", |m: Option<&DynamicObject>| {
+        m.is_some_and(|m| operator_operations(m) == ["Apply"])
+    })
+    .await;
     assert_eq!(monitor.data["spec"]["endpoints"][0]["port"], "metrics");
     assert_eq!(
         monitor.metadata.owner_references.unwrap()[0].kind,
@@ -499,8 +547,57 @@ async fn a_service_monitor_crd_installed_after_start_is_used_without_a_restart()
     })
     .await;
 
-    // And when the CRD goes, the operator stops using it and says so.
-    delete_crd(&crds, &crd.name_any()).await;
+    // When the CRD goes, its finalizer deletes every monitor and waits until
+    // none is left; `hold` keeps it waiting. A reconcile meanwhile must not
+    // bring `demo` back, which would hold the CRD's deletion up.
+    let hold = serde_json::from_value(json!({
+        "apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor",
+        "metadata": {"name": "hold", "finalizers": [HOLD]}, "spec": {},
+    }))
+    .unwrap();
+    monitors
+        .create(&PostParams::default(), &hold)
+        .await
+        .unwrap();
+    let crd_uid = delete_crd(&crds, &crd.name_any()).await.unwrap();
+    let demo_uid = monitor.metadata.uid.unwrap();
+    let demo_gone = kube::runtime::wait::await_condition(
+        monitors.clone(),
+        "demo",
+        conditions::is_deleted(&demo_uid),
+    );
+    tokio::time::timeout(cluster::WAIT, demo_gone)
+        .await
+        .unwrap()
+        .unwrap();
+    let key = format!("chatdeployment/{namespace}/demo");
+    let mut reconciled = operator.reconciled.subscribe();
+    let before = reconciled
+        .borrow_and_update()
+        .get(&key)
+        .copied()
+        .unwrap_or_default();
+    chats
+        .patch(
+            "demo",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"test/touched": "1"}}})),
+        )
+        .await
+        .unwrap();
+    let after = reconciled.wait_for(|counts| counts.get(&key).is_some_and(|&n| n > before));
+    tokio::time::timeout(cluster::WAIT, after)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        monitors.get_opt("demo").await.unwrap().is_none(),
+        "a monitor was created while its CRD was being deleted"
+    );
+
+    // Let go, and the operator stops using the CRD and says so.
+    release_monitors(&admin).await;
+    wait_crd_deleted(&crds, &crd.name_any(), &crd_uid).await;
     wait_for(&chats, "demo", |chat: Option<&ChatDeployment>| {
         off_kinds(chat).contains(&"ServiceMonitor".to_owned())
     })

@@ -85,6 +85,27 @@ fn list(kind: &str, items: Value) -> Value {
     json!({"apiVersion": "parley.dev/v1alpha1", "kind": kind, "metadata": {}, "items": items})
 }
 
+fn not_found() -> (u16, Value) {
+    (
+        404,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+               "reason": "NotFound", "code": 404}),
+    )
+}
+
+/// `object` as the API server creates it for the operator.
+fn created(object: &Value) -> Value {
+    let mut created = object.clone();
+    created["metadata"]["uid"] = json!("5b1d0c3e-0000-4000-8000-0000000000aa");
+    created["metadata"]["resourceVersion"] = json!("7");
+    created["metadata"]["managedFields"] = json!([{
+        "manager": "parley-operator", "operation": "Update",
+        "apiVersion": "monitoring.coreos.com/v1", "fieldsType": "FieldsV1",
+        "fieldsV1": {"f:spec": {"f:endpoints": {}}},
+    }]);
+    created
+}
+
 /// The API server's answer for a ChatDeployment reconcile: the route list,
 /// echoes of applied objects, the ChatDeployment for status writes.
 fn chat_api(chat: ChatDeployment, routes: Vec<ModelRoute>) -> impl Fn(&Recorded) -> (u16, Value) {
@@ -94,6 +115,10 @@ fn chat_api(chat: ChatDeployment, routes: Vec<ModelRoute>) -> impl Fn(&Recorded)
                 200,
                 list("ModelRouteList", serde_json::to_value(&routes).unwrap()),
             )
+        } else if request.path.ends_with("/servicemonitors/demo") && request.method == "GET" {
+            not_found()
+        } else if request.path.ends_with("/servicemonitors") && request.method == "POST" {
+            (201, created(&request.body))
         } else if request.path.ends_with("/chatdeployments/demo/status") {
             let mut chat = serde_json::to_value(&chat).unwrap();
             chat["status"] = request.body["status"].clone();
@@ -116,7 +141,9 @@ async fn reconcile_chat(
     (result, server.await.unwrap())
 }
 
-const CHILDREN: [&str; 9] = [
+/// The applied children, then the ServiceMonitor: read, found missing,
+/// created, and its fields handed from the create to the operator's apply.
+const CHILDREN: [&str; 11] = [
     "PATCH /api/v1/namespaces/team-a/serviceaccounts/demo",
     "PATCH /apis/rbac.authorization.k8s.io/v1/namespaces/team-a/roles/demo",
     "PATCH /apis/rbac.authorization.k8s.io/v1/namespaces/team-a/rolebindings/demo",
@@ -125,8 +152,13 @@ const CHILDREN: [&str; 9] = [
     "PATCH /apis/apps/v1/namespaces/team-a/deployments/demo",
     "PATCH /apis/autoscaling/v2/namespaces/team-a/horizontalpodautoscalers/demo",
     "PATCH /apis/policy/v1/namespaces/team-a/poddisruptionbudgets/demo",
-    "PATCH /apis/monitoring.coreos.com/v1/namespaces/team-a/servicemonitors/demo",
+    MONITOR,
+    "POST /apis/monitoring.coreos.com/v1/namespaces/team-a/servicemonitors",
+    MONITOR_PATCH,
 ];
+const MONITOR: &str = "GET /apis/monitoring.coreos.com/v1/namespaces/team-a/servicemonitors/demo";
+const MONITOR_PATCH: &str =
+    "PATCH /apis/monitoring.coreos.com/v1/namespaces/team-a/servicemonitors/demo";
 const LIST_ROUTES: &str = "GET /apis/parley.dev/v1alpha1/namespaces/team-a/modelroutes";
 const CHAT_STATUS: &str =
     "PATCH /apis/parley.dev/v1alpha1/namespaces/team-a/chatdeployments/demo/status";
@@ -154,7 +186,7 @@ async fn create_applies_every_child_then_writes_status_once() {
         "{}",
         recorded[0].query
     );
-    for applied in &recorded[1..=10] {
+    for applied in &recorded[1..=8] {
         assert!(
             applied.query.contains("fieldManager=parley-operator"),
             "{}",
@@ -175,7 +207,20 @@ async fn create_applies_every_child_then_writes_status_once() {
     assert_eq!(pdb["spec"]["maxUnavailable"], 1);
     let routes_yaml = recorded[4].body["data"]["routes.yaml"].as_str().unwrap();
     assert!(routes_yaml.contains("alias: fast"), "{routes_yaml}");
-    let status = &recorded[10].body["status"];
+    let create = &recorded[10];
+    assert!(
+        create.query.contains("fieldManager=parley-operator"),
+        "{}",
+        create.query
+    );
+    assert_eq!(create.body["spec"]["endpoints"][0]["port"], "metrics");
+    let handed_over = &recorded[11];
+    assert_eq!(handed_over.body["metadata"]["resourceVersion"], "7");
+    assert_eq!(
+        handed_over.body["metadata"]["managedFields"][0]["operation"],
+        "Apply"
+    );
+    let status = &recorded[12].body["status"];
     assert_eq!(status["observedGeneration"], 1);
     assert_eq!(status["routes"][0]["alias"], "default");
     let types: Vec<&str> = status["conditions"]
@@ -217,6 +262,95 @@ async fn an_old_cluster_gets_neither_autoscaler_nor_budget() {
     assert!(!paths.iter().any(|p| p.contains("poddisruptionbudgets")));
     assert!(!paths.iter().any(|p| p.contains("servicemonitors")));
     assert_eq!(recorded[6].body["spec"]["replicas"], 2);
+}
+
+/// Reconciles the example with every capability, the API server answering
+/// the ServiceMonitor's requests with `monitor` and the rest as usual.
+async fn reconcile_with_monitor(
+    monitor: impl Fn(&Recorded) -> (u16, Value) + Send + 'static,
+) -> (Result<Action, Error>, Vec<Recorded>) {
+    let chat = common::chat(NS);
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let usual = chat_api(chat.clone(), common::routes(NS));
+    let server = tokio::spawn(serve(handle, move |request| {
+        if request.path.contains("/servicemonitors") {
+            monitor(request)
+        } else {
+            usual(request)
+        }
+    }));
+    let (context, _) = context(Client::new(service, NS), Capabilities::CURRENT);
+    let result = chat_deployment::reconcile(Arc::new(chat), context).await;
+    (result, server.await.unwrap())
+}
+
+fn monitor_requests(recorded: &[Recorded]) -> Vec<&Recorded> {
+    recorded
+        .iter()
+        .filter(|r| r.path.contains("/servicemonitors"))
+        .collect()
+}
+
+#[tokio::test]
+async fn an_existing_monitor_is_applied_on_condition_of_its_uid() {
+    let (result, recorded) = reconcile_with_monitor(|request| match request.method.as_str() {
+        "GET" => {
+            let mut live = created(&json!({"apiVersion": "monitoring.coreos.com/v1",
+                "kind": "ServiceMonitor", "metadata": {"name": "demo", "namespace": NS}}));
+            live["metadata"]["managedFields"][0]["operation"] = json!("Apply");
+            (200, live)
+        }
+        _ => (200, request.body.clone()),
+    })
+    .await;
+    result.unwrap();
+    let monitor = monitor_requests(&recorded);
+    let lines: Vec<String> = monitor.iter().map(|r| r.line()).collect();
+    assert_eq!(
+        lines,
+        [MONITOR, MONITOR_PATCH],
+        "read, then applied; no create"
+    );
+    let apply = monitor[1];
+    assert!(
+        apply.query.contains("fieldManager=parley-operator"),
+        "{}",
+        apply.query
+    );
+    assert!(apply.query.contains("force=true"), "{}", apply.query);
+    assert_eq!(
+        apply.body["metadata"]["uid"],
+        "5b1d0c3e-0000-4000-8000-0000000000aa"
+    );
+    assert_eq!(apply.body["spec"]["endpoints"][0]["port"], "metrics");
+}
+
+#[tokio::test]
+async fn a_monitor_is_not_created_while_its_crd_is_being_deleted() {
+    let (result, recorded) = reconcile_with_monitor(|request| match request.method.as_str() {
+        "GET" => not_found(),
+        _ => (
+            405,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                   "message": "create not allowed while custom resource definition is terminating",
+                   "reason": "MethodNotAllowed", "code": 405}),
+        ),
+    })
+    .await;
+    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(300)));
+    let monitor: Vec<String> = monitor_requests(&recorded)
+        .iter()
+        .map(|r| r.line())
+        .collect();
+    assert_eq!(
+        monitor,
+        [
+            MONITOR,
+            "POST /apis/monitoring.coreos.com/v1/namespaces/team-a/servicemonitors"
+        ],
+        "no apply after the refused create"
+    );
+    assert!(lines(&recorded).contains(&CHAT_STATUS.to_owned()));
 }
 
 #[tokio::test]

@@ -20,7 +20,7 @@ use kube::runtime::{Controller, watcher};
 use parley_crds::{ChatDeployment, ModelRoute};
 use tokio_util::sync::CancellationToken;
 
-use super::{Context, apply};
+use super::{Context, apply, service_monitor};
 use crate::Error;
 use crate::build::{self, Desired, FIELD_MANAGER, MANAGED_BY_LABEL};
 use crate::routes;
@@ -202,27 +202,7 @@ async fn apply_children(context: &Context, desired: &Desired) -> Result<Rollout,
         apply(client, budget).await?;
     }
     if let Some(monitor) = &desired.service_monitor {
-        apply_dynamic(context, monitor).await?;
+        service_monitor::apply(client, monitor).await?;
     }
     Ok(Rollout::of(&deployment))
-}
-
-async fn apply_dynamic(context: &Context, object: &DynamicObject) -> Result<(), Error> {
-    let namespace = object
-        .metadata
-        .namespace
-        .as_deref()
-        .ok_or(Error::MissingNamespace)?;
-    let api: Api<DynamicObject> = Api::namespaced_with(
-        context.client.clone(),
-        namespace,
-        &build::service_monitor_resource(),
-    );
-    api.patch(
-        &object.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(object),
-    )
-    .await?;
-    Ok(())
 }

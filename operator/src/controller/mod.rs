@@ -2,6 +2,7 @@
 
 pub mod chat_deployment;
 pub mod model_route;
+mod service_monitor;
 
 use std::collections::BTreeMap;
 use std::collections::HashMap;
