@@ -19,7 +19,7 @@ mod standard_errors;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
-use axum::http::{HeaderName, HeaderValue, StatusCode, Uri};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -218,23 +218,43 @@ async fn limit_requests(
 }
 
 /// An SSE response of `frames`.
+/// An SSE response to a GET, which a cache could store: `no-cache` says not to.
 fn event_stream(
     frames: impl futures::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static,
 ) -> Response {
-    (
-        StatusCode::OK,
-        [
-            (CONTENT_TYPE, HeaderValue::from_static("text/event-stream")),
-            (CACHE_CONTROL, HeaderValue::from_static("no-cache")),
-            // nginx and similar proxies must pass events through unbuffered.
-            (
-                HeaderName::from_static("x-accel-buffering"),
-                HeaderValue::from_static("no"),
-            ),
-        ],
-        axum::body::Body::from_stream(frames),
-    )
-        .into_response()
+    sse_response(frames, Some(HeaderValue::from_static("no-cache")))
+}
+
+/// An SSE response to a POST. No cache stores a POST's response that
+/// carries neither freshness nor `Content-Location` (RFC 9111, section 3),
+/// so it goes without `Cache-Control`, and its headers (with the request id
+/// added on the way out) fit the smallest header map, three entries: hyper
+/// keeps that map for the connection while the reply streams, and it is
+/// half the one a fourth header needs (about 0.3 KiB less per open stream).
+fn posted_event_stream(
+    frames: impl futures::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static,
+) -> Response {
+    sse_response(frames, None)
+}
+
+fn sse_response(
+    frames: impl futures::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static,
+    cache_control: Option<HeaderValue>,
+) -> Response {
+    let mut response = Response::new(axum::body::Body::from_stream(frames));
+    // Sized for these headers and the request id.
+    let headers = response.headers_mut();
+    *headers = HeaderMap::with_capacity(3 + usize::from(cache_control.is_some()));
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    // nginx and similar proxies must pass events through unbuffered.
+    headers.insert(
+        HeaderName::from_static("x-accel-buffering"),
+        HeaderValue::from_static("no"),
+    );
+    if let Some(value) = cache_control {
+        headers.insert(CACHE_CONTROL, value);
+    }
+    response
 }
 
 fn openapi_json(openapi: &utoipa::openapi::OpenApi) -> Bytes {

@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use utoipa::ToSchema;
 
 use super::sessions::{session_id, validate_message};
-use super::{ApiJson, event_stream};
+use super::{ApiJson, event_stream, posted_event_stream};
 use crate::accounting::Caller;
 use crate::auth::Principal;
 use crate::context_window::{Conversation, history_budget};
@@ -157,7 +157,7 @@ pub async fn stream_reply(
 ) -> Result<Response, Error> {
     let id = session_id(id)?;
     let (reply, _task) = start_reply(&state, caller, id, request).await?;
-    Ok(sse_response(&reply, 0))
+    Ok(posted_event_stream(reply.subscribe(0, true)))
 }
 
 #[utoipa::path(
@@ -202,7 +202,7 @@ pub async fn reattach(
         .await?
         .filter(|reply| reply.info.user_id == caller.sub)
         .ok_or(Error::NoActiveReply)?;
-    Ok(sse_response(&reply, after))
+    Ok(event_stream(reply.subscribe(after, true)))
 }
 
 /// The task generating a reply; it ends with the reply.
@@ -490,10 +490,6 @@ async fn pay_upfront(
         stream_slot,
         rate_limiter: Arc::clone(&state.rate_limiter),
     })
-}
-
-fn sse_response(reply: &Arc<ReplyStream>, after: u64) -> Response {
-    event_stream(reply.subscribe(after, true))
 }
 
 fn turn_role(role: MessageRole) -> TurnRole {

@@ -38,7 +38,7 @@ use error::OpenAiErrorBody;
 use request::ChatCompletionRequest;
 use wire::{ChatCompletion, ChatCompletionChunk, ChunkEncoder, Completion, ModelList, ModelObject};
 
-use super::event_stream;
+use super::posted_event_stream;
 use super::replies::{
     CREDITS_REMAINING_HEADER, ReplyTask, check_message, content_check, launch, owned_session,
     refuse_when_shutting_down,
@@ -225,7 +225,7 @@ async fn streamed(
         ping: tokio::time::interval_at(tokio::time::Instant::now() + ping, ping),
         ended: false,
     };
-    Ok(event_stream(futures::stream::unfold(
+    Ok(posted_event_stream(futures::stream::unfold(
         chunks,
         |mut chunks| async move {
             chunks
