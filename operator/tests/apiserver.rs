@@ -473,13 +473,15 @@ async fn delete_crd(crds: &Api<CustomResourceDefinition>, name: &str) -> Option<
     }
 }
 
-/// Waits (on a watch, bounded) until the CRD `name` with `uid` is gone.
-async fn wait_crd_deleted(crds: &Api<CustomResourceDefinition>, name: &str, uid: &str) {
-    let gone =
-        kube::runtime::wait::await_condition(crds.clone(), name, conditions::is_deleted(uid));
+/// Waits (on a watch, bounded) until the object `name` with `uid` is gone.
+async fn wait_deleted<K>(api: &Api<K>, name: &str, uid: &str)
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+{
+    let gone = kube::runtime::wait::await_condition(api.clone(), name, conditions::is_deleted(uid));
     tokio::time::timeout(cluster::WAIT, gone)
         .await
-        .unwrap_or_else(|_| panic!("CRD {name} not deleted within {:?}", cluster::WAIT))
+        .unwrap_or_else(|_| panic!("{name} not deleted within {:?}", cluster::WAIT))
         .unwrap();
 }
 
@@ -507,7 +509,7 @@ async fn a_service_monitor_crd_installed_after_start_is_used_without_a_restart()
     // Left by an earlier run on the same server: start without it.
     if let Some(uid) = delete_crd(&crds, &crd.name_any()).await {
         release_monitors(&admin).await;
-        wait_crd_deleted(&crds, &crd.name_any(), &uid).await;
+        wait_deleted(&crds, &crd.name_any(), &uid).await;
     }
 
     let namespace = parley_test_support::env::fresh_namespace(&admin, "op").await;
@@ -561,15 +563,7 @@ async fn a_service_monitor_crd_installed_after_start_is_used_without_a_restart()
         .unwrap();
     let crd_uid = delete_crd(&crds, &crd.name_any()).await.unwrap();
     let demo_uid = monitor.metadata.uid.unwrap();
-    let demo_gone = kube::runtime::wait::await_condition(
-        monitors.clone(),
-        "demo",
-        conditions::is_deleted(&demo_uid),
-    );
-    tokio::time::timeout(cluster::WAIT, demo_gone)
-        .await
-        .unwrap()
-        .unwrap();
+    wait_deleted(&monitors, "demo", &demo_uid).await;
     let key = format!("chatdeployment/{namespace}/demo");
     let mut reconciled = operator.reconciled.subscribe();
     let before = reconciled
@@ -597,7 +591,7 @@ async fn a_service_monitor_crd_installed_after_start_is_used_without_a_restart()
 
     // Let go, and the operator stops using the CRD and says so.
     release_monitors(&admin).await;
-    wait_crd_deleted(&crds, &crd.name_any(), &crd_uid).await;
+    wait_deleted(&crds, &crd.name_any(), &crd_uid).await;
     wait_for(&chats, "demo", |chat: Option<&ChatDeployment>| {
         off_kinds(chat).contains(&"ServiceMonitor".to_owned())
     })

@@ -153,10 +153,12 @@ const CHILDREN: [&str; 11] = [
     "PATCH /apis/autoscaling/v2/namespaces/team-a/horizontalpodautoscalers/demo",
     "PATCH /apis/policy/v1/namespaces/team-a/poddisruptionbudgets/demo",
     MONITOR,
-    "POST /apis/monitoring.coreos.com/v1/namespaces/team-a/servicemonitors",
+    MONITOR_CREATE,
     MONITOR_PATCH,
 ];
 const MONITOR: &str = "GET /apis/monitoring.coreos.com/v1/namespaces/team-a/servicemonitors/demo";
+const MONITOR_CREATE: &str =
+    "POST /apis/monitoring.coreos.com/v1/namespaces/team-a/servicemonitors";
 const MONITOR_PATCH: &str =
     "PATCH /apis/monitoring.coreos.com/v1/namespaces/team-a/servicemonitors/demo";
 const LIST_ROUTES: &str = "GET /apis/parley.dev/v1alpha1/namespaces/team-a/modelroutes";
@@ -344,10 +346,7 @@ async fn a_monitor_is_not_created_while_its_crd_is_being_deleted() {
         .collect();
     assert_eq!(
         monitor,
-        [
-            MONITOR,
-            "POST /apis/monitoring.coreos.com/v1/namespaces/team-a/servicemonitors"
-        ],
+        [MONITOR, MONITOR_CREATE],
         "no apply after the refused create"
     );
     assert!(lines(&recorded).contains(&CHAT_STATUS.to_owned()));

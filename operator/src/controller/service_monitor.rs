@@ -40,7 +40,7 @@ pub async fn apply(client: &kube::Client, desired: &DynamicObject) -> Result<(),
             ..PostParams::default()
         };
         return match api.create(&create, desired).await {
-            Ok(created) => own_as_applied(&api, &created.metadata).await,
+            Ok(created) => own_as_applied(&api, &name, &created.metadata).await,
             // 405 is the API server's answer to a create while the CRD
             // terminates; once it is gone, discovery turns the monitor off.
             Err(kube::Error::Api(status)) if status.code == 405 => {
@@ -50,7 +50,7 @@ pub async fn apply(client: &kube::Client, desired: &DynamicObject) -> Result<(),
             Err(error) => Err(error.into()),
         };
     };
-    own_as_applied(&api, &live.metadata).await?;
+    own_as_applied(&api, &name, &live.metadata).await?;
     let uid = live.metadata.uid.ok_or(Error::MissingUid)?;
     let mut applied = desired.clone();
     applied.metadata.uid = Some(uid);
@@ -75,11 +75,14 @@ pub async fn apply(client: &kube::Client, desired: &DynamicObject) -> Result<(),
 
 /// Hands the fields a create gave the operator to its apply, so that a later
 /// apply that leaves a field out removes it.
-async fn own_as_applied(api: &Api<DynamicObject>, live: &ObjectMeta) -> Result<(), Error> {
+async fn own_as_applied(
+    api: &Api<DynamicObject>,
+    name: &str,
+    live: &ObjectMeta,
+) -> Result<(), Error> {
     let Some(patch) = ownership_as_applied(live) else {
         return Ok(());
     };
-    let name = live.name.as_deref().unwrap_or_default();
     api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await?;
     Ok(())

@@ -217,12 +217,11 @@ async fn limit_requests(
     next.run(request).await
 }
 
-/// An SSE response of `frames`.
 /// An SSE response to a GET, which a cache could store: `no-cache` says not to.
 fn event_stream(
     frames: impl futures::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static,
 ) -> Response {
-    sse_response(frames, Some(HeaderValue::from_static("no-cache")))
+    sse_response(frames, true)
 }
 
 /// An SSE response to a POST. No cache stores a POST's response that
@@ -234,25 +233,25 @@ fn event_stream(
 fn posted_event_stream(
     frames: impl futures::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static,
 ) -> Response {
-    sse_response(frames, None)
+    sse_response(frames, false)
 }
 
 fn sse_response(
     frames: impl futures::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static,
-    cache_control: Option<HeaderValue>,
+    no_cache: bool,
 ) -> Response {
     let mut response = Response::new(axum::body::Body::from_stream(frames));
     // Sized for these headers and the request id.
     let headers = response.headers_mut();
-    *headers = HeaderMap::with_capacity(3 + usize::from(cache_control.is_some()));
+    *headers = HeaderMap::with_capacity(3 + usize::from(no_cache));
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     // nginx and similar proxies must pass events through unbuffered.
     headers.insert(
         HeaderName::from_static("x-accel-buffering"),
         HeaderValue::from_static("no"),
     );
-    if let Some(value) = cache_control {
-        headers.insert(CACHE_CONTROL, value);
+    if no_cache {
+        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     }
     response
 }
