@@ -27,10 +27,11 @@ use parley_service::accounting::contract::{
 use parley_service::auth::{AuthSettings, Authenticator, Role, bearer_token};
 use parley_service::model_routes::Routes;
 use parley_service::providers::{
-    BedrockProvider, ChatTurn, CompletionRequest, Provider, ProviderError, ProviderErrorKind,
-    ProviderEvent, Role as TurnRole, Sampling, openai,
+    BedrockProvider, ChatTurn, CompletionRequest, PromptTurns, Provider, ProviderError,
+    ProviderErrorKind, ProviderEvent, Role as TurnRole, Sampling, openai,
 };
 use parley_service::stream::frames::{ChunkData, ErrorData, FrameArena, PING, chunk_frame, frame};
+use parley_service::turns::History;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -329,7 +330,11 @@ pub fn bedrock_stream(data: &[u8]) {
     *answer.lock().unwrap_or_else(PoisonError::into_inner) = (status, Bytes::copy_from_slice(body));
     let request = CompletionRequest {
         model: "anthropic.claude-3-haiku-20240307-v1:0".into(),
-        turns: vec![ChatTurn::new(TurnRole::User, "hello")].into(),
+        turns: PromptTurns::new(
+            Arc::from([]),
+            History::default(),
+            ChatTurn::new(TurnRole::User, "hello"),
+        ),
         max_output_tokens: 64,
         guardrail: None,
         sampling: Sampling::default(),

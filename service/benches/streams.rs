@@ -30,9 +30,10 @@ use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use parley_service::auth::{Principal, Role, mint_token};
 use parley_service::providers::{
-    ChatTurn, CompletionRequest, Provider, ProviderEvent, Role as TurnRole, Sampling,
+    ChatTurn, CompletionRequest, PromptTurns, Provider, ProviderEvent, Role as TurnRole, Sampling,
     SimulatedProvider, SimulatedSettings,
 };
+use parley_service::turns::History;
 use tokio::process::{Child, Command};
 use tokio::sync::Semaphore;
 
@@ -375,7 +376,11 @@ async fn direct_ttft(n: usize, rounds: usize, reply_tokens: u32) -> Vec<f64> {
                     let mut stream = provider
                         .stream(CompletionRequest {
                             model: "sim".into(),
-                            turns: vec![ChatTurn::new(TurnRole::User, QUESTION)].into(),
+                            turns: PromptTurns::new(
+                                Arc::from([]),
+                                History::default(),
+                                ChatTurn::new(TurnRole::User, QUESTION),
+                            ),
                             max_output_tokens: 1024,
                             timeout: Duration::from_secs(60),
                             guardrail: None,

@@ -27,8 +27,8 @@ use crate::providers::{
     BYTES_PER_TOKEN, ChatTurn, PromptTurns, Role, TOKENS_PER_TURN, estimate_input_tokens,
     estimate_turn_tokens,
 };
-use crate::shared_text::SharedText;
 use crate::store::HistoryBudget;
+use crate::turns::History;
 
 /// A reply's conversation before it is fitted to a target's window.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,7 +37,7 @@ pub struct Conversation {
     /// the caller's leading system messages.
     instructions: Vec<ChatTurn>,
     /// Earlier turns, oldest first; the newest that fit are sent.
-    history: Vec<ChatTurn>,
+    history: History,
     /// The new user message, sent last and always.
     message: ChatTurn,
 }
@@ -58,26 +58,11 @@ pub struct Overflow {
 }
 
 impl Conversation {
-    /// Every user turn's text, the new message last: what the content
-    /// policy checks and masks.
-    pub fn user_texts_mut(&mut self) -> impl Iterator<Item = &mut SharedText> {
-        self.history
-            .iter_mut()
-            .filter(|turn| turn.role == Role::User)
-            .chain(std::iter::once(&mut self.message))
-            .map(|turn| &mut turn.text)
-    }
-
-    /// The new user message.
-    pub fn message_text(&self) -> &str {
-        &self.message.text
-    }
-
     /// `system_prompt` (the route's) goes before `instructions`.
     pub fn new(
         system_prompt: Option<&str>,
         instructions: Vec<ChatTurn>,
-        history: Vec<ChatTurn>,
+        history: History,
         message: ChatTurn,
     ) -> Self {
         let instructions = system_prompt
@@ -104,7 +89,11 @@ impl Conversation {
     #[cfg(test)]
     pub fn fit(&self, context_tokens: u32, output_tokens: u32) -> Result<Prompt, Overflow> {
         let cut = self.cut(context_tokens, output_tokens)?;
-        Ok(self.clone().into_turns().prompt(cut))
+        Ok(cut.prompt(
+            &self.instructions.clone().into(),
+            &self.history,
+            &self.message,
+        ))
     }
 
     /// Where a window of `context_tokens` that must leave `output_tokens`
@@ -117,43 +106,26 @@ impl Conversation {
                 needed_tokens: fixed.saturating_add(output_tokens),
             });
         }
-        let mut input_tokens = fixed;
-        let mut first_kept = self.history.len();
-        for (index, turn) in self.history.iter().enumerate().rev() {
-            let with_turn = input_tokens.saturating_add(estimate_turn_tokens(turn));
-            if with_turn > allowance {
-                break;
-            }
-            input_tokens = with_turn;
-            first_kept = index;
-        }
+        let room = u64::from(allowance - fixed);
+        let (kept, kept_size) = self.history.newest_fitting(|size| size.tokens <= room);
+        // Within `allowance`, a u32.
+        let mut input_tokens = fixed + kept_size.tokens as u32;
+        let mut first_kept = self.history.len() - kept;
         // A conversation that fits is sent as it is; one cut short starts
         // at a user turn.
-        while first_kept > 0
-            && let Some(turn) = self.history.get(first_kept)
-            && turn.role != Role::User
-        {
-            input_tokens -= estimate_turn_tokens(turn);
-            first_kept += 1;
+        if first_kept > 0 {
+            for turn in self.history.iter_from(first_kept) {
+                if turn.role == Role::User {
+                    break;
+                }
+                input_tokens -= estimate_turn_tokens(turn);
+                first_kept += 1;
+            }
         }
         Ok(Cut {
             dropped_history: first_kept,
             input_tokens,
         })
-    }
-
-    /// Every turn in the order sent, in one allocation that every target's
-    /// prompt shares (the texts move, none is copied).
-    fn into_turns(self) -> SharedTurns {
-        let instructions = self.instructions.len();
-        let mut turns = self.instructions;
-        turns.reserve_exact(self.history.len() + 1);
-        turns.extend(self.history);
-        turns.push(self.message);
-        SharedTurns {
-            turns: turns.into(),
-            instructions,
-        }
     }
 
     /// The prompt for each target of `route`, in chain order; `None` for a
@@ -190,10 +162,15 @@ impl Conversation {
                 })
             }
             _ => {
-                let turns = self.into_turns();
+                let Self {
+                    instructions,
+                    history,
+                    message,
+                } = self;
+                let instructions = instructions.into();
                 Ok(cuts
                     .into_iter()
-                    .map(|cut| cut.map(|cut| turns.prompt(cut)))
+                    .map(|cut| cut.map(|cut| cut.prompt(&instructions, &history, &message)))
                     .collect())
             }
         }
@@ -208,18 +185,22 @@ struct Cut {
     input_tokens: u32,
 }
 
-/// A conversation's turns in the order sent, shared by its prompts.
-struct SharedTurns {
-    turns: Arc<[ChatTurn]>,
-    instructions: usize,
-}
-
-impl SharedTurns {
-    fn prompt(&self, cut: Cut) -> Prompt {
-        let dropped = self.instructions..self.instructions + cut.dropped_history;
+impl Cut {
+    /// The prompt this cut leaves of a conversation, sharing its
+    /// instructions, its history's segments and its message's text.
+    fn prompt(
+        self,
+        instructions: &Arc<[ChatTurn]>,
+        history: &History,
+        message: &ChatTurn,
+    ) -> Prompt {
         Prompt {
-            turns: PromptTurns::new(Arc::clone(&self.turns), dropped),
-            input_tokens: cut.input_tokens,
+            turns: PromptTurns::new(
+                Arc::clone(instructions),
+                history.without_oldest(self.dropped_history),
+                message.clone(),
+            ),
+            input_tokens: self.input_tokens,
         }
     }
 }
@@ -248,7 +229,7 @@ pub fn history_budget<'a>(
             let conversation = Conversation::new(
                 route.system_prompt.as_deref(),
                 Vec::new(),
-                Vec::new(),
+                History::default(),
                 message.clone(),
             );
             let fixed = conversation.fixed_tokens();
@@ -280,7 +261,7 @@ mod tests {
     }
 
     /// Ten turns of 10 tokens, user first, marked by their position.
-    fn history() -> Vec<ChatTurn> {
+    fn history() -> History {
         (0..10_u32)
             .map(|index| {
                 let role = if index.is_multiple_of(2) {
@@ -326,7 +307,10 @@ mod tests {
         assert_eq!(kept_history(&prompt, 0), ["4", "5", "6", "7", "8", "9"]);
         assert_eq!(prompt.input_tokens, 66);
         assert_eq!(prompt.turns.iter().next_back(), Some(&conversation.message));
-        assert_eq!(prompt.input_tokens, estimate_input_tokens(&prompt.turns));
+        assert_eq!(
+            prompt.input_tokens,
+            estimate_input_tokens(prompt.turns.iter())
+        );
     }
 
     #[test]
@@ -334,7 +318,7 @@ mod tests {
         let conversation = Conversation::new(None, Vec::new(), history(), turn(Role::User, 6));
         // Exactly 100 + 6 + 20: nothing is dropped at the boundary...
         let prompt = conversation.fit(126, 20).unwrap();
-        assert_eq!(prompt.turns.len(), 11);
+        assert_eq!(prompt.turns.iter().count(), 11);
         assert_eq!(prompt.input_tokens, 106);
         // ...and one token less drops the oldest pair.
         let prompt = conversation.fit(125, 20).unwrap();
@@ -368,7 +352,7 @@ mod tests {
         );
         // System prompt 6 + message 50 + output 44 = 100: fits, no history.
         let prompt = conversation.fit(100, 44).unwrap();
-        assert_eq!(prompt.turns.len(), 2);
+        assert_eq!(prompt.turns.iter().count(), 2);
         assert_eq!(prompt.input_tokens, 56);
         assert_eq!(
             conversation.fit(100, 45),
@@ -379,7 +363,8 @@ mod tests {
     #[test]
     fn a_history_that_cannot_start_with_a_user_turn_is_left_out() {
         let history = vec![turn(Role::User, 10), turn(Role::Assistant, 10)];
-        let conversation = Conversation::new(None, Vec::new(), history, turn(Role::User, 10));
+        let conversation =
+            Conversation::new(None, Vec::new(), history.into(), turn(Role::User, 10));
         // Room for one turn: only the answer would fit, without its question.
         let prompt = conversation.fit(30, 5).unwrap();
         assert_eq!(sent(&prompt), std::slice::from_ref(&conversation.message));
@@ -417,14 +402,17 @@ mod tests {
         let prompts = conversation.clone().prompts(&route, None).unwrap();
         let kept: Vec<Option<usize>> = prompts
             .iter()
-            .map(|prompt| prompt.as_ref().map(|p| p.turns.len()))
+            .map(|prompt| prompt.as_ref().map(|p| p.turns.iter().count()))
             .collect();
         // Room for history: 60 - 20 - 20 = 20, two turns; 40 - 20 - 20 = 0,
         // none (the message fits exactly); 200 - 100 - 20 = 80, eight.
         assert_eq!(kept, [Some(4), Some(2), Some(10)]);
         // The caller asking for fewer output tokens leaves more room.
         let prompts = conversation.clone().prompts(&route, Some(80)).unwrap();
-        assert_eq!(prompts[2].as_ref().map(|p| p.turns.len()), Some(12));
+        assert_eq!(
+            prompts[2].as_ref().map(|p| p.turns.iter().count()),
+            Some(12)
+        );
         let tight = super::tests::route(&[(60, 20), (39, 20)]);
         let prompts = conversation.prompts(&tight, None).unwrap();
         assert!(prompts[0].is_some());

@@ -24,6 +24,7 @@ pub mod state;
 pub mod store;
 pub mod stream;
 pub mod telemetry;
+pub mod turns;
 
 pub use error::Error;
 pub use routes::app;

@@ -1,12 +1,10 @@
 //! A message's text as the store's cache of session tails, every prompt
-//! and every attempt share it: one allocation per message, holding the
-//! text and its JSON string form. A history message is sent again with
-//! every later reply of its session: escaping it into the upstream request
-//! each time was the largest single item of a reply's instructions
-//! (callgrind, with the history window full), and reaching the encoding
-//! through an allocation of its own cost a cache miss per message per reply
-//! (copying a full window into the request was a tenth of the service's
-//! samples at 100 clients, most of it waiting on memory).
+//! and every attempt share it: a buffer holding the text and its JSON
+//! string form, the message's own or (once its history segment is full)
+//! the segment's. A history message is sent again with every later reply
+//! of its session: escaping it into the upstream request each time was the
+//! largest single item of a reply's instructions (callgrind, with the
+//! history window full), so its JSON form is kept beside it.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -15,33 +13,58 @@ use std::sync::Arc;
 
 #[derive(Clone)]
 pub struct SharedText {
-    /// The JSON string (quoted and escaped), then the text when escaping
-    /// changed it; otherwise the text is the JSON string between its quotes.
-    encoded: Arc<str>,
-    /// Where the JSON string ends in `encoded`.
-    json_len: usize,
+    /// Holds the JSON string (quoted and escaped) and the text: the text is
+    /// the JSON string between its quotes when escaping left it alone, and
+    /// elsewhere in the buffer otherwise. A text of its own has a buffer of
+    /// its own; a history's texts share their segment's
+    /// ([`crate::turns::History`]).
+    buffer: Arc<str>,
+    json: Span,
+    text: Span,
+}
+
+/// A range of a shared buffer; `u32`s keep a text's handle at 32 bytes.
+#[derive(Clone, Copy)]
+struct Span {
+    start: u32,
+    end: u32,
+}
+
+impl Span {
+    fn range(self) -> Range<usize> {
+        self.start as usize..self.end as usize
+    }
 }
 
 impl SharedText {
+    /// The text at `text` in `buffer`, whose JSON string is at `json`.
+    /// `None` when a range is out of the buffer, off a character boundary,
+    /// or past `u32`.
+    pub fn within(buffer: &Arc<str>, json: Range<usize>, text: Range<usize>) -> Option<Self> {
+        buffer.get(json.clone())?;
+        buffer.get(text.clone())?;
+        let span = |range: Range<usize>| -> Option<Span> {
+            Some(Span {
+                start: u32::try_from(range.start).ok()?,
+                end: u32::try_from(range.end).ok()?,
+            })
+        };
+        Some(Self {
+            buffer: Arc::clone(buffer),
+            json: span(json)?,
+            text: span(text)?,
+        })
+    }
+
     pub fn as_str(&self) -> &str {
-        &self.encoded[self.text_range()]
+        &self.buffer[self.text.range()]
     }
 
     /// The text's length in bytes, from the handle alone (through `Deref`
-    /// the text is sliced, which reads the shared allocation's bytes at
-    /// the slice's ends).
+    /// the text is sliced, which reads the shared buffer's bytes at the
+    /// slice's ends).
     pub fn len(&self) -> usize {
-        self.text_range().len()
-    }
-
-    /// Where the text is in `encoded`: after the JSON string when escaping
-    /// changed it, else the JSON string between its quotes.
-    fn text_range(&self) -> Range<usize> {
-        if self.encoded.len() > self.json_len {
-            self.json_len..self.encoded.len()
-        } else {
-            1..self.json_len - 1
-        }
+        (self.text.end - self.text.start) as usize
     }
 
     pub fn is_empty(&self) -> bool {
@@ -52,23 +75,27 @@ impl SharedText {
     /// request's encoder copies, without the check that slicing a `str`
     /// makes of the bytes at the slice's ends.
     pub fn json(&self) -> &[u8] {
-        &self.encoded.as_bytes()[..self.json_len]
+        &self.buffer.as_bytes()[self.json.range()]
     }
 
-    /// The bytes held for the text and its JSON form.
+    /// The JSON string as a `str`.
+    pub fn json_str(&self) -> &str {
+        &self.buffer[self.json.range()]
+    }
+
+    /// Whether the JSON string is more than the text in quotes.
+    pub fn is_escaped(&self) -> bool {
+        self.json.end - self.json.start != self.text.end - self.text.start + 2
+    }
+
+    /// The bytes of its text and JSON form (its share of a shared buffer).
     pub fn held_bytes(&self) -> usize {
-        self.encoded.len()
-    }
-}
-
-/// Brings the allocations of `texts` into the cache before they are cloned
-/// or copied. Each lives in an allocation of its own, most likely out of
-/// the cache since the reply before, and a clone's locked increment waits
-/// for its miss before the next clone can start: plain loads of every count
-/// first let the misses overlap.
-pub fn warm<'a>(texts: impl IntoIterator<Item = &'a SharedText>) {
-    for text in texts {
-        std::hint::black_box(Arc::strong_count(&text.encoded));
+        let json = (self.json.end - self.json.start) as usize;
+        if self.is_escaped() {
+            json + self.len()
+        } else {
+            json
+        }
     }
 }
 
@@ -84,16 +111,26 @@ impl Deref for SharedText {
 /// is only read (the `String` and `Cow` conversions borrow it).
 impl From<&str> for SharedText {
     fn from(text: &str) -> Self {
-        let mut encoded = String::with_capacity(text.len() + 2);
-        write_json_string(text, &mut encoded);
-        let json_len = encoded.len();
+        let mut buffer = String::with_capacity(text.len() + 2);
+        write_json_string(text, &mut buffer);
+        let json_len = buffer.len();
         // Escaping changed the text only if it lengthened it.
-        if json_len != text.len() + 2 {
-            encoded.push_str(text);
-        }
+        let text_at = if json_len == text.len() + 2 {
+            1
+        } else {
+            buffer.push_str(text);
+            json_len
+        };
+        // A text is bounded by the request body's limit (MiBs), far below
+        // `u32::MAX`.
+        let span = |start: usize, end: usize| Span {
+            start: start as u32,
+            end: end as u32,
+        };
         Self {
-            encoded: encoded.into(),
-            json_len,
+            buffer: buffer.into(),
+            json: span(0, json_len),
+            text: span(text_at, text_at + text.len()),
         }
     }
 }
@@ -198,8 +235,24 @@ mod tests {
     #[test]
     fn a_text_escaping_leaves_alone_is_kept_once() {
         let shared = SharedText::from("plain é 🦀");
-        assert_eq!(shared.encoded.len(), "plain é 🦀".len() + 2);
+        assert_eq!(shared.buffer.len(), "plain é 🦀".len() + 2);
+        assert!(!shared.is_escaped());
         let escaped = SharedText::from("a\nb");
-        assert_eq!(&*escaped.encoded, "\"a\\nb\"a\nb");
+        assert_eq!(&*escaped.buffer, "\"a\\nb\"a\nb");
+        assert!(escaped.is_escaped());
+    }
+
+    #[test]
+    fn a_text_within_a_shared_buffer_is_its_range() {
+        // A message object, then the text its JSON string escapes.
+        let buffer: Arc<str> = concat!(r#",{"content":"a\nb"}"#, "a\nb").into();
+        let json = 12..18;
+        let shared = SharedText::within(&buffer, json.clone(), 19..22).unwrap();
+        assert_eq!(shared.as_str(), "a\nb");
+        assert_eq!(shared.json(), br#""a\nb""#);
+        assert!(shared.is_escaped());
+        assert_eq!(shared.held_bytes(), 6 + 3);
+        assert!(SharedText::within(&buffer, json, 19..23).is_none());
+        assert!(SharedText::within(&"é".into(), 0..1, 0..2).is_none());
     }
 }

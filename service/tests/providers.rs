@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
@@ -14,8 +15,8 @@ use parley_service::providers::estimate_turn_tokens;
 use parley_service::providers::simulated::count_tokens;
 use parley_service::providers::{
     BedrockProvider, ChatTurn, CompletionRequest, Guardrail, Intervention, OpenAiProvider,
-    Provider, ProviderErrorKind, ProviderEvent, ProviderStream, Role, Sampling, SimulatedProvider,
-    SimulatedSettings, StopReason, Usage,
+    PromptTurns, Provider, ProviderErrorKind, ProviderEvent, ProviderStream, Role, Sampling,
+    SimulatedProvider, SimulatedSettings, StopReason, Usage,
 };
 use parley_test_support::bedrock::BedrockStandIn;
 use parley_test_support::openai::OpenAiStandIn;
@@ -47,13 +48,15 @@ fn openai(standin: &OpenAiStandIn) -> OpenAiProvider {
 fn request(model: &str, timeout: Duration) -> CompletionRequest {
     CompletionRequest {
         model: model.to_owned(),
-        turns: vec![
-            ChatTurn::new(Role::System, "You are terse."),
-            ChatTurn::new(Role::User, "Say hello"),
-            ChatTurn::new(Role::Assistant, "Hello."),
+        turns: PromptTurns::new(
+            Arc::from([ChatTurn::new(Role::System, "You are terse.")]),
+            vec![
+                ChatTurn::new(Role::User, "Say hello"),
+                ChatTurn::new(Role::Assistant, "Hello."),
+            ]
+            .into(),
             ChatTurn::new(Role::User, "Again, with feeling"),
-        ]
-        .into(),
+        ),
         max_output_tokens: 128,
         timeout,
         guardrail: None,

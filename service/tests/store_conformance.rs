@@ -8,12 +8,12 @@ mod common;
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use chrono::Utc;
 use parley_service::Error;
 use parley_service::store::{
     HistoryBudget, Message, MessageRole, NewSession, ObjectId, PageRequest, SessionStore,
     SessionSummary, SessionTail, TokenTotals, now,
 };
+use parley_service::turns::History;
 
 store_conformance!(
     ping_answers,
@@ -430,18 +430,23 @@ async fn a_tail_read_returns_the_newest_messages_within_the_budget(store: Arc<dy
             let tail = read_tail(store.as_ref(), id, max_messages, max_bytes).await;
             assert_eq!(tail.summary.message_count, 10);
             assert_eq!(tail.summary.user_id, "alice");
-            tail.newest_messages
+            tail.newest_turns
         }
     };
+    let turns = |messages: &[Message]| -> History { messages.iter().map(Message::turn).collect() };
     assert_eq!(
         tail(100, 1000).await,
-        all,
+        turns(&all),
         "a budget above the session: all"
     );
-    assert_eq!(tail(3, 1000).await, all[7..], "at most three");
-    assert_eq!(tail(100, 30).await, all[7..], "exactly 30 bytes: three");
-    assert_eq!(tail(100, 29).await, all[8..], "29 bytes: two");
-    assert_eq!(tail(10, 100).await, all, "both bounds met exactly");
+    assert_eq!(tail(3, 1000).await, turns(&all[7..]), "at most three");
+    assert_eq!(
+        tail(100, 30).await,
+        turns(&all[7..]),
+        "exactly 30 bytes: three"
+    );
+    assert_eq!(tail(100, 29).await, turns(&all[8..]), "29 bytes: two");
+    assert_eq!(tail(10, 100).await, turns(&all), "both bounds met exactly");
     assert!(tail(0, 1000).await.is_empty(), "no messages");
     assert!(tail(100, 9).await.is_empty(), "not even the newest");
     let (tail, _) = store
@@ -469,9 +474,7 @@ async fn tail_reads_between_appends_follow_the_session(store: Arc<dyn SessionSto
     let id = created.summary.id;
     let budgets = [(6, 1_000), (6, 1_000), (100, 1_000), (3, 1_000), (100, 45)];
     for round in 0..25 {
-        let mut question = Message::new(MessageRole::User, format!("question {round}"));
-        // Finer than the stores keep: a tail read gives the time as stored.
-        question.timestamp = Utc::now();
+        let question = Message::new(MessageRole::User, format!("question {round}"));
         let mut answer = Message::new(MessageRole::Assistant, "answer ".repeat(round % 4));
         answer.incomplete = round % 3 == 0;
         let pair = [question, answer];
@@ -488,9 +491,9 @@ async fn tail_reads_between_appends_follow_the_session(store: Arc<dyn SessionSto
             if expected.len() == max_messages as usize || bytes > max_bytes {
                 break;
             }
-            expected.insert(0, message);
+            expected.insert(0, message.turn());
         }
-        assert_eq!(tail.newest_messages, expected, "round {round}");
+        assert_eq!(tail.newest_turns, History::from(expected), "round {round}");
         assert_eq!(tail.summary.message_count, 2 * (round as u64 + 1));
     }
     store.delete(id, "alice").await.unwrap();

@@ -59,8 +59,8 @@ fn conversation(
     turns: &PromptTurns,
 ) -> Result<(Vec<SystemContentBlock>, Vec<Message>), ProviderError> {
     let mut system = Vec::new();
-    let mut messages = Vec::with_capacity(turns.len());
-    for turn in turns {
+    let mut messages = Vec::new();
+    for turn in turns.iter() {
         let role = match turn.role {
             Role::System => {
                 system.push(SystemContentBlock::Text(turn.text.to_string()));

@@ -13,10 +13,7 @@ mod sse;
 
 use std::fmt;
 use std::future::poll_fn;
-use std::iter::Chain;
-use std::ops::Range;
 use std::pin::{Pin, pin};
-use std::slice;
 use std::sync::Arc;
 use std::task::{Poll, ready};
 use std::time::Duration;
@@ -26,106 +23,52 @@ use futures::stream::BoxStream;
 use futures::{Future, StreamExt};
 use tokio::time::{Instant, Sleep};
 
-use crate::shared_text::SharedText;
+use crate::turns::History;
 
 pub use bedrock::BedrockProvider;
 pub use openai::OpenAiProvider;
 pub use simulated::{SimulatedProvider, SimulatedSettings};
 
-/// Who said a turn of the conversation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    System,
-    User,
-    Assistant,
-}
-
-use parley_crds::estimate_tokens_of_bytes;
+pub use crate::turns::{ChatTurn, Role, estimate_input_tokens, estimate_turn_tokens};
 pub use parley_crds::{BYTES_PER_TOKEN, TOKENS_PER_TURN, estimate_tokens};
 
-/// Estimated tokens of one turn: its text and [`TOKENS_PER_TURN`]. From the
-/// text's length alone, which a window of turns is measured by without
-/// reading each one's text.
-pub fn estimate_turn_tokens(turn: &ChatTurn) -> u32 {
-    estimate_tokens_of_bytes(turn.text.len()).saturating_add(TOKENS_PER_TURN)
-}
-
-/// Estimated input tokens of a conversation.
-pub fn estimate_input_tokens<'a>(turns: impl IntoIterator<Item = &'a ChatTurn>) -> u32 {
-    turns
-        .into_iter()
-        .map(estimate_turn_tokens)
-        .fold(0, u32::saturating_add)
-}
-
-/// One turn of the conversation sent to the model.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ChatTurn {
-    pub role: Role,
-    /// Shared with the stored message it was read from: a prompt copies no text.
-    pub text: SharedText,
-}
-
-impl ChatTurn {
-    pub fn new(role: Role, text: impl Into<SharedText>) -> Self {
-        Self {
-            role,
-            text: text.into(),
-        }
-    }
-}
-
-/// The turns of one prompt: its conversation's turns, which every target's
-/// prompt and every attempt share, less the oldest history that did not fit
-/// the target's window. Sending a prompt copies no turn.
+/// The turns of one prompt: the route's instructions, the history that fits
+/// the target's window, and the new message. Every target's prompt and
+/// every attempt share them: sending a prompt copies no turn.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PromptTurns {
-    conversation: Arc<[ChatTurn]>,
-    /// What is not sent (an empty range when everything fits).
-    dropped: Range<usize>,
+    instructions: Arc<[ChatTurn]>,
+    history: History,
+    message: ChatTurn,
 }
 
 impl PromptTurns {
-    /// `conversation` less the turns at `dropped`.
-    pub fn new(conversation: Arc<[ChatTurn]>, dropped: Range<usize>) -> Self {
-        let end = dropped.end.min(conversation.len());
+    pub fn new(instructions: Arc<[ChatTurn]>, history: History, message: ChatTurn) -> Self {
         Self {
-            dropped: dropped.start.min(end)..end,
-            conversation,
+            instructions,
+            history,
+            message,
         }
     }
 
     /// The turns sent, in order.
-    pub fn iter(&self) -> SentTurns<'_> {
-        let (before, after) = self.conversation.split_at(self.dropped.start);
-        before.iter().chain(&after[self.dropped.len()..])
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = &ChatTurn> + '_ {
+        self.instructions
+            .iter()
+            .chain(self.history.iter())
+            .chain(std::iter::once(&self.message))
     }
 
-    pub fn len(&self) -> usize {
-        self.conversation.len() - self.dropped.len()
+    pub fn instructions(&self) -> &[ChatTurn] {
+        &self.instructions
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    pub fn history(&self) -> &History {
+        &self.history
     }
-}
 
-impl From<Vec<ChatTurn>> for PromptTurns {
-    /// Every turn sent.
-    fn from(turns: Vec<ChatTurn>) -> Self {
-        Self::new(turns.into(), 0..0)
-    }
-}
-
-/// The turns a prompt sends: those before the dropped ones, then those after.
-pub type SentTurns<'a> = Chain<slice::Iter<'a, ChatTurn>, slice::Iter<'a, ChatTurn>>;
-
-impl<'a> IntoIterator for &'a PromptTurns {
-    type Item = &'a ChatTurn;
-    type IntoIter = SentTurns<'a>;
-
-    fn into_iter(self) -> Self::IntoIter {
-        self.iter()
+    pub fn message(&self) -> &ChatTurn {
+        &self.message
     }
 }
 

@@ -22,8 +22,9 @@ use super::reply::{ReplySource, ReplyStep, reply_stream};
 use super::sse::SseData;
 use super::{
     Completion, CompletionRequest, PromptTurns, Provider, ProviderError, ProviderErrorKind,
-    ProviderStream, Role, StopReason, TokenDeadline, Usage, mentions_context_window,
+    ProviderStream, StopReason, TokenDeadline, Usage, mentions_context_window,
 };
+use crate::turns::{ChatTurn, chat_message};
 
 mod chunk;
 
@@ -206,8 +207,9 @@ async fn read_whole(mut body: ResponseBody) -> Result<Bytes, BodyError> {
 
 /// A `/chat/completions` request. Its messages are written by hand: each
 /// text goes in as the JSON string it was encoded to once
-/// ([`crate::shared_text::SharedText::json`]), since a session's history
-/// is sent again with every reply.
+/// ([`crate::shared_text::SharedText::json`]), and a session's history,
+/// sent again with every reply, as the messages its segments hold encoded
+/// ([`crate::turns::History::chat_messages`]).
 struct ChatRequest<'a> {
     model: &'a str,
     turns: &'a PromptTurns,
@@ -258,19 +260,20 @@ impl<'a> ChatRequest<'a> {
         let mut body = Vec::with_capacity(self.encoded_size_hint());
         body.extend_from_slice(br#"{"model":"#);
         serde_json::to_writer(&mut body, self.model)?;
-        body.extend_from_slice(br#","messages":["#);
-        for (index, turn) in self.turns.iter().enumerate() {
-            if index > 0 {
-                body.push(b',');
-            }
-            body.extend_from_slice(match turn.role {
-                Role::System => br#"{"role":"system","content":"#.as_slice(),
-                Role::User => br#"{"role":"user","content":"#,
-                Role::Assistant => br#"{"role":"assistant","content":"#,
-            });
-            body.extend_from_slice(turn.text.json());
-            body.push(b'}');
+        body.extend_from_slice(br#","messages":"#);
+        // Every message goes after a comma (the history's come encoded so);
+        // the first one's opens the list instead.
+        let list_at = body.len();
+        for turn in self.turns.instructions() {
+            body.push(b',');
+            write_chat_message(turn, &mut body);
         }
+        for messages in self.turns.history().chat_messages() {
+            body.extend_from_slice(messages);
+        }
+        body.push(b',');
+        write_chat_message(self.turns.message(), &mut body);
+        body[list_at] = b'[';
         body.push(b']');
         // The options close the request: their opening brace becomes the
         // comma after `messages`.
@@ -283,12 +286,25 @@ impl<'a> ChatRequest<'a> {
     /// About the size of the encoded request: the texts, and room for the
     /// rest (fields, roles).
     fn encoded_size_hint(&self) -> usize {
-        self.turns
+        let turns = &self.turns;
+        let loose = turns
+            .instructions()
             .iter()
+            .chain(std::iter::once(turns.message()))
             .map(|turn| turn.text.json().len() + 40)
-            .sum::<usize>()
-            + self.model.len()
-            + 256
+            .sum::<usize>();
+        let history = turns
+            .history()
+            .chat_messages()
+            .map(<[u8]>::len)
+            .sum::<usize>();
+        loose + history + self.model.len() + 256
+    }
+}
+
+fn write_chat_message(turn: &ChatTurn, body: &mut Vec<u8>) {
+    for part in chat_message(turn) {
+        body.extend_from_slice(part.as_bytes());
     }
 }
 
@@ -653,7 +669,10 @@ fn stream_error(error: &WireError) -> ProviderError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::providers::{ChatTurn, Sampling};
+    use std::sync::Arc;
+
+    use crate::providers::{ChatTurn, Role, Sampling};
+    use crate::turns::History;
 
     #[test]
     fn the_fast_chunk_reader_agrees_with_serde_json() {
@@ -760,6 +779,17 @@ mod tests {
 
     /// History texts go out as the JSON each one was encoded to once: the
     /// request must carry the text itself, neither escaped twice nor raw.
+    fn request_of(turns: PromptTurns) -> CompletionRequest {
+        CompletionRequest {
+            model: "m".into(),
+            turns,
+            max_output_tokens: 16,
+            timeout: std::time::Duration::from_secs(1),
+            guardrail: None,
+            sampling: Sampling::default(),
+        }
+    }
+
     #[test]
     fn message_texts_are_sent_as_json_strings_of_the_text() {
         let texts = [
@@ -768,18 +798,12 @@ mod tests {
             "é 🦀 \u{1}",
             "",
         ];
-        let turns: Vec<ChatTurn> = texts
+        let mut turns: Vec<ChatTurn> = texts
             .iter()
             .map(|text| ChatTurn::new(Role::User, *text))
             .collect();
-        let request = CompletionRequest {
-            model: "m".into(),
-            turns: turns.into(),
-            max_output_tokens: 16,
-            timeout: std::time::Duration::from_secs(1),
-            guardrail: None,
-            sampling: Sampling::default(),
-        };
+        let message = turns.pop().unwrap();
+        let request = request_of(PromptTurns::new(Arc::from([]), turns.into(), message));
         let body = ChatRequest::new(&request, true).encode().unwrap();
         let sent: serde_json::Value = serde_json::from_slice(&body).unwrap();
         let contents: Vec<&str> = sent["messages"]
@@ -798,13 +822,15 @@ mod tests {
     fn the_request_is_an_openai_chat_completions_body() {
         let mut request = CompletionRequest {
             model: "m \"quoted\"".into(),
-            turns: vec![
-                ChatTurn::new(Role::System, "be brief"),
-                ChatTurn::new(Role::User, "hi"),
-                ChatTurn::new(Role::Assistant, "hello"),
+            turns: PromptTurns::new(
+                Arc::from([ChatTurn::new(Role::System, "be brief")]),
+                vec![
+                    ChatTurn::new(Role::User, "hi"),
+                    ChatTurn::new(Role::Assistant, "hello"),
+                ]
+                .into(),
                 ChatTurn::new(Role::User, "again"),
-            ]
-            .into(),
+            ),
             max_output_tokens: 64,
             timeout: std::time::Duration::from_secs(1),
             guardrail: None,
@@ -846,5 +872,57 @@ mod tests {
                 "stream": false,
             })
         );
+    }
+
+    /// Every message is sent once and in order, whatever the prompt leaves
+    /// out: instructions or none, a history or none, one cut anywhere in
+    /// its segments, sealed or not.
+    #[test]
+    fn every_prompt_shape_is_one_list_of_its_messages() {
+        let turns = (0..40).map(|index| {
+            let role = if index % 2 == 0 {
+                Role::User
+            } else {
+                Role::Assistant
+            };
+            ChatTurn::new(role, format!("turn {index} \"quoted\""))
+        });
+        // Built whole for one prompt, and kept (its full segments sealed).
+        let built: History = turns.clone().collect();
+        let mut kept = History::default();
+        kept.extend(turns);
+        let message = ChatTurn::new(Role::User, "now");
+        let system = || vec![ChatTurn::new(Role::System, "rules")];
+        for (history, instructions) in [
+            (&built, vec![]),
+            (&built, system()),
+            (&kept, vec![]),
+            (&kept, system()),
+        ] {
+            for dropped in [0, 1, 15, 16, 17, 39, 40] {
+                let request = request_of(PromptTurns::new(
+                    instructions.clone().into(),
+                    history.without_oldest(dropped),
+                    message.clone(),
+                ));
+                let body = ChatRequest::new(&request, true).encode().unwrap();
+                let sent: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                let expected: Vec<serde_json::Value> = request
+                    .turns
+                    .iter()
+                    .map(|turn| {
+                        let role = match turn.role {
+                            Role::System => "system",
+                            Role::User => "user",
+                            Role::Assistant => "assistant",
+                        };
+                        serde_json::json!({"role": role, "content": turn.text.as_str()})
+                    })
+                    .collect();
+                assert_eq!(expected.len(), instructions.len() + 40 - dropped + 1);
+                assert_eq!(sent["messages"], serde_json::Value::Array(expected));
+                assert!(body.len() <= ChatRequest::new(&request, true).encoded_size_hint());
+            }
+        }
     }
 }

@@ -82,7 +82,7 @@ impl Generation {
         let started = Instant::now();
         // Input is counted the way holds estimate it, so a simulated reply
         // costs exactly what was priced.
-        let input_tokens = estimate_input_tokens(&request.turns);
+        let input_tokens = estimate_input_tokens(request.turns.iter());
         let (text, words) = request
             .turns
             .iter()

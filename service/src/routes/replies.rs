@@ -300,18 +300,10 @@ async fn start_reply(
     .await?;
     let user_message = Message::new(MessageRole::User, masked.unwrap_or(request.message));
     let new_turn = ChatTurn::new(TurnRole::User, user_message.content.clone());
-    let history = session
-        .newest_messages
-        .into_iter()
-        .map(|message| ChatTurn {
-            role: turn_role(message.role),
-            text: message.content,
-        })
-        .collect();
     let conversation = Conversation::new(
         route.system_prompt.as_deref(),
         Vec::new(),
-        history,
+        session.newest_turns,
         new_turn,
     );
     let prompts = conversation.prompts(&route, None)?;
@@ -490,14 +482,6 @@ async fn pay_upfront(
         stream_slot,
         rate_limiter: Arc::clone(&state.rate_limiter),
     })
-}
-
-fn turn_role(role: MessageRole) -> TurnRole {
-    match role {
-        MessageRole::System => TurnRole::System,
-        MessageRole::User => TurnRole::User,
-        MessageRole::Assistant => TurnRole::Assistant,
-    }
 }
 
 fn reply_view(session: ObjectId, finished: FinishedReply) -> ReplyView {

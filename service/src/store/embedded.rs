@@ -23,7 +23,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use chrono::SubsecRound;
 use redb::{ReadOnlyTable, ReadTransaction, ReadableTable};
 use serde::{Deserialize, Serialize};
 
@@ -189,9 +188,9 @@ impl SessionStore for EmbeddedStore {
                     let (summary, newest) = read_tail(transaction, id, |count, rows| {
                         self.tails.newest_held(id, count, budget, rows)
                     })?;
-                    Ok(newest.map(|newest_messages| SessionTail {
+                    Ok(newest.map(|newest_turns| SessionTail {
                         summary,
-                        newest_messages,
+                        newest_turns,
                     }))
                 })
                 .await?;
@@ -202,12 +201,12 @@ impl SessionStore for EmbeddedStore {
         let tails = Arc::clone(&self.tails);
         self.database
             .read_applied(move |transaction| {
-                let (summary, newest_messages) = read_tail(transaction, id, |count, rows| {
+                let (summary, newest_turns) = read_tail(transaction, id, |count, rows| {
                     tails.newest(id, count, budget, rows)
                 })?;
                 Ok(SessionTail {
                     summary,
-                    newest_messages,
+                    newest_turns,
                 })
             })
             .await
@@ -375,7 +374,7 @@ impl SessionStore for EmbeddedStore {
                 Ok::<_, Error>(first)
             })
             .await?;
-        self.tails.extend(id, first, messages.iter().map(as_stored));
+        self.tails.extend(id, first, messages);
         Ok(())
     }
 }
@@ -412,15 +411,6 @@ fn message_record(message: &Message) -> MessageRecord<'_> {
         content: std::borrow::Cow::Borrowed(&message.content),
         timestamp_ms: message.timestamp.timestamp_millis(),
         incomplete: message.incomplete,
-    }
-}
-
-/// `message` as a read of its row gives it back: its time to the
-/// millisecond, as the row keeps it.
-fn as_stored(message: &Message) -> Message {
-    Message {
-        timestamp: message.timestamp.trunc_subsecs(3),
-        ..message.clone()
     }
 }
 

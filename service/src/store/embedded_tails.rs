@@ -15,23 +15,18 @@
 //! the next reply does not decode them again; otherwise that reply reads
 //! them. Only this process writes the redb file.
 
-use std::collections::VecDeque;
 use std::sync::{Mutex, PoisonError};
 
 use foldhash::HashMap;
 
 use super::{HistoryBudget, Message, ObjectId};
 use crate::error::Error;
+use crate::turns::History;
 
 /// What the cache may hold, in bytes of message text and per-message
 /// overhead, over all sessions: a few thousand sessions' default windows
 /// (8,192 tokens, about 32 KiB of text each).
 pub(super) const CAPACITY_BYTES: usize = 64 << 20;
-
-/// Counted per cached message besides its text and JSON form
-/// ([`crate::shared_text::SharedText::held_bytes`]): the `Message`, the
-/// shared text's header and the allocator's share.
-const MESSAGE_OVERHEAD_BYTES: usize = 96;
 
 /// Counted per cached session besides its messages: its map slot and tail.
 const SESSION_OVERHEAD_BYTES: usize = 128;
@@ -49,10 +44,11 @@ struct Entries {
     clock: u64,
 }
 
-/// The newest messages of one session, from sequence `first` on.
+/// The newest messages of one session, from sequence `first` on, as the
+/// turns every prompt of the session shares.
 struct Tail {
     first: u32,
-    messages: VecDeque<Message>,
+    turns: History,
     /// The budget that left out message `first - 1` (none when `first` is
     /// 0): any budget within it leaves that message out too, since the
     /// newest messages only grow.
@@ -63,13 +59,12 @@ struct Tail {
 
 impl Tail {
     fn end(&self) -> u32 {
-        self.first + self.messages.len() as u32
+        self.first + self.turns.len() as u32
     }
 
-    /// Counts what it holds, after its messages changed.
+    /// Counts what it holds, after its turns changed.
     fn measure(&mut self) {
-        self.bytes =
-            SESSION_OVERHEAD_BYTES + self.messages.iter().map(message_bytes).sum::<usize>();
+        self.bytes = SESSION_OVERHEAD_BYTES + self.turns.held_bytes();
     }
 }
 
@@ -110,7 +105,7 @@ impl SessionTails {
         count: u32,
         budget: HistoryBudget,
         store: &mut impl ReadMessages,
-    ) -> Result<Vec<Message>, Error> {
+    ) -> Result<History, Error> {
         let newest = self.newest_within(id, count, budget, store, Reach::AsFarAsNeeded)?;
         // Reading as far as needed always answers.
         Ok(newest.unwrap_or_default())
@@ -132,7 +127,7 @@ impl SessionTails {
         count: u32,
         budget: HistoryBudget,
         store: &mut impl ReadMessages,
-    ) -> Result<Option<Vec<Message>>, Error> {
+    ) -> Result<Option<History>, Error> {
         self.newest_within(id, count, budget, store, Reach::HeldOnly)
     }
 
@@ -143,7 +138,7 @@ impl SessionTails {
         budget: HistoryBudget,
         store: &mut impl ReadMessages,
         reach: Reach,
-    ) -> Result<Option<Vec<Message>>, Error> {
+    ) -> Result<Option<History>, Error> {
         // Taken out while the store is read, so the lock is never held
         // across I/O; a concurrent reply to the same session reads it whole.
         let held = self.take(id);
@@ -160,17 +155,18 @@ impl SessionTails {
                 if tail.end() > count {
                     // Cached from a newer transaction than this one: what
                     // this one sees is a prefix, and what cut it is unknown.
-                    tail.messages.truncate((count - tail.first) as usize);
+                    tail.turns.truncate((count - tail.first) as usize);
                     tail.cut_by = HistoryBudget::NONE;
                 }
                 if tail.end() < count {
-                    tail.messages.extend(store.read_range(tail.end(), count)?);
+                    let appended = store.read_range(tail.end(), count)?;
+                    tail.turns.extend(appended.iter().map(Message::turn));
                 }
                 tail
             }
             None => Tail {
                 first: count,
-                messages: VecDeque::new(),
+                turns: History::default(),
                 cut_by: HistoryBudget::NONE,
                 bytes: 0,
                 used: 0,
@@ -187,21 +183,21 @@ impl SessionTails {
             (None, Reach::AsFarAsNeeded) => {
                 let messages = store.read_newest(count, budget)?;
                 tail.first = count.saturating_sub(messages.len() as u32);
-                tail.messages = messages.into();
+                tail.turns = History::default();
+                tail.turns.extend(messages.iter().map(Message::turn));
                 tail.cut_by = HistoryBudget::NONE;
-                tail.messages.len()
+                tail.turns.len()
             }
         };
-        let dropped = tail.messages.len() - kept;
-        tail.messages.drain(..dropped);
+        let dropped = tail.turns.len() - kept;
+        tail.turns.drop_oldest(dropped);
         tail.first += dropped as u32;
         // A wider budget that cut further back says nothing of a newer cut.
         if dropped > 0 || (tail.first > 0 && !budget_within(budget, tail.cut_by)) {
             tail.cut_by = budget;
         }
         tail.measure();
-        crate::shared_text::warm(tail.messages.iter().map(|message| &message.content));
-        let newest = tail.messages.iter().cloned().collect();
+        let newest = tail.turns.clone();
         self.put(id, tail);
         Ok(Some(newest))
     }
@@ -212,26 +208,25 @@ impl SessionTails {
     /// Otherwise (no entry, or one ending elsewhere: taken out by a read
     /// meanwhile, or put back by a read of an older transaction) the next
     /// read finds them in the store.
-    pub(super) fn extend(
+    pub(super) fn extend<'a>(
         &self,
         id: ObjectId,
         first: u32,
-        messages: impl IntoIterator<Item = Message>,
+        messages: impl IntoIterator<Item = &'a Message>,
     ) {
-        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut guard = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        let entries = &mut *guard;
         let Some(tail) = entries.by_session.get_mut(&id) else {
             return;
         };
         if tail.end() != first {
             return;
         }
-        let mut added = 0;
-        for message in messages {
-            added += message_bytes(&message);
-            tail.messages.push_back(message);
-        }
-        tail.bytes += added;
-        entries.bytes += added;
+        let held = tail.bytes;
+        tail.turns.extend(messages.into_iter().map(Message::turn));
+        // Less when the turns filled a segment, which then holds each text once.
+        tail.measure();
+        entries.bytes = entries.bytes - held + tail.bytes;
         if entries.bytes > self.capacity_bytes {
             entries.evict_to(self.capacity_bytes - self.capacity_bytes / 8);
         }
@@ -252,7 +247,7 @@ impl SessionTails {
     fn put(&self, id: ObjectId, mut tail: Tail) {
         // An empty tail saves no read (a reply without history, such as an
         // OpenAI-compatible request naming its session).
-        if tail.messages.is_empty() || tail.bytes > self.capacity_bytes {
+        if tail.turns.is_empty() || tail.bytes > self.capacity_bytes {
             return;
         }
         let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
@@ -292,14 +287,13 @@ impl Entries {
 /// How many of `tail`'s newest messages `budget` keeps, or `None` when it
 /// could reach past the oldest one held, to messages that are not.
 fn budget_reach(tail: &Tail, budget: HistoryBudget) -> Option<usize> {
-    let mut bytes: u64 = 0;
-    for (taken, message) in tail.messages.iter().rev().enumerate() {
-        bytes = bytes.saturating_add(message.content.len() as u64);
-        if taken as u64 >= u64::from(budget.max_messages) || bytes > budget.max_bytes {
-            return Some(taken);
-        }
+    let (kept, _) = tail.turns.newest_fitting(|size| {
+        size.turns <= u64::from(budget.max_messages) && size.text_bytes <= budget.max_bytes
+    });
+    let all = tail.turns.len();
+    if kept < all {
+        return Some(kept);
     }
-    let all = tail.messages.len();
     let reaches_no_further = tail.first == 0
         || all as u64 >= u64::from(budget.max_messages)
         || budget_within(budget, tail.cut_by);
@@ -308,10 +302,6 @@ fn budget_reach(tail: &Tail, budget: HistoryBudget) -> Option<usize> {
 
 fn budget_within(budget: HistoryBudget, wider: HistoryBudget) -> bool {
     budget.max_messages <= wider.max_messages && budget.max_bytes <= wider.max_bytes
-}
-
-fn message_bytes(message: &Message) -> usize {
-    message.content.held_bytes() + MESSAGE_OVERHEAD_BYTES
 }
 
 #[cfg(test)]
@@ -340,20 +330,27 @@ mod tests {
             count: u32,
             budget: HistoryBudget,
         ) -> Result<Vec<Message>, Error> {
-            let mut newest = reference(&self.messages[..count as usize], budget);
+            let newest = newest_messages(&self.messages[..count as usize], budget);
             self.decoded += newest.len();
-            newest.shrink_to_fit();
             Ok(newest)
         }
     }
 
-    /// What a read of the whole session gives.
-    fn reference(messages: &[Message], budget: HistoryBudget) -> Vec<Message> {
+    /// The newest of `messages` within `budget`, oldest first.
+    fn newest_messages(messages: &[Message], budget: HistoryBudget) -> Vec<Message> {
         let mut newest_first = budget
             .take_newest(messages.iter().rev().cloned().map(Ok))
             .unwrap();
         newest_first.reverse();
         newest_first
+    }
+
+    /// What a read of the whole session gives.
+    fn reference(messages: &[Message], budget: HistoryBudget) -> History {
+        newest_messages(messages, budget)
+            .iter()
+            .map(Message::turn)
+            .collect()
     }
 
     fn message(rng: &mut StdRng) -> Message {
@@ -395,7 +392,7 @@ mod tests {
             rows.messages.push(message(&mut rng));
             let added_by_write = reply % 2 == 0;
             if added_by_write {
-                let appended = rows.messages[appended_at..].iter().cloned();
+                let appended = rows.messages[appended_at..].iter();
                 tails.extend(id, appended_at as u32, appended);
             }
             rows.decoded = 0;
@@ -411,7 +408,7 @@ mod tests {
         rows.messages.push(message(&mut rng));
         let appended_at = rows.messages.len();
         rows.messages.push(message(&mut rng));
-        let appended = rows.messages[appended_at..].iter().cloned();
+        let appended = rows.messages[appended_at..].iter();
         tails.extend(id, appended_at as u32, appended);
         rows.decoded = 0;
         let count = rows.messages.len() as u32;
@@ -442,7 +439,7 @@ mod tests {
             }
             // Half the time the write adds what it appended.
             if rng.random_bool(0.5) {
-                let appended = rows.messages[appended_at..].iter().cloned();
+                let appended = rows.messages[appended_at..].iter();
                 tails.extend(ids[which], appended_at as u32, appended);
             }
             let len = rows.messages.len() as u32;
@@ -471,14 +468,15 @@ mod tests {
 
     #[test]
     fn the_least_recently_used_sessions_are_evicted_first() {
-        // Three sessions of three 10-byte messages (12 bytes with the
-        // quotes of their JSON form) fit; a fourth does not.
-        let session = SESSION_OVERHEAD_BYTES + 3 * (MESSAGE_OVERHEAD_BYTES + 12);
+        // Three sessions of three 10-byte messages fit; a fourth does not.
+        let message = Message::new(MessageRole::User, "0123456789");
+        let held: History = std::iter::repeat_n(message.turn(), 3).collect();
+        let session = SESSION_OVERHEAD_BYTES + held.held_bytes();
         let capacity = 3 * session + session / 2;
         let tails = SessionTails::new(capacity);
         let window = budget(100, 10_000);
         let mut rows = Rows {
-            messages: vec![Message::new(MessageRole::User, "0123456789"); 3],
+            messages: vec![message; 3],
             decoded: 0,
         };
         let (first, second, third, fourth) = (

@@ -35,6 +35,7 @@ pub use mongodb::bson::oid::ObjectId;
 use crate::embedded_db::PendingDurability;
 use crate::error::Error;
 use crate::shared_text::SharedText;
+use crate::turns::{ChatTurn, History, Role};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -56,6 +57,16 @@ pub struct Message {
 }
 
 impl Message {
+    /// The message as a turn of a prompt, sharing its text.
+    pub fn turn(&self) -> ChatTurn {
+        let role = match self.role {
+            MessageRole::System => Role::System,
+            MessageRole::User => Role::User,
+            MessageRole::Assistant => Role::Assistant,
+        };
+        ChatTurn::new(role, self.content.clone())
+    }
+
     pub fn new(role: MessageRole, content: impl Into<SharedText>) -> Self {
         Self {
             id: ObjectId::new(),
@@ -99,8 +110,9 @@ pub struct Session {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionTail {
     pub summary: SessionSummary,
-    /// The newest messages within the [`HistoryBudget`] asked for, oldest first.
-    pub newest_messages: Vec<Message>,
+    /// The newest messages within the [`HistoryBudget`] asked for, oldest
+    /// first, as the turns of a prompt.
+    pub newest_turns: History,
 }
 
 /// How much of a session's history a reply may read: the newest messages,

@@ -164,11 +164,10 @@ impl SessionStore for MongoStore {
             .map_err(mongo_error)?
             .ok_or(Error::SessionNotFound)?;
         let Session { summary, messages } = session(document);
-        let mut newest_first = budget.take_newest(messages.into_iter().rev().map(Ok))?;
-        newest_first.reverse();
+        let newest_first = budget.take_newest(messages.into_iter().rev().map(Ok))?;
         let tail = SessionTail {
             summary,
-            newest_messages: newest_first,
+            newest_turns: newest_first.iter().rev().map(Message::turn).collect(),
         };
         // Acknowledged writes are durable as the deployment's write concern
         // makes them: nothing to wait on.

@@ -101,9 +101,9 @@ pub async fn chat_completions(
     let principal = &caller.principal;
     let route = routes.resolve_model_shared(&asked.model, principal.role)?;
     // Refused before any session, credit or model is touched.
-    let mut conversation = asked.conversation(route.system_prompt.as_deref());
+    let mut turns = asked.turns();
     let policy = routes.policy_for(&route.alias, &principal.cohorts);
-    for text in conversation.user_texts_mut() {
+    for text in turns.user_texts_mut() {
         if let Some(masked) =
             check_message(&state, principal, &policy, &route.alias, session, text).await?
         {
@@ -111,8 +111,10 @@ pub async fn chat_completions(
         }
     }
     // What the session stores of the request, kept before the prompts take it.
-    let stored_message = session.map(|_| conversation.message_text().to_owned());
-    let prompts = conversation.prompts(&route, asked.max_output_tokens())?;
+    let stored_message = session.map(|_| turns.message_text().to_owned());
+    let prompts = turns
+        .into_conversation(route.system_prompt.as_deref())
+        .prompts(&route, asked.max_output_tokens())?;
     let (record, read, hub) = match session.zip(stored_message) {
         None => (None, PendingDurability::none(), None),
         Some((id, stored_message)) => {

@@ -13,6 +13,7 @@ use utoipa::ToSchema;
 use super::error::OpenAiError;
 use crate::context_window::Conversation;
 use crate::providers::{ChatTurn, Role, Sampling};
+use crate::shared_text::SharedText;
 
 /// Stop sequences a request may give, as the protocol allows.
 const MAX_STOP_SEQUENCES: usize = 4;
@@ -239,12 +240,11 @@ impl ChatCompletionRequest {
         }
     }
 
-    /// The conversation as the providers take it, after the route's
-    /// `system_prompt`: the leading system (and developer) messages are
-    /// instructions, always sent; the messages after them up to the last
-    /// (the user's, checked by `parse`) are history, sent as far back as a
-    /// target's context window allows.
-    pub fn conversation(&self, system_prompt: Option<&str>) -> Conversation {
+    /// The conversation's turns: the leading system (and developer)
+    /// messages are instructions, always sent; the messages after them up
+    /// to the last (the user's, checked by `parse`) are history, sent as far
+    /// back as a target's context window allows.
+    pub fn turns(&self) -> RequestTurns {
         let mut turns: Vec<ChatTurn> = self.messages.iter().map(ChatMessage::turn).collect();
         let message = turns
             .pop()
@@ -254,7 +254,46 @@ impl ChatCompletionRequest {
             .take_while(|turn| turn.role == Role::System)
             .count();
         let history = turns.split_off(leading);
-        Conversation::new(system_prompt, turns, history, message)
+        RequestTurns {
+            instructions: turns,
+            history,
+            message,
+        }
+    }
+}
+
+/// A request's turns, before the content policy checks them.
+pub struct RequestTurns {
+    instructions: Vec<ChatTurn>,
+    history: Vec<ChatTurn>,
+    message: ChatTurn,
+}
+
+impl RequestTurns {
+    /// Every user turn's text, the new message last: what the content
+    /// policy checks and masks.
+    pub fn user_texts_mut(&mut self) -> impl Iterator<Item = &mut SharedText> {
+        self.history
+            .iter_mut()
+            .filter(|turn| turn.role == Role::User)
+            .chain(std::iter::once(&mut self.message))
+            .map(|turn| &mut turn.text)
+    }
+
+    /// The new user message.
+    pub fn message_text(&self) -> &str {
+        &self.message.text
+    }
+
+    /// The conversation as the providers take it, after the route's
+    /// `system_prompt`.
+    pub fn into_conversation(self, system_prompt: Option<&str>) -> Conversation {
+        Conversation::new(
+            system_prompt,
+            self.instructions,
+            self.history.into(),
+            self.message,
+        )
     }
 }
 
@@ -444,7 +483,8 @@ mod tests {
             }
         );
         let prompt = request
-            .conversation(Some("route rules"))
+            .turns()
+            .into_conversation(Some("route rules"))
             .fit(u32::MAX, 0)
             .unwrap();
         let roles: Vec<Role> = prompt.turns.iter().map(|turn| turn.role).collect();
