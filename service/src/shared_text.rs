@@ -71,15 +71,9 @@ impl SharedText {
         self.len() == 0
     }
 
-    /// The text as a JSON string, quoted and escaped, as bytes: what the
-    /// request's encoder copies, without the check that slicing a `str`
-    /// makes of the bytes at the slice's ends.
-    pub fn json(&self) -> &[u8] {
-        &self.buffer.as_bytes()[self.json.range()]
-    }
-
-    /// The JSON string as a `str`.
-    pub fn json_str(&self) -> &str {
+    /// The text as a JSON string, quoted and escaped: what a request
+    /// carries of it.
+    pub fn json(&self) -> &str {
         &self.buffer[self.json.range()]
     }
 
@@ -219,14 +213,8 @@ mod tests {
             every_control.as_str(),
         ] {
             let shared = SharedText::from(text);
-            assert_eq!(
-                shared.json(),
-                serde_json::to_string(text).unwrap().as_bytes()
-            );
-            assert_eq!(
-                serde_json::from_slice::<String>(shared.json()).unwrap(),
-                text
-            );
+            assert_eq!(shared.json(), serde_json::to_string(text).unwrap());
+            assert_eq!(serde_json::from_str::<String>(shared.json()).unwrap(), text);
             assert_eq!(&*shared, text);
             assert_eq!(shared.len(), text.len());
         }
@@ -249,7 +237,7 @@ mod tests {
         let json = 12..18;
         let shared = SharedText::within(&buffer, json.clone(), 19..22).unwrap();
         assert_eq!(shared.as_str(), "a\nb");
-        assert_eq!(shared.json(), br#""a\nb""#);
+        assert_eq!(shared.json(), r#""a\nb""#);
         assert!(shared.is_escaped());
         assert_eq!(shared.held_bytes(), 6 + 3);
         assert!(SharedText::within(&buffer, json, 19..23).is_none());

@@ -60,7 +60,7 @@ pub fn estimate_input_tokens<'a>(turns: impl IntoIterator<Item = &'a ChatTurn>) 
 /// three parts: its text goes in as the JSON string it was encoded to once
 /// ([`SharedText::json`]).
 pub fn chat_message(turn: &ChatTurn) -> [&str; 3] {
-    [role_field(turn.role), turn.text.json_str(), "}"]
+    [role_field(turn.role), turn.text.json(), "}"]
 }
 
 /// The message object's opening, up to its content.
@@ -200,9 +200,7 @@ impl Segment {
         let start = self.messages.len();
         self.starts.push(start as u32);
         self.messages.push(',');
-        for part in chat_message(&turn) {
-            self.messages.push_str(part);
-        }
+        self.messages.extend(chat_message(&turn));
         self.bytes += turn.text.held_bytes() + (self.messages.len() - start) + TURN_OVERHEAD_BYTES;
         let size = TurnSize::of(&turn);
         self.size = self.size.plus(size);

@@ -777,8 +777,6 @@ mod tests {
         assert!(serde_json::from_str::<Chunk>(r#"{"choices":{"delta":{}}}"#).is_err());
     }
 
-    /// History texts go out as the JSON each one was encoded to once: the
-    /// request must carry the text itself, neither escaped twice nor raw.
     fn request_of(turns: PromptTurns) -> CompletionRequest {
         CompletionRequest {
             model: "m".into(),
@@ -790,6 +788,8 @@ mod tests {
         }
     }
 
+    /// History texts go out as the JSON each one was encoded to once: the
+    /// request must carry the text itself, neither escaped twice nor raw.
     #[test]
     fn message_texts_are_sent_as_json_strings_of_the_text() {
         let texts = [

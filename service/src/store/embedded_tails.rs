@@ -183,6 +183,8 @@ impl SessionTails {
             (None, Reach::AsFarAsNeeded) => {
                 let messages = store.read_newest(count, budget)?;
                 tail.first = count.saturating_sub(messages.len() as u32);
+                // Extended rather than collected: a kept history seals its
+                // full segments (`History::push`).
                 tail.turns = History::default();
                 tail.turns.extend(messages.iter().map(Message::turn));
                 tail.cut_by = HistoryBudget::NONE;
